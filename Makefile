@@ -1,0 +1,49 @@
+# ironclad: `make demo` and `make test` are the two commands; the rest are their steps.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+
+CARGO ?= cargo
+GUEST_DIR := target/guest
+# The agent runs as /init with nothing else in the image: a static glibc build. Passing --target keeps
+# crt-static away from build scripts and proc macros, which must stay dynamic.
+STATIC_TARGET := x86_64-unknown-linux-gnu
+AGENT_STATIC := target/$(STATIC_TARGET)/release/ironclad-agent
+export IRONCLAD_CACHE ?= /var/cache/ironclad
+
+.PHONY: all prereqs kernel agent initrd guest lint test demo clean
+
+all: guest
+
+prereqs:
+	scripts/install-prereqs.sh
+
+# Cached under $(IRONCLAD_CACHE)/kernel/<key>; the links point into the cache.
+kernel:
+	mkdir -p $(GUEST_DIR)
+	dir=$$(guest-kernel/build.sh); \
+	ln -sfn "$$dir/bzImage" $(GUEST_DIR)/bzImage; \
+	ln -sfn "$$dir/vmlinux" $(GUEST_DIR)/vmlinux
+
+agent:
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --locked \
+		--target $(STATIC_TARGET) -p ironclad-agent
+
+initrd: agent
+	mkdir -p $(GUEST_DIR)
+	$(CARGO) build --release --locked -p ironclad-rootfs-builder
+	target/release/ironclad-rootfs --agent $(AGENT_STATIC) --output $(GUEST_DIR)/initrd.img
+
+guest: kernel initrd
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+test: prereqs guest lint
+	$(CARGO) test --workspace --locked
+
+demo: prereqs guest
+	$(CARGO) run --release --locked -p ironclad-tests --bin ironclad-boot
+
+clean:
+	$(CARGO) clean

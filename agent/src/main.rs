@@ -1,0 +1,141 @@
+//! `ironclad-agent`: PID 1 inside the ironclad guest.
+//!
+//! As PID 1 it prepares the guest (mounts, cgroup v2 controllers), reaps orphans, announces itself on
+//! the console with one ready line, and serves the agent API over vsock until the shim asks it to
+//! end the sandbox. Run by hand (not as PID 1) it skips the guest setup and serves on the address
+//! given with `--listen`, which is how the host-side tests drive it.
+
+mod clock;
+mod init;
+mod reaper;
+mod server;
+
+use std::process::ExitCode;
+
+use ironclad_protocol::AGENT_VSOCK_PORT;
+use tracing::error;
+
+/// What the agent was asked to do, from its command line.
+#[derive(Debug, PartialEq, Eq)]
+struct Options {
+    /// A ttrpc address: `vsock://CID:PORT` or `unix:///path`.
+    listen: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    #[error("bad arguments: {0} (usage: ironclad-agent [--listen vsock://-1:1024 | unix:///path])")]
+    Usage(String),
+    #[error("guest setup failed")]
+    Init(#[from] init::Error),
+    #[error("agent server failed")]
+    Server(#[from] server::Error),
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
+}
+
+fn default_listen_address() -> String {
+    format!("vsock://-1:{AGENT_VSOCK_PORT}")
+}
+
+/// Parses `--listen ADDR`. The kernel hands PID 1 whatever command-line words it did not understand,
+/// so PID 1 ignores its arguments entirely and always serves on the vsock port.
+fn parse_options(args: &[String]) -> Result<Options, Error> {
+    let mut listen = default_listen_address();
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--listen" => {
+                listen = rest
+                    .next()
+                    .ok_or_else(|| Error::Usage("--listen needs an address".into()))?
+                    .clone();
+            }
+            other => return Err(Error::Usage(format!("unknown argument {other:?}"))),
+        }
+    }
+    if !(listen.starts_with("vsock://") || listen.starts_with("unix://")) {
+        return Err(Error::Usage(format!(
+            "{listen:?} is neither vsock:// nor unix://"
+        )));
+    }
+    Ok(Options { listen })
+}
+
+fn run(is_init: bool) -> Result<(), Error> {
+    let options = if is_init {
+        Options {
+            listen: default_listen_address(),
+        }
+    } else {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        parse_options(&args)?
+    };
+    if is_init {
+        init::prepare_guest()?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(Error::Runtime)?;
+    runtime.block_on(async {
+        let reaper = if is_init { Some(reaper::spawn()?) } else { None };
+        let result = server::serve(&options.listen).await;
+        drop(reaper);
+        result
+    })?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let is_init = std::process::id() == 1;
+    init::setup_logging();
+    let result = run(is_init);
+    if let Err(err) = &result {
+        error!("{}", init::error_chain(err));
+        eprintln!("ironclad-agent: fatal: {}", init::error_chain(err));
+    }
+    if is_init {
+        // PID 1 must never return: end the VM, cleanly or not, so the host sees the sandbox go.
+        init::end_vm();
+    }
+    if result.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(words: &[&str]) -> Vec<String> {
+        words.iter().map(|w| w.to_string()).collect()
+    }
+
+    #[test]
+    fn defaults_to_the_agent_vsock_port() {
+        assert_eq!(parse_options(&[]).unwrap().listen, "vsock://-1:1024");
+    }
+
+    #[test]
+    fn accepts_a_unix_listen_address() {
+        let options = parse_options(&args(&["--listen", "unix:///tmp/a.sock"])).unwrap();
+        assert_eq!(options.listen, "unix:///tmp/a.sock");
+    }
+
+    #[test]
+    fn rejects_unknown_arguments_and_schemes() {
+        assert!(matches!(parse_options(&args(&["--bogus"])), Err(Error::Usage(_))));
+        assert!(matches!(
+            parse_options(&args(&["--listen"])),
+            Err(Error::Usage(_))
+        ));
+        assert!(matches!(
+            parse_options(&args(&["--listen", "tcp://1.2.3.4:5"])),
+            Err(Error::Usage(_))
+        ));
+    }
+}

@@ -1,0 +1,244 @@
+//! The shim's side of the agent API: a ttrpc client over hybrid vsock.
+//!
+//! Hybrid vsock is Firecracker's scheme, which vhost-device-vsock and ironclad-vmm both offer: the
+//! host connects to a Unix socket, writes `CONNECT <port>\n`, and once the answer `OK <host port>\n`
+//! has arrived the stream is a plain byte pipe to the guest's vsock port.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ironclad_protocol::agent::health_check_response::ServingStatus;
+use ironclad_protocol::agent::{CheckRequest, DestroySandboxRequest, VersionCheckResponse};
+use ironclad_protocol::agent_ttrpc::{AgentClient as AgentRpc, HealthClient};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use ttrpc::asynchronous::transport::Socket;
+use ttrpc::context;
+
+/// The vsock port the agent serves on inside the guest.
+pub use ironclad_protocol::AGENT_VSOCK_PORT as AGENT_PORT;
+
+/// The longest handshake answer we accept: `OK ` and a u32 port and a newline fit easily.
+const MAX_HANDSHAKE_LINE: usize = 32;
+const RETRY_INTERVAL: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot connect to the hybrid vsock socket {path}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("hybrid vsock handshake for port {port} failed")]
+    Handshake {
+        port: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("hybrid vsock peer refused port {port}: answered {answer:?}")]
+    Refused { port: u32, answer: String },
+    #[error("the agent on {path} port {port} did not answer within {waited:?}; last error: {last}")]
+    Timeout {
+        path: PathBuf,
+        port: u32,
+        waited: Duration,
+        last: String,
+    },
+    #[error("agent call {call} failed")]
+    Rpc {
+        call: &'static str,
+        #[source]
+        source: ttrpc::Error,
+    },
+    #[error("the agent reports {status:?}")]
+    NotServing { status: ServingStatus },
+}
+
+/// Opens a stream to guest vsock `port` through the hybrid vsock Unix socket at `path`.
+pub async fn connect_hybrid_vsock(path: &Path, port: u32) -> Result<UnixStream, Error> {
+    let mut stream = UnixStream::connect(path).await.map_err(|source| Error::Connect {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .await
+        .map_err(|source| Error::Handshake { port, source })?;
+    let answer = read_handshake_line(&mut stream)
+        .await
+        .map_err(|source| Error::Handshake { port, source })?;
+    parse_handshake_answer(&answer).ok_or(Error::Refused { port, answer })?;
+    Ok(stream)
+}
+
+/// Reads up to and including the first newline, one byte at a time: anything after it already
+/// belongs to the guest's stream and must stay in the socket.
+async fn read_handshake_line(stream: &mut UnixStream) -> std::io::Result<String> {
+    let mut line = Vec::with_capacity(MAX_HANDSHAKE_LINE);
+    while line.len() < MAX_HANDSHAKE_LINE {
+        let byte = stream.read_u8().await?;
+        line.push(byte);
+        if byte == b'\n' {
+            break;
+        }
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+/// `OK <host port>\n` gives the host-side port number; anything else is a refusal.
+pub fn parse_handshake_answer(answer: &str) -> Option<u32> {
+    answer.strip_prefix("OK ")?.strip_suffix('\n')?.parse().ok()
+}
+
+/// A connected agent: one ttrpc connection carrying every service.
+#[derive(Clone)]
+pub struct AgentClient {
+    health: HealthClient,
+    agent: AgentRpc,
+    timeout: Duration,
+}
+
+impl AgentClient {
+    /// Connects, retrying until `wait` has passed: a guest that is still booting resets the connection.
+    pub async fn connect(path: &Path, port: u32, wait: Duration) -> Result<Self, Error> {
+        let started = Instant::now();
+        loop {
+            let last = match connect_hybrid_vsock(path, port).await {
+                Ok(stream) => return Ok(Self::over(stream)),
+                Err(err) => crate::hypervisor::error_chain(&err),
+            };
+            if started.elapsed() >= wait {
+                return Err(Error::Timeout {
+                    path: path.to_path_buf(),
+                    port,
+                    waited: started.elapsed(),
+                    last,
+                });
+            }
+            tokio::time::sleep(RETRY_INTERVAL).await;
+        }
+    }
+
+    /// Speaks ttrpc over an already connected stream.
+    pub fn over(stream: UnixStream) -> Self {
+        let client = ttrpc::r#async::Client::new(Socket::new(stream));
+        AgentClient {
+            health: HealthClient::new(client.clone()),
+            agent: AgentRpc::new(client),
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    fn ctx(&self) -> ttrpc::context::Context {
+        context::with_timeout(i64::try_from(self.timeout.as_nanos()).unwrap_or(i64::MAX))
+    }
+
+    /// Succeeds only when the agent says it is serving.
+    pub async fn check(&self) -> Result<(), Error> {
+        let resp = self
+            .health
+            .check(self.ctx(), &CheckRequest::new())
+            .await
+            .map_err(|source| Error::Rpc {
+                call: "Health.Check",
+                source,
+            })?;
+        match resp.status.enum_value_or_default() {
+            ServingStatus::SERVING => Ok(()),
+            status => Err(Error::NotServing { status }),
+        }
+    }
+
+    pub async fn version(&self) -> Result<VersionCheckResponse, Error> {
+        self.health
+            .version(self.ctx(), &CheckRequest::new())
+            .await
+            .map_err(|source| Error::Rpc {
+                call: "Health.Version",
+                source,
+            })
+    }
+
+    /// Asks the agent to end the sandbox; the VM resets and its monitor exits afterwards.
+    pub async fn destroy_sandbox(&self) -> Result<(), Error> {
+        self.agent
+            .destroy_sandbox(self.ctx(), &DestroySandboxRequest::new())
+            .await
+            .map(|_| ())
+            .map_err(|source| Error::Rpc {
+                call: "Agent.DestroySandbox",
+                source,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    #[test]
+    fn parses_the_ok_answer_and_nothing_else() {
+        assert_eq!(parse_handshake_answer("OK 1073741824\n"), Some(1_073_741_824));
+        assert_eq!(parse_handshake_answer("OK 1024"), None);
+        assert_eq!(parse_handshake_answer("ERR 1024\n"), None);
+        assert_eq!(parse_handshake_answer("OK x\n"), None);
+        assert_eq!(parse_handshake_answer(""), None);
+    }
+
+    /// A stand-in for the hybrid vsock muxer: answers the handshake, then echoes bytes.
+    async fn fake_muxer(listener: UnixListener, answer: &'static str) -> Vec<u8> {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut request = Vec::new();
+        while !request.ends_with(b"\n") {
+            request.push(stream.read_u8().await.unwrap());
+        }
+        // The answer and the first payload bytes arrive together: the client must not eat the payload.
+        stream
+            .write_all(format!("{answer}payload").as_bytes())
+            .await
+            .unwrap();
+        request
+    }
+
+    #[tokio::test]
+    async fn handshake_sends_connect_and_leaves_payload_in_the_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = tokio::spawn(fake_muxer(listener, "OK 52\n"));
+        let mut stream = connect_hybrid_vsock(&path, 1024).await.unwrap();
+        let mut payload = [0u8; 7];
+        stream.read_exact(&mut payload).await.unwrap();
+        assert_eq!(&payload, b"payload");
+        assert_eq!(server.await.unwrap(), b"CONNECT 1024\n");
+    }
+
+    #[tokio::test]
+    async fn refusal_is_reported_with_the_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(fake_muxer(listener, "NO\n"));
+        let err = connect_hybrid_vsock(&path, 7).await.unwrap_err();
+        assert!(
+            matches!(&err, Error::Refused { port: 7, answer } if answer == "NO\n"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn connect_gives_up_after_the_wait_and_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("absent.sock");
+        let err = AgentClient::connect(&path, 1024, Duration::from_millis(200))
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&err, Error::Timeout { last, .. } if last.contains("absent.sock")),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,208 @@
+//! Hypervisor backends: what boots the guest and how the shim reaches its agent.
+//!
+//! `qemu` boots the guest under QEMU's microvm machine (with software emulation where the CPU has no
+//! hardware virtualization); the `ironclad` backend (ironclad-vmm) joins it behind one trait in the
+//! shim issue.
+
+pub mod qemu;
+
+use std::path::{Path, PathBuf};
+
+/// What every backend needs to boot a sandbox VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub vcpus: u8,
+    pub memory_mib: u32,
+    /// Appended to the base command line (console, reset, panic behaviour).
+    pub extra_kernel_params: String,
+}
+
+impl VmConfig {
+    /// The guest kernel command line. `reboot=k` resets through the i8042, which both backends turn
+    /// into an exit; `panic=-1` makes a kernel panic reset (and so exit) instead of hanging.
+    pub fn kernel_cmdline(&self) -> String {
+        let base = "console=ttyS0 reboot=k panic=-1";
+        if self.extra_kernel_params.trim().is_empty() {
+            base.to_string()
+        } else {
+            format!("{base} {}", self.extra_kernel_params.trim())
+        }
+    }
+}
+
+/// The agent's ready line on the console: `ironclad-agent ready version=<semver> uptime_ms=<ms>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadyLine {
+    pub version: String,
+    pub uptime_ms: u64,
+}
+
+pub fn parse_ready_line(line: &str) -> Option<ReadyLine> {
+    let rest = line.trim_end().strip_prefix("ironclad-agent ready ")?;
+    let mut version = None;
+    let mut uptime_ms = None;
+    for field in rest.split_whitespace() {
+        match field.split_once('=') {
+            Some(("version", v)) => version = Some(v.to_string()),
+            Some(("uptime_ms", v)) => uptime_ms = v.parse().ok(),
+            _ => {}
+        }
+    }
+    Some(ReadyLine {
+        version: version?,
+        uptime_ms: uptime_ms?,
+    })
+}
+
+/// What the host offers for running guests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostVirtualization {
+    /// /dev/kvm opens read-write.
+    pub kvm_opens: bool,
+    /// The CPU flags show vmx or svm: KVM runs guests on hardware, not through its instruction emulator.
+    pub hardware_virtualization: bool,
+}
+
+impl HostVirtualization {
+    pub fn detect() -> Self {
+        let kvm_opens = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok();
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        HostVirtualization {
+            kvm_opens,
+            hardware_virtualization: cpu_flags_show_virtualization(&cpuinfo),
+        }
+    }
+
+    /// Whether a Linux guest can run on KVM here. Without vmx/svm, KVM emulates guest kernel code and
+    /// cannot boot Linux (see docs/testing.md), so only hardware virtualization counts.
+    pub fn can_boot_linux_on_kvm(&self) -> bool {
+        self.kvm_opens && self.hardware_virtualization
+    }
+
+    /// A sentence saying why KVM will or will not be used, for the logs.
+    pub fn explain(&self) -> &'static str {
+        match (self.kvm_opens, self.hardware_virtualization) {
+            (true, true) => "/dev/kvm opens and the CPU has vmx/svm",
+            (true, false) => {
+                "/dev/kvm opens but the CPU flags show no vmx/svm, so KVM cannot boot Linux here"
+            }
+            (false, true) => "the CPU has vmx/svm but /dev/kvm does not open",
+            (false, false) => "/dev/kvm does not open and the CPU has no vmx/svm",
+        }
+    }
+}
+
+fn cpu_flags_show_virtualization(cpuinfo: &str) -> bool {
+    cpuinfo
+        .lines()
+        .filter(|line| line.starts_with("flags"))
+        .any(|line| line.split_whitespace().any(|flag| flag == "vmx" || flag == "svm"))
+}
+
+/// Finds an executable by name on PATH (or takes a path as it is).
+pub fn find_executable(name: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let is_executable = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if name.components().count() > 1 {
+        return is_executable(name).then(|| name.to_path_buf());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| is_executable(p))
+}
+
+/// "outer: inner: innermost".
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_ready_line_and_rejects_others() {
+        assert_eq!(
+            parse_ready_line("ironclad-agent ready version=0.1.0 uptime_ms=1873\r\n"),
+            Some(ReadyLine {
+                version: "0.1.0".into(),
+                uptime_ms: 1873
+            })
+        );
+        assert_eq!(parse_ready_line("ironclad-agent ready version=0.1.0"), None);
+        assert_eq!(
+            parse_ready_line("[    0.1] ironclad-agent ready version=1 uptime_ms=2"),
+            None
+        );
+        assert_eq!(
+            parse_ready_line("ironclad-agent ready version=1 uptime_ms=x"),
+            None
+        );
+    }
+
+    #[test]
+    fn detects_vmx_or_svm_in_the_flags_line_only() {
+        assert!(cpu_flags_show_virtualization(
+            "processor: 0\nflags\t\t: fpu vme vmx sse\n"
+        ));
+        assert!(cpu_flags_show_virtualization("flags\t: fpu svm\n"));
+        assert!(!cpu_flags_show_virtualization(
+            "flags\t: fpu vme sse\nmodel name: vmx-like\n"
+        ));
+        assert!(!cpu_flags_show_virtualization("flags\t: fpu vmxnet\n"));
+    }
+
+    #[test]
+    fn kvm_is_used_for_linux_only_with_hardware_virtualization() {
+        let emulated = HostVirtualization {
+            kvm_opens: true,
+            hardware_virtualization: false,
+        };
+        assert!(!emulated.can_boot_linux_on_kvm());
+        assert!(emulated.explain().contains("no vmx/svm"));
+        assert!(HostVirtualization {
+            kvm_opens: true,
+            hardware_virtualization: true
+        }
+        .can_boot_linux_on_kvm());
+    }
+
+    #[test]
+    fn command_line_appends_extra_parameters() {
+        let mut config = VmConfig {
+            kernel: "k".into(),
+            initrd: "i".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            extra_kernel_params: String::new(),
+        };
+        assert_eq!(config.kernel_cmdline(), "console=ttyS0 reboot=k panic=-1");
+        config.extra_kernel_params = " quiet ".into();
+        assert_eq!(config.kernel_cmdline(), "console=ttyS0 reboot=k panic=-1 quiet");
+    }
+
+    #[test]
+    fn finds_executables_on_path_and_rejects_missing_ones() {
+        assert!(find_executable(Path::new("sh")).is_some());
+        assert!(find_executable(Path::new("definitely-not-a-binary-ironclad")).is_none());
+        assert!(find_executable(Path::new("/nonexistent/qemu")).is_none());
+    }
+}

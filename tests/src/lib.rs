@@ -1,0 +1,103 @@
+//! The end-to-end harness: boots the real guest (kernel + initrd built by `make guest`) through the
+//! shim's own hypervisor backend and agent client, so tests exercise exactly what the shim runs.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ironclad_shim::agent_client::{self, AgentClient, AGENT_PORT};
+use ironclad_shim::hypervisor::qemu::{self, QemuBackend, QemuVm, Ready};
+use ironclad_shim::hypervisor::{HostVirtualization, VmConfig};
+use ironclad_shim::paths::SandboxPaths;
+
+/// Under TCG the guest boots in a few seconds; leave room for a loaded CI machine.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
+pub const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("guest artifact {path} is missing: run `make guest` first (or set IRONCLAD_GUEST_DIR)")]
+    MissingArtifact { path: PathBuf },
+    #[error("cannot create a run directory")]
+    RunDir(#[source] std::io::Error),
+    #[error(transparent)]
+    Qemu(#[from] qemu::Error),
+    #[error(transparent)]
+    Agent(#[from] agent_client::Error),
+}
+
+/// The guest kernel and initrd the harness boots.
+#[derive(Debug, Clone)]
+pub struct GuestArtifacts {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+impl GuestArtifacts {
+    /// `$IRONCLAD_GUEST_DIR`, else `target/guest` of this workspace, where `make guest` puts them.
+    pub fn locate() -> Result<Self, Error> {
+        let dir = std::env::var_os("IRONCLAD_GUEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest"));
+        let artifacts = GuestArtifacts {
+            kernel: dir.join("bzImage"),
+            initrd: dir.join("initrd.img"),
+        };
+        for path in [&artifacts.kernel, &artifacts.initrd] {
+            if !path.is_file() {
+                return Err(Error::MissingArtifact { path: path.clone() });
+            }
+        }
+        Ok(artifacts)
+    }
+
+    pub fn vm_config(&self) -> VmConfig {
+        VmConfig {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            vcpus: 1,
+            memory_mib: 256,
+            // For debugging, e.g. IRONCLAD_KERNEL_PARAMS=IRONCLAD_AGENT_LOG=debug.
+            extra_kernel_params: std::env::var("IRONCLAD_KERNEL_PARAMS").unwrap_or_default(),
+        }
+    }
+}
+
+/// A booted guest whose agent answered: the VM, a connected client, and the ready line's timing.
+pub struct BootedGuest {
+    pub vm: QemuVm,
+    pub agent: AgentClient,
+    pub ready: Ready,
+    pub paths: SandboxPaths,
+    _run_root: tempfile::TempDir,
+}
+
+/// Boots the guest in a private run directory and connects to its agent.
+pub async fn boot_guest(config: &VmConfig) -> Result<BootedGuest, Error> {
+    let run_root = tempfile::Builder::new()
+        .prefix("ironclad-e2e-")
+        .tempdir()
+        .map_err(Error::RunDir)?;
+    let paths = SandboxPaths::new(run_root.path(), "sandbox");
+    let backend = QemuBackend::locate(HostVirtualization::detect())?;
+    let mut vm = backend.start(config, paths.clone()).await?;
+    let ready = vm.wait_ready(READY_TIMEOUT).await?;
+    let agent = AgentClient::connect(vm.agent_socket(), AGENT_PORT, AGENT_CONNECT_TIMEOUT).await?;
+    Ok(BootedGuest {
+        vm,
+        agent,
+        ready,
+        paths,
+        _run_root: run_root,
+    })
+}
+
+/// Logs to stderr for tests and the demo, quiet unless RUST_LOG says otherwise.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
