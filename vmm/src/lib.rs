@@ -1,5 +1,12 @@
 //! ironclad-vmm: one KVM microVM per sandbox.
 //!
-//! The VM is described by [`config::VmConfig`], validated as a whole before any KVM call.
+//! [`config::VmConfig`] describes the VM and is validated as a whole before any KVM call;
+//! [`builder::run_vm`] builds it (memory, irqchip, kernel, devices, vCPUs) and runs it until the
+//! guest resets, powers off, or the VMM is told to stop.
 
+pub mod arch;
+pub mod builder;
+pub mod bus;
 pub mod config;
+pub mod devices;
+pub mod vstate;

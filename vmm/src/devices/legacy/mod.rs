@@ -1,0 +1,5 @@
+//! The two legacy devices a microVM keeps: the 8250 UART console and the i8042, whose only job is
+//! the reset line.
+
+pub mod i8042;
+pub mod serial;

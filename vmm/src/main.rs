@@ -1,0 +1,147 @@
+//! `ironclad-vmm`: runs one microVM described by a JSON file or by flags.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use ironclad_vmm::builder::run_vm;
+use ironclad_vmm::config::{BlockConfig, NetConfig, SerialOutput, VmConfig, VsockConfig};
+use ironclad_vmm::vstate::vcpu::ExitReason;
+
+#[derive(Parser, Debug)]
+#[command(version, about = "The ironclad KVM microVM monitor")]
+struct Args {
+    /// A JSON VM description; the other flags are then not allowed.
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory_mib", "block", "net", "vsock", "serial"])]
+    config: Option<PathBuf>,
+    /// An ELF vmlinux or a bzImage.
+    #[arg(long, required_unless_present = "config")]
+    kernel: Option<PathBuf>,
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    #[arg(long)]
+    cmdline: Option<String>,
+    #[arg(long)]
+    vcpus: Option<u8>,
+    #[arg(long)]
+    memory_mib: Option<u32>,
+    /// `path=FILE,serial=ID[,ro]`, repeatable.
+    #[arg(long)]
+    block: Vec<String>,
+    /// `tap=NAME,mac=aa:bb:cc:dd:ee:ff`, repeatable.
+    #[arg(long)]
+    net: Vec<String>,
+    /// `cid=N,uds=PATH`.
+    #[arg(long)]
+    vsock: Option<String>,
+    /// `stdout`, `none` or `file:PATH`.
+    #[arg(long)]
+    serial: Option<String>,
+}
+
+fn key_values(text: &str) -> impl Iterator<Item = (&str, &str)> {
+    text.split(',')
+        .map(|part| part.split_once('=').unwrap_or((part, "")))
+}
+
+fn config_from_flags(args: Args) -> Result<VmConfig, String> {
+    let kernel = args.kernel.ok_or("--kernel is required")?;
+    let mut config: VmConfig = serde_json::from_value(serde_json::json!({ "kernel": kernel }))
+        .map_err(|e| format!("cannot build the configuration: {e}"))?;
+    config.initrd = args.initrd;
+    config.cmdline = args.cmdline.unwrap_or(config.cmdline);
+    config.vcpus = args.vcpus.unwrap_or(config.vcpus);
+    config.memory_mib = args.memory_mib.unwrap_or(config.memory_mib);
+    for spec in &args.block {
+        let mut block = BlockConfig {
+            path: PathBuf::new(),
+            read_only: false,
+            serial: String::new(),
+        };
+        for (key, value) in key_values(spec) {
+            match key {
+                "path" => block.path = value.into(),
+                "serial" => block.serial = value.into(),
+                "ro" => block.read_only = true,
+                other => return Err(format!("--block: unknown key {other:?} in {spec:?}")),
+            }
+        }
+        config.block.push(block);
+    }
+    for spec in &args.net {
+        let mut net = NetConfig {
+            tap: String::new(),
+            mac: String::new(),
+        };
+        for (key, value) in key_values(spec) {
+            match key {
+                "tap" => net.tap = value.into(),
+                "mac" => net.mac = value.into(),
+                other => return Err(format!("--net: unknown key {other:?} in {spec:?}")),
+            }
+        }
+        config.net.push(net);
+    }
+    if let Some(spec) = &args.vsock {
+        let mut vsock = VsockConfig {
+            guest_cid: 0,
+            uds_path: PathBuf::new(),
+        };
+        for (key, value) in key_values(spec) {
+            match key {
+                "cid" => {
+                    vsock.guest_cid = value.parse().map_err(|_| format!("--vsock: bad cid {value:?}"))?
+                }
+                "uds" => vsock.uds_path = value.into(),
+                other => return Err(format!("--vsock: unknown key {other:?} in {spec:?}")),
+            }
+        }
+        config.vsock = Some(vsock);
+    }
+    if let Some(serial) = &args.serial {
+        config.serial = match serial.as_str() {
+            "stdout" => SerialOutput::Stdout,
+            "none" => SerialOutput::None,
+            other => match other.strip_prefix("file:") {
+                Some(path) => SerialOutput::File(path.into()),
+                None => {
+                    return Err(format!(
+                        "--serial: expected stdout, none or file:PATH, got {other:?}"
+                    ))
+                }
+            },
+        };
+    }
+    Ok(config)
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match &args.config {
+        Some(path) => VmConfig::from_json_file(path).map_err(|e| error_chain(&e)),
+        None => config_from_flags(args),
+    };
+    let result = config.and_then(|config| run_vm(&config).map_err(|e| error_chain(&e)));
+    match result {
+        Ok(ExitReason::Error(reason)) => {
+            eprintln!("ironclad-vmm: the VM failed: {reason}");
+            ExitCode::FAILURE
+        }
+        Ok(_) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("ironclad-vmm: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
