@@ -11,11 +11,17 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::boot;
-use crate::arch::x86_64::layout::{I8042_PORT, I8042_PORT_LEN, SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN};
+use crate::arch::x86_64::layout::{
+    I8042_PORT, I8042_PORT_LEN, SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN, VIRTIO_IRQ_BASE, VIRTIO_IRQ_MAX,
+    VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
+};
 use crate::bus::{self, Bus};
 use crate::config::{SerialOutput, VmConfig};
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::SerialDevice;
+use crate::devices::virtio::block::{self as virtio_block, Block, BlockMetrics, Disk};
+use crate::devices::virtio::device::VirtioDevice;
+use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::EventFdTrigger;
 use crate::vstate::memory::{self, create_guest_memory};
 use crate::vstate::vcpu::{self, ExitReason, Vcpu, VmExit};
@@ -49,6 +55,33 @@ pub enum Error {
     Signals(#[source] nix::Error),
     #[error("the event loop failed")]
     EventLoop(#[source] event_manager::Error),
+    #[error("cannot set up the disk {serial:?}")]
+    Block {
+        serial: String,
+        #[source]
+        source: virtio_block::device::Error,
+    },
+    #[error("more virtio devices than IRQ lines ({VIRTIO_IRQ_BASE}..={VIRTIO_IRQ_MAX})")]
+    TooManyDevices,
+    #[error("cannot write the metrics to {path}")]
+    Metrics {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Counters gathered for the metrics file.
+#[derive(Default, serde::Serialize)]
+struct Metrics {
+    exit: String,
+    block: Vec<(String, Arc<BlockMetrics>)>,
+    /// Accesses the virtio-mmio transports refused, per device in bus order.
+    mmio_rejected: Vec<Arc<std::sync::atomic::AtomicU64>>,
+    pio_unclaimed: u64,
+    mmio_unclaimed: u64,
 }
 
 /// Boots the VM described by `config` and returns once it has stopped.
@@ -66,12 +99,26 @@ pub fn run_vm(config: &VmConfig) -> Result<ExitReason, Error> {
         .as_deref()
         .map(|path| boot::load_initrd(&memory, path))
         .transpose()?;
-    boot::load_command_line(&memory, &config.cmdline)?;
-    boot::write_zero_page(&memory, &kernel, config.cmdline.len(), initrd)?;
 
     let exit = VmExit::new().map_err(Error::EventFd)?;
+    let mut event_manager: EventManager<Subscriber> = EventManager::new().map_err(Error::EventLoop)?;
+    let mut metrics = Metrics::default();
+    let mut mmio = Bus::new();
+    let mut cmdline = config.cmdline.clone();
+    attach_block_devices(
+        &vm,
+        &memory,
+        config,
+        &mut mmio,
+        &mut event_manager,
+        &mut cmdline,
+        &mut metrics,
+    )?;
+    boot::load_command_line(&memory, &cmdline)?;
+    boot::write_zero_page(&memory, &kernel, cmdline.len(), initrd)?;
+
     let pio = Arc::new(legacy_pio_bus(&vm, config, &exit)?);
-    let mmio = Arc::new(Bus::new());
+    let mmio = Arc::new(mmio);
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for id in 0..config.vcpus {
         let vcpu = Vcpu::new(&vm, id, pio.clone(), mmio.clone(), exit.clone())?;
@@ -82,10 +129,105 @@ pub fn run_vm(config: &VmConfig) -> Result<ExitReason, Error> {
         // The threads are never joined: the process ends when the VM stops, taking them along.
         vcpu.start()?;
     }
-    run_event_loop(&exit, signals)?;
-    Ok(exit
+    run_event_loop(event_manager, &exit, signals)?;
+    let reason = exit
         .reason()
-        .unwrap_or(ExitReason::Error("the VM stopped without a reason".into())))
+        .unwrap_or(ExitReason::Error("the VM stopped without a reason".into()));
+    if let Some(path) = &config.metrics {
+        metrics.exit = format!("{reason:?}");
+        metrics.pio_unclaimed = pio.unclaimed_accesses();
+        metrics.mmio_unclaimed = mmio.unclaimed_accesses();
+        write_metrics(path, &metrics)?;
+    }
+    Ok(reason)
+}
+
+fn write_metrics(path: &std::path::Path, metrics: &Metrics) -> Result<(), Error> {
+    let text = serde_json::to_vec_pretty(metrics).map_err(|e| Error::Metrics {
+        path: path.into(),
+        source: e.into(),
+    })?;
+    std::fs::write(path, text).map_err(|source| Error::Metrics {
+        path: path.into(),
+        source,
+    })
+}
+
+/// Where the `index`-th virtio device sits: its MMIO window and its IRQ line.
+fn virtio_slot(index: usize) -> Result<(u64, u32), Error> {
+    let index32 = u32::try_from(index).map_err(|_| Error::TooManyDevices)?;
+    let irq = VIRTIO_IRQ_BASE
+        .checked_add(index32)
+        .filter(|irq| *irq <= VIRTIO_IRQ_MAX)
+        .ok_or(Error::TooManyDevices)?;
+    Ok((VIRTIO_MMIO_START + u64::from(index32) * VIRTIO_MMIO_SIZE, irq))
+}
+
+/// Puts a virtio device on the MMIO bus behind its transport, wires its queue kicks (ioeventfds)
+/// and its interrupt (irqfd), and announces it on the kernel command line.
+fn attach_virtio_device<D>(
+    vm: &Vm,
+    memory: &memory::GuestMemory,
+    device: Arc<Mutex<D>>,
+    mmio: &mut Bus,
+    event_manager: &mut EventManager<Subscriber>,
+    cmdline: &mut String,
+    metrics: &mut Metrics,
+) -> Result<(), Error>
+where
+    D: VirtioDevice + MutEventSubscriber + 'static,
+{
+    let (base, irq) = virtio_slot(metrics.mmio_rejected.len())?;
+    {
+        let locked = device
+            .lock()
+            .map_err(|_| Error::Unsupported("a device lock was poisoned"))?;
+        for (queue_index, event) in locked.queue_events().iter().enumerate() {
+            let datamatch = u32::try_from(queue_index).map_err(|_| Error::TooManyDevices)?;
+            vm.register_ioevent(event, base + REG_QUEUE_NOTIFY, datamatch)?;
+        }
+        vm.register_irqfd(locked.interrupt().irqfd(), irq)?;
+    }
+    let transport = MmioTransport::new(memory.clone(), device.clone());
+    metrics.mmio_rejected.push(transport.rejected_accesses());
+    mmio.insert(base, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
+    event_manager.add_subscriber(device);
+    cmdline.push_str(&format!(
+        " virtio_mmio.device={}K@{base:#x}:{irq}",
+        VIRTIO_MMIO_SIZE / 1024
+    ));
+    Ok(())
+}
+
+fn attach_block_devices(
+    vm: &Vm,
+    memory: &memory::GuestMemory,
+    config: &VmConfig,
+    mmio: &mut Bus,
+    event_manager: &mut EventManager<Subscriber>,
+    cmdline: &mut String,
+    metrics: &mut Metrics,
+) -> Result<(), Error> {
+    for block in &config.block {
+        let block_err = |source| Error::Block {
+            serial: block.serial.clone(),
+            source,
+        };
+        let disk = Disk::open(&block.path, block.read_only, &block.serial).map_err(block_err)?;
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+        let device = Block::new(disk, irqfd).map_err(block_err)?;
+        metrics.block.push((block.serial.clone(), device.metrics()));
+        attach_virtio_device(
+            vm,
+            memory,
+            Arc::new(Mutex::new(device)),
+            mmio,
+            event_manager,
+            cmdline,
+            metrics,
+        )?;
+    }
+    Ok(())
 }
 
 fn refuse_unsupported(config: &VmConfig) -> Result<(), Error> {
@@ -94,9 +236,9 @@ fn refuse_unsupported(config: &VmConfig) -> Result<(), Error> {
             "more than one vCPU (the MP table that announces them is not written yet)",
         ));
     }
-    if !config.block.is_empty() || !config.net.is_empty() || config.vsock.is_some() {
+    if !config.net.is_empty() || config.vsock.is_some() {
         return Err(Error::Unsupported(
-            "virtio devices (block, net, vsock) are not built yet",
+            "virtio-net and virtio-vsock are not built yet",
         ));
     }
     Ok(())
@@ -167,9 +309,11 @@ impl MutEventSubscriber for ExitWatcher {
     }
 }
 
-fn run_event_loop(exit: &VmExit, signals: SignalFd) -> Result<(), Error> {
-    let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
-        EventManager::new().map_err(Error::EventLoop)?;
+fn run_event_loop(
+    mut manager: EventManager<Subscriber>,
+    exit: &VmExit,
+    signals: SignalFd,
+) -> Result<(), Error> {
     manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
         exit: exit.clone(),
         signals,

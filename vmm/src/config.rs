@@ -63,6 +63,9 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     #[serde(default)]
     pub serial: SerialOutput,
+    /// Where to write the device counters (JSON) when the VM stops.
+    #[serde(default)]
+    pub metrics: Option<PathBuf>,
 }
 
 fn default_vcpus() -> u8 {
@@ -171,6 +174,9 @@ impl VmConfig {
         }
         if let SerialOutput::File(path) = &self.serial {
             require_parent_dir("serial.file", path)?;
+        }
+        if let Some(path) = &self.metrics {
+            require_parent_dir("metrics", path)?;
         }
         Ok(())
     }

@@ -12,7 +12,7 @@ use ironclad_vmm::vstate::vcpu::ExitReason;
 #[command(version, about = "The ironclad KVM microVM monitor")]
 struct Args {
     /// A JSON VM description; the other flags are then not allowed.
-    #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory_mib", "block", "net", "vsock", "serial"])]
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory_mib", "block", "net", "vsock", "serial", "metrics"])]
     config: Option<PathBuf>,
     /// An ELF vmlinux or a bzImage.
     #[arg(long, required_unless_present = "config")]
@@ -37,6 +37,9 @@ struct Args {
     /// `stdout`, `none` or `file:PATH`.
     #[arg(long)]
     serial: Option<String>,
+    /// Write the device counters here (JSON) when the VM stops.
+    #[arg(long)]
+    metrics: Option<PathBuf>,
 }
 
 fn key_values(text: &str) -> impl Iterator<Item = (&str, &str)> {
@@ -49,6 +52,7 @@ fn config_from_flags(args: Args) -> Result<VmConfig, String> {
     let mut config: VmConfig = serde_json::from_value(serde_json::json!({ "kernel": kernel }))
         .map_err(|e| format!("cannot build the configuration: {e}"))?;
     config.initrd = args.initrd;
+    config.metrics = args.metrics;
     config.cmdline = args.cmdline.unwrap_or(config.cmdline);
     config.vcpus = args.vcpus.unwrap_or(config.vcpus);
     config.memory_mib = args.memory_mib.unwrap_or(config.memory_mib);

@@ -158,16 +158,141 @@ fn a_kernel_that_is_not_one_is_refused() {
 }
 
 #[test]
-fn unsupported_devices_are_refused_with_the_reason() {
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.img");
-    std::fs::write(&disk, vec![0u8; 4096]).unwrap();
-    let block = format!("path={},serial=disk0", disk.display());
-    let output = run_vmm(&["--kernel", ironclad_test_guests::SERIAL_HELLO, "--block", &block]);
+fn unsupported_requests_are_refused_with_the_reason() {
+    let output = run_vmm(&["--kernel", ironclad_test_guests::SERIAL_HELLO, "--vcpus", "2"]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("unsupported configuration: virtio devices"),
+        stderr.contains("unsupported configuration: more than one vCPU"),
         "{stderr}"
     );
+}
+
+/// A disk image whose sector 0 carries a marker the guest prints.
+fn disk_image(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("disk.img");
+    let mut contents = vec![0u8; 8 * 512];
+    let marker = b"IRONCLAD SECTOR ZERO: hello from the host";
+    contents[..marker.len()].copy_from_slice(marker);
+    std::fs::write(&path, contents).unwrap();
+    path
+}
+
+fn metrics(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+#[test]
+fn virtio_blk_read_write_flush_and_get_id() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = disk_image(dir.path());
+    let metrics_path = dir.path().join("metrics.json");
+    let block = format!("path={},serial=ironclad-disk-7", disk.display());
+    let output = run_vmm(&[
+        "--kernel",
+        ironclad_test_guests::VIRTIO_BLK,
+        "--block",
+        &block,
+        "--metrics",
+        metrics_path.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for line in [
+        "capacity: 0x0000000000000008",
+        "id: ironclad-disk-7",
+        "sector 0 says: IRONCLAD SECTOR ZERO: hello from the hos",
+        "write sector 1: ok",
+        "flush: ok",
+        "read back: same",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
+    }
+    let contents = std::fs::read(&disk).unwrap();
+    assert!(
+        contents[512..].starts_with(b"written by the ironclad test guest"),
+        "the write reached the file"
+    );
+    let counters = &metrics(&metrics_path)["block"][0][1];
+    assert_eq!(counters["write_requests"], 1);
+    assert_eq!(counters["invalid_requests"], 0);
+}
+
+#[test]
+fn virtio_blk_read_only_disk_refuses_the_guest_write() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = disk_image(dir.path());
+    let before = std::fs::read(&disk).unwrap();
+    let block = format!("path={},serial=ro,ro", disk.display());
+    let output = run_vmm(&["--kernel", ironclad_test_guests::VIRTIO_BLK, "--block", &block]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains("write sector 1: error"), "{stdout}");
+    assert_eq!(
+        std::fs::read(&disk).unwrap(),
+        before,
+        "a read-only disk is not written"
+    );
+}
+
+#[test]
+fn a_hostile_guest_gets_errors_and_cannot_crash_the_vmm() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = disk_image(dir.path());
+    let metrics_path = dir.path().join("metrics.json");
+    let block = format!("path={},serial=junk", disk.display());
+    let output = run_vmm(&[
+        "--kernel",
+        ironclad_test_guests::VIRTIO_GARBAGE,
+        "--block",
+        &block,
+        "--metrics",
+        metrics_path.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the VMM must survive: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let ioerr = "0x0000000000000001";
+    for (what, expected) in [
+        ("status after abuse", "0x0000000000000000"),
+        ("data outside guest memory", ioerr),
+        ("data in the MMIO hole", ioerr),
+        ("past the end of the disk", ioerr),
+        ("unaligned length", ioerr),
+        ("unknown request type", "0x0000000000000002"),
+        ("writable header", ioerr),
+        ("looping chain used length", "0x0000000000000000"),
+        ("next past the queue used length", "0x0000000000000000"),
+        ("honest read", "0x0000000000000000"),
+    ] {
+        assert!(
+            stdout.contains(&format!("{what}: {expected}\n")),
+            "{what}: expected {expected} in:\n{stdout}"
+        );
+    }
+    assert!(stdout.contains("garbage done"), "{stdout}");
+    let metrics = metrics(&metrics_path);
+    let counters = &metrics["block"][0][1];
+    assert!(counters["invalid_requests"].as_u64().unwrap() >= 8, "{counters}");
+    assert!(
+        counters["unanswerable_chains"].as_u64().unwrap() >= 2,
+        "{counters}"
+    );
+    assert!(metrics["mmio_rejected"][0].as_u64().unwrap() >= 4, "{metrics}");
 }

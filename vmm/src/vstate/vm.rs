@@ -3,7 +3,7 @@
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -100,6 +100,14 @@ impl Vm {
         self.fd
             .register_irqfd(event, gsi)
             .map_err(refused("register an irqfd"))
+    }
+
+    /// A 4-byte guest write of `datamatch` to the MMIO `address` signals `event` inside KVM: the
+    /// vCPU does not exit, and the event loop picks the kick up.
+    pub fn register_ioevent(&self, event: &EventFd, address: u64, datamatch: u32) -> Result<(), Error> {
+        self.fd
+            .register_ioevent(event, &IoEventAddress::Mmio(address), datamatch)
+            .map_err(refused("register an ioeventfd"))
     }
 
     pub fn create_vcpu(&self, id: u8) -> Result<VcpuFd, Error> {
