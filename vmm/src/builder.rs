@@ -22,6 +22,7 @@ use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::virtio::block::{self as virtio_block, Block, BlockMetrics, Disk};
 use crate::devices::virtio::device::VirtioDevice;
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::vsock::{self as virtio_vsock, Vsock, VsockMetrics};
 use crate::devices::EventFdTrigger;
 use crate::vstate::memory::{self, create_guest_memory};
 use crate::vstate::vcpu::{self, ExitReason, Vcpu, VmExit};
@@ -61,6 +62,8 @@ pub enum Error {
         #[source]
         source: virtio_block::device::Error,
     },
+    #[error("cannot set up vsock")]
+    Vsock(#[from] virtio_vsock::device::Error),
     #[error("more virtio devices than IRQ lines ({VIRTIO_IRQ_BASE}..={VIRTIO_IRQ_MAX})")]
     TooManyDevices,
     #[error("cannot write the metrics to {path}")]
@@ -78,6 +81,7 @@ type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 struct Metrics {
     exit: String,
     block: Vec<(String, Arc<BlockMetrics>)>,
+    vsock: Option<Arc<VsockMetrics>>,
     /// Accesses the virtio-mmio transports refused, per device in bus order.
     mmio_rejected: Vec<Arc<std::sync::atomic::AtomicU64>>,
     pio_unclaimed: u64,
@@ -114,6 +118,15 @@ pub fn run_vm(config: &VmConfig) -> Result<ExitReason, Error> {
         &mut cmdline,
         &mut metrics,
     )?;
+    let _socket = attach_vsock_device(
+        &vm,
+        &memory,
+        config,
+        &mut mmio,
+        &mut event_manager,
+        &mut cmdline,
+        &mut metrics,
+    )?;
     boot::load_command_line(&memory, &cmdline)?;
     boot::write_zero_page(&memory, &kernel, cmdline.len(), initrd)?;
 
@@ -130,6 +143,10 @@ pub fn run_vm(config: &VmConfig) -> Result<ExitReason, Error> {
         vcpu.start()?;
     }
     run_event_loop(event_manager, &exit, signals)?;
+    if let Some(vsock) = &config.vsock {
+        // The process ends without running destructors; the socket must not outlive it.
+        let _ = std::fs::remove_file(&vsock.uds_path);
+    }
     let reason = exit
         .reason()
         .unwrap_or(ExitReason::Error("the VM stopped without a reason".into()));
@@ -230,16 +247,53 @@ fn attach_block_devices(
     Ok(())
 }
 
+/// Removes the hybrid vsock socket if the VM fails to start after it was created.
+struct SocketFile(Option<std::path::PathBuf>);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn attach_vsock_device(
+    vm: &Vm,
+    memory: &memory::GuestMemory,
+    config: &VmConfig,
+    mmio: &mut Bus,
+    event_manager: &mut EventManager<Subscriber>,
+    cmdline: &mut String,
+    metrics: &mut Metrics,
+) -> Result<SocketFile, Error> {
+    let Some(vsock) = &config.vsock else {
+        return Ok(SocketFile(None));
+    };
+    let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+    let device = Vsock::new(vsock.guest_cid, &vsock.uds_path, irqfd)?;
+    let socket = SocketFile(Some(vsock.uds_path.clone()));
+    metrics.vsock = Some(device.metrics());
+    attach_virtio_device(
+        vm,
+        memory,
+        Arc::new(Mutex::new(device)),
+        mmio,
+        event_manager,
+        cmdline,
+        metrics,
+    )?;
+    Ok(socket)
+}
+
 fn refuse_unsupported(config: &VmConfig) -> Result<(), Error> {
     if config.vcpus > 1 {
         return Err(Error::Unsupported(
             "more than one vCPU (the MP table that announces them is not written yet)",
         ));
     }
-    if !config.net.is_empty() || config.vsock.is_some() {
-        return Err(Error::Unsupported(
-            "virtio-net and virtio-vsock are not built yet",
-        ));
+    if !config.net.is_empty() {
+        return Err(Error::Unsupported("virtio-net is not built yet"));
     }
     Ok(())
 }

@@ -21,6 +21,16 @@ fn kvm_available() -> bool {
     ok
 }
 
+/// A VMM the test started, killed if the test fails before it ends.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn run_vmm(args: &[&str]) -> Output {
     let mut child = Command::new(VMM)
         .args(args)
@@ -89,11 +99,14 @@ fn sigterm_stops_a_running_guest_cleanly() {
     if !kvm_available() {
         return;
     }
-    let mut child = Command::new(VMM)
-        .args(["--kernel", ironclad_test_guests::SPIN_FOREVER])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut guard = Running(
+        Command::new(VMM)
+            .args(["--kernel", ironclad_test_guests::SPIN_FOREVER])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut guard.0;
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
@@ -295,4 +308,128 @@ fn a_hostile_guest_gets_errors_and_cannot_crash_the_vmm() {
         "{counters}"
     );
     assert!(metrics["mmio_rejected"][0].as_u64().unwrap() >= 4, "{metrics}");
+}
+
+fn read_line(stream: &mut std::os::unix::net::UnixStream) -> String {
+    use std::io::Read;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while stream.read(&mut byte).unwrap() == 1 {
+        line.push(byte[0]);
+        if byte[0] == b'\n' {
+            break;
+        }
+    }
+    String::from_utf8(line).unwrap()
+}
+
+#[test]
+fn virtio_vsock_connections_both_ways_through_the_hybrid_socket() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("v.sock");
+    let metrics_path = dir.path().join("metrics.json");
+    // Guest -> host port 5000 arrives at <uds>_5000.
+    let port_listener = UnixListener::bind(dir.path().join("v.sock_5000")).unwrap();
+    let vsock = format!("cid=3,uds={}", uds.display());
+    let mut vmm = Running(
+        Command::new(VMM)
+            .args(["--kernel", ironclad_test_guests::VIRTIO_VSOCK, "--vsock", &vsock])
+            .args(["--metrics", metrics_path.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let timeout = Some(Duration::from_secs(30));
+
+    let (mut from_guest, _) = port_listener.accept().unwrap();
+    from_guest.set_read_timeout(timeout).unwrap();
+    assert_eq!(read_line(&mut from_guest), "ping from the guest\n");
+    from_guest.write_all(b"pong from the host\n").unwrap();
+    let mut rest = Vec::new();
+    from_guest.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "the guest's shutdown closes the stream");
+
+    // Host -> guest port 1024, Firecracker's handshake.
+    let mut to_guest = UnixStream::connect(&uds).unwrap();
+    to_guest.set_read_timeout(timeout).unwrap();
+    to_guest.write_all(b"CONNECT 1024\n").unwrap();
+    assert_eq!(read_line(&mut to_guest), "OK 1073741824\n");
+    to_guest.write_all(b"hello guest\n").unwrap();
+    assert_eq!(read_line(&mut to_guest), "hello host\n");
+    drop(to_guest);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = vmm.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "ironclad-vmm did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut stdout = String::new();
+    vmm.0.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    assert!(status.success(), "{status}\n{stdout}");
+    for line in [
+        "guest->host: connected",
+        "guest got: pong from the host",
+        "guest->host: closed",
+        "host->guest: accepted from port 0x0000000040000000",
+        "guest got: hello guest",
+        "host->guest: closed",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
+    }
+    assert!(!uds.exists(), "the hybrid vsock socket is removed at exit");
+    let counters = &metrics(&metrics_path)["vsock"];
+    assert_eq!(counters["host_connections"], 1);
+    assert_eq!(counters["guest_connections"], 1);
+    assert_eq!(counters["bad_tx_packets"], 0);
+}
+
+#[test]
+fn a_bad_vsock_handshake_is_dropped_and_the_vmm_goes_on() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("v.sock");
+    let vsock = format!("cid=3,uds={}", uds.display());
+    let mut vmm = Running(
+        Command::new(VMM)
+            .args(["--kernel", ironclad_test_guests::SPIN_FOREVER, "--vsock", &vsock])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !uds.exists() {
+        assert!(Instant::now() < deadline, "no vsock socket");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for junk in [&b"GET / HTTP/1.1\r\n"[..], &[0xffu8; 64][..], b"CONNECT abc\n"] {
+        let mut client = UnixStream::connect(&uds).unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        client.write_all(junk).unwrap();
+        let mut buf = [0u8; 16];
+        // Closed without an answer: EOF, or a reset when junk was left unread in the socket.
+        match client.read(&mut buf) {
+            Ok(n) => assert_eq!(n, 0, "answered {:?}", &buf[..n]),
+            Err(err) => assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}"),
+        }
+    }
+    assert!(vmm.0.try_wait().unwrap().is_none(), "the VMM is still running");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(vmm.0.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(vmm.0.wait().unwrap().success());
+    assert!(!uds.exists());
 }

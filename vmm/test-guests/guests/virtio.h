@@ -48,6 +48,7 @@ struct virtq_used { u16 flags; u16 idx; struct virtq_used_elem ring[QSZ]; u16 av
 
 struct virtq {
     unsigned long base;
+    u32 index;
     struct virtq_desc desc[QSZ] __attribute__((aligned(16)));
     struct virtq_avail avail __attribute__((aligned(2)));
     struct virtq_used used __attribute__((aligned(4)));
@@ -59,9 +60,8 @@ struct virtq {
 static inline u32 mmio_read(unsigned long base, u32 off) { return *(volatile u32 *)(base + off); }
 static inline void mmio_write(unsigned long base, u32 off, u32 v) { *(volatile u32 *)(base + off) = v; }
 
-/* Negotiates VERSION_1 only and sets up queue 0. Returns 0 on success. */
-static int virtio_init(struct virtq *q, unsigned long base, u32 device_id) {
-    q->base = base;
+/* Resets the device and negotiates VERSION_1 only. Returns 0 on success. */
+static int virtio_begin(unsigned long base, u32 device_id) {
     if (mmio_read(base, R_MAGIC) != 0x74726976 || mmio_read(base, R_VERSION) != 2) return -1;
     if (mmio_read(base, R_DEVICE_ID) != device_id) return -2;
     mmio_write(base, R_STATUS, 0);
@@ -75,7 +75,13 @@ static int virtio_init(struct virtq *q, unsigned long base, u32 device_id) {
     mmio_write(base, R_DRIVER_FEATURES, 0);
     mmio_write(base, R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
     if (!(mmio_read(base, R_STATUS) & S_FEATURES_OK)) return -4;
-    mmio_write(base, R_QUEUE_SEL, 0);
+    return 0;
+}
+
+static int virtq_setup(unsigned long base, u32 index, struct virtq *q) {
+    q->base = base;
+    q->index = index;
+    mmio_write(base, R_QUEUE_SEL, index);
     if (mmio_read(base, R_QUEUE_NUM_MAX) < QSZ) return -5;
     mmio_write(base, R_QUEUE_NUM, QSZ);
     mmio_write(base, R_QUEUE_DESC_LOW, (u32)(u64)q->desc);
@@ -85,20 +91,36 @@ static int virtio_init(struct virtq *q, unsigned long base, u32 device_id) {
     mmio_write(base, R_QUEUE_DEVICE_LOW, (u32)(u64)&q->used);
     mmio_write(base, R_QUEUE_DEVICE_HIGH, 0);
     mmio_write(base, R_QUEUE_READY, 1);
-    mmio_write(base, R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
-    if (!(mmio_read(base, R_STATUS) & S_DRIVER_OK)) return -6;
     return 0;
 }
 
-/* Makes descriptor `head` available, kicks the device, and waits (at most `spins` polls) for it
- * to be used. Returns the used length, or -1 if the device never answered. */
-static long virtq_submit(struct virtq *q, u16 head, unsigned long spins) {
+static int virtio_driver_ok(unsigned long base) {
+    mmio_write(base, R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+    return (mmio_read(base, R_STATUS) & S_DRIVER_OK) ? 0 : -6;
+}
+
+/* A one-queue device: begin, queue 0, DRIVER_OK. */
+static __attribute__((unused)) int virtio_init(struct virtq *q, unsigned long base, u32 device_id) {
+    int err = virtio_begin(base, device_id);
+    if (!err) err = virtq_setup(base, 0, q);
+    if (!err) err = virtio_driver_ok(base);
+    return err;
+}
+
+/* Makes `head` available on `q` and kicks the device, without waiting. */
+static void virtq_offer(struct virtq *q, u16 head) {
     q->avail.ring[q->next_avail % QSZ] = head;
     barrier();
     q->next_avail++;
     *(volatile u16 *)&q->avail.idx = q->next_avail;
     barrier();
-    mmio_write(q->base, R_QUEUE_NOTIFY, 0);
+    mmio_write(q->base, R_QUEUE_NOTIFY, q->index);
+}
+
+/* Makes descriptor `head` available, kicks the device, and waits (at most `spins` polls) for it
+ * to be used. Returns the used length, or -1 if the device never answered. */
+static long virtq_submit(struct virtq *q, u16 head, unsigned long spins) {
+    virtq_offer(q, head);
     while (*(volatile u16 *)&q->used.idx != q->next_avail) {
         if (spins-- == 0) return -1;
     }
@@ -122,11 +144,11 @@ static inline void set_desc(struct virtq *q, u16 i, void *addr, u32 len, u16 fla
 
 struct blk_header { u32 type; u32 reserved; u64 sector; };
 
-static struct blk_header blk_hdr;
-static volatile u8 blk_status;
+static __attribute__((unused)) struct blk_header blk_hdr;
+static volatile __attribute__((unused)) u8 blk_status;
 
 /* header → data (if any) → status; returns the status byte, or 0xff if there was no answer. */
-static u8 blk_request(struct virtq *q, u32 type, u64 sector, void *data, u32 len) {
+static __attribute__((unused)) u8 blk_request(struct virtq *q, u32 type, u64 sector, void *data, u32 len) {
     blk_hdr.type = type;
     blk_hdr.reserved = 0;
     blk_hdr.sector = sector;

@@ -7,6 +7,7 @@
 pub mod block;
 pub mod device;
 pub mod mmio;
+pub mod vsock;
 
 /// Feature bits every device offers.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;

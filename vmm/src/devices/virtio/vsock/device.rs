@@ -1,0 +1,297 @@
+//! The virtio-vsock device: three queues (rx, tx, event) between the guest and the muxer.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::Serialize;
+use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_vsock::packet::VsockPacket;
+use vm_memory::Bytes;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::muxer::{self, Header, Muxer, Outgoing};
+use super::{EVENT_QUEUE, MAX_PKT_DATA, OP_RW, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use crate::devices::virtio::device::{ActivateError, ActiveState, DeviceState, Interrupt, VirtioDevice};
+use crate::devices::virtio::{TYPE_VSOCK, VIRTIO_F_VERSION_1};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Muxer(#[from] muxer::Error),
+    #[error("cannot create an eventfd for vsock")]
+    EventFd(#[source] std::io::Error),
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct VsockMetrics {
+    pub tx_packets: AtomicU64,
+    pub rx_packets: AtomicU64,
+    /// tx chains that were not a valid packet (wrong direction, too short, outside memory).
+    pub bad_tx_packets: AtomicU64,
+    /// rx chains the guest offered that cannot hold a packet.
+    pub bad_rx_buffers: AtomicU64,
+    pub host_connections: AtomicU64,
+    pub guest_connections: AtomicU64,
+    pub refused_connections: AtomicU64,
+    pub resets_sent: AtomicU64,
+    pub bad_handshakes: AtomicU64,
+}
+
+fn count(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+pub struct Vsock {
+    guest_cid: u64,
+    acked_features: u64,
+    pub(super) state: DeviceState,
+    pub(super) muxer: Muxer,
+    interrupt: Interrupt,
+    pub(super) queue_events: Vec<EventFd>,
+    pub(super) activate_event: EventFd,
+    pub(super) metrics: Arc<VsockMetrics>,
+}
+
+impl Vsock {
+    pub fn new(guest_cid: u64, uds_path: &Path, irqfd: EventFd) -> Result<Self, Error> {
+        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd);
+        Ok(Vsock {
+            guest_cid,
+            acked_features: 0,
+            state: DeviceState::Inactive,
+            muxer: Muxer::new(guest_cid, uds_path)?,
+            interrupt: Interrupt::new(irqfd),
+            queue_events: vec![eventfd()?, eventfd()?, eventfd()?],
+            activate_event: eventfd()?,
+            metrics: Arc::new(VsockMetrics::default()),
+        })
+    }
+
+    pub fn metrics(&self) -> Arc<VsockMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Takes every packet the guest sent.
+    pub fn process_tx(&mut self) -> bool {
+        let DeviceState::Activated(ActiveState { memory, queues }) = &mut self.state else {
+            return false;
+        };
+        let Some(queue) = queues.get_mut(TX_QUEUE) else {
+            return false;
+        };
+        let mut used_any = false;
+        let mut data = vec![0u8; MAX_PKT_DATA as usize];
+        while let Some(mut chain) = queue.pop_descriptor_chain(&*memory) {
+            let head = chain.head_index();
+            match VsockPacket::from_tx_virtq_chain(&*memory, &mut chain, MAX_PKT_DATA) {
+                Ok(packet) => {
+                    count(&self.metrics.tx_packets);
+                    let header = header_of(&packet);
+                    let len = match (header.op, packet.data_slice()) {
+                        (OP_RW, Some(slice)) => {
+                            let len = (packet.len() as usize).min(slice.len()).min(data.len());
+                            slice.read_slice(&mut data[..len], 0).map(|_| len).unwrap_or(0)
+                        }
+                        _ => 0,
+                    };
+                    self.muxer.handle_guest_packet(&header, &data[..len]);
+                }
+                Err(_) => count(&self.metrics.bad_tx_packets),
+            }
+            if queue.add_used(&*memory, head, 0).is_err() {
+                count(&self.metrics.bad_tx_packets);
+            }
+            used_any = true;
+        }
+        used_any
+    }
+
+    /// Fills the guest's rx buffers with whatever the host side has for it.
+    pub fn process_rx(&mut self) -> bool {
+        let DeviceState::Activated(ActiveState { memory, queues }) = &mut self.state else {
+            return false;
+        };
+        let Some(queue) = queues.get_mut(RX_QUEUE) else {
+            return false;
+        };
+        let mut used_any = false;
+        let mut data = vec![0u8; MAX_PKT_DATA as usize];
+        while self.muxer.has_outgoing() {
+            let Some(mut chain) = queue.pop_descriptor_chain(&*memory) else {
+                self.muxer.rx_starved = true;
+                break;
+            };
+            let head = chain.head_index();
+            let mut packet = match VsockPacket::from_rx_virtq_chain(&*memory, &mut chain, MAX_PKT_DATA) {
+                Ok(packet) => packet,
+                Err(_) => {
+                    count(&self.metrics.bad_rx_buffers);
+                    let _ = queue.add_used(&*memory, head, 0);
+                    used_any = true;
+                    continue;
+                }
+            };
+            let room = packet.data_slice().map(|s| s.len()).unwrap_or(0).min(data.len());
+            if room == 0 {
+                // A buffer with no room for data would stall data forever; Linux never posts one.
+                count(&self.metrics.bad_rx_buffers);
+                let _ = queue.add_used(&*memory, head, 0);
+                used_any = true;
+                continue;
+            }
+            let written = match self.muxer.next_outgoing() {
+                Some(Outgoing::Control {
+                    key,
+                    op,
+                    flags,
+                    fwd_cnt,
+                }) => {
+                    write_header(&mut packet, &self.muxer.header_for(key, op, flags, fwd_cnt), 0);
+                    Some(0)
+                }
+                Some(Outgoing::Data { key }) => match self.muxer.read_data(key, &mut data[..room]) {
+                    Some((n, fwd_cnt)) => {
+                        let header = self.muxer.header_for(key, OP_RW, 0, fwd_cnt);
+                        write_header(&mut packet, &header, n);
+                        let copied = packet.data_slice().map(|s| s.write_slice(&data[..n], 0).is_ok());
+                        copied.unwrap_or(false).then_some(n)
+                    }
+                    None => None,
+                },
+                None => None,
+            };
+            match written {
+                Some(n) => {
+                    count(&self.metrics.rx_packets);
+                    let len = (packet.header_slice().len() + n) as u32;
+                    let _ = queue.add_used(&*memory, head, len);
+                    used_any = true;
+                }
+                // Nothing to send after all: give the buffer back untouched.
+                None => queue.go_to_previous_position(),
+            }
+        }
+        used_any
+    }
+
+    /// Signals the guest if any queue was used and it wants to know.
+    pub fn notify_guest(&mut self) {
+        let DeviceState::Activated(ActiveState { memory, queues }) = &mut self.state else {
+            return;
+        };
+        let wants = queues
+            .iter_mut()
+            .take(EVENT_QUEUE)
+            .any(|q| q.needs_notification(&*memory).unwrap_or(true));
+        if wants {
+            let _ = self.interrupt.signal_used_queue();
+        }
+    }
+
+    pub fn sync_metrics(&self) {
+        let counts = self.muxer.counts;
+        self.metrics
+            .host_connections
+            .store(counts.host_connections, Ordering::Relaxed);
+        self.metrics
+            .guest_connections
+            .store(counts.guest_connections, Ordering::Relaxed);
+        self.metrics
+            .refused_connections
+            .store(counts.refused, Ordering::Relaxed);
+        self.metrics
+            .resets_sent
+            .store(counts.resets_sent, Ordering::Relaxed);
+        self.metrics
+            .bad_handshakes
+            .store(counts.bad_handshakes, Ordering::Relaxed);
+    }
+}
+
+fn header_of<B: vm_memory::bitmap::BitmapSlice>(packet: &VsockPacket<'_, B>) -> Header {
+    Header {
+        src_cid: packet.src_cid(),
+        dst_cid: packet.dst_cid(),
+        src_port: packet.src_port(),
+        dst_port: packet.dst_port(),
+        type_: packet.type_(),
+        op: packet.op(),
+        flags: packet.flags(),
+        buf_alloc: packet.buf_alloc(),
+        fwd_cnt: packet.fwd_cnt(),
+    }
+}
+
+fn write_header<B: vm_memory::bitmap::BitmapSlice>(
+    packet: &mut VsockPacket<'_, B>,
+    header: &Header,
+    len: usize,
+) {
+    packet
+        .set_src_cid(header.src_cid)
+        .set_dst_cid(header.dst_cid)
+        .set_src_port(header.src_port)
+        .set_dst_port(header.dst_port)
+        .set_type(header.type_)
+        .set_op(header.op)
+        .set_flags(header.flags)
+        .set_buf_alloc(header.buf_alloc)
+        .set_fwd_cnt(header.fwd_cnt)
+        .set_len(u32::try_from(len).unwrap_or(0));
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        TYPE_VSOCK
+    }
+
+    fn available_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features & self.available_features();
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 3]
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn interrupt(&self) -> &Interrupt {
+        &self.interrupt
+    }
+
+    /// The config space is the guest's CID (u64).
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        crate::devices::virtio::device::read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(&mut self, state: ActiveState) -> Result<(), ActivateError> {
+        if self.state.is_activated() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if state.queues.len() != 3 {
+            return Err(ActivateError::QueueCount {
+                expected: 3,
+                got: state.queues.len(),
+            });
+        }
+        self.state = DeviceState::Activated(state);
+        self.activate_event.write(1).map_err(ActivateError::Notify)
+    }
+
+    fn is_activated(&self) -> bool {
+        self.state.is_activated()
+    }
+}

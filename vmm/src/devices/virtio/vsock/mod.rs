@@ -1,0 +1,42 @@
+//! virtio-vsock with Firecracker's hybrid vsock: the guest's vsock connections to the host are Unix
+//! socket connections on the host, so no host vsock support (vhost) is needed.
+//!
+//! - Host → guest: a client connects to `uds_path`, writes `CONNECT <port>\n`, and once the guest
+//!   accepted gets `OK <host port>\n`; from then on the stream is the connection.
+//! - Guest → host port P: the VMM connects to `<uds_path>_P`.
+//!
+//! The wire format is exactly Firecracker's, so its clients and agents work unchanged.
+
+pub mod connection;
+pub mod device;
+pub mod event_handler;
+pub mod muxer;
+
+pub use device::{Vsock, VsockMetrics};
+
+pub const RX_QUEUE: usize = 0;
+pub const TX_QUEUE: usize = 1;
+pub const EVENT_QUEUE: usize = 2;
+pub const QUEUE_SIZE: u16 = 256;
+
+/// The host's CID, as seen from the guest.
+pub const HOST_CID: u64 = 2;
+/// Largest payload of one packet; larger guest buffers are only partly filled.
+pub const MAX_PKT_DATA: u32 = 64 * 1024;
+/// How much the host side buffers per connection, announced to the guest as buf_alloc.
+pub const CONN_BUF_ALLOC: u32 = 256 * 1024;
+/// Host-initiated connections get local ports from here up, as in Firecracker.
+pub const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// The longest `CONNECT <port>\n` line accepted.
+pub const MAX_CONNECT_LINE: usize = 32;
+
+pub const TYPE_STREAM: u16 = 1;
+pub const OP_REQUEST: u16 = 1;
+pub const OP_RESPONSE: u16 = 2;
+pub const OP_RST: u16 = 3;
+pub const OP_SHUTDOWN: u16 = 4;
+pub const OP_RW: u16 = 5;
+pub const OP_CREDIT_UPDATE: u16 = 6;
+pub const OP_CREDIT_REQUEST: u16 = 7;
+pub const SHUTDOWN_RCV: u32 = 1;
+pub const SHUTDOWN_SEND: u32 = 2;
