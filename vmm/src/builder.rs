@@ -22,6 +22,7 @@ use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::virtio::block::{self as virtio_block, Block, BlockMetrics, Disk};
 use crate::devices::virtio::device::VirtioDevice;
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::net::{self as virtio_net, Net, NetMetrics};
 use crate::devices::virtio::vsock::{self as virtio_vsock, Vsock, VsockMetrics};
 use crate::devices::EventFdTrigger;
 use crate::vstate::memory::{self, create_guest_memory};
@@ -62,6 +63,12 @@ pub enum Error {
         #[source]
         source: virtio_block::device::Error,
     },
+    #[error("cannot set up the network device on tap {tap}")]
+    Net {
+        tap: String,
+        #[source]
+        source: virtio_net::device::Error,
+    },
     #[error("cannot set up vsock")]
     Vsock(#[from] virtio_vsock::device::Error),
     #[error("more virtio devices than IRQ lines ({VIRTIO_IRQ_BASE}..={VIRTIO_IRQ_MAX})")]
@@ -81,6 +88,7 @@ type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 struct Metrics {
     exit: String,
     block: Vec<(String, Arc<BlockMetrics>)>,
+    net: Vec<(String, Arc<NetMetrics>)>,
     vsock: Option<Arc<VsockMetrics>>,
     /// Accesses the virtio-mmio transports refused, per device in bus order.
     mmio_rejected: Vec<Arc<std::sync::atomic::AtomicU64>>,
@@ -110,6 +118,15 @@ pub fn run_vm(config: &VmConfig) -> Result<ExitReason, Error> {
     let mut mmio = Bus::new();
     let mut cmdline = config.cmdline.clone();
     attach_block_devices(
+        &vm,
+        &memory,
+        config,
+        &mut mmio,
+        &mut event_manager,
+        &mut cmdline,
+        &mut metrics,
+    )?;
+    attach_net_devices(
         &vm,
         &memory,
         config,
@@ -247,6 +264,40 @@ fn attach_block_devices(
     Ok(())
 }
 
+fn attach_net_devices(
+    vm: &Vm,
+    memory: &memory::GuestMemory,
+    config: &VmConfig,
+    mmio: &mut Bus,
+    event_manager: &mut EventManager<Subscriber>,
+    cmdline: &mut String,
+    metrics: &mut Metrics,
+) -> Result<(), Error> {
+    for net in &config.net {
+        // Validated with the rest of the configuration; parsed again here for its bytes.
+        let mac = crate::config::parse_mac(&net.mac).map_err(|reason| crate::config::Error::Invalid {
+            field: "net.mac".into(),
+            reason,
+        })?;
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+        let device = Net::new(&net.tap, mac, irqfd).map_err(|source| Error::Net {
+            tap: net.tap.clone(),
+            source,
+        })?;
+        metrics.net.push((net.tap.clone(), device.metrics()));
+        attach_virtio_device(
+            vm,
+            memory,
+            Arc::new(Mutex::new(device)),
+            mmio,
+            event_manager,
+            cmdline,
+            metrics,
+        )?;
+    }
+    Ok(())
+}
+
 /// Removes the hybrid vsock socket if the VM fails to start after it was created.
 struct SocketFile(Option<std::path::PathBuf>);
 
@@ -291,9 +342,6 @@ fn refuse_unsupported(config: &VmConfig) -> Result<(), Error> {
         return Err(Error::Unsupported(
             "more than one vCPU (the MP table that announces them is not written yet)",
         ));
-    }
-    if !config.net.is_empty() {
-        return Err(Error::Unsupported("virtio-net is not built yet"));
     }
     Ok(())
 }

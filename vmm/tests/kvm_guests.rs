@@ -433,3 +433,188 @@ fn a_bad_vsock_handshake_is_dropped_and_the_vmm_goes_on() {
     assert!(vmm.0.wait().unwrap().success());
     assert!(!uds.exists());
 }
+
+/// A network namespace made for one test, deleted (with its tap) when the test ends.
+struct NetNs(String);
+
+impl NetNs {
+    fn with_tap(tap: &str) -> Option<Self> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("ironclad-t{}-{n}", std::process::id());
+        let ip = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        };
+        if !ip(&["netns", "add", &name]) {
+            eprintln!("SKIPPED: cannot create a network namespace (needs root and iproute2)");
+            return None;
+        }
+        let ns = NetNs(name);
+        assert!(
+            ip(&["-n", &ns.0, "tuntap", "add", "dev", tap, "mode", "tap"]),
+            "tap in {}",
+            ns.0
+        );
+        assert!(ip(&["-n", &ns.0, "link", "set", tap, "up"]));
+        Some(ns)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+const ETHERTYPE: u16 = 0x88b5;
+
+/// A raw AF_PACKET socket on `tap` inside the namespace, for frames of our ethertype only.
+fn packet_socket(ns: &str, tap: &str) -> std::os::fd::OwnedFd {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let netns = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+    // Only this thread moves into the namespace; the socket stays bound to it.
+    nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+    let protocol = i32::from(ETHERTYPE.to_be());
+    // SAFETY: a plain socket(2) call; the returned fd is checked and then owned by OwnedFd.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, protocol) };
+    assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+    // SAFETY: fd is a freshly created, valid socket that nothing else owns.
+    let socket = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let name = std::ffi::CString::new(tap).unwrap();
+    // SAFETY: name is a valid NUL-terminated string for the duration of the call.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert!(ifindex > 0, "no {tap} in {ns}");
+    // SAFETY: sockaddr_ll is plain data; all-zero is a valid starting value.
+    let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    address.sll_family = libc::AF_PACKET as u16;
+    address.sll_protocol = ETHERTYPE.to_be();
+    address.sll_ifindex = i32::try_from(ifindex).unwrap();
+    // SAFETY: address is a properly initialised sockaddr_ll and its exact size is passed.
+    let ret = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            std::ptr::addr_of!(address).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(ret, 0, "bind: {}", std::io::Error::last_os_error());
+    let timeout = libc::timeval {
+        tv_sec: 30,
+        tv_usec: 0,
+    };
+    // SAFETY: SO_RCVTIMEO takes a timeval, which is what is passed, with its size.
+    let ret = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            std::ptr::addr_of!(timeout).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    assert_eq!(ret, 0);
+    socket
+}
+
+#[test]
+fn virtio_net_frames_both_ways_through_a_tap() {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    if !kvm_available() {
+        return;
+    }
+    let Some(ns) = NetNs::with_tap("tap0") else { return };
+    let ns_name = ns.0.clone();
+    // The host side: receive the guest's frame, answer it. The VMM starts once the socket is
+    // bound, or the guest's frame could go by before anyone listens.
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    let host = std::thread::spawn(move || {
+        let socket = packet_socket(&ns_name, "tap0");
+        bound_tx.send(()).unwrap();
+        let mut frame = [0u8; 1600];
+        // SAFETY: frame is a writable buffer of the length passed.
+        let n = unsafe { libc::recv(socket.as_raw_fd(), frame.as_mut_ptr().cast(), frame.len(), 0) };
+        assert!(
+            n > 0,
+            "no frame from the guest: {}",
+            std::io::Error::last_os_error()
+        );
+        let frame = &frame[..n as usize];
+        let guest_mac: [u8; 6] = frame[6..12].try_into().unwrap();
+        let mut reply = [0u8; 60];
+        reply[..6].copy_from_slice(&guest_mac);
+        reply[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
+        reply[12..14].copy_from_slice(&ETHERTYPE.to_be_bytes());
+        reply[14..14 + 18].copy_from_slice(b"pong from the host");
+        // SAFETY: reply is a readable buffer of the length passed; the socket is bound to the tap.
+        let sent = unsafe { libc::send(socket.as_raw_fd(), reply.as_ptr().cast(), reply.len(), 0) };
+        assert_eq!(sent, 60, "send: {}", std::io::Error::last_os_error());
+        (guest_mac, frame[14..14 + 19].to_vec())
+    });
+    bound_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("packet socket");
+    let mut vmm = Running(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns.0,
+                VMM,
+                "--kernel",
+                ironclad_test_guests::VIRTIO_NET,
+            ])
+            .args(["--net", "tap=tap0,mac=02:00:00:00:00:01"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (guest_mac, payload) = host.join().unwrap();
+    assert_eq!(guest_mac, [0x02, 0, 0, 0, 0, 0x01]);
+    assert_eq!(payload, b"ping from the guest");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = vmm.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "ironclad-vmm did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut stdout = String::new();
+    vmm.0.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    assert!(status.success(), "{status}\n{stdout}");
+    assert!(stdout.contains("mac: 02:00:00:00:00:01 link up"), "{stdout}");
+    assert!(stdout.contains("net got: pong from the host"), "{stdout}");
+}
+
+#[test]
+fn a_missing_tap_is_a_clear_error() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(ns) = NetNs::with_tap("tap0") else { return };
+    // In a namespace where only tap0 exists, ask for a name that cannot be created as a tap: it
+    // is taken by the loopback device.
+    let output = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.0,
+            VMM,
+            "--kernel",
+            ironclad_test_guests::SERIAL_HELLO,
+        ])
+        .args(["--net", "tap=lo,mac=02:00:00:00:00:01"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot set up the network device on tap lo"),
+        "{stderr}"
+    );
+}

@@ -7,6 +7,7 @@
 pub mod block;
 pub mod device;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 /// Feature bits every device offers.
