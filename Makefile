@@ -10,7 +10,7 @@ STATIC_TARGET := x86_64-unknown-linux-gnu
 AGENT_STATIC := target/$(STATIC_TARGET)/release/ironclad-agent
 export IRONCLAD_CACHE ?= /var/cache/ironclad
 
-.PHONY: all prereqs kernel agent initrd guest lint test demo clean
+.PHONY: all prereqs kernel agent initrd guest lint test demo bench clean
 
 all: guest
 
@@ -44,6 +44,11 @@ test: prereqs guest lint
 
 demo: prereqs guest
 	$(CARGO) run --release --locked -p ironclad-tests --bin ironclad-boot
+
+# Release builds; writes docs/benchmarks.md and docs/benchmarks-vmm.json, naming the machine.
+bench:
+	$(CARGO) build --release --locked -p ironclad-vmm -p ironclad-bench
+	target/release/ironclad-bench vmm --vmm target/release/ironclad-vmm
 
 clean:
 	$(CARGO) clean

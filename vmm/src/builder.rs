@@ -98,6 +98,7 @@ struct Metrics {
 
 /// Boots the VM described by `config` and returns once it has stopped.
 pub fn run_vm(config: &VmConfig) -> Result<ExitReason, Error> {
+    let vmm_start = std::time::Instant::now();
     config.validate()?;
     refuse_unsupported(config)?;
     // Signals are blocked before any thread starts, so that every thread inherits the mask and they
@@ -147,7 +148,7 @@ pub fn run_vm(config: &VmConfig) -> Result<ExitReason, Error> {
     boot::load_command_line(&memory, &cmdline)?;
     boot::write_zero_page(&memory, &kernel, cmdline.len(), initrd)?;
 
-    let pio = Arc::new(legacy_pio_bus(&vm, config, &exit)?);
+    let pio = Arc::new(legacy_pio_bus(&vm, config, &exit, vmm_start)?);
     let mmio = Arc::new(mmio);
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for id in 0..config.vcpus {
@@ -347,7 +348,12 @@ fn refuse_unsupported(config: &VmConfig) -> Result<(), Error> {
 }
 
 /// The serial console and the i8042 on the port I/O bus, with their interrupts wired as irqfds.
-fn legacy_pio_bus(vm: &Vm, config: &VmConfig, exit: &VmExit) -> Result<Bus, Error> {
+fn legacy_pio_bus(
+    vm: &Vm,
+    config: &VmConfig,
+    exit: &VmExit,
+    vmm_start: std::time::Instant,
+) -> Result<Bus, Error> {
     let mut bus = Bus::new();
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
@@ -363,6 +369,14 @@ fn legacy_pio_bus(vm: &Vm, config: &VmConfig, exit: &VmExit) -> Result<Bus, Erro
         u64::from(I8042_PORT_LEN),
         Arc::new(Mutex::new(i8042)),
     )?;
+    if config.boot_timer {
+        use crate::devices::legacy::boot_timer::{BootTimer, BOOT_TIMER_PORT};
+        bus.insert(
+            u64::from(BOOT_TIMER_PORT),
+            1,
+            Arc::new(Mutex::new(BootTimer::new(vmm_start))),
+        )?;
+    }
     Ok(bus)
 }
 

@@ -66,6 +66,9 @@ pub struct VmConfig {
     /// Where to write the device counters (JSON) when the VM stops.
     #[serde(default)]
     pub metrics: Option<PathBuf>,
+    /// Log guest writes of 123 to port 0x3f0 with a timestamp (Firecracker's boot timer).
+    #[serde(default)]
+    pub boot_timer: bool,
 }
 
 fn default_vcpus() -> u8 {

@@ -12,7 +12,7 @@ use ironclad_vmm::vstate::vcpu::ExitReason;
 #[command(version, about = "The ironclad KVM microVM monitor")]
 struct Args {
     /// A JSON VM description; the other flags are then not allowed.
-    #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory_mib", "block", "net", "vsock", "serial", "metrics"])]
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory_mib", "block", "net", "vsock", "serial", "metrics", "boot_timer"])]
     config: Option<PathBuf>,
     /// An ELF vmlinux or a bzImage.
     #[arg(long, required_unless_present = "config")]
@@ -40,6 +40,9 @@ struct Args {
     /// Write the device counters here (JSON) when the VM stops.
     #[arg(long)]
     metrics: Option<PathBuf>,
+    /// Log the guest's boot-timer signal (123 written to port 0x3f0) on stderr.
+    #[arg(long)]
+    boot_timer: bool,
 }
 
 fn key_values(text: &str) -> impl Iterator<Item = (&str, &str)> {
@@ -53,6 +56,7 @@ fn config_from_flags(args: Args) -> Result<VmConfig, String> {
         .map_err(|e| format!("cannot build the configuration: {e}"))?;
     config.initrd = args.initrd;
     config.metrics = args.metrics;
+    config.boot_timer = args.boot_timer;
     config.cmdline = args.cmdline.unwrap_or(config.cmdline);
     config.vcpus = args.vcpus.unwrap_or(config.vcpus);
     config.memory_mib = args.memory_mib.unwrap_or(config.memory_mib);

@@ -1,0 +1,66 @@
+#![allow(clippy::unwrap_used)] // test code: a failed step should stop the test right there
+
+//! The VMM benchmark in its quickest mode, so it cannot rot: the report's structure and that every
+//! figure is a number, not how fast it is.
+
+use std::process::Command;
+
+#[test]
+fn vmm_benchmark_writes_a_report_with_every_figure() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        eprintln!("SKIPPED: /dev/kvm cannot be opened on this host");
+        return;
+    }
+    let vmm = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ironclad-vmm");
+    assert!(
+        vmm.exists(),
+        "build the workspace first (cargo test --workspace builds {})",
+        vmm.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("benchmarks.md");
+    let json = dir.path().join("benchmarks.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_ironclad-bench"))
+        .args(["vmm", "--runs", "2", "--churn", "2", "--vmm"])
+        .arg(&vmm)
+        .arg("--report")
+        .arg(&report)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let markdown = std::fs::read_to_string(&report).unwrap();
+    for heading in [
+        "exec → first guest instruction",
+        "exec → first serial byte",
+        "peak RSS",
+        "VMs started and stopped per second",
+        "Machine:",
+    ] {
+        assert!(markdown.contains(heading), "{heading} missing from:\n{markdown}");
+    }
+    let value: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let vmm = &value["vmm"];
+    for figure in [
+        "first_instruction_ms",
+        "first_serial_byte_ms",
+        "exit_ms",
+        "peak_rss_kib",
+    ] {
+        assert_eq!(vmm[figure]["runs"], 2, "{figure}");
+        assert!(vmm[figure]["median"].as_f64().unwrap() > 0.0, "{figure}");
+    }
+    assert!(vmm["memory"]["vmm_rss_kib"].as_u64().unwrap() > 0);
+    assert!(vmm["vms_per_second"].as_f64().unwrap() > 0.0);
+    assert!(!value["machine"]["kvm"].as_str().unwrap().is_empty());
+}
