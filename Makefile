@@ -17,12 +17,13 @@ all: guest
 prereqs:
 	scripts/install-prereqs.sh
 
-# Cached under $(IRONCLAD_CACHE)/kernel/<key>; the links point into the cache.
+# Built once into $(IRONCLAD_CACHE)/kernel/<key>; copied here so the tree can travel (device runs).
 kernel:
 	mkdir -p $(GUEST_DIR)
 	dir=$$(guest-kernel/build.sh); \
-	ln -sfn "$$dir/bzImage" $(GUEST_DIR)/bzImage; \
-	ln -sfn "$$dir/vmlinux" $(GUEST_DIR)/vmlinux
+	rm -f $(GUEST_DIR)/bzImage $(GUEST_DIR)/vmlinux; \
+	cp "$$dir/bzImage" $(GUEST_DIR)/bzImage; \
+	cp "$$dir/vmlinux" $(GUEST_DIR)/vmlinux
 
 agent:
 	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --locked \

@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ironclad_shim::agent_client::{self, AgentClient, AGENT_PORT};
-use ironclad_shim::hypervisor::qemu::{self, QemuBackend, QemuVm, Ready};
-use ironclad_shim::hypervisor::{HostVirtualization, VmConfig};
+use ironclad_shim::hypervisor::{
+    self, Backend, GuestVm, HostVirtualization, HypervisorKind, Ready, VmConfig,
+};
 use ironclad_shim::paths::SandboxPaths;
 
 /// Under TCG the guest boots in a few seconds; leave room for a loaded CI machine.
@@ -20,8 +21,10 @@ pub enum Error {
     MissingArtifact { path: PathBuf },
     #[error("cannot create a run directory")]
     RunDir(#[source] std::io::Error),
+    #[error("{0}")]
+    BadHypervisor(String),
     #[error(transparent)]
-    Qemu(#[from] qemu::Error),
+    Hypervisor(#[from] hypervisor::Error),
     #[error(transparent)]
     Agent(#[from] agent_client::Error),
 }
@@ -65,26 +68,42 @@ impl GuestArtifacts {
 
 /// A booted guest whose agent answered: the VM, a connected client, and the ready line's timing.
 pub struct BootedGuest {
-    pub vm: QemuVm,
+    pub vm: GuestVm,
+    /// "ironclad" or "qemu".
+    pub backend: &'static str,
     pub agent: AgentClient,
     pub ready: Ready,
     pub paths: SandboxPaths,
     _run_root: tempfile::TempDir,
 }
 
-/// Boots the guest in a private run directory and connects to its agent.
+/// `$IRONCLAD_HYPERVISOR` (auto, ironclad or qemu), auto when unset.
+pub fn hypervisor_from_env() -> Result<HypervisorKind, Error> {
+    std::env::var("IRONCLAD_HYPERVISOR")
+        .unwrap_or_else(|_| "auto".into())
+        .parse()
+        .map_err(Error::BadHypervisor)
+}
+
+/// Boots the guest in a private run directory, with the backend `$IRONCLAD_HYPERVISOR` names.
 pub async fn boot_guest(config: &VmConfig) -> Result<BootedGuest, Error> {
+    boot_guest_with(hypervisor_from_env()?, config).await
+}
+
+/// Boots the guest in a private run directory and connects to its agent.
+pub async fn boot_guest_with(kind: HypervisorKind, config: &VmConfig) -> Result<BootedGuest, Error> {
     let run_root = tempfile::Builder::new()
         .prefix("ironclad-e2e-")
         .tempdir()
         .map_err(Error::RunDir)?;
     let paths = SandboxPaths::new(run_root.path(), "sandbox");
-    let backend = QemuBackend::locate(HostVirtualization::detect())?;
+    let backend = Backend::select(kind, HostVirtualization::detect())?;
     let mut vm = backend.start(config, paths.clone()).await?;
     let ready = vm.wait_ready(READY_TIMEOUT).await?;
     let agent = AgentClient::connect(vm.agent_socket(), AGENT_PORT, AGENT_CONNECT_TIMEOUT).await?;
     Ok(BootedGuest {
         vm,
+        backend: backend.name(),
         agent,
         ready,
         paths,

@@ -72,6 +72,9 @@ async fn a_guest_whose_init_fails_ends_the_vm_with_the_reason() {
     config.extra_kernel_params = "rdinit=/nonexistent init=/nonexistent".into();
     let err = boot_guest(&config).await.err().expect("must fail");
     let text = err.to_string();
-    assert!(text.contains("QEMU exited"), "{text}");
+    assert!(
+        text.contains("exited") && text.contains("before the agent was ready"),
+        "{text}"
+    );
     assert!(text.contains("Kernel panic"), "{text}");
 }

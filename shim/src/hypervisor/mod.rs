@@ -4,9 +4,14 @@
 //! hardware virtualization); the `ironclad` backend (ironclad-vmm) joins it behind one trait in the
 //! shim issue.
 
+pub mod ironclad;
+pub mod process;
 pub mod qemu;
 
 use std::path::{Path, PathBuf};
+
+pub use process::{Error, GuestVm, Ready};
+use tracing::info;
 
 /// What every backend needs to boot a sandbox VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,6 +127,76 @@ pub fn find_executable(name: &Path) -> Option<PathBuf> {
         .find(|p| is_executable(p))
 }
 
+/// Which monitor runs the sandbox VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HypervisorKind {
+    /// ironclad-vmm where it can boot Linux (KVM with vmx/svm), else QEMU.
+    Auto,
+    Ironclad,
+    Qemu,
+}
+
+impl std::str::FromStr for HypervisorKind {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "auto" => Ok(HypervisorKind::Auto),
+            "ironclad" => Ok(HypervisorKind::Ironclad),
+            "qemu" => Ok(HypervisorKind::Qemu),
+            other => Err(format!(
+                "unknown hypervisor {other:?}: expected auto, ironclad or qemu"
+            )),
+        }
+    }
+}
+
+/// A located backend, ready to start VMs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    Ironclad(ironclad::IroncladBackend),
+    Qemu(qemu::QemuBackend),
+}
+
+impl Backend {
+    /// Resolves `auto` from what the host offers, logging why, and finds the backend's programs.
+    pub fn select(kind: HypervisorKind, host: HostVirtualization) -> Result<Self, Error> {
+        let kind = match kind {
+            HypervisorKind::Auto if host.can_boot_linux_on_kvm() => {
+                info!("hypervisor auto: ironclad-vmm, because {}", host.explain());
+                HypervisorKind::Ironclad
+            }
+            HypervisorKind::Auto => {
+                info!("hypervisor auto: qemu, because {}", host.explain());
+                HypervisorKind::Qemu
+            }
+            explicit => explicit,
+        };
+        match kind {
+            HypervisorKind::Ironclad => Ok(Backend::Ironclad(ironclad::IroncladBackend::locate(host)?)),
+            _ => Ok(Backend::Qemu(qemu::QemuBackend::locate(host)?)),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Ironclad(_) => "ironclad",
+            Backend::Qemu(_) => "qemu",
+        }
+    }
+
+    pub async fn start(
+        &self,
+        config: &VmConfig,
+        paths: crate::paths::SandboxPaths,
+    ) -> Result<GuestVm, Error> {
+        match self {
+            Backend::Ironclad(backend) => backend.start(config, paths).await,
+            Backend::Qemu(backend) => backend.start(config, paths).await,
+        }
+    }
+}
+
 /// "outer: inner: innermost".
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
@@ -137,6 +212,14 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hypervisor_names_parse() {
+        assert_eq!("auto".parse(), Ok(HypervisorKind::Auto));
+        assert_eq!("ironclad".parse(), Ok(HypervisorKind::Ironclad));
+        assert_eq!("qemu".parse(), Ok(HypervisorKind::Qemu));
+        assert!("firecracker".parse::<HypervisorKind>().is_err());
+    }
 
     #[test]
     fn parses_the_ready_line_and_rejects_others() {

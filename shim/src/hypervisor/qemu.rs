@@ -4,72 +4,23 @@
 //! → `OK <port>\n`), so the agent client does not know which backend it talks to. QEMU needs guest
 //! memory it can share with that process: a memfd backend with `share=on`.
 
-use std::collections::VecDeque;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
-use tokio::sync::oneshot;
-use tracing::{debug, info, warn};
+use tracing::info;
 
-use super::{find_executable, parse_ready_line, HostVirtualization, ReadyLine, VmConfig};
+use super::process::{
+    create_sandbox_dir, read_limited, require_guest_files, Error, GuestVm, SandboxDirGuard,
+};
+use super::{find_executable, HostVirtualization, VmConfig};
 use crate::paths::SandboxPaths;
 
 /// Every VM has its own vhost-device-vsock, so the guest CID need not be unique on the host.
 const GUEST_CID: u32 = 3;
-const CONSOLE_TAIL_LINES: usize = 40;
-const STDERR_LIMIT: usize = 16 * 1024;
 const VSOCK_DAEMON_START_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long QEMU may take to exit once its console has closed.
-const CONSOLE_CLOSE_TO_EXIT: Duration = Duration::from_secs(5);
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("{tool} not found: install it with `{install}` (or run `make prereqs`)")]
-    MissingTool {
-        tool: &'static str,
-        install: &'static str,
-    },
-    #[error("the guest {what} {path} does not exist (build it with `make guest`)")]
-    MissingFile { what: &'static str, path: PathBuf },
-    #[error("cannot prepare the sandbox directory {path}")]
-    SandboxDir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot start {program}")]
-    Spawn {
-        program: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("vhost-device-vsock exited ({status}) before creating {socket}: {stderr}")]
-    VsockDaemonExited {
-        status: ExitStatus,
-        socket: PathBuf,
-        stderr: String,
-    },
-    #[error("vhost-device-vsock did not create {socket} within {waited:?}")]
-    VsockDaemonTimeout { socket: PathBuf, waited: Duration },
-    #[error("QEMU exited ({status}) before the agent was ready; stderr: {stderr}; console tail:\n{console}")]
-    ExitedBeforeReady {
-        status: ExitStatus,
-        stderr: String,
-        console: String,
-    },
-    #[error("the agent was not ready within {waited:?}; console tail:\n{console}")]
-    ReadyTimeout { waited: Duration, console: String },
-    #[error("cannot wait for {what}")]
-    Wait {
-        what: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-}
 
 /// Where the backend's programs are and how guests run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,20 +58,25 @@ impl QemuBackend {
 
     /// Starts vhost-device-vsock, then QEMU. The sandbox directory is created here and removed when
     /// the VM is stopped or dropped.
-    pub async fn start(&self, config: &VmConfig, paths: SandboxPaths) -> Result<QemuVm, Error> {
-        for (what, path) in [("kernel", &config.kernel), ("initrd", &config.initrd)] {
-            if !path.is_file() {
-                return Err(Error::MissingFile {
-                    what,
-                    path: path.clone(),
-                });
-            }
-        }
+    pub async fn start(&self, config: &VmConfig, paths: SandboxPaths) -> Result<GuestVm, Error> {
+        require_guest_files(&config.kernel, &config.initrd)?;
         create_sandbox_dir(paths.dir())?;
         let mut guard = SandboxDirGuard(Some(paths.dir().to_path_buf()));
         let vhost = self.start_vsock_daemon(&paths).await?;
-        let mut vm = self.start_qemu(config, &paths, vhost).await?;
-        vm.sandbox_dir = guard.0.take();
+        let args: Vec<OsString> = qemu_args(config, &paths, self.use_kvm)
+            .into_iter()
+            .map(OsString::from)
+            .collect();
+        let mut vm = GuestVm::spawn(
+            "QEMU",
+            &self.qemu,
+            &args,
+            paths.console_log(),
+            paths.agent_socket(),
+            vec![vhost],
+        )
+        .await?;
+        vm.adopt_sandbox_dir(&mut guard);
         Ok(vm)
     }
 
@@ -167,71 +123,6 @@ impl QemuBackend {
         }
         Ok(child)
     }
-
-    async fn start_qemu(
-        &self,
-        config: &VmConfig,
-        paths: &SandboxPaths,
-        mut vhost: Child,
-    ) -> Result<QemuVm, Error> {
-        let started = Instant::now();
-        let spawned = Command::new(&self.qemu)
-            .args(qemu_args(config, paths, self.use_kvm))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn();
-        let mut qemu = match spawned {
-            Ok(child) => child,
-            Err(source) => {
-                let _ = vhost.start_kill();
-                let _ = vhost.wait().await;
-                return Err(Error::Spawn {
-                    program: self.qemu.clone(),
-                    source,
-                });
-            }
-        };
-        debug!(
-            "qemu pid {:?}, vhost-device-vsock pid {:?}",
-            qemu.id(),
-            vhost.id()
-        );
-        let console = Console::default();
-        let (ready_tx, ready_rx) = oneshot::channel();
-        let stdout = qemu.stdout.take();
-        let log_path = paths.console_log();
-        let console_for_task = console.clone();
-        let console_task = tokio::spawn(async move {
-            if let Some(stdout) = stdout {
-                console_for_task.follow(stdout, &log_path, ready_tx).await;
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let stderr_task = {
-            let sink = stderr.clone();
-            let pipe = qemu.stderr.take();
-            tokio::spawn(async move {
-                let text = read_limited(pipe).await;
-                if let Ok(mut s) = sink.lock() {
-                    *s = text;
-                }
-            })
-        };
-        Ok(QemuVm {
-            qemu,
-            vhost,
-            agent_socket: paths.agent_socket(),
-            started,
-            console,
-            ready_rx: Some(ready_rx),
-            ready: None,
-            stderr,
-            tasks: vec![console_task, stderr_task],
-            sandbox_dir: None,
-        })
-    }
 }
 
 /// QEMU's command line for one sandbox.
@@ -276,246 +167,6 @@ pub fn qemu_args(config: &VmConfig, paths: &SandboxPaths, use_kvm: bool) -> Vec<
         config.kernel_cmdline(),
     ]);
     args
-}
-
-fn create_sandbox_dir(dir: &Path) -> Result<(), Error> {
-    let err = |source| Error::SandboxDir {
-        path: dir.to_path_buf(),
-        source,
-    };
-    if dir.exists() {
-        return Err(err(std::io::Error::new(
-            std::io::ErrorKind::AlreadyExists,
-            "a sandbox with this id already exists",
-        )));
-    }
-    std::fs::create_dir_all(dir).map_err(err)
-}
-
-/// Removes the sandbox directory unless disarmed, so that a failed start leaves nothing behind.
-struct SandboxDirGuard(Option<PathBuf>);
-
-impl Drop for SandboxDirGuard {
-    fn drop(&mut self) {
-        if let Some(dir) = self.0.take() {
-            remove_sandbox_dir(&dir);
-        }
-    }
-}
-
-fn remove_sandbox_dir(dir: &Path) {
-    if let Err(err) = std::fs::remove_dir_all(dir) {
-        if err.kind() != std::io::ErrorKind::NotFound {
-            warn!("cannot remove sandbox directory {}: {err}", dir.display());
-        }
-    }
-}
-
-async fn read_limited<R: AsyncRead + Unpin>(pipe: Option<R>) -> String {
-    let Some(pipe) = pipe else { return String::new() };
-    let mut buf = Vec::new();
-    let _ = pipe
-        .take(u64::try_from(STDERR_LIMIT).unwrap_or(u64::MAX))
-        .read_to_end(&mut buf)
-        .await;
-    String::from_utf8_lossy(&buf).trim().to_string()
-}
-
-/// The guest's serial console: logged to a file, its last lines kept for error messages.
-#[derive(Clone, Default)]
-struct Console {
-    tail: Arc<Mutex<VecDeque<String>>>,
-}
-
-impl Console {
-    async fn follow<R: AsyncRead + Unpin>(
-        &self,
-        output: R,
-        log_path: &Path,
-        ready: oneshot::Sender<ReadyLine>,
-    ) {
-        let mut log = match tokio::fs::File::create(log_path).await {
-            Ok(file) => Some(file),
-            Err(err) => {
-                warn!("cannot write the console log {}: {err}", log_path.display());
-                None
-            }
-        };
-        let mut ready = Some(ready);
-        let mut lines = BufReader::new(output).split(b'\n');
-        while let Ok(Some(raw)) = lines.next_segment().await {
-            let line = String::from_utf8_lossy(&raw).trim_end_matches('\r').to_string();
-            if let Some(file) = log.as_mut() {
-                let _ = file.write_all(format!("{line}\n").as_bytes()).await;
-            }
-            if let Some(ready_line) = parse_ready_line(&line) {
-                if let Some(tx) = ready.take() {
-                    let _ = tx.send(ready_line);
-                }
-            }
-            self.remember(line);
-        }
-        if let Some(file) = log.as_mut() {
-            let _ = file.flush().await;
-        }
-    }
-
-    fn remember(&self, line: String) {
-        if let Ok(mut tail) = self.tail.lock() {
-            if tail.len() == CONSOLE_TAIL_LINES {
-                tail.pop_front();
-            }
-            tail.push_back(line);
-        }
-    }
-
-    fn tail(&self) -> String {
-        self.tail
-            .lock()
-            .map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n"))
-            .unwrap_or_default()
-    }
-}
-
-/// The agent's ready line and how long after QEMU's start it came.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Ready {
-    pub line: ReadyLine,
-    pub since_start: Duration,
-}
-
-/// A running sandbox VM: QEMU plus its vhost-device-vsock.
-pub struct QemuVm {
-    qemu: Child,
-    vhost: Child,
-    agent_socket: PathBuf,
-    started: Instant,
-    console: Console,
-    ready_rx: Option<oneshot::Receiver<ReadyLine>>,
-    ready: Option<Ready>,
-    stderr: Arc<Mutex<String>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    sandbox_dir: Option<PathBuf>,
-}
-
-impl QemuVm {
-    /// The hybrid vsock socket to reach the agent through.
-    pub fn agent_socket(&self) -> &Path {
-        &self.agent_socket
-    }
-
-    /// The host processes making up this VM.
-    pub fn pids(&self) -> Vec<u32> {
-        [self.qemu.id(), self.vhost.id()].into_iter().flatten().collect()
-    }
-
-    /// The last lines the guest printed.
-    pub fn console_tail(&self) -> String {
-        self.console.tail()
-    }
-
-    /// Waits for the agent's ready line; QEMU exiting first or the time running out is an error that
-    /// carries the console's last lines.
-    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<Ready, Error> {
-        if let Some(ready) = &self.ready {
-            return Ok(ready.clone());
-        }
-        let Some(rx) = self.ready_rx.as_mut() else {
-            return Err(Error::ReadyTimeout {
-                waited: Duration::ZERO,
-                console: self.console.tail(),
-            });
-        };
-        let line = tokio::select! {
-            line = rx => line.ok(),
-            _ = tokio::time::sleep(timeout) => {
-                return Err(Error::ReadyTimeout { waited: timeout, console: self.console.tail() });
-            }
-        };
-        self.ready_rx = None;
-        let Some(line) = line else {
-            // The console closed without a ready line: QEMU is exiting or gone.
-            return Err(self.exited_before_ready().await);
-        };
-        let ready = Ready {
-            line,
-            since_start: self.started.elapsed(),
-        };
-        self.ready = Some(ready.clone());
-        Ok(ready)
-    }
-
-    async fn exited_before_ready(&mut self) -> Error {
-        let status = match self.wait_exit(CONSOLE_CLOSE_TO_EXIT).await {
-            Ok(Some(status)) => status,
-            Ok(None) => {
-                let _ = self.qemu.start_kill();
-                match self.qemu.wait().await {
-                    Ok(status) => status,
-                    Err(source) => return Error::Wait { what: "QEMU", source },
-                }
-            }
-            Err(err) => return err,
-        };
-        for task in self.tasks.drain(..) {
-            let _ = task.await;
-        }
-        let stderr = self.stderr.lock().map(|s| s.clone()).unwrap_or_default();
-        Error::ExitedBeforeReady {
-            status,
-            stderr,
-            console: self.console.tail(),
-        }
-    }
-
-    /// Waits for QEMU to exit on its own (the guest reset or powered off) for up to `timeout`.
-    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, Error> {
-        match tokio::time::timeout(timeout, self.qemu.wait()).await {
-            Ok(status) => status
-                .map(Some)
-                .map_err(|source| Error::Wait { what: "QEMU", source }),
-            Err(_) => Ok(None),
-        }
-    }
-
-    /// Gives QEMU `grace` to exit by itself, kills it after that, then stops vhost-device-vsock and
-    /// removes the sandbox directory. Returns QEMU's exit status.
-    pub async fn stop(mut self, grace: Duration) -> Result<ExitStatus, Error> {
-        let status = match self.wait_exit(grace).await? {
-            Some(status) => status,
-            None => {
-                warn!("QEMU did not exit within {grace:?}; killing it");
-                let _ = self.qemu.start_kill();
-                self.qemu
-                    .wait()
-                    .await
-                    .map_err(|source| Error::Wait { what: "QEMU", source })?
-            }
-        };
-        let _ = self.vhost.start_kill();
-        self.vhost.wait().await.map_err(|source| Error::Wait {
-            what: "vhost-device-vsock",
-            source,
-        })?;
-        for task in self.tasks.drain(..) {
-            let _ = task.await;
-        }
-        if let Some(dir) = self.sandbox_dir.take() {
-            remove_sandbox_dir(&dir);
-        }
-        Ok(status)
-    }
-}
-
-impl Drop for QemuVm {
-    fn drop(&mut self) {
-        // kill_on_drop sends SIGKILL to both children; the directory goes with them.
-        let _ = self.qemu.start_kill();
-        let _ = self.vhost.start_kill();
-        if let Some(dir) = self.sandbox_dir.take() {
-            remove_sandbox_dir(&dir);
-        }
-    }
 }
 
 #[cfg(test)]

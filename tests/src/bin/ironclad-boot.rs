@@ -5,19 +5,32 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use ironclad_tests::{boot_guest, init_logging, GuestArtifacts, EXIT_TIMEOUT};
+use ironclad_shim::hypervisor::HypervisorKind;
+use ironclad_tests::{boot_guest_with, hypervisor_from_env, init_logging, GuestArtifacts, EXIT_TIMEOUT};
+
+/// `--hypervisor auto|ironclad|qemu` (default: $IRONCLAD_HYPERVISOR, else auto).
+fn hypervisor_from_args() -> Result<HypervisorKind, Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.as_slice() {
+        [] => Ok(hypervisor_from_env()?),
+        [flag, kind] if flag == "--hypervisor" => Ok(kind.parse()?),
+        _ => Err("usage: ironclad-boot [--hypervisor auto|ironclad|qemu]".into()),
+    }
+}
 
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let kind = hypervisor_from_args()?;
     let artifacts = GuestArtifacts::locate()?;
     let started = Instant::now();
-    let guest = boot_guest(&artifacts.vm_config()).await?;
+    let guest = boot_guest_with(kind, &artifacts.vm_config()).await?;
     let ready = &guest.ready;
+    println!("backend: {}", guest.backend);
     println!(
         "ironclad-agent ready version={} uptime_ms={}",
         ready.line.version, ready.line.uptime_ms
     );
     println!(
-        "boot time: {} ms from QEMU start to the ready line ({} ms of guest uptime)",
+        "boot time: {} ms from the monitor's start to the ready line ({} ms of guest uptime)",
         ready.since_start.as_millis(),
         ready.line.uptime_ms
     );

@@ -1,0 +1,135 @@
+//! The `ironclad` backend: one ironclad-vmm process per sandbox, described by a JSON file in the
+//! sandbox directory. Its hybrid vsock socket is the sandbox's agent socket.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use tracing::info;
+
+use super::process::{create_sandbox_dir, require_guest_files, Error, GuestVm, SandboxDirGuard};
+use super::{find_executable, HostVirtualization, VmConfig};
+use crate::paths::SandboxPaths;
+
+/// Each VM has its own vsock device and socket, so the guest CID need not be unique on the host.
+const GUEST_CID: u64 = 3;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IroncladBackend {
+    pub vmm: PathBuf,
+}
+
+impl IroncladBackend {
+    /// Finds ironclad-vmm next to the running binary (an installed set) or on PATH.
+    pub fn locate(host: HostVirtualization) -> Result<Self, Error> {
+        let beside_us = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|d| d.join("ironclad-vmm")));
+        let vmm = beside_us
+            .filter(|p| p.is_file())
+            .or_else(|| find_executable(Path::new("ironclad-vmm")))
+            .ok_or(Error::MissingTool {
+                tool: "ironclad-vmm",
+                install: "make install (or cargo build --release)",
+            })?;
+        info!("ironclad backend: {} ({})", vmm.display(), host.explain());
+        Ok(IroncladBackend { vmm })
+    }
+
+    pub async fn start(&self, config: &VmConfig, paths: SandboxPaths) -> Result<GuestVm, Error> {
+        require_guest_files(&config.kernel, &config.initrd)?;
+        create_sandbox_dir(paths.dir())?;
+        let mut guard = SandboxDirGuard(Some(paths.dir().to_path_buf()));
+        let description = paths.dir().join("vm.json");
+        std::fs::write(&description, vm_description(config, &paths).to_string()).map_err(|source| {
+            Error::WriteConfig {
+                path: description.clone(),
+                source,
+            }
+        })?;
+        let args = [OsString::from("--config"), description.into_os_string()];
+        let mut vm = GuestVm::spawn(
+            "ironclad-vmm",
+            &self.vmm,
+            &args,
+            paths.console_log(),
+            paths.agent_socket(),
+            vec![],
+        )
+        .await?;
+        vm.adopt_sandbox_dir(&mut guard);
+        Ok(vm)
+    }
+}
+
+/// The ironclad-vmm VM description (see vmm/src/config.rs) for one sandbox.
+pub fn vm_description(config: &VmConfig, paths: &SandboxPaths) -> serde_json::Value {
+    serde_json::json!({
+        "vcpus": config.vcpus,
+        "memory_mib": config.memory_mib,
+        "kernel": config.kernel,
+        "initrd": config.initrd,
+        "cmdline": config.kernel_cmdline(),
+        "vsock": { "guest_cid": GUEST_CID, "uds_path": paths.agent_socket() },
+        "serial": "stdout",
+        "boot_timer": true,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_description_points_vsock_at_the_sandbox_socket() {
+        let config = VmConfig {
+            kernel: "/k/bzImage".into(),
+            initrd: "/k/initrd.img".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            extra_kernel_params: "quiet".into(),
+        };
+        let paths = SandboxPaths::new(Path::new("/run/ironclad"), "sb");
+        let json = vm_description(&config, &paths);
+        assert_eq!(json["vsock"]["uds_path"], "/run/ironclad/sb/vsock.sock");
+        assert_eq!(json["cmdline"], "console=ttyS0 reboot=k panic=-1 quiet");
+        assert_eq!(json["memory_mib"], 256);
+    }
+
+    #[tokio::test]
+    async fn a_vmm_that_dies_at_once_is_reported_with_its_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("bzImage");
+        std::fs::write(&kernel, b"not a kernel").unwrap();
+        let config = VmConfig {
+            kernel: kernel.clone(),
+            initrd: kernel,
+            vcpus: 1,
+            memory_mib: 64,
+            extra_kernel_params: String::new(),
+        };
+        // A stand-in monitor that fails the way a VMM refusing its configuration does.
+        let fake = dir.path().join("fake-vmm");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\necho 'ironclad-vmm: invalid configuration: kernel: bad' >&2\nexit 1\n",
+        )
+        .unwrap();
+        std::os::unix::fs::PermissionsExt::set_mode(
+            &mut std::fs::metadata(&fake).unwrap().permissions(),
+            0o755,
+        );
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let backend = IroncladBackend { vmm: fake };
+        let paths = SandboxPaths::new(dir.path(), "sb");
+        let mut vm = backend.start(&config, paths.clone()).await.unwrap();
+        let err = vm
+            .wait_ready(std::time::Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("ironclad-vmm exited"), "{text}");
+        assert!(text.contains("invalid configuration: kernel: bad"), "{text}");
+        drop(vm);
+        assert!(!paths.dir().exists(), "the sandbox directory goes with the VM");
+    }
+}

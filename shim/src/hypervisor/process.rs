@@ -1,0 +1,414 @@
+//! What every backend's VM is on the host: a monitor process (plus helpers) whose stdout is the
+//! guest's serial console, a sandbox directory, and the agent's ready line.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+use tracing::warn;
+
+use super::{parse_ready_line, ReadyLine};
+
+const CONSOLE_TAIL_LINES: usize = 40;
+const STDERR_LIMIT: usize = 16 * 1024;
+/// How long the monitor may take to exit once its console has closed.
+const CONSOLE_CLOSE_TO_EXIT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{tool} not found: install it with `{install}` (or run `make prereqs`)")]
+    MissingTool {
+        tool: &'static str,
+        install: &'static str,
+    },
+    #[error("cannot write the VM description {path}")]
+    WriteConfig {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the guest {what} {path} does not exist (build it with `make guest`)")]
+    MissingFile { what: &'static str, path: PathBuf },
+    #[error("cannot prepare the sandbox directory {path}")]
+    SandboxDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start {program}")]
+    Spawn {
+        program: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("vhost-device-vsock exited ({status}) before creating {socket}: {stderr}")]
+    VsockDaemonExited {
+        status: ExitStatus,
+        socket: PathBuf,
+        stderr: String,
+    },
+    #[error("vhost-device-vsock did not create {socket} within {waited:?}")]
+    VsockDaemonTimeout { socket: PathBuf, waited: Duration },
+    #[error(
+        "{monitor} exited ({status}) before the agent was ready; stderr: {stderr}; console tail:\n{console}"
+    )]
+    ExitedBeforeReady {
+        monitor: String,
+        status: ExitStatus,
+        stderr: String,
+        console: String,
+    },
+    #[error("the agent was not ready within {waited:?}; console tail:\n{console}")]
+    ReadyTimeout { waited: Duration, console: String },
+    #[error("cannot wait for {what}")]
+    Wait {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Fails unless the kernel and initrd exist.
+pub fn require_guest_files(kernel: &Path, initrd: &Path) -> Result<(), Error> {
+    for (what, path) in [("kernel", kernel), ("initrd", initrd)] {
+        if !path.is_file() {
+            return Err(Error::MissingFile {
+                what,
+                path: path.to_path_buf(),
+            });
+        }
+    }
+    Ok(())
+}
+
+pub fn create_sandbox_dir(dir: &Path) -> Result<(), Error> {
+    let err = |source| Error::SandboxDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    if dir.exists() {
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "a sandbox with this id already exists",
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(err)
+}
+
+/// Removes the sandbox directory unless disarmed, so that a failed start leaves nothing behind.
+pub struct SandboxDirGuard(pub Option<PathBuf>);
+
+impl Drop for SandboxDirGuard {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            remove_sandbox_dir(&dir);
+        }
+    }
+}
+
+fn remove_sandbox_dir(dir: &Path) {
+    if let Err(err) = std::fs::remove_dir_all(dir) {
+        if err.kind() != std::io::ErrorKind::NotFound {
+            warn!("cannot remove sandbox directory {}: {err}", dir.display());
+        }
+    }
+}
+
+pub async fn read_limited<R: AsyncRead + Unpin>(pipe: Option<R>) -> String {
+    let Some(pipe) = pipe else { return String::new() };
+    let mut buf = Vec::new();
+    let _ = pipe
+        .take(u64::try_from(STDERR_LIMIT).unwrap_or(u64::MAX))
+        .read_to_end(&mut buf)
+        .await;
+    String::from_utf8_lossy(&buf).trim().to_string()
+}
+
+/// The guest's serial console: logged to a file, its last lines kept for error messages.
+#[derive(Clone, Default)]
+struct Console {
+    tail: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl Console {
+    async fn follow<R: AsyncRead + Unpin>(
+        &self,
+        output: R,
+        log_path: &Path,
+        ready: oneshot::Sender<ReadyLine>,
+    ) {
+        let mut log = match tokio::fs::File::create(log_path).await {
+            Ok(file) => Some(file),
+            Err(err) => {
+                warn!("cannot write the console log {}: {err}", log_path.display());
+                None
+            }
+        };
+        let mut ready = Some(ready);
+        let mut lines = BufReader::new(output).split(b'\n');
+        while let Ok(Some(raw)) = lines.next_segment().await {
+            let line = String::from_utf8_lossy(&raw).trim_end_matches('\r').to_string();
+            if let Some(file) = log.as_mut() {
+                let _ = file.write_all(format!("{line}\n").as_bytes()).await;
+            }
+            if let Some(ready_line) = parse_ready_line(&line) {
+                if let Some(tx) = ready.take() {
+                    let _ = tx.send(ready_line);
+                }
+            }
+            self.remember(line);
+        }
+        if let Some(file) = log.as_mut() {
+            let _ = file.flush().await;
+        }
+    }
+
+    fn remember(&self, line: String) {
+        if let Ok(mut tail) = self.tail.lock() {
+            if tail.len() == CONSOLE_TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(line);
+        }
+    }
+
+    fn tail(&self) -> String {
+        self.tail
+            .lock()
+            .map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n"))
+            .unwrap_or_default()
+    }
+}
+
+/// The agent's ready line and how long after the monitor's start it came.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ready {
+    pub line: ReadyLine,
+    pub since_start: Duration,
+}
+
+/// A running sandbox VM: its monitor process (QEMU, ironclad-vmm), whose stdout is the guest's
+/// serial console, and the helper processes it needs (vhost-device-vsock for QEMU).
+pub struct GuestVm {
+    monitor_name: String,
+    monitor: Child,
+    helpers: Vec<Child>,
+    agent_socket: PathBuf,
+    started: Instant,
+    console: Console,
+    ready_rx: Option<oneshot::Receiver<ReadyLine>>,
+    ready: Option<Ready>,
+    stderr: Arc<Mutex<String>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    sandbox_dir: Option<PathBuf>,
+}
+
+impl GuestVm {
+    /// Starts the monitor with its stdout as the console. The helpers are killed if that fails;
+    /// from then on they live and die with the VM.
+    pub async fn spawn(
+        monitor_name: &str,
+        program: &Path,
+        args: &[OsString],
+        console_log: PathBuf,
+        agent_socket: PathBuf,
+        mut helpers: Vec<Child>,
+    ) -> Result<GuestVm, Error> {
+        let started = Instant::now();
+        let spawned = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn();
+        let mut monitor = match spawned {
+            Ok(child) => child,
+            Err(source) => {
+                for helper in &mut helpers {
+                    let _ = helper.start_kill();
+                    let _ = helper.wait().await;
+                }
+                return Err(Error::Spawn {
+                    program: program.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        let console = Console::default();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let stdout = monitor.stdout.take();
+        let console_for_task = console.clone();
+        let console_task = tokio::spawn(async move {
+            if let Some(stdout) = stdout {
+                console_for_task.follow(stdout, &console_log, ready_tx).await;
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let stderr_task = {
+            let sink = stderr.clone();
+            let pipe = monitor.stderr.take();
+            tokio::spawn(async move {
+                let text = read_limited(pipe).await;
+                if let Ok(mut s) = sink.lock() {
+                    *s = text;
+                }
+            })
+        };
+        Ok(GuestVm {
+            monitor_name: monitor_name.to_string(),
+            monitor,
+            helpers,
+            agent_socket,
+            started,
+            console,
+            ready_rx: Some(ready_rx),
+            ready: None,
+            stderr,
+            tasks: vec![console_task, stderr_task],
+            sandbox_dir: None,
+        })
+    }
+
+    /// The VM owns the sandbox directory from now on and removes it when it goes.
+    pub fn adopt_sandbox_dir(&mut self, guard: &mut SandboxDirGuard) {
+        self.sandbox_dir = guard.0.take();
+    }
+    /// The hybrid vsock socket to reach the agent through.
+    pub fn agent_socket(&self) -> &Path {
+        &self.agent_socket
+    }
+
+    /// The host processes making up this VM.
+    pub fn pids(&self) -> Vec<u32> {
+        std::iter::once(&self.monitor)
+            .chain(&self.helpers)
+            .filter_map(|c| c.id())
+            .collect()
+    }
+
+    /// The last lines the guest printed.
+    pub fn console_tail(&self) -> String {
+        self.console.tail()
+    }
+
+    /// Waits for the agent's ready line; the monitor exiting first or the time running out is an error that
+    /// carries the console's last lines.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<Ready, Error> {
+        if let Some(ready) = &self.ready {
+            return Ok(ready.clone());
+        }
+        let Some(rx) = self.ready_rx.as_mut() else {
+            return Err(Error::ReadyTimeout {
+                waited: Duration::ZERO,
+                console: self.console.tail(),
+            });
+        };
+        let line = tokio::select! {
+            line = rx => line.ok(),
+            _ = tokio::time::sleep(timeout) => {
+                return Err(Error::ReadyTimeout { waited: timeout, console: self.console.tail() });
+            }
+        };
+        self.ready_rx = None;
+        let Some(line) = line else {
+            // The console closed without a ready line: the monitor is exiting or gone.
+            return Err(self.exited_before_ready().await);
+        };
+        let ready = Ready {
+            line,
+            since_start: self.started.elapsed(),
+        };
+        self.ready = Some(ready.clone());
+        Ok(ready)
+    }
+
+    async fn exited_before_ready(&mut self) -> Error {
+        let status = match self.wait_exit(CONSOLE_CLOSE_TO_EXIT).await {
+            Ok(Some(status)) => status,
+            Ok(None) => {
+                let _ = self.monitor.start_kill();
+                match self.monitor.wait().await {
+                    Ok(status) => status,
+                    Err(source) => {
+                        return Error::Wait {
+                            what: "the VM monitor",
+                            source,
+                        }
+                    }
+                }
+            }
+            Err(err) => return err,
+        };
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+        let stderr = self.stderr.lock().map(|s| s.clone()).unwrap_or_default();
+        Error::ExitedBeforeReady {
+            monitor: self.monitor_name.clone(),
+            status,
+            stderr,
+            console: self.console.tail(),
+        }
+    }
+
+    /// Waits for the monitor to exit on its own (the guest reset or powered off) for up to `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, Error> {
+        match tokio::time::timeout(timeout, self.monitor.wait()).await {
+            Ok(status) => status.map(Some).map_err(|source| Error::Wait {
+                what: "the VM monitor",
+                source,
+            }),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Gives the monitor `grace` to exit by itself, kills it after that, then stops the helpers and
+    /// removes the sandbox directory. Returns the monitor's exit status.
+    pub async fn stop(mut self, grace: Duration) -> Result<ExitStatus, Error> {
+        let status = match self.wait_exit(grace).await? {
+            Some(status) => status,
+            None => {
+                warn!("{} did not exit within {grace:?}; killing it", self.monitor_name);
+                let _ = self.monitor.start_kill();
+                self.monitor.wait().await.map_err(|source| Error::Wait {
+                    what: "the VM monitor",
+                    source,
+                })?
+            }
+        };
+        for helper in &mut self.helpers {
+            let _ = helper.start_kill();
+            helper.wait().await.map_err(|source| Error::Wait {
+                what: "a helper process",
+                source,
+            })?;
+        }
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+        if let Some(dir) = self.sandbox_dir.take() {
+            remove_sandbox_dir(&dir);
+        }
+        Ok(status)
+    }
+}
+
+impl Drop for GuestVm {
+    fn drop(&mut self) {
+        // kill_on_drop sends SIGKILL to every child; the directory goes with them.
+        let _ = self.monitor.start_kill();
+        for helper in &mut self.helpers {
+            let _ = helper.start_kill();
+        }
+        if let Some(dir) = self.sandbox_dir.take() {
+            remove_sandbox_dir(&dir);
+        }
+    }
+}
