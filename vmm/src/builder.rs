@@ -41,6 +41,8 @@ pub enum Error {
     Vm(#[from] vm::Error),
     #[error("cannot load the guest")]
     Boot(#[from] boot::Error),
+    #[error("cannot announce the vCPUs")]
+    MpTable(#[from] crate::arch::x86_64::mptable::Error),
     #[error("cannot set up a vCPU")]
     Vcpu(#[from] vcpu::Error),
     #[error("cannot place a device on the bus")]
@@ -100,7 +102,6 @@ struct Metrics {
 pub fn run_vm(config: &VmConfig) -> Result<ExitReason, Error> {
     let vmm_start = std::time::Instant::now();
     config.validate()?;
-    refuse_unsupported(config)?;
     // Signals are blocked before any thread starts, so that every thread inherits the mask and they
     // arrive only through the event loop's signalfd.
     let signals = block_stop_signals()?;
@@ -145,6 +146,7 @@ pub fn run_vm(config: &VmConfig) -> Result<ExitReason, Error> {
         &mut cmdline,
         &mut metrics,
     )?;
+    crate::arch::x86_64::mptable::write(&memory, config.vcpus)?;
     boot::load_command_line(&memory, &cmdline)?;
     boot::write_zero_page(&memory, &kernel, cmdline.len(), initrd)?;
 
@@ -336,15 +338,6 @@ fn attach_vsock_device(
         metrics,
     )?;
     Ok(socket)
-}
-
-fn refuse_unsupported(config: &VmConfig) -> Result<(), Error> {
-    if config.vcpus > 1 {
-        return Err(Error::Unsupported(
-            "more than one vCPU (the MP table that announces them is not written yet)",
-        ));
-    }
-    Ok(())
 }
 
 /// The serial console and the i8042 on the port I/O bus, with their interrupts wired as irqfds.

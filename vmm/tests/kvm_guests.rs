@@ -171,14 +171,25 @@ fn a_kernel_that_is_not_one_is_refused() {
 }
 
 #[test]
-fn unsupported_requests_are_refused_with_the_reason() {
-    let output = run_vmm(&["--kernel", ironclad_test_guests::SERIAL_HELLO, "--vcpus", "2"]);
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("unsupported configuration: more than one vCPU"),
-        "{stderr}"
-    );
+fn every_vcpu_is_announced_in_the_mp_table() {
+    if !kvm_available() {
+        return;
+    }
+    for vcpus in ["1", "2", "4"] {
+        let output = run_vmm(&["--kernel", ironclad_test_guests::MPTABLE_PROBE, "--vcpus", vcpus]);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{vcpus} vCPUs: {stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(stdout.contains("mp table checksum: ok"), "{stdout}");
+        assert!(
+            stdout.contains(&format!("cpus: 0x{:016x}", vcpus.parse::<u64>().unwrap())),
+            "{stdout}"
+        );
+        assert!(stdout.contains("boot cpu: 0x0000000000000000"), "{stdout}");
+    }
 }
 
 /// A disk image whose sector 0 carries a marker the guest prints.
