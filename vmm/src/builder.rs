@@ -25,6 +25,7 @@ use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::net::{self as virtio_net, Net, NetMetrics};
 use crate::devices::virtio::vsock::{self as virtio_vsock, Vsock, VsockMetrics};
 use crate::devices::EventFdTrigger;
+use crate::seccomp::ThreadKind;
 use crate::vstate::memory::{self, create_guest_memory};
 use crate::vstate::vcpu::{self, ExitReason, Vcpu, VmExit};
 use crate::vstate::vm::{self, Vm};
@@ -59,6 +60,8 @@ pub enum Error {
     Signals(#[source] nix::Error),
     #[error("the event loop failed")]
     EventLoop(#[source] event_manager::Error),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::Error),
     #[error("cannot set up the disk {serial:?}")]
     Block {
         serial: String,
@@ -158,9 +161,21 @@ pub fn run_vm(config: &VmConfig) -> Result<ExitReason, Error> {
         vcpu.configure(&vm, &memory, kernel.entry, config.vcpus)?;
         vcpus.push(vcpu);
     }
+    let filters = if config.seccomp {
+        crate::seccomp::install_sigsys_handler()?;
+        Some((
+            crate::seccomp::filter(ThreadKind::Vmm)?,
+            crate::seccomp::filter(ThreadKind::Vcpu)?,
+        ))
+    } else {
+        None
+    };
     for vcpu in vcpus {
         // The threads are never joined: the process ends when the VM stops, taking them along.
-        vcpu.start()?;
+        vcpu.start(filters.as_ref().map(|(_, vcpu)| vcpu.clone()))?;
+    }
+    if let Some((vmm, _)) = &filters {
+        crate::seccomp::apply(ThreadKind::Vmm, vmm)?;
     }
     run_event_loop(event_manager, &exit, signals)?;
     if let Some(vsock) = &config.vsock {

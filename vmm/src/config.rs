@@ -69,6 +69,13 @@ pub struct VmConfig {
     /// Log guest writes of 123 to port 0x3f0 with a timestamp (Firecracker's boot timer).
     #[serde(default)]
     pub boot_timer: bool,
+    /// Seccomp filters on every thread; turning them off is for debugging only.
+    #[serde(default = "default_seccomp")]
+    pub seccomp: bool,
+}
+
+fn default_seccomp() -> bool {
+    true
 }
 
 fn default_vcpus() -> u8 {

@@ -9,4 +9,5 @@ pub mod builder;
 pub mod bus;
 pub mod config;
 pub mod devices;
+pub mod seccomp;
 pub mod vstate;

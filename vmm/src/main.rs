@@ -12,7 +12,7 @@ use ironclad_vmm::vstate::vcpu::ExitReason;
 #[command(version, about = "The ironclad KVM microVM monitor")]
 struct Args {
     /// A JSON VM description; the other flags are then not allowed.
-    #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory_mib", "block", "net", "vsock", "serial", "metrics", "boot_timer"])]
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory_mib", "block", "net", "vsock", "serial", "metrics", "boot_timer", "no_seccomp"])]
     config: Option<PathBuf>,
     /// An ELF vmlinux or a bzImage.
     #[arg(long, required_unless_present = "config")]
@@ -43,6 +43,9 @@ struct Args {
     /// Log the guest's boot-timer signal (123 written to port 0x3f0) on stderr.
     #[arg(long)]
     boot_timer: bool,
+    /// Run without seccomp filters (debugging only).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 fn key_values(text: &str) -> impl Iterator<Item = (&str, &str)> {
@@ -57,6 +60,7 @@ fn config_from_flags(args: Args) -> Result<VmConfig, String> {
     config.initrd = args.initrd;
     config.metrics = args.metrics;
     config.boot_timer = args.boot_timer;
+    config.seccomp = !args.no_seccomp;
     config.cmdline = args.cmdline.unwrap_or(config.cmdline);
     config.vcpus = args.vcpus.unwrap_or(config.vcpus);
     config.memory_mib = args.memory_mib.unwrap_or(config.memory_mib);

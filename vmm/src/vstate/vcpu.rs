@@ -160,12 +160,19 @@ impl Vcpu {
         })
     }
 
-    /// Runs the vCPU on its own thread until the VM stops; the reason goes to the VM exit.
-    pub fn start(mut self) -> Result<JoinHandle<()>, Error> {
+    /// Runs the vCPU on its own thread until the VM stops; the reason goes to the VM exit. With a
+    /// filter, the thread installs it before anything else.
+    pub fn start(mut self, filter: Option<seccompiler::BpfProgram>) -> Result<JoinHandle<()>, Error> {
         let id = self.id;
         std::thread::Builder::new()
             .name(format!("ironclad_vcpu{id}"))
             .spawn(move || {
+                if let Some(program) = &filter {
+                    if let Err(err) = crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu, program) {
+                        self.exit.record(ExitReason::Error(format!("vCPU {id}: {err}")));
+                        return;
+                    }
+                }
                 let reason = self.run();
                 self.exit.record(reason);
             })
