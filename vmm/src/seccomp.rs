@@ -130,20 +130,28 @@ extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _conte
     // SAFETY: the kernel passes a valid siginfo_t to an SA_SIGINFO handler; for SIGSYS the syscall
     // number is the int at byte 24 (after si_signo, si_errno, si_code, padding and _call_addr).
     let syscall = unsafe { info.cast::<u8>().add(24).cast::<i32>().read_unaligned() };
-    let mut message = *b"ironclad-vmm: seccomp: denied syscall           \n";
+    const PREFIX: &[u8] = b"ironclad-vmm: seccomp: denied syscall ";
+    let mut message = [0u8; 64];
+    message[..PREFIX.len()].copy_from_slice(PREFIX);
+    let mut digits = [0u8; 10];
     let mut n = syscall.unsigned_abs();
-    let mut i = message.len() - 2;
+    let mut count = 0;
     loop {
-        message[i] = b'0' + (n % 10) as u8;
+        digits[count] = b'0' + (n % 10) as u8;
+        count += 1;
         n /= 10;
         if n == 0 {
             break;
         }
-        i -= 1;
     }
+    for (i, digit) in digits[..count].iter().rev().enumerate() {
+        message[PREFIX.len() + i] = *digit;
+    }
+    let len = PREFIX.len() + count + 1;
+    message[len - 1] = b'\n';
     // SAFETY: write and _exit are async-signal-safe; the buffer is a live local of the given length.
     unsafe {
-        libc::write(libc::STDERR_FILENO, message.as_ptr().cast(), message.len());
+        libc::write(libc::STDERR_FILENO, message.as_ptr().cast(), len);
         libc::_exit(SECCOMP_VIOLATION_EXIT);
     }
 }

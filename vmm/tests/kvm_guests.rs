@@ -629,3 +629,33 @@ fn a_missing_tap_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+fn host_has_hardware_virtualization() -> bool {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+}
+
+#[test]
+fn a_fatal_vcpu_error_ends_the_vmm_with_the_reason() {
+    if !kvm_available() {
+        return;
+    }
+    let output = run_vmm(&["--kernel", ironclad_test_guests::SSE_INSTRUCTION]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stdout.contains("before sse"), "{stdout}");
+    assert!(!stdout.contains("after sse"), "{stdout}");
+    if host_has_hardware_virtualization() {
+        // #UD without an IDT: a triple fault, which is a reset.
+        assert!(output.status.success(), "{stderr}");
+    } else {
+        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("the VM failed: vCPU 0: KVM internal error"),
+            "{stderr}"
+        );
+    }
+}

@@ -167,14 +167,19 @@ impl Vcpu {
         std::thread::Builder::new()
             .name(format!("ironclad_vcpu{id}"))
             .spawn(move || {
-                if let Some(program) = &filter {
-                    if let Err(err) = crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu, program) {
-                        self.exit.record(ExitReason::Error(format!("vCPU {id}: {err}")));
-                        return;
-                    }
-                }
-                let reason = self.run();
+                let reason = match &filter {
+                    Some(program) => match crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu, program) {
+                        Ok(()) => self.run(),
+                        Err(err) => ExitReason::Error(format!("vCPU {id}: {err}")),
+                    },
+                    None => self.run(),
+                };
                 self.exit.record(reason);
+                // The main thread ends the process. Returning would drop the vCPU fd (close), which
+                // the filter does not allow, and nothing is gained by it.
+                loop {
+                    std::thread::park();
+                }
             })
             .map_err(|source| Error::Thread { id, source })
     }
