@@ -1,8 +1,11 @@
 //! What every virtio device is to the transport, and the state it moves through.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use virtio_queue::Queue;
+use event_manager::{EventOps, Events};
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::vstate::memory::GuestMemory;
@@ -73,23 +76,122 @@ impl DeviceState {
     }
 }
 
+/// What every device keeps the same way: accepted features, state, interrupt, queue kicks and the
+/// activation event.
+pub struct VirtioBase {
+    pub acked_features: u64,
+    pub state: DeviceState,
+    pub interrupt: Interrupt,
+    /// One eventfd per queue, signalled by KVM when the driver kicks that queue.
+    pub queue_events: Vec<EventFd>,
+    /// Tells the event loop that the device became active, so it starts watching the queues.
+    pub activate_event: EventFd,
+}
+
+impl VirtioBase {
+    pub fn new(queues: usize, irqfd: EventFd) -> std::io::Result<Self> {
+        let eventfd = || EventFd::new(libc::EFD_NONBLOCK);
+        Ok(VirtioBase {
+            acked_features: 0,
+            state: DeviceState::Inactive,
+            interrupt: Interrupt::new(irqfd),
+            queue_events: (0..queues).map(|_| eventfd()).collect::<Result<_, _>>()?,
+            activate_event: eventfd()?,
+        })
+    }
+
+    /// Takes the queues on DRIVER_OK (from a vCPU thread) and wakes the event loop.
+    pub fn activate(&mut self, state: ActiveState) -> Result<(), ActivateError> {
+        if self.state.is_activated() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if state.queues.len() != self.queue_events.len() {
+            return Err(ActivateError::QueueCount {
+                expected: self.queue_events.len(),
+                got: state.queues.len(),
+            });
+        }
+        self.state = DeviceState::Activated(state);
+        self.activate_event.write(1).map_err(ActivateError::Notify)
+    }
+
+    /// On the event loop: if `fd` is the activation event, start watching the queue kicks.
+    pub fn handle_activation(&self, fd: RawFd, ops: &mut EventOps) -> bool {
+        if fd != self.activate_event.as_raw_fd() {
+            return false;
+        }
+        let _ = self.activate_event.read();
+        for queue_event in &self.queue_events {
+            // Valid for the device's life: adding it can only fail if it was added already.
+            let _ = ops.add(Events::new(queue_event, EventSet::IN));
+        }
+        true
+    }
+
+    /// If `fd` is a queue's kick, clears it and says which queue.
+    pub fn take_queue_kick(&self, fd: RawFd) -> Option<usize> {
+        let index = self.queue_events.iter().position(|e| e.as_raw_fd() == fd)?;
+        let _ = self.queue_events[index].read();
+        Some(index)
+    }
+
+    /// The activation event joins the loop when the device does.
+    pub fn register_activation(&self, ops: &mut EventOps) {
+        let _ = ops.add(Events::new(&self.activate_event, EventSet::IN));
+    }
+
+    /// One interrupt, if any queue's driver wants to hear about what was used.
+    pub fn notify_guest(&mut self) {
+        let DeviceState::Activated(ActiveState { memory, queues }) = &mut self.state else {
+            return;
+        };
+        if queues
+            .iter_mut()
+            .any(|q| q.needs_notification(&*memory).unwrap_or(true))
+        {
+            // A full irqfd counter cannot happen in practice; a lost interrupt is re-sent with the next one.
+            let _ = self.interrupt.signal_used_queue();
+        }
+    }
+}
+
 pub trait VirtioDevice: Send {
+    fn base(&self) -> &VirtioBase;
+    fn base_mut(&mut self) -> &mut VirtioBase;
     fn device_type(&self) -> u32;
     /// The features the device offers.
     fn available_features(&self) -> u64;
-    fn acked_features(&self) -> u64;
-    /// Called with what the driver accepted; bits the device did not offer are dropped.
-    fn ack_features(&mut self, features: u64);
     /// Largest size of each queue; the length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
-    /// One eventfd per queue, signalled by KVM when the driver kicks that queue.
-    fn queue_events(&self) -> &[EventFd];
-    fn interrupt(&self) -> &Interrupt;
     fn read_config(&self, offset: u64, data: &mut [u8]);
     fn write_config(&mut self, offset: u64, data: &[u8]);
+
+    fn acked_features(&self) -> u64 {
+        self.base().acked_features
+    }
+
+    /// Called with what the driver accepted; bits the device did not offer are dropped.
+    fn ack_features(&mut self, features: u64) {
+        let offered = self.available_features();
+        self.base_mut().acked_features = features & offered;
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.base().queue_events
+    }
+
+    fn interrupt(&self) -> &Interrupt {
+        &self.base().interrupt
+    }
+
     /// Called from a vCPU thread on DRIVER_OK; the device hands the queues to its event handler.
-    fn activate(&mut self, state: ActiveState) -> Result<(), ActivateError>;
-    fn is_activated(&self) -> bool;
+    fn activate(&mut self, state: ActiveState) -> Result<(), ActivateError> {
+        self.base_mut().activate(state)
+    }
+
+    fn is_activated(&self) -> bool {
+        self.base().state.is_activated()
+    }
 }
 
 /// Reads `data.len()` bytes at `offset` of a config space given as bytes; what lies outside reads

@@ -323,59 +323,39 @@ impl BusDevice for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::device::{ActivateError, DeviceState, Interrupt};
+    use crate::devices::virtio::device::VirtioBase;
     use crate::vstate::memory::create_guest_memory;
     use vmm_sys_util::eventfd::EventFd;
 
     struct Dummy {
-        interrupt: Interrupt,
-        events: Vec<EventFd>,
-        acked: u64,
-        state: DeviceState,
+        base: VirtioBase,
     }
 
     impl VirtioDevice for Dummy {
+        fn base(&self) -> &VirtioBase {
+            &self.base
+        }
+        fn base_mut(&mut self) -> &mut VirtioBase {
+            &mut self.base
+        }
         fn device_type(&self) -> u32 {
             42
         }
         fn available_features(&self) -> u64 {
             VIRTIO_F_VERSION_1 | 0x5
         }
-        fn acked_features(&self) -> u64 {
-            self.acked
-        }
-        fn ack_features(&mut self, features: u64) {
-            self.acked = features & self.available_features();
-        }
         fn queue_max_sizes(&self) -> &[u16] {
             &[16]
-        }
-        fn queue_events(&self) -> &[EventFd] {
-            &self.events
-        }
-        fn interrupt(&self) -> &Interrupt {
-            &self.interrupt
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             crate::devices::virtio::device::read_config_bytes(&[9, 8, 7, 6], offset, data)
         }
         fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-        fn activate(&mut self, state: ActiveState) -> Result<(), ActivateError> {
-            self.state = DeviceState::Activated(state);
-            Ok(())
-        }
-        fn is_activated(&self) -> bool {
-            self.state.is_activated()
-        }
     }
 
     fn transport() -> (MmioTransport, Arc<Mutex<Dummy>>) {
-        let device = Arc::new(Mutex::new(Dummy {
-            interrupt: Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
-            events: vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
-            acked: 0,
-            state: DeviceState::Inactive,
-        }));
+        let base = VirtioBase::new(1, EventFd::new(libc::EFD_NONBLOCK).unwrap()).unwrap();
+        let device = Arc::new(Mutex::new(Dummy { base }));
         (
             MmioTransport::new(create_guest_memory(16).unwrap(), device.clone()),
             device,
@@ -431,7 +411,7 @@ mod tests {
         );
         assert_eq!(read(&mut t, REG_STATUS) & STATUS_FEATURES_OK, STATUS_FEATURES_OK);
         assert_eq!(
-            device.lock().unwrap().acked,
+            device.lock().unwrap().acked_features(),
             VIRTIO_F_VERSION_1 | 0x4,
             "unoffered bits are dropped"
         );

@@ -16,7 +16,7 @@ use super::{
     ID_BYTES, QUEUE_SIZE, SECTOR_SIZE, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_RO,
 };
-use crate::devices::virtio::device::{ActivateError, ActiveState, DeviceState, Interrupt, VirtioDevice};
+use crate::devices::virtio::device::{ActiveState, DeviceState, VirtioBase, VirtioDevice};
 use crate::devices::virtio::{TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::vstate::memory::GuestMemory;
 
@@ -185,27 +185,17 @@ impl Disk {
 
 pub struct Block {
     pub(super) disk: Disk,
-    acked_features: u64,
     config: [u8; 8],
-    pub(super) state: DeviceState,
-    interrupt: Interrupt,
-    queue_events: Vec<EventFd>,
-    /// Tells the event loop that the device became active, so it starts watching the queue.
-    pub(super) activate_event: EventFd,
+    pub(super) base: VirtioBase,
     pub(super) metrics: Arc<BlockMetrics>,
 }
 
 impl Block {
     pub fn new(disk: Disk, irqfd: EventFd) -> Result<Self, Error> {
-        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd);
         Ok(Block {
             config: disk.capacity_sectors.to_le_bytes(),
             disk,
-            acked_features: 0,
-            state: DeviceState::Inactive,
-            interrupt: Interrupt::new(irqfd),
-            queue_events: vec![eventfd()?],
-            activate_event: eventfd()?,
+            base: VirtioBase::new(1, irqfd).map_err(Error::EventFd)?,
             metrics: Arc::new(BlockMetrics::default()),
         })
     }
@@ -217,7 +207,7 @@ impl Block {
     /// The virtio-queue loop: disable notifications, drain, re-enable, and go again if the driver
     /// added requests in between; then one interrupt if the driver wants it.
     pub fn process_queue(&mut self) {
-        let DeviceState::Activated(ActiveState { memory, queues }) = &mut self.state else {
+        let DeviceState::Activated(ActiveState { memory, queues }) = &mut self.base.state else {
             return;
         };
         let Some(queue) = queues.first_mut() else { return };
@@ -252,9 +242,8 @@ impl Block {
                 }
             }
         }
-        if answered && queue.needs_notification(&*memory).unwrap_or(true) {
-            // A full irqfd counter cannot happen in practice; a lost interrupt is re-sent with the next one.
-            let _ = self.interrupt.signal_used_queue();
+        if answered {
+            self.base.notify_guest();
         }
     }
 }
@@ -288,6 +277,14 @@ fn handle_chain(
 }
 
 impl VirtioDevice for Block {
+    fn base(&self) -> &VirtioBase {
+        &self.base
+    }
+
+    fn base_mut(&mut self) -> &mut VirtioBase {
+        &mut self.base
+    }
+
     fn device_type(&self) -> u32 {
         TYPE_BLOCK
     }
@@ -297,24 +294,8 @@ impl VirtioDevice for Block {
         VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_BLK_F_FLUSH | ro
     }
 
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn ack_features(&mut self, features: u64) {
-        self.acked_features = features & self.available_features();
-    }
-
     fn queue_max_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE]
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
-    }
-
-    fn interrupt(&self) -> &Interrupt {
-        &self.interrupt
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -323,22 +304,4 @@ impl VirtioDevice for Block {
 
     /// The block config space is read-only for the driver.
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-
-    fn activate(&mut self, state: ActiveState) -> Result<(), ActivateError> {
-        if self.state.is_activated() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if state.queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: state.queues.len(),
-            });
-        }
-        self.state = DeviceState::Activated(state);
-        self.activate_event.write(1).map_err(ActivateError::Notify)
-    }
-
-    fn is_activated(&self) -> bool {
-        self.state.is_activated()
-    }
 }

@@ -14,7 +14,7 @@ use super::{
     MAX_FRAME_LEN, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS,
     VIRTIO_NET_S_LINK_UP, VNET_HDR_LEN,
 };
-use crate::devices::virtio::device::{ActivateError, ActiveState, DeviceState, Interrupt, VirtioDevice};
+use crate::devices::virtio::device::{ActiveState, DeviceState, VirtioBase, VirtioDevice};
 use crate::devices::virtio::{TYPE_NET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::vstate::memory::GuestMemory;
 
@@ -48,11 +48,7 @@ fn count(counter: &AtomicU64) {
 pub struct Net {
     pub(super) tap: Tap,
     config: [u8; 8],
-    acked_features: u64,
-    pub(super) state: DeviceState,
-    interrupt: Interrupt,
-    pub(super) queue_events: Vec<EventFd>,
-    pub(super) activate_event: EventFd,
+    pub(super) base: VirtioBase,
     pub(super) metrics: Arc<NetMetrics>,
     /// A frame read from the tap that waits for an rx buffer.
     rx_frame: Vec<u8>,
@@ -64,18 +60,13 @@ pub struct Net {
 
 impl Net {
     pub fn new(tap_name: &str, mac: [u8; 6], irqfd: EventFd) -> Result<Self, Error> {
-        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd);
         let mut config = [0u8; 8];
         config[..6].copy_from_slice(&mac);
         config[6..].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
         Ok(Net {
             tap: Tap::open(tap_name)?,
             config,
-            acked_features: 0,
-            state: DeviceState::Inactive,
-            interrupt: Interrupt::new(irqfd),
-            queue_events: vec![eventfd()?, eventfd()?],
-            activate_event: eventfd()?,
+            base: VirtioBase::new(2, irqfd).map_err(Error::EventFd)?,
             metrics: Arc::new(NetMetrics::default()),
             rx_frame: vec![0; MAX_FRAME_LEN],
             rx_pending: None,
@@ -90,7 +81,7 @@ impl Net {
 
     /// Sends every frame the guest queued; returns whether any chain was used.
     pub fn process_tx(&mut self) -> bool {
-        let DeviceState::Activated(ActiveState { memory, queues }) = &mut self.state else {
+        let DeviceState::Activated(ActiveState { memory, queues }) = &mut self.base.state else {
             return false;
         };
         let Some(queue) = queues.get_mut(TX_QUEUE) else {
@@ -138,7 +129,7 @@ impl Net {
 
     /// Moves frames from the tap into the guest's rx buffers until one side runs dry.
     pub fn process_rx(&mut self) -> bool {
-        let DeviceState::Activated(ActiveState { memory, queues }) = &mut self.state else {
+        let DeviceState::Activated(ActiveState { memory, queues }) = &mut self.base.state else {
             return false;
         };
         let Some(queue) = queues.get_mut(RX_QUEUE) else {
@@ -182,18 +173,6 @@ impl Net {
         }
         used_any
     }
-
-    pub fn notify_guest(&mut self) {
-        let DeviceState::Activated(ActiveState { memory, queues }) = &mut self.state else {
-            return;
-        };
-        if queues
-            .iter_mut()
-            .any(|q| q.needs_notification(&*memory).unwrap_or(true))
-        {
-            let _ = self.interrupt.signal_used_queue();
-        }
-    }
 }
 
 /// Copies a frame across the chain's device-writable buffers; 0 if it does not fit or a buffer is
@@ -227,6 +206,14 @@ fn write_frame_to_chain(
 }
 
 impl VirtioDevice for Net {
+    fn base(&self) -> &VirtioBase {
+        &self.base
+    }
+
+    fn base_mut(&mut self) -> &mut VirtioBase {
+        &mut self.base
+    }
+
     fn device_type(&self) -> u32 {
         TYPE_NET
     }
@@ -235,24 +222,8 @@ impl VirtioDevice for Net {
         VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS
     }
 
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn ack_features(&mut self, features: u64) {
-        self.acked_features = features & self.available_features();
-    }
-
     fn queue_max_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE; 2]
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
-    }
-
-    fn interrupt(&self) -> &Interrupt {
-        &self.interrupt
     }
 
     /// mac[6], then the link status.
@@ -261,22 +232,4 @@ impl VirtioDevice for Net {
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-
-    fn activate(&mut self, state: ActiveState) -> Result<(), ActivateError> {
-        if self.state.is_activated() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if state.queues.len() != 2 {
-            return Err(ActivateError::QueueCount {
-                expected: 2,
-                got: state.queues.len(),
-            });
-        }
-        self.state = DeviceState::Activated(state);
-        self.activate_event.write(1).map_err(ActivateError::Notify)
-    }
-
-    fn is_activated(&self) -> bool {
-        self.state.is_activated()
-    }
 }

@@ -1,12 +1,10 @@
 //! The network device on the event loop: queue kicks and the tap.
 
-use std::os::fd::AsRawFd;
-
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 
 use super::device::Net;
-use super::{RX_QUEUE, TX_QUEUE};
+use super::RX_QUEUE;
 
 impl Net {
     /// The tap is watched only while the guest has rx buffers, so a readable tap cannot spin the
@@ -25,22 +23,15 @@ impl MutEventSubscriber for Net {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
         let was_starved = self.rx_starved;
-        if fd == self.activate_event.as_raw_fd() {
-            let _ = self.activate_event.read();
-            for queue_event in &self.queue_events {
-                let _ = ops.add(Events::new(queue_event, EventSet::IN));
-            }
+        if self.base.handle_activation(fd, ops) {
             self.watch_tap(ops, true);
-        } else if fd == self.queue_events[RX_QUEUE].as_raw_fd() {
-            let _ = self.queue_events[RX_QUEUE].read();
+        } else if self.base.take_queue_kick(fd) == Some(RX_QUEUE) {
             self.rx_starved = false;
-        } else if fd == self.queue_events[TX_QUEUE].as_raw_fd() {
-            let _ = self.queue_events[TX_QUEUE].read();
         }
         let tx = self.process_tx();
         let rx = self.process_rx();
         if tx || rx {
-            self.notify_guest();
+            self.base.notify_guest();
         }
         match (was_starved, self.rx_starved) {
             (false, true) => self.watch_tap(ops, false),
@@ -50,6 +41,6 @@ impl MutEventSubscriber for Net {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        let _ = ops.add(Events::new(&self.activate_event, EventSet::IN));
+        self.base.register_activation(ops);
     }
 }

@@ -11,8 +11,8 @@ use vm_memory::Bytes;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::muxer::{self, Header, Muxer, Outgoing};
-use super::{EVENT_QUEUE, MAX_PKT_DATA, OP_RW, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
-use crate::devices::virtio::device::{ActivateError, ActiveState, DeviceState, Interrupt, VirtioDevice};
+use super::{MAX_PKT_DATA, OP_RW, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use crate::devices::virtio::device::{ActiveState, DeviceState, VirtioBase, VirtioDevice};
 use crate::devices::virtio::{TYPE_VSOCK, VIRTIO_F_VERSION_1};
 
 #[derive(Debug, thiserror::Error)]
@@ -44,26 +44,17 @@ fn count(counter: &AtomicU64) {
 
 pub struct Vsock {
     guest_cid: u64,
-    acked_features: u64,
-    pub(super) state: DeviceState,
+    pub(super) base: VirtioBase,
     pub(super) muxer: Muxer,
-    interrupt: Interrupt,
-    pub(super) queue_events: Vec<EventFd>,
-    pub(super) activate_event: EventFd,
     pub(super) metrics: Arc<VsockMetrics>,
 }
 
 impl Vsock {
     pub fn new(guest_cid: u64, uds_path: &Path, irqfd: EventFd) -> Result<Self, Error> {
-        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd);
         Ok(Vsock {
             guest_cid,
-            acked_features: 0,
-            state: DeviceState::Inactive,
+            base: VirtioBase::new(3, irqfd).map_err(Error::EventFd)?,
             muxer: Muxer::new(guest_cid, uds_path)?,
-            interrupt: Interrupt::new(irqfd),
-            queue_events: vec![eventfd()?, eventfd()?, eventfd()?],
-            activate_event: eventfd()?,
             metrics: Arc::new(VsockMetrics::default()),
         })
     }
@@ -74,7 +65,7 @@ impl Vsock {
 
     /// Takes every packet the guest sent.
     pub fn process_tx(&mut self) -> bool {
-        let DeviceState::Activated(ActiveState { memory, queues }) = &mut self.state else {
+        let DeviceState::Activated(ActiveState { memory, queues }) = &mut self.base.state else {
             return false;
         };
         let Some(queue) = queues.get_mut(TX_QUEUE) else {
@@ -109,7 +100,7 @@ impl Vsock {
 
     /// Fills the guest's rx buffers with whatever the host side has for it.
     pub fn process_rx(&mut self) -> bool {
-        let DeviceState::Activated(ActiveState { memory, queues }) = &mut self.state else {
+        let DeviceState::Activated(ActiveState { memory, queues }) = &mut self.base.state else {
             return false;
         };
         let Some(queue) = queues.get_mut(RX_QUEUE) else {
@@ -175,20 +166,6 @@ impl Vsock {
         used_any
     }
 
-    /// Signals the guest if any queue was used and it wants to know.
-    pub fn notify_guest(&mut self) {
-        let DeviceState::Activated(ActiveState { memory, queues }) = &mut self.state else {
-            return;
-        };
-        let wants = queues
-            .iter_mut()
-            .take(EVENT_QUEUE)
-            .any(|q| q.needs_notification(&*memory).unwrap_or(true));
-        if wants {
-            let _ = self.interrupt.signal_used_queue();
-        }
-    }
-
     pub fn sync_metrics(&self) {
         let counts = self.muxer.counts;
         self.metrics
@@ -242,6 +219,14 @@ fn write_header<B: vm_memory::bitmap::BitmapSlice>(
 }
 
 impl VirtioDevice for Vsock {
+    fn base(&self) -> &VirtioBase {
+        &self.base
+    }
+
+    fn base_mut(&mut self) -> &mut VirtioBase {
+        &mut self.base
+    }
+
     fn device_type(&self) -> u32 {
         TYPE_VSOCK
     }
@@ -250,24 +235,8 @@ impl VirtioDevice for Vsock {
         VIRTIO_F_VERSION_1
     }
 
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn ack_features(&mut self, features: u64) {
-        self.acked_features = features & self.available_features();
-    }
-
     fn queue_max_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE; 3]
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
-    }
-
-    fn interrupt(&self) -> &Interrupt {
-        &self.interrupt
     }
 
     /// The config space is the guest's CID (u64).
@@ -276,22 +245,4 @@ impl VirtioDevice for Vsock {
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-
-    fn activate(&mut self, state: ActiveState) -> Result<(), ActivateError> {
-        if self.state.is_activated() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if state.queues.len() != 3 {
-            return Err(ActivateError::QueueCount {
-                expected: 3,
-                got: state.queues.len(),
-            });
-        }
-        self.state = DeviceState::Activated(state);
-        self.activate_event.write(1).map_err(ActivateError::Notify)
-    }
-
-    fn is_activated(&self) -> bool {
-        self.state.is_activated()
-    }
 }
