@@ -118,37 +118,24 @@ pub fn run_vm(config: &VmConfig) -> Result<ExitReason, Error> {
         .transpose()?;
 
     let exit = VmExit::new().map_err(Error::EventFd)?;
-    let mut event_manager: EventManager<Subscriber> = EventManager::new().map_err(Error::EventLoop)?;
-    let mut metrics = Metrics::default();
-    let mut mmio = Bus::new();
-    let mut cmdline = config.cmdline.clone();
-    attach_block_devices(
-        &vm,
-        &memory,
-        config,
-        &mut mmio,
-        &mut event_manager,
-        &mut cmdline,
-        &mut metrics,
-    )?;
-    attach_net_devices(
-        &vm,
-        &memory,
-        config,
-        &mut mmio,
-        &mut event_manager,
-        &mut cmdline,
-        &mut metrics,
-    )?;
-    let _socket = attach_vsock_device(
-        &vm,
-        &memory,
-        config,
-        &mut mmio,
-        &mut event_manager,
-        &mut cmdline,
-        &mut metrics,
-    )?;
+    let mut wiring = VirtioWiring {
+        vm: &vm,
+        memory: &memory,
+        mmio: Bus::new(),
+        event_manager: EventManager::new().map_err(Error::EventLoop)?,
+        cmdline: config.cmdline.clone(),
+        metrics: Metrics::default(),
+    };
+    wiring.attach_block_devices(config)?;
+    wiring.attach_net_devices(config)?;
+    let _socket = wiring.attach_vsock_device(config)?;
+    let VirtioWiring {
+        mmio,
+        event_manager,
+        cmdline,
+        mut metrics,
+        ..
+    } = wiring;
     crate::arch::x86_64::mptable::write(&memory, config.vcpus)?;
     boot::load_command_line(&memory, &cmdline)?;
     boot::write_zero_page(&memory, &kernel, cmdline.len(), initrd)?;
@@ -215,107 +202,6 @@ fn virtio_slot(index: usize) -> Result<(u64, u32), Error> {
     Ok((VIRTIO_MMIO_START + u64::from(index32) * VIRTIO_MMIO_SIZE, irq))
 }
 
-/// Puts a virtio device on the MMIO bus behind its transport, wires its queue kicks (ioeventfds)
-/// and its interrupt (irqfd), and announces it on the kernel command line.
-fn attach_virtio_device<D>(
-    vm: &Vm,
-    memory: &memory::GuestMemory,
-    device: Arc<Mutex<D>>,
-    mmio: &mut Bus,
-    event_manager: &mut EventManager<Subscriber>,
-    cmdline: &mut String,
-    metrics: &mut Metrics,
-) -> Result<(), Error>
-where
-    D: VirtioDevice + MutEventSubscriber + 'static,
-{
-    let (base, irq) = virtio_slot(metrics.mmio_rejected.len())?;
-    {
-        let locked = device
-            .lock()
-            .map_err(|_| Error::Unsupported("a device lock was poisoned"))?;
-        for (queue_index, event) in locked.queue_events().iter().enumerate() {
-            let datamatch = u32::try_from(queue_index).map_err(|_| Error::TooManyDevices)?;
-            vm.register_ioevent(event, base + REG_QUEUE_NOTIFY, datamatch)?;
-        }
-        vm.register_irqfd(locked.interrupt().irqfd(), irq)?;
-    }
-    let transport = MmioTransport::new(memory.clone(), device.clone());
-    metrics.mmio_rejected.push(transport.rejected_accesses());
-    mmio.insert(base, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
-    event_manager.add_subscriber(device);
-    cmdline.push_str(&format!(
-        " virtio_mmio.device={}K@{base:#x}:{irq}",
-        VIRTIO_MMIO_SIZE / 1024
-    ));
-    Ok(())
-}
-
-fn attach_block_devices(
-    vm: &Vm,
-    memory: &memory::GuestMemory,
-    config: &VmConfig,
-    mmio: &mut Bus,
-    event_manager: &mut EventManager<Subscriber>,
-    cmdline: &mut String,
-    metrics: &mut Metrics,
-) -> Result<(), Error> {
-    for block in &config.block {
-        let block_err = |source| Error::Block {
-            serial: block.serial.clone(),
-            source,
-        };
-        let disk = Disk::open(&block.path, block.read_only, &block.serial).map_err(block_err)?;
-        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
-        let device = Block::new(disk, irqfd).map_err(block_err)?;
-        metrics.block.push((block.serial.clone(), device.metrics()));
-        attach_virtio_device(
-            vm,
-            memory,
-            Arc::new(Mutex::new(device)),
-            mmio,
-            event_manager,
-            cmdline,
-            metrics,
-        )?;
-    }
-    Ok(())
-}
-
-fn attach_net_devices(
-    vm: &Vm,
-    memory: &memory::GuestMemory,
-    config: &VmConfig,
-    mmio: &mut Bus,
-    event_manager: &mut EventManager<Subscriber>,
-    cmdline: &mut String,
-    metrics: &mut Metrics,
-) -> Result<(), Error> {
-    for net in &config.net {
-        // Validated with the rest of the configuration; parsed again here for its bytes.
-        let mac = crate::config::parse_mac(&net.mac).map_err(|reason| crate::config::Error::Invalid {
-            field: "net.mac".into(),
-            reason,
-        })?;
-        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
-        let device = Net::new(&net.tap, mac, irqfd).map_err(|source| Error::Net {
-            tap: net.tap.clone(),
-            source,
-        })?;
-        metrics.net.push((net.tap.clone(), device.metrics()));
-        attach_virtio_device(
-            vm,
-            memory,
-            Arc::new(Mutex::new(device)),
-            mmio,
-            event_manager,
-            cmdline,
-            metrics,
-        )?;
-    }
-    Ok(())
-}
-
 /// Removes the hybrid vsock socket if the VM fails to start after it was created.
 struct SocketFile(Option<std::path::PathBuf>);
 
@@ -327,32 +213,89 @@ impl Drop for SocketFile {
     }
 }
 
-fn attach_vsock_device(
-    vm: &Vm,
-    memory: &memory::GuestMemory,
-    config: &VmConfig,
-    mmio: &mut Bus,
-    event_manager: &mut EventManager<Subscriber>,
-    cmdline: &mut String,
-    metrics: &mut Metrics,
-) -> Result<SocketFile, Error> {
-    let Some(vsock) = &config.vsock else {
-        return Ok(SocketFile(None));
-    };
-    let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
-    let device = Vsock::new(vsock.guest_cid, &vsock.uds_path, irqfd)?;
-    let socket = SocketFile(Some(vsock.uds_path.clone()));
-    metrics.vsock = Some(device.metrics());
-    attach_virtio_device(
-        vm,
-        memory,
-        Arc::new(Mutex::new(device)),
-        mmio,
-        event_manager,
-        cmdline,
-        metrics,
-    )?;
-    Ok(socket)
+/// What attaching virtio devices builds up: the MMIO bus, the event loop's subscribers, the
+/// command line announcing the devices, and their counters.
+struct VirtioWiring<'a> {
+    vm: &'a Vm,
+    memory: &'a memory::GuestMemory,
+    mmio: Bus,
+    event_manager: EventManager<Subscriber>,
+    cmdline: String,
+    metrics: Metrics,
+}
+
+impl VirtioWiring<'_> {
+    /// Puts a device on the MMIO bus behind its transport, wires its queue kicks (ioeventfds) and its
+    /// interrupt (irqfd), and announces it on the kernel command line.
+    fn attach<D>(&mut self, device: D) -> Result<(), Error>
+    where
+        D: VirtioDevice + MutEventSubscriber + 'static,
+    {
+        let (base, irq) = virtio_slot(self.metrics.mmio_rejected.len())?;
+        for (queue_index, event) in device.queue_events().iter().enumerate() {
+            let datamatch = u32::try_from(queue_index).map_err(|_| Error::TooManyDevices)?;
+            self.vm
+                .register_ioevent(event, base + REG_QUEUE_NOTIFY, datamatch)?;
+        }
+        self.vm.register_irqfd(device.interrupt().irqfd(), irq)?;
+        let device = Arc::new(Mutex::new(device));
+        let transport = MmioTransport::new(self.memory.clone(), device.clone());
+        self.metrics.mmio_rejected.push(transport.rejected_accesses());
+        self.mmio
+            .insert(base, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
+        self.event_manager.add_subscriber(device);
+        self.cmdline.push_str(&format!(
+            " virtio_mmio.device={}K@{base:#x}:{irq}",
+            VIRTIO_MMIO_SIZE / 1024
+        ));
+        Ok(())
+    }
+
+    fn attach_block_devices(&mut self, config: &VmConfig) -> Result<(), Error> {
+        for block in &config.block {
+            let block_err = |source| Error::Block {
+                serial: block.serial.clone(),
+                source,
+            };
+            let disk = Disk::open(&block.path, block.read_only, &block.serial).map_err(block_err)?;
+            let device = Block::new(disk, new_irqfd()?).map_err(block_err)?;
+            self.metrics.block.push((block.serial.clone(), device.metrics()));
+            self.attach(device)?;
+        }
+        Ok(())
+    }
+
+    fn attach_net_devices(&mut self, config: &VmConfig) -> Result<(), Error> {
+        for net in &config.net {
+            // Validated with the rest of the configuration; parsed again here for its bytes.
+            let mac = crate::config::parse_mac(&net.mac).map_err(|reason| crate::config::Error::Invalid {
+                field: "net.mac".into(),
+                reason,
+            })?;
+            let device = Net::new(&net.tap, mac, new_irqfd()?).map_err(|source| Error::Net {
+                tap: net.tap.clone(),
+                source,
+            })?;
+            self.metrics.net.push((net.tap.clone(), device.metrics()));
+            self.attach(device)?;
+        }
+        Ok(())
+    }
+
+    fn attach_vsock_device(&mut self, config: &VmConfig) -> Result<SocketFile, Error> {
+        let Some(vsock) = &config.vsock else {
+            return Ok(SocketFile(None));
+        };
+        let device = Vsock::new(vsock.guest_cid, &vsock.uds_path, new_irqfd()?)?;
+        let socket = SocketFile(Some(vsock.uds_path.clone()));
+        self.metrics.vsock = Some(device.metrics());
+        self.attach(device)?;
+        Ok(socket)
+    }
+}
+
+fn new_irqfd() -> Result<EventFd, Error> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)
 }
 
 /// The serial console and the i8042 on the port I/O bus, with their interrupts wired as irqfds.
@@ -363,7 +306,7 @@ fn legacy_pio_bus(
     vmm_start: std::time::Instant,
 ) -> Result<Bus, Error> {
     let mut bus = Bus::new();
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+    let serial_irq = new_irqfd()?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
     let serial = SerialDevice::new(EventFdTrigger(serial_irq), serial_output(&config.serial)?);
     bus.insert(

@@ -22,31 +22,56 @@ fn kvm_available() -> bool {
 }
 
 /// A VMM the test started, killed if the test fails before it ends.
-struct Running(std::process::Child);
+struct Running(Option<std::process::Child>);
+
+impl Running {
+    fn new(child: std::process::Child) -> Self {
+        Running(Some(child))
+    }
+
+    fn child(&mut self) -> &mut std::process::Child {
+        self.0.as_mut().unwrap()
+    }
+
+    fn into_output(mut self) -> Output {
+        self.0.take().unwrap().wait_with_output().unwrap()
+    }
+}
 
 impl Drop for Running {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Waits for the VMM to end by itself, failing the test after `within`.
+fn wait_for_exit(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ironclad-vmm did not exit within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
 fn run_vmm(args: &[&str]) -> Output {
-    let mut child = Command::new(VMM)
+    let child = Command::new(VMM)
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("ironclad-vmm did not exit within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.wait_with_output().unwrap()
+    let mut vmm = Running::new(child);
+    wait_for_exit(vmm.child(), Duration::from_secs(60));
+    vmm.into_output()
 }
 
 #[test]
@@ -99,14 +124,14 @@ fn sigterm_stops_a_running_guest_cleanly() {
     if !kvm_available() {
         return;
     }
-    let mut guard = Running(
+    let mut guard = Running::new(
         Command::new(VMM)
             .args(["--kernel", ironclad_test_guests::SPIN_FOREVER])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap(),
     );
-    let child = &mut guard.0;
+    let child = guard.child();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
@@ -114,17 +139,7 @@ fn sigterm_stops_a_running_guest_cleanly() {
     assert_eq!(line, "spinning\n");
     let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("ironclad-vmm ignored SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let status = wait_for_exit(child, Duration::from_secs(10));
     assert!(status.success(), "{status}");
 }
 
@@ -347,7 +362,7 @@ fn virtio_vsock_connections_both_ways_through_the_hybrid_socket() {
     // Guest -> host port 5000 arrives at <uds>_5000.
     let port_listener = UnixListener::bind(dir.path().join("v.sock_5000")).unwrap();
     let vsock = format!("cid=3,uds={}", uds.display());
-    let mut vmm = Running(
+    let mut vmm = Running::new(
         Command::new(VMM)
             .args(["--kernel", ironclad_test_guests::VIRTIO_VSOCK, "--vsock", &vsock])
             .args(["--metrics", metrics_path.to_str().unwrap()])
@@ -374,16 +389,14 @@ fn virtio_vsock_connections_both_ways_through_the_hybrid_socket() {
     assert_eq!(read_line(&mut to_guest), "hello host\n");
     drop(to_guest);
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = vmm.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "ironclad-vmm did not exit");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = wait_for_exit(vmm.child(), Duration::from_secs(30));
     let mut stdout = String::new();
-    vmm.0.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    vmm.child()
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
     assert!(status.success(), "{status}\n{stdout}");
     for line in [
         "guest->host: connected",
@@ -412,7 +425,7 @@ fn a_bad_vsock_handshake_is_dropped_and_the_vmm_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let uds = dir.path().join("v.sock");
     let vsock = format!("cid=3,uds={}", uds.display());
-    let mut vmm = Running(
+    let mut vmm = Running::new(
         Command::new(VMM)
             .args(["--kernel", ironclad_test_guests::SPIN_FOREVER, "--vsock", &vsock])
             .stdout(Stdio::null())
@@ -435,13 +448,16 @@ fn a_bad_vsock_handshake_is_dropped_and_the_vmm_goes_on() {
             Err(err) => assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}"),
         }
     }
-    assert!(vmm.0.try_wait().unwrap().is_none(), "the VMM is still running");
+    assert!(
+        vmm.child().try_wait().unwrap().is_none(),
+        "the VMM is still running"
+    );
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(vmm.0.id()).unwrap()),
+        nix::unistd::Pid::from_raw(i32::try_from(vmm.child().id()).unwrap()),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    assert!(vmm.0.wait().unwrap().success());
+    assert!(vmm.child().wait().unwrap().success());
     assert!(!uds.exists());
 }
 
@@ -569,7 +585,7 @@ fn virtio_net_frames_both_ways_through_a_tap() {
     bound_rx
         .recv_timeout(Duration::from_secs(10))
         .expect("packet socket");
-    let mut vmm = Running(
+    let mut vmm = Running::new(
         Command::new("ip")
             .args([
                 "netns",
@@ -587,16 +603,14 @@ fn virtio_net_frames_both_ways_through_a_tap() {
     let (guest_mac, payload) = host.join().unwrap();
     assert_eq!(guest_mac, [0x02, 0, 0, 0, 0, 0x01]);
     assert_eq!(payload, b"ping from the guest");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = vmm.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "ironclad-vmm did not exit");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = wait_for_exit(vmm.child(), Duration::from_secs(60));
     let mut stdout = String::new();
-    vmm.0.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    vmm.child()
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
     assert!(status.success(), "{status}\n{stdout}");
     assert!(stdout.contains("mac: 02:00:00:00:00:01 link up"), "{stdout}");
     assert!(stdout.contains("net got: pong from the host"), "{stdout}");

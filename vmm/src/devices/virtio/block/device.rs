@@ -138,38 +138,24 @@ impl Disk {
     }
 
     fn read_into_guest(&self, request: &Request, memory: &GuestMemory) -> std::io::Result<u64> {
-        let mut offset = request.sector * SECTOR_SIZE;
         let mut chunk = vec![0u8; IO_CHUNK];
-        for &(address, len) in &request.data {
-            let mut done = 0u64;
-            while done < u64::from(len) {
-                let n = (u64::from(len) - done).min(IO_CHUNK as u64) as usize;
-                self.file.read_exact_at(&mut chunk[..n], offset)?;
-                memory
-                    .write_slice(&chunk[..n], GuestAddress(address.0 + done))
-                    .map_err(std::io::Error::other)?;
-                done += n as u64;
-                offset += n as u64;
-            }
-        }
+        for_each_chunk(request, |address, offset, len| {
+            self.file.read_exact_at(&mut chunk[..len], offset)?;
+            memory
+                .write_slice(&chunk[..len], address)
+                .map_err(std::io::Error::other)
+        })?;
         Ok(request.data_len)
     }
 
     fn write_from_guest(&self, request: &Request, memory: &GuestMemory) -> std::io::Result<u64> {
-        let mut offset = request.sector * SECTOR_SIZE;
         let mut chunk = vec![0u8; IO_CHUNK];
-        for &(address, len) in &request.data {
-            let mut done = 0u64;
-            while done < u64::from(len) {
-                let n = (u64::from(len) - done).min(IO_CHUNK as u64) as usize;
-                memory
-                    .read_slice(&mut chunk[..n], GuestAddress(address.0 + done))
-                    .map_err(std::io::Error::other)?;
-                self.file.write_all_at(&chunk[..n], offset)?;
-                done += n as u64;
-                offset += n as u64;
-            }
-        }
+        for_each_chunk(request, |address, offset, len| {
+            memory
+                .read_slice(&mut chunk[..len], address)
+                .map_err(std::io::Error::other)?;
+            self.file.write_all_at(&chunk[..len], offset)
+        })?;
         Ok(request.data_len)
     }
 
@@ -181,6 +167,25 @@ impl Disk {
             .map_err(std::io::Error::other)?;
         Ok(n as u64)
     }
+}
+
+/// Walks a request's guest buffers in pieces of at most IO_CHUNK bytes: (guest address, disk
+/// offset, length) for each, in order.
+fn for_each_chunk(
+    request: &Request,
+    mut copy: impl FnMut(GuestAddress, u64, usize) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let mut offset = request.sector * SECTOR_SIZE;
+    for &(address, len) in &request.data {
+        let mut done = 0u64;
+        while done < u64::from(len) {
+            let n = (u64::from(len) - done).min(IO_CHUNK as u64);
+            copy(GuestAddress(address.0 + done), offset, n as usize)?;
+            done += n;
+            offset += n;
+        }
+    }
+    Ok(())
 }
 
 pub struct Block {
