@@ -140,6 +140,16 @@ impl VirtioBase {
         let _ = ops.add(Events::new(&self.activate_event, EventSet::IN));
     }
 
+    /// The guest memory and queue `index`, once the device is active.
+    pub fn active_queue(&mut self, index: usize) -> Option<(&GuestMemory, &mut Queue)> {
+        match &mut self.state {
+            DeviceState::Activated(ActiveState { memory, queues }) => {
+                Some((&*memory, queues.get_mut(index)?))
+            }
+            DeviceState::Inactive => None,
+        }
+    }
+
     /// One interrupt, if any queue's driver wants to hear about what was used.
     pub fn notify_guest(&mut self) {
         let DeviceState::Activated(ActiveState { memory, queues }) = &mut self.state else {

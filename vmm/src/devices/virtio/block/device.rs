@@ -16,7 +16,7 @@ use super::{
     ID_BYTES, QUEUE_SIZE, SECTOR_SIZE, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_RO,
 };
-use crate::devices::virtio::device::{ActiveState, DeviceState, VirtioBase, VirtioDevice};
+use crate::devices::virtio::device::{VirtioBase, VirtioDevice};
 use crate::devices::virtio::{TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::vstate::memory::GuestMemory;
 
@@ -212,27 +212,26 @@ impl Block {
     /// The virtio-queue loop: disable notifications, drain, re-enable, and go again if the driver
     /// added requests in between; then one interrupt if the driver wants it.
     pub fn process_queue(&mut self) {
-        let DeviceState::Activated(ActiveState { memory, queues }) = &mut self.base.state else {
+        let Some((memory, queue)) = self.base.active_queue(0) else {
             return;
         };
-        let Some(queue) = queues.first_mut() else { return };
         let mut answered = false;
         loop {
-            if queue.disable_notification(&*memory).is_err() {
+            if queue.disable_notification(memory).is_err() {
                 BlockMetrics::count(&self.metrics.queue_errors);
                 break;
             }
             let mut popped = 0usize;
-            while let Some(chain) = queue.pop_descriptor_chain(&*memory) {
+            while let Some(chain) = queue.pop_descriptor_chain(memory) {
                 popped += 1;
                 let head = chain.head_index();
                 let written = handle_chain(&self.disk, chain, memory, &self.metrics);
-                if queue.add_used(&*memory, head, written).is_err() {
+                if queue.add_used(memory, head, written).is_err() {
                     BlockMetrics::count(&self.metrics.queue_errors);
                 }
                 answered = true;
             }
-            match queue.enable_notification(&*memory) {
+            match queue.enable_notification(memory) {
                 // More arrived while notifications were off; but an avail index that moved with
                 // nothing to pop is a corrupt ring, and going round again would spin forever.
                 Ok(true) if popped > 0 => continue,

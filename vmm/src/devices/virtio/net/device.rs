@@ -14,7 +14,7 @@ use super::{
     MAX_FRAME_LEN, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS,
     VIRTIO_NET_S_LINK_UP, VNET_HDR_LEN,
 };
-use crate::devices::virtio::device::{ActiveState, DeviceState, VirtioBase, VirtioDevice};
+use crate::devices::virtio::device::{VirtioBase, VirtioDevice};
 use crate::devices::virtio::{TYPE_NET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::vstate::memory::GuestMemory;
 
@@ -81,14 +81,11 @@ impl Net {
 
     /// Sends every frame the guest queued; returns whether any chain was used.
     pub fn process_tx(&mut self) -> bool {
-        let DeviceState::Activated(ActiveState { memory, queues }) = &mut self.base.state else {
-            return false;
-        };
-        let Some(queue) = queues.get_mut(TX_QUEUE) else {
+        let Some((memory, queue)) = self.base.active_queue(TX_QUEUE) else {
             return false;
         };
         let mut used_any = false;
-        while let Some(chain) = queue.pop_descriptor_chain(&*memory) {
+        while let Some(chain) = queue.pop_descriptor_chain(memory) {
             let head = chain.head_index();
             self.tx_frame.clear();
             let mut well_formed = true;
@@ -121,7 +118,7 @@ impl Net {
                     Err(_) => count(&self.metrics.tx_dropped),
                 }
             }
-            let _ = queue.add_used(&*memory, head, 0);
+            let _ = queue.add_used(memory, head, 0);
             used_any = true;
         }
         used_any
@@ -129,10 +126,7 @@ impl Net {
 
     /// Moves frames from the tap into the guest's rx buffers until one side runs dry.
     pub fn process_rx(&mut self) -> bool {
-        let DeviceState::Activated(ActiveState { memory, queues }) = &mut self.base.state else {
-            return false;
-        };
-        let Some(queue) = queues.get_mut(RX_QUEUE) else {
+        let Some((memory, queue)) = self.base.active_queue(RX_QUEUE) else {
             return false;
         };
         let mut used_any = false;
@@ -152,7 +146,7 @@ impl Net {
             };
             // Without VIRTIO_NET_F_MRG_RXBUF every frame fits one chain: num_buffers is 1.
             self.rx_frame[10..12].copy_from_slice(&1u16.to_le_bytes());
-            let Some(chain) = queue.pop_descriptor_chain(&*memory) else {
+            let Some(chain) = queue.pop_descriptor_chain(memory) else {
                 self.rx_pending = Some(len);
                 self.rx_starved = true;
                 break;
@@ -168,7 +162,7 @@ impl Net {
                     .rx_bytes
                     .fetch_add((len - VNET_HDR_LEN) as u64, Ordering::Relaxed);
             }
-            let _ = queue.add_used(&*memory, head, written);
+            let _ = queue.add_used(memory, head, written);
             used_any = true;
         }
         used_any

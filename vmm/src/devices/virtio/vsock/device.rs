@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::muxer::{self, Header, Muxer, Outgoing};
 use super::{MAX_PKT_DATA, OP_RW, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
-use crate::devices::virtio::device::{ActiveState, DeviceState, VirtioBase, VirtioDevice};
+use crate::devices::virtio::device::{VirtioBase, VirtioDevice};
 use crate::devices::virtio::{TYPE_VSOCK, VIRTIO_F_VERSION_1};
 
 #[derive(Debug, thiserror::Error)]
@@ -65,17 +65,14 @@ impl Vsock {
 
     /// Takes every packet the guest sent.
     pub fn process_tx(&mut self) -> bool {
-        let DeviceState::Activated(ActiveState { memory, queues }) = &mut self.base.state else {
-            return false;
-        };
-        let Some(queue) = queues.get_mut(TX_QUEUE) else {
+        let Some((memory, queue)) = self.base.active_queue(TX_QUEUE) else {
             return false;
         };
         let mut used_any = false;
         let mut data = vec![0u8; MAX_PKT_DATA as usize];
-        while let Some(mut chain) = queue.pop_descriptor_chain(&*memory) {
+        while let Some(mut chain) = queue.pop_descriptor_chain(memory) {
             let head = chain.head_index();
-            match VsockPacket::from_tx_virtq_chain(&*memory, &mut chain, MAX_PKT_DATA) {
+            match VsockPacket::from_tx_virtq_chain(memory, &mut chain, MAX_PKT_DATA) {
                 Ok(packet) => {
                     count(&self.metrics.tx_packets);
                     let header = header_of(&packet);
@@ -90,7 +87,7 @@ impl Vsock {
                 }
                 Err(_) => count(&self.metrics.bad_tx_packets),
             }
-            if queue.add_used(&*memory, head, 0).is_err() {
+            if queue.add_used(memory, head, 0).is_err() {
                 count(&self.metrics.bad_tx_packets);
             }
             used_any = true;
@@ -100,25 +97,22 @@ impl Vsock {
 
     /// Fills the guest's rx buffers with whatever the host side has for it.
     pub fn process_rx(&mut self) -> bool {
-        let DeviceState::Activated(ActiveState { memory, queues }) = &mut self.base.state else {
-            return false;
-        };
-        let Some(queue) = queues.get_mut(RX_QUEUE) else {
+        let Some((memory, queue)) = self.base.active_queue(RX_QUEUE) else {
             return false;
         };
         let mut used_any = false;
         let mut data = vec![0u8; MAX_PKT_DATA as usize];
         while self.muxer.has_outgoing() {
-            let Some(mut chain) = queue.pop_descriptor_chain(&*memory) else {
+            let Some(mut chain) = queue.pop_descriptor_chain(memory) else {
                 self.muxer.rx_starved = true;
                 break;
             };
             let head = chain.head_index();
-            let mut packet = match VsockPacket::from_rx_virtq_chain(&*memory, &mut chain, MAX_PKT_DATA) {
+            let mut packet = match VsockPacket::from_rx_virtq_chain(memory, &mut chain, MAX_PKT_DATA) {
                 Ok(packet) => packet,
                 Err(_) => {
                     count(&self.metrics.bad_rx_buffers);
-                    let _ = queue.add_used(&*memory, head, 0);
+                    let _ = queue.add_used(memory, head, 0);
                     used_any = true;
                     continue;
                 }
@@ -127,7 +121,7 @@ impl Vsock {
             if room == 0 {
                 // A buffer with no room for data would stall data forever; Linux never posts one.
                 count(&self.metrics.bad_rx_buffers);
-                let _ = queue.add_used(&*memory, head, 0);
+                let _ = queue.add_used(memory, head, 0);
                 used_any = true;
                 continue;
             }
@@ -156,7 +150,7 @@ impl Vsock {
                 Some(n) => {
                     count(&self.metrics.rx_packets);
                     let len = (packet.header_slice().len() + n) as u32;
-                    let _ = queue.add_used(&*memory, head, len);
+                    let _ = queue.add_used(memory, head, len);
                     used_any = true;
                 }
                 // Nothing to send after all: give the buffer back untouched.
