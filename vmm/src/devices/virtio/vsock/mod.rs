@@ -27,6 +27,9 @@ pub const MAX_PKT_DATA: u32 = 64 * 1024;
 pub const CONN_BUF_ALLOC: u32 = 256 * 1024;
 /// Host-initiated connections get local ports from here up, as in Firecracker.
 pub const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// Connections (and pending handshakes) one VM may hold, as in Firecracker: a guest cannot exhaust
+/// the VMM's file descriptors by opening connections.
+pub const MAX_CONNECTIONS: usize = 1023;
 /// The longest `CONNECT <port>\n` line accepted.
 pub const MAX_CONNECT_LINE: usize = 32;
 

@@ -12,8 +12,8 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::connection::{Connection, Control, State};
 use super::{
-    FIRST_LOCAL_PORT, HOST_CID, MAX_CONNECT_LINE, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST,
-    OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
+    FIRST_LOCAL_PORT, HOST_CID, MAX_CONNECTIONS, MAX_CONNECT_LINE, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE,
+    OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +91,8 @@ pub struct Muxer {
     registered: HashMap<RawFd, EventSet>,
     /// The guest gave us no rx buffer last time: do not read host streams until it does.
     pub rx_starved: bool,
+    /// Connections plus pending handshakes allowed at once.
+    max_connections: usize,
     pub counts: Counts,
 }
 
@@ -116,6 +118,7 @@ impl Muxer {
             next_local_port: FIRST_LOCAL_PORT,
             registered: HashMap::new(),
             rx_starved: false,
+            max_connections: MAX_CONNECTIONS,
             counts: Counts::default(),
         })
     }
@@ -148,9 +151,18 @@ impl Muxer {
         true
     }
 
+    fn is_full(&self) -> bool {
+        self.conns.len() + self.handshakes.len() >= self.max_connections
+    }
+
     fn accept_all(&mut self) {
         loop {
             match self.listener.accept() {
+                Ok((stream, _)) if self.is_full() => {
+                    self.counts.refused += 1;
+                    // Closed at once: the client sees EOF instead of an OK.
+                    drop(stream);
+                }
                 Ok((stream, _)) => {
                     if stream.set_nonblocking(true).is_ok() {
                         self.handshakes.insert(
@@ -288,7 +300,8 @@ impl Muxer {
 
     fn open_guest_connection(&mut self, header: &Header) {
         let key = (header.dst_port, header.src_port);
-        if self.conns.contains_key(&key) {
+        if self.conns.contains_key(&key) || self.is_full() {
+            self.counts.refused += 1;
             return self.orphan_resets.push_back(key);
         }
         let path = format!("{}_{}", self.uds_path.display(), header.dst_port);
@@ -602,6 +615,40 @@ mod tests {
             Some(Outgoing::Control { op: OP_RST, .. })
         ));
         assert_eq!(muxer.next_outgoing(), None);
+    }
+
+    #[test]
+    fn a_guest_cannot_open_more_connections_than_the_cap() {
+        let (mut muxer, dir) = muxer();
+        muxer.max_connections = 3;
+        let _port_listener = UnixListener::bind(dir.path().join("v.sock_5000")).unwrap();
+        for guest_port in 0..3 {
+            muxer.handle_guest_packet(&guest_header(OP_REQUEST, 10_000 + guest_port, 5000), &[]);
+        }
+        assert_eq!(muxer.conns.len(), 3);
+        muxer.handle_guest_packet(&guest_header(OP_REQUEST, 1, 5000), &[]);
+        assert_eq!(muxer.conns.len(), 3, "over the cap");
+        assert_eq!(muxer.counts.refused, 1);
+        let answers: Vec<Outgoing> = std::iter::from_fn(|| muxer.next_outgoing()).collect();
+        assert!(answers.contains(&Outgoing::Control {
+            key: (5000, 1),
+            op: OP_RST,
+            flags: 0,
+            fwd_cnt: 0
+        }));
+    }
+
+    #[test]
+    fn host_clients_over_the_cap_are_closed_without_an_answer() {
+        let (mut muxer, dir) = muxer();
+        muxer.max_connections = 1;
+        let _first = UnixStream::connect(dir.path().join("v.sock")).unwrap();
+        let mut second = UnixStream::connect(dir.path().join("v.sock")).unwrap();
+        muxer.handle_event(muxer.listener.as_raw_fd(), EventSet::IN);
+        assert_eq!(muxer.handshakes.len(), 1);
+        assert_eq!(muxer.counts.refused, 1);
+        let mut buf = [0u8; 1];
+        assert_eq!(second.read(&mut buf).unwrap(), 0);
     }
 
     #[test]
