@@ -4,6 +4,7 @@ use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::num::Wrapping;
 use std::os::unix::net::UnixStream;
+use std::time::Instant;
 
 use super::{CONN_BUF_ALLOC, MAX_PKT_DATA};
 
@@ -38,7 +39,9 @@ pub struct Connection {
     pub stream: UnixStream,
     pub local_port: u32,
     pub peer_port: u32,
-    pub state: State,
+    state: State,
+    /// When the connection entered its state, for the muxer's timeouts.
+    since: Instant,
     pub pending: VecDeque<Control>,
     /// Bytes from the guest the host stream has not taken yet.
     to_host: VecDeque<u8>,
@@ -60,6 +63,7 @@ impl Connection {
             local_port,
             peer_port,
             state,
+            since: Instant::now(),
             pending: VecDeque::new(),
             to_host: VecDeque::new(),
             fwd_cnt: Wrapping(0),
@@ -68,6 +72,25 @@ impl Connection {
             peer_buf_alloc: 0,
             peer_fwd_cnt: Wrapping(0),
             host_eof: false,
+        }
+    }
+
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    pub fn set_state(&mut self, state: State) {
+        self.state = state;
+        self.since = Instant::now();
+    }
+
+    /// Stuck waiting for the guest past the state's timeout.
+    pub fn expired(&self, now: Instant) -> bool {
+        let waited = now.saturating_duration_since(self.since);
+        match self.state {
+            State::AwaitingResponse => waited > super::CONNECT_TIMEOUT,
+            State::Closing => waited > super::SHUTDOWN_TIMEOUT,
+            State::Established => false,
         }
     }
 

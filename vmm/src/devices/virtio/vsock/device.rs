@@ -9,9 +9,10 @@ use virtio_queue::{QueueOwnedT, QueueT};
 use virtio_vsock::packet::VsockPacket;
 use vm_memory::Bytes;
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::muxer::{self, Header, Muxer, Outgoing};
-use super::{MAX_PKT_DATA, OP_RW, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use super::{MAX_PKT_DATA, OP_RW, QUEUE_SIZE, RX_QUEUE, SWEEP_INTERVAL, TX_QUEUE};
 use crate::devices::virtio::device::{VirtioBase, VirtioDevice};
 use crate::devices::virtio::{TYPE_VSOCK, VIRTIO_F_VERSION_1};
 
@@ -21,6 +22,8 @@ pub enum Error {
     Muxer(#[from] muxer::Error),
     #[error("cannot create an eventfd for vsock")]
     EventFd(#[source] std::io::Error),
+    #[error("cannot create the vsock connection timer")]
+    Timer(#[source] std::io::Error),
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -47,6 +50,8 @@ pub struct Vsock {
     pub(super) base: VirtioBase,
     pub(super) muxer: Muxer,
     pub(super) metrics: Arc<VsockMetrics>,
+    /// Wakes the event loop to expire connections left waiting.
+    pub(super) sweep_timer: TimerFd,
 }
 
 impl Vsock {
@@ -56,6 +61,7 @@ impl Vsock {
             base: VirtioBase::new(3, irqfd).map_err(Error::EventFd)?,
             muxer: Muxer::new(guest_cid, uds_path)?,
             metrics: Arc::new(VsockMetrics::default()),
+            sweep_timer: sweep_timer()?,
         })
     }
 
@@ -178,6 +184,16 @@ impl Vsock {
             .bad_handshakes
             .store(counts.bad_handshakes, Ordering::Relaxed);
     }
+}
+
+fn sweep_timer() -> Result<TimerFd, Error> {
+    let timer_err =
+        |e: vmm_sys_util::errno::Error| Error::Timer(std::io::Error::from_raw_os_error(e.errno()));
+    let mut timer = TimerFd::new().map_err(timer_err)?;
+    timer
+        .reset(SWEEP_INTERVAL, Some(SWEEP_INTERVAL))
+        .map_err(timer_err)?;
+    Ok(timer)
 }
 
 fn header_of<B: vm_memory::bitmap::BitmapSlice>(packet: &VsockPacket<'_, B>) -> Header {

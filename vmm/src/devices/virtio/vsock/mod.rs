@@ -30,6 +30,14 @@ pub const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// Connections (and pending handshakes) one VM may hold, as in Firecracker: a guest cannot exhaust
 /// the VMM's file descriptors by opening connections.
 pub const MAX_CONNECTIONS: usize = 1023;
+/// A REQUEST the guest has not answered, or a SHUTDOWN it has not acknowledged, after this long
+/// resets the connection (Firecracker's timeouts).
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+pub const SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// A host client that has not sent its `CONNECT` line after this long is closed.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often the muxer looks for connections past their time.
+pub const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 /// The longest `CONNECT <port>\n` line accepted.
 pub const MAX_CONNECT_LINE: usize = 32;
 

@@ -6,6 +6,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use event_manager::{EventOps, Events};
 use vmm_sys_util::epoll::EventSet;
@@ -60,6 +61,7 @@ pub enum Outgoing {
 struct Handshake {
     stream: UnixStream,
     line: Vec<u8>,
+    since: Instant,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -170,6 +172,7 @@ impl Muxer {
                             Handshake {
                                 stream,
                                 line: Vec::new(),
+                                since: Instant::now(),
                             },
                         );
                     }
@@ -270,14 +273,14 @@ impl Muxer {
         };
         conn.update_peer_credit(header.buf_alloc, header.fwd_cnt);
         match header.op {
-            OP_RESPONSE if conn.state == State::AwaitingResponse => {
-                conn.state = State::Established;
+            OP_RESPONSE if conn.state() == State::AwaitingResponse => {
+                conn.set_state(State::Established);
                 let ok = format!("OK {}\n", conn.local_port);
                 if conn.push_to_host_unaccounted(ok.as_bytes()).is_err() {
                     self.reset(key);
                 }
             }
-            OP_RW if conn.state == State::Established || conn.state == State::Closing => {
+            OP_RW if conn.state() == State::Established || conn.state() == State::Closing => {
                 if conn.push_to_host(data).is_err() {
                     self.reset(key);
                 }
@@ -403,7 +406,7 @@ impl Muxer {
         match conn.read_for_guest(buf) {
             Ok(0) if conn.host_eof => {
                 self.readable.insert(key, false);
-                conn.state = State::Closing;
+                conn.set_state(State::Closing);
                 conn.pending.push_back(Control::Shutdown);
                 None
             }
@@ -419,6 +422,34 @@ impl Muxer {
             Err(_) => {
                 self.reset(key);
                 None
+            }
+        }
+    }
+
+    /// Resets connections the guest left waiting past their timeout, and closes host clients that
+    /// never sent their `CONNECT` line: neither may hold a host stream forever.
+    pub fn expire(&mut self, now: Instant) {
+        let expired: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.expired(now))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in expired {
+            // The host stream goes now; the guest hears of it whenever it next offers a buffer.
+            self.to_remove.push(key);
+            self.orphan_resets.push_back(key);
+        }
+        let stale: Vec<RawFd> = self
+            .handshakes
+            .iter()
+            .filter(|(_, h)| now.saturating_duration_since(h.since) > super::HANDSHAKE_TIMEOUT)
+            .map(|(fd, _)| *fd)
+            .collect();
+        for fd in stale {
+            if let Some(handshake) = self.handshakes.remove(&fd) {
+                self.counts.bad_handshakes += 1;
+                self.graveyard.push(handshake.stream);
             }
         }
     }
@@ -450,7 +481,7 @@ impl Muxer {
         for (key, conn) in &self.conns {
             let mut set = EventSet::empty();
             let known_readable = self.readable.get(key).copied().unwrap_or(false);
-            if conn.state == State::Established && !conn.host_eof && !known_readable && !self.rx_starved {
+            if conn.state() == State::Established && !conn.host_eof && !known_readable && !self.rx_starved {
                 set |= EventSet::IN;
             }
             if conn.has_unflushed_data() {
@@ -649,6 +680,40 @@ mod tests {
         assert_eq!(muxer.counts.refused, 1);
         let mut buf = [0u8; 1];
         assert_eq!(second.read(&mut buf).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_request_the_guest_never_answers_is_reset_after_the_timeout() {
+        let (mut muxer, dir) = muxer();
+        let mut client = UnixStream::connect(dir.path().join("v.sock")).unwrap();
+        client.write_all(b"CONNECT 1024\n").unwrap();
+        muxer.handle_event(muxer.listener.as_raw_fd(), EventSet::IN);
+        let fd = *muxer.handshakes.keys().next().unwrap();
+        muxer.handle_event(fd, EventSet::IN);
+        assert!(matches!(
+            muxer.next_outgoing(),
+            Some(Outgoing::Control { op: OP_REQUEST, .. })
+        ));
+        muxer.expire(Instant::now());
+        assert!(muxer.to_remove.is_empty(), "not yet");
+        muxer.expire(Instant::now() + super::super::CONNECT_TIMEOUT * 2);
+        assert_eq!(muxer.to_remove, vec![(FIRST_LOCAL_PORT, 1024)]);
+        assert!(matches!(
+            muxer.next_outgoing(),
+            Some(Outgoing::Control { op: OP_RST, .. })
+        ));
+    }
+
+    #[test]
+    fn a_silent_host_client_is_closed_after_the_timeout() {
+        let (mut muxer, dir) = muxer();
+        let _client = UnixStream::connect(dir.path().join("v.sock")).unwrap();
+        muxer.handle_event(muxer.listener.as_raw_fd(), EventSet::IN);
+        assert_eq!(muxer.handshakes.len(), 1);
+        muxer.expire(Instant::now() + super::super::HANDSHAKE_TIMEOUT * 2);
+        assert!(muxer.handshakes.is_empty());
+        assert_eq!(muxer.graveyard.len(), 1);
+        assert_eq!(muxer.counts.bad_handshakes, 1);
     }
 
     #[test]
