@@ -518,6 +518,11 @@ impl Muxer {
         }
     }
 
+    #[cfg(test)]
+    pub fn conns_stream_for_test(&self, key: ConnKey) -> &UnixStream {
+        &self.conns[&key].stream
+    }
+
     /// The header of a packet from the host side of `key`.
     pub fn header_for(&self, key: ConnKey, op: u16, flags: u32, fwd_cnt: u32) -> Header {
         Header {
