@@ -170,10 +170,11 @@ fn controllers_to_enable(available: &str) -> String {
         .join(" ")
 }
 
-/// Logs go to stderr, which is the serial console when running as PID 1.
+/// Logs go to stderr, which is the serial console when running as PID 1: warnings only unless
+/// IRONCLAD_AGENT_LOG asks for more, so the console's one line from the agent is its ready line.
 pub fn setup_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("IRONCLAD_AGENT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -38,7 +38,16 @@ async fn guest_boots_to_the_agent_answers_and_shuts_down() {
 
     // The console log is written as the guest prints.
     let console = std::fs::read_to_string(guest.paths.console_log()).expect("console log");
-    assert!(console.contains("ironclad-agent ready version="), "{console}");
+    let agent_lines: Vec<&str> = console.lines().filter(|l| l.contains("ironclad")).collect();
+    assert_eq!(
+        agent_lines.len(),
+        1,
+        "the agent prints exactly its ready line: {agent_lines:?}"
+    );
+    assert!(
+        agent_lines[0].starts_with("ironclad-agent ready version="),
+        "{console}"
+    );
 
     let pids = guest.vm.pids();
     assert_eq!(pids.len(), 2, "QEMU and vhost-device-vsock");
