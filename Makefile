@@ -25,9 +25,14 @@ kernel:
 	cp "$$dir/bzImage" $(GUEST_DIR)/bzImage; \
 	cp "$$dir/vmlinux" $(GUEST_DIR)/vmlinux
 
+# libseccomp (libcontainer's seccomp support) must be linked statically too, or the binary mixes a
+# static libc with a shared library and crashes at start.
 agent:
-	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --locked \
-		--target $(STATIC_TARGET) -p ironclad-agent
+	RUSTFLAGS="-C target-feature=+crt-static" LIBSECCOMP_LINK_TYPE=static \
+		LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
+		$(CARGO) build --release --locked --target $(STATIC_TARGET) -p ironclad-agent
+	@if readelf -l $(AGENT_STATIC) | grep -q INTERP || readelf -d $(AGENT_STATIC) | grep -q NEEDED; then \
+		echo "$(AGENT_STATIC) is not statically linked" >&2; exit 1; fi
 
 initrd: agent
 	mkdir -p $(GUEST_DIR)

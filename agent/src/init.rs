@@ -174,7 +174,9 @@ fn controllers_to_enable(available: &str) -> String {
 /// IRONCLAD_AGENT_LOG asks for more, so the console's one line from the agent is its ready line.
 pub fn setup_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("IRONCLAD_AGENT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        // libcontainer warns when the agent's reaper collected its intermediate process first,
+        // which is expected and harmless here.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,libcontainer=error"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -6,12 +6,17 @@
 //! given with `--listen`, which is how the host-side tests drive it.
 
 mod clock;
+mod container;
 mod init;
+mod paths;
 mod reaper;
 mod server;
 
 use std::process::ExitCode;
 
+use std::sync::Arc;
+
+use container::Containers;
 use ironclad_protocol::AGENT_VSOCK_PORT;
 use tracing::error;
 
@@ -20,11 +25,13 @@ use tracing::error;
 struct Options {
     /// A ttrpc address: `vsock://CID:PORT` or `unix:///path`.
     listen: String,
+    /// Where bundles and libcontainer's state live.
+    state_dir: std::path::PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
 enum Error {
-    #[error("bad arguments: {0} (usage: ironclad-agent [--listen vsock://-1:1024 | unix:///path])")]
+    #[error("bad arguments: {0} (usage: ironclad-agent [--listen vsock://-1:1024 | unix:///path] [--state-dir DIR])")]
     Usage(String),
     #[error("guest setup failed")]
     Init(#[from] init::Error),
@@ -32,41 +39,50 @@ enum Error {
     Server(#[from] server::Error),
     #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
+    #[error("cannot become the child subreaper, which container processes need")]
+    Subreaper(#[source] nix::Error),
 }
 
 fn default_listen_address() -> String {
     format!("vsock://-1:{AGENT_VSOCK_PORT}")
 }
 
-/// Parses `--listen ADDR`. The kernel hands PID 1 whatever command-line words it did not understand,
-/// so PID 1 ignores its arguments entirely and always serves on the vsock port.
+fn default_options() -> Options {
+    Options {
+        listen: default_listen_address(),
+        state_dir: paths::DEFAULT_STATE_ROOT.into(),
+    }
+}
+
+/// Parses `--listen ADDR` and `--state-dir DIR`. The kernel hands PID 1 whatever command-line
+/// words it did not understand, so PID 1 ignores its arguments and always serves on the vsock port.
 fn parse_options(args: &[String]) -> Result<Options, Error> {
-    let mut listen = default_listen_address();
+    let mut options = default_options();
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
+        let mut value = || {
+            rest.next()
+                .cloned()
+                .ok_or_else(|| Error::Usage(format!("{arg} needs a value")))
+        };
         match arg.as_str() {
-            "--listen" => {
-                listen = rest
-                    .next()
-                    .ok_or_else(|| Error::Usage("--listen needs an address".into()))?
-                    .clone();
-            }
+            "--listen" => options.listen = value()?,
+            "--state-dir" => options.state_dir = value()?.into(),
             other => return Err(Error::Usage(format!("unknown argument {other:?}"))),
         }
     }
-    if !(listen.starts_with("vsock://") || listen.starts_with("unix://")) {
+    if !(options.listen.starts_with("vsock://") || options.listen.starts_with("unix://")) {
         return Err(Error::Usage(format!(
-            "{listen:?} is neither vsock:// nor unix://"
+            "{:?} is neither vsock:// nor unix://",
+            options.listen
         )));
     }
-    Ok(Options { listen })
+    Ok(options)
 }
 
 fn run(is_init: bool) -> Result<(), Error> {
     let options = if is_init {
-        Options {
-            listen: default_listen_address(),
-        }
+        default_options()
     } else {
         let args: Vec<String> = std::env::args().skip(1).collect();
         parse_options(&args)?
@@ -79,9 +95,17 @@ fn run(is_init: bool) -> Result<(), Error> {
         .enable_all()
         .build()
         .map_err(Error::Runtime)?;
+    if !is_init {
+        // Run by hand, the agent must still be the one that reaps its containers' processes.
+        nix::sys::prctl::set_child_subreaper(true).map_err(Error::Subreaper)?;
+    }
     runtime.block_on(async {
-        let reaper = if is_init { Some(reaper::spawn()?) } else { None };
-        let result = server::serve(&options.listen).await;
+        let reaper = reaper::spawn()?;
+        let containers = Arc::new(Containers::new(
+            paths::AgentPaths::new(&options.state_dir),
+            reaper.exits(),
+        ));
+        let result = server::serve(&options.listen, containers).await;
         drop(reaper);
         result
     })?;
@@ -121,9 +145,16 @@ mod tests {
     }
 
     #[test]
-    fn accepts_a_unix_listen_address() {
-        let options = parse_options(&args(&["--listen", "unix:///tmp/a.sock"])).unwrap();
+    fn accepts_a_unix_listen_address_and_a_state_dir() {
+        let options = parse_options(&args(&[
+            "--listen",
+            "unix:///tmp/a.sock",
+            "--state-dir",
+            "/tmp/s",
+        ]))
+        .unwrap();
         assert_eq!(options.listen, "unix:///tmp/a.sock");
+        assert_eq!(options.state_dir, std::path::Path::new("/tmp/s"));
     }
 
     #[test]

@@ -17,9 +17,14 @@ pub struct Reaper {
 
 impl Reaper {
     /// Exits reaped from now on.
-    #[allow(dead_code)] // the container processes of the agent issue subscribe here
+    #[cfg(test)]
     pub fn subscribe(&self) -> broadcast::Receiver<WaitStatus> {
         self.exits.subscribe()
+    }
+
+    /// The channel exits are published on, for those that subscribe later.
+    pub fn exits(&self) -> broadcast::Sender<WaitStatus> {
+        self.exits.clone()
     }
 }
 

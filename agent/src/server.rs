@@ -4,8 +4,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use ironclad_protocol::agent::{
-    health_check_response::ServingStatus, CheckRequest, DestroySandboxRequest, Empty, HealthCheckResponse,
-    VersionCheckResponse,
+    health_check_response::ServingStatus, CheckRequest, CreateContainerRequest, DestroySandboxRequest, Empty,
+    HealthCheckResponse, ProcessRef, ReadStreamRequest, ReadStreamResponse, RemoveContainerRequest,
+    SignalProcessRequest, StartContainerRequest, StartContainerResponse, VersionCheckResponse,
+    WaitProcessResponse, WriteStreamRequest, WriteStreamResponse,
 };
 use ironclad_protocol::{agent_ttrpc, API_VERSION};
 use tokio::sync::mpsc;
@@ -13,6 +15,7 @@ use tracing::info;
 use ttrpc::r#async::{Server, TtrpcContext};
 
 use crate::clock::uptime_ms;
+use crate::container::{self, Containers};
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -56,6 +59,30 @@ impl agent_ttrpc::Health for HealthService {
 
 struct AgentService {
     destroy: mpsc::Sender<()>,
+    containers: Arc<Containers>,
+}
+
+/// The ttrpc status for a container error: the code says what kind, the message says why.
+fn status(err: container::Error) -> ttrpc::Error {
+    use container::Error as E;
+    use ttrpc::Code;
+    let code = match &err {
+        E::InvalidId { .. } | E::InvalidSpec(_) | E::BadRootfs(_) => Code::INVALID_ARGUMENT,
+        E::AlreadyExists(_) => Code::ALREADY_EXISTS,
+        E::NotFound(_) => Code::NOT_FOUND,
+        E::ExecUnsupported(_) => Code::UNIMPLEMENTED,
+        E::WrongState { .. } => Code::FAILED_PRECONDITION,
+        E::StopTimeout { .. } => Code::DEADLINE_EXCEEDED,
+        E::Bundle { .. } | E::Runtime { .. } | E::Pipes(_) => Code::INTERNAL,
+    };
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, crate::init::error_chain(&err)))
+}
+
+fn process_of(process: &protobuf::MessageField<ProcessRef>) -> (String, String) {
+    process
+        .as_ref()
+        .map(|p| (p.container_id.clone(), p.exec_id.clone()))
+        .unwrap_or_default()
 }
 
 #[async_trait]
@@ -70,13 +97,130 @@ impl agent_ttrpc::Agent for AgentService {
         let _ = self.destroy.try_send(());
         Ok(Empty::new())
     }
+
+    async fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        let rootfs = std::path::PathBuf::from(&req.rootfs);
+        self.containers
+            .create(&req.container_id, &req.oci_spec_json, &rootfs)
+            .await
+            .map_err(status)?;
+        info!("container {} created", req.container_id);
+        Ok(Empty::new())
+    }
+
+    async fn start_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: StartContainerRequest,
+    ) -> ttrpc::Result<StartContainerResponse> {
+        let pid = self.containers.start(&req.container_id).await.map_err(status)?;
+        let mut resp = StartContainerResponse::new();
+        resp.pid = pid;
+        Ok(resp)
+    }
+
+    async fn wait_process(&self, _ctx: &TtrpcContext, req: ProcessRef) -> ttrpc::Result<WaitProcessResponse> {
+        let code = self
+            .containers
+            .wait(&req.container_id, &req.exec_id)
+            .await
+            .map_err(status)?;
+        let mut resp = WaitProcessResponse::new();
+        resp.exit_status = code;
+        Ok(resp)
+    }
+
+    async fn read_stdout(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ReadStreamRequest,
+    ) -> ttrpc::Result<ReadStreamResponse> {
+        self.read_stream(req, false).await
+    }
+
+    async fn read_stderr(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ReadStreamRequest,
+    ) -> ttrpc::Result<ReadStreamResponse> {
+        self.read_stream(req, true).await
+    }
+
+    async fn write_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        req: WriteStreamRequest,
+    ) -> ttrpc::Result<WriteStreamResponse> {
+        let (id, exec_id) = process_of(&req.process);
+        let written = self
+            .containers
+            .write_stdin(&id, &exec_id, &req.data)
+            .await
+            .map_err(status)?;
+        let mut resp = WriteStreamResponse::new();
+        resp.written = u32::try_from(written).unwrap_or(u32::MAX);
+        Ok(resp)
+    }
+
+    async fn close_stdin(&self, _ctx: &TtrpcContext, req: ProcessRef) -> ttrpc::Result<Empty> {
+        self.containers
+            .close_stdin(&req.container_id, &req.exec_id)
+            .await
+            .map_err(status)?;
+        Ok(Empty::new())
+    }
+
+    async fn signal_process(&self, _ctx: &TtrpcContext, req: SignalProcessRequest) -> ttrpc::Result<Empty> {
+        let (id, exec_id) = process_of(&req.process);
+        self.containers
+            .signal(&id, &exec_id, req.signal)
+            .await
+            .map_err(status)?;
+        Ok(Empty::new())
+    }
+
+    async fn remove_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: RemoveContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        let timeout = std::time::Duration::from_millis(u64::from(req.timeout_ms));
+        self.containers
+            .remove(&req.container_id, timeout)
+            .await
+            .map_err(status)?;
+        info!("container {} removed", req.container_id);
+        Ok(Empty::new())
+    }
+}
+
+impl AgentService {
+    async fn read_stream(&self, req: ReadStreamRequest, stderr: bool) -> ttrpc::Result<ReadStreamResponse> {
+        let (id, exec_id) = process_of(&req.process);
+        let max = usize::try_from(req.max_bytes).unwrap_or(container::CHUNK_SIZE);
+        let data = self
+            .containers
+            .read_output(&id, &exec_id, stderr, max)
+            .await
+            .map_err(status)?;
+        let mut resp = ReadStreamResponse::new();
+        resp.data = data;
+        Ok(resp)
+    }
 }
 
 /// Serves until DestroySandbox is called, then stops the server (letting the reply go out first).
-pub async fn serve(address: &str) -> Result<(), Error> {
+pub async fn serve(address: &str, containers: Arc<Containers>) -> Result<(), Error> {
     let (destroy_tx, mut destroy_rx) = mpsc::channel(1);
     let health: Arc<dyn agent_ttrpc::Health + Send + Sync> = Arc::new(HealthService);
-    let agent: Arc<dyn agent_ttrpc::Agent + Send + Sync> = Arc::new(AgentService { destroy: destroy_tx });
+    let agent: Arc<dyn agent_ttrpc::Agent + Send + Sync> = Arc::new(AgentService {
+        destroy: destroy_tx,
+        containers,
+    });
     let mut server = Server::new()
         .bind(address)
         .map_err(|source| Error::Listen {

@@ -1,0 +1,510 @@
+//! Containers through libcontainer (youki): an OCI spec and a root file system in, a running
+//! container with its stdio relayed and its exit status recorded out.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::Container;
+use libcontainer::oci_spec::runtime::Spec;
+use libcontainer::syscall::syscall::SyscallType;
+use nix::sys::signal::Signal;
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{broadcast, mpsc, watch, Mutex};
+
+use crate::paths::AgentPaths;
+
+/// Output is relayed in chunks of at most this size, and at most this many chunks wait per stream:
+/// a chatty process blocks on its pipe instead of filling guest memory, and nothing is lost.
+pub const CHUNK_SIZE: usize = 64 * 1024;
+const BUFFERED_CHUNKS: usize = 16;
+const DEFAULT_REMOVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid container id {id:?}: {reason}")]
+    InvalidId { id: String, reason: String },
+    #[error("a container {0:?} already exists")]
+    AlreadyExists(String),
+    #[error("no container {0:?}")]
+    NotFound(String),
+    #[error("exec processes are not supported yet (exec id {0:?})")]
+    ExecUnsupported(String),
+    #[error("invalid OCI spec: {0}")]
+    InvalidSpec(String),
+    #[error("the root file system {0} is not a directory")]
+    BadRootfs(PathBuf),
+    #[error("container {id:?} is {state}, it cannot be {action}")]
+    WrongState {
+        id: String,
+        state: &'static str,
+        action: &'static str,
+    },
+    #[error("container {id:?} did not stop within {timeout:?} of SIGKILL")]
+    StopTimeout { id: String, timeout: Duration },
+    #[error("cannot prepare the bundle of {id:?}")]
+    Bundle {
+        id: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("libcontainer failed to {action} container {id:?}: {message}")]
+    Runtime {
+        id: String,
+        action: &'static str,
+        message: String,
+    },
+    #[error("cannot create the stdio pipes")]
+    Pipes(#[source] nix::Error),
+}
+
+/// One output stream as the reader sees it: chunks from the pipe, and what a previous, smaller
+/// read left of the last chunk.
+struct Output {
+    chunks: mpsc::Receiver<Vec<u8>>,
+    leftover: Vec<u8>,
+}
+
+impl Output {
+    fn new(chunks: mpsc::Receiver<Vec<u8>>) -> Self {
+        Output {
+            chunks,
+            leftover: Vec::new(),
+        }
+    }
+
+    /// Up to `max` bytes (0: a whole chunk); empty at the end of the stream.
+    async fn read(&mut self, max: usize) -> Vec<u8> {
+        let mut data = if self.leftover.is_empty() {
+            self.chunks.recv().await.unwrap_or_default()
+        } else {
+            std::mem::take(&mut self.leftover)
+        };
+        if max > 0 && data.len() > max {
+            self.leftover = data.split_off(max);
+        }
+        data
+    }
+}
+
+/// The host-facing ends of a process's stdio.
+struct Stdio {
+    stdin: Mutex<Option<tokio::net::unix::pipe::Sender>>,
+    stdout: Mutex<Output>,
+    stderr: Mutex<Output>,
+}
+
+struct Entry {
+    container: Arc<std::sync::Mutex<Container>>,
+    bundle: PathBuf,
+    pid: Option<i32>,
+    stdio: Arc<Stdio>,
+    exit: watch::Receiver<Option<i32>>,
+    exit_tx: Arc<watch::Sender<Option<i32>>>,
+}
+
+/// Every container of the sandbox.
+pub struct Containers {
+    paths: AgentPaths,
+    entries: Mutex<HashMap<String, Entry>>,
+    exits: broadcast::Sender<WaitStatus>,
+}
+
+/// `sh -c ...`'s exit code, or 128 + signal.
+fn exit_code(status: WaitStatus) -> Option<(Pid, i32)> {
+    match status {
+        WaitStatus::Exited(pid, code) => Some((pid, code)),
+        WaitStatus::Signaled(pid, signal, _) => Some((pid, 128 + signal as i32)),
+        _ => None,
+    }
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), Error> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(Error::Pipes)
+}
+
+/// Relays one output pipe into a bounded channel; the channel closing is end of stream.
+fn relay_output(read_end: OwnedFd) -> mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = mpsc::channel(BUFFERED_CHUNKS);
+    tokio::spawn(async move {
+        let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(read_end) else {
+            return;
+        };
+        let mut buf = vec![0u8; CHUNK_SIZE];
+        loop {
+            match pipe.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if tx.send(buf[..n].to_vec()).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
+
+impl Containers {
+    pub fn new(paths: AgentPaths, exits: broadcast::Sender<WaitStatus>) -> Self {
+        Containers {
+            paths,
+            entries: Mutex::new(HashMap::new()),
+            exits,
+        }
+    }
+
+    pub async fn create(&self, id: &str, spec_json: &str, rootfs: &Path) -> Result<(), Error> {
+        validate_id(id)?;
+        let mut spec: Spec =
+            serde_json::from_str(spec_json).map_err(|e| Error::InvalidSpec(e.to_string()))?;
+        if !rootfs.is_dir() {
+            return Err(Error::BadRootfs(rootfs.to_path_buf()));
+        }
+        let process_args = spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.args().clone())
+            .unwrap_or_default();
+        if process_args.is_empty() {
+            return Err(Error::InvalidSpec("process.args is empty".into()));
+        }
+        let mut root = spec.root().clone().unwrap_or_default();
+        root.set_path(rootfs.to_path_buf());
+        spec.set_root(Some(root));
+
+        let mut entries = self.entries.lock().await;
+        if entries.contains_key(id) {
+            return Err(Error::AlreadyExists(id.into()));
+        }
+        let bundle = self.paths.bundle(id);
+        let bundle_err = |source| Error::Bundle {
+            id: id.into(),
+            source,
+        };
+        std::fs::create_dir_all(&bundle).map_err(bundle_err)?;
+        let written = serde_json::to_vec(&spec)
+            .map_err(std::io::Error::other)
+            .and_then(|json| std::fs::write(bundle.join("config.json"), json));
+        if let Err(source) = written {
+            let _ = std::fs::remove_dir_all(&bundle);
+            return Err(bundle_err(source));
+        }
+
+        let (stdin_read, stdin_write) = pipe()?;
+        let (stdout_read, stdout_write) = pipe()?;
+        let (stderr_read, stderr_write) = pipe()?;
+        let builder_root = self.paths.libcontainer_root();
+        let (container_id, bundle_dir) = (id.to_string(), bundle.clone());
+        let built = tokio::task::spawn_blocking(move || {
+            ContainerBuilder::new(container_id, SyscallType::Linux)
+                .with_root_path(builder_root)?
+                .with_stdin(stdin_read)
+                .with_stdout(stdout_write)
+                .with_stderr(stderr_write)
+                .as_init(&bundle_dir)
+                .with_systemd(false)
+                .with_detach(true)
+                .build()
+        })
+        .await;
+        let container = match built {
+            Ok(Ok(container)) => container,
+            Ok(Err(err)) => {
+                let _ = std::fs::remove_dir_all(&bundle);
+                return Err(Error::Runtime {
+                    id: id.into(),
+                    action: "create",
+                    message: err.to_string(),
+                });
+            }
+            Err(join) => {
+                let _ = std::fs::remove_dir_all(&bundle);
+                return Err(Error::Runtime {
+                    id: id.into(),
+                    action: "create",
+                    message: join.to_string(),
+                });
+            }
+        };
+        let stdin = tokio::net::unix::pipe::Sender::from_owned_fd(stdin_write).ok();
+        let stdio = Arc::new(Stdio {
+            stdin: Mutex::new(stdin),
+            stdout: Mutex::new(Output::new(relay_output(stdout_read))),
+            stderr: Mutex::new(Output::new(relay_output(stderr_read))),
+        });
+        let (exit_tx, exit) = watch::channel(None);
+        entries.insert(
+            id.to_string(),
+            Entry {
+                container: Arc::new(std::sync::Mutex::new(container)),
+                bundle,
+                pid: None,
+                stdio,
+                exit,
+                exit_tx: Arc::new(exit_tx),
+            },
+        );
+        Ok(())
+    }
+
+    pub async fn start(&self, id: &str) -> Result<u32, Error> {
+        let mut entries = self.entries.lock().await;
+        let entry = entries.get_mut(id).ok_or_else(|| Error::NotFound(id.into()))?;
+        if entry.pid.is_some() {
+            return Err(Error::WrongState {
+                id: id.into(),
+                state: "started",
+                action: "started again",
+            });
+        }
+        // Watch for the exit before the process can exit.
+        let mut exits = self.exits.subscribe();
+        let container = entry.container.clone();
+        let started = tokio::task::spawn_blocking(move || {
+            let mut container = container
+                .lock()
+                .map_err(|_| "container lock poisoned".to_string())?;
+            container.start().map_err(|e| e.to_string())?;
+            container
+                .pid()
+                .map(|p| p.as_raw())
+                .ok_or_else(|| "no pid after start".to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        let pid = started.map_err(|message| Error::Runtime {
+            id: id.into(),
+            action: "start",
+            message,
+        })?;
+        entry.pid = Some(pid);
+        let exit_tx = entry.exit_tx.clone();
+        tokio::spawn(async move {
+            loop {
+                match exits.recv().await {
+                    Ok(status) => {
+                        if let Some((p, code)) = exit_code(status) {
+                            if p.as_raw() == pid {
+                                let _ = exit_tx.send(Some(code));
+                                return;
+                            }
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        u32::try_from(pid).map_err(|_| Error::Runtime {
+            id: id.into(),
+            action: "start",
+            message: "bad pid".into(),
+        })
+    }
+
+    async fn entry_parts(
+        &self,
+        id: &str,
+        exec_id: &str,
+    ) -> Result<(Arc<Stdio>, watch::Receiver<Option<i32>>, Option<i32>), Error> {
+        if !exec_id.is_empty() {
+            return Err(Error::ExecUnsupported(exec_id.into()));
+        }
+        let entries = self.entries.lock().await;
+        let entry = entries.get(id).ok_or_else(|| Error::NotFound(id.into()))?;
+        Ok((entry.stdio.clone(), entry.exit.clone(), entry.pid))
+    }
+
+    pub async fn wait(&self, id: &str, exec_id: &str) -> Result<i32, Error> {
+        let (_, mut exit, pid) = self.entry_parts(id, exec_id).await?;
+        if pid.is_none() {
+            return Err(Error::WrongState {
+                id: id.into(),
+                state: "not started",
+                action: "waited for",
+            });
+        }
+        loop {
+            if let Some(code) = *exit.borrow_and_update() {
+                return Ok(code);
+            }
+            if exit.changed().await.is_err() {
+                return Err(Error::NotFound(id.into()));
+            }
+        }
+    }
+
+    /// The next chunk of stdout (or stderr); empty at the end of the stream.
+    pub async fn read_output(
+        &self,
+        id: &str,
+        exec_id: &str,
+        stderr: bool,
+        max: usize,
+    ) -> Result<Vec<u8>, Error> {
+        let (stdio, _, _) = self.entry_parts(id, exec_id).await?;
+        let stream = if stderr { &stdio.stderr } else { &stdio.stdout };
+        let data = stream.lock().await.read(max).await;
+        Ok(data)
+    }
+
+    pub async fn write_stdin(&self, id: &str, exec_id: &str, data: &[u8]) -> Result<usize, Error> {
+        let (stdio, _, _) = self.entry_parts(id, exec_id).await?;
+        let mut stdin = stdio.stdin.lock().await;
+        let Some(pipe) = stdin.as_mut() else {
+            return Err(Error::WrongState {
+                id: id.into(),
+                state: "closed for input",
+                action: "written to",
+            });
+        };
+        pipe.write_all(data).await.map_err(|e| Error::Runtime {
+            id: id.into(),
+            action: "write stdin of",
+            message: e.to_string(),
+        })?;
+        Ok(data.len())
+    }
+
+    pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), Error> {
+        let (stdio, _, _) = self.entry_parts(id, exec_id).await?;
+        stdio.stdin.lock().await.take();
+        Ok(())
+    }
+
+    pub async fn signal(&self, id: &str, exec_id: &str, signal: u32) -> Result<(), Error> {
+        let (_, _, pid) = self.entry_parts(id, exec_id).await?;
+        let pid = pid.ok_or_else(|| Error::WrongState {
+            id: id.into(),
+            state: "not started",
+            action: "signalled",
+        })?;
+        let signal = i32::try_from(signal)
+            .ok()
+            .and_then(|s| Signal::try_from(s).ok())
+            .ok_or_else(|| Error::InvalidSpec(format!("{signal} is not a signal")))?;
+        nix::sys::signal::kill(Pid::from_raw(pid), signal).map_err(|e| Error::Runtime {
+            id: id.into(),
+            action: "signal",
+            message: e.to_string(),
+        })
+    }
+
+    /// Kills what still runs, waits for it, and removes the container, its cgroup and bundle.
+    pub async fn remove(&self, id: &str, timeout: Duration) -> Result<(), Error> {
+        let timeout = if timeout.is_zero() {
+            DEFAULT_REMOVE_TIMEOUT
+        } else {
+            timeout
+        };
+        let (container, bundle, pid, mut exit) = {
+            let entries = self.entries.lock().await;
+            let entry = entries.get(id).ok_or_else(|| Error::NotFound(id.into()))?;
+            (
+                entry.container.clone(),
+                entry.bundle.clone(),
+                entry.pid,
+                entry.exit.clone(),
+            )
+        };
+        if let Some(pid) = pid {
+            if exit.borrow().is_none() {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+                let exited = tokio::time::timeout(timeout, exit.wait_for(|code| code.is_some())).await;
+                if exited.is_err() {
+                    return Err(Error::StopTimeout {
+                        id: id.into(),
+                        timeout,
+                    });
+                }
+            }
+        }
+        let deleted = tokio::task::spawn_blocking(move || {
+            let mut container = container
+                .lock()
+                .map_err(|_| "container lock poisoned".to_string())?;
+            container.delete(true).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        deleted.map_err(|message| Error::Runtime {
+            id: id.into(),
+            action: "delete",
+            message,
+        })?;
+        let _ = std::fs::remove_dir_all(&bundle);
+        self.entries.lock().await.remove(id);
+        Ok(())
+    }
+}
+
+/// Container ids become directory names: letters, digits, `_ . -`, starting with a letter or digit.
+fn validate_id(id: &str) -> Result<(), Error> {
+    let invalid = |reason: &str| {
+        Err(Error::InvalidId {
+            id: id.into(),
+            reason: reason.into(),
+        })
+    };
+    if id.is_empty() || id.len() > 128 {
+        return invalid("must be 1 to 128 characters");
+    }
+    if !id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric()) {
+        return invalid("must start with a letter or digit");
+    }
+    if !id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    {
+        return invalid("may hold only letters, digits, '_', '.' and '-'");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_that_could_escape_the_state_directory_are_refused() {
+        for bad in ["", "../x", "a/b", ".hidden", "a b", &"x".repeat(129)] {
+            assert!(
+                matches!(validate_id(bad), Err(Error::InvalidId { .. })),
+                "{bad:?}"
+            );
+        }
+        for good in ["c1", "pod-123_a.b"] {
+            assert!(validate_id(good).is_ok(), "{good}");
+        }
+    }
+
+    #[tokio::test]
+    async fn reads_smaller_than_a_chunk_keep_the_rest_in_order() {
+        let (tx, rx) = mpsc::channel(4);
+        let mut output = Output::new(rx);
+        tx.send(b"hello world".to_vec()).await.unwrap();
+        drop(tx);
+        assert_eq!(output.read(5).await, b"hello");
+        assert_eq!(output.read(0).await, b" world");
+        assert!(output.read(0).await.is_empty(), "end of stream");
+    }
+
+    #[test]
+    fn signals_become_128_plus_the_signal() {
+        let pid = Pid::from_raw(10);
+        assert_eq!(exit_code(WaitStatus::Exited(pid, 3)), Some((pid, 3)));
+        assert_eq!(
+            exit_code(WaitStatus::Signaled(pid, Signal::SIGKILL, false)),
+            Some((pid, 137))
+        );
+        assert_eq!(exit_code(WaitStatus::StillAlive), None);
+    }
+}

@@ -1,0 +1,29 @@
+//! The one place that decides where the agent keeps its state inside the guest.
+
+use std::path::{Path, PathBuf};
+
+/// Where the agent keeps container bundles and libcontainer's state, unless told otherwise.
+pub const DEFAULT_STATE_ROOT: &str = "/run/ironclad/agent";
+
+#[derive(Debug, Clone)]
+pub struct AgentPaths {
+    root: PathBuf,
+}
+
+impl AgentPaths {
+    pub fn new(root: &Path) -> Self {
+        AgentPaths {
+            root: root.to_path_buf(),
+        }
+    }
+
+    /// The OCI bundle (config.json) of one container.
+    pub fn bundle(&self, container_id: &str) -> PathBuf {
+        self.root.join("bundles").join(container_id)
+    }
+
+    /// libcontainer's own state directory.
+    pub fn libcontainer_root(&self) -> PathBuf {
+        self.root.join("libcontainer")
+    }
+}

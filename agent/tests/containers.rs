@@ -1,0 +1,280 @@
+#![allow(clippy::unwrap_used)] // test code: a failed step should stop the test right there
+
+//! Containers through the agent on the host: the agent runs by hand in its own mount namespace
+//! (with cgroup2 mounted there, as in the guest) and is driven with the generated ttrpc client.
+
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ironclad_protocol::agent::{
+    CreateContainerRequest, ProcessRef, ReadStreamRequest, RemoveContainerRequest, StartContainerRequest,
+    WriteStreamRequest,
+};
+use ironclad_protocol::agent_ttrpc::AgentClient;
+use libcontainer::oci_spec::runtime::{ProcessBuilder, RootBuilder, Spec};
+
+const BUSYBOX: &str = "/bin/busybox";
+const APPLETS: &[&str] = &["sh", "echo", "cat", "sleep", "true", "false", "read"];
+
+struct Agent {
+    child: Child,
+    client: AgentClient,
+    state_dir: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Root, unshare and busybox-static are needed; without them the test says so and stops.
+fn can_run() -> bool {
+    let ok = nix::unistd::geteuid().is_root() && Path::new(BUSYBOX).exists();
+    if !ok {
+        eprintln!("SKIPPED: container tests need root and {BUSYBOX} (busybox-static)");
+    }
+    ok
+}
+
+fn busybox_rootfs(dir: &Path) -> PathBuf {
+    let rootfs = dir.join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+    for d in ["proc", "dev", "sys", "tmp", "etc"] {
+        std::fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    std::fs::copy(BUSYBOX, rootfs.join("bin/busybox")).unwrap();
+    for applet in APPLETS {
+        symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
+    rootfs
+}
+
+async fn start_agent() -> Agent {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let state_dir = dir.path().join("state");
+    let address = format!("unix://{}", socket.display());
+    let child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount -t cgroup2 none /sys/fs/cgroup && exec "$0" --listen "$1" --state-dir "$2""#)
+        .arg(env!("CARGO_BIN_EXE_ironclad-agent"))
+        .arg(&address)
+        .arg(&state_dir)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "agent did not create its socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let client = AgentClient::new(ttrpc::r#async::Client::connect(&address).await.unwrap());
+    Agent {
+        child,
+        client,
+        state_dir,
+        dir,
+    }
+}
+
+fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(30_000_000_000)
+}
+
+fn spec(args: &[&str]) -> String {
+    let mut spec = Spec::default();
+    let process = ProcessBuilder::default()
+        .terminal(false)
+        .args(args.iter().map(|a| a.to_string()).collect::<Vec<_>>())
+        .env(vec!["PATH=/bin".to_string()])
+        .cwd("/")
+        .build()
+        .unwrap();
+    spec.set_process(Some(process));
+    spec.set_root(Some(
+        RootBuilder::default()
+            .path("rootfs")
+            .readonly(false)
+            .build()
+            .unwrap(),
+    ));
+    serde_json::to_string(&spec).unwrap()
+}
+
+fn process(id: &str) -> ProcessRef {
+    let mut p = ProcessRef::new();
+    p.container_id = id.into();
+    p
+}
+
+async fn create(agent: &Agent, id: &str, args: &[&str]) -> ttrpc::Result<()> {
+    let mut req = CreateContainerRequest::new();
+    req.container_id = id.into();
+    req.oci_spec_json = spec(args);
+    req.rootfs = busybox_rootfs(&agent.dir.path().join(id)).display().to_string();
+    agent.client.create_container(ctx(), &req).await.map(|_| ())
+}
+
+async fn start(agent: &Agent, id: &str) -> u32 {
+    let mut req = StartContainerRequest::new();
+    req.container_id = id.into();
+    agent.client.start_container(ctx(), &req).await.unwrap().pid
+}
+
+async fn read_all_stdout(agent: &Agent, id: &str) -> String {
+    let mut out = Vec::new();
+    loop {
+        let mut req = ReadStreamRequest::new();
+        req.process = Some(process(id)).into();
+        let chunk = agent.client.read_stdout(ctx(), &req).await.unwrap().data;
+        if chunk.is_empty() {
+            return String::from_utf8(out).unwrap();
+        }
+        out.extend(chunk);
+    }
+}
+
+async fn remove(agent: &Agent, id: &str) -> ttrpc::Result<()> {
+    let mut req = RemoveContainerRequest::new();
+    req.container_id = id.into();
+    agent.client.remove_container(ctx(), &req).await.map(|_| ())
+}
+
+fn code_of(result: ttrpc::Result<impl Sized>) -> ttrpc::Code {
+    match result {
+        Err(ttrpc::Error::RpcStatus(status)) => status.code(),
+        Err(other) => panic!("not a status: {other:?}"),
+        Ok(_) => panic!("expected an error"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_runs_prints_exits_and_is_removed_without_a_trace() {
+    if !can_run() {
+        return;
+    }
+    let agent = start_agent().await;
+    create(&agent, "c1", &["sh", "-c", "echo hello from a container; exit 3"])
+        .await
+        .unwrap();
+    let pid = start(&agent, "c1").await;
+    assert!(pid > 0);
+    assert_eq!(read_all_stdout(&agent, "c1").await, "hello from a container\n");
+    let status = agent.client.wait_process(ctx(), &process("c1")).await.unwrap();
+    assert_eq!(status.exit_status, 3);
+    remove(&agent, "c1").await.unwrap();
+    assert!(!agent.state_dir.join("bundles/c1").exists(), "bundle left behind");
+    assert!(
+        !agent.state_dir.join("libcontainer/c1").exists(),
+        "libcontainer state left behind"
+    );
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "process left behind"
+    );
+    assert_eq!(code_of(remove(&agent, "c1").await), ttrpc::Code::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdin_reaches_the_process_and_close_ends_it() {
+    if !can_run() {
+        return;
+    }
+    let agent = start_agent().await;
+    create(&agent, "c2", &["sh", "-c", "read line; echo got $line; cat"])
+        .await
+        .unwrap();
+    start(&agent, "c2").await;
+    let mut req = WriteStreamRequest::new();
+    req.process = Some(process("c2")).into();
+    req.data = b"hi\nrest of input\n".to_vec();
+    assert_eq!(agent.client.write_stdin(ctx(), &req).await.unwrap().written, 17);
+    agent.client.close_stdin(ctx(), &process("c2")).await.unwrap();
+    assert_eq!(read_all_stdout(&agent, "c2").await, "got hi\nrest of input\n");
+    assert_eq!(
+        agent
+            .client
+            .wait_process(ctx(), &process("c2"))
+            .await
+            .unwrap()
+            .exit_status,
+        0
+    );
+    remove(&agent, "c2").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_container_exits_with_137_and_a_running_one_can_be_removed() {
+    if !can_run() {
+        return;
+    }
+    let agent = start_agent().await;
+    create(&agent, "c3", &["sleep", "1000"]).await.unwrap();
+    let pid = start(&agent, "c3").await;
+    let mut req = ironclad_protocol::agent::SignalProcessRequest::new();
+    req.process = Some(process("c3")).into();
+    req.signal = 9;
+    agent.client.signal_process(ctx(), &req).await.unwrap();
+    assert_eq!(
+        agent
+            .client
+            .wait_process(ctx(), &process("c3"))
+            .await
+            .unwrap()
+            .exit_status,
+        137
+    );
+    remove(&agent, "c3").await.unwrap();
+
+    create(&agent, "c4", &["sleep", "1000"]).await.unwrap();
+    let running = start(&agent, "c4").await;
+    remove(&agent, "c4").await.unwrap();
+    assert!(!Path::new(&format!("/proc/{running}")).exists() && !Path::new(&format!("/proc/{pid}")).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_refused_with_the_reason() {
+    if !can_run() {
+        return;
+    }
+    let agent = start_agent().await;
+    let mut req = CreateContainerRequest::new();
+    req.container_id = "c5".into();
+    req.oci_spec_json = spec(&["true"]);
+    req.rootfs = "/nonexistent/rootfs".into();
+    let err = agent.client.create_container(ctx(), &req).await;
+    assert_eq!(code_of(err), ttrpc::Code::INVALID_ARGUMENT);
+
+    req.rootfs = busybox_rootfs(&agent.dir.path().join("c5")).display().to_string();
+    req.oci_spec_json = "{not json".into();
+    assert_eq!(
+        code_of(agent.client.create_container(ctx(), &req).await),
+        ttrpc::Code::INVALID_ARGUMENT
+    );
+
+    req.oci_spec_json = spec(&["true"]);
+    req.container_id = "../escape".into();
+    assert_eq!(
+        code_of(agent.client.create_container(ctx(), &req).await),
+        ttrpc::Code::INVALID_ARGUMENT
+    );
+
+    let mut start_req = StartContainerRequest::new();
+    start_req.container_id = "nobody".into();
+    assert_eq!(
+        code_of(agent.client.start_container(ctx(), &start_req).await),
+        ttrpc::Code::NOT_FOUND
+    );
+
+    let mut exec = process("nobody");
+    exec.exec_id = "e1".into();
+    assert_eq!(
+        code_of(agent.client.wait_process(ctx(), &exec).await),
+        ttrpc::Code::UNIMPLEMENTED
+    );
+}
