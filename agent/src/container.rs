@@ -18,6 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, watch, Mutex};
 
 use crate::paths::AgentPaths;
+use crate::storage::{self, Mounted, StorageRequest};
 
 /// Output is relayed in chunks of at most this size, and at most this many chunks wait per stream:
 /// a chatty process blocks on its pipe instead of filling guest memory, and nothing is lost.
@@ -61,6 +62,8 @@ pub enum Error {
     },
     #[error("cannot create the stdio pipes")]
     Pipes(#[source] nix::Error),
+    #[error("storage for the container")]
+    Storage(#[from] storage::Error),
 }
 
 /// One output stream as the reader sees it: chunks from the pipe, and what a previous, smaller
@@ -102,6 +105,7 @@ struct Stdio {
 struct Entry {
     container: Arc<std::sync::Mutex<Container>>,
     bundle: PathBuf,
+    mounts: Vec<Mounted>,
     pid: Option<i32>,
     stdio: Arc<Stdio>,
     exit: watch::Receiver<Option<i32>>,
@@ -113,6 +117,21 @@ pub struct Containers {
     paths: AgentPaths,
     entries: Mutex<HashMap<String, Entry>>,
     exits: broadcast::Sender<WaitStatus>,
+    /// pivot_root cannot leave the initramfs: there, containers enter their root with MS_MOVE and
+    /// chroot instead (runc's and youki's no-pivot mode). The VM stays the outer boundary.
+    no_pivot: bool,
+}
+
+/// Whether `/` is the initramfs (ramfs, or tmpfs when the kernel unpacks into one).
+pub fn root_is_initramfs() -> bool {
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    nix::sys::statfs::statfs("/")
+        .map(|s| {
+            let kind = s.filesystem_type().0;
+            kind == RAMFS_MAGIC || kind == TMPFS_MAGIC
+        })
+        .unwrap_or(false)
 }
 
 /// `sh -c ...`'s exit code, or 128 + signal.
@@ -151,16 +170,51 @@ fn relay_output(read_end: OwnedFd) -> mpsc::Receiver<Vec<u8>> {
 }
 
 impl Containers {
-    pub fn new(paths: AgentPaths, exits: broadcast::Sender<WaitStatus>) -> Self {
+    pub fn new(paths: AgentPaths, exits: broadcast::Sender<WaitStatus>, no_pivot: bool) -> Self {
         Containers {
             paths,
             entries: Mutex::new(HashMap::new()),
             exits,
+            no_pivot,
         }
     }
 
-    pub async fn create(&self, id: &str, spec_json: &str, rootfs: &Path) -> Result<(), Error> {
+    /// Mounts the storages, then creates the container; whatever fails undoes what came before.
+    pub async fn create(
+        &self,
+        id: &str,
+        spec_json: &str,
+        rootfs: &Path,
+        storages: &[StorageRequest],
+    ) -> Result<(), Error> {
         validate_id(id)?;
+        if self.entries.lock().await.contains_key(id) {
+            return Err(Error::AlreadyExists(id.into()));
+        }
+        let mut mounts = Vec::with_capacity(storages.len());
+        for request in storages {
+            match storage::mount_storage(request) {
+                Ok(mounted) => mounts.push(mounted),
+                Err(err) => {
+                    mounts.into_iter().for_each(Mounted::unmount);
+                    return Err(err.into());
+                }
+            }
+        }
+        let created = self.create_with_mounts(id, spec_json, rootfs, &mut mounts).await;
+        if created.is_err() {
+            mounts.into_iter().for_each(Mounted::unmount);
+        }
+        created
+    }
+
+    async fn create_with_mounts(
+        &self,
+        id: &str,
+        spec_json: &str,
+        rootfs: &Path,
+        mounts: &mut Vec<Mounted>,
+    ) -> Result<(), Error> {
         let mut spec: Spec =
             serde_json::from_str(spec_json).map_err(|e| Error::InvalidSpec(e.to_string()))?;
         if !rootfs.is_dir() {
@@ -200,6 +254,7 @@ impl Containers {
         let (stdout_read, stdout_write) = pipe()?;
         let (stderr_read, stderr_write) = pipe()?;
         let builder_root = self.paths.libcontainer_root();
+        let no_pivot = self.no_pivot;
         let (container_id, bundle_dir) = (id.to_string(), bundle.clone());
         let built = tokio::task::spawn_blocking(move || {
             ContainerBuilder::new(container_id, SyscallType::Linux)
@@ -209,26 +264,31 @@ impl Containers {
                 .with_stderr(stderr_write)
                 .as_init(&bundle_dir)
                 .with_systemd(false)
+                .with_no_pivot(no_pivot)
                 .with_detach(true)
                 .build()
         })
         .await;
         let container = match built {
             Ok(Ok(container)) => container,
-            Ok(Err(err)) => {
+            failed => {
                 let _ = std::fs::remove_dir_all(&bundle);
+                let reason = match failed {
+                    Ok(Err(err)) => err.to_string(),
+                    Err(join) => join.to_string(),
+                    Ok(Ok(_)) => String::new(),
+                };
+                // The container's init process reports the step that failed on its stderr.
+                let said = drain_nonblocking(&stderr_read);
+                let message = if said.is_empty() {
+                    reason
+                } else {
+                    format!("{reason}; the container said: {said}")
+                };
                 return Err(Error::Runtime {
                     id: id.into(),
                     action: "create",
-                    message: err.to_string(),
-                });
-            }
-            Err(join) => {
-                let _ = std::fs::remove_dir_all(&bundle);
-                return Err(Error::Runtime {
-                    id: id.into(),
-                    action: "create",
-                    message: join.to_string(),
+                    message,
                 });
             }
         };
@@ -244,6 +304,7 @@ impl Containers {
             Entry {
                 container: Arc::new(std::sync::Mutex::new(container)),
                 bundle,
+                mounts: std::mem::take(mounts),
                 pid: None,
                 stdio,
                 exit,
@@ -441,9 +502,21 @@ impl Containers {
             message,
         })?;
         let _ = std::fs::remove_dir_all(&bundle);
-        self.entries.lock().await.remove(id);
+        if let Some(entry) = self.entries.lock().await.remove(id) {
+            entry.mounts.into_iter().for_each(Mounted::unmount);
+        }
         Ok(())
     }
+}
+
+/// What is waiting in a pipe now, without blocking (at most 4 KiB, as text).
+fn drain_nonblocking(pipe: &OwnedFd) -> String {
+    use std::os::fd::AsRawFd;
+    let fd = pipe.as_raw_fd();
+    let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK));
+    let mut buf = [0u8; 4096];
+    let n = nix::unistd::read(fd, &mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).trim().to_string()
 }
 
 /// Container ids become directory names: letters, digits, `_ . -`, starting with a letter or digit.

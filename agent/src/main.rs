@@ -11,6 +11,7 @@ mod init;
 mod paths;
 mod reaper;
 mod server;
+mod storage;
 
 use std::process::ExitCode;
 
@@ -101,9 +102,11 @@ fn run(is_init: bool) -> Result<(), Error> {
     }
     runtime.block_on(async {
         let reaper = reaper::spawn()?;
+        let state = paths::AgentPaths::new(&options.state_dir);
         let containers = Arc::new(Containers::new(
-            paths::AgentPaths::new(&options.state_dir),
+            state,
             reaper.exits(),
+            container::root_is_initramfs(),
         ));
         let result = server::serve(&options.listen, containers).await;
         drop(reaper);

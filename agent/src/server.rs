@@ -16,6 +16,7 @@ use ttrpc::r#async::{Server, TtrpcContext};
 
 use crate::clock::uptime_ms;
 use crate::container::{self, Containers};
+use crate::storage::{self, StorageRequest};
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -74,6 +75,9 @@ fn status(err: container::Error) -> ttrpc::Error {
         E::WrongState { .. } => Code::FAILED_PRECONDITION,
         E::StopTimeout { .. } => Code::DEADLINE_EXCEEDED,
         E::Bundle { .. } | E::Runtime { .. } | E::Pipes(_) => Code::INTERNAL,
+        E::Storage(storage::Error::BadMountPoint(_) | storage::Error::BadSerial(_)) => Code::INVALID_ARGUMENT,
+        E::Storage(storage::Error::NoSuchDisk(_)) => Code::NOT_FOUND,
+        E::Storage(_) => Code::INTERNAL,
     };
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, crate::init::error_chain(&err)))
 }
@@ -104,8 +108,19 @@ impl agent_ttrpc::Agent for AgentService {
         req: CreateContainerRequest,
     ) -> ttrpc::Result<Empty> {
         let rootfs = std::path::PathBuf::from(&req.rootfs);
+        let storages: Vec<StorageRequest> = req
+            .storages
+            .iter()
+            .map(|s| StorageRequest {
+                serial: s.serial.clone(),
+                fstype: s.fstype.clone(),
+                options: s.options.clone(),
+                mount_point: s.mount_point.clone(),
+                read_only: s.read_only,
+            })
+            .collect();
         self.containers
-            .create(&req.container_id, &req.oci_spec_json, &rootfs)
+            .create(&req.container_id, &req.oci_spec_json, &rootfs, &storages)
             .await
             .map_err(status)?;
         info!("container {} created", req.container_id);

@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ironclad_protocol::agent::health_check_response::ServingStatus;
-use ironclad_protocol::agent::{CheckRequest, DestroySandboxRequest, VersionCheckResponse};
+use ironclad_protocol::agent::{
+    CheckRequest, CreateContainerRequest, DestroySandboxRequest, ProcessRef, ReadStreamRequest,
+    RemoveContainerRequest, StartContainerRequest, VersionCheckResponse,
+};
 use ironclad_protocol::agent_ttrpc::{AgentClient as AgentRpc, HealthClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -160,6 +163,75 @@ impl AgentClient {
             })
     }
 
+    pub async fn create_container(&self, request: &CreateContainerRequest) -> Result<(), Error> {
+        self.agent
+            .create_container(self.ctx(), request)
+            .await
+            .map(|_| ())
+            .map_err(|source| Error::Rpc {
+                call: "Agent.CreateContainer",
+                source,
+            })
+    }
+
+    /// Starts a created container; returns its init process's pid in the guest.
+    pub async fn start_container(&self, container_id: &str) -> Result<u32, Error> {
+        let mut request = StartContainerRequest::new();
+        request.container_id = container_id.into();
+        self.agent
+            .start_container(self.ctx(), &request)
+            .await
+            .map(|r| r.pid)
+            .map_err(|source| Error::Rpc {
+                call: "Agent.StartContainer",
+                source,
+            })
+    }
+
+    /// The exit status of a container's process (128 + signal when killed).
+    pub async fn wait_process(&self, container_id: &str, exec_id: &str) -> Result<i32, Error> {
+        self.agent
+            .wait_process(self.ctx_without_timeout(), &process_ref(container_id, exec_id))
+            .await
+            .map(|r| r.exit_status)
+            .map_err(|source| Error::Rpc {
+                call: "Agent.WaitProcess",
+                source,
+            })
+    }
+
+    /// The next chunk of a process's stdout; empty once it has ended.
+    pub async fn read_stdout(&self, container_id: &str, exec_id: &str) -> Result<Vec<u8>, Error> {
+        let mut request = ReadStreamRequest::new();
+        request.process = Some(process_ref(container_id, exec_id)).into();
+        self.agent
+            .read_stdout(self.ctx_without_timeout(), &request)
+            .await
+            .map(|r| r.data)
+            .map_err(|source| Error::Rpc {
+                call: "Agent.ReadStdout",
+                source,
+            })
+    }
+
+    pub async fn remove_container(&self, container_id: &str) -> Result<(), Error> {
+        let mut request = RemoveContainerRequest::new();
+        request.container_id = container_id.into();
+        self.agent
+            .remove_container(self.ctx(), &request)
+            .await
+            .map(|_| ())
+            .map_err(|source| Error::Rpc {
+                call: "Agent.RemoveContainer",
+                source,
+            })
+    }
+
+    /// For calls that last as long as the process does.
+    fn ctx_without_timeout(&self) -> ttrpc::context::Context {
+        context::Context::default()
+    }
+
     /// Asks the agent to end the sandbox; the VM resets and its monitor exits afterwards.
     pub async fn destroy_sandbox(&self) -> Result<(), Error> {
         self.agent
@@ -171,6 +243,13 @@ impl AgentClient {
                 source,
             })
     }
+}
+
+fn process_ref(container_id: &str, exec_id: &str) -> ProcessRef {
+    let mut process = ProcessRef::new();
+    process.container_id = container_id.into();
+    process.exec_id = exec_id.into();
+    process
 }
 
 #[cfg(test)]

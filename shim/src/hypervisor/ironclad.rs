@@ -69,6 +69,11 @@ pub fn vm_description(config: &VmConfig, paths: &SandboxPaths) -> serde_json::Va
         "kernel": config.kernel,
         "initrd": config.initrd,
         "cmdline": config.kernel_cmdline(),
+        "block": config
+            .block_devices
+            .iter()
+            .map(|d| serde_json::json!({ "path": d.path, "read_only": d.read_only, "serial": d.serial }))
+            .collect::<Vec<_>>(),
         "vsock": { "guest_cid": GUEST_CID, "uds_path": paths.agent_socket() },
         "serial": "stdout",
         "boot_timer": true,
@@ -87,6 +92,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 256,
             extra_kernel_params: "quiet".into(),
+            block_devices: vec![],
         };
         let paths = SandboxPaths::new(Path::new("/run/ironclad"), "sb");
         let json = vm_description(&config, &paths);
@@ -106,6 +112,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 64,
             extra_kernel_params: String::new(),
+            block_devices: vec![],
         };
         // A stand-in monitor that fails the way a VMM refusing its configuration does.
         let fake = dir.path().join("fake-vmm");

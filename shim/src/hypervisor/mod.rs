@@ -22,6 +22,17 @@ pub struct VmConfig {
     pub memory_mib: u32,
     /// Appended to the base command line (console, reset, panic behaviour).
     pub extra_kernel_params: String,
+    /// Disks for the guest, which finds each by its serial.
+    pub block_devices: Vec<BlockDevice>,
+}
+
+/// A raw disk image given to the guest as virtio-blk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockDevice {
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// What the guest reads in /sys/block/vdX/serial (at most 20 bytes).
+    pub serial: String,
 }
 
 impl VmConfig {
@@ -276,6 +287,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 128,
             extra_kernel_params: String::new(),
+            block_devices: vec![],
         };
         assert_eq!(config.kernel_cmdline(), "console=ttyS0 reboot=k panic=-1");
         config.extra_kernel_params = " quiet ".into();

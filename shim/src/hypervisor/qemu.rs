@@ -158,6 +158,19 @@ pub fn qemu_args(config: &VmConfig, paths: &SandboxPaths, use_kvm: bool) -> Vec<
         "-device".into(),
         "vhost-user-vsock-device,chardev=vsock".into(),
     ];
+    for (index, disk) in config.block_devices.iter().enumerate() {
+        let read_only = if disk.read_only { "on" } else { "off" };
+        args.push("-drive".into());
+        args.push(format!(
+            "file={},if=none,id=disk{index},format=raw,readonly={read_only}",
+            disk.path.display()
+        ));
+        args.push("-device".into());
+        args.push(format!(
+            "virtio-blk-device,drive=disk{index},serial={}",
+            disk.serial
+        ));
+    }
     args.extend([
         "-kernel".into(),
         config.kernel.display().to_string(),
@@ -180,6 +193,7 @@ mod tests {
             vcpus: 2,
             memory_mib: 256,
             extra_kernel_params: "quiet".into(),
+            block_devices: vec![],
         }
     }
 
@@ -218,6 +232,21 @@ mod tests {
             value_after(&args, "-device").contains(&"i8042"),
             "the reset goes through an i8042"
         );
+    }
+
+    #[test]
+    fn disks_are_named_by_serial_and_keep_read_only() {
+        let paths = SandboxPaths::new(Path::new("/r"), "sb");
+        let mut cfg = config();
+        cfg.block_devices = vec![super::super::BlockDevice {
+            path: "/img/rootfs.ext4".into(),
+            read_only: true,
+            serial: "rootfs".into(),
+        }];
+        let args = qemu_args(&cfg, &paths, false);
+        assert!(value_after(&args, "-drive")
+            .contains(&"file=/img/rootfs.ext4,if=none,id=disk0,format=raw,readonly=on"));
+        assert!(value_after(&args, "-device").contains(&"virtio-blk-device,drive=disk0,serial=rootfs"));
     }
 
     #[test]

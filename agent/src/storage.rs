@@ -1,0 +1,144 @@
+//! Block devices for containers: a virtio-blk disk is found by its serial (never by probe order)
+//! and mounted where the request says.
+
+use std::path::{Component, Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+/// Where the kernel lists block devices and their virtio serials.
+const SYS_BLOCK: &str = "/sys/block";
+/// virtio-blk serials are at most 20 bytes.
+const MAX_SERIAL_LEN: usize = 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("mount point {0:?} must be an absolute path without '..'")]
+    BadMountPoint(String),
+    #[error("serial {0:?} is empty or longer than 20 bytes")]
+    BadSerial(String),
+    #[error("no block device has the serial {0:?}")]
+    NoSuchDisk(String),
+    #[error("cannot create the mount point {path}")]
+    MountPoint {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot mount {device} ({fstype}) on {path}")]
+    Mount {
+        device: PathBuf,
+        fstype: String,
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+/// What a request asks to have mounted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageRequest {
+    pub serial: String,
+    pub fstype: String,
+    pub options: Vec<String>,
+    pub mount_point: String,
+    pub read_only: bool,
+}
+
+/// A mount made for a container, undone when it is removed.
+#[derive(Debug)]
+pub struct Mounted {
+    pub path: PathBuf,
+}
+
+impl Mounted {
+    pub fn unmount(self) {
+        // Lazily: a process that still holds it must not keep the container from going away.
+        let _ = umount2(&self.path, MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+pub fn validate_mount_point(path: &str) -> Result<PathBuf, Error> {
+    let candidate = Path::new(path);
+    let clean = candidate.is_absolute() && candidate.components().all(|c| !matches!(c, Component::ParentDir));
+    if clean && candidate != Path::new("/") {
+        Ok(candidate.to_path_buf())
+    } else {
+        Err(Error::BadMountPoint(path.into()))
+    }
+}
+
+/// The /dev node of the disk whose serial is `serial`, looked up under `sys_block`.
+pub fn find_disk(sys_block: &Path, serial: &str) -> Result<PathBuf, Error> {
+    if serial.is_empty() || serial.len() > MAX_SERIAL_LEN {
+        return Err(Error::BadSerial(serial.into()));
+    }
+    let entries = std::fs::read_dir(sys_block).map_err(|_| Error::NoSuchDisk(serial.into()))?;
+    for entry in entries.flatten() {
+        let found = std::fs::read_to_string(entry.path().join("serial")).unwrap_or_default();
+        if found.trim_end_matches(['\n', '\0']) == serial {
+            return Ok(Path::new("/dev").join(entry.file_name()));
+        }
+    }
+    Err(Error::NoSuchDisk(serial.into()))
+}
+
+pub fn mount_storage(request: &StorageRequest) -> Result<Mounted, Error> {
+    let path = validate_mount_point(&request.mount_point)?;
+    let device = find_disk(Path::new(SYS_BLOCK), &request.serial)?;
+    std::fs::create_dir_all(&path).map_err(|source| Error::MountPoint {
+        path: path.clone(),
+        source,
+    })?;
+    let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    if request.read_only {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    let options = request.options.join(",");
+    let data = (!options.is_empty()).then_some(options.as_str());
+    mount(Some(&device), &path, Some(request.fstype.as_str()), flags, data).map_err(|source| {
+        Error::Mount {
+            device,
+            fstype: request.fstype.clone(),
+            path: path.clone(),
+            source,
+        }
+    })?;
+    Ok(Mounted { path })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_points_must_be_absolute_and_stay_put() {
+        assert!(validate_mount_point("/run/ironclad/rootfs/c1").is_ok());
+        for bad in ["relative/path", "/run/../etc", "/", ""] {
+            assert!(
+                matches!(validate_mount_point(bad), Err(Error::BadMountPoint(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn disks_are_found_by_serial_not_by_order() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, serial) in [("vda", "scratch\n"), ("vdb", "rootfs\n")] {
+            std::fs::create_dir_all(dir.path().join(name)).unwrap();
+            std::fs::write(dir.path().join(name).join("serial"), serial).unwrap();
+        }
+        std::fs::create_dir_all(dir.path().join("loop0")).unwrap();
+        assert_eq!(find_disk(dir.path(), "rootfs").unwrap(), Path::new("/dev/vdb"));
+        assert!(matches!(
+            find_disk(dir.path(), "other"),
+            Err(Error::NoSuchDisk(_))
+        ));
+        assert!(matches!(find_disk(dir.path(), ""), Err(Error::BadSerial(_))));
+        assert!(matches!(
+            find_disk(dir.path(), &"s".repeat(21)),
+            Err(Error::BadSerial(_))
+        ));
+    }
+}

@@ -1,0 +1,138 @@
+#![allow(clippy::unwrap_used)] // test code: a failed step should stop the test right there
+
+//! Containers inside the real guest (QEMU here): the rootfs is an ext4 image on a virtio-blk disk
+//! that the agent finds by its serial, and the container sees the guest's kernel and its own cgroup.
+
+use std::os::unix::fs::symlink;
+use std::path::Path;
+use std::process::Command;
+
+use ironclad_protocol::agent::{CreateContainerRequest, Storage};
+use ironclad_shim::hypervisor::BlockDevice;
+use ironclad_tests::{boot_guest, init_logging, GuestArtifacts, EXIT_TIMEOUT};
+use oci_spec::runtime::{LinuxNamespaceType, ProcessBuilder, RootBuilder, Spec};
+
+const BUSYBOX: &str = "/bin/busybox";
+
+/// An ext4 image of a busybox root file system, made with mkfs.ext4 -d.
+fn busybox_image(dir: &Path) -> std::path::PathBuf {
+    let rootfs = dir.join("rootfs");
+    for d in ["bin", "proc", "dev", "sys", "tmp", "etc", "run"] {
+        std::fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    std::fs::copy(BUSYBOX, rootfs.join("bin/busybox")).unwrap();
+    for applet in ["sh", "uname", "cat", "echo"] {
+        symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
+    let image = dir.join("rootfs.ext4");
+    let status = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "rootfs", "-d"])
+        .arg(&rootfs)
+        .arg(&image)
+        .arg("16M")
+        .status()
+        .unwrap();
+    assert!(status.success(), "mkfs.ext4 -d failed");
+    image
+}
+
+fn spec(args: &[&str]) -> String {
+    let mut spec = Spec::default();
+    let process = ProcessBuilder::default()
+        .terminal(false)
+        .args(args.iter().map(|a| a.to_string()).collect::<Vec<_>>())
+        .env(vec!["PATH=/bin".to_string()])
+        .cwd("/")
+        .build()
+        .unwrap();
+    spec.set_process(Some(process));
+    spec.set_root(Some(
+        RootBuilder::default()
+            .path("rootfs")
+            .readonly(true)
+            .build()
+            .unwrap(),
+    ));
+    // Without a cgroup namespace, /proc/1/cgroup shows the container's cgroup as the guest names it
+    // (inside one, a container's own cgroup is "/").
+    let mut linux = spec.linux().clone().unwrap();
+    let namespaces = linux.namespaces().clone().unwrap_or_default();
+    let kept = namespaces
+        .into_iter()
+        .filter(|n| n.typ() != LinuxNamespaceType::Cgroup)
+        .collect::<Vec<_>>();
+    linux.set_namespaces(Some(kept));
+    spec.set_linux(Some(linux));
+    serde_json::to_string(&spec).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_in_the_guest_sees_the_guest_kernel_and_its_own_cgroup() {
+    init_logging();
+    assert!(
+        Path::new(BUSYBOX).exists(),
+        "{BUSYBOX} is needed (apt-get install busybox-static)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let image = busybox_image(dir.path());
+    let mut config = GuestArtifacts::locate().unwrap().vm_config();
+    config.block_devices = vec![BlockDevice {
+        path: image,
+        read_only: true,
+        serial: "rootfs".into(),
+    }];
+    let guest = boot_guest(&config).await.expect("boot");
+
+    let mount_point = "/run/ironclad/rootfs/c1";
+    let mut storage = Storage::new();
+    storage.serial = "rootfs".into();
+    storage.fstype = "ext4".into();
+    storage.mount_point = mount_point.into();
+    storage.read_only = true;
+    let mut request = CreateContainerRequest::new();
+    request.container_id = "c1".into();
+    request.oci_spec_json = spec(&["sh", "-c", "uname -r; cat /proc/1/cgroup"]);
+    request.rootfs = mount_point.into();
+    request.storages = vec![storage];
+    let console = |err: &dyn std::error::Error| {
+        let chain = ironclad_shim::hypervisor::error_chain(err);
+        format!("{chain}\nguest console:\n{}", guest.vm.console_tail())
+    };
+    guest
+        .agent
+        .create_container(&request)
+        .await
+        .unwrap_or_else(|e| panic!("create: {}", console(&e)));
+    guest
+        .agent
+        .start_container("c1")
+        .await
+        .unwrap_or_else(|e| panic!("start: {}", console(&e)));
+    let mut output = Vec::new();
+    loop {
+        let chunk = guest.agent.read_stdout("c1", "").await.unwrap();
+        if chunk.is_empty() {
+            break;
+        }
+        output.extend(chunk);
+    }
+    assert_eq!(guest.agent.wait_process("c1", "").await.unwrap(), 0);
+    let output = String::from_utf8(output).unwrap();
+    let lines: Vec<&str> = output.lines().collect();
+    assert_eq!(lines.len(), 2, "{output}");
+    let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert!(
+        lines[0].starts_with("6.12."),
+        "the guest kernel runs the container: {output}"
+    );
+    assert_ne!(lines[0], host_release.trim(), "not the host kernel");
+    assert!(
+        lines[1].starts_with("0::/") && lines[1].contains("c1"),
+        "the container's own cgroup: {output}"
+    );
+    guest.agent.remove_container("c1").await.expect("remove");
+
+    guest.agent.destroy_sandbox().await.unwrap();
+    let status = guest.vm.stop(EXIT_TIMEOUT).await.unwrap();
+    assert!(status.success());
+}
