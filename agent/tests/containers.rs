@@ -13,10 +13,12 @@ use ironclad_protocol::agent::{
     WriteStreamRequest,
 };
 use ironclad_protocol::agent_ttrpc::AgentClient;
-use libcontainer::oci_spec::runtime::{ProcessBuilder, RootBuilder, Spec};
+use libcontainer::oci_spec::runtime::{ProcessBuilder, RootBuilder, Spec, UserBuilder};
 
 const BUSYBOX: &str = "/bin/busybox";
-const APPLETS: &[&str] = &["sh", "echo", "cat", "sleep", "true", "false", "read"];
+const APPLETS: &[&str] = &[
+    "sh", "echo", "cat", "sleep", "true", "false", "id", "pwd", "hostname", "touch",
+];
 
 struct Agent {
     child: Child,
@@ -87,6 +89,11 @@ fn ctx() -> ttrpc::context::Context {
 }
 
 fn spec(args: &[&str]) -> String {
+    serde_json::to_string(&spec_with(args, |_| {})).unwrap()
+}
+
+/// The default OCI spec running `args` on a writable root, then whatever `adjust` changes.
+fn spec_with(args: &[&str], adjust: impl FnOnce(&mut Spec)) -> Spec {
     let mut spec = Spec::default();
     let process = ProcessBuilder::default()
         .terminal(false)
@@ -103,7 +110,8 @@ fn spec(args: &[&str]) -> String {
             .build()
             .unwrap(),
     ));
-    serde_json::to_string(&spec).unwrap()
+    adjust(&mut spec);
+    spec
 }
 
 fn process(id: &str) -> ProcessRef {
@@ -113,9 +121,13 @@ fn process(id: &str) -> ProcessRef {
 }
 
 async fn create(agent: &Agent, id: &str, args: &[&str]) -> ttrpc::Result<()> {
+    create_with_spec(agent, id, &spec(args)).await
+}
+
+async fn create_with_spec(agent: &Agent, id: &str, spec_json: &str) -> ttrpc::Result<()> {
     let mut req = CreateContainerRequest::new();
     req.container_id = id.into();
-    req.oci_spec_json = spec(args);
+    req.oci_spec_json = spec_json.into();
     req.rootfs = busybox_rootfs(&agent.dir.path().join(id)).display().to_string();
     agent.client.create_container(ctx(), &req).await.map(|_| ())
 }
@@ -277,4 +289,68 @@ async fn bad_requests_are_refused_with_the_reason() {
         code_of(agent.client.wait_process(ctx(), &exec).await),
         ttrpc::Code::UNIMPLEMENTED
     );
+}
+
+/// Runs a container to its end and returns (stdout, exit status).
+async fn run_to_end(agent: &Agent, id: &str, spec: &Spec) -> (String, i32) {
+    create_with_spec(agent, id, &serde_json::to_string(spec).unwrap())
+        .await
+        .unwrap();
+    start(agent, id).await;
+    let output = read_all_stdout(agent, id).await;
+    let status = agent
+        .client
+        .wait_process(ctx(), &process(id))
+        .await
+        .unwrap()
+        .exit_status;
+    remove(agent, id).await.unwrap();
+    (output, status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spec_sets_env_cwd_user_and_hostname_and_the_process_is_pid_1() {
+    if !can_run() {
+        return;
+    }
+    let agent = start_agent().await;
+    let script = "echo $GREETING; pwd; id -u; id -g; id -G; hostname; echo $$";
+    let spec = spec_with(&["sh", "-c", script], |spec| {
+        let mut process = spec.process().clone().unwrap();
+        process.set_env(Some(vec!["PATH=/bin".into(), "GREETING=hello".into()]));
+        process.set_cwd("/tmp".into());
+        let user = UserBuilder::default()
+            .uid(1000u32)
+            .gid(1000u32)
+            .additional_gids(vec![2000u32])
+            .build()
+            .unwrap();
+        process.set_user(user);
+        spec.set_process(Some(process));
+        spec.set_hostname(Some("box1".into()));
+    });
+    let (output, status) = run_to_end(&agent, "spec1", &spec).await;
+    assert_eq!(status, 0, "{output}");
+    assert_eq!(output, "hello\n/tmp\n1000\n1000\n1000 2000\nbox1\n1\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_rootfs_cannot_be_written() {
+    if !can_run() {
+        return;
+    }
+    let agent = start_agent().await;
+    let script = "touch /written 2>/dev/null && echo wrote || echo read-only";
+    let read_only = spec_with(&["sh", "-c", script], |spec| {
+        spec.set_root(Some(
+            RootBuilder::default()
+                .path("rootfs")
+                .readonly(true)
+                .build()
+                .unwrap(),
+        ));
+    });
+    assert_eq!(run_to_end(&agent, "ro1", &read_only).await.0, "read-only\n");
+    let writable = spec_with(&["sh", "-c", script], |_| {});
+    assert_eq!(run_to_end(&agent, "rw1", &writable).await.0, "wrote\n");
 }
