@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
-use libcontainer::oci_spec::runtime::Spec;
+use libcontainer::oci_spec::runtime::{Process as OciProcess, Spec};
 use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
@@ -34,8 +34,10 @@ pub enum Error {
     AlreadyExists(String),
     #[error("no container {0:?}")]
     NotFound(String),
-    #[error("exec processes are not supported yet (exec id {0:?})")]
-    ExecUnsupported(String),
+    #[error("container {id:?} has no exec process {exec_id:?}")]
+    ExecNotFound { id: String, exec_id: String },
+    #[error("container {id:?} already has an exec process {exec_id:?}")]
+    ExecExists { id: String, exec_id: String },
     #[error("invalid OCI spec: {0}")]
     InvalidSpec(String),
     #[error("the root file system {0} is not a directory")]
@@ -102,14 +104,116 @@ struct Stdio {
     stderr: Mutex<Output>,
 }
 
-struct Entry {
-    container: Arc<std::sync::Mutex<Container>>,
-    bundle: PathBuf,
-    mounts: Vec<Mounted>,
+/// The pipe ends a new process gets as its stdin, stdout and stderr.
+struct ChildStdio {
+    stdin: OwnedFd,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+}
+
+/// Our ends of those pipes, before the relays start.
+struct HostEnds {
+    stdin: OwnedFd,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+}
+
+fn stdio_pipes() -> Result<(ChildStdio, HostEnds), Error> {
+    let (stdin_read, stdin_write) = pipe()?;
+    let (stdout_read, stdout_write) = pipe()?;
+    let (stderr_read, stderr_write) = pipe()?;
+    Ok((
+        ChildStdio {
+            stdin: stdin_read,
+            stdout: stdout_write,
+            stderr: stderr_write,
+        },
+        HostEnds {
+            stdin: stdin_write,
+            stdout: stdout_read,
+            stderr: stderr_read,
+        },
+    ))
+}
+
+impl HostEnds {
+    fn into_stdio(self) -> Arc<Stdio> {
+        Arc::new(Stdio {
+            stdin: Mutex::new(tokio::net::unix::pipe::Sender::from_owned_fd(self.stdin).ok()),
+            stdout: Mutex::new(Output::new(relay_output(self.stdout))),
+            stderr: Mutex::new(Output::new(relay_output(self.stderr))),
+        })
+    }
+}
+
+/// One process of a container, the init process or an exec: its stdio and, once it has exited,
+/// its status.
+struct Process {
     pid: Option<i32>,
     stdio: Arc<Stdio>,
     exit: watch::Receiver<Option<i32>>,
     exit_tx: Arc<watch::Sender<Option<i32>>>,
+}
+
+impl Process {
+    fn new(stdio: Arc<Stdio>) -> Self {
+        let (exit_tx, exit) = watch::channel(None);
+        Process {
+            pid: None,
+            stdio,
+            exit,
+            exit_tx: Arc::new(exit_tx),
+        }
+    }
+
+    fn has_exited(&self) -> bool {
+        self.exit.borrow().is_some()
+    }
+}
+
+/// Records `pid`'s exit status from the reaper's announcements. Subscribe before the process can
+/// exit, so that its exit cannot be missed.
+fn watch_exit(
+    mut exits: broadcast::Receiver<WaitStatus>,
+    pid: i32,
+    exit_tx: Arc<watch::Sender<Option<i32>>>,
+) {
+    tokio::spawn(async move {
+        loop {
+            match exits.recv().await {
+                Ok(status) => {
+                    if let Some((p, code)) = exit_code(status) {
+                        if p.as_raw() == pid {
+                            let _ = exit_tx.send(Some(code));
+                            return;
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+}
+
+struct Entry {
+    container: Arc<std::sync::Mutex<Container>>,
+    bundle: PathBuf,
+    mounts: Vec<Mounted>,
+    init: Process,
+    execs: HashMap<String, Process>,
+}
+
+impl Entry {
+    fn process(&self, id: &str, exec_id: &str) -> Result<&Process, Error> {
+        if exec_id.is_empty() {
+            return Ok(&self.init);
+        }
+        self.execs.get(exec_id).ok_or_else(|| Error::ExecNotFound {
+            id: id.into(),
+            exec_id: exec_id.into(),
+        })
+    }
 }
 
 /// Every container of the sandbox.
@@ -134,7 +238,7 @@ pub fn root_is_initramfs() -> bool {
         .unwrap_or(false)
 }
 
-/// `sh -c ...`'s exit code, or 128 + signal.
+/// An exit code, or 128 + the signal that ended the process.
 fn exit_code(status: WaitStatus) -> Option<(Pid, i32)> {
     match status {
         WaitStatus::Exited(pid, code) => Some((pid, code)),
@@ -167,6 +271,16 @@ fn relay_output(read_end: OwnedFd) -> mpsc::Receiver<Vec<u8>> {
         }
     });
     rx
+}
+
+/// Runs a blocking libcontainer call off the async threads; any failure becomes its message.
+async fn blocking<T: Send + 'static>(
+    call: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(call)
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r)
 }
 
 impl Containers {
@@ -220,12 +334,12 @@ impl Containers {
         if !rootfs.is_dir() {
             return Err(Error::BadRootfs(rootfs.to_path_buf()));
         }
-        let process_args = spec
+        let args = spec
             .process()
             .as_ref()
             .and_then(|p| p.args().clone())
             .unwrap_or_default();
-        if process_args.is_empty() {
+        if args.is_empty() {
             return Err(Error::InvalidSpec("process.args is empty".into()));
         }
         let mut root = spec.root().clone().unwrap_or_default();
@@ -250,65 +364,44 @@ impl Containers {
             return Err(bundle_err(source));
         }
 
-        let (stdin_read, stdin_write) = pipe()?;
-        let (stdout_read, stdout_write) = pipe()?;
-        let (stderr_read, stderr_write) = pipe()?;
+        let (child, host) = stdio_pipes()?;
         let builder_root = self.paths.libcontainer_root();
         let no_pivot = self.no_pivot;
         let (container_id, bundle_dir) = (id.to_string(), bundle.clone());
-        let built = tokio::task::spawn_blocking(move || {
+        let built = blocking(move || {
             ContainerBuilder::new(container_id, SyscallType::Linux)
-                .with_root_path(builder_root)?
-                .with_stdin(stdin_read)
-                .with_stdout(stdout_write)
-                .with_stderr(stderr_write)
+                .with_root_path(builder_root)
+                .map_err(|e| e.to_string())?
+                .with_stdin(child.stdin)
+                .with_stdout(child.stdout)
+                .with_stderr(child.stderr)
                 .as_init(&bundle_dir)
                 .with_systemd(false)
                 .with_no_pivot(no_pivot)
                 .with_detach(true)
                 .build()
+                .map_err(|e| e.to_string())
         })
         .await;
         let container = match built {
-            Ok(Ok(container)) => container,
-            failed => {
+            Ok(container) => container,
+            Err(reason) => {
                 let _ = std::fs::remove_dir_all(&bundle);
-                let reason = match failed {
-                    Ok(Err(err)) => err.to_string(),
-                    Err(join) => join.to_string(),
-                    Ok(Ok(_)) => String::new(),
-                };
-                // The container's init process reports the step that failed on its stderr.
-                let said = drain_nonblocking(&stderr_read);
-                let message = if said.is_empty() {
-                    reason
-                } else {
-                    format!("{reason}; the container said: {said}")
-                };
                 return Err(Error::Runtime {
                     id: id.into(),
                     action: "create",
-                    message,
+                    message: with_said(reason, &host.stderr),
                 });
             }
         };
-        let stdin = tokio::net::unix::pipe::Sender::from_owned_fd(stdin_write).ok();
-        let stdio = Arc::new(Stdio {
-            stdin: Mutex::new(stdin),
-            stdout: Mutex::new(Output::new(relay_output(stdout_read))),
-            stderr: Mutex::new(Output::new(relay_output(stderr_read))),
-        });
-        let (exit_tx, exit) = watch::channel(None);
         entries.insert(
             id.to_string(),
             Entry {
                 container: Arc::new(std::sync::Mutex::new(container)),
                 bundle,
                 mounts: std::mem::take(mounts),
-                pid: None,
-                stdio,
-                exit,
-                exit_tx: Arc::new(exit_tx),
+                init: Process::new(host.into_stdio()),
+                execs: HashMap::new(),
             },
         );
         Ok(())
@@ -317,7 +410,7 @@ impl Containers {
     pub async fn start(&self, id: &str) -> Result<u32, Error> {
         let mut entries = self.entries.lock().await;
         let entry = entries.get_mut(id).ok_or_else(|| Error::NotFound(id.into()))?;
-        if entry.pid.is_some() {
+        if entry.init.pid.is_some() {
             return Err(Error::WrongState {
                 id: id.into(),
                 state: "started",
@@ -325,9 +418,9 @@ impl Containers {
             });
         }
         // Watch for the exit before the process can exit.
-        let mut exits = self.exits.subscribe();
+        let exits = self.exits.subscribe();
         let container = entry.container.clone();
-        let started = tokio::task::spawn_blocking(move || {
+        let pid = blocking(move || {
             let mut container = container
                 .lock()
                 .map_err(|_| "container lock poisoned".to_string())?;
@@ -338,31 +431,13 @@ impl Containers {
                 .ok_or_else(|| "no pid after start".to_string())
         })
         .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r);
-        let pid = started.map_err(|message| Error::Runtime {
+        .map_err(|message| Error::Runtime {
             id: id.into(),
             action: "start",
             message,
         })?;
-        entry.pid = Some(pid);
-        let exit_tx = entry.exit_tx.clone();
-        tokio::spawn(async move {
-            loop {
-                match exits.recv().await {
-                    Ok(status) => {
-                        if let Some((p, code)) = exit_code(status) {
-                            if p.as_raw() == pid {
-                                let _ = exit_tx.send(Some(code));
-                                return;
-                            }
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => return,
-                }
-            }
-        });
+        entry.init.pid = Some(pid);
+        watch_exit(exits, pid, entry.init.exit_tx.clone());
         u32::try_from(pid).map_err(|_| Error::Runtime {
             id: id.into(),
             action: "start",
@@ -370,21 +445,82 @@ impl Containers {
         })
     }
 
-    async fn entry_parts(
+    /// Starts another process in a running container's namespaces and cgroup.
+    pub async fn exec(&self, id: &str, exec_id: &str, process_json: &str) -> Result<u32, Error> {
+        validate_id(exec_id)?;
+        let process: OciProcess =
+            serde_json::from_str(process_json).map_err(|e| Error::InvalidSpec(format!("process: {e}")))?;
+        if process.args().as_ref().is_none_or(|a| a.is_empty()) {
+            return Err(Error::InvalidSpec("process.args is empty".into()));
+        }
+        let mut entries = self.entries.lock().await;
+        let entry = entries.get_mut(id).ok_or_else(|| Error::NotFound(id.into()))?;
+        if entry.init.pid.is_none() || entry.init.has_exited() {
+            return Err(Error::WrongState {
+                id: id.into(),
+                state: "not running",
+                action: "exec'd into",
+            });
+        }
+        if entry.execs.contains_key(exec_id) {
+            return Err(Error::ExecExists {
+                id: id.into(),
+                exec_id: exec_id.into(),
+            });
+        }
+        let process_file = entry.bundle.join(format!("exec-{exec_id}.json"));
+        std::fs::write(&process_file, process_json).map_err(|source| Error::Bundle {
+            id: id.into(),
+            source,
+        })?;
+        let (child, host) = stdio_pipes()?;
+        let exits = self.exits.subscribe();
+        let (builder_root, container_id) = (self.paths.libcontainer_root(), id.to_string());
+        let started = blocking(move || {
+            ContainerBuilder::new(container_id, SyscallType::Linux)
+                .with_root_path(builder_root)
+                .map_err(|e| e.to_string())?
+                .with_stdin(child.stdin)
+                .with_stdout(child.stdout)
+                .with_stderr(child.stderr)
+                .as_tenant()
+                .with_detach(true)
+                .with_process(Some(process_file))
+                .build()
+                .map(|pid| pid.as_raw())
+                .map_err(|e| e.to_string())
+        })
+        .await;
+        let pid = started.map_err(|reason| Error::Runtime {
+            id: id.into(),
+            action: "exec into",
+            message: with_said(reason, &host.stderr),
+        })?;
+        let mut process = Process::new(host.into_stdio());
+        process.pid = Some(pid);
+        watch_exit(exits, pid, process.exit_tx.clone());
+        entry.execs.insert(exec_id.to_string(), process);
+        u32::try_from(pid).map_err(|_| Error::Runtime {
+            id: id.into(),
+            action: "exec into",
+            message: "bad pid".into(),
+        })
+    }
+
+    /// The stdio, exit status and pid of a container's process (exec_id empty: its init process).
+    async fn process_parts(
         &self,
         id: &str,
         exec_id: &str,
     ) -> Result<(Arc<Stdio>, watch::Receiver<Option<i32>>, Option<i32>), Error> {
-        if !exec_id.is_empty() {
-            return Err(Error::ExecUnsupported(exec_id.into()));
-        }
         let entries = self.entries.lock().await;
         let entry = entries.get(id).ok_or_else(|| Error::NotFound(id.into()))?;
-        Ok((entry.stdio.clone(), entry.exit.clone(), entry.pid))
+        let process = entry.process(id, exec_id)?;
+        Ok((process.stdio.clone(), process.exit.clone(), process.pid))
     }
 
     pub async fn wait(&self, id: &str, exec_id: &str) -> Result<i32, Error> {
-        let (_, mut exit, pid) = self.entry_parts(id, exec_id).await?;
+        let (_, mut exit, pid) = self.process_parts(id, exec_id).await?;
         if pid.is_none() {
             return Err(Error::WrongState {
                 id: id.into(),
@@ -410,14 +546,14 @@ impl Containers {
         stderr: bool,
         max: usize,
     ) -> Result<Vec<u8>, Error> {
-        let (stdio, _, _) = self.entry_parts(id, exec_id).await?;
+        let (stdio, _, _) = self.process_parts(id, exec_id).await?;
         let stream = if stderr { &stdio.stderr } else { &stdio.stdout };
         let data = stream.lock().await.read(max).await;
         Ok(data)
     }
 
     pub async fn write_stdin(&self, id: &str, exec_id: &str, data: &[u8]) -> Result<usize, Error> {
-        let (stdio, _, _) = self.entry_parts(id, exec_id).await?;
+        let (stdio, _, _) = self.process_parts(id, exec_id).await?;
         let mut stdin = stdio.stdin.lock().await;
         let Some(pipe) = stdin.as_mut() else {
             return Err(Error::WrongState {
@@ -435,13 +571,13 @@ impl Containers {
     }
 
     pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), Error> {
-        let (stdio, _, _) = self.entry_parts(id, exec_id).await?;
+        let (stdio, _, _) = self.process_parts(id, exec_id).await?;
         stdio.stdin.lock().await.take();
         Ok(())
     }
 
     pub async fn signal(&self, id: &str, exec_id: &str, signal: u32) -> Result<(), Error> {
-        let (_, _, pid) = self.entry_parts(id, exec_id).await?;
+        let (_, _, pid) = self.process_parts(id, exec_id).await?;
         let pid = pid.ok_or_else(|| Error::WrongState {
             id: id.into(),
             state: "not started",
@@ -458,7 +594,7 @@ impl Containers {
         })
     }
 
-    /// Kills what still runs, waits for it, and removes the container, its cgroup and bundle.
+    /// Kills what still runs, waits for it, and removes the container, its cgroup, bundle and mounts.
     pub async fn remove(&self, id: &str, timeout: Duration) -> Result<(), Error> {
         let timeout = if timeout.is_zero() {
             DEFAULT_REMOVE_TIMEOUT
@@ -471,12 +607,13 @@ impl Containers {
             (
                 entry.container.clone(),
                 entry.bundle.clone(),
-                entry.pid,
-                entry.exit.clone(),
+                entry.init.pid,
+                entry.init.exit.clone(),
             )
         };
         if let Some(pid) = pid {
             if exit.borrow().is_none() {
+                // The init process is PID 1 of the container's pid namespace: its exec processes go with it.
                 let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
                 let exited = tokio::time::timeout(timeout, exit.wait_for(|code| code.is_some())).await;
                 if exited.is_err() {
@@ -487,16 +624,14 @@ impl Containers {
                 }
             }
         }
-        let deleted = tokio::task::spawn_blocking(move || {
+        blocking(move || {
             let mut container = container
                 .lock()
                 .map_err(|_| "container lock poisoned".to_string())?;
             container.delete(true).map_err(|e| e.to_string())
         })
         .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r);
-        deleted.map_err(|message| Error::Runtime {
+        .map_err(|message| Error::Runtime {
             id: id.into(),
             action: "delete",
             message,
@@ -506,6 +641,17 @@ impl Containers {
             entry.mounts.into_iter().for_each(Mounted::unmount);
         }
         Ok(())
+    }
+}
+
+/// A libcontainer failure with what the container's process said on stderr before it died, which
+/// names the step that failed.
+fn with_said(reason: String, stderr: &OwnedFd) -> String {
+    let said = drain_nonblocking(stderr);
+    if said.is_empty() {
+        reason
+    } else {
+        format!("{reason}; the container said: {said}")
     }
 }
 

@@ -5,9 +5,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use ironclad_protocol::agent::{
     health_check_response::ServingStatus, CheckRequest, CreateContainerRequest, DestroySandboxRequest, Empty,
-    HealthCheckResponse, ProcessRef, ReadStreamRequest, ReadStreamResponse, RemoveContainerRequest,
-    SignalProcessRequest, StartContainerRequest, StartContainerResponse, VersionCheckResponse,
-    WaitProcessResponse, WriteStreamRequest, WriteStreamResponse,
+    ExecProcessRequest, ExecProcessResponse, HealthCheckResponse, ProcessRef, ReadStreamRequest,
+    ReadStreamResponse, RemoveContainerRequest, SignalProcessRequest, StartContainerRequest,
+    StartContainerResponse, VersionCheckResponse, WaitProcessResponse, WriteStreamRequest,
+    WriteStreamResponse,
 };
 use ironclad_protocol::{agent_ttrpc, API_VERSION};
 use tokio::sync::mpsc;
@@ -71,7 +72,8 @@ fn status(err: container::Error) -> ttrpc::Error {
         E::InvalidId { .. } | E::InvalidSpec(_) | E::BadRootfs(_) => Code::INVALID_ARGUMENT,
         E::AlreadyExists(_) => Code::ALREADY_EXISTS,
         E::NotFound(_) => Code::NOT_FOUND,
-        E::ExecUnsupported(_) => Code::UNIMPLEMENTED,
+        E::ExecNotFound { .. } => Code::NOT_FOUND,
+        E::ExecExists { .. } => Code::ALREADY_EXISTS,
         E::WrongState { .. } => Code::FAILED_PRECONDITION,
         E::StopTimeout { .. } => Code::DEADLINE_EXCEEDED,
         E::Bundle { .. } | E::Runtime { .. } | E::Pipes(_) => Code::INTERNAL,
@@ -134,6 +136,21 @@ impl agent_ttrpc::Agent for AgentService {
     ) -> ttrpc::Result<StartContainerResponse> {
         let pid = self.containers.start(&req.container_id).await.map_err(status)?;
         let mut resp = StartContainerResponse::new();
+        resp.pid = pid;
+        Ok(resp)
+    }
+
+    async fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ExecProcessRequest,
+    ) -> ttrpc::Result<ExecProcessResponse> {
+        let pid = self
+            .containers
+            .exec(&req.container_id, &req.exec_id, &req.process_json)
+            .await
+            .map_err(status)?;
+        let mut resp = ExecProcessResponse::new();
         resp.pid = pid;
         Ok(resp)
     }

@@ -287,7 +287,7 @@ async fn bad_requests_are_refused_with_the_reason() {
     exec.exec_id = "e1".into();
     assert_eq!(
         code_of(agent.client.wait_process(ctx(), &exec).await),
-        ttrpc::Code::UNIMPLEMENTED
+        ttrpc::Code::NOT_FOUND
     );
 }
 
@@ -353,4 +353,96 @@ async fn a_read_only_rootfs_cannot_be_written() {
     assert_eq!(run_to_end(&agent, "ro1", &read_only).await.0, "read-only\n");
     let writable = spec_with(&["sh", "-c", script], |_| {});
     assert_eq!(run_to_end(&agent, "rw1", &writable).await.0, "wrote\n");
+}
+
+fn exec_request(id: &str, exec_id: &str, args: &[&str]) -> ironclad_protocol::agent::ExecProcessRequest {
+    let process = ProcessBuilder::default()
+        .terminal(false)
+        .args(args.iter().map(|a| a.to_string()).collect::<Vec<_>>())
+        .env(vec!["PATH=/bin".to_string(), "WHO=exec".to_string()])
+        .cwd("/tmp")
+        .build()
+        .unwrap();
+    let mut req = ironclad_protocol::agent::ExecProcessRequest::new();
+    req.container_id = id.into();
+    req.exec_id = exec_id.into();
+    req.process_json = serde_json::to_string(&process).unwrap();
+    req
+}
+
+fn exec_ref(id: &str, exec_id: &str) -> ProcessRef {
+    let mut p = process(id);
+    p.exec_id = exec_id.into();
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_runs_in_the_running_container_with_its_own_stdio_and_status() {
+    if !can_run() {
+        return;
+    }
+    let agent = start_agent().await;
+    create_with_spec(
+        &agent,
+        "x1",
+        &serde_json::to_string(&spec_with(&["sleep", "1000"], |spec| {
+            spec.set_hostname(Some("execbox".into()));
+        }))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    start(&agent, "x1").await;
+    let req = exec_request(
+        "x1",
+        "e1",
+        &["sh", "-c", "echo $WHO in $(hostname) at $(pwd); exit 5"],
+    );
+    assert!(agent.client.exec_process(ctx(), &req).await.unwrap().pid > 0);
+    let mut out = Vec::new();
+    loop {
+        let mut read = ReadStreamRequest::new();
+        read.process = Some(exec_ref("x1", "e1")).into();
+        let chunk = agent.client.read_stdout(ctx(), &read).await.unwrap().data;
+        if chunk.is_empty() {
+            break;
+        }
+        out.extend(chunk);
+    }
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "exec in execbox at /tmp\n",
+        "the container's uts namespace"
+    );
+    assert_eq!(
+        agent
+            .client
+            .wait_process(ctx(), &exec_ref("x1", "e1"))
+            .await
+            .unwrap()
+            .exit_status,
+        5
+    );
+
+    assert_eq!(
+        code_of(agent.client.exec_process(ctx(), &req).await),
+        ttrpc::Code::ALREADY_EXISTS
+    );
+    let bad_id = exec_request("x1", "../e", &["true"]);
+    assert_eq!(
+        code_of(agent.client.exec_process(ctx(), &bad_id).await),
+        ttrpc::Code::INVALID_ARGUMENT
+    );
+    let nobody = exec_request("nobody", "e1", &["true"]);
+    assert_eq!(
+        code_of(agent.client.exec_process(ctx(), &nobody).await),
+        ttrpc::Code::NOT_FOUND
+    );
+    let mut no_args = exec_request("x1", "e2", &["true"]);
+    no_args.process_json = r#"{"cwd": "/"}"#.into();
+    assert_eq!(
+        code_of(agent.client.exec_process(ctx(), &no_args).await),
+        ttrpc::Code::INVALID_ARGUMENT
+    );
+    remove(&agent, "x1").await.unwrap();
 }
