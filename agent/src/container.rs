@@ -25,6 +25,11 @@ use crate::storage::{self, Mounted, StorageRequest};
 pub const CHUNK_SIZE: usize = 64 * 1024;
 const BUFFERED_CHUNKS: usize = 16;
 const DEFAULT_REMOVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a container's memory.events is read for new OOM kills.
+const OOM_POLL: Duration = Duration::from_millis(100);
+/// OOM events waiting for GetOOMEvent; more are dropped (and logged) rather than held.
+const OOM_QUEUE: usize = 64;
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -224,6 +229,41 @@ pub struct Containers {
     /// pivot_root cannot leave the initramfs: there, containers enter their root with MS_MOVE and
     /// chroot instead (runc's and youki's no-pivot mode). The VM stays the outer boundary.
     no_pivot: bool,
+    oom_tx: mpsc::Sender<String>,
+    oom_rx: Mutex<mpsc::Receiver<String>>,
+}
+
+/// The oom_kill counter of a cgroup's memory.events; None once the cgroup is gone (or has no
+/// memory controller).
+fn oom_kills(memory_events: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(memory_events).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Reports each new OOM kill in the container's cgroup until the cgroup goes away.
+fn watch_oom(id: String, cgroup: PathBuf, events: mpsc::Sender<String>) {
+    let memory_events = Path::new(CGROUP_ROOT)
+        .join(cgroup.strip_prefix("/").unwrap_or(&cgroup))
+        .join("memory.events");
+    tokio::spawn(async move {
+        let Some(mut seen) = oom_kills(&memory_events) else {
+            return;
+        };
+        loop {
+            tokio::time::sleep(OOM_POLL).await;
+            let Some(now) = oom_kills(&memory_events) else {
+                return;
+            };
+            if now > seen {
+                seen = now;
+                if events.try_send(id.clone()).is_err() {
+                    tracing::warn!("OOM event for {id} dropped: nobody is reading them");
+                }
+            }
+        }
+    });
 }
 
 /// Whether `/` is the initramfs (ramfs, or tmpfs when the kernel unpacks into one).
@@ -285,12 +325,20 @@ async fn blocking<T: Send + 'static>(
 
 impl Containers {
     pub fn new(paths: AgentPaths, exits: broadcast::Sender<WaitStatus>, no_pivot: bool) -> Self {
+        let (oom_tx, oom_rx) = mpsc::channel(OOM_QUEUE);
         Containers {
             paths,
             entries: Mutex::new(HashMap::new()),
             exits,
             no_pivot,
+            oom_tx,
+            oom_rx: Mutex::new(oom_rx),
         }
+    }
+
+    /// The next container the OOM killer struck.
+    pub async fn next_oom_event(&self) -> Option<String> {
+        self.oom_rx.lock().await.recv().await
     }
 
     /// Mounts the storages, then creates the container; whatever fails undoes what came before.
@@ -345,6 +393,9 @@ impl Containers {
         let mut root = spec.root().clone().unwrap_or_default();
         root.set_path(rootfs.to_path_buf());
         spec.set_root(Some(root));
+        let mut linux = spec.linux().clone().unwrap_or_default();
+        linux.set_cgroups_path(Some(self.paths.cgroup(id)));
+        spec.set_linux(Some(linux));
 
         let mut entries = self.entries.lock().await;
         if entries.contains_key(id) {
@@ -438,6 +489,7 @@ impl Containers {
         })?;
         entry.init.pid = Some(pid);
         watch_exit(exits, pid, entry.init.exit_tx.clone());
+        watch_oom(id.to_string(), self.paths.cgroup(id), self.oom_tx.clone());
         u32::try_from(pid).map_err(|_| Error::Runtime {
             id: id.into(),
             action: "start",

@@ -22,6 +22,12 @@ impl AgentPaths {
         self.root.join("bundles").join(container_id)
     }
 
+    /// The container's cgroup, below the guest's cgroup v2 root. The agent decides it: the path in a
+    /// spec from the host means nothing inside the guest.
+    pub fn cgroup(&self, container_id: &str) -> PathBuf {
+        Path::new("/ironclad").join(container_id)
+    }
+
     /// libcontainer's own state directory.
     pub fn libcontainer_root(&self) -> PathBuf {
         self.root.join("libcontainer")

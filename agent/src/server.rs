@@ -5,7 +5,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use ironclad_protocol::agent::{
     health_check_response::ServingStatus, CheckRequest, CreateContainerRequest, DestroySandboxRequest, Empty,
-    ExecProcessRequest, ExecProcessResponse, HealthCheckResponse, ProcessRef, ReadStreamRequest,
+    ExecProcessRequest, ExecProcessResponse, HealthCheckResponse, OomEvent, ProcessRef, ReadStreamRequest,
     ReadStreamResponse, RemoveContainerRequest, SignalProcessRequest, StartContainerRequest,
     StartContainerResponse, VersionCheckResponse, WaitProcessResponse, WriteStreamRequest,
     WriteStreamResponse,
@@ -213,6 +213,18 @@ impl agent_ttrpc::Agent for AgentService {
             .await
             .map_err(status)?;
         Ok(Empty::new())
+    }
+
+    async fn get_oom_event(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<OomEvent> {
+        let id = self.containers.next_oom_event().await.ok_or_else(|| {
+            ttrpc::Error::RpcStatus(ttrpc::get_status(
+                ttrpc::Code::UNAVAILABLE,
+                "the agent is shutting down",
+            ))
+        })?;
+        let mut event = OomEvent::new();
+        event.container_id = id;
+        Ok(event)
     }
 
     async fn remove_container(

@@ -227,6 +227,21 @@ impl AgentClient {
             })
     }
 
+    /// Waits for the next OOM kill in any container of the sandbox; names the container.
+    pub async fn get_oom_event(&self) -> Result<String, Error> {
+        self.agent
+            .get_oom_event(
+                self.ctx_without_timeout(),
+                &ironclad_protocol::agent::Empty::new(),
+            )
+            .await
+            .map(|e| e.container_id)
+            .map_err(|source| Error::Rpc {
+                call: "Agent.GetOOMEvent",
+                source,
+            })
+    }
+
     /// For calls that last as long as the process does.
     fn ctx_without_timeout(&self) -> ttrpc::context::Context {
         context::Context::default()

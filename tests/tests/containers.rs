@@ -21,7 +21,7 @@ fn busybox_image(dir: &Path) -> std::path::PathBuf {
         std::fs::create_dir_all(rootfs.join(d)).unwrap();
     }
     std::fs::copy(BUSYBOX, rootfs.join("bin/busybox")).unwrap();
-    for applet in ["sh", "uname", "cat", "echo"] {
+    for applet in ["sh", "uname", "cat", "echo", "dd"] {
         symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
     }
     let image = dir.join("rootfs.ext4");
@@ -37,6 +37,10 @@ fn busybox_image(dir: &Path) -> std::path::PathBuf {
 }
 
 fn spec(args: &[&str]) -> String {
+    serde_json::to_string(&base_spec(args)).unwrap()
+}
+
+fn base_spec(args: &[&str]) -> Spec {
     let mut spec = Spec::default();
     let process = ProcessBuilder::default()
         .terminal(false)
@@ -63,7 +67,38 @@ fn spec(args: &[&str]) -> String {
         .collect::<Vec<_>>();
     linux.set_namespaces(Some(kept));
     spec.set_linux(Some(linux));
-    serde_json::to_string(&spec).unwrap()
+    spec
+}
+
+fn rootfs_storage(mount_point: &str) -> Storage {
+    let mut storage = Storage::new();
+    storage.serial = "rootfs".into();
+    storage.fstype = "ext4".into();
+    storage.mount_point = mount_point.into();
+    storage.read_only = true;
+    storage
+}
+
+async fn boot_with_rootfs_disk(dir: &Path) -> ironclad_tests::BootedGuest {
+    let image = busybox_image(dir);
+    let mut config = GuestArtifacts::locate().unwrap().vm_config();
+    config.block_devices = vec![BlockDevice {
+        path: image,
+        read_only: true,
+        serial: "rootfs".into(),
+    }];
+    boot_guest(&config).await.expect("boot")
+}
+
+async fn read_stdout_to_end(guest: &ironclad_tests::BootedGuest, id: &str) -> String {
+    let mut output = Vec::new();
+    loop {
+        let chunk = guest.agent.read_stdout(id, "").await.unwrap();
+        if chunk.is_empty() {
+            return String::from_utf8(output).unwrap();
+        }
+        output.extend(chunk);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,4 +170,76 @@ async fn a_container_in_the_guest_sees_the_guest_kernel_and_its_own_cgroup() {
     guest.agent.destroy_sandbox().await.unwrap();
     let status = guest.vm.stop(EXIT_TIMEOUT).await.unwrap();
     assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_from_the_spec_hold_and_the_oom_killer_is_reported() {
+    use oci_spec::runtime::{LinuxMemoryBuilder, LinuxPidsBuilder, LinuxResourcesBuilder};
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let guest = boot_with_rootfs_disk(dir.path()).await;
+    let script =
+        "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/pids.max; dd if=/dev/zero of=/dev/null bs=64M count=1";
+    let mut spec = base_spec(&["sh", "-c", script]);
+    let mut linux = spec.linux().clone().unwrap();
+    // The container gets its own cgroup namespace here, so its cgroup is /sys/fs/cgroup inside.
+    let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+    namespaces.push(
+        oci_spec::runtime::LinuxNamespaceBuilder::default()
+            .typ(LinuxNamespaceType::Cgroup)
+            .build()
+            .unwrap(),
+    );
+    linux.set_namespaces(Some(namespaces));
+    let resources = LinuxResourcesBuilder::default()
+        .memory(
+            LinuxMemoryBuilder::default()
+                .limit(16 * 1024 * 1024)
+                .build()
+                .unwrap(),
+        )
+        .pids(LinuxPidsBuilder::default().limit(8).build().unwrap())
+        .build()
+        .unwrap();
+    linux.set_resources(Some(resources));
+    spec.set_linux(Some(linux));
+
+    let mount_point = "/run/ironclad/rootfs/c2";
+    let mut request = CreateContainerRequest::new();
+    request.container_id = "c2".into();
+    request.oci_spec_json = serde_json::to_string(&spec).unwrap();
+    request.rootfs = mount_point.into();
+    request.storages = vec![rootfs_storage(mount_point)];
+    let console = |err: &dyn std::error::Error| {
+        let chain = ironclad_shim::hypervisor::error_chain(err);
+        format!("{chain}\nguest console:\n{}", guest.vm.console_tail())
+    };
+    guest
+        .agent
+        .create_container(&request)
+        .await
+        .unwrap_or_else(|e| panic!("create: {}", console(&e)));
+    let oom = {
+        let agent = guest.agent.clone();
+        tokio::spawn(async move { agent.get_oom_event().await })
+    };
+    guest
+        .agent
+        .start_container("c2")
+        .await
+        .unwrap_or_else(|e| panic!("start: {}", console(&e)));
+    let output = read_stdout_to_end(&guest, "c2").await;
+    assert_eq!(output, "16777216\n8\n", "the limits are the container's");
+    assert_eq!(
+        guest.agent.wait_process("c2", "").await.unwrap(),
+        137,
+        "dd was OOM-killed"
+    );
+    let event = tokio::time::timeout(std::time::Duration::from_secs(30), oom)
+        .await
+        .expect("an OOM event");
+    assert_eq!(event.unwrap().unwrap(), "c2");
+    guest.agent.remove_container("c2").await.unwrap();
+    guest.agent.destroy_sandbox().await.unwrap();
+    assert!(guest.vm.stop(EXIT_TIMEOUT).await.unwrap().success());
 }
