@@ -336,6 +336,46 @@ impl Containers {
         }
     }
 
+    /// Where CopyFile puts files.
+    pub fn shared_dir(&self) -> PathBuf {
+        self.paths.shared()
+    }
+
+    /// Freezes (or thaws) every process of a running container through its cgroup.
+    pub async fn set_paused(&self, id: &str, paused: bool) -> Result<(), Error> {
+        let container = {
+            let entries = self.entries.lock().await;
+            let entry = entries.get(id).ok_or_else(|| Error::NotFound(id.into()))?;
+            if entry.init.pid.is_none() || entry.init.has_exited() {
+                let action = if paused { "paused" } else { "resumed" };
+                return Err(Error::WrongState {
+                    id: id.into(),
+                    state: "not running",
+                    action,
+                });
+            }
+            entry.container.clone()
+        };
+        let action = if paused { "pause" } else { "resume" };
+        blocking(move || {
+            let mut container = container
+                .lock()
+                .map_err(|_| "container lock poisoned".to_string())?;
+            if paused {
+                container.pause()
+            } else {
+                container.resume()
+            }
+            .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|message| Error::Runtime {
+            id: id.into(),
+            action,
+            message,
+        })
+    }
+
     /// The next container the OOM killer struck.
     pub async fn next_oom_event(&self) -> Option<String> {
         self.oom_rx.lock().await.recv().await

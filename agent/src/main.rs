@@ -7,6 +7,7 @@
 
 mod clock;
 mod container;
+mod copy_file;
 mod init;
 mod paths;
 mod reaper;

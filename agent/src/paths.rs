@@ -28,6 +28,11 @@ impl AgentPaths {
         Path::new("/ironclad").join(container_id)
     }
 
+    /// Files the host copies in (CopyFile) for containers to bind-mount.
+    pub fn shared(&self) -> PathBuf {
+        self.root.join("shared")
+    }
+
     /// libcontainer's own state directory.
     pub fn libcontainer_root(&self) -> PathBuf {
         self.root.join("libcontainer")

@@ -4,11 +4,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use ironclad_protocol::agent::{
-    health_check_response::ServingStatus, CheckRequest, CreateContainerRequest, DestroySandboxRequest, Empty,
-    ExecProcessRequest, ExecProcessResponse, HealthCheckResponse, OomEvent, ProcessRef, ReadStreamRequest,
-    ReadStreamResponse, RemoveContainerRequest, SignalProcessRequest, StartContainerRequest,
-    StartContainerResponse, VersionCheckResponse, WaitProcessResponse, WriteStreamRequest,
-    WriteStreamResponse,
+    health_check_response::ServingStatus, CheckRequest, ContainerRequest, CopyFileRequest, CopyFileResponse,
+    CreateContainerRequest, DestroySandboxRequest, Empty, ExecProcessRequest, ExecProcessResponse,
+    HealthCheckResponse, OomEvent, ProcessRef, ReadStreamRequest, ReadStreamResponse, RemoveContainerRequest,
+    SignalProcessRequest, StartContainerRequest, StartContainerResponse, VersionCheckResponse,
+    WaitProcessResponse, WriteStreamRequest, WriteStreamResponse,
 };
 use ironclad_protocol::{agent_ttrpc, API_VERSION};
 use tokio::sync::mpsc;
@@ -17,6 +17,7 @@ use ttrpc::r#async::{Server, TtrpcContext};
 
 use crate::clock::uptime_ms;
 use crate::container::{self, Containers};
+use crate::copy_file;
 use crate::storage::{self, StorageRequest};
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -213,6 +214,37 @@ impl agent_ttrpc::Agent for AgentService {
             .await
             .map_err(status)?;
         Ok(Empty::new())
+    }
+
+    async fn pause_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+        self.containers
+            .set_paused(&req.container_id, true)
+            .await
+            .map_err(status)?;
+        Ok(Empty::new())
+    }
+
+    async fn resume_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+        self.containers
+            .set_paused(&req.container_id, false)
+            .await
+            .map_err(status)?;
+        Ok(Empty::new())
+    }
+
+    async fn copy_file(&self, _ctx: &TtrpcContext, req: CopyFileRequest) -> ttrpc::Result<CopyFileResponse> {
+        let base = self.containers.shared_dir();
+        let written =
+            copy_file::copy_file(&base, &req.path, &req.data, req.mode, req.uid, req.gid).map_err(|err| {
+                let code = match err {
+                    copy_file::Error::Io { .. } => ttrpc::Code::INTERNAL,
+                    _ => ttrpc::Code::INVALID_ARGUMENT,
+                };
+                ttrpc::Error::RpcStatus(ttrpc::get_status(code, crate::init::error_chain(&err)))
+            })?;
+        let mut resp = CopyFileResponse::new();
+        resp.guest_path = written.display().to_string();
+        Ok(resp)
     }
 
     async fn get_oom_event(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<OomEvent> {

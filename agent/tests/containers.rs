@@ -446,3 +446,64 @@ async fn exec_runs_in_the_running_container_with_its_own_stdio_and_status() {
     );
     remove(&agent, "x1").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_file_writes_below_the_shared_directory_only() {
+    if !can_run() {
+        return;
+    }
+    let agent = start_agent().await;
+    let mut req = ironclad_protocol::agent::CopyFileRequest::new();
+    req.path = "c1/etc/hosts".into();
+    req.data = b"127.0.0.1 localhost\n".to_vec();
+    req.mode = 0o644;
+    let written = agent.client.copy_file(ctx(), &req).await.unwrap().guest_path;
+    assert_eq!(Path::new(&written), agent.state_dir.join("shared/c1/etc/hosts"));
+    assert_eq!(std::fs::read(&written).unwrap(), b"127.0.0.1 localhost\n");
+    req.path = "../../etc/passwd".into();
+    assert_eq!(
+        code_of(agent.client.copy_file(ctx(), &req).await),
+        ttrpc::Code::INVALID_ARGUMENT
+    );
+}
+
+fn wait_until(what: &str, condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(Instant::now() < deadline, "never {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The container's cgroup.events, seen through the agent's mount namespace.
+fn frozen(agent: &Agent, id: &str) -> bool {
+    let events = format!(
+        "/proc/{}/root/sys/fs/cgroup/ironclad/{id}/cgroup.events",
+        agent.child.id()
+    );
+    std::fs::read_to_string(&events)
+        .unwrap()
+        .lines()
+        .any(|l| l == "frozen 1")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_freezes_the_container_and_resume_thaws_it() {
+    if !can_run() {
+        return;
+    }
+    let agent = start_agent().await;
+    create(&agent, "p1", &["sleep", "1000"]).await.unwrap();
+    let mut req = ironclad_protocol::agent::ContainerRequest::new();
+    req.container_id = "p1".into();
+    assert_eq!(
+        code_of(agent.client.pause_container(ctx(), &req).await),
+        ttrpc::Code::FAILED_PRECONDITION
+    );
+    start(&agent, "p1").await;
+    agent.client.pause_container(ctx(), &req).await.unwrap();
+    wait_until("frozen", || frozen(&agent, "p1"));
+    agent.client.resume_container(ctx(), &req).await.unwrap();
+    wait_until("thawed", || !frozen(&agent, "p1"));
+    remove(&agent, "p1").await.unwrap();
+}
