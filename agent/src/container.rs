@@ -341,6 +341,16 @@ impl Containers {
         self.paths.shared()
     }
 
+    /// The container's cgroup v2 figures.
+    pub async fn stats(&self, id: &str) -> Result<ironclad_protocol::agent::StatsContainerResponse, Error> {
+        if !self.entries.lock().await.contains_key(id) {
+            return Err(Error::NotFound(id.into()));
+        }
+        let cgroup = self.paths.cgroup(id);
+        let dir = Path::new(CGROUP_ROOT).join(cgroup.strip_prefix("/").unwrap_or(&cgroup));
+        Ok(crate::stats::read(&dir))
+    }
+
     /// Freezes (or thaws) every process of a running container through its cgroup.
     pub async fn set_paused(&self, id: &str, paused: bool) -> Result<(), Error> {
         let container = {

@@ -12,6 +12,7 @@ mod init;
 mod paths;
 mod reaper;
 mod server;
+mod stats;
 mod storage;
 
 use std::process::ExitCode;
@@ -29,11 +30,13 @@ struct Options {
     listen: String,
     /// Where bundles and libcontainer's state live.
     state_dir: std::path::PathBuf,
+    /// The cgroup below which containers get theirs.
+    cgroup_parent: std::path::PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
 enum Error {
-    #[error("bad arguments: {0} (usage: ironclad-agent [--listen vsock://-1:1024 | unix:///path] [--state-dir DIR])")]
+    #[error("bad arguments: {0} (usage: ironclad-agent [--listen vsock://-1:1024 | unix:///path] [--state-dir DIR] [--cgroup-parent /CGROUP])")]
     Usage(String),
     #[error("guest setup failed")]
     Init(#[from] init::Error),
@@ -53,10 +56,11 @@ fn default_options() -> Options {
     Options {
         listen: default_listen_address(),
         state_dir: paths::DEFAULT_STATE_ROOT.into(),
+        cgroup_parent: paths::DEFAULT_CGROUP_PARENT.into(),
     }
 }
 
-/// Parses `--listen ADDR` and `--state-dir DIR`. The kernel hands PID 1 whatever command-line
+/// Parses `--listen ADDR`, `--state-dir DIR` and `--cgroup-parent /CGROUP`. The kernel hands PID 1 whatever command-line
 /// words it did not understand, so PID 1 ignores its arguments and always serves on the vsock port.
 fn parse_options(args: &[String]) -> Result<Options, Error> {
     let mut options = default_options();
@@ -70,8 +74,15 @@ fn parse_options(args: &[String]) -> Result<Options, Error> {
         match arg.as_str() {
             "--listen" => options.listen = value()?,
             "--state-dir" => options.state_dir = value()?.into(),
+            "--cgroup-parent" => options.cgroup_parent = value()?.into(),
             other => return Err(Error::Usage(format!("unknown argument {other:?}"))),
         }
+    }
+    if !options.cgroup_parent.is_absolute() {
+        return Err(Error::Usage(format!(
+            "--cgroup-parent {:?} must be absolute",
+            options.cgroup_parent
+        )));
     }
     if !(options.listen.starts_with("vsock://") || options.listen.starts_with("unix://")) {
         return Err(Error::Usage(format!(
@@ -103,7 +114,7 @@ fn run(is_init: bool) -> Result<(), Error> {
     }
     runtime.block_on(async {
         let reaper = reaper::spawn()?;
-        let state = paths::AgentPaths::new(&options.state_dir);
+        let state = paths::AgentPaths::new(&options.state_dir, &options.cgroup_parent);
         let containers = Arc::new(Containers::new(
             state,
             reaper.exits(),

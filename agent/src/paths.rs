@@ -4,16 +4,21 @@ use std::path::{Path, PathBuf};
 
 /// Where the agent keeps container bundles and libcontainer's state, unless told otherwise.
 pub const DEFAULT_STATE_ROOT: &str = "/run/ironclad/agent";
+/// The cgroup below which containers get theirs, unless told otherwise. In the guest the agent
+/// owns the whole tree; agents run by hand on one host each need their own parent.
+pub const DEFAULT_CGROUP_PARENT: &str = "/ironclad";
 
 #[derive(Debug, Clone)]
 pub struct AgentPaths {
     root: PathBuf,
+    cgroup_parent: PathBuf,
 }
 
 impl AgentPaths {
-    pub fn new(root: &Path) -> Self {
+    pub fn new(root: &Path, cgroup_parent: &Path) -> Self {
         AgentPaths {
             root: root.to_path_buf(),
+            cgroup_parent: cgroup_parent.to_path_buf(),
         }
     }
 
@@ -25,7 +30,7 @@ impl AgentPaths {
     /// The container's cgroup, below the guest's cgroup v2 root. The agent decides it: the path in a
     /// spec from the host means nothing inside the guest.
     pub fn cgroup(&self, container_id: &str) -> PathBuf {
-        Path::new("/ironclad").join(container_id)
+        self.cgroup_parent.join(container_id)
     }
 
     /// Files the host copies in (CopyFile) for containers to bind-mount.

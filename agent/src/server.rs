@@ -7,8 +7,8 @@ use ironclad_protocol::agent::{
     health_check_response::ServingStatus, CheckRequest, ContainerRequest, CopyFileRequest, CopyFileResponse,
     CreateContainerRequest, DestroySandboxRequest, Empty, ExecProcessRequest, ExecProcessResponse,
     HealthCheckResponse, OomEvent, ProcessRef, ReadStreamRequest, ReadStreamResponse, RemoveContainerRequest,
-    SignalProcessRequest, StartContainerRequest, StartContainerResponse, VersionCheckResponse,
-    WaitProcessResponse, WriteStreamRequest, WriteStreamResponse,
+    SignalProcessRequest, StartContainerRequest, StartContainerResponse, StatsContainerResponse,
+    VersionCheckResponse, WaitProcessResponse, WriteStreamRequest, WriteStreamResponse,
 };
 use ironclad_protocol::{agent_ttrpc, API_VERSION};
 use tokio::sync::mpsc;
@@ -230,6 +230,14 @@ impl agent_ttrpc::Agent for AgentService {
             .await
             .map_err(status)?;
         Ok(Empty::new())
+    }
+
+    async fn stats_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<StatsContainerResponse> {
+        self.containers.stats(&req.container_id).await.map_err(status)
     }
 
     async fn copy_file(&self, _ctx: &TtrpcContext, req: CopyFileRequest) -> ttrpc::Result<CopyFileResponse> {

@@ -24,11 +24,17 @@ struct Agent {
     child: Child,
     client: AgentClient,
     state_dir: PathBuf,
+    cgroup_parent: String,
     dir: tempfile::TempDir,
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        // Its containers' cgroups went with them; the parent cgroup goes now, through the agent's
+        // mount namespace (the host has no cgroup2 mount of its own), and its parent if it is empty.
+        let cgroups = format!("/proc/{}/root/sys/fs/cgroup", self.child.id());
+        let _ = std::fs::remove_dir(format!("{cgroups}{}", self.cgroup_parent));
+        let _ = std::fs::remove_dir(format!("{cgroups}/ironclad-test"));
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -61,12 +67,17 @@ async fn start_agent() -> Agent {
     let socket = dir.path().join("agent.sock");
     let state_dir = dir.path().join("state");
     let address = format!("unix://{}", socket.display());
+    // The cgroup v2 hierarchy is the host's: each agent gets its own parent cgroup, named after its
+    // private directory, so that agents running at the same time never share a container's cgroup.
+    let name = dir.path().file_name().unwrap().to_string_lossy().into_owned();
+    let cgroup_parent = format!("/ironclad-test/{name}");
     let child = Command::new("unshare")
         .args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(r#"mount -t cgroup2 none /sys/fs/cgroup && exec "$0" --listen "$1" --state-dir "$2""#)
+        .arg(r#"mount -t cgroup2 none /sys/fs/cgroup && exec "$0" --listen "$1" --state-dir "$2" --cgroup-parent "$3""#)
         .arg(env!("CARGO_BIN_EXE_ironclad-agent"))
         .arg(&address)
         .arg(&state_dir)
+        .arg(&cgroup_parent)
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
@@ -80,6 +91,7 @@ async fn start_agent() -> Agent {
         child,
         client,
         state_dir,
+        cgroup_parent,
         dir,
     }
 }
@@ -478,8 +490,9 @@ fn wait_until(what: &str, condition: impl Fn() -> bool) {
 /// The container's cgroup.events, seen through the agent's mount namespace.
 fn frozen(agent: &Agent, id: &str) -> bool {
     let events = format!(
-        "/proc/{}/root/sys/fs/cgroup/ironclad/{id}/cgroup.events",
-        agent.child.id()
+        "/proc/{}/root/sys/fs/cgroup{}/{id}/cgroup.events",
+        agent.child.id(),
+        agent.cgroup_parent
     );
     std::fs::read_to_string(&events)
         .unwrap()

@@ -227,6 +227,22 @@ impl AgentClient {
             })
     }
 
+    /// The container's cgroup v2 figures (containerd's cgroups v2 Metrics, field for field).
+    pub async fn stats_container(
+        &self,
+        container_id: &str,
+    ) -> Result<ironclad_protocol::agent::StatsContainerResponse, Error> {
+        let mut request = ironclad_protocol::agent::ContainerRequest::new();
+        request.container_id = container_id.into();
+        self.agent
+            .stats_container(self.ctx(), &request)
+            .await
+            .map_err(|source| Error::Rpc {
+                call: "Agent.StatsContainer",
+                source,
+            })
+    }
+
     /// Waits for the next OOM kill in any container of the sandbox; names the container.
     pub async fn get_oom_event(&self) -> Result<String, Error> {
         self.agent

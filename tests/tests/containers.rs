@@ -239,6 +239,11 @@ async fn limits_from_the_spec_hold_and_the_oom_killer_is_reported() {
         .await
         .expect("an OOM event");
     assert_eq!(event.unwrap().unwrap(), "c2");
+    let stats = guest.agent.stats_container("c2").await.unwrap();
+    assert_eq!(stats.memory.usage_limit, 16 * 1024 * 1024);
+    assert_eq!(stats.pids.limit, 8);
+    assert!(stats.memory_events.oom_kill >= 1, "{stats:?}");
+    assert!(stats.cpu.usage_usec > 0, "{stats:?}");
     guest.agent.remove_container("c2").await.unwrap();
     guest.agent.destroy_sandbox().await.unwrap();
     assert!(guest.vm.stop(EXIT_TIMEOUT).await.unwrap().success());
