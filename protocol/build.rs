@@ -14,10 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .include("protos")
         .rust_protobuf()
         .rust_protobuf_customize(ProtobufCustomize::default().gen_mod_rs(false))
-        .customize(Customize {
-            async_all: true,
-            ..Default::default()
-        })
+        .customize(Customize { async_all: true, ..Default::default() })
         .run()?;
     for file in GENERATED {
         strip_inner_attributes(&out_dir.join(file))?;
@@ -32,9 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// inside a module rejects; lib.rs puts the equivalent `#[allow]`s on the including module.
 fn strip_inner_attributes(path: &Path) -> std::io::Result<()> {
     let text = fs::read_to_string(path)?;
-    let kept: Vec<&str> = text
-        .lines()
-        .filter(|line| !(line.starts_with("#![") || line.starts_with("//!")))
-        .collect();
+    let kept: Vec<&str> =
+        text.lines().filter(|line| !(line.starts_with("#![") || line.starts_with("//!"))).collect();
     fs::write(path, kept.join("\n"))
 }

@@ -48,11 +48,7 @@ pub enum Error {
     #[error("the root file system {0} is not a directory")]
     BadRootfs(PathBuf),
     #[error("container {id:?} is {state}, it cannot be {action}")]
-    WrongState {
-        id: String,
-        state: &'static str,
-        action: &'static str,
-    },
+    WrongState { id: String, state: &'static str, action: &'static str },
     #[error("container {id:?} did not stop within {timeout:?} of SIGKILL")]
     StopTimeout { id: String, timeout: Duration },
     #[error("cannot prepare the bundle of {id:?}")]
@@ -62,11 +58,7 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error("libcontainer failed to {action} container {id:?}: {message}")]
-    Runtime {
-        id: String,
-        action: &'static str,
-        message: String,
-    },
+    Runtime { id: String, action: &'static str, message: String },
     #[error("cannot create the stdio pipes")]
     Pipes(#[source] nix::Error),
     #[error("storage for the container")]
@@ -82,10 +74,7 @@ struct Output {
 
 impl Output {
     fn new(chunks: mpsc::Receiver<Vec<u8>>) -> Self {
-        Output {
-            chunks,
-            leftover: Vec::new(),
-        }
+        Output { chunks, leftover: Vec::new() }
     }
 
     /// Up to `max` bytes (0: a whole chunk); empty at the end of the stream.
@@ -128,16 +117,8 @@ fn stdio_pipes() -> Result<(ChildStdio, HostEnds), Error> {
     let (stdout_read, stdout_write) = pipe()?;
     let (stderr_read, stderr_write) = pipe()?;
     Ok((
-        ChildStdio {
-            stdin: stdin_read,
-            stdout: stdout_write,
-            stderr: stderr_write,
-        },
-        HostEnds {
-            stdin: stdin_write,
-            stdout: stdout_read,
-            stderr: stderr_read,
-        },
+        ChildStdio { stdin: stdin_read, stdout: stdout_write, stderr: stderr_write },
+        HostEnds { stdin: stdin_write, stdout: stdout_read, stderr: stderr_read },
     ))
 }
 
@@ -163,12 +144,7 @@ struct Process {
 impl Process {
     fn new(stdio: Arc<Stdio>) -> Self {
         let (exit_tx, exit) = watch::channel(None);
-        Process {
-            pid: None,
-            stdio,
-            exit,
-            exit_tx: Arc::new(exit_tx),
-        }
+        Process { pid: None, stdio, exit, exit_tx: Arc::new(exit_tx) }
     }
 
     fn has_exited(&self) -> bool {
@@ -214,10 +190,7 @@ impl Entry {
         if exec_id.is_empty() {
             return Ok(&self.init);
         }
-        self.execs.get(exec_id).ok_or_else(|| Error::ExecNotFound {
-            id: id.into(),
-            exec_id: exec_id.into(),
-        })
+        self.execs.get(exec_id).ok_or_else(|| Error::ExecNotFound { id: id.into(), exec_id: exec_id.into() })
     }
 }
 
@@ -237,16 +210,13 @@ pub struct Containers {
 /// memory controller).
 fn oom_kills(memory_events: &Path) -> Option<u64> {
     let text = std::fs::read_to_string(memory_events).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("oom_kill "))
-        .and_then(|v| v.trim().parse().ok())
+    text.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|v| v.trim().parse().ok())
 }
 
 /// Reports each new OOM kill in the container's cgroup until the cgroup goes away.
 fn watch_oom(id: String, cgroup: PathBuf, events: mpsc::Sender<String>) {
-    let memory_events = Path::new(CGROUP_ROOT)
-        .join(cgroup.strip_prefix("/").unwrap_or(&cgroup))
-        .join("memory.events");
+    let memory_events =
+        Path::new(CGROUP_ROOT).join(cgroup.strip_prefix("/").unwrap_or(&cgroup)).join("memory.events");
     tokio::spawn(async move {
         let Some(mut seen) = oom_kills(&memory_events) else {
             return;
@@ -317,10 +287,7 @@ fn relay_output(read_end: OwnedFd) -> mpsc::Receiver<Vec<u8>> {
 async fn blocking<T: Send + 'static>(
     call: impl FnOnce() -> Result<T, String> + Send + 'static,
 ) -> Result<T, String> {
-    tokio::task::spawn_blocking(call)
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r)
+    tokio::task::spawn_blocking(call).await.map_err(|e| e.to_string()).and_then(|r| r)
 }
 
 impl Containers {
@@ -358,32 +325,17 @@ impl Containers {
             let entry = entries.get(id).ok_or_else(|| Error::NotFound(id.into()))?;
             if entry.init.pid.is_none() || entry.init.has_exited() {
                 let action = if paused { "paused" } else { "resumed" };
-                return Err(Error::WrongState {
-                    id: id.into(),
-                    state: "not running",
-                    action,
-                });
+                return Err(Error::WrongState { id: id.into(), state: "not running", action });
             }
             entry.container.clone()
         };
         let action = if paused { "pause" } else { "resume" };
         blocking(move || {
-            let mut container = container
-                .lock()
-                .map_err(|_| "container lock poisoned".to_string())?;
-            if paused {
-                container.pause()
-            } else {
-                container.resume()
-            }
-            .map_err(|e| e.to_string())
+            let mut container = container.lock().map_err(|_| "container lock poisoned".to_string())?;
+            if paused { container.pause() } else { container.resume() }.map_err(|e| e.to_string())
         })
         .await
-        .map_err(|message| Error::Runtime {
-            id: id.into(),
-            action,
-            message,
-        })
+        .map_err(|message| Error::Runtime { id: id.into(), action, message })
     }
 
     /// The next container the OOM killer struck.
@@ -432,11 +384,7 @@ impl Containers {
         if !rootfs.is_dir() {
             return Err(Error::BadRootfs(rootfs.to_path_buf()));
         }
-        let args = spec
-            .process()
-            .as_ref()
-            .and_then(|p| p.args().clone())
-            .unwrap_or_default();
+        let args = spec.process().as_ref().and_then(|p| p.args().clone()).unwrap_or_default();
         if args.is_empty() {
             return Err(Error::InvalidSpec("process.args is empty".into()));
         }
@@ -452,10 +400,7 @@ impl Containers {
             return Err(Error::AlreadyExists(id.into()));
         }
         let bundle = self.paths.bundle(id);
-        let bundle_err = |source| Error::Bundle {
-            id: id.into(),
-            source,
-        };
+        let bundle_err = |source| Error::Bundle { id: id.into(), source };
         std::fs::create_dir_all(&bundle).map_err(bundle_err)?;
         let written = serde_json::to_vec(&spec)
             .map_err(std::io::Error::other)
@@ -512,31 +457,18 @@ impl Containers {
         let mut entries = self.entries.lock().await;
         let entry = entries.get_mut(id).ok_or_else(|| Error::NotFound(id.into()))?;
         if entry.init.pid.is_some() {
-            return Err(Error::WrongState {
-                id: id.into(),
-                state: "started",
-                action: "started again",
-            });
+            return Err(Error::WrongState { id: id.into(), state: "started", action: "started again" });
         }
         // Watch for the exit before the process can exit.
         let exits = self.exits.subscribe();
         let container = entry.container.clone();
         let pid = blocking(move || {
-            let mut container = container
-                .lock()
-                .map_err(|_| "container lock poisoned".to_string())?;
+            let mut container = container.lock().map_err(|_| "container lock poisoned".to_string())?;
             container.start().map_err(|e| e.to_string())?;
-            container
-                .pid()
-                .map(|p| p.as_raw())
-                .ok_or_else(|| "no pid after start".to_string())
+            container.pid().map(|p| p.as_raw()).ok_or_else(|| "no pid after start".to_string())
         })
         .await
-        .map_err(|message| Error::Runtime {
-            id: id.into(),
-            action: "start",
-            message,
-        })?;
+        .map_err(|message| Error::Runtime { id: id.into(), action: "start", message })?;
         entry.init.pid = Some(pid);
         watch_exit(exits, pid, entry.init.exit_tx.clone());
         watch_oom(id.to_string(), self.paths.cgroup(id), self.oom_tx.clone());
@@ -558,23 +490,14 @@ impl Containers {
         let mut entries = self.entries.lock().await;
         let entry = entries.get_mut(id).ok_or_else(|| Error::NotFound(id.into()))?;
         if entry.init.pid.is_none() || entry.init.has_exited() {
-            return Err(Error::WrongState {
-                id: id.into(),
-                state: "not running",
-                action: "exec'd into",
-            });
+            return Err(Error::WrongState { id: id.into(), state: "not running", action: "exec'd into" });
         }
         if entry.execs.contains_key(exec_id) {
-            return Err(Error::ExecExists {
-                id: id.into(),
-                exec_id: exec_id.into(),
-            });
+            return Err(Error::ExecExists { id: id.into(), exec_id: exec_id.into() });
         }
         let process_file = entry.bundle.join(format!("exec-{exec_id}.json"));
-        std::fs::write(&process_file, process_json).map_err(|source| Error::Bundle {
-            id: id.into(),
-            source,
-        })?;
+        std::fs::write(&process_file, process_json)
+            .map_err(|source| Error::Bundle { id: id.into(), source })?;
         let (child, host) = stdio_pipes()?;
         let exits = self.exits.subscribe();
         let (builder_root, container_id) = (self.paths.libcontainer_root(), id.to_string());
@@ -624,11 +547,7 @@ impl Containers {
     pub async fn wait(&self, id: &str, exec_id: &str) -> Result<i32, Error> {
         let (_, mut exit, pid) = self.process_parts(id, exec_id).await?;
         if pid.is_none() {
-            return Err(Error::WrongState {
-                id: id.into(),
-                state: "not started",
-                action: "waited for",
-            });
+            return Err(Error::WrongState { id: id.into(), state: "not started", action: "waited for" });
         }
         loop {
             if let Some(code) = *exit.borrow_and_update() {
@@ -658,11 +577,7 @@ impl Containers {
         let (stdio, _, _) = self.process_parts(id, exec_id).await?;
         let mut stdin = stdio.stdin.lock().await;
         let Some(pipe) = stdin.as_mut() else {
-            return Err(Error::WrongState {
-                id: id.into(),
-                state: "closed for input",
-                action: "written to",
-            });
+            return Err(Error::WrongState { id: id.into(), state: "closed for input", action: "written to" });
         };
         pipe.write_all(data).await.map_err(|e| Error::Runtime {
             id: id.into(),
@@ -698,20 +613,11 @@ impl Containers {
 
     /// Kills what still runs, waits for it, and removes the container, its cgroup, bundle and mounts.
     pub async fn remove(&self, id: &str, timeout: Duration) -> Result<(), Error> {
-        let timeout = if timeout.is_zero() {
-            DEFAULT_REMOVE_TIMEOUT
-        } else {
-            timeout
-        };
+        let timeout = if timeout.is_zero() { DEFAULT_REMOVE_TIMEOUT } else { timeout };
         let (container, bundle, pid, mut exit) = {
             let entries = self.entries.lock().await;
             let entry = entries.get(id).ok_or_else(|| Error::NotFound(id.into()))?;
-            (
-                entry.container.clone(),
-                entry.bundle.clone(),
-                entry.init.pid,
-                entry.init.exit.clone(),
-            )
+            (entry.container.clone(), entry.bundle.clone(), entry.init.pid, entry.init.exit.clone())
         };
         if let Some(pid) = pid {
             if exit.borrow().is_none() {
@@ -719,25 +625,16 @@ impl Containers {
                 let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
                 let exited = tokio::time::timeout(timeout, exit.wait_for(|code| code.is_some())).await;
                 if exited.is_err() {
-                    return Err(Error::StopTimeout {
-                        id: id.into(),
-                        timeout,
-                    });
+                    return Err(Error::StopTimeout { id: id.into(), timeout });
                 }
             }
         }
         blocking(move || {
-            let mut container = container
-                .lock()
-                .map_err(|_| "container lock poisoned".to_string())?;
+            let mut container = container.lock().map_err(|_| "container lock poisoned".to_string())?;
             container.delete(true).map_err(|e| e.to_string())
         })
         .await
-        .map_err(|message| Error::Runtime {
-            id: id.into(),
-            action: "delete",
-            message,
-        })?;
+        .map_err(|message| Error::Runtime { id: id.into(), action: "delete", message })?;
         let _ = std::fs::remove_dir_all(&bundle);
         if let Some(entry) = self.entries.lock().await.remove(id) {
             entry.mounts.into_iter().for_each(Mounted::unmount);
@@ -769,22 +666,14 @@ fn drain_nonblocking(pipe: &OwnedFd) -> String {
 
 /// Container ids become directory names: letters, digits, `_ . -`, starting with a letter or digit.
 fn validate_id(id: &str) -> Result<(), Error> {
-    let invalid = |reason: &str| {
-        Err(Error::InvalidId {
-            id: id.into(),
-            reason: reason.into(),
-        })
-    };
+    let invalid = |reason: &str| Err(Error::InvalidId { id: id.into(), reason: reason.into() });
     if id.is_empty() || id.len() > 128 {
         return invalid("must be 1 to 128 characters");
     }
     if !id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric()) {
         return invalid("must start with a letter or digit");
     }
-    if !id
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-    {
+    if !id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) {
         return invalid("may hold only letters, digits, '_', '.' and '-'");
     }
     Ok(())
@@ -797,10 +686,7 @@ mod tests {
     #[test]
     fn ids_that_could_escape_the_state_directory_are_refused() {
         for bad in ["", "../x", "a/b", ".hidden", "a b", &"x".repeat(129)] {
-            assert!(
-                matches!(validate_id(bad), Err(Error::InvalidId { .. })),
-                "{bad:?}"
-            );
+            assert!(matches!(validate_id(bad), Err(Error::InvalidId { .. })), "{bad:?}");
         }
         for good in ["c1", "pod-123_a.b"] {
             assert!(validate_id(good).is_ok(), "{good}");
@@ -822,10 +708,7 @@ mod tests {
     fn signals_become_128_plus_the_signal() {
         let pid = Pid::from_raw(10);
         assert_eq!(exit_code(WaitStatus::Exited(pid, 3)), Some((pid, 3)));
-        assert_eq!(
-            exit_code(WaitStatus::Signaled(pid, Signal::SIGKILL, false)),
-            Some((pid, 137))
-        );
+        assert_eq!(exit_code(WaitStatus::Signaled(pid, Signal::SIGKILL, false)), Some((pid, 137)));
         assert_eq!(exit_code(WaitStatus::StillAlive), None);
     }
 }

@@ -56,12 +56,7 @@ fn make_parents(base: &Path, target: &Path) -> Result<(), Error> {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
                 fs::create_dir(&current).map_err(io(&current))?;
             }
-            Err(source) => {
-                return Err(Error::Io {
-                    path: current,
-                    source,
-                })
-            }
+            Err(source) => return Err(Error::Io { path: current, source }),
         }
     }
     Ok(())
@@ -85,15 +80,9 @@ pub fn copy_file(
     }
     let target = resolve(base, relative)?;
     make_parents(base, &target)?;
-    let file_name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let file_name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let temporary = target.with_file_name(format!(".{file_name}.ironclad-tmp"));
-    let io = |source| Error::Io {
-        path: target.clone(),
-        source,
-    };
+    let io = |source| Error::Io { path: target.clone(), source };
     let _ = fs::remove_file(&temporary);
     let mut file = OpenOptions::new()
         .write(true)
@@ -123,28 +112,13 @@ mod tests {
     #[test]
     fn writes_the_file_with_its_mode_and_owner_creating_directories() {
         let base = tempfile::tempdir().unwrap();
-        let path = copy_file(
-            base.path(),
-            "c1/etc/resolv.conf",
-            b"nameserver 10.0.0.1\n",
-            0o644,
-            0,
-            0,
-        )
-        .unwrap();
+        let path =
+            copy_file(base.path(), "c1/etc/resolv.conf", b"nameserver 10.0.0.1\n", 0o644, 0, 0).unwrap();
         assert_eq!(path, base.path().join("c1/etc/resolv.conf"));
         assert_eq!(fs::read(&path).unwrap(), b"nameserver 10.0.0.1\n");
         assert_eq!(fs::metadata(&path).unwrap().mode() & 0o7777, 0o644);
         // Again, atomically replaced.
-        copy_file(
-            base.path(),
-            "c1/etc/resolv.conf",
-            b"nameserver 10.0.0.2\n",
-            0o600,
-            0,
-            0,
-        )
-        .unwrap();
+        copy_file(base.path(), "c1/etc/resolv.conf", b"nameserver 10.0.0.2\n", 0o600, 0, 0).unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"nameserver 10.0.0.2\n");
         assert_eq!(fs::metadata(&path).unwrap().mode() & 0o7777, 0o600);
         assert!(!base.path().join("c1/etc/.resolv.conf.ironclad-tmp").exists());
@@ -173,23 +147,14 @@ mod tests {
         std::os::unix::fs::symlink(&victim, base.path().join("dest")).unwrap();
         copy_file(base.path(), "dest", b"new", 0o644, 0, 0).unwrap();
         assert_eq!(fs::read(&victim).unwrap(), b"untouched");
-        assert!(!fs::symlink_metadata(base.path().join("dest"))
-            .unwrap()
-            .file_type()
-            .is_symlink());
+        assert!(!fs::symlink_metadata(base.path().join("dest")).unwrap().file_type().is_symlink());
     }
 
     #[test]
     fn oversized_files_and_odd_modes_are_refused() {
         let base = tempfile::tempdir().unwrap();
         let big = vec![0u8; MAX_FILE_SIZE + 1];
-        assert!(matches!(
-            copy_file(base.path(), "big", &big, 0o644, 0, 0),
-            Err(Error::TooLarge { .. })
-        ));
-        assert!(matches!(
-            copy_file(base.path(), "odd", b"x", 0o10777, 0, 0),
-            Err(Error::BadMode(_))
-        ));
+        assert!(matches!(copy_file(base.path(), "big", &big, 0o644, 0, 0), Err(Error::TooLarge { .. })));
+        assert!(matches!(copy_file(base.path(), "odd", b"x", 0o10777, 0, 0), Err(Error::BadMode(_))));
     }
 }

@@ -45,30 +45,13 @@ struct GuestMount {
     data: &'static str,
 }
 
-const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID
-    .union(MsFlags::MS_NODEV)
-    .union(MsFlags::MS_NOEXEC);
+const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC);
 
 /// In mount order: a mount point must exist on the file system mounted before it.
 const GUEST_MOUNTS: &[GuestMount] = &[
-    GuestMount {
-        fstype: "proc",
-        target: "/proc",
-        flags: NOSUID_NODEV_NOEXEC,
-        data: "",
-    },
-    GuestMount {
-        fstype: "sysfs",
-        target: "/sys",
-        flags: NOSUID_NODEV_NOEXEC,
-        data: "",
-    },
-    GuestMount {
-        fstype: "devtmpfs",
-        target: "/dev",
-        flags: MsFlags::MS_NOSUID,
-        data: "mode=0755",
-    },
+    GuestMount { fstype: "proc", target: "/proc", flags: NOSUID_NODEV_NOEXEC, data: "" },
+    GuestMount { fstype: "sysfs", target: "/sys", flags: NOSUID_NODEV_NOEXEC, data: "" },
+    GuestMount { fstype: "devtmpfs", target: "/dev", flags: MsFlags::MS_NOSUID, data: "mode=0755" },
     GuestMount {
         fstype: "devpts",
         target: "/dev/pts",
@@ -115,10 +98,8 @@ pub fn prepare_guest() -> Result<(), Error> {
 }
 
 fn mount_one(m: &GuestMount) -> Result<(), Error> {
-    fs::create_dir_all(m.target).map_err(|source| Error::MountPoint {
-        path: PathBuf::from(m.target),
-        source,
-    })?;
+    fs::create_dir_all(m.target)
+        .map_err(|source| Error::MountPoint { path: PathBuf::from(m.target), source })?;
     let data = (!m.data.is_empty()).then_some(m.data);
     mount(Some(m.fstype), m.target, Some(m.fstype), m.flags, data).map_err(|source| Error::Mount {
         fstype: m.fstype,
@@ -143,19 +124,14 @@ fn link_ptmx() -> Result<(), Error> {
 fn enable_cgroup_controllers(root: &Path) -> Result<(), Error> {
     let available = fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
     let request = controllers_to_enable(&available);
-    for missing in CGROUP_CONTROLLERS
-        .iter()
-        .filter(|c| !available.split_whitespace().any(|a| a == **c))
-    {
+    for missing in CGROUP_CONTROLLERS.iter().filter(|c| !available.split_whitespace().any(|a| a == **c)) {
         warn!("cgroup v2 controller {missing} is not offered by this kernel");
     }
     if request.is_empty() {
         return Ok(());
     }
-    fs::write(root.join("cgroup.subtree_control"), &request).map_err(|source| Error::Controllers {
-        controllers: request.clone(),
-        source,
-    })?;
+    fs::write(root.join("cgroup.subtree_control"), &request)
+        .map_err(|source| Error::Controllers { controllers: request.clone(), source })?;
     info!("cgroup v2 controllers enabled: {request}");
     Ok(())
 }
@@ -213,10 +189,7 @@ mod tests {
 
     #[test]
     fn enables_only_offered_controllers_in_a_stable_order() {
-        assert_eq!(
-            controllers_to_enable("memory pids cpu misc"),
-            "+cpu +memory +pids"
-        );
+        assert_eq!(controllers_to_enable("memory pids cpu misc"), "+cpu +memory +pids");
         assert_eq!(
             controllers_to_enable("cpuset cpu io memory hugetlb pids rdma"),
             "+cpuset +cpu +io +memory +pids"
@@ -230,10 +203,7 @@ mod tests {
             controllers: "+cpu".into(),
             source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, "denied"),
         };
-        assert_eq!(
-            error_chain(&err),
-            "cannot enable cgroup v2 controllers \"+cpu\": denied"
-        );
+        assert_eq!(error_chain(&err), "cannot enable cgroup v2 controllers \"+cpu\": denied");
     }
 
     #[test]
@@ -241,12 +211,7 @@ mod tests {
         for (i, m) in GUEST_MOUNTS.iter().enumerate() {
             for (j, other) in GUEST_MOUNTS.iter().enumerate() {
                 if other.target != m.target && Path::new(m.target).starts_with(other.target) {
-                    assert!(
-                        j < i,
-                        "{} is mounted before {}, which it sits on",
-                        m.target,
-                        other.target
-                    );
+                    assert!(j < i, "{} is mounted before {}, which it sits on", m.target, other.target);
                 }
             }
         }

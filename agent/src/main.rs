@@ -66,11 +66,7 @@ fn parse_options(args: &[String]) -> Result<Options, Error> {
     let mut options = default_options();
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
-        let mut value = || {
-            rest.next()
-                .cloned()
-                .ok_or_else(|| Error::Usage(format!("{arg} needs a value")))
-        };
+        let mut value = || rest.next().cloned().ok_or_else(|| Error::Usage(format!("{arg} needs a value")));
         match arg.as_str() {
             "--listen" => options.listen = value()?,
             "--state-dir" => options.state_dir = value()?.into(),
@@ -79,16 +75,10 @@ fn parse_options(args: &[String]) -> Result<Options, Error> {
         }
     }
     if !options.cgroup_parent.is_absolute() {
-        return Err(Error::Usage(format!(
-            "--cgroup-parent {:?} must be absolute",
-            options.cgroup_parent
-        )));
+        return Err(Error::Usage(format!("--cgroup-parent {:?} must be absolute", options.cgroup_parent)));
     }
     if !(options.listen.starts_with("vsock://") || options.listen.starts_with("unix://")) {
-        return Err(Error::Usage(format!(
-            "{:?} is neither vsock:// nor unix://",
-            options.listen
-        )));
+        return Err(Error::Usage(format!("{:?} is neither vsock:// nor unix://", options.listen)));
     }
     Ok(options)
 }
@@ -115,11 +105,7 @@ fn run(is_init: bool) -> Result<(), Error> {
     runtime.block_on(async {
         let reaper = reaper::spawn()?;
         let state = paths::AgentPaths::new(&options.state_dir, &options.cgroup_parent);
-        let containers = Arc::new(Containers::new(
-            state,
-            reaper.exits(),
-            container::root_is_initramfs(),
-        ));
+        let containers = Arc::new(Containers::new(state, reaper.exits(), container::root_is_initramfs()));
         let result = server::serve(&options.listen, containers).await;
         drop(reaper);
         result
@@ -161,13 +147,8 @@ mod tests {
 
     #[test]
     fn accepts_a_unix_listen_address_and_a_state_dir() {
-        let options = parse_options(&args(&[
-            "--listen",
-            "unix:///tmp/a.sock",
-            "--state-dir",
-            "/tmp/s",
-        ]))
-        .unwrap();
+        let options =
+            parse_options(&args(&["--listen", "unix:///tmp/a.sock", "--state-dir", "/tmp/s"])).unwrap();
         assert_eq!(options.listen, "unix:///tmp/a.sock");
         assert_eq!(options.state_dir, std::path::Path::new("/tmp/s"));
     }
@@ -175,13 +156,7 @@ mod tests {
     #[test]
     fn rejects_unknown_arguments_and_schemes() {
         assert!(matches!(parse_options(&args(&["--bogus"])), Err(Error::Usage(_))));
-        assert!(matches!(
-            parse_options(&args(&["--listen"])),
-            Err(Error::Usage(_))
-        ));
-        assert!(matches!(
-            parse_options(&args(&["--listen", "tcp://1.2.3.4:5"])),
-            Err(Error::Usage(_))
-        ));
+        assert!(matches!(parse_options(&args(&["--listen"])), Err(Error::Usage(_))));
+        assert!(matches!(parse_options(&args(&["--listen", "tcp://1.2.3.4:5"])), Err(Error::Usage(_))));
     }
 }

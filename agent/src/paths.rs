@@ -16,10 +16,7 @@ pub struct AgentPaths {
 
 impl AgentPaths {
     pub fn new(root: &Path, cgroup_parent: &Path) -> Self {
-        AgentPaths {
-            root: root.to_path_buf(),
-            cgroup_parent: cgroup_parent.to_path_buf(),
-        }
+        AgentPaths { root: root.to_path_buf(), cgroup_parent: cgroup_parent.to_path_buf() }
     }
 
     /// The OCI bundle (config.json) of one container.

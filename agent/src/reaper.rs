@@ -77,10 +77,7 @@ mod tests {
     async fn reaps_an_exited_child_and_publishes_its_status() {
         let reaper = spawn().unwrap();
         let mut exits = reaper.subscribe();
-        let child = std::process::Command::new("sh")
-            .args(["-c", "exit 7"])
-            .spawn()
-            .unwrap();
+        let child = std::process::Command::new("sh").args(["-c", "exit 7"]).spawn().unwrap();
         let pid = Pid::from_raw(i32::try_from(child.id()).unwrap());
         let status = tokio::time::timeout(std::time::Duration::from_secs(10), async {
             loop {

@@ -86,10 +86,7 @@ fn status(err: container::Error) -> ttrpc::Error {
 }
 
 fn process_of(process: &protobuf::MessageField<ProcessRef>) -> (String, String) {
-    process
-        .as_ref()
-        .map(|p| (p.container_id.clone(), p.exec_id.clone()))
-        .unwrap_or_default()
+    process.as_ref().map(|p| (p.container_id.clone(), p.exec_id.clone())).unwrap_or_default()
 }
 
 #[async_trait]
@@ -146,22 +143,15 @@ impl agent_ttrpc::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: ExecProcessRequest,
     ) -> ttrpc::Result<ExecProcessResponse> {
-        let pid = self
-            .containers
-            .exec(&req.container_id, &req.exec_id, &req.process_json)
-            .await
-            .map_err(status)?;
+        let pid =
+            self.containers.exec(&req.container_id, &req.exec_id, &req.process_json).await.map_err(status)?;
         let mut resp = ExecProcessResponse::new();
         resp.pid = pid;
         Ok(resp)
     }
 
     async fn wait_process(&self, _ctx: &TtrpcContext, req: ProcessRef) -> ttrpc::Result<WaitProcessResponse> {
-        let code = self
-            .containers
-            .wait(&req.container_id, &req.exec_id)
-            .await
-            .map_err(status)?;
+        let code = self.containers.wait(&req.container_id, &req.exec_id).await.map_err(status)?;
         let mut resp = WaitProcessResponse::new();
         resp.exit_status = code;
         Ok(resp)
@@ -189,46 +179,30 @@ impl agent_ttrpc::Agent for AgentService {
         req: WriteStreamRequest,
     ) -> ttrpc::Result<WriteStreamResponse> {
         let (id, exec_id) = process_of(&req.process);
-        let written = self
-            .containers
-            .write_stdin(&id, &exec_id, &req.data)
-            .await
-            .map_err(status)?;
+        let written = self.containers.write_stdin(&id, &exec_id, &req.data).await.map_err(status)?;
         let mut resp = WriteStreamResponse::new();
         resp.written = u32::try_from(written).unwrap_or(u32::MAX);
         Ok(resp)
     }
 
     async fn close_stdin(&self, _ctx: &TtrpcContext, req: ProcessRef) -> ttrpc::Result<Empty> {
-        self.containers
-            .close_stdin(&req.container_id, &req.exec_id)
-            .await
-            .map_err(status)?;
+        self.containers.close_stdin(&req.container_id, &req.exec_id).await.map_err(status)?;
         Ok(Empty::new())
     }
 
     async fn signal_process(&self, _ctx: &TtrpcContext, req: SignalProcessRequest) -> ttrpc::Result<Empty> {
         let (id, exec_id) = process_of(&req.process);
-        self.containers
-            .signal(&id, &exec_id, req.signal)
-            .await
-            .map_err(status)?;
+        self.containers.signal(&id, &exec_id, req.signal).await.map_err(status)?;
         Ok(Empty::new())
     }
 
     async fn pause_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
-        self.containers
-            .set_paused(&req.container_id, true)
-            .await
-            .map_err(status)?;
+        self.containers.set_paused(&req.container_id, true).await.map_err(status)?;
         Ok(Empty::new())
     }
 
     async fn resume_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
-        self.containers
-            .set_paused(&req.container_id, false)
-            .await
-            .map_err(status)?;
+        self.containers.set_paused(&req.container_id, false).await.map_err(status)?;
         Ok(Empty::new())
     }
 
@@ -257,10 +231,7 @@ impl agent_ttrpc::Agent for AgentService {
 
     async fn get_oom_event(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<OomEvent> {
         let id = self.containers.next_oom_event().await.ok_or_else(|| {
-            ttrpc::Error::RpcStatus(ttrpc::get_status(
-                ttrpc::Code::UNAVAILABLE,
-                "the agent is shutting down",
-            ))
+            ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::UNAVAILABLE, "the agent is shutting down"))
         })?;
         let mut event = OomEvent::new();
         event.container_id = id;
@@ -273,10 +244,7 @@ impl agent_ttrpc::Agent for AgentService {
         req: RemoveContainerRequest,
     ) -> ttrpc::Result<Empty> {
         let timeout = std::time::Duration::from_millis(u64::from(req.timeout_ms));
-        self.containers
-            .remove(&req.container_id, timeout)
-            .await
-            .map_err(status)?;
+        self.containers.remove(&req.container_id, timeout).await.map_err(status)?;
         info!("container {} removed", req.container_id);
         Ok(Empty::new())
     }
@@ -286,11 +254,7 @@ impl AgentService {
     async fn read_stream(&self, req: ReadStreamRequest, stderr: bool) -> ttrpc::Result<ReadStreamResponse> {
         let (id, exec_id) = process_of(&req.process);
         let max = usize::try_from(req.max_bytes).unwrap_or(container::CHUNK_SIZE);
-        let data = self
-            .containers
-            .read_output(&id, &exec_id, stderr, max)
-            .await
-            .map_err(status)?;
+        let data = self.containers.read_output(&id, &exec_id, stderr, max).await.map_err(status)?;
         let mut resp = ReadStreamResponse::new();
         resp.data = data;
         Ok(resp)
@@ -301,16 +265,11 @@ impl AgentService {
 pub async fn serve(address: &str, containers: Arc<Containers>) -> Result<(), Error> {
     let (destroy_tx, mut destroy_rx) = mpsc::channel(1);
     let health: Arc<dyn agent_ttrpc::Health + Send + Sync> = Arc::new(HealthService);
-    let agent: Arc<dyn agent_ttrpc::Agent + Send + Sync> = Arc::new(AgentService {
-        destroy: destroy_tx,
-        containers,
-    });
+    let agent: Arc<dyn agent_ttrpc::Agent + Send + Sync> =
+        Arc::new(AgentService { destroy: destroy_tx, containers });
     let mut server = Server::new()
         .bind(address)
-        .map_err(|source| Error::Listen {
-            address: address.to_string(),
-            source,
-        })?
+        .map_err(|source| Error::Listen { address: address.to_string(), source })?
         .register_service(agent_ttrpc::create_health(health))
         .register_service(agent_ttrpc::create_agent(agent));
     server.start().await.map_err(Error::Start)?;
@@ -329,9 +288,6 @@ mod tests {
 
     #[test]
     fn ready_line_carries_version_and_uptime() {
-        assert_eq!(
-            ready_line(42),
-            format!("ironclad-agent ready version={AGENT_VERSION} uptime_ms=42")
-        );
+        assert_eq!(ready_line(42), format!("ironclad-agent ready version={AGENT_VERSION} uptime_ms=42"));
     }
 }

@@ -115,41 +115,21 @@ mod tests {
         let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
         write("pids.current", "3\n");
         write("pids.max", "max\n");
-        write(
-            "cpu.stat",
-            "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\nnr_periods 0\n",
-        );
+        write("cpu.stat", "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\nnr_periods 0\n");
         write("memory.current", "4096000\n");
         write("memory.max", "16777216\n");
         write("memory.stat", "anon 1024\nfile 2048\npgfault 77\n");
         write("memory.events", "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n");
-        write(
-            "io.stat",
-            "254:0 rbytes=4096 wbytes=8192 rios=1 wios=2 dbytes=0 dios=0\n",
-        );
+        write("io.stat", "254:0 rbytes=4096 wbytes=8192 rios=1 wios=2 dbytes=0 dios=0\n");
         let stats = read(dir.path());
         assert_eq!((stats.pids.current, stats.pids.limit), (3, u64::MAX));
-        assert_eq!(
-            (stats.cpu.usage_usec, stats.cpu.user_usec, stats.cpu.system_usec),
-            (1500, 1000, 500)
-        );
-        assert_eq!(
-            (stats.memory.usage, stats.memory.usage_limit),
-            (4_096_000, 16_777_216)
-        );
-        assert_eq!(
-            (stats.memory.anon, stats.memory.file, stats.memory.pgfault),
-            (1024, 2048, 77)
-        );
+        assert_eq!((stats.cpu.usage_usec, stats.cpu.user_usec, stats.cpu.system_usec), (1500, 1000, 500));
+        assert_eq!((stats.memory.usage, stats.memory.usage_limit), (4_096_000, 16_777_216));
+        assert_eq!((stats.memory.anon, stats.memory.file, stats.memory.pgfault), (1024, 2048, 77));
         assert_eq!((stats.memory_events.max, stats.memory_events.oom_kill), (4, 1));
         assert_eq!(stats.io.len(), 1);
         assert_eq!(
-            (
-                stats.io[0].major,
-                stats.io[0].minor,
-                stats.io[0].wbytes,
-                stats.io[0].wios
-            ),
+            (stats.io[0].major, stats.io[0].minor, stats.io[0].wbytes, stats.io[0].wios),
             (254, 0, 8192, 2)
         );
     }

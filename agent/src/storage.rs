@@ -86,10 +86,7 @@ pub fn find_disk(sys_block: &Path, serial: &str) -> Result<PathBuf, Error> {
 pub fn mount_storage(request: &StorageRequest) -> Result<Mounted, Error> {
     let path = validate_mount_point(&request.mount_point)?;
     let device = find_disk(Path::new(SYS_BLOCK), &request.serial)?;
-    std::fs::create_dir_all(&path).map_err(|source| Error::MountPoint {
-        path: path.clone(),
-        source,
-    })?;
+    std::fs::create_dir_all(&path).map_err(|source| Error::MountPoint { path: path.clone(), source })?;
     let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     if request.read_only {
         flags |= MsFlags::MS_RDONLY;
@@ -97,12 +94,7 @@ pub fn mount_storage(request: &StorageRequest) -> Result<Mounted, Error> {
     let options = request.options.join(",");
     let data = (!options.is_empty()).then_some(options.as_str());
     mount(Some(&device), &path, Some(request.fstype.as_str()), flags, data).map_err(|source| {
-        Error::Mount {
-            device,
-            fstype: request.fstype.clone(),
-            path: path.clone(),
-            source,
-        }
+        Error::Mount { device, fstype: request.fstype.clone(), path: path.clone(), source }
     })?;
     Ok(Mounted { path })
 }
@@ -115,10 +107,7 @@ mod tests {
     fn mount_points_must_be_absolute_and_stay_put() {
         assert!(validate_mount_point("/run/ironclad/rootfs/c1").is_ok());
         for bad in ["relative/path", "/run/../etc", "/", ""] {
-            assert!(
-                matches!(validate_mount_point(bad), Err(Error::BadMountPoint(_))),
-                "{bad:?}"
-            );
+            assert!(matches!(validate_mount_point(bad), Err(Error::BadMountPoint(_))), "{bad:?}");
         }
     }
 
@@ -131,14 +120,8 @@ mod tests {
         }
         std::fs::create_dir_all(dir.path().join("loop0")).unwrap();
         assert_eq!(find_disk(dir.path(), "rootfs").unwrap(), Path::new("/dev/vdb"));
-        assert!(matches!(
-            find_disk(dir.path(), "other"),
-            Err(Error::NoSuchDisk(_))
-        ));
+        assert!(matches!(find_disk(dir.path(), "other"), Err(Error::NoSuchDisk(_))));
         assert!(matches!(find_disk(dir.path(), ""), Err(Error::BadSerial(_))));
-        assert!(matches!(
-            find_disk(dir.path(), &"s".repeat(21)),
-            Err(Error::BadSerial(_))
-        ));
+        assert!(matches!(find_disk(dir.path(), &"s".repeat(21)), Err(Error::BadSerial(_))));
     }
 }

@@ -16,9 +16,7 @@ use ironclad_protocol::agent_ttrpc::AgentClient;
 use libcontainer::oci_spec::runtime::{ProcessBuilder, RootBuilder, Spec, UserBuilder};
 
 const BUSYBOX: &str = "/bin/busybox";
-const APPLETS: &[&str] = &[
-    "sh", "echo", "cat", "sleep", "true", "false", "id", "pwd", "hostname", "touch",
-];
+const APPLETS: &[&str] = &["sh", "echo", "cat", "sleep", "true", "false", "id", "pwd", "hostname", "touch"];
 
 struct Agent {
     child: Child,
@@ -87,13 +85,7 @@ async fn start_agent() -> Agent {
         std::thread::sleep(Duration::from_millis(10));
     }
     let client = AgentClient::new(ttrpc::r#async::Client::connect(&address).await.unwrap());
-    Agent {
-        child,
-        client,
-        state_dir,
-        cgroup_parent,
-        dir,
-    }
+    Agent { child, client, state_dir, cgroup_parent, dir }
 }
 
 fn ctx() -> ttrpc::context::Context {
@@ -115,13 +107,7 @@ fn spec_with(args: &[&str], adjust: impl FnOnce(&mut Spec)) -> Spec {
         .build()
         .unwrap();
     spec.set_process(Some(process));
-    spec.set_root(Some(
-        RootBuilder::default()
-            .path("rootfs")
-            .readonly(false)
-            .build()
-            .unwrap(),
-    ));
+    spec.set_root(Some(RootBuilder::default().path("rootfs").readonly(false).build().unwrap()));
     adjust(&mut spec);
     spec
 }
@@ -183,9 +169,7 @@ async fn a_container_runs_prints_exits_and_is_removed_without_a_trace() {
         return;
     }
     let agent = start_agent().await;
-    create(&agent, "c1", &["sh", "-c", "echo hello from a container; exit 3"])
-        .await
-        .unwrap();
+    create(&agent, "c1", &["sh", "-c", "echo hello from a container; exit 3"]).await.unwrap();
     let pid = start(&agent, "c1").await;
     assert!(pid > 0);
     assert_eq!(read_all_stdout(&agent, "c1").await, "hello from a container\n");
@@ -193,14 +177,8 @@ async fn a_container_runs_prints_exits_and_is_removed_without_a_trace() {
     assert_eq!(status.exit_status, 3);
     remove(&agent, "c1").await.unwrap();
     assert!(!agent.state_dir.join("bundles/c1").exists(), "bundle left behind");
-    assert!(
-        !agent.state_dir.join("libcontainer/c1").exists(),
-        "libcontainer state left behind"
-    );
-    assert!(
-        !Path::new(&format!("/proc/{pid}")).exists(),
-        "process left behind"
-    );
+    assert!(!agent.state_dir.join("libcontainer/c1").exists(), "libcontainer state left behind");
+    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "process left behind");
     assert_eq!(code_of(remove(&agent, "c1").await), ttrpc::Code::NOT_FOUND);
 }
 
@@ -210,9 +188,7 @@ async fn stdin_reaches_the_process_and_close_ends_it() {
         return;
     }
     let agent = start_agent().await;
-    create(&agent, "c2", &["sh", "-c", "read line; echo got $line; cat"])
-        .await
-        .unwrap();
+    create(&agent, "c2", &["sh", "-c", "read line; echo got $line; cat"]).await.unwrap();
     start(&agent, "c2").await;
     let mut req = WriteStreamRequest::new();
     req.process = Some(process("c2")).into();
@@ -220,15 +196,7 @@ async fn stdin_reaches_the_process_and_close_ends_it() {
     assert_eq!(agent.client.write_stdin(ctx(), &req).await.unwrap().written, 17);
     agent.client.close_stdin(ctx(), &process("c2")).await.unwrap();
     assert_eq!(read_all_stdout(&agent, "c2").await, "got hi\nrest of input\n");
-    assert_eq!(
-        agent
-            .client
-            .wait_process(ctx(), &process("c2"))
-            .await
-            .unwrap()
-            .exit_status,
-        0
-    );
+    assert_eq!(agent.client.wait_process(ctx(), &process("c2")).await.unwrap().exit_status, 0);
     remove(&agent, "c2").await.unwrap();
 }
 
@@ -244,15 +212,7 @@ async fn a_killed_container_exits_with_137_and_a_running_one_can_be_removed() {
     req.process = Some(process("c3")).into();
     req.signal = 9;
     agent.client.signal_process(ctx(), &req).await.unwrap();
-    assert_eq!(
-        agent
-            .client
-            .wait_process(ctx(), &process("c3"))
-            .await
-            .unwrap()
-            .exit_status,
-        137
-    );
+    assert_eq!(agent.client.wait_process(ctx(), &process("c3")).await.unwrap().exit_status, 137);
     remove(&agent, "c3").await.unwrap();
 
     create(&agent, "c4", &["sleep", "1000"]).await.unwrap();
@@ -276,46 +236,27 @@ async fn bad_requests_are_refused_with_the_reason() {
 
     req.rootfs = busybox_rootfs(&agent.dir.path().join("c5")).display().to_string();
     req.oci_spec_json = "{not json".into();
-    assert_eq!(
-        code_of(agent.client.create_container(ctx(), &req).await),
-        ttrpc::Code::INVALID_ARGUMENT
-    );
+    assert_eq!(code_of(agent.client.create_container(ctx(), &req).await), ttrpc::Code::INVALID_ARGUMENT);
 
     req.oci_spec_json = spec(&["true"]);
     req.container_id = "../escape".into();
-    assert_eq!(
-        code_of(agent.client.create_container(ctx(), &req).await),
-        ttrpc::Code::INVALID_ARGUMENT
-    );
+    assert_eq!(code_of(agent.client.create_container(ctx(), &req).await), ttrpc::Code::INVALID_ARGUMENT);
 
     let mut start_req = StartContainerRequest::new();
     start_req.container_id = "nobody".into();
-    assert_eq!(
-        code_of(agent.client.start_container(ctx(), &start_req).await),
-        ttrpc::Code::NOT_FOUND
-    );
+    assert_eq!(code_of(agent.client.start_container(ctx(), &start_req).await), ttrpc::Code::NOT_FOUND);
 
     let mut exec = process("nobody");
     exec.exec_id = "e1".into();
-    assert_eq!(
-        code_of(agent.client.wait_process(ctx(), &exec).await),
-        ttrpc::Code::NOT_FOUND
-    );
+    assert_eq!(code_of(agent.client.wait_process(ctx(), &exec).await), ttrpc::Code::NOT_FOUND);
 }
 
 /// Runs a container to its end and returns (stdout, exit status).
 async fn run_to_end(agent: &Agent, id: &str, spec: &Spec) -> (String, i32) {
-    create_with_spec(agent, id, &serde_json::to_string(spec).unwrap())
-        .await
-        .unwrap();
+    create_with_spec(agent, id, &serde_json::to_string(spec).unwrap()).await.unwrap();
     start(agent, id).await;
     let output = read_all_stdout(agent, id).await;
-    let status = agent
-        .client
-        .wait_process(ctx(), &process(id))
-        .await
-        .unwrap()
-        .exit_status;
+    let status = agent.client.wait_process(ctx(), &process(id)).await.unwrap().exit_status;
     remove(agent, id).await.unwrap();
     (output, status)
 }
@@ -331,12 +272,8 @@ async fn the_spec_sets_env_cwd_user_and_hostname_and_the_process_is_pid_1() {
         let mut process = spec.process().clone().unwrap();
         process.set_env(Some(vec!["PATH=/bin".into(), "GREETING=hello".into()]));
         process.set_cwd("/tmp".into());
-        let user = UserBuilder::default()
-            .uid(1000u32)
-            .gid(1000u32)
-            .additional_gids(vec![2000u32])
-            .build()
-            .unwrap();
+        let user =
+            UserBuilder::default().uid(1000u32).gid(1000u32).additional_gids(vec![2000u32]).build().unwrap();
         process.set_user(user);
         spec.set_process(Some(process));
         spec.set_hostname(Some("box1".into()));
@@ -354,13 +291,7 @@ async fn a_read_only_rootfs_cannot_be_written() {
     let agent = start_agent().await;
     let script = "touch /written 2>/dev/null && echo wrote || echo read-only";
     let read_only = spec_with(&["sh", "-c", script], |spec| {
-        spec.set_root(Some(
-            RootBuilder::default()
-                .path("rootfs")
-                .readonly(true)
-                .build()
-                .unwrap(),
-        ));
+        spec.set_root(Some(RootBuilder::default().path("rootfs").readonly(true).build().unwrap()));
     });
     assert_eq!(run_to_end(&agent, "ro1", &read_only).await.0, "read-only\n");
     let writable = spec_with(&["sh", "-c", script], |_| {});
@@ -405,11 +336,7 @@ async fn exec_runs_in_the_running_container_with_its_own_stdio_and_status() {
     .await
     .unwrap();
     start(&agent, "x1").await;
-    let req = exec_request(
-        "x1",
-        "e1",
-        &["sh", "-c", "echo $WHO in $(hostname) at $(pwd); exit 5"],
-    );
+    let req = exec_request("x1", "e1", &["sh", "-c", "echo $WHO in $(hostname) at $(pwd); exit 5"]);
     assert!(agent.client.exec_process(ctx(), &req).await.unwrap().pid > 0);
     let mut out = Vec::new();
     loop {
@@ -421,41 +348,17 @@ async fn exec_runs_in_the_running_container_with_its_own_stdio_and_status() {
         }
         out.extend(chunk);
     }
-    assert_eq!(
-        String::from_utf8(out).unwrap(),
-        "exec in execbox at /tmp\n",
-        "the container's uts namespace"
-    );
-    assert_eq!(
-        agent
-            .client
-            .wait_process(ctx(), &exec_ref("x1", "e1"))
-            .await
-            .unwrap()
-            .exit_status,
-        5
-    );
+    assert_eq!(String::from_utf8(out).unwrap(), "exec in execbox at /tmp\n", "the container's uts namespace");
+    assert_eq!(agent.client.wait_process(ctx(), &exec_ref("x1", "e1")).await.unwrap().exit_status, 5);
 
-    assert_eq!(
-        code_of(agent.client.exec_process(ctx(), &req).await),
-        ttrpc::Code::ALREADY_EXISTS
-    );
+    assert_eq!(code_of(agent.client.exec_process(ctx(), &req).await), ttrpc::Code::ALREADY_EXISTS);
     let bad_id = exec_request("x1", "../e", &["true"]);
-    assert_eq!(
-        code_of(agent.client.exec_process(ctx(), &bad_id).await),
-        ttrpc::Code::INVALID_ARGUMENT
-    );
+    assert_eq!(code_of(agent.client.exec_process(ctx(), &bad_id).await), ttrpc::Code::INVALID_ARGUMENT);
     let nobody = exec_request("nobody", "e1", &["true"]);
-    assert_eq!(
-        code_of(agent.client.exec_process(ctx(), &nobody).await),
-        ttrpc::Code::NOT_FOUND
-    );
+    assert_eq!(code_of(agent.client.exec_process(ctx(), &nobody).await), ttrpc::Code::NOT_FOUND);
     let mut no_args = exec_request("x1", "e2", &["true"]);
     no_args.process_json = r#"{"cwd": "/"}"#.into();
-    assert_eq!(
-        code_of(agent.client.exec_process(ctx(), &no_args).await),
-        ttrpc::Code::INVALID_ARGUMENT
-    );
+    assert_eq!(code_of(agent.client.exec_process(ctx(), &no_args).await), ttrpc::Code::INVALID_ARGUMENT);
     remove(&agent, "x1").await.unwrap();
 }
 
@@ -473,10 +376,7 @@ async fn copy_file_writes_below_the_shared_directory_only() {
     assert_eq!(Path::new(&written), agent.state_dir.join("shared/c1/etc/hosts"));
     assert_eq!(std::fs::read(&written).unwrap(), b"127.0.0.1 localhost\n");
     req.path = "../../etc/passwd".into();
-    assert_eq!(
-        code_of(agent.client.copy_file(ctx(), &req).await),
-        ttrpc::Code::INVALID_ARGUMENT
-    );
+    assert_eq!(code_of(agent.client.copy_file(ctx(), &req).await), ttrpc::Code::INVALID_ARGUMENT);
 }
 
 fn wait_until(what: &str, condition: impl Fn() -> bool) {
@@ -489,15 +389,9 @@ fn wait_until(what: &str, condition: impl Fn() -> bool) {
 
 /// The container's cgroup.events, seen through the agent's mount namespace.
 fn frozen(agent: &Agent, id: &str) -> bool {
-    let events = format!(
-        "/proc/{}/root/sys/fs/cgroup{}/{id}/cgroup.events",
-        agent.child.id(),
-        agent.cgroup_parent
-    );
-    std::fs::read_to_string(&events)
-        .unwrap()
-        .lines()
-        .any(|l| l == "frozen 1")
+    let events =
+        format!("/proc/{}/root/sys/fs/cgroup{}/{id}/cgroup.events", agent.child.id(), agent.cgroup_parent);
+    std::fs::read_to_string(&events).unwrap().lines().any(|l| l == "frozen 1")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -509,10 +403,7 @@ async fn pause_freezes_the_container_and_resume_thaws_it() {
     create(&agent, "p1", &["sleep", "1000"]).await.unwrap();
     let mut req = ironclad_protocol::agent::ContainerRequest::new();
     req.container_id = "p1".into();
-    assert_eq!(
-        code_of(agent.client.pause_container(ctx(), &req).await),
-        ttrpc::Code::FAILED_PRECONDITION
-    );
+    assert_eq!(code_of(agent.client.pause_container(ctx(), &req).await), ttrpc::Code::FAILED_PRECONDITION);
     start(&agent, "p1").await;
     agent.client.pause_container(ctx(), &req).await.unwrap();
     wait_until("frozen", || frozen(&agent, "p1"));

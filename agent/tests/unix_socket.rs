@@ -35,11 +35,7 @@ fn start_agent() -> Agent {
         assert!(Instant::now() < deadline, "agent did not create its socket");
         std::thread::sleep(Duration::from_millis(10));
     }
-    Agent {
-        child,
-        address,
-        _dir: dir,
-    }
+    Agent { child, address, _dir: dir }
 }
 
 fn ctx() -> ttrpc::context::Context {
@@ -68,10 +64,7 @@ async fn answers_health_and_version_then_exits_on_destroy_sandbox() {
     assert_eq!(version.agent_version, env!("CARGO_PKG_VERSION"));
     assert_eq!(version.api_version, ironclad_protocol::API_VERSION);
 
-    AgentClient::new(client.clone())
-        .destroy_sandbox(ctx(), &DestroySandboxRequest::new())
-        .await
-        .unwrap();
+    AgentClient::new(client.clone()).destroy_sandbox(ctx(), &DestroySandboxRequest::new()).await.unwrap();
     // The client keeps its connection open: the agent must not wait for it to go.
     let status = wait_exit(&mut agent.child, Duration::from_secs(10)).expect("agent did not exit");
     assert!(status.success(), "{status}");

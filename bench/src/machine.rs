@@ -26,11 +26,7 @@ impl Machine {
             .unwrap_or_else(|| "unknown".into());
         let flags = cpuinfo.lines().find(|l| l.starts_with("flags")).unwrap_or("");
         let has = |flag: &str| flags.split_whitespace().any(|f| f == flag);
-        let kvm_opens = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_ok();
+        let kvm_opens = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
         let kvm = match (kvm_opens, has("vmx"), has("svm")) {
             (false, _, _) => "unavailable".to_string(),
             (true, true, _) => "hardware (vmx)".to_string(),
@@ -49,10 +45,8 @@ impl Machine {
             })
             .map(|kb| kb / 1024 / 1024)
             .unwrap_or(0);
-        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
-            .to_string();
+        let kernel =
+            std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
         Machine {
             cpu,
             cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),

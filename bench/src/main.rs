@@ -43,20 +43,8 @@ enum Benchmark {
 
 fn main() -> ExitCode {
     match Args::parse().command {
-        Benchmark::Vmm {
-            vmm,
-            runs,
-            churn,
-            memory_mib,
-            report,
-            json,
-        } => {
-            let settings = vmm::Settings {
-                vmm,
-                runs: runs.max(1),
-                churn: churn.max(1),
-                memory_mib,
-            };
+        Benchmark::Vmm { vmm, runs, churn, memory_mib, report, json } => {
+            let settings = vmm::Settings { vmm, runs: runs.max(1), churn: churn.max(1), memory_mib };
             let machine = machine::Machine::describe();
             let results = match vmm::measure(&settings, |step| eprintln!("ironclad-bench: {step}")) {
                 Ok(results) => results,
@@ -71,11 +59,7 @@ fn main() -> ExitCode {
                 eprintln!("ironclad-bench: {err}");
                 return ExitCode::FAILURE;
             }
-            eprintln!(
-                "ironclad-bench: wrote {} and {}",
-                report.display(),
-                json.display()
-            );
+            eprintln!("ironclad-bench: wrote {} and {}", report.display(), json.display());
             ExitCode::SUCCESS
         }
     }

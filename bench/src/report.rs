@@ -18,10 +18,7 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
 }
 
 fn row(name: &str, s: &Summary, unit: &str) -> String {
-    format!(
-        "| {name} | {:.2} | {:.2} | {:.2} | {:.2} {unit} |\n",
-        s.min, s.median, s.p95, s.max
-    )
+    format!("| {name} | {:.2} | {:.2} | {:.2} | {:.2} {unit} |\n", s.min, s.median, s.p95, s.max)
 }
 
 pub fn vmm_markdown(machine: &Machine, settings: &Settings, r: &Results) -> String {
@@ -38,22 +35,10 @@ pub fn vmm_markdown(machine: &Machine, settings: &Settings, r: &Results) -> Stri
          (port 0x3f0) first, then `FCREADY` on the serial port, then resets through the i8042. Times \
          run from just before exec.\n"
     );
-    let _ = writeln!(
-        md,
-        "| figure ({} runs) | min | median | p95 | max |",
-        r.first_instruction_ms.runs
-    );
+    let _ = writeln!(md, "| figure ({} runs) | min | median | p95 | max |", r.first_instruction_ms.runs);
     let _ = writeln!(md, "|---|---|---|---|---|");
-    md.push_str(&row(
-        "exec → first guest instruction (ms)",
-        &r.first_instruction_ms,
-        "ms",
-    ));
-    md.push_str(&row(
-        "exec → first serial byte (ms)",
-        &r.first_serial_byte_ms,
-        "ms",
-    ));
+    md.push_str(&row("exec → first guest instruction (ms)", &r.first_instruction_ms, "ms"));
+    md.push_str(&row("exec → first serial byte (ms)", &r.first_serial_byte_ms, "ms"));
     md.push_str(&row("exec → exit after guest reset (ms)", &r.exit_ms, "ms"));
     md.push_str(&row("peak RSS, ru_maxrss (KiB)", &r.peak_rss_kib, "KiB"));
     let _ = writeln!(md);
@@ -94,8 +79,5 @@ pub fn write(
                  wrote this file, on the machine it names. Reproduce with `make bench`.\n\n";
     std::fs::write(report, format!("{intro}{markdown}"))?;
     let value = serde_json::json!({ "machine": machine, "vmm": results });
-    std::fs::write(
-        json,
-        serde_json::to_vec_pretty(&value).map_err(std::io::Error::other)?,
-    )
+    std::fs::write(json, serde_json::to_vec_pretty(&value).map_err(std::io::Error::other)?)
 }

@@ -39,10 +39,7 @@ mod tests {
     fn nearest_rank_percentiles() {
         let samples: Vec<f64> = (1..=20).map(f64::from).collect();
         let s = summarize(&samples).unwrap();
-        assert_eq!(
-            (s.runs, s.min, s.median, s.p95, s.max),
-            (20, 1.0, 10.0, 19.0, 20.0)
-        );
+        assert_eq!((s.runs, s.min, s.median, s.p95, s.max), (20, 1.0, 10.0, 19.0, 20.0));
         assert_eq!(summarize(&[3.0]).unwrap().p95, 3.0);
         assert!(summarize(&[]).is_none());
     }

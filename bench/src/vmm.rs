@@ -75,12 +75,7 @@ fn monotonic_ns() -> u128 {
 
 fn vmm_command(settings: &Settings, guest: &str) -> Command {
     let mut command = Command::new(&settings.vmm);
-    command.args([
-        "--kernel",
-        guest,
-        "--memory-mib",
-        &settings.memory_mib.to_string(),
-    ]);
+    command.args(["--kernel", guest, "--memory-mib", &settings.memory_mib.to_string()]);
     command
 }
 
@@ -106,32 +101,19 @@ fn one_boot(settings: &Settings) -> Result<Run, Error> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|source| Error::Spawn {
-            vmm: settings.vmm.clone(),
-            source,
-        })?;
-    let mut stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| Error::Guest("no stdout".into()))?;
+        .map_err(|source| Error::Spawn { vmm: settings.vmm.clone(), source })?;
+    let mut stdout = child.stdout.take().ok_or_else(|| Error::Guest("no stdout".into()))?;
     let mut first = [0u8; 1];
     stdout.read_exact(&mut first)?;
     let first_serial = start.elapsed();
     let mut rest = Vec::new();
     stdout.read_to_end(&mut rest)?;
     let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .ok_or_else(|| Error::Guest("no stderr".into()))?
-        .read_to_string(&mut stderr)?;
+    child.stderr.take().ok_or_else(|| Error::Guest("no stderr".into()))?.read_to_string(&mut stderr)?;
     let (status, peak_rss_kib) = wait_with_peak_rss(child.id())?;
     let exit = start.elapsed();
     if status != 0 || first[0] != b'F' || rest != b"CREADY\n" {
-        return Err(Error::Guest(format!(
-            "status {status}, output {:?}, stderr {stderr:?}",
-            rest
-        )));
+        return Err(Error::Guest(format!("status {status}, output {:?}, stderr {stderr:?}", rest)));
     }
     let signal_ns: u128 = stderr
         .lines()
@@ -152,10 +134,7 @@ fn idle_memory(settings: &Settings) -> Result<Memory, Error> {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|source| Error::Spawn {
-            vmm: settings.vmm.clone(),
-            source,
-        })?;
+        .map_err(|source| Error::Spawn { vmm: settings.vmm.clone(), source })?;
     let mut line = [0u8; 9];
     let ready = child.stdout.as_mut().map(|s| s.read_exact(&mut line));
     let measured = match ready {
@@ -208,10 +187,7 @@ fn churn(settings: &Settings) -> Result<f64, Error> {
         let status = vmm_command(settings, ironclad_test_guests::BENCH_READY)
             .stdout(Stdio::null())
             .status()
-            .map_err(|source| Error::Spawn {
-                vmm: settings.vmm.clone(),
-                source,
-            })?;
+            .map_err(|source| Error::Spawn { vmm: settings.vmm.clone(), source })?;
         if !status.success() {
             return Err(Error::Guest(format!("a churn run ended with {status}")));
         }
@@ -229,10 +205,7 @@ pub fn measure(settings: &Settings, progress: impl Fn(&str)) -> Result<Results, 
     let none = || Error::Guest("no runs".into());
     progress("memory of an idle VM");
     let memory = idle_memory(settings)?;
-    progress(&format!(
-        "{} VMs started and stopped back to back",
-        settings.churn
-    ));
+    progress(&format!("{} VMs started and stopped back to back", settings.churn));
     let vms_per_second = churn(settings)?;
     Ok(Results {
         first_instruction_ms: pick(|r| r.first_instruction_ms).ok_or_else(none)?,

@@ -7,21 +7,12 @@ use std::process::Command;
 
 #[test]
 fn vmm_benchmark_writes_a_report_with_every_figure() {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
+    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
         eprintln!("SKIPPED: /dev/kvm cannot be opened on this host");
         return;
     }
     let vmm = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ironclad-vmm");
-    assert!(
-        vmm.exists(),
-        "build the workspace first (cargo test --workspace builds {})",
-        vmm.display()
-    );
+    assert!(vmm.exists(), "build the workspace first (cargo test --workspace builds {})", vmm.display());
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("benchmarks.md");
     let json = dir.path().join("benchmarks.json");
@@ -34,11 +25,7 @@ fn vmm_benchmark_writes_a_report_with_every_figure() {
         .arg(&json)
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let markdown = std::fs::read_to_string(&report).unwrap();
     for heading in [
         "exec → first guest instruction",
@@ -51,12 +38,7 @@ fn vmm_benchmark_writes_a_report_with_every_figure() {
     }
     let value: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let vmm = &value["vmm"];
-    for figure in [
-        "first_instruction_ms",
-        "first_serial_byte_ms",
-        "exit_ms",
-        "peak_rss_kib",
-    ] {
+    for figure in ["first_instruction_ms", "first_serial_byte_ms", "exit_ms", "peak_rss_kib"] {
         assert_eq!(vmm[figure]["runs"], 2, "{figure}");
         assert!(vmm[figure]["median"].as_f64().unwrap() > 0.0, "{figure}");
     }

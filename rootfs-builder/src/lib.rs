@@ -78,47 +78,26 @@ pub fn image_nodes(spec: &ImageSpec) -> Result<BTreeMap<String, Node>, Error> {
     }
     nodes.insert(
         "/dev/console".to_string(),
-        Node::CharDevice {
-            mode: 0o600,
-            major: CONSOLE_MAJOR,
-            minor: CONSOLE_MINOR,
-        },
+        Node::CharDevice { mode: 0o600, major: CONSOLE_MAJOR, minor: CONSOLE_MINOR },
     );
     nodes.insert("/init".to_string(), read_executable(&spec.agent, "agent binary")?);
     if let Some(busybox) = &spec.debug_shell {
         nodes.insert("/bin".to_string(), Node::Dir { mode: 0o755 });
-        nodes.insert(
-            "/bin/busybox".to_string(),
-            read_executable(busybox, "busybox binary")?,
-        );
-        nodes.insert(
-            "/bin/sh".to_string(),
-            Node::Symlink {
-                target: "busybox".to_string(),
-            },
-        );
+        nodes.insert("/bin/busybox".to_string(), read_executable(busybox, "busybox binary")?);
+        nodes.insert("/bin/sh".to_string(), Node::Symlink { target: "busybox".to_string() });
     }
     Ok(nodes)
 }
 
 fn read_executable(path: &Path, what: &'static str) -> Result<Node, Error> {
     use std::os::unix::fs::PermissionsExt;
-    let read_err = |source| Error::ReadInput {
-        what,
-        path: path.to_path_buf(),
-        source,
-    };
+    let read_err = |source| Error::ReadInput { what, path: path.to_path_buf(), source };
     let metadata = fs::metadata(path).map_err(read_err)?;
     if !metadata.is_file() || metadata.permissions().mode() & 0o111 == 0 {
-        return Err(Error::NotExecutable {
-            path: path.to_path_buf(),
-        });
+        return Err(Error::NotExecutable { path: path.to_path_buf() });
     }
     let contents = fs::read(path).map_err(read_err)?;
-    Ok(Node::File {
-        mode: 0o755,
-        contents,
-    })
+    Ok(Node::File { mode: 0o755, contents })
 }
 
 /// One line of the manifest: what the image holds, so a reader can check it without unpacking.
@@ -157,10 +136,7 @@ pub fn build_image(nodes: &BTreeMap<String, Node>) -> Result<Image, Error> {
     let gzip = GzBuilder::new().mtime(0).write(Vec::new(), Compression::best());
     let mut writer = gzip;
     for (index, (path, node)) in nodes.iter().enumerate() {
-        let ino = u32::try_from(index + 1).map_err(|_| Error::TooLarge {
-            path: path.into(),
-            size: index,
-        })?;
+        let ino = u32::try_from(index + 1).map_err(|_| Error::TooLarge { path: path.into(), size: index })?;
         writer = write_member(writer, path, node, ino)?;
     }
     writer = cpio::newc::trailer(writer).map_err(Error::Write)?;
@@ -168,10 +144,7 @@ pub fn build_image(nodes: &BTreeMap<String, Node>) -> Result<Image, Error> {
     let manifest = Manifest {
         sha256: sha256_hex(&bytes),
         size: bytes.len(),
-        entries: nodes
-            .iter()
-            .map(|(path, node)| manifest_entry(path, node))
-            .collect(),
+        entries: nodes.iter().map(|(path, node)| manifest_entry(path, node)).collect(),
     };
     Ok(Image { bytes, manifest })
 }
@@ -184,19 +157,12 @@ fn write_member<W: Write>(writer: W, path: &str, node: &Node, ino: u32) -> Resul
         Node::Dir { mode } => (header.mode(S_IFDIR | mode).nlink(2), &[]),
         Node::File { mode, contents } => (header.mode(S_IFREG | mode).nlink(1), contents),
         Node::Symlink { target } => (header.mode(S_IFLNK | 0o777).nlink(1), target.as_bytes()),
-        Node::CharDevice { mode, major, minor } => (
-            header
-                .mode(S_IFCHR | mode)
-                .nlink(1)
-                .rdev_major(*major)
-                .rdev_minor(*minor),
-            &[],
-        ),
+        Node::CharDevice { mode, major, minor } => {
+            (header.mode(S_IFCHR | mode).nlink(1).rdev_major(*major).rdev_minor(*minor), &[])
+        }
     };
-    let size = u32::try_from(data.len()).map_err(|_| Error::TooLarge {
-        path: path.into(),
-        size: data.len(),
-    })?;
+    let size =
+        u32::try_from(data.len()).map_err(|_| Error::TooLarge { path: path.into(), size: data.len() })?;
     let mut member = header.write(writer, size);
     member.write_all(data).map_err(Error::Write)?;
     member.finish().map_err(Error::Write)
@@ -213,17 +179,14 @@ fn manifest_entry(path: &str, node: &Node) -> ManifestEntry {
     };
     match node {
         Node::Dir { mode } => entry("dir", *mode, 0),
-        Node::File { mode, contents } => ManifestEntry {
-            sha256: Some(sha256_hex(contents)),
-            ..entry("file", *mode, contents.len())
-        },
-        Node::Symlink { target } => ManifestEntry {
-            target: Some(target.clone()),
-            ..entry("symlink", 0o777, target.len())
-        },
-        Node::CharDevice { mode, major, minor } => ManifestEntry {
-            target: Some(format!("{major}:{minor}")),
-            ..entry("chardev", *mode, 0)
-        },
+        Node::File { mode, contents } => {
+            ManifestEntry { sha256: Some(sha256_hex(contents)), ..entry("file", *mode, contents.len()) }
+        }
+        Node::Symlink { target } => {
+            ManifestEntry { target: Some(target.clone()), ..entry("symlink", 0o777, target.len()) }
+        }
+        Node::CharDevice { mode, major, minor } => {
+            ManifestEntry { target: Some(format!("{major}:{minor}")), ..entry("chardev", *mode, 0) }
+        }
     }
 }

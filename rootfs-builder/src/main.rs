@@ -7,10 +7,7 @@ use clap::Parser;
 use ironclad_rootfs_builder::{build_image, image_nodes, ImageSpec};
 
 #[derive(Parser, Debug)]
-#[command(
-    version,
-    about = "Write the ironclad guest initrd (gzip newc cpio, reproducible)"
-)]
+#[command(version, about = "Write the ironclad guest initrd (gzip newc cpio, reproducible)")]
 struct Args {
     /// The statically linked ironclad-agent, installed as /init.
     #[arg(long)]
@@ -44,10 +41,7 @@ enum Error {
 }
 
 fn run(args: Args) -> Result<(), Error> {
-    let spec = ImageSpec {
-        agent: args.agent,
-        debug_shell: args.debug_shell.then_some(args.busybox),
-    };
+    let spec = ImageSpec { agent: args.agent, debug_shell: args.debug_shell.then_some(args.busybox) };
     let image = build_image(&image_nodes(&spec)?)?;
     let manifest_path = args.manifest.unwrap_or_else(|| {
         let mut name = args.output.clone().into_os_string();
@@ -55,10 +49,7 @@ fn run(args: Args) -> Result<(), Error> {
         PathBuf::from(name)
     });
     let write = |path: &PathBuf, data: &[u8]| {
-        std::fs::write(path, data).map_err(|source| Error::Output {
-            path: path.clone(),
-            source,
-        })
+        std::fs::write(path, data).map_err(|source| Error::Output { path: path.clone(), source })
     };
     write(&args.output, &image.bytes)?;
     let mut manifest = serde_json::to_vec_pretty(&image.manifest)?;

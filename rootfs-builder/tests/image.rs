@@ -39,49 +39,23 @@ fn unpack(image: &[u8]) -> Vec<(String, u32, u32, Vec<u8>)> {
 fn image_holds_the_agent_as_init_and_the_skeleton() {
     let dir = tempfile::tempdir().unwrap();
     let agent = fake_executable(dir.path(), "agent", b"\x7fELF agent");
-    let image = build_image(
-        &image_nodes(&ImageSpec {
-            agent,
-            debug_shell: None,
-        })
-        .unwrap(),
-    )
-    .unwrap();
+    let image = build_image(&image_nodes(&ImageSpec { agent, debug_shell: None }).unwrap()).unwrap();
     let members = unpack(&image.bytes);
     let names: Vec<&str> = members.iter().map(|m| m.0.as_str()).collect();
-    assert_eq!(
-        names,
-        [
-            "dev",
-            "dev/console",
-            "etc",
-            "init",
-            "proc",
-            "root",
-            "run",
-            "sys",
-            "tmp"
-        ]
-    );
+    assert_eq!(names, ["dev", "dev/console", "etc", "init", "proc", "root", "run", "sys", "tmp"]);
     let init = members.iter().find(|m| m.0 == "init").unwrap();
     assert_eq!(init.1, 0o100755);
     assert_eq!(init.3, b"\x7fELF agent");
     let console = members.iter().find(|m| m.0 == "dev/console").unwrap();
     assert_eq!((console.1, console.2), (0o020600, 5));
-    assert!(
-        !names.contains(&"bin/busybox"),
-        "the default image holds the agent alone"
-    );
+    assert!(!names.contains(&"bin/busybox"), "the default image holds the agent alone");
 }
 
 #[test]
 fn same_inputs_give_identical_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let agent = fake_executable(dir.path(), "agent", b"agent bytes");
-    let spec = ImageSpec {
-        agent: agent.clone(),
-        debug_shell: None,
-    };
+    let spec = ImageSpec { agent: agent.clone(), debug_shell: None };
     let first = build_image(&image_nodes(&spec).unwrap()).unwrap();
     // A later mtime on the input must not change the output.
     std::fs::write(&agent, b"agent bytes").unwrap();
@@ -95,27 +69,12 @@ fn debug_shell_adds_busybox_and_sh() {
     let dir = tempfile::tempdir().unwrap();
     let agent = fake_executable(dir.path(), "agent", b"agent");
     let busybox = fake_executable(dir.path(), "busybox", b"busybox");
-    let image = build_image(
-        &image_nodes(&ImageSpec {
-            agent,
-            debug_shell: Some(busybox),
-        })
-        .unwrap(),
-    )
-    .unwrap();
+    let image = build_image(&image_nodes(&ImageSpec { agent, debug_shell: Some(busybox) }).unwrap()).unwrap();
     let members = unpack(&image.bytes);
     let sh = members.iter().find(|m| m.0 == "bin/sh").unwrap();
     assert_eq!((sh.1, sh.3.as_slice()), (0o120777, b"busybox".as_slice()));
-    let manifest_busybox = image
-        .manifest
-        .entries
-        .iter()
-        .find(|e| e.path == "/bin/busybox")
-        .unwrap();
-    assert_eq!(
-        manifest_busybox.sha256.as_deref(),
-        Some(sha256_hex(b"busybox").as_str())
-    );
+    let manifest_busybox = image.manifest.entries.iter().find(|e| e.path == "/bin/busybox").unwrap();
+    assert_eq!(manifest_busybox.sha256.as_deref(), Some(sha256_hex(b"busybox").as_str()));
     assert_eq!(manifest_busybox.size, 7);
 }
 
@@ -123,22 +82,11 @@ fn debug_shell_adds_busybox_and_sh() {
 fn missing_or_non_executable_agent_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope");
-    let err = image_nodes(&ImageSpec {
-        agent: missing.clone(),
-        debug_shell: None,
-    })
-    .unwrap_err();
-    assert!(
-        matches!(&err, Error::ReadInput { path, .. } if *path == missing),
-        "{err}"
-    );
+    let err = image_nodes(&ImageSpec { agent: missing.clone(), debug_shell: None }).unwrap_err();
+    assert!(matches!(&err, Error::ReadInput { path, .. } if *path == missing), "{err}");
     let plain = dir.path().join("plain");
     std::fs::write(&plain, b"x").unwrap();
-    let err = image_nodes(&ImageSpec {
-        agent: plain,
-        debug_shell: None,
-    })
-    .unwrap_err();
+    let err = image_nodes(&ImageSpec { agent: plain, debug_shell: None }).unwrap_err();
     assert!(matches!(err, Error::NotExecutable { .. }), "{err}");
 }
 
@@ -154,17 +102,8 @@ fn cli_prints_the_same_sha256_twice_and_writes_a_manifest() {
             .arg(dir.path().join(out))
             .output()
             .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout)
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_string()
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).unwrap().split_whitespace().next().unwrap().to_string()
     };
     let (first, second) = (run("a.img"), run("b.img"));
     assert_eq!(first, second);
@@ -172,11 +111,7 @@ fn cli_prints_the_same_sha256_twice_and_writes_a_manifest() {
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("a.img.manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["sha256"], first.as_str());
-    assert!(manifest["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|e| e["path"] == "/init"));
+    assert!(manifest["entries"].as_array().unwrap().iter().any(|e| e["path"] == "/init"));
 }
 
 #[test]

@@ -42,12 +42,7 @@ pub enum Error {
     #[error("hybrid vsock peer refused port {port}: answered {answer:?}")]
     Refused { port: u32, answer: String },
     #[error("the agent on {path} port {port} did not answer within {waited:?}; last error: {last}")]
-    Timeout {
-        path: PathBuf,
-        port: u32,
-        waited: Duration,
-        last: String,
-    },
+    Timeout { path: PathBuf, port: u32, waited: Duration, last: String },
     #[error("agent call {call} failed")]
     Rpc {
         call: &'static str,
@@ -60,17 +55,15 @@ pub enum Error {
 
 /// Opens a stream to guest vsock `port` through the hybrid vsock Unix socket at `path`.
 pub async fn connect_hybrid_vsock(path: &Path, port: u32) -> Result<UnixStream, Error> {
-    let mut stream = UnixStream::connect(path).await.map_err(|source| Error::Connect {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let mut stream = UnixStream::connect(path)
+        .await
+        .map_err(|source| Error::Connect { path: path.to_path_buf(), source })?;
     stream
         .write_all(format!("CONNECT {port}\n").as_bytes())
         .await
         .map_err(|source| Error::Handshake { port, source })?;
-    let answer = read_handshake_line(&mut stream)
-        .await
-        .map_err(|source| Error::Handshake { port, source })?;
+    let answer =
+        read_handshake_line(&mut stream).await.map_err(|source| Error::Handshake { port, source })?;
     parse_handshake_answer(&answer).ok_or(Error::Refused { port, answer })?;
     Ok(stream)
 }
@@ -143,10 +136,7 @@ impl AgentClient {
             .health
             .check(self.ctx(), &CheckRequest::new())
             .await
-            .map_err(|source| Error::Rpc {
-                call: "Health.Check",
-                source,
-            })?;
+            .map_err(|source| Error::Rpc { call: "Health.Check", source })?;
         match resp.status.enum_value_or_default() {
             ServingStatus::SERVING => Ok(()),
             status => Err(Error::NotServing { status }),
@@ -157,10 +147,7 @@ impl AgentClient {
         self.health
             .version(self.ctx(), &CheckRequest::new())
             .await
-            .map_err(|source| Error::Rpc {
-                call: "Health.Version",
-                source,
-            })
+            .map_err(|source| Error::Rpc { call: "Health.Version", source })
     }
 
     pub async fn create_container(&self, request: &CreateContainerRequest) -> Result<(), Error> {
@@ -168,10 +155,7 @@ impl AgentClient {
             .create_container(self.ctx(), request)
             .await
             .map(|_| ())
-            .map_err(|source| Error::Rpc {
-                call: "Agent.CreateContainer",
-                source,
-            })
+            .map_err(|source| Error::Rpc { call: "Agent.CreateContainer", source })
     }
 
     /// Starts a created container; returns its init process's pid in the guest.
@@ -182,10 +166,7 @@ impl AgentClient {
             .start_container(self.ctx(), &request)
             .await
             .map(|r| r.pid)
-            .map_err(|source| Error::Rpc {
-                call: "Agent.StartContainer",
-                source,
-            })
+            .map_err(|source| Error::Rpc { call: "Agent.StartContainer", source })
     }
 
     /// The exit status of a container's process (128 + signal when killed).
@@ -194,10 +175,7 @@ impl AgentClient {
             .wait_process(self.ctx_without_timeout(), &process_ref(container_id, exec_id))
             .await
             .map(|r| r.exit_status)
-            .map_err(|source| Error::Rpc {
-                call: "Agent.WaitProcess",
-                source,
-            })
+            .map_err(|source| Error::Rpc { call: "Agent.WaitProcess", source })
     }
 
     /// The next chunk of a process's stdout; empty once it has ended.
@@ -208,10 +186,7 @@ impl AgentClient {
             .read_stdout(self.ctx_without_timeout(), &request)
             .await
             .map(|r| r.data)
-            .map_err(|source| Error::Rpc {
-                call: "Agent.ReadStdout",
-                source,
-            })
+            .map_err(|source| Error::Rpc { call: "Agent.ReadStdout", source })
     }
 
     pub async fn remove_container(&self, container_id: &str) -> Result<(), Error> {
@@ -221,10 +196,7 @@ impl AgentClient {
             .remove_container(self.ctx(), &request)
             .await
             .map(|_| ())
-            .map_err(|source| Error::Rpc {
-                call: "Agent.RemoveContainer",
-                source,
-            })
+            .map_err(|source| Error::Rpc { call: "Agent.RemoveContainer", source })
     }
 
     /// The container's cgroup v2 figures (containerd's cgroups v2 Metrics, field for field).
@@ -237,25 +209,16 @@ impl AgentClient {
         self.agent
             .stats_container(self.ctx(), &request)
             .await
-            .map_err(|source| Error::Rpc {
-                call: "Agent.StatsContainer",
-                source,
-            })
+            .map_err(|source| Error::Rpc { call: "Agent.StatsContainer", source })
     }
 
     /// Waits for the next OOM kill in any container of the sandbox; names the container.
     pub async fn get_oom_event(&self) -> Result<String, Error> {
         self.agent
-            .get_oom_event(
-                self.ctx_without_timeout(),
-                &ironclad_protocol::agent::Empty::new(),
-            )
+            .get_oom_event(self.ctx_without_timeout(), &ironclad_protocol::agent::Empty::new())
             .await
             .map(|e| e.container_id)
-            .map_err(|source| Error::Rpc {
-                call: "Agent.GetOOMEvent",
-                source,
-            })
+            .map_err(|source| Error::Rpc { call: "Agent.GetOOMEvent", source })
     }
 
     /// For calls that last as long as the process does.
@@ -269,10 +232,7 @@ impl AgentClient {
             .destroy_sandbox(self.ctx(), &DestroySandboxRequest::new())
             .await
             .map(|_| ())
-            .map_err(|source| Error::Rpc {
-                call: "Agent.DestroySandbox",
-                source,
-            })
+            .map_err(|source| Error::Rpc { call: "Agent.DestroySandbox", source })
     }
 }
 
@@ -305,10 +265,7 @@ mod tests {
             request.push(stream.read_u8().await.unwrap());
         }
         // The answer and the first payload bytes arrive together: the client must not eat the payload.
-        stream
-            .write_all(format!("{answer}payload").as_bytes())
-            .await
-            .unwrap();
+        stream.write_all(format!("{answer}payload").as_bytes()).await.unwrap();
         request
     }
 
@@ -332,23 +289,14 @@ mod tests {
         let listener = UnixListener::bind(&path).unwrap();
         tokio::spawn(fake_muxer(listener, "NO\n"));
         let err = connect_hybrid_vsock(&path, 7).await.unwrap_err();
-        assert!(
-            matches!(&err, Error::Refused { port: 7, answer } if answer == "NO\n"),
-            "{err}"
-        );
+        assert!(matches!(&err, Error::Refused { port: 7, answer } if answer == "NO\n"), "{err}");
     }
 
     #[tokio::test]
     async fn connect_gives_up_after_the_wait_and_says_why() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("absent.sock");
-        let err = AgentClient::connect(&path, 1024, Duration::from_millis(200))
-            .await
-            .err()
-            .unwrap();
-        assert!(
-            matches!(&err, Error::Timeout { last, .. } if last.contains("absent.sock")),
-            "{err}"
-        );
+        let err = AgentClient::connect(&path, 1024, Duration::from_millis(200)).await.err().unwrap();
+        assert!(matches!(&err, Error::Timeout { last, .. } if last.contains("absent.sock")), "{err}");
     }
 }

@@ -13,9 +13,7 @@ pub struct SandboxPaths {
 
 impl SandboxPaths {
     pub fn new(run_root: &Path, sandbox_id: &str) -> Self {
-        SandboxPaths {
-            dir: run_root.join(sandbox_id),
-        }
+        SandboxPaths { dir: run_root.join(sandbox_id) }
     }
 
     pub fn dir(&self) -> &Path {
@@ -46,11 +44,7 @@ mod tests {
     fn every_path_is_inside_the_sandbox_dir() {
         let paths = SandboxPaths::new(Path::new("/run/ironclad"), "sb1");
         assert_eq!(paths.dir(), Path::new("/run/ironclad/sb1"));
-        for path in [
-            paths.agent_socket(),
-            paths.vhost_vsock_socket(),
-            paths.console_log(),
-        ] {
+        for path in [paths.agent_socket(), paths.vhost_vsock_socket(), paths.console_log()] {
             assert_eq!(path.parent(), Some(paths.dir()));
         }
     }

@@ -42,10 +42,7 @@ impl GuestArtifacts {
         let dir = std::env::var_os("IRONCLAD_GUEST_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest"));
-        let artifacts = GuestArtifacts {
-            kernel: dir.join("bzImage"),
-            initrd: dir.join("initrd.img"),
-        };
+        let artifacts = GuestArtifacts { kernel: dir.join("bzImage"), initrd: dir.join("initrd.img") };
         for path in [&artifacts.kernel, &artifacts.initrd] {
             if !path.is_file() {
                 return Err(Error::MissingArtifact { path: path.clone() });
@@ -93,31 +90,18 @@ pub async fn boot_guest(config: &VmConfig) -> Result<BootedGuest, Error> {
 
 /// Boots the guest in a private run directory and connects to its agent.
 pub async fn boot_guest_with(kind: HypervisorKind, config: &VmConfig) -> Result<BootedGuest, Error> {
-    let run_root = tempfile::Builder::new()
-        .prefix("ironclad-e2e-")
-        .tempdir()
-        .map_err(Error::RunDir)?;
+    let run_root = tempfile::Builder::new().prefix("ironclad-e2e-").tempdir().map_err(Error::RunDir)?;
     let paths = SandboxPaths::new(run_root.path(), "sandbox");
     let backend = Backend::select(kind, HostVirtualization::detect())?;
     let mut vm = backend.start(config, paths.clone()).await?;
     let ready = vm.wait_ready(READY_TIMEOUT).await?;
     let agent = AgentClient::connect(vm.agent_socket(), AGENT_PORT, AGENT_CONNECT_TIMEOUT).await?;
-    Ok(BootedGuest {
-        vm,
-        backend: backend.name(),
-        agent,
-        ready,
-        paths,
-        _run_root: run_root,
-    })
+    Ok(BootedGuest { vm, backend: backend.name(), agent, ready, paths, _run_root: run_root })
 }
 
 /// Logs to stderr for tests and the demo, quiet unless RUST_LOG says otherwise.
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }

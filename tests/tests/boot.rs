@@ -9,9 +9,7 @@ use ironclad_tests::{boot_guest, init_logging, GuestArtifacts, EXIT_TIMEOUT};
 
 fn process_alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .unwrap_or_default()
-            .contains(") Z ")
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -31,23 +29,13 @@ async fn guest_boots_to_the_agent_answers_and_shuts_down() {
     let version = guest.agent.version().await.expect("version");
     assert_eq!(version.agent_version, env!("CARGO_PKG_VERSION"));
     assert_eq!(version.api_version, 2);
-    assert!(
-        version.uptime_ms >= guest.ready.line.uptime_ms,
-        "uptime went backwards"
-    );
+    assert!(version.uptime_ms >= guest.ready.line.uptime_ms, "uptime went backwards");
 
     // The console log is written as the guest prints.
     let console = std::fs::read_to_string(guest.paths.console_log()).expect("console log");
     let agent_lines: Vec<&str> = console.lines().filter(|l| l.contains("ironclad")).collect();
-    assert_eq!(
-        agent_lines.len(),
-        1,
-        "the agent prints exactly its ready line: {agent_lines:?}"
-    );
-    assert!(
-        agent_lines[0].starts_with("ironclad-agent ready version="),
-        "{console}"
-    );
+    assert_eq!(agent_lines.len(), 1, "the agent prints exactly its ready line: {agent_lines:?}");
+    assert!(agent_lines[0].starts_with("ironclad-agent ready version="), "{console}");
 
     let pids = guest.vm.pids();
     assert_eq!(pids.len(), 2, "QEMU and vhost-device-vsock");
@@ -81,9 +69,6 @@ async fn a_guest_whose_init_fails_ends_the_vm_with_the_reason() {
     config.extra_kernel_params = "rdinit=/nonexistent init=/nonexistent".into();
     let err = boot_guest(&config).await.err().expect("must fail");
     let text = err.to_string();
-    assert!(
-        text.contains("exited") && text.contains("before the agent was ready"),
-        "{text}"
-    );
+    assert!(text.contains("exited") && text.contains("before the agent was ready"), "{text}");
     assert!(text.contains("Kernel panic"), "{text}");
 }

@@ -50,21 +50,12 @@ fn base_spec(args: &[&str]) -> Spec {
         .build()
         .unwrap();
     spec.set_process(Some(process));
-    spec.set_root(Some(
-        RootBuilder::default()
-            .path("rootfs")
-            .readonly(true)
-            .build()
-            .unwrap(),
-    ));
+    spec.set_root(Some(RootBuilder::default().path("rootfs").readonly(true).build().unwrap()));
     // Without a cgroup namespace, /proc/1/cgroup shows the container's cgroup as the guest names it
     // (inside one, a container's own cgroup is "/").
     let mut linux = spec.linux().clone().unwrap();
     let namespaces = linux.namespaces().clone().unwrap_or_default();
-    let kept = namespaces
-        .into_iter()
-        .filter(|n| n.typ() != LinuxNamespaceType::Cgroup)
-        .collect::<Vec<_>>();
+    let kept = namespaces.into_iter().filter(|n| n.typ() != LinuxNamespaceType::Cgroup).collect::<Vec<_>>();
     linux.set_namespaces(Some(kept));
     spec.set_linux(Some(linux));
     spec
@@ -82,11 +73,7 @@ fn rootfs_storage(mount_point: &str) -> Storage {
 async fn boot_with_rootfs_disk(dir: &Path) -> ironclad_tests::BootedGuest {
     let image = busybox_image(dir);
     let mut config = GuestArtifacts::locate().unwrap().vm_config();
-    config.block_devices = vec![BlockDevice {
-        path: image,
-        read_only: true,
-        serial: "rootfs".into(),
-    }];
+    config.block_devices = vec![BlockDevice { path: image, read_only: true, serial: "rootfs".into() }];
     boot_guest(&config).await.expect("boot")
 }
 
@@ -104,18 +91,11 @@ async fn read_stdout_to_end(guest: &ironclad_tests::BootedGuest, id: &str) -> St
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_in_the_guest_sees_the_guest_kernel_and_its_own_cgroup() {
     init_logging();
-    assert!(
-        Path::new(BUSYBOX).exists(),
-        "{BUSYBOX} is needed (apt-get install busybox-static)"
-    );
+    assert!(Path::new(BUSYBOX).exists(), "{BUSYBOX} is needed (apt-get install busybox-static)");
     let dir = tempfile::tempdir().unwrap();
     let image = busybox_image(dir.path());
     let mut config = GuestArtifacts::locate().unwrap().vm_config();
-    config.block_devices = vec![BlockDevice {
-        path: image,
-        read_only: true,
-        serial: "rootfs".into(),
-    }];
+    config.block_devices = vec![BlockDevice { path: image, read_only: true, serial: "rootfs".into() }];
     let guest = boot_guest(&config).await.expect("boot");
 
     let mount_point = "/run/ironclad/rootfs/c1";
@@ -133,16 +113,8 @@ async fn a_container_in_the_guest_sees_the_guest_kernel_and_its_own_cgroup() {
         let chain = ironclad_shim::hypervisor::error_chain(err);
         format!("{chain}\nguest console:\n{}", guest.vm.console_tail())
     };
-    guest
-        .agent
-        .create_container(&request)
-        .await
-        .unwrap_or_else(|e| panic!("create: {}", console(&e)));
-    guest
-        .agent
-        .start_container("c1")
-        .await
-        .unwrap_or_else(|e| panic!("start: {}", console(&e)));
+    guest.agent.create_container(&request).await.unwrap_or_else(|e| panic!("create: {}", console(&e)));
+    guest.agent.start_container("c1").await.unwrap_or_else(|e| panic!("start: {}", console(&e)));
     let mut output = Vec::new();
     loop {
         let chunk = guest.agent.read_stdout("c1", "").await.unwrap();
@@ -156,15 +128,9 @@ async fn a_container_in_the_guest_sees_the_guest_kernel_and_its_own_cgroup() {
     let lines: Vec<&str> = output.lines().collect();
     assert_eq!(lines.len(), 2, "{output}");
     let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    assert!(
-        lines[0].starts_with("6.12."),
-        "the guest kernel runs the container: {output}"
-    );
+    assert!(lines[0].starts_with("6.12."), "the guest kernel runs the container: {output}");
     assert_ne!(lines[0], host_release.trim(), "not the host kernel");
-    assert!(
-        lines[1].starts_with("0::/") && lines[1].contains("c1"),
-        "the container's own cgroup: {output}"
-    );
+    assert!(lines[1].starts_with("0::/") && lines[1].contains("c1"), "the container's own cgroup: {output}");
     guest.agent.remove_container("c1").await.expect("remove");
 
     guest.agent.destroy_sandbox().await.unwrap();
@@ -185,19 +151,11 @@ async fn limits_from_the_spec_hold_and_the_oom_killer_is_reported() {
     // The container gets its own cgroup namespace here, so its cgroup is /sys/fs/cgroup inside.
     let mut namespaces = linux.namespaces().clone().unwrap_or_default();
     namespaces.push(
-        oci_spec::runtime::LinuxNamespaceBuilder::default()
-            .typ(LinuxNamespaceType::Cgroup)
-            .build()
-            .unwrap(),
+        oci_spec::runtime::LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Cgroup).build().unwrap(),
     );
     linux.set_namespaces(Some(namespaces));
     let resources = LinuxResourcesBuilder::default()
-        .memory(
-            LinuxMemoryBuilder::default()
-                .limit(16 * 1024 * 1024)
-                .build()
-                .unwrap(),
-        )
+        .memory(LinuxMemoryBuilder::default().limit(16 * 1024 * 1024).build().unwrap())
         .pids(LinuxPidsBuilder::default().limit(8).build().unwrap())
         .build()
         .unwrap();
@@ -214,30 +172,16 @@ async fn limits_from_the_spec_hold_and_the_oom_killer_is_reported() {
         let chain = ironclad_shim::hypervisor::error_chain(err);
         format!("{chain}\nguest console:\n{}", guest.vm.console_tail())
     };
-    guest
-        .agent
-        .create_container(&request)
-        .await
-        .unwrap_or_else(|e| panic!("create: {}", console(&e)));
+    guest.agent.create_container(&request).await.unwrap_or_else(|e| panic!("create: {}", console(&e)));
     let oom = {
         let agent = guest.agent.clone();
         tokio::spawn(async move { agent.get_oom_event().await })
     };
-    guest
-        .agent
-        .start_container("c2")
-        .await
-        .unwrap_or_else(|e| panic!("start: {}", console(&e)));
+    guest.agent.start_container("c2").await.unwrap_or_else(|e| panic!("start: {}", console(&e)));
     let output = read_stdout_to_end(&guest, "c2").await;
     assert_eq!(output, "16777216\n8\n", "the limits are the container's");
-    assert_eq!(
-        guest.agent.wait_process("c2", "").await.unwrap(),
-        137,
-        "dd was OOM-killed"
-    );
-    let event = tokio::time::timeout(std::time::Duration::from_secs(30), oom)
-        .await
-        .expect("an OOM event");
+    assert_eq!(guest.agent.wait_process("c2", "").await.unwrap(), 137, "dd was OOM-killed");
+    let event = tokio::time::timeout(std::time::Duration::from_secs(30), oom).await.expect("an OOM event");
     assert_eq!(event.unwrap().unwrap(), "c2");
     let stats = guest.agent.stats_container("c2").await.unwrap();
     assert_eq!(stats.memory.usage_limit, 16 * 1024 * 1024);

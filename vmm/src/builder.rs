@@ -111,11 +111,7 @@ pub fn run_vm(config: &VmConfig) -> Result<ExitReason, Error> {
     let memory = create_guest_memory(config.memory_mib)?;
     let vm = Vm::new(&memory)?;
     let kernel = boot::load_kernel(&memory, &config.kernel)?;
-    let initrd = config
-        .initrd
-        .as_deref()
-        .map(|path| boot::load_initrd(&memory, path))
-        .transpose()?;
+    let initrd = config.initrd.as_deref().map(|path| boot::load_initrd(&memory, path)).transpose()?;
 
     let exit = VmExit::new().map_err(Error::EventFd)?;
     let mut wiring = VirtioWiring {
@@ -129,13 +125,7 @@ pub fn run_vm(config: &VmConfig) -> Result<ExitReason, Error> {
     wiring.attach_block_devices(config)?;
     wiring.attach_net_devices(config)?;
     let _socket = wiring.attach_vsock_device(config)?;
-    let VirtioWiring {
-        mmio,
-        event_manager,
-        cmdline,
-        mut metrics,
-        ..
-    } = wiring;
+    let VirtioWiring { mmio, event_manager, cmdline, mut metrics, .. } = wiring;
     crate::arch::x86_64::mptable::write(&memory, config.vcpus)?;
     boot::load_command_line(&memory, &cmdline)?;
     boot::write_zero_page(&memory, &kernel, cmdline.len(), initrd)?;
@@ -150,10 +140,7 @@ pub fn run_vm(config: &VmConfig) -> Result<ExitReason, Error> {
     }
     let filters = if config.seccomp {
         crate::seccomp::install_sigsys_handler()?;
-        Some((
-            crate::seccomp::filter(ThreadKind::Vmm)?,
-            crate::seccomp::filter(ThreadKind::Vcpu)?,
-        ))
+        Some((crate::seccomp::filter(ThreadKind::Vmm)?, crate::seccomp::filter(ThreadKind::Vcpu)?))
     } else {
         None
     };
@@ -169,9 +156,7 @@ pub fn run_vm(config: &VmConfig) -> Result<ExitReason, Error> {
         // The process ends without running destructors; the socket must not outlive it.
         let _ = std::fs::remove_file(&vsock.uds_path);
     }
-    let reason = exit
-        .reason()
-        .unwrap_or(ExitReason::Error("the VM stopped without a reason".into()));
+    let reason = exit.reason().unwrap_or(ExitReason::Error("the VM stopped without a reason".into()));
     if let Some(path) = &config.metrics {
         metrics.exit = format!("{reason:?}");
         metrics.pio_unclaimed = pio.unclaimed_accesses();
@@ -182,14 +167,9 @@ pub fn run_vm(config: &VmConfig) -> Result<ExitReason, Error> {
 }
 
 fn write_metrics(path: &std::path::Path, metrics: &Metrics) -> Result<(), Error> {
-    let text = serde_json::to_vec_pretty(metrics).map_err(|e| Error::Metrics {
-        path: path.into(),
-        source: e.into(),
-    })?;
-    std::fs::write(path, text).map_err(|source| Error::Metrics {
-        path: path.into(),
-        source,
-    })
+    let text = serde_json::to_vec_pretty(metrics)
+        .map_err(|e| Error::Metrics { path: path.into(), source: e.into() })?;
+    std::fs::write(path, text).map_err(|source| Error::Metrics { path: path.into(), source })
 }
 
 /// Where the `index`-th virtio device sits: its MMIO window and its IRQ line.
@@ -234,29 +214,21 @@ impl VirtioWiring<'_> {
         let (base, irq) = virtio_slot(self.metrics.mmio_rejected.len())?;
         for (queue_index, event) in device.queue_events().iter().enumerate() {
             let datamatch = u32::try_from(queue_index).map_err(|_| Error::TooManyDevices)?;
-            self.vm
-                .register_ioevent(event, base + REG_QUEUE_NOTIFY, datamatch)?;
+            self.vm.register_ioevent(event, base + REG_QUEUE_NOTIFY, datamatch)?;
         }
         self.vm.register_irqfd(device.interrupt().irqfd(), irq)?;
         let device = Arc::new(Mutex::new(device));
         let transport = MmioTransport::new(self.memory.clone(), device.clone());
         self.metrics.mmio_rejected.push(transport.rejected_accesses());
-        self.mmio
-            .insert(base, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
+        self.mmio.insert(base, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
         self.event_manager.add_subscriber(device);
-        self.cmdline.push_str(&format!(
-            " virtio_mmio.device={}K@{base:#x}:{irq}",
-            VIRTIO_MMIO_SIZE / 1024
-        ));
+        self.cmdline.push_str(&format!(" virtio_mmio.device={}K@{base:#x}:{irq}", VIRTIO_MMIO_SIZE / 1024));
         Ok(())
     }
 
     fn attach_block_devices(&mut self, config: &VmConfig) -> Result<(), Error> {
         for block in &config.block {
-            let block_err = |source| Error::Block {
-                serial: block.serial.clone(),
-                source,
-            };
+            let block_err = |source| Error::Block { serial: block.serial.clone(), source };
             let disk = Disk::open(&block.path, block.read_only, &block.serial).map_err(block_err)?;
             let device = Block::new(disk, new_irqfd()?).map_err(block_err)?;
             self.metrics.block.push((block.serial.clone(), device.metrics()));
@@ -268,14 +240,10 @@ impl VirtioWiring<'_> {
     fn attach_net_devices(&mut self, config: &VmConfig) -> Result<(), Error> {
         for net in &config.net {
             // Validated with the rest of the configuration; parsed again here for its bytes.
-            let mac = crate::config::parse_mac(&net.mac).map_err(|reason| crate::config::Error::Invalid {
-                field: "net.mac".into(),
-                reason,
-            })?;
-            let device = Net::new(&net.tap, mac, new_irqfd()?).map_err(|source| Error::Net {
-                tap: net.tap.clone(),
-                source,
-            })?;
+            let mac = crate::config::parse_mac(&net.mac)
+                .map_err(|reason| crate::config::Error::Invalid { field: "net.mac".into(), reason })?;
+            let device = Net::new(&net.tap, mac, new_irqfd()?)
+                .map_err(|source| Error::Net { tap: net.tap.clone(), source })?;
             self.metrics.net.push((net.tap.clone(), device.metrics()));
             self.attach(device)?;
         }
@@ -309,24 +277,12 @@ fn legacy_pio_bus(
     let serial_irq = new_irqfd()?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
     let serial = SerialDevice::new(EventFdTrigger(serial_irq), serial_output(&config.serial)?);
-    bus.insert(
-        u64::from(SERIAL_PORT),
-        u64::from(SERIAL_PORT_LEN),
-        Arc::new(Mutex::new(serial)),
-    )?;
+    bus.insert(u64::from(SERIAL_PORT), u64::from(SERIAL_PORT_LEN), Arc::new(Mutex::new(serial)))?;
     let i8042 = I8042::new(exit.clone());
-    bus.insert(
-        u64::from(I8042_PORT),
-        u64::from(I8042_PORT_LEN),
-        Arc::new(Mutex::new(i8042)),
-    )?;
+    bus.insert(u64::from(I8042_PORT), u64::from(I8042_PORT_LEN), Arc::new(Mutex::new(i8042)))?;
     if config.boot_timer {
         use crate::devices::legacy::boot_timer::{BootTimer, BOOT_TIMER_PORT};
-        bus.insert(
-            u64::from(BOOT_TIMER_PORT),
-            1,
-            Arc::new(Mutex::new(BootTimer::new(vmm_start))),
-        )?;
+        bus.insert(u64::from(BOOT_TIMER_PORT), 1, Arc::new(Mutex::new(BootTimer::new(vmm_start))))?;
     }
     Ok(bus)
 }
@@ -335,10 +291,9 @@ fn serial_output(output: &SerialOutput) -> Result<Box<dyn Write + Send>, Error> 
     Ok(match output {
         SerialOutput::Stdout => Box::new(std::io::stdout()),
         SerialOutput::None => Box::new(std::io::sink()),
-        SerialOutput::File(path) => Box::new(File::create(path).map_err(|source| Error::SerialOutput {
-            path: path.clone(),
-            source,
-        })?),
+        SerialOutput::File(path) => {
+            Box::new(File::create(path).map_err(|source| Error::SerialOutput { path: path.clone(), source })?)
+        }
     })
 }
 
@@ -361,8 +316,7 @@ impl MutEventSubscriber for ExitWatcher {
         use std::os::fd::AsRawFd;
         if events.fd() == self.signals.as_raw_fd() {
             while let Ok(Some(info)) = self.signals.read_signal() {
-                self.exit
-                    .record(ExitReason::Signal(i32::try_from(info.ssi_signo).unwrap_or(0)));
+                self.exit.record(ExitReason::Signal(i32::try_from(info.ssi_signo).unwrap_or(0)));
             }
         } else {
             self.exit.consume_event();
@@ -381,10 +335,7 @@ fn run_event_loop(
     exit: &VmExit,
     signals: SignalFd,
 ) -> Result<(), Error> {
-    manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
-        exit: exit.clone(),
-        signals,
-    })));
+    manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher { exit: exit.clone(), signals })));
     while exit.reason().is_none() {
         manager.run().map_err(Error::EventLoop)?;
     }

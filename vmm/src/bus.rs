@@ -37,15 +37,8 @@ impl Bus {
     }
 
     pub fn insert(&mut self, base: u64, len: u64, device: Arc<Mutex<dyn BusDevice>>) -> Result<(), Error> {
-        let end = base
-            .checked_add(len)
-            .filter(|_| len > 0)
-            .ok_or(Error::BadRange { base, len })?;
-        let overlaps_before = self
-            .devices
-            .range(..=base)
-            .next_back()
-            .is_some_and(|(b, e)| b + e.len > base);
+        let end = base.checked_add(len).filter(|_| len > 0).ok_or(Error::BadRange { base, len })?;
+        let overlaps_before = self.devices.range(..=base).next_back().is_some_and(|(b, e)| b + e.len > base);
         let overlaps_after = self.devices.range(base..end).next().is_some();
         if overlaps_before || overlaps_after {
             return Err(Error::Overlap { base, len });
@@ -132,15 +125,11 @@ mod tests {
     #[test]
     fn unclaimed_and_straddling_accesses_are_counted_not_dispatched() {
         let mut bus = Bus::new();
-        bus.insert(0x1000, 0x10, Arc::new(Mutex::new(Recorder::default())))
-            .unwrap();
+        bus.insert(0x1000, 0x10, Arc::new(Mutex::new(Recorder::default()))).unwrap();
         let mut data = [0u8; 4];
         assert!(!bus.read(0x2000, &mut data));
         assert_eq!(data, [0xff; 4]);
-        assert!(
-            !bus.read(0x100e, &mut data),
-            "an access running past the device's end"
-        );
+        assert!(!bus.read(0x100e, &mut data), "an access running past the device's end");
         assert!(!bus.write(0xfff, &[1, 2]));
         assert_eq!(bus.unclaimed_accesses(), 3);
     }
@@ -150,28 +139,10 @@ mod tests {
         let mut bus = Bus::new();
         let dev = || Arc::new(Mutex::new(Recorder::default()));
         bus.insert(0x100, 0x100, dev()).unwrap();
-        assert_eq!(
-            bus.insert(0x1ff, 1, dev()),
-            Err(Error::Overlap { base: 0x1ff, len: 1 })
-        );
-        assert_eq!(
-            bus.insert(0x80, 0x81, dev()),
-            Err(Error::Overlap {
-                base: 0x80,
-                len: 0x81
-            })
-        );
-        assert_eq!(
-            bus.insert(0x300, 0, dev()),
-            Err(Error::BadRange { base: 0x300, len: 0 })
-        );
-        assert_eq!(
-            bus.insert(u64::MAX, 2, dev()),
-            Err(Error::BadRange {
-                base: u64::MAX,
-                len: 2
-            })
-        );
+        assert_eq!(bus.insert(0x1ff, 1, dev()), Err(Error::Overlap { base: 0x1ff, len: 1 }));
+        assert_eq!(bus.insert(0x80, 0x81, dev()), Err(Error::Overlap { base: 0x80, len: 0x81 }));
+        assert_eq!(bus.insert(0x300, 0, dev()), Err(Error::BadRange { base: 0x300, len: 0 }));
+        assert_eq!(bus.insert(u64::MAX, 2, dev()), Err(Error::BadRange { base: u64::MAX, len: 2 }));
         bus.insert(0x200, 0x10, dev()).unwrap();
         bus.insert(0x80, 0x80, dev()).unwrap();
     }

@@ -36,10 +36,7 @@ pub enum Error {
 }
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Error {
-    Error::Invalid {
-        field: field.into(),
-        reason: reason.into(),
-    }
+    Error::Invalid { field: field.into(), reason: reason.into() }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,10 +127,8 @@ pub enum SerialOutput {
 impl VmConfig {
     /// Reads and validates a JSON description.
     pub fn from_json_file(path: &Path) -> Result<Self, Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
-            path: path.into(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.into(), source })?;
         Self::from_json(&text)
     }
 
@@ -146,18 +141,12 @@ impl VmConfig {
     /// Checks every field; the first problem found is returned with the field's name.
     pub fn validate(&self) -> Result<(), Error> {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
-            return Err(invalid(
-                "vcpus",
-                format!("{} is outside 1..={MAX_VCPUS}", self.vcpus),
-            ));
+            return Err(invalid("vcpus", format!("{} is outside 1..={MAX_VCPUS}", self.vcpus)));
         }
         if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
             return Err(invalid(
                 "memory_mib",
-                format!(
-                    "{} is outside {MIN_MEMORY_MIB}..={MAX_MEMORY_MIB}",
-                    self.memory_mib
-                ),
+                format!("{} is outside {MIN_MEMORY_MIB}..={MAX_MEMORY_MIB}", self.memory_mib),
             ));
         }
         require_file("kernel", &self.kernel)?;
@@ -167,11 +156,7 @@ impl VmConfig {
         if self.cmdline.len() >= MAX_CMDLINE_LEN {
             return Err(invalid(
                 "cmdline",
-                format!(
-                    "{} bytes, the limit is {}",
-                    self.cmdline.len(),
-                    MAX_CMDLINE_LEN - 1
-                ),
+                format!("{} bytes, the limit is {}", self.cmdline.len(), MAX_CMDLINE_LEN - 1),
             ));
         }
         if self.cmdline.bytes().any(|b| b == 0 || !b.is_ascii()) {
@@ -197,19 +182,13 @@ impl VmConfig {
             require_file(&format!("block[{i}].path"), &block.path)?;
             let field = format!("block[{i}].serial");
             if block.serial.is_empty() || block.serial.len() > MAX_BLOCK_SERIAL_LEN {
-                return Err(invalid(
-                    field,
-                    format!("must be 1 to {MAX_BLOCK_SERIAL_LEN} bytes"),
-                ));
+                return Err(invalid(field, format!("must be 1 to {MAX_BLOCK_SERIAL_LEN} bytes")));
             }
             if !block.serial.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(invalid(field, "must be printable ASCII without spaces"));
             }
             if !serials.insert(&block.serial) {
-                return Err(invalid(
-                    field,
-                    format!("{:?} is used by another disk", block.serial),
-                ));
+                return Err(invalid(field, format!("{:?} is used by another disk", block.serial)));
             }
         }
         Ok(())
@@ -221,19 +200,13 @@ impl VmConfig {
         for (i, net) in self.net.iter().enumerate() {
             let tap_field = format!("net[{i}].tap");
             if net.tap.is_empty() || net.tap.len() > MAX_TAP_NAME_LEN {
-                return Err(invalid(
-                    tap_field,
-                    format!("must be 1 to {MAX_TAP_NAME_LEN} bytes"),
-                ));
+                return Err(invalid(tap_field, format!("must be 1 to {MAX_TAP_NAME_LEN} bytes")));
             }
             if net.tap.contains('/') || net.tap.bytes().any(|b| !b.is_ascii_graphic()) {
                 return Err(invalid(tap_field, "is not a valid interface name"));
             }
             if !taps.insert(&net.tap) {
-                return Err(invalid(
-                    tap_field,
-                    format!("{:?} is used by another device", net.tap),
-                ));
+                return Err(invalid(tap_field, format!("{:?} is used by another device", net.tap)));
             }
             let mac = parse_mac(&net.mac).map_err(|reason| invalid(format!("net[{i}].mac"), reason))?;
             if !macs.insert(mac) {
@@ -249,17 +222,11 @@ impl VmConfig {
 
 fn validate_vsock(vsock: &VsockConfig) -> Result<(), Error> {
     if vsock.guest_cid < MIN_GUEST_CID || vsock.guest_cid >= u64::from(u32::MAX) {
-        return Err(invalid(
-            "vsock.guest_cid",
-            format!("{} is outside 3..{}", vsock.guest_cid, u32::MAX),
-        ));
+        return Err(invalid("vsock.guest_cid", format!("{} is outside 3..{}", vsock.guest_cid, u32::MAX)));
     }
     let len = vsock.uds_path.as_os_str().len();
     if len == 0 || len > MAX_VSOCK_UDS_PATH_LEN {
-        return Err(invalid(
-            "vsock.uds_path",
-            format!("must be 1 to {MAX_VSOCK_UDS_PATH_LEN} bytes"),
-        ));
+        return Err(invalid("vsock.uds_path", format!("must be 1 to {MAX_VSOCK_UDS_PATH_LEN} bytes")));
     }
     require_parent_dir("vsock.uds_path", &vsock.uds_path)
 }
@@ -267,26 +234,17 @@ fn validate_vsock(vsock: &VsockConfig) -> Result<(), Error> {
 fn require_file(field: &str, path: &Path) -> Result<(), Error> {
     match std::fs::metadata(path) {
         Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(invalid(
-            field,
-            format!("{} is not a regular file", path.display()),
-        )),
+        Ok(_) => Err(invalid(field, format!("{} is not a regular file", path.display()))),
         Err(err) => Err(invalid(field, format!("{}: {err}", path.display()))),
     }
 }
 
 fn require_parent_dir(field: &str, path: &Path) -> Result<(), Error> {
-    let parent = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     if parent.is_dir() {
         Ok(())
     } else {
-        Err(invalid(
-            field,
-            format!("directory {} does not exist", parent.display()),
-        ))
+        Err(invalid(field, format!("directory {} does not exist", parent.display())))
     }
 }
 
@@ -295,9 +253,7 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
     let mut mac = [0u8; 6];
     let mut parts = text.split(':');
     for byte in mac.iter_mut() {
-        let part = parts
-            .next()
-            .ok_or_else(|| format!("{text:?} has fewer than 6 bytes"))?;
+        let part = parts.next().ok_or_else(|| format!("{text:?} has fewer than 6 bytes"))?;
         if part.len() != 2 {
             return Err(format!("{text:?} is not of the form aa:bb:cc:dd:ee:ff"));
         }
@@ -364,10 +320,7 @@ mod tests {
         assert_eq!(config.vcpus, 2);
         assert_eq!(config.cmdline, "console=ttyS0 reboot=k panic=-1");
         assert!(config.block[0].read_only);
-        assert_eq!(
-            config.serial,
-            SerialOutput::File(files.path("console.log").into())
-        );
+        assert_eq!(config.serial, SerialOutput::File(files.path("console.log").into()));
         let minimal = VmConfig::from_json(&files.json("")).unwrap();
         assert_eq!((minimal.memory_mib, minimal.serial), (128, SerialOutput::Stdout));
     }
@@ -379,14 +332,8 @@ mod tests {
             (r#""vcpus": 0,"#.to_string(), "vcpus"),
             (r#""memory_mib": 8,"#.to_string(), "memory_mib"),
             (r#""initrd": "/nonexistent/initrd","#.to_string(), "initrd"),
-            (
-                format!(r#""cmdline": "{}","#, "a".repeat(MAX_CMDLINE_LEN)),
-                "cmdline",
-            ),
-            (
-                r#""block": [{"path": "/nonexistent", "serial": "a"}],"#.to_string(),
-                "block[0].path",
-            ),
+            (format!(r#""cmdline": "{}","#, "a".repeat(MAX_CMDLINE_LEN)), "cmdline"),
+            (r#""block": [{"path": "/nonexistent", "serial": "a"}],"#.to_string(), "block[0].path"),
             (
                 format!(
                     r#""block": [{{"path": "{}", "serial": "{}"}}],"#,
@@ -407,48 +354,28 @@ mod tests {
                 r#""net": [{"tap": "a-very-long-tap-name", "mac": "02:00:00:00:00:01"}],"#.to_string(),
                 "net[0].tap",
             ),
-            (
-                r#""net": [{"tap": "tap0", "mac": "01:00:00:00:00:01"}],"#.to_string(),
-                "net[0].mac",
-            ),
-            (
-                r#""net": [{"tap": "tap0", "mac": "02:00:00:00:01"}],"#.to_string(),
-                "net[0].mac",
-            ),
-            (
-                r#""vsock": {"guest_cid": 2, "uds_path": "/tmp/v.sock"},"#.to_string(),
-                "vsock.guest_cid",
-            ),
+            (r#""net": [{"tap": "tap0", "mac": "01:00:00:00:00:01"}],"#.to_string(), "net[0].mac"),
+            (r#""net": [{"tap": "tap0", "mac": "02:00:00:00:01"}],"#.to_string(), "net[0].mac"),
+            (r#""vsock": {"guest_cid": 2, "uds_path": "/tmp/v.sock"},"#.to_string(), "vsock.guest_cid"),
             (
                 r#""vsock": {"guest_cid": 3, "uds_path": "/nonexistent/v.sock"},"#.to_string(),
                 "vsock.uds_path",
             ),
-            (
-                r#""serial": {"file": "/nonexistent/dir/log"},"#.to_string(),
-                "serial.file",
-            ),
+            (r#""serial": {"file": "/nonexistent/dir/log"},"#.to_string(), "serial.file"),
         ];
         for (extra, field) in cases {
             let err = VmConfig::from_json(&files.json(&extra)).unwrap_err();
             assert_eq!(field_of(err), field, "for {extra}");
         }
         let missing_kernel = VmConfig::from_json(r#"{"kernel": "/nonexistent/vmlinux"}"#).unwrap_err();
-        assert!(
-            missing_kernel
-                .to_string()
-                .contains("kernel: /nonexistent/vmlinux"),
-            "{missing_kernel}"
-        );
+        assert!(missing_kernel.to_string().contains("kernel: /nonexistent/vmlinux"), "{missing_kernel}");
     }
 
     #[test]
     fn unknown_fields_and_bad_json_are_rejected() {
         let files = Files::new();
         let err = VmConfig::from_json(&files.json(r#""vcpu_count": 2,"#)).unwrap_err();
-        assert!(
-            matches!(&err, Error::Parse(e) if e.to_string().contains("vcpu_count")),
-            "{err}"
-        );
+        assert!(matches!(&err, Error::Parse(e) if e.to_string().contains("vcpu_count")), "{err}");
         assert!(matches!(VmConfig::from_json("{"), Err(Error::Parse(_))));
     }
 

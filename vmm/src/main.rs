@@ -49,8 +49,7 @@ struct Args {
 }
 
 fn key_values(text: &str) -> impl Iterator<Item = (&str, &str)> {
-    text.split(',')
-        .map(|part| part.split_once('=').unwrap_or((part, "")))
+    text.split(',').map(|part| part.split_once('=').unwrap_or((part, "")))
 }
 
 fn config_from_flags(args: Args) -> Result<VmConfig, String> {
@@ -65,11 +64,7 @@ fn config_from_flags(args: Args) -> Result<VmConfig, String> {
     config.vcpus = args.vcpus.unwrap_or(config.vcpus);
     config.memory_mib = args.memory_mib.unwrap_or(config.memory_mib);
     for spec in &args.block {
-        let mut block = BlockConfig {
-            path: PathBuf::new(),
-            read_only: false,
-            serial: String::new(),
-        };
+        let mut block = BlockConfig { path: PathBuf::new(), read_only: false, serial: String::new() };
         for (key, value) in key_values(spec) {
             match key {
                 "path" => block.path = value.into(),
@@ -81,10 +76,7 @@ fn config_from_flags(args: Args) -> Result<VmConfig, String> {
         config.block.push(block);
     }
     for spec in &args.net {
-        let mut net = NetConfig {
-            tap: String::new(),
-            mac: String::new(),
-        };
+        let mut net = NetConfig { tap: String::new(), mac: String::new() };
         for (key, value) in key_values(spec) {
             match key {
                 "tap" => net.tap = value.into(),
@@ -95,10 +87,7 @@ fn config_from_flags(args: Args) -> Result<VmConfig, String> {
         config.net.push(net);
     }
     if let Some(spec) = &args.vsock {
-        let mut vsock = VsockConfig {
-            guest_cid: 0,
-            uds_path: PathBuf::new(),
-        };
+        let mut vsock = VsockConfig { guest_cid: 0, uds_path: PathBuf::new() };
         for (key, value) in key_values(spec) {
             match key {
                 "cid" => {
@@ -116,11 +105,7 @@ fn config_from_flags(args: Args) -> Result<VmConfig, String> {
             "none" => SerialOutput::None,
             other => match other.strip_prefix("file:") {
                 Some(path) => SerialOutput::File(path.into()),
-                None => {
-                    return Err(format!(
-                        "--serial: expected stdout, none or file:PATH, got {other:?}"
-                    ))
-                }
+                None => return Err(format!("--serial: expected stdout, none or file:PATH, got {other:?}")),
             },
         };
     }

@@ -183,12 +183,7 @@ mod tests {
     #[test]
     fn vcpu_threads_may_not_open_files_or_sockets() {
         let vcpu = rules(ThreadKind::Vcpu).unwrap();
-        for denied in [
-            libc::SYS_openat,
-            libc::SYS_socket,
-            libc::SYS_execve,
-            libc::SYS_connect,
-        ] {
+        for denied in [libc::SYS_openat, libc::SYS_socket, libc::SYS_execve, libc::SYS_connect] {
             assert!(!vcpu.contains_key(&denied), "{denied}");
         }
         let vmm = rules(ThreadKind::Vmm).unwrap();

@@ -30,11 +30,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for entry in std::fs::read_dir(guests)? {
         let path = entry?.path();
         if path.extension().is_some_and(|e| e == "c") {
-            let name = path
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .ok_or("bad guest file name")?
-                .to_string();
+            let name = path.file_stem().and_then(|s| s.to_str()).ok_or("bad guest file name")?.to_string();
             build_guest(&path, &out_dir.join(format!("{name}.elf")))?;
             names.push(name);
         }

@@ -10,11 +10,7 @@ const VMM: &str = env!("CARGO_BIN_EXE_ironclad-vmm");
 
 /// Tests that need KVM say so loudly where it is missing, instead of passing quietly.
 fn kvm_available() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
+    let ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
     if !ok {
         eprintln!("SKIPPED: /dev/kvm cannot be opened on this host");
     }
@@ -54,21 +50,13 @@ fn wait_for_exit(child: &mut std::process::Child, within: Duration) -> std::proc
         if let Some(status) = child.try_wait().unwrap() {
             return status;
         }
-        assert!(
-            Instant::now() < deadline,
-            "ironclad-vmm did not exit within {within:?}"
-        );
+        assert!(Instant::now() < deadline, "ironclad-vmm did not exit within {within:?}");
         std::thread::sleep(Duration::from_millis(5));
     }
 }
 
 fn run_vmm(args: &[&str]) -> Output {
-    let child = Command::new(VMM)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = Command::new(VMM).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let mut vmm = Running::new(child);
     wait_for_exit(vmm.child(), Duration::from_secs(60));
     vmm.into_output()
@@ -79,12 +67,8 @@ fn serial_output_and_reset_exit() {
     if !kvm_available() {
         return;
     }
-    let output = run_vmm(&[
-        "--kernel",
-        ironclad_test_guests::SERIAL_HELLO,
-        "--cmdline",
-        "console=ttyS0 marker=42",
-    ]);
+    let output =
+        run_vmm(&["--kernel", ironclad_test_guests::SERIAL_HELLO, "--cmdline", "console=ttyS0 marker=42"]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -92,10 +76,7 @@ fn serial_output_and_reset_exit() {
         output.status,
         String::from_utf8_lossy(&output.stderr)
     );
-    assert_eq!(
-        stdout,
-        "ironclad test guest: hello\ncmdline: console=ttyS0 marker=42\n"
-    );
+    assert_eq!(stdout, "ironclad test guest: hello\ncmdline: console=ttyS0 marker=42\n");
 }
 
 #[test]
@@ -106,17 +87,10 @@ fn serial_output_to_a_file() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("console.log");
     let serial = format!("file:{}", log.display());
-    let output = run_vmm(&[
-        "--kernel",
-        ironclad_test_guests::SERIAL_HELLO,
-        "--serial",
-        &serial,
-    ]);
+    let output = run_vmm(&["--kernel", ironclad_test_guests::SERIAL_HELLO, "--serial", &serial]);
     assert!(output.status.success());
     assert!(output.stdout.is_empty());
-    assert!(std::fs::read_to_string(&log)
-        .unwrap()
-        .starts_with("ironclad test guest: hello\n"));
+    assert!(std::fs::read_to_string(&log).unwrap().starts_with("ironclad test guest: hello\n"));
 }
 
 #[test]
@@ -133,9 +107,7 @@ fn sigterm_stops_a_running_guest_cleanly() {
     );
     let child = guard.child();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     assert_eq!(line, "spinning\n");
     let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
@@ -148,21 +120,12 @@ fn a_bad_configuration_names_the_field_and_touches_no_kvm() {
     let output = run_vmm(&["--kernel", "/nonexistent/vmlinux"]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("invalid configuration: kernel: /nonexistent/vmlinux"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("invalid configuration: kernel: /nonexistent/vmlinux"), "{stderr}");
 
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("vm.json");
-    std::fs::write(
-        &config,
-        format!(
-            r#"{{"kernel": "{}", "vcpus": 0}}"#,
-            ironclad_test_guests::SERIAL_HELLO
-        ),
-    )
-    .unwrap();
+    std::fs::write(&config, format!(r#"{{"kernel": "{}", "vcpus": 0}}"#, ironclad_test_guests::SERIAL_HELLO))
+        .unwrap();
     let output = run_vmm(&["--config", config.to_str().unwrap()]);
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("invalid configuration: vcpus"));
@@ -179,10 +142,7 @@ fn a_kernel_that_is_not_one_is_refused() {
     let output = run_vmm(&["--kernel", kernel.to_str().unwrap()]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("neither a loadable ELF vmlinux nor a bzImage"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("neither a loadable ELF vmlinux nor a bzImage"), "{stderr}");
 }
 
 #[test]
@@ -199,10 +159,7 @@ fn every_vcpu_is_announced_in_the_mp_table() {
             String::from_utf8_lossy(&output.stderr)
         );
         assert!(stdout.contains("mp table checksum: ok"), "{stdout}");
-        assert!(
-            stdout.contains(&format!("cpus: 0x{:016x}", vcpus.parse::<u64>().unwrap())),
-            "{stdout}"
-        );
+        assert!(stdout.contains(&format!("cpus: 0x{:016x}", vcpus.parse::<u64>().unwrap())), "{stdout}");
         assert!(stdout.contains("boot cpu: 0x0000000000000000"), "{stdout}");
     }
 }
@@ -239,11 +196,7 @@ fn virtio_blk_read_write_flush_and_get_id() {
         metrics_path.to_str().unwrap(),
     ]);
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     for line in [
         "capacity: 0x0000000000000008",
         "id: ironclad-disk-7",
@@ -255,10 +208,7 @@ fn virtio_blk_read_write_flush_and_get_id() {
         assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
     }
     let contents = std::fs::read(&disk).unwrap();
-    assert!(
-        contents[512..].starts_with(b"written by the ironclad test guest"),
-        "the write reached the file"
-    );
+    assert!(contents[512..].starts_with(b"written by the ironclad test guest"), "the write reached the file");
     let counters = &metrics(&metrics_path)["block"][0][1];
     assert_eq!(counters["write_requests"], 1);
     assert_eq!(counters["invalid_requests"], 0);
@@ -277,11 +227,7 @@ fn virtio_blk_read_only_disk_refuses_the_guest_write() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
     assert!(stdout.contains("write sector 1: error"), "{stdout}");
-    assert_eq!(
-        std::fs::read(&disk).unwrap(),
-        before,
-        "a read-only disk is not written"
-    );
+    assert_eq!(std::fs::read(&disk).unwrap(), before, "a read-only disk is not written");
 }
 
 #[test]
@@ -329,10 +275,7 @@ fn a_hostile_guest_gets_errors_and_cannot_crash_the_vmm() {
     let metrics = metrics(&metrics_path);
     let counters = &metrics["block"][0][1];
     assert!(counters["invalid_requests"].as_u64().unwrap() >= 8, "{counters}");
-    assert!(
-        counters["unanswerable_chains"].as_u64().unwrap() >= 2,
-        "{counters}"
-    );
+    assert!(counters["unanswerable_chains"].as_u64().unwrap() >= 2, "{counters}");
     assert!(metrics["mmio_rejected"][0].as_u64().unwrap() >= 4, "{metrics}");
 }
 
@@ -391,12 +334,7 @@ fn virtio_vsock_connections_both_ways_through_the_hybrid_socket() {
 
     let status = wait_for_exit(vmm.child(), Duration::from_secs(30));
     let mut stdout = String::new();
-    vmm.child()
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
+    vmm.child().stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
     assert!(status.success(), "{status}\n{stdout}");
     for line in [
         "guest->host: connected",
@@ -448,10 +386,7 @@ fn a_bad_vsock_handshake_is_dropped_and_the_vmm_goes_on() {
             Err(err) => assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}"),
         }
     }
-    assert!(
-        vmm.child().try_wait().unwrap().is_none(),
-        "the VMM is still running"
-    );
+    assert!(vmm.child().try_wait().unwrap().is_none(), "the VMM is still running");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(vmm.child().id()).unwrap()),
         nix::sys::signal::Signal::SIGTERM,
@@ -469,23 +404,13 @@ impl NetNs {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let name = format!("ironclad-t{}-{n}", std::process::id());
-        let ip = |args: &[&str]| {
-            Command::new("ip")
-                .args(args)
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false)
-        };
+        let ip = |args: &[&str]| Command::new("ip").args(args).status().map(|s| s.success()).unwrap_or(false);
         if !ip(&["netns", "add", &name]) {
             eprintln!("SKIPPED: cannot create a network namespace (needs root and iproute2)");
             return None;
         }
         let ns = NetNs(name);
-        assert!(
-            ip(&["-n", &ns.0, "tuntap", "add", "dev", tap, "mode", "tap"]),
-            "tap in {}",
-            ns.0
-        );
+        assert!(ip(&["-n", &ns.0, "tuntap", "add", "dev", tap, "mode", "tap"]), "tap in {}", ns.0);
         assert!(ip(&["-n", &ns.0, "link", "set", tap, "up"]));
         Some(ns)
     }
@@ -529,10 +454,7 @@ fn packet_socket(ns: &str, tap: &str) -> std::os::fd::OwnedFd {
         )
     };
     assert_eq!(ret, 0, "bind: {}", std::io::Error::last_os_error());
-    let timeout = libc::timeval {
-        tv_sec: 30,
-        tv_usec: 0,
-    };
+    let timeout = libc::timeval { tv_sec: 30, tv_usec: 0 };
     // SAFETY: SO_RCVTIMEO takes a timeval, which is what is passed, with its size.
     let ret = unsafe {
         libc::setsockopt(
@@ -565,11 +487,7 @@ fn virtio_net_frames_both_ways_through_a_tap() {
         let mut frame = [0u8; 1600];
         // SAFETY: frame is a writable buffer of the length passed.
         let n = unsafe { libc::recv(socket.as_raw_fd(), frame.as_mut_ptr().cast(), frame.len(), 0) };
-        assert!(
-            n > 0,
-            "no frame from the guest: {}",
-            std::io::Error::last_os_error()
-        );
+        assert!(n > 0, "no frame from the guest: {}", std::io::Error::last_os_error());
         let frame = &frame[..n as usize];
         let guest_mac: [u8; 6] = frame[6..12].try_into().unwrap();
         let mut reply = [0u8; 60];
@@ -582,19 +500,10 @@ fn virtio_net_frames_both_ways_through_a_tap() {
         assert_eq!(sent, 60, "send: {}", std::io::Error::last_os_error());
         (guest_mac, frame[14..14 + 19].to_vec())
     });
-    bound_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("packet socket");
+    bound_rx.recv_timeout(Duration::from_secs(10)).expect("packet socket");
     let mut vmm = Running::new(
         Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns.0,
-                VMM,
-                "--kernel",
-                ironclad_test_guests::VIRTIO_NET,
-            ])
+            .args(["netns", "exec", &ns.0, VMM, "--kernel", ironclad_test_guests::VIRTIO_NET])
             .args(["--net", "tap=tap0,mac=02:00:00:00:00:01"])
             .stdout(Stdio::piped())
             .spawn()
@@ -605,12 +514,7 @@ fn virtio_net_frames_both_ways_through_a_tap() {
     assert_eq!(payload, b"ping from the guest");
     let status = wait_for_exit(vmm.child(), Duration::from_secs(60));
     let mut stdout = String::new();
-    vmm.child()
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
+    vmm.child().stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
     assert!(status.success(), "{status}\n{stdout}");
     assert!(stdout.contains("mac: 02:00:00:00:00:01 link up"), "{stdout}");
     assert!(stdout.contains("net got: pong from the host"), "{stdout}");
@@ -625,23 +529,13 @@ fn a_missing_tap_is_a_clear_error() {
     // In a namespace where only tap0 exists, ask for a name that cannot be created as a tap: it
     // is taken by the loopback device.
     let output = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.0,
-            VMM,
-            "--kernel",
-            ironclad_test_guests::SERIAL_HELLO,
-        ])
+        .args(["netns", "exec", &ns.0, VMM, "--kernel", ironclad_test_guests::SERIAL_HELLO])
         .args(["--net", "tap=lo,mac=02:00:00:00:00:01"])
         .output()
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("cannot set up the network device on tap lo"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("cannot set up the network device on tap lo"), "{stderr}");
 }
 
 fn host_has_hardware_virtualization() -> bool {
@@ -667,9 +561,6 @@ fn a_fatal_vcpu_error_ends_the_vmm_with_the_reason() {
         assert!(output.status.success(), "{stderr}");
     } else {
         assert_eq!(output.status.code(), Some(1), "{stderr}");
-        assert!(
-            stderr.contains("the VM failed: vCPU 0: KVM internal error"),
-            "{stderr}"
-        );
+        assert!(stderr.contains("the VM failed: vCPU 0: KVM internal error"), "{stderr}");
     }
 }

@@ -21,9 +21,8 @@ pub struct IroncladBackend {
 impl IroncladBackend {
     /// Finds ironclad-vmm next to the running binary (an installed set) or on PATH.
     pub fn locate(host: HostVirtualization) -> Result<Self, Error> {
-        let beside_us = std::env::current_exe()
-            .ok()
-            .and_then(|exe| exe.parent().map(|d| d.join("ironclad-vmm")));
+        let beside_us =
+            std::env::current_exe().ok().and_then(|exe| exe.parent().map(|d| d.join("ironclad-vmm")));
         let vmm = beside_us
             .filter(|p| p.is_file())
             .or_else(|| find_executable(Path::new("ironclad-vmm")))
@@ -40,12 +39,8 @@ impl IroncladBackend {
         create_sandbox_dir(paths.dir())?;
         let mut guard = SandboxDirGuard(Some(paths.dir().to_path_buf()));
         let description = paths.dir().join("vm.json");
-        std::fs::write(&description, vm_description(config, &paths).to_string()).map_err(|source| {
-            Error::WriteConfig {
-                path: description.clone(),
-                source,
-            }
-        })?;
+        std::fs::write(&description, vm_description(config, &paths).to_string())
+            .map_err(|source| Error::WriteConfig { path: description.clone(), source })?;
         let args = [OsString::from("--config"), description.into_os_string()];
         let mut vm = GuestVm::spawn(
             "ironclad-vmm",
@@ -129,10 +124,7 @@ mod tests {
         let backend = IroncladBackend { vmm: fake };
         let paths = SandboxPaths::new(dir.path(), "sb");
         let mut vm = backend.start(&config, paths.clone()).await.unwrap();
-        let err = vm
-            .wait_ready(std::time::Duration::from_secs(10))
-            .await
-            .unwrap_err();
+        let err = vm.wait_ready(std::time::Duration::from_secs(10)).await.unwrap_err();
         let text = err.to_string();
         assert!(text.contains("ironclad-vmm exited"), "{text}");
         assert!(text.contains("invalid configuration: kernel: bad"), "{text}");

@@ -66,10 +66,7 @@ pub fn parse_ready_line(line: &str) -> Option<ReadyLine> {
             _ => {}
         }
     }
-    Some(ReadyLine {
-        version: version?,
-        uptime_ms: uptime_ms?,
-    })
+    Some(ReadyLine { version: version?, uptime_ms: uptime_ms? })
 }
 
 /// What the host offers for running guests.
@@ -83,16 +80,9 @@ pub struct HostVirtualization {
 
 impl HostVirtualization {
     pub fn detect() -> Self {
-        let kvm_opens = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_ok();
+        let kvm_opens = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        HostVirtualization {
-            kvm_opens,
-            hardware_virtualization: cpu_flags_show_virtualization(&cpuinfo),
-        }
+        HostVirtualization { kvm_opens, hardware_virtualization: cpu_flags_show_virtualization(&cpuinfo) }
     }
 
     /// Whether a Linux guest can run on KVM here. Without vmx/svm, KVM emulates guest kernel code and
@@ -125,17 +115,13 @@ fn cpu_flags_show_virtualization(cpuinfo: &str) -> bool {
 pub fn find_executable(name: &Path) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let is_executable = |p: &Path| {
-        std::fs::metadata(p)
-            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            .unwrap_or(false)
+        std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
     };
     if name.components().count() > 1 {
         return is_executable(name).then(|| name.to_path_buf());
     }
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| is_executable(p))
+    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| is_executable(p))
 }
 
 /// Which monitor runs the sandbox VMs.
@@ -155,9 +141,7 @@ impl std::str::FromStr for HypervisorKind {
             "auto" => Ok(HypervisorKind::Auto),
             "ironclad" => Ok(HypervisorKind::Ironclad),
             "qemu" => Ok(HypervisorKind::Qemu),
-            other => Err(format!(
-                "unknown hypervisor {other:?}: expected auto, ironclad or qemu"
-            )),
+            other => Err(format!("unknown hypervisor {other:?}: expected auto, ironclad or qemu")),
         }
     }
 }
@@ -236,47 +220,27 @@ mod tests {
     fn parses_the_ready_line_and_rejects_others() {
         assert_eq!(
             parse_ready_line("ironclad-agent ready version=0.1.0 uptime_ms=1873\r\n"),
-            Some(ReadyLine {
-                version: "0.1.0".into(),
-                uptime_ms: 1873
-            })
+            Some(ReadyLine { version: "0.1.0".into(), uptime_ms: 1873 })
         );
         assert_eq!(parse_ready_line("ironclad-agent ready version=0.1.0"), None);
-        assert_eq!(
-            parse_ready_line("[    0.1] ironclad-agent ready version=1 uptime_ms=2"),
-            None
-        );
-        assert_eq!(
-            parse_ready_line("ironclad-agent ready version=1 uptime_ms=x"),
-            None
-        );
+        assert_eq!(parse_ready_line("[    0.1] ironclad-agent ready version=1 uptime_ms=2"), None);
+        assert_eq!(parse_ready_line("ironclad-agent ready version=1 uptime_ms=x"), None);
     }
 
     #[test]
     fn detects_vmx_or_svm_in_the_flags_line_only() {
-        assert!(cpu_flags_show_virtualization(
-            "processor: 0\nflags\t\t: fpu vme vmx sse\n"
-        ));
+        assert!(cpu_flags_show_virtualization("processor: 0\nflags\t\t: fpu vme vmx sse\n"));
         assert!(cpu_flags_show_virtualization("flags\t: fpu svm\n"));
-        assert!(!cpu_flags_show_virtualization(
-            "flags\t: fpu vme sse\nmodel name: vmx-like\n"
-        ));
+        assert!(!cpu_flags_show_virtualization("flags\t: fpu vme sse\nmodel name: vmx-like\n"));
         assert!(!cpu_flags_show_virtualization("flags\t: fpu vmxnet\n"));
     }
 
     #[test]
     fn kvm_is_used_for_linux_only_with_hardware_virtualization() {
-        let emulated = HostVirtualization {
-            kvm_opens: true,
-            hardware_virtualization: false,
-        };
+        let emulated = HostVirtualization { kvm_opens: true, hardware_virtualization: false };
         assert!(!emulated.can_boot_linux_on_kvm());
         assert!(emulated.explain().contains("no vmx/svm"));
-        assert!(HostVirtualization {
-            kvm_opens: true,
-            hardware_virtualization: true
-        }
-        .can_boot_linux_on_kvm());
+        assert!(HostVirtualization { kvm_opens: true, hardware_virtualization: true }.can_boot_linux_on_kvm());
     }
 
     #[test]

@@ -23,10 +23,7 @@ const CONSOLE_CLOSE_TO_EXIT: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{tool} not found: install it with `{install}` (or run `make prereqs`)")]
-    MissingTool {
-        tool: &'static str,
-        install: &'static str,
-    },
+    MissingTool { tool: &'static str, install: &'static str },
     #[error("cannot write the VM description {path}")]
     WriteConfig {
         path: PathBuf,
@@ -48,22 +45,13 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error("vhost-device-vsock exited ({status}) before creating {socket}: {stderr}")]
-    VsockDaemonExited {
-        status: ExitStatus,
-        socket: PathBuf,
-        stderr: String,
-    },
+    VsockDaemonExited { status: ExitStatus, socket: PathBuf, stderr: String },
     #[error("vhost-device-vsock did not create {socket} within {waited:?}")]
     VsockDaemonTimeout { socket: PathBuf, waited: Duration },
     #[error(
         "{monitor} exited ({status}) before the agent was ready; stderr: {stderr}; console tail:\n{console}"
     )]
-    ExitedBeforeReady {
-        monitor: String,
-        status: ExitStatus,
-        stderr: String,
-        console: String,
-    },
+    ExitedBeforeReady { monitor: String, status: ExitStatus, stderr: String, console: String },
     #[error("the agent was not ready within {waited:?}; console tail:\n{console}")]
     ReadyTimeout { waited: Duration, console: String },
     #[error("cannot wait for {what}")]
@@ -78,20 +66,14 @@ pub enum Error {
 pub fn require_guest_files(kernel: &Path, initrd: &Path) -> Result<(), Error> {
     for (what, path) in [("kernel", kernel), ("initrd", initrd)] {
         if !path.is_file() {
-            return Err(Error::MissingFile {
-                what,
-                path: path.to_path_buf(),
-            });
+            return Err(Error::MissingFile { what, path: path.to_path_buf() });
         }
     }
     Ok(())
 }
 
 pub fn create_sandbox_dir(dir: &Path) -> Result<(), Error> {
-    let err = |source| Error::SandboxDir {
-        path: dir.to_path_buf(),
-        source,
-    };
+    let err = |source| Error::SandboxDir { path: dir.to_path_buf(), source };
     if dir.exists() {
         return Err(err(std::io::Error::new(
             std::io::ErrorKind::AlreadyExists,
@@ -123,10 +105,7 @@ fn remove_sandbox_dir(dir: &Path) {
 pub async fn read_limited<R: AsyncRead + Unpin>(pipe: Option<R>) -> String {
     let Some(pipe) = pipe else { return String::new() };
     let mut buf = Vec::new();
-    let _ = pipe
-        .take(u64::try_from(STDERR_LIMIT).unwrap_or(u64::MAX))
-        .read_to_end(&mut buf)
-        .await;
+    let _ = pipe.take(u64::try_from(STDERR_LIMIT).unwrap_or(u64::MAX)).read_to_end(&mut buf).await;
     String::from_utf8_lossy(&buf).trim().to_string()
 }
 
@@ -179,10 +158,7 @@ impl Console {
     }
 
     fn tail(&self) -> String {
-        self.tail
-            .lock()
-            .map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n"))
-            .unwrap_or_default()
+        self.tail.lock().map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n")).unwrap_or_default()
     }
 }
 
@@ -235,10 +211,7 @@ impl GuestVm {
                     let _ = helper.start_kill();
                     let _ = helper.wait().await;
                 }
-                return Err(Error::Spawn {
-                    program: program.to_path_buf(),
-                    source,
-                });
+                return Err(Error::Spawn { program: program.to_path_buf(), source });
             }
         };
         let console = Console::default();
@@ -287,10 +260,7 @@ impl GuestVm {
 
     /// The host processes making up this VM.
     pub fn pids(&self) -> Vec<u32> {
-        std::iter::once(&self.monitor)
-            .chain(&self.helpers)
-            .filter_map(|c| c.id())
-            .collect()
+        std::iter::once(&self.monitor).chain(&self.helpers).filter_map(|c| c.id()).collect()
     }
 
     /// The last lines the guest printed.
@@ -305,10 +275,7 @@ impl GuestVm {
             return Ok(ready.clone());
         }
         let Some(rx) = self.ready_rx.as_mut() else {
-            return Err(Error::ReadyTimeout {
-                waited: Duration::ZERO,
-                console: self.console.tail(),
-            });
+            return Err(Error::ReadyTimeout { waited: Duration::ZERO, console: self.console.tail() });
         };
         let line = tokio::select! {
             line = rx => line.ok(),
@@ -321,10 +288,7 @@ impl GuestVm {
             // The console closed without a ready line: the monitor is exiting or gone.
             return Err(self.exited_before_ready().await);
         };
-        let ready = Ready {
-            line,
-            since_start: self.started.elapsed(),
-        };
+        let ready = Ready { line, since_start: self.started.elapsed() };
         self.ready = Some(ready.clone());
         Ok(ready)
     }
@@ -336,12 +300,7 @@ impl GuestVm {
                 let _ = self.monitor.start_kill();
                 match self.monitor.wait().await {
                     Ok(status) => status,
-                    Err(source) => {
-                        return Error::Wait {
-                            what: "the VM monitor",
-                            source,
-                        }
-                    }
+                    Err(source) => return Error::Wait { what: "the VM monitor", source },
                 }
             }
             Err(err) => return err,
@@ -361,10 +320,7 @@ impl GuestVm {
     /// Waits for the monitor to exit on its own (the guest reset or powered off) for up to `timeout`.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, Error> {
         match tokio::time::timeout(timeout, self.monitor.wait()).await {
-            Ok(status) => status.map(Some).map_err(|source| Error::Wait {
-                what: "the VM monitor",
-                source,
-            }),
+            Ok(status) => status.map(Some).map_err(|source| Error::Wait { what: "the VM monitor", source }),
             Err(_) => Ok(None),
         }
     }
@@ -377,18 +333,12 @@ impl GuestVm {
             None => {
                 warn!("{} did not exit within {grace:?}; killing it", self.monitor_name);
                 let _ = self.monitor.start_kill();
-                self.monitor.wait().await.map_err(|source| Error::Wait {
-                    what: "the VM monitor",
-                    source,
-                })?
+                self.monitor.wait().await.map_err(|source| Error::Wait { what: "the VM monitor", source })?
             }
         };
         for helper in &mut self.helpers {
             let _ = helper.start_kill();
-            helper.wait().await.map_err(|source| Error::Wait {
-                what: "a helper process",
-                source,
-            })?;
+            helper.wait().await.map_err(|source| Error::Wait { what: "a helper process", source })?;
         }
         for task in self.tasks.drain(..) {
             let _ = task.await;

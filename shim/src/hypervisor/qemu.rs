@@ -49,11 +49,7 @@ impl QemuBackend {
             if use_kvm { "KVM" } else { "TCG software emulation" },
             host.explain()
         );
-        Ok(QemuBackend {
-            qemu,
-            vhost_device_vsock,
-            use_kvm,
-        })
+        Ok(QemuBackend { qemu, vhost_device_vsock, use_kvm })
     }
 
     /// Starts vhost-device-vsock, then QEMU. The sandbox directory is created here and removed when
@@ -63,19 +59,11 @@ impl QemuBackend {
         create_sandbox_dir(paths.dir())?;
         let mut guard = SandboxDirGuard(Some(paths.dir().to_path_buf()));
         let vhost = self.start_vsock_daemon(&paths).await?;
-        let args: Vec<OsString> = qemu_args(config, &paths, self.use_kvm)
-            .into_iter()
-            .map(OsString::from)
-            .collect();
-        let mut vm = GuestVm::spawn(
-            "QEMU",
-            &self.qemu,
-            &args,
-            paths.console_log(),
-            paths.agent_socket(),
-            vec![vhost],
-        )
-        .await?;
+        let args: Vec<OsString> =
+            qemu_args(config, &paths, self.use_kvm).into_iter().map(OsString::from).collect();
+        let mut vm =
+            GuestVm::spawn("QEMU", &self.qemu, &args, paths.console_log(), paths.agent_socket(), vec![vhost])
+                .await?;
         vm.adopt_sandbox_dir(&mut guard);
         Ok(vm)
     }
@@ -94,30 +82,19 @@ impl QemuBackend {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|source| Error::Spawn {
-                program: self.vhost_device_vsock.clone(),
-                source,
-            })?;
+            .map_err(|source| Error::Spawn { program: self.vhost_device_vsock.clone(), source })?;
         let started = Instant::now();
         while !socket.exists() {
-            if let Some(status) = child.try_wait().map_err(|source| Error::Wait {
-                what: "vhost-device-vsock",
-                source,
-            })? {
+            if let Some(status) =
+                child.try_wait().map_err(|source| Error::Wait { what: "vhost-device-vsock", source })?
+            {
                 let stderr = read_limited(child.stderr.take()).await;
-                return Err(Error::VsockDaemonExited {
-                    status,
-                    socket,
-                    stderr,
-                });
+                return Err(Error::VsockDaemonExited { status, socket, stderr });
             }
             if started.elapsed() > VSOCK_DAEMON_START_TIMEOUT {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
-                return Err(Error::VsockDaemonTimeout {
-                    socket,
-                    waited: started.elapsed(),
-                });
+                return Err(Error::VsockDaemonTimeout { socket, waited: started.elapsed() });
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -166,10 +143,7 @@ pub fn qemu_args(config: &VmConfig, paths: &SandboxPaths, use_kvm: bool) -> Vec<
             disk.path.display()
         ));
         args.push("-device".into());
-        args.push(format!(
-            "virtio-blk-device,drive=disk{index},serial={}",
-            disk.serial
-        ));
+        args.push(format!("virtio-blk-device,drive=disk{index},serial={}", disk.serial));
     }
     args.extend([
         "-kernel".into(),
@@ -198,10 +172,7 @@ mod tests {
     }
 
     fn value_after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
-        args.windows(2)
-            .filter(|w| w[0] == flag)
-            .map(|w| w[1].as_str())
-            .collect()
+        args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].as_str()).collect()
     }
 
     #[test]
@@ -212,26 +183,14 @@ mod tests {
         assert_eq!(value_after(&args, "-cpu"), ["max"]);
         assert_eq!(value_after(&args, "-smp"), ["2"]);
         assert_eq!(value_after(&args, "-m"), ["256M"]);
-        assert_eq!(
-            value_after(&args, "-object"),
-            ["memory-backend-memfd,id=mem,size=256M,share=on"]
-        );
+        assert_eq!(value_after(&args, "-object"), ["memory-backend-memfd,id=mem,size=256M,share=on"]);
         assert_eq!(
             value_after(&args, "-chardev"),
             ["socket,id=vsock,path=/run/ironclad/sb/vhost-vsock.sock"]
         );
-        assert_eq!(
-            value_after(&args, "-append"),
-            ["console=ttyS0 reboot=k panic=-1 quiet"]
-        );
-        assert!(
-            args.iter().any(|a| a == "-no-reboot"),
-            "a guest reset must end QEMU"
-        );
-        assert!(
-            value_after(&args, "-device").contains(&"i8042"),
-            "the reset goes through an i8042"
-        );
+        assert_eq!(value_after(&args, "-append"), ["console=ttyS0 reboot=k panic=-1 quiet"]);
+        assert!(args.iter().any(|a| a == "-no-reboot"), "a guest reset must end QEMU");
+        assert!(value_after(&args, "-device").contains(&"i8042"), "the reset goes through an i8042");
     }
 
     #[test]
@@ -260,11 +219,8 @@ mod tests {
     #[tokio::test]
     async fn missing_kernel_is_named_and_leaves_no_directory() {
         let dir = tempfile::tempdir().unwrap();
-        let backend = QemuBackend {
-            qemu: "/bin/true".into(),
-            vhost_device_vsock: "/bin/true".into(),
-            use_kvm: false,
-        };
+        let backend =
+            QemuBackend { qemu: "/bin/true".into(), vhost_device_vsock: "/bin/true".into(), use_kvm: false };
         let paths = SandboxPaths::new(dir.path(), "sb");
         let err = backend.start(&config(), paths.clone()).await.err().unwrap();
         assert!(matches!(&err, Error::MissingFile { what: "kernel", .. }), "{err}");
@@ -276,22 +232,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let kernel = dir.path().join("kernel");
         std::fs::write(&kernel, b"k").unwrap();
-        let cfg = VmConfig {
-            kernel: kernel.clone(),
-            initrd: kernel,
-            ..config()
-        };
-        let backend = QemuBackend {
-            qemu: "/bin/true".into(),
-            vhost_device_vsock: "/bin/false".into(),
-            use_kvm: false,
-        };
+        let cfg = VmConfig { kernel: kernel.clone(), initrd: kernel, ..config() };
+        let backend =
+            QemuBackend { qemu: "/bin/true".into(), vhost_device_vsock: "/bin/false".into(), use_kvm: false };
         let paths = SandboxPaths::new(dir.path(), "sb");
         let err = backend.start(&cfg, paths.clone()).await.err().unwrap();
         assert!(matches!(&err, Error::VsockDaemonExited { .. }), "{err}");
-        assert!(
-            !paths.dir().exists(),
-            "a failed start must remove the sandbox directory"
-        );
+        assert!(!paths.dir().exists(), "a failed start must remove the sandbox directory");
     }
 }

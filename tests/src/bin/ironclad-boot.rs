@@ -25,10 +25,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let guest = boot_guest_with(kind, &artifacts.vm_config()).await?;
     let ready = &guest.ready;
     println!("backend: {}", guest.backend);
-    println!(
-        "ironclad-agent ready version={} uptime_ms={}",
-        ready.line.version, ready.line.uptime_ms
-    );
+    println!("ironclad-agent ready version={} uptime_ms={}", ready.line.version, ready.line.uptime_ms);
     println!(
         "boot time: {} ms from the monitor's start to the ready line ({} ms of guest uptime)",
         ready.since_start.as_millis(),
@@ -44,10 +41,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     );
     guest.agent.destroy_sandbox().await?;
     let status = guest.vm.stop(EXIT_TIMEOUT).await?;
-    println!(
-        "VM exited ({status}) {} ms after start",
-        started.elapsed().as_millis()
-    );
+    println!("VM exited ({status}) {} ms after start", started.elapsed().as_millis());
     Ok(())
 }
 
@@ -57,10 +51,7 @@ async fn main() -> ExitCode {
     match run().await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!(
-                "ironclad-boot: {}",
-                ironclad_shim::hypervisor::error_chain(err.as_ref())
-            );
+            eprintln!("ironclad-boot: {}", ironclad_shim::hypervisor::error_chain(err.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -23,10 +23,7 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
     if size <= MMIO_GAP_START {
         vec![(GuestAddress(0), size)]
     } else {
-        vec![
-            (GuestAddress(0), MMIO_GAP_START),
-            (GuestAddress(MMIO_GAP_END), size - MMIO_GAP_START),
-        ]
+        vec![(GuestAddress(0), MMIO_GAP_START), (GuestAddress(MMIO_GAP_END), size - MMIO_GAP_START)]
     }
 }
 
@@ -34,16 +31,9 @@ pub fn create_guest_memory(mib: u32) -> Result<GuestMemory, Error> {
     let size = u64::from(mib) << 20;
     let ranges = ram_ranges(size)
         .into_iter()
-        .map(|(addr, len)| {
-            usize::try_from(len)
-                .map(|len| (addr, len))
-                .map_err(|_| Error::TooLarge(size))
-        })
+        .map(|(addr, len)| usize::try_from(len).map(|len| (addr, len)).map_err(|_| Error::TooLarge(size)))
         .collect::<Result<Vec<_>, _>>()?;
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| Error::Map {
-        mib: u64::from(mib),
-        source,
-    })
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| Error::Map { mib: u64::from(mib), source })
 }
 
 #[cfg(test)]
@@ -59,10 +49,7 @@ mod tests {
     #[test]
     fn memory_above_three_gib_skips_the_mmio_gap() {
         let ranges = ram_ranges(4 << 30);
-        assert_eq!(
-            ranges,
-            vec![(GuestAddress(0), 3 << 30), (GuestAddress(4 << 30), 1 << 30)]
-        );
+        assert_eq!(ranges, vec![(GuestAddress(0), 3 << 30), (GuestAddress(4 << 30), 1 << 30)]);
     }
 
     #[test]

@@ -70,10 +70,7 @@ pub struct VmExit {
 
 impl VmExit {
     pub fn new() -> std::io::Result<Self> {
-        Ok(VmExit {
-            reason: Arc::new(Mutex::new(None)),
-            event: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
-        })
+        Ok(VmExit { reason: Arc::new(Mutex::new(None)), event: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?) })
     }
 
     pub fn record(&self, reason: ExitReason) {
@@ -114,13 +111,7 @@ enum Emulation {
 
 impl Vcpu {
     pub fn new(vm: &Vm, id: u8, pio: Arc<Bus>, mmio: Arc<Bus>, exit: VmExit) -> Result<Self, Error> {
-        Ok(Vcpu {
-            id,
-            fd: vm.create_vcpu(id)?,
-            pio,
-            mmio,
-            exit,
-        })
+        Ok(Vcpu { id, fd: vm.create_vcpu(id)?, pio, mmio, exit })
     }
 
     /// CPUID, MSRs, FPU and LAPIC for every vCPU; registers for long mode on the boot vCPU.
@@ -133,10 +124,7 @@ impl Vcpu {
     ) -> Result<(), Error> {
         let mut cpuid = vm.supported_cpuid()?;
         cpuid::filter_cpuid(&mut cpuid, self.id, count);
-        self.fd.set_cpuid2(&cpuid).map_err(|source| Error::Kvm {
-            what: "CPUID",
-            source,
-        })?;
+        self.fd.set_cpuid2(&cpuid).map_err(|source| Error::Kvm { what: "CPUID", source })?;
         if self.id == 0 {
             regs::configure_boot_vcpu(&self.fd, memory, entry)?;
         } else {
@@ -148,16 +136,10 @@ impl Vcpu {
 
     /// LINT0 delivers the PIC's interrupts (ExtINT), LINT1 NMIs, as on a PC.
     fn configure_lapic(&self) -> Result<(), Error> {
-        let mut lapic = self.fd.get_lapic().map_err(|source| Error::Kvm {
-            what: "LAPIC (get)",
-            source,
-        })?;
+        let mut lapic = self.fd.get_lapic().map_err(|source| Error::Kvm { what: "LAPIC (get)", source })?;
         set_lvt_delivery_mode(&mut lapic, APIC_LVT0, APIC_MODE_EXTINT);
         set_lvt_delivery_mode(&mut lapic, APIC_LVT1, APIC_MODE_NMI);
-        self.fd.set_lapic(&lapic).map_err(|source| Error::Kvm {
-            what: "LAPIC",
-            source,
-        })
+        self.fd.set_lapic(&lapic).map_err(|source| Error::Kvm { what: "LAPIC", source })
     }
 
     /// Runs the vCPU on its own thread until the VM stops; the reason goes to the VM exit. With a

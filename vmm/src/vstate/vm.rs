@@ -28,15 +28,8 @@ fn refused(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { what, source }
 }
 
-const REQUIRED_CAPABILITIES: &[Cap] = &[
-    Cap::Irqchip,
-    Cap::Ioeventfd,
-    Cap::Irqfd,
-    Cap::UserMemory,
-    Cap::SetTssAddr,
-    Cap::Pit2,
-    Cap::ExtCpuid,
-];
+const REQUIRED_CAPABILITIES: &[Cap] =
+    &[Cap::Irqchip, Cap::Ioeventfd, Cap::Irqfd, Cap::UserMemory, Cap::SetTssAddr, Cap::Pit2, Cap::ExtCpuid];
 
 pub struct Vm {
     kvm: Kvm,
@@ -53,14 +46,9 @@ impl Vm {
             }
         }
         let fd = kvm.create_vm().map_err(refused("create a VM"))?;
-        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
-            .map_err(refused("set the TSS address"))?;
-        fd.create_irq_chip()
-            .map_err(refused("create the in-kernel irqchip"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
+        fd.set_tss_address(KVM_TSS_ADDRESS as usize).map_err(refused("set the TSS address"))?;
+        fd.create_irq_chip().map_err(refused("create the in-kernel irqchip"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         fd.create_pit2(pit).map_err(refused("create the in-kernel PIT"))?;
         let vm = Vm { kvm, fd };
         vm.map_memory(memory)?;
@@ -69,12 +57,10 @@ impl Vm {
 
     fn map_memory(&self, memory: &GuestMemory) -> Result<(), Error> {
         for (slot, region) in memory.iter().enumerate() {
-            let host = memory
-                .get_host_address(region.start_addr())
-                .map_err(|_| Error::Kvm {
-                    what: "find a region's host address",
-                    source: kvm_ioctls::Error::new(libc::EFAULT),
-                })?;
+            let host = memory.get_host_address(region.start_addr()).map_err(|_| Error::Kvm {
+                what: "find a region's host address",
+                source: kvm_ioctls::Error::new(libc::EFAULT),
+            })?;
             let region = kvm_userspace_memory_region {
                 slot: u32::try_from(slot).unwrap_or(u32::MAX),
                 flags: 0,
@@ -97,9 +83,7 @@ impl Vm {
 
     /// Interrupts raised by writing to `event` arrive at the guest on `gsi`, without a VMM exit.
     pub fn register_irqfd(&self, event: &EventFd, gsi: u32) -> Result<(), Error> {
-        self.fd
-            .register_irqfd(event, gsi)
-            .map_err(refused("register an irqfd"))
+        self.fd.register_irqfd(event, gsi).map_err(refused("register an irqfd"))
     }
 
     /// A 4-byte guest write of `datamatch` to the MMIO `address` signals `event` inside KVM: the
@@ -111,14 +95,10 @@ impl Vm {
     }
 
     pub fn create_vcpu(&self, id: u8) -> Result<VcpuFd, Error> {
-        self.fd
-            .create_vcpu(u64::from(id))
-            .map_err(refused("create a vCPU"))
+        self.fd.create_vcpu(u64::from(id)).map_err(refused("create a vCPU"))
     }
 
     pub fn supported_cpuid(&self) -> Result<CpuId, Error> {
-        self.kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(refused("report its supported CPUID"))
+        self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(refused("report its supported CPUID"))
     }
 }

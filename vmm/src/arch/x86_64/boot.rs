@@ -77,20 +77,11 @@ pub struct LoadedInitrd {
 
 /// Loads an ELF vmlinux (entered at its ELF entry) or a bzImage (entered at its 64-bit entry).
 pub fn load_kernel(memory: &GuestMemory, path: &Path) -> Result<LoadedKernel, Error> {
-    let mut file = File::open(path).map_err(|source| Error::Open {
-        what: "kernel",
-        path: path.into(),
-        source,
-    })?;
-    let load_err = |source| Error::LoadKernel {
-        path: path.into(),
-        source,
-    };
+    let mut file =
+        File::open(path).map_err(|source| Error::Open { what: "kernel", path: path.into(), source })?;
+    let load_err = |source| Error::LoadKernel { path: path.into(), source };
     match Elf::load(memory, None, &mut file, Some(GuestAddress(HIMEM_START))) {
-        Ok(result) => Ok(LoadedKernel {
-            entry: result.kernel_load,
-            setup_header: None,
-        }),
+        Ok(result) => Ok(LoadedKernel { entry: result.kernel_load, setup_header: None }),
         Err(linux_loader::loader::Error::Elf(ElfError::InvalidElfMagicNumber)) => {
             file.seek(SeekFrom::Start(0)).map_err(|source| Error::Open {
                 what: "kernel",
@@ -111,24 +102,13 @@ pub fn load_kernel(memory: &GuestMemory, path: &Path) -> Result<LoadedKernel, Er
 /// Puts the initrd as high as it can go in the low RAM region, page aligned, where the kernel's
 /// early allocations will not collide with it.
 pub fn load_initrd(memory: &GuestMemory, path: &Path) -> Result<LoadedInitrd, Error> {
-    let open_err = |source| Error::Open {
-        what: "initrd",
-        path: path.into(),
-        source,
-    };
+    let open_err = |source| Error::Open { what: "initrd", path: path.into(), source };
     let mut file = File::open(path).map_err(open_err)?;
     let size = file.metadata().map_err(open_err)?.len();
-    let low_ram_end = memory
-        .iter()
-        .next()
-        .map(|r| r.start_addr().unchecked_add(r.len()).raw_value())
-        .unwrap_or(0);
+    let low_ram_end =
+        memory.iter().next().map(|r| r.start_addr().unchecked_add(r.len()).raw_value()).unwrap_or(0);
     let limit = low_ram_end.min(MMIO_GAP_START);
-    let too_large = || Error::InitrdTooLarge {
-        path: path.into(),
-        size,
-        limit,
-    };
+    let too_large = || Error::InitrdTooLarge { path: path.into(), size, limit };
     let address = limit.checked_sub(size).ok_or_else(too_large)? & !(PAGE_SIZE - 1);
     if address < HIMEM_START {
         return Err(too_large());
@@ -136,14 +116,8 @@ pub fn load_initrd(memory: &GuestMemory, path: &Path) -> Result<LoadedInitrd, Er
     let len = usize::try_from(size).map_err(|_| too_large())?;
     memory
         .read_exact_volatile_from(GuestAddress(address), &mut file, len)
-        .map_err(|source| Error::LoadInitrd {
-            path: path.into(),
-            source,
-        })?;
-    Ok(LoadedInitrd {
-        address: GuestAddress(address),
-        size,
-    })
+        .map_err(|source| Error::LoadInitrd { path: path.into(), source })?;
+    Ok(LoadedInitrd { address: GuestAddress(address), size })
 }
 
 /// Writes the command line to its fixed address.
@@ -201,11 +175,7 @@ pub fn write_zero_page(
 
 /// RAM as the guest may use it: below the EBDA, then from 1 MiB to the end of each region.
 pub fn e820_entries(memory: &GuestMemory) -> Vec<boot_e820_entry> {
-    let ram = |addr: u64, size: u64| boot_e820_entry {
-        addr,
-        size,
-        r#type: E820_RAM,
-    };
+    let ram = |addr: u64, size: u64| boot_e820_entry { addr, size, r#type: E820_RAM };
     let mut entries = vec![ram(0, EBDA_START)];
     for region in memory.iter() {
         let start = region.start_addr().raw_value().max(HIMEM_START);
@@ -226,10 +196,7 @@ mod tests {
     fn e820_leaves_the_bios_hole_out() {
         let memory = create_guest_memory(64).unwrap();
         let entries: Vec<(u64, u64)> = e820_entries(&memory).iter().map(|e| (e.addr, e.size)).collect();
-        assert_eq!(
-            entries,
-            vec![(0, EBDA_START), (HIMEM_START, (64 << 20) - HIMEM_START)]
-        );
+        assert_eq!(entries, vec![(0, EBDA_START), (HIMEM_START, (64 << 20) - HIMEM_START)]);
     }
 
     #[test]
@@ -252,10 +219,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("initrd");
         std::fs::File::create(&path).unwrap().set_len(17 << 20).unwrap();
-        assert!(matches!(
-            load_initrd(&memory, &path),
-            Err(Error::InitrdTooLarge { .. })
-        ));
+        assert!(matches!(load_initrd(&memory, &path), Err(Error::InitrdTooLarge { .. })));
     }
 
     #[test]
@@ -272,14 +236,8 @@ mod tests {
     fn zero_page_carries_cmdline_initrd_and_memory_map() {
         let memory = create_guest_memory(64).unwrap();
         load_command_line(&memory, "console=ttyS0").unwrap();
-        let kernel = LoadedKernel {
-            entry: GuestAddress(HIMEM_START),
-            setup_header: None,
-        };
-        let initrd = LoadedInitrd {
-            address: GuestAddress(0x300_0000),
-            size: 4096,
-        };
+        let kernel = LoadedKernel { entry: GuestAddress(HIMEM_START), setup_header: None };
+        let initrd = LoadedInitrd { address: GuestAddress(0x300_0000), size: 4096 };
         write_zero_page(&memory, &kernel, "console=ttyS0".len(), Some(initrd)).unwrap();
         let params: ZeroPage = memory.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         let hdr = params.0.hdr;

@@ -67,11 +67,7 @@ mod tests {
     fn cpuid_of(entries: &[(u32, u32)]) -> CpuId {
         let entries: Vec<kvm_cpuid_entry2> = entries
             .iter()
-            .map(|&(function, index)| kvm_cpuid_entry2 {
-                function,
-                index,
-                ..Default::default()
-            })
+            .map(|&(function, index)| kvm_cpuid_entry2 { function, index, ..Default::default() })
             .collect();
         CpuId::from_entries(&entries).unwrap()
     }

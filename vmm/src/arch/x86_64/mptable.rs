@@ -40,10 +40,7 @@ pub enum Error {
 }
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes
-        .iter()
-        .fold(0u8, |sum, b| sum.wrapping_add(*b))
-        .wrapping_neg()
+    bytes.iter().fold(0u8, |sum, b| sum.wrapping_add(*b)).wrapping_neg()
 }
 
 /// The floating pointer and the configuration table that follows it, as bytes.
@@ -79,11 +76,7 @@ pub fn build(vcpus: u8) -> Result<Vec<u8>, Error> {
     let table_len = HEADER_LEN + entries.len();
     let mut table = Vec::with_capacity(table_len);
     table.extend_from_slice(b"PCMP");
-    table.extend_from_slice(
-        &u16::try_from(table_len)
-            .map_err(|_| Error::TooLarge(vcpus))?
-            .to_le_bytes(),
-    );
+    table.extend_from_slice(&u16::try_from(table_len).map_err(|_| Error::TooLarge(vcpus))?.to_le_bytes());
     table.extend_from_slice(&[MP_SPEC_REVISION, 0]);
     table.extend_from_slice(b"IRONCLAD");
     table.extend_from_slice(b"MICROVM     ");
@@ -112,9 +105,7 @@ pub fn build(vcpus: u8) -> Result<Vec<u8>, Error> {
 }
 
 pub fn write(memory: &GuestMemory, vcpus: u8) -> Result<(), Error> {
-    memory
-        .write_slice(&build(vcpus)?, GuestAddress(MPTABLE_START))
-        .map_err(Error::Write)
+    memory.write_slice(&build(vcpus)?, GuestAddress(MPTABLE_START)).map_err(Error::Write)
 }
 
 #[cfg(test)]

@@ -107,9 +107,7 @@ fn segment_from_gdt(entry: u64, table_index: u8) -> kvm_segment {
 pub fn setup_long_mode(memory: &GuestMemory, sregs: &mut kvm_sregs) -> Result<(), Error> {
     for (index, entry) in BOOT_GDT.iter().enumerate() {
         let address = GuestAddress(BOOT_GDT_START + (index as u64) * 8);
-        memory
-            .write_obj(*entry, address)
-            .map_err(|source| Error::WriteMemory { what: "GDT", source })?;
+        memory.write_obj(*entry, address).map_err(|source| Error::WriteMemory { what: "GDT", source })?;
     }
     memory
         .write_obj(0u64, GuestAddress(BOOT_IDT_START))
@@ -142,10 +140,7 @@ fn write_identity_page_tables(memory: &GuestMemory) -> Result<(), Error> {
     let write = |value: u64, address: u64| {
         memory
             .write_obj(value, GuestAddress(address))
-            .map_err(|source| Error::WriteMemory {
-                what: "page tables",
-                source,
-            })
+            .map_err(|source| Error::WriteMemory { what: "page tables", source })
     };
     write(PDPT_START | PTE_PRESENT_RW, PML4_START)?;
     for gib in 0..IDENTITY_MAPPED_GIB {
@@ -179,20 +174,12 @@ pub fn configure_boot_vcpu(vcpu: &VcpuFd, memory: &GuestMemory, entry: GuestAddr
 
 /// x87 control word and MXCSR at their reset values, as a fresh CPU has them.
 pub fn set_fpu(vcpu: &VcpuFd) -> Result<(), Error> {
-    let fpu = kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    };
+    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
     vcpu.set_fpu(&fpu).map_err(refused("FPU state"))
 }
 
 fn boot_msr_entries() -> Vec<kvm_msr_entry> {
-    let entry = |index, data| kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    };
+    let entry = |index, data| kvm_msr_entry { index, data, ..Default::default() };
     vec![
         entry(MSR_IA32_SYSENTER_CS, 0),
         entry(MSR_IA32_SYSENTER_ESP, 0),
@@ -211,16 +198,11 @@ fn boot_msr_entries() -> Vec<kvm_msr_entry> {
 /// Every vCPU starts with these MSRs.
 pub fn set_boot_msrs(vcpu: &VcpuFd) -> Result<(), Error> {
     let entries = boot_msr_entries();
-    let msrs = Msrs::from_entries(&entries).map_err(|_| Error::PartialMsrs {
-        set: 0,
-        wanted: entries.len(),
-    })?;
+    let msrs =
+        Msrs::from_entries(&entries).map_err(|_| Error::PartialMsrs { set: 0, wanted: entries.len() })?;
     let set = vcpu.set_msrs(&msrs).map_err(refused("MSRs"))?;
     if set != entries.len() {
-        return Err(Error::PartialMsrs {
-            set,
-            wanted: entries.len(),
-        });
+        return Err(Error::PartialMsrs { set, wanted: entries.len() });
     }
     Ok(())
 }
@@ -234,14 +216,7 @@ mod tests {
     fn gdt_entries_decode_to_flat_64bit_segments() {
         let code = segment_from_gdt(BOOT_GDT[1], 1);
         assert_eq!(
-            (
-                code.base,
-                code.limit,
-                code.l,
-                code.present,
-                code.type_,
-                code.selector
-            ),
+            (code.base, code.limit, code.l, code.present, code.type_, code.selector),
             (0, 0xffff_ffff, 1, 1, 0xb, 8)
         );
         let data = segment_from_gdt(BOOT_GDT[2], 2);

@@ -26,9 +26,7 @@ pub struct I8042 {
 
 impl I8042 {
     pub fn new(exit: VmExit) -> Self {
-        I8042 {
-            inner: I8042Device::new(ResetLine(exit)),
-        }
+        I8042 { inner: I8042Device::new(ResetLine(exit)) }
     }
 }
 

@@ -17,10 +17,7 @@ pub struct SerialDevice {
 
 impl SerialDevice {
     pub fn new(interrupt: EventFdTrigger, output: Box<dyn Write + Send>) -> Self {
-        SerialDevice {
-            serial: Serial::new(interrupt, output),
-            failed_writes: AtomicU64::new(0),
-        }
+        SerialDevice { serial: Serial::new(interrupt, output), failed_writes: AtomicU64::new(0) }
     }
 
     pub fn failed_writes(&self) -> u64 {

@@ -24,10 +24,7 @@ pub struct Interrupt {
 
 impl Interrupt {
     pub fn new(irqfd: EventFd) -> Self {
-        Interrupt {
-            status: AtomicU32::new(0),
-            irqfd,
-        }
+        Interrupt { status: AtomicU32::new(0), irqfd }
     }
 
     pub fn signal_used_queue(&self) -> std::io::Result<()> {
@@ -155,10 +152,7 @@ impl VirtioBase {
         let DeviceState::Activated(ActiveState { memory, queues }) = &mut self.state else {
             return;
         };
-        if queues
-            .iter_mut()
-            .any(|q| q.needs_notification(&*memory).unwrap_or(true))
-        {
+        if queues.iter_mut().any(|q| q.needs_notification(&*memory).unwrap_or(true)) {
             // A full irqfd counter cannot happen in practice; a lost interrupt is re-sent with the next one.
             let _ = self.interrupt.signal_used_queue();
         }

@@ -63,10 +63,7 @@ pub struct MmioTransport {
 
 impl MmioTransport {
     pub fn new(memory: GuestMemory, device: Arc<Mutex<dyn VirtioDevice>>) -> Self {
-        let sizes: Vec<u16> = device
-            .lock()
-            .map(|d| d.queue_max_sizes().to_vec())
-            .unwrap_or_default();
+        let sizes: Vec<u16> = device.lock().map(|d| d.queue_max_sizes().to_vec()).unwrap_or_default();
         // Queue::new fails only for sizes that are not a power of two, which devices never declare.
         let queues = sizes.iter().filter_map(|size| Queue::new(*size).ok()).collect();
         MmioTransport {
@@ -113,9 +110,7 @@ impl MmioTransport {
             },
             REG_QUEUE_NUM_MAX => {
                 drop(device);
-                self.selected_queue()
-                    .map(|q| u32::from(q.max_size()))
-                    .unwrap_or(0)
+                self.selected_queue().map(|q| u32::from(q.max_size())).unwrap_or(0)
             }
             REG_QUEUE_READY => {
                 drop(device);
@@ -259,10 +254,7 @@ impl MmioTransport {
             self.rejected.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        match device.activate(ActiveState {
-            memory: self.memory.clone(),
-            queues,
-        }) {
+        match device.activate(ActiveState { memory: self.memory.clone(), queues }) {
             Ok(()) => self.status = value,
             Err(_) => {
                 self.status |= STATUS_FAILED;
@@ -356,10 +348,7 @@ mod tests {
     fn transport() -> (MmioTransport, Arc<Mutex<Dummy>>) {
         let base = VirtioBase::new(1, EventFd::new(libc::EFD_NONBLOCK).unwrap()).unwrap();
         let device = Arc::new(Mutex::new(Dummy { base }));
-        (
-            MmioTransport::new(create_guest_memory(16).unwrap(), device.clone()),
-            device,
-        )
+        (MmioTransport::new(create_guest_memory(16).unwrap(), device.clone()), device)
     }
 
     fn read(t: &mut MmioTransport, offset: u64) -> u32 {
@@ -404,11 +393,7 @@ mod tests {
         write(&mut t, REG_DRIVER_FEATURES, 1);
         write(&mut t, REG_DRIVER_FEATURES_SEL, 0);
         write(&mut t, REG_DRIVER_FEATURES, 0x4 | 0x100);
-        write(
-            &mut t,
-            REG_STATUS,
-            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
-        );
+        write(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
         assert_eq!(read(&mut t, REG_STATUS) & STATUS_FEATURES_OK, STATUS_FEATURES_OK);
         assert_eq!(
             device.lock().unwrap().acked_features(),
@@ -416,11 +401,7 @@ mod tests {
             "unoffered bits are dropped"
         );
         set_up_queue(&mut t);
-        write(
-            &mut t,
-            REG_STATUS,
-            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
-        );
+        write(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
         assert_eq!(read(&mut t, REG_STATUS) & STATUS_DRIVER_OK, STATUS_DRIVER_OK);
         assert!(device.lock().unwrap().is_activated());
     }
@@ -431,11 +412,7 @@ mod tests {
         write(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE);
         write(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
         write(&mut t, REG_DRIVER_FEATURES, 0x1);
-        write(
-            &mut t,
-            REG_STATUS,
-            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
-        );
+        write(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
         assert_eq!(read(&mut t, REG_STATUS) & STATUS_FEATURES_OK, 0);
     }
 
@@ -463,18 +440,10 @@ mod tests {
         write(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
         write(&mut t, REG_DRIVER_FEATURES_SEL, 1);
         write(&mut t, REG_DRIVER_FEATURES, 1);
-        write(
-            &mut t,
-            REG_STATUS,
-            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
-        );
+        write(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
         set_up_queue(&mut t);
         write(&mut t, REG_QUEUE_DESC_HIGH, 0x10);
-        write(
-            &mut t,
-            REG_STATUS,
-            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
-        );
+        write(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
         assert_ne!(read(&mut t, REG_STATUS) & STATUS_FAILED, 0);
         assert!(!device.lock().unwrap().is_activated());
     }

@@ -70,25 +70,13 @@ pub struct Disk {
 
 impl Disk {
     pub fn open(path: &Path, read_only: bool, serial: &str) -> Result<Self, Error> {
-        let open_err = |source| Error::Open {
-            path: path.into(),
-            source,
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(open_err)?;
+        let open_err = |source| Error::Open { path: path.into(), source };
+        let file = OpenOptions::new().read(true).write(!read_only).open(path).map_err(open_err)?;
         let size = file.metadata().map_err(open_err)?.len();
         let mut id = [0u8; ID_BYTES];
         let len = serial.len().min(ID_BYTES);
         id[..len].copy_from_slice(&serial.as_bytes()[..len]);
-        Ok(Disk {
-            file,
-            read_only,
-            capacity_sectors: size / SECTOR_SIZE,
-            serial: id,
-        })
+        Ok(Disk { file, read_only, capacity_sectors: size / SECTOR_SIZE, serial: id })
     }
 
     /// Runs a parsed request; returns the status byte and how many bytes went into guest buffers.
@@ -141,9 +129,7 @@ impl Disk {
         let mut chunk = vec![0u8; IO_CHUNK];
         for_each_chunk(request, |address, offset, len| {
             self.file.read_exact_at(&mut chunk[..len], offset)?;
-            memory
-                .write_slice(&chunk[..len], address)
-                .map_err(std::io::Error::other)
+            memory.write_slice(&chunk[..len], address).map_err(std::io::Error::other)
         })?;
         Ok(request.data_len)
     }
@@ -151,9 +137,7 @@ impl Disk {
     fn write_from_guest(&self, request: &Request, memory: &GuestMemory) -> std::io::Result<u64> {
         let mut chunk = vec![0u8; IO_CHUNK];
         for_each_chunk(request, |address, offset, len| {
-            memory
-                .read_slice(&mut chunk[..len], address)
-                .map_err(std::io::Error::other)?;
+            memory.read_slice(&mut chunk[..len], address).map_err(std::io::Error::other)?;
             self.file.write_all_at(&chunk[..len], offset)
         })?;
         Ok(request.data_len)
@@ -162,9 +146,7 @@ impl Disk {
     fn write_id(&self, request: &Request, memory: &GuestMemory) -> std::io::Result<u64> {
         let (address, len) = request.data[0];
         let n = (len as usize).min(ID_BYTES);
-        memory
-            .write_slice(&self.serial[..n], address)
-            .map_err(std::io::Error::other)?;
+        memory.write_slice(&self.serial[..n], address).map_err(std::io::Error::other)?;
         Ok(n as u64)
     }
 }

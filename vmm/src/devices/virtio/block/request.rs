@@ -103,19 +103,11 @@ pub fn parse(
     if header_desc.is_write_only() || (header_desc.len() as usize) < std::mem::size_of::<RequestHeader>() {
         return Err(Error::BadHeader);
     }
-    let header: RequestHeader = memory
-        .read_obj(header_desc.addr())
-        .map_err(|_| Error::ReadHeader)?;
+    let header: RequestHeader = memory.read_obj(header_desc.addr()).map_err(|_| Error::ReadHeader)?;
     let kind = RequestType::from(header.request_type);
     if let RequestType::Unsupported(_) = kind {
         // Answered UNSUPP whatever its buffers look like.
-        return Ok(Request {
-            kind,
-            sector: header.sector,
-            data: Vec::new(),
-            data_len: 0,
-            status,
-        });
+        return Ok(Request { kind, sector: header.sector, data: Vec::new(), data_len: 0, status });
     }
     let data_descs = &descriptors[1..descriptors.len() - 1];
     let mut data = Vec::with_capacity(data_descs.len());
@@ -136,10 +128,7 @@ pub fn parse(
             if !data_len.is_multiple_of(SECTOR_SIZE) {
                 return Err(Error::UnalignedLength(data_len));
             }
-            let end = header
-                .sector
-                .checked_add(data_len / SECTOR_SIZE)
-                .ok_or(Error::OutOfRange)?;
+            let end = header.sector.checked_add(data_len / SECTOR_SIZE).ok_or(Error::OutOfRange)?;
             if end > capacity_sectors {
                 return Err(Error::OutOfRange);
             }
@@ -147,13 +136,7 @@ pub fn parse(
         RequestType::GetId if data.len() != 1 => return Err(Error::BadIdBuffer),
         _ => {}
     }
-    Ok(Request {
-        kind,
-        sector: header.sector,
-        data,
-        data_len,
-        status,
-    })
+    Ok(Request { kind, sector: header.sector, data, data_len, status })
 }
 
 /// The descriptors of a chain, as many as the queue allows (virtio-queue stops loops).
@@ -174,14 +157,7 @@ mod tests {
     fn memory_with_header(kind: u32, sector: u64) -> GuestMemory {
         let memory = create_guest_memory(16).unwrap();
         memory
-            .write_obj(
-                RequestHeader {
-                    request_type: kind,
-                    reserved: 0,
-                    sector,
-                },
-                GuestAddress(HEADER),
-            )
+            .write_obj(RequestHeader { request_type: kind, reserved: 0, sector }, GuestAddress(HEADER))
             .unwrap();
         memory
     }
@@ -196,10 +172,7 @@ mod tests {
         let chain = [desc(HEADER, 16, 0), desc(0x2000, 1024, W), desc(0x3000, 1, W)];
         let request = parse(&chain, &memory, 8).unwrap();
         assert_eq!(request.kind, RequestType::In);
-        assert_eq!(
-            (request.sector, request.data_len, request.status),
-            (2, 1024, GuestAddress(0x3000))
-        );
+        assert_eq!((request.sector, request.data_len, request.status), (2, 1024, GuestAddress(0x3000)));
     }
 
     #[test]
@@ -211,30 +184,14 @@ mod tests {
             (vec![desc(HEADER, 16, 0), desc(0x3000, 0, W)], Error::BadStatus),
             (vec![desc(HEADER, 8, 0), desc(0x3000, 1, W)], Error::BadHeader),
             (vec![desc(HEADER, 16, W), desc(0x3000, 1, W)], Error::BadHeader),
-            (
-                vec![desc(0x7fff_0000, 16, 0), desc(0x3000, 1, W)],
-                Error::ReadHeader,
-            ),
-            (
-                vec![desc(HEADER, 16, 0), desc(0x2000, 512, 0), desc(0x3000, 1, W)],
-                Error::WrongDirection,
-            ),
-            (
-                vec![
-                    desc(HEADER, 16, 0),
-                    desc(0xfff000, 0x10_0000, W),
-                    desc(0x3000, 1, W),
-                ],
-                Error::BadBuffer,
-            ),
+            (vec![desc(0x7fff_0000, 16, 0), desc(0x3000, 1, W)], Error::ReadHeader),
+            (vec![desc(HEADER, 16, 0), desc(0x2000, 512, 0), desc(0x3000, 1, W)], Error::WrongDirection),
+            (vec![desc(HEADER, 16, 0), desc(0xfff000, 0x10_0000, W), desc(0x3000, 1, W)], Error::BadBuffer),
             (
                 vec![desc(HEADER, 16, 0), desc(0x2000, 100, W), desc(0x3000, 1, W)],
                 Error::UnalignedLength(100),
             ),
-            (
-                vec![desc(HEADER, 16, 0), desc(0x2000, 512 * 9, W), desc(0x3000, 1, W)],
-                Error::OutOfRange,
-            ),
+            (vec![desc(HEADER, 16, 0), desc(0x2000, 512 * 9, W), desc(0x3000, 1, W)], Error::OutOfRange),
         ];
         for (chain, expected) in cases {
             assert_eq!(parse(&chain, &memory, 8), Err(expected), "{chain:?}");
@@ -253,12 +210,7 @@ mod tests {
         let memory = memory_with_header(VIRTIO_BLK_T_GET_ID, 0);
         let ok = [desc(HEADER, 16, 0), desc(0x2000, 20, W), desc(0x3000, 1, W)];
         assert_eq!(parse(&ok, &memory, 8).unwrap().kind, RequestType::GetId);
-        let two = [
-            desc(HEADER, 16, 0),
-            desc(0x2000, 10, W),
-            desc(0x2100, 10, W),
-            desc(0x3000, 1, W),
-        ];
+        let two = [desc(HEADER, 16, 0), desc(0x2000, 10, W), desc(0x2100, 10, W), desc(0x3000, 1, W)];
         assert_eq!(parse(&two, &memory, 8), Err(Error::BadIdBuffer));
     }
 
@@ -266,14 +218,8 @@ mod tests {
     fn unknown_types_parse_as_unsupported() {
         let memory = memory_with_header(99, 0);
         let chain = [desc(HEADER, 16, 0), desc(0x3000, 1, W)];
-        assert_eq!(
-            parse(&chain, &memory, 8).unwrap().kind,
-            RequestType::Unsupported(99)
-        );
+        assert_eq!(parse(&chain, &memory, 8).unwrap().kind, RequestType::Unsupported(99));
         let with_data = [desc(HEADER, 16, 0), desc(0x2000, 512, W), desc(0x3000, 1, W)];
-        assert_eq!(
-            parse(&with_data, &memory, 8).unwrap().kind,
-            RequestType::Unsupported(99)
-        );
+        assert_eq!(parse(&with_data, &memory, 8).unwrap().kind, RequestType::Unsupported(99));
     }
 }

@@ -42,16 +42,7 @@ fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
 }
 
 fn header(memory: &GuestMemory, request_type: u32, sector: u64) {
-    memory
-        .write_obj(
-            RequestHeader {
-                request_type,
-                reserved: 0,
-                sector,
-            },
-            GuestAddress(HEADER),
-        )
-        .unwrap();
+    memory.write_obj(RequestHeader { request_type, reserved: 0, sector }, GuestAddress(HEADER)).unwrap();
 }
 
 /// Activates the device on a mock queue holding `chains`, runs it, returns (status byte, used len).
@@ -60,23 +51,14 @@ fn run(f: &mut Fixture, chains: &[RawDescriptor]) -> (u8, u32) {
     mock.add_desc_chains(chains, 0).unwrap();
     let queue: Queue = mock.create_queue().unwrap();
     f.memory.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
-    f.block
-        .activate(ActiveState {
-            memory: f.memory.clone(),
-            queues: vec![queue],
-        })
-        .unwrap();
+    f.block.activate(ActiveState { memory: f.memory.clone(), queues: vec![queue] }).unwrap();
     f.block.process_queue();
     let used = mock.used().ring().ref_at(0).unwrap().load();
     (f.memory.read_obj(GuestAddress(STATUS)).unwrap(), used.len())
 }
 
 fn three_part(data_len: u32, data_flags: u16) -> [RawDescriptor; 3] {
-    [
-        desc(HEADER, 16, N, 1),
-        desc(DATA, data_len, data_flags | N, 2),
-        desc(STATUS, 1, W, 0),
-    ]
+    [desc(HEADER, 16, N, 1), desc(DATA, data_len, data_flags | N, 2), desc(STATUS, 1, W, 0)]
 }
 
 #[test]
@@ -108,9 +90,7 @@ fn a_read_only_disk_refuses_writes() {
     assert_ne!(f.block.available_features() & VIRTIO_BLK_F_RO, 0);
     header(&f.memory, VIRTIO_BLK_T_OUT, 0);
     assert_eq!(run(&mut f, &three_part(512, 0)).0, STATUS_IOERR);
-    assert!(std::fs::read(f.disk.path()).unwrap()[..512]
-        .iter()
-        .all(|b| *b == 0));
+    assert!(std::fs::read(f.disk.path()).unwrap()[..512].iter().all(|b| *b == 0));
 }
 
 #[test]
@@ -125,10 +105,7 @@ fn get_id_answers_the_serial_and_flush_succeeds() {
 
     let mut f = fixture(false);
     header(&f.memory, VIRTIO_BLK_T_FLUSH, 0);
-    assert_eq!(
-        run(&mut f, &[desc(HEADER, 16, N, 1), desc(STATUS, 1, W, 0)]),
-        (STATUS_OK, 1)
-    );
+    assert_eq!(run(&mut f, &[desc(HEADER, 16, N, 1), desc(STATUS, 1, W, 0)]), (STATUS_OK, 1));
 }
 
 #[test]
@@ -141,10 +118,7 @@ fn malformed_requests_get_an_error_status_and_are_counted() {
 
     let mut f = fixture(false);
     header(&f.memory, 0xdead, 0);
-    assert_eq!(
-        run(&mut f, &[desc(HEADER, 16, N, 1), desc(STATUS, 1, W, 0)]).0,
-        STATUS_UNSUPP
-    );
+    assert_eq!(run(&mut f, &[desc(HEADER, 16, N, 1), desc(STATUS, 1, W, 0)]).0, STATUS_UNSUPP);
 }
 
 #[test]
@@ -161,11 +135,7 @@ fn a_chain_without_a_status_byte_is_returned_unused() {
 fn buffers_outside_guest_memory_are_refused() {
     let mut f = fixture(false);
     header(&f.memory, VIRTIO_BLK_T_IN, 0);
-    let chain = [
-        desc(HEADER, 16, N, 1),
-        desc(0x4000_0000, 4096, W | N, 2),
-        desc(STATUS, 1, W, 0),
-    ];
+    let chain = [desc(HEADER, 16, N, 1), desc(0x4000_0000, 4096, W | N, 2), desc(STATUS, 1, W, 0)];
     assert_eq!(run(&mut f, &chain), (STATUS_IOERR, 1));
 }
 
@@ -173,11 +143,7 @@ fn buffers_outside_guest_memory_are_refused() {
 fn a_chain_claiming_more_than_four_gib_is_returned_unused_without_allocating() {
     let mut f = fixture(false);
     header(&f.memory, VIRTIO_BLK_T_IN, 0);
-    let chain = [
-        desc(HEADER, 16, N, 1),
-        desc(DATA, u32::MAX, W | N, 2),
-        desc(STATUS, 1, W, 0),
-    ];
+    let chain = [desc(HEADER, 16, N, 1), desc(DATA, u32::MAX, W | N, 2), desc(STATUS, 1, W, 0)];
     assert_eq!(run(&mut f, &chain), (0xee, 0));
     assert_eq!(f.block.metrics.unanswerable_chains.load(Ordering::Relaxed), 1);
 }
@@ -194,12 +160,7 @@ fn a_looping_chain_ends() {
     mock.avail().ring().ref_at(0).unwrap().store(0);
     mock.avail().idx().store(1);
     let queue: Queue = mock.create_queue().unwrap();
-    f.block
-        .activate(ActiveState {
-            memory: f.memory.clone(),
-            queues: vec![queue],
-        })
-        .unwrap();
+    f.block.activate(ActiveState { memory: f.memory.clone(), queues: vec![queue] }).unwrap();
     f.block.process_queue();
     assert_eq!(mock.used().idx().load(), 1, "the chain was returned");
     assert_eq!(f.block.metrics.invalid_requests.load(Ordering::Relaxed), 1);
@@ -211,12 +172,7 @@ fn a_corrupt_avail_index_is_counted_not_spun_on() {
     let mock = MockSplitQueue::new(&f.memory, 16);
     mock.avail().idx().store(1000);
     let queue: Queue = mock.create_queue().unwrap();
-    f.block
-        .activate(ActiveState {
-            memory: f.memory.clone(),
-            queues: vec![queue],
-        })
-        .unwrap();
+    f.block.activate(ActiveState { memory: f.memory.clone(), queues: vec![queue] }).unwrap();
     f.block.process_queue();
     assert!(f.block.metrics.queue_errors.load(Ordering::Relaxed) >= 1);
     assert_eq!(mock.used().idx().load(), 0);

@@ -97,10 +97,7 @@ impl Net {
                 }
                 let start = self.tx_frame.len();
                 self.tx_frame.resize(start + len, 0);
-                if memory
-                    .read_slice(&mut self.tx_frame[start..], desc.addr())
-                    .is_err()
-                {
+                if memory.read_slice(&mut self.tx_frame[start..], desc.addr()).is_err() {
                     well_formed = false;
                     break;
                 }
@@ -158,9 +155,7 @@ impl Net {
                 count(&self.metrics.rx_dropped);
             } else {
                 count(&self.metrics.rx_frames);
-                self.metrics
-                    .rx_bytes
-                    .fetch_add((len - VNET_HDR_LEN) as u64, Ordering::Relaxed);
+                self.metrics.rx_bytes.fetch_add((len - VNET_HDR_LEN) as u64, Ordering::Relaxed);
             }
             let _ = queue.add_used(memory, head, written);
             used_any = true;
@@ -185,10 +180,7 @@ fn write_frame_to_chain(
             return 0;
         }
         let n = (desc.len() as usize).min(frame.len() - offset);
-        if memory
-            .write_slice(&frame[offset..offset + n], desc.addr())
-            .is_err()
-        {
+        if memory.write_slice(&frame[offset..offset + n], desc.addr()).is_err() {
             return 0;
         }
         offset += n;

@@ -66,47 +66,30 @@ impl Tap {
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open("/dev/net/tun")
             .map_err(Error::OpenTun)?;
-        let mut request = IfReq {
-            name: [0; IFNAMSIZ],
-            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
-            _rest: [0; 22],
-        };
+        let mut request =
+            IfReq { name: [0; IFNAMSIZ], flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, _rest: [0; 22] };
         request.name[..name.len()].copy_from_slice(name.as_bytes());
         // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, of which IfReq has the layout and the
         // full size (40 bytes); the fd is a /dev/net/tun file we own.
         let ret = unsafe { ioctl_with_mut_ref(&file, TUNSETIFF(), &mut request) };
         if ret < 0 {
-            return Err(Error::Attach {
-                name: name.into(),
-                source: std::io::Error::last_os_error(),
-            });
+            return Err(Error::Attach { name: name.into(), source: std::io::Error::last_os_error() });
         }
         let header_len = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which points at a live c_int.
         let ret = unsafe { ioctl_with_ref(&file, TUNSETVNETHDRSZ(), &header_len) };
         if ret < 0 {
             let source = std::io::Error::last_os_error();
-            return Err(Error::Configure {
-                name: name.into(),
-                what: "virtio-net header size",
-                source,
-            });
+            return Err(Error::Configure { name: name.into(), what: "virtio-net header size", source });
         }
         // SAFETY: TUNSETOFFLOAD takes its argument by value; 0 turns every offload off, so frames
         // arrive whole and with checksums, which the guest is not told it may skip.
         let ret = unsafe { ioctl_with_val(&file, TUNSETOFFLOAD(), 0) };
         if ret < 0 {
             let source = std::io::Error::last_os_error();
-            return Err(Error::Configure {
-                name: name.into(),
-                what: "offloads",
-                source,
-            });
+            return Err(Error::Configure { name: name.into(), what: "offloads", source });
         }
-        Ok(Tap {
-            file,
-            name: name.into(),
-        })
+        Ok(Tap { file, name: name.into() })
     }
 
     pub fn name(&self) -> &str {
@@ -136,10 +119,7 @@ mod tests {
     #[test]
     fn names_that_cannot_be_interfaces_are_refused_before_any_syscall() {
         assert!(matches!(Tap::open(""), Err(Error::BadName(_))));
-        assert!(matches!(
-            Tap::open("a-name-that-is-too-long"),
-            Err(Error::BadName(_))
-        ));
+        assert!(matches!(Tap::open("a-name-that-is-too-long"), Err(Error::BadName(_))));
     }
 
     #[test]

@@ -160,10 +160,7 @@ impl Connection {
     /// Reads host data for the guest, at most `room` bytes and within the guest's credit.
     /// Ok(0) with `host_eof` set means the host hung up.
     pub fn read_for_guest(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let limit = buf
-            .len()
-            .min(self.peer_credit() as usize)
-            .min(MAX_PKT_DATA as usize);
+        let limit = buf.len().min(self.peer_credit() as usize).min(MAX_PKT_DATA as usize);
         if limit == 0 {
             return Ok(0);
         }
@@ -203,11 +200,7 @@ mod tests {
         assert_eq!(conn.peer_credit(), 100);
         host.write_all(&[7u8; 150]).unwrap();
         let mut buf = [0u8; 200];
-        assert_eq!(
-            conn.read_for_guest(&mut buf).unwrap(),
-            100,
-            "no more than the credit"
-        );
+        assert_eq!(conn.read_for_guest(&mut buf).unwrap(), 100, "no more than the credit");
         assert_eq!(conn.peer_credit(), 0);
         assert!(!conn.wants_to_send_data());
         conn.update_peer_credit(100, 60);

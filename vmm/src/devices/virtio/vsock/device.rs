@@ -132,12 +132,7 @@ impl Vsock {
                 continue;
             }
             let written = match self.muxer.next_outgoing() {
-                Some(Outgoing::Control {
-                    key,
-                    op,
-                    flags,
-                    fwd_cnt,
-                }) => {
+                Some(Outgoing::Control { key, op, flags, fwd_cnt }) => {
                     write_header(&mut packet, &self.muxer.header_for(key, op, flags, fwd_cnt), 0);
                     Some(0)
                 }
@@ -168,21 +163,11 @@ impl Vsock {
 
     pub fn sync_metrics(&self) {
         let counts = self.muxer.counts;
-        self.metrics
-            .host_connections
-            .store(counts.host_connections, Ordering::Relaxed);
-        self.metrics
-            .guest_connections
-            .store(counts.guest_connections, Ordering::Relaxed);
-        self.metrics
-            .refused_connections
-            .store(counts.refused, Ordering::Relaxed);
-        self.metrics
-            .resets_sent
-            .store(counts.resets_sent, Ordering::Relaxed);
-        self.metrics
-            .bad_handshakes
-            .store(counts.bad_handshakes, Ordering::Relaxed);
+        self.metrics.host_connections.store(counts.host_connections, Ordering::Relaxed);
+        self.metrics.guest_connections.store(counts.guest_connections, Ordering::Relaxed);
+        self.metrics.refused_connections.store(counts.refused, Ordering::Relaxed);
+        self.metrics.resets_sent.store(counts.resets_sent, Ordering::Relaxed);
+        self.metrics.bad_handshakes.store(counts.bad_handshakes, Ordering::Relaxed);
     }
 }
 
@@ -190,9 +175,7 @@ fn sweep_timer() -> Result<TimerFd, Error> {
     let timer_err =
         |e: vmm_sys_util::errno::Error| Error::Timer(std::io::Error::from_raw_os_error(e.errno()));
     let mut timer = TimerFd::new().map_err(timer_err)?;
-    timer
-        .reset(SWEEP_INTERVAL, Some(SWEEP_INTERVAL))
-        .map_err(timer_err)?;
+    timer.reset(SWEEP_INTERVAL, Some(SWEEP_INTERVAL)).map_err(timer_err)?;
     Ok(timer)
 }
 

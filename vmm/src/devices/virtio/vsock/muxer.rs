@@ -48,12 +48,7 @@ pub struct Header {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outgoing {
     /// A control packet (op, flags) for (host port, guest port).
-    Control {
-        key: ConnKey,
-        op: u16,
-        flags: u32,
-        fwd_cnt: u32,
-    },
+    Control { key: ConnKey, op: u16, flags: u32, fwd_cnt: u32 },
     /// Host data for a connection: read it into the buffer.
     Data { key: ConnKey },
 }
@@ -100,10 +95,7 @@ pub struct Muxer {
 
 impl Muxer {
     pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Self, Error> {
-        let listen_err = |source| Error::Listen {
-            path: uds_path.into(),
-            source,
-        };
+        let listen_err = |source| Error::Listen { path: uds_path.into(), source };
         let listener = UnixListener::bind(uds_path).map_err(listen_err)?;
         listener.set_nonblocking(true).map_err(listen_err)?;
         Ok(Muxer {
@@ -169,11 +161,7 @@ impl Muxer {
                     if stream.set_nonblocking(true).is_ok() {
                         self.handshakes.insert(
                             stream.as_raw_fd(),
-                            Handshake {
-                                stream,
-                                line: Vec::new(),
-                                since: Instant::now(),
-                            },
+                            Handshake { stream, line: Vec::new(), since: Instant::now() },
                         );
                     }
                 }
@@ -331,10 +319,7 @@ impl Muxer {
     }
 
     fn flush(&mut self, key: ConnKey) {
-        let failed = self
-            .conns
-            .get_mut(&key)
-            .is_some_and(|c| c.flush_to_host().is_err());
+        let failed = self.conns.get_mut(&key).is_some_and(|c| c.flush_to_host().is_err());
         if failed {
             self.reset(key);
         }
@@ -343,10 +328,7 @@ impl Muxer {
     /// Whether anything waits to go to the guest.
     pub fn has_outgoing(&self) -> bool {
         !self.orphan_resets.is_empty()
-            || self
-                .conns
-                .iter()
-                .any(|(key, c)| !c.pending.is_empty() || self.data_ready(key, c))
+            || self.conns.iter().any(|(key, c)| !c.pending.is_empty() || self.data_ready(key, c))
     }
 
     fn data_ready(&self, key: &ConnKey, conn: &Connection) -> bool {
@@ -357,18 +339,9 @@ impl Muxer {
     pub fn next_outgoing(&mut self) -> Option<Outgoing> {
         if let Some(key) = self.orphan_resets.pop_front() {
             self.counts.resets_sent += 1;
-            return Some(Outgoing::Control {
-                key,
-                op: OP_RST,
-                flags: 0,
-                fwd_cnt: 0,
-            });
+            return Some(Outgoing::Control { key, op: OP_RST, flags: 0, fwd_cnt: 0 });
         }
-        let with_control = self
-            .conns
-            .iter()
-            .find(|(_, c)| !c.pending.is_empty())
-            .map(|(k, _)| *k);
+        let with_control = self.conns.iter().find(|(_, c)| !c.pending.is_empty()).map(|(k, _)| *k);
         if let Some(key) = with_control {
             let conn = self.conns.get_mut(&key)?;
             let control = conn.pending.pop_front()?;
@@ -384,18 +357,9 @@ impl Muxer {
                 self.to_remove.push(key);
             }
             conn.mark_credit_sent();
-            return Some(Outgoing::Control {
-                key,
-                op,
-                flags,
-                fwd_cnt: conn.fwd_cnt(),
-            });
+            return Some(Outgoing::Control { key, op, flags, fwd_cnt: conn.fwd_cnt() });
         }
-        let with_data = self
-            .conns
-            .iter()
-            .find(|(k, c)| self.data_ready(k, c))
-            .map(|(k, _)| *k);
+        let with_data = self.conns.iter().find(|(k, c)| self.data_ready(k, c)).map(|(k, _)| *k);
         with_data.map(|key| Outgoing::Data { key })
     }
 
@@ -429,12 +393,8 @@ impl Muxer {
     /// Resets connections the guest left waiting past their timeout, and closes host clients that
     /// never sent their `CONNECT` line: neither may hold a host stream forever.
     pub fn expire(&mut self, now: Instant) {
-        let expired: Vec<ConnKey> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.expired(now))
-            .map(|(k, _)| *k)
-            .collect();
+        let expired: Vec<ConnKey> =
+            self.conns.iter().filter(|(_, c)| c.expired(now)).map(|(k, _)| *k).collect();
         for key in expired {
             // The host stream goes now; the guest hears of it whenever it next offers a buffer.
             self.to_remove.push(key);
@@ -491,12 +451,8 @@ impl Muxer {
                 wanted.insert(conn.stream.as_raw_fd(), set);
             }
         }
-        let stale: Vec<RawFd> = self
-            .registered
-            .keys()
-            .filter(|fd| !wanted.contains_key(fd))
-            .copied()
-            .collect();
+        let stale: Vec<RawFd> =
+            self.registered.keys().filter(|fd| !wanted.contains_key(fd)).copied().collect();
         for fd in stale {
             self.registered.remove(&fd);
             let _ = ops.remove(Events::empty_raw(fd));
@@ -542,11 +498,7 @@ impl Muxer {
 /// `CONNECT <port>\n` → port.
 pub fn parse_connect_line(line: &[u8]) -> Option<u32> {
     let text = std::str::from_utf8(line).ok()?;
-    text.strip_prefix("CONNECT ")?
-        .strip_suffix('\n')?
-        .trim()
-        .parse()
-        .ok()
+    text.strip_prefix("CONNECT ")?.strip_suffix('\n')?.trim().parse().ok()
 }
 
 impl Connection {
@@ -598,9 +550,7 @@ mod tests {
         muxer.handle_event(muxer.listener.as_raw_fd(), EventSet::IN);
         let fd = *muxer.handshakes.keys().next().unwrap();
         muxer.handle_event(fd, EventSet::IN);
-        let Some(Outgoing::Control { key, op, .. }) = muxer.next_outgoing() else {
-            panic!("no request")
-        };
+        let Some(Outgoing::Control { key, op, .. }) = muxer.next_outgoing() else { panic!("no request") };
         assert_eq!((key, op), ((FIRST_LOCAL_PORT, 1024), OP_REQUEST));
         muxer.handle_guest_packet(&guest_header(OP_RESPONSE, 1024, FIRST_LOCAL_PORT), &[]);
         let mut answer = [0u8; 14];
@@ -618,18 +568,11 @@ mod tests {
         let port_listener = UnixListener::bind(dir.path().join("v.sock_5000")).unwrap();
         muxer.handle_guest_packet(&guest_header(OP_REQUEST, 1234, 5000), &[]);
         assert!(port_listener.accept().is_ok());
-        assert!(matches!(
-            muxer.next_outgoing(),
-            Some(Outgoing::Control { op: OP_RESPONSE, .. })
-        ));
+        assert!(matches!(muxer.next_outgoing(), Some(Outgoing::Control { op: OP_RESPONSE, .. })));
         muxer.handle_guest_packet(&guest_header(OP_REQUEST, 1235, 6000), &[]);
         assert!(matches!(
             muxer.next_outgoing(),
-            Some(Outgoing::Control {
-                key: (6000, 1235),
-                op: OP_RST,
-                ..
-            })
+            Some(Outgoing::Control { key: (6000, 1235), op: OP_RST, .. })
         ));
         assert_eq!(muxer.counts.refused, 1);
     }
@@ -638,18 +581,12 @@ mod tests {
     fn packets_for_nobody_get_a_reset_but_resets_do_not() {
         let (mut muxer, _dir) = muxer();
         muxer.handle_guest_packet(&guest_header(OP_RW, 1, 2), b"x");
-        assert!(matches!(
-            muxer.next_outgoing(),
-            Some(Outgoing::Control { op: OP_RST, .. })
-        ));
+        assert!(matches!(muxer.next_outgoing(), Some(Outgoing::Control { op: OP_RST, .. })));
         muxer.handle_guest_packet(&guest_header(OP_RST, 1, 2), &[]);
         let mut wrong_cid = guest_header(OP_RW, 1, 2);
         wrong_cid.src_cid = 99;
         muxer.handle_guest_packet(&wrong_cid, &[]);
-        assert!(matches!(
-            muxer.next_outgoing(),
-            Some(Outgoing::Control { op: OP_RST, .. })
-        ));
+        assert!(matches!(muxer.next_outgoing(), Some(Outgoing::Control { op: OP_RST, .. })));
         assert_eq!(muxer.next_outgoing(), None);
     }
 
@@ -666,12 +603,7 @@ mod tests {
         assert_eq!(muxer.conns.len(), 3, "over the cap");
         assert_eq!(muxer.counts.refused, 1);
         let answers: Vec<Outgoing> = std::iter::from_fn(|| muxer.next_outgoing()).collect();
-        assert!(answers.contains(&Outgoing::Control {
-            key: (5000, 1),
-            op: OP_RST,
-            flags: 0,
-            fwd_cnt: 0
-        }));
+        assert!(answers.contains(&Outgoing::Control { key: (5000, 1), op: OP_RST, flags: 0, fwd_cnt: 0 }));
     }
 
     #[test]
@@ -695,18 +627,12 @@ mod tests {
         muxer.handle_event(muxer.listener.as_raw_fd(), EventSet::IN);
         let fd = *muxer.handshakes.keys().next().unwrap();
         muxer.handle_event(fd, EventSet::IN);
-        assert!(matches!(
-            muxer.next_outgoing(),
-            Some(Outgoing::Control { op: OP_REQUEST, .. })
-        ));
+        assert!(matches!(muxer.next_outgoing(), Some(Outgoing::Control { op: OP_REQUEST, .. })));
         muxer.expire(Instant::now());
         assert!(muxer.to_remove.is_empty(), "not yet");
         muxer.expire(Instant::now() + super::super::CONNECT_TIMEOUT * 2);
         assert_eq!(muxer.to_remove, vec![(FIRST_LOCAL_PORT, 1024)]);
-        assert!(matches!(
-            muxer.next_outgoing(),
-            Some(Outgoing::Control { op: OP_RST, .. })
-        ));
+        assert!(matches!(muxer.next_outgoing(), Some(Outgoing::Control { op: OP_RST, .. })));
     }
 
     #[test]

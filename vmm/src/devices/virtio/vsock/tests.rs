@@ -59,20 +59,9 @@ impl<'a> Guest<'a> {
             })
             .collect();
         rx.add_desc_chains(&buffers, 0).unwrap();
-        let queues = vec![
-            rx.create_queue().unwrap(),
-            tx.create_queue().unwrap(),
-            event.create_queue().unwrap(),
-        ];
-        (
-            Guest {
-                memory,
-                rx,
-                tx,
-                tx_sent: 0,
-            },
-            queues,
-        )
+        let queues =
+            vec![rx.create_queue().unwrap(), tx.create_queue().unwrap(), event.create_queue().unwrap()];
+        (Guest { memory, rx, tx, tx_sent: 0 }, queues)
     }
 
     /// Puts one packet on the tx queue.
@@ -81,12 +70,8 @@ impl<'a> Guest<'a> {
         let mut packet = header(op, src_port, dst_port, u32::try_from(data.len()).unwrap());
         packet.extend_from_slice(data);
         self.memory.write_slice(&packet, GuestAddress(address)).unwrap();
-        let desc = RawDescriptor::from(SplitDescriptor::new(
-            address,
-            u32::try_from(packet.len()).unwrap(),
-            0,
-            0,
-        ));
+        let desc =
+            RawDescriptor::from(SplitDescriptor::new(address, u32::try_from(packet.len()).unwrap(), 0, 0));
         self.tx.add_desc_chains(&[desc], self.tx_sent).unwrap();
         self.tx_sent += 1;
     }
@@ -119,12 +104,7 @@ fn a_guest_connection_is_answered_and_its_data_reaches_the_host() {
     let memory = create_guest_memory(16).unwrap();
     let (mut guest, queues) = Guest::new(&memory);
     let mut device = vsock(dir.path());
-    device
-        .activate(ActiveState {
-            memory: memory.clone(),
-            queues,
-        })
-        .unwrap();
+    device.activate(ActiveState { memory: memory.clone(), queues }).unwrap();
 
     guest.send(OP_REQUEST, 1234, 5000, &[]);
     guest.send(OP_RW, 1234, 5000, b"hello host");
@@ -150,12 +130,7 @@ fn malformed_tx_chains_are_counted_and_returned() {
     let memory = create_guest_memory(16).unwrap();
     let (guest, queues) = Guest::new(&memory);
     let mut device = vsock(dir.path());
-    device
-        .activate(ActiveState {
-            memory: memory.clone(),
-            queues,
-        })
-        .unwrap();
+    device.activate(ActiveState { memory: memory.clone(), queues }).unwrap();
     // A header claiming more data than the packet size limit, and a device-writable tx buffer.
     let mut huge = header(OP_RW, 1, 2, MAX_PKT_DATA + 1);
     huge.extend_from_slice(&[0; 16]);
@@ -166,13 +141,7 @@ fn malformed_tx_chains_are_counted_and_returned() {
     ];
     guest.tx.add_desc_chains(&descs, 0).unwrap();
     assert!(device.process_tx());
-    assert_eq!(
-        device
-            .metrics
-            .bad_tx_packets
-            .load(std::sync::atomic::Ordering::Relaxed),
-        2
-    );
+    assert_eq!(device.metrics.bad_tx_packets.load(std::sync::atomic::Ordering::Relaxed), 2);
     assert_eq!(guest.tx.used().idx().load(), 2, "both chains handed back");
 }
 
@@ -182,12 +151,7 @@ fn a_request_to_a_port_nobody_serves_is_reset() {
     let memory = create_guest_memory(16).unwrap();
     let (mut guest, queues) = Guest::new(&memory);
     let mut device = vsock(dir.path());
-    device
-        .activate(ActiveState {
-            memory: memory.clone(),
-            queues,
-        })
-        .unwrap();
+    device.activate(ActiveState { memory: memory.clone(), queues }).unwrap();
     guest.send(OP_REQUEST, 1234, 7777, &[]);
     device.process_tx();
     device.process_rx();
