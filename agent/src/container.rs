@@ -283,6 +283,17 @@ fn relay_output(read_end: OwnedFd) -> mpsc::Receiver<Vec<u8>> {
     rx
 }
 
+/// A libcontainer builder for `container_id`, with its state under `root` and `stdio` as the new
+/// process's stdin, stdout and stderr: what creating and exec'ing have in common.
+fn builder(container_id: String, root: PathBuf, stdio: ChildStdio) -> Result<ContainerBuilder, String> {
+    Ok(ContainerBuilder::new(container_id, SyscallType::Linux)
+        .with_root_path(root)
+        .map_err(|e| e.to_string())?
+        .with_stdin(stdio.stdin)
+        .with_stdout(stdio.stdout)
+        .with_stderr(stdio.stderr))
+}
+
 /// Runs a blocking libcontainer call off the async threads; any failure becomes its message.
 async fn blocking<T: Send + 'static>(
     call: impl FnOnce() -> Result<T, String> + Send + 'static,
@@ -415,12 +426,7 @@ impl Containers {
         let no_pivot = self.no_pivot;
         let (container_id, bundle_dir) = (id.to_string(), bundle.clone());
         let built = blocking(move || {
-            ContainerBuilder::new(container_id, SyscallType::Linux)
-                .with_root_path(builder_root)
-                .map_err(|e| e.to_string())?
-                .with_stdin(child.stdin)
-                .with_stdout(child.stdout)
-                .with_stderr(child.stderr)
+            builder(container_id, builder_root, child)?
                 .as_init(&bundle_dir)
                 .with_systemd(false)
                 .with_no_pivot(no_pivot)
@@ -502,12 +508,7 @@ impl Containers {
         let exits = self.exits.subscribe();
         let (builder_root, container_id) = (self.paths.libcontainer_root(), id.to_string());
         let started = blocking(move || {
-            ContainerBuilder::new(container_id, SyscallType::Linux)
-                .with_root_path(builder_root)
-                .map_err(|e| e.to_string())?
-                .with_stdin(child.stdin)
-                .with_stdout(child.stdout)
-                .with_stderr(child.stderr)
+            builder(container_id, builder_root, child)?
                 .as_tenant()
                 .with_detach(true)
                 .with_process(Some(process_file))
