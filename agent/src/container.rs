@@ -93,9 +93,101 @@ impl Output {
 
 /// The host-facing ends of a process's stdio.
 struct Stdio {
-    stdin: Mutex<Option<tokio::net::unix::pipe::Sender>>,
+    stdin: Mutex<Option<Input>>,
     stdout: Mutex<Output>,
     stderr: Mutex<Output>,
+    /// The pty master, when the process has a terminal: for window sizes.
+    terminal: Option<Arc<std::fs::File>>,
+}
+
+/// Where a process's input goes: a pipe, or the pty master of its terminal.
+enum Input {
+    Pipe(tokio::net::unix::pipe::Sender),
+    Terminal(Arc<std::fs::File>),
+}
+
+impl Input {
+    async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            Input::Pipe(pipe) => pipe.write_all(data).await,
+            Input::Terminal(master) => {
+                let (master, data) = (master.clone(), data.to_vec());
+                tokio::task::spawn_blocking(move || std::io::Write::write_all(&mut &*master, &data))
+                    .await
+                    .map_err(std::io::Error::other)?
+            }
+        }
+    }
+}
+
+/// A terminal's output, read by a thread (tokio's pipe types refuse a pty); a pty master reports
+/// EIO once the terminal's last process is gone, which ends the stream.
+fn relay_terminal(master: std::fs::File) -> mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = mpsc::channel(BUFFERED_CHUNKS);
+    std::thread::spawn(move || {
+        let mut master = master;
+        let mut buf = vec![0u8; CHUNK_SIZE];
+        loop {
+            match std::io::Read::read(&mut master, &mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if tx.blocking_send(buf[..n].to_vec()).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// The stdio of a process with a terminal: its output is the pty's, stderr included.
+fn terminal_stdio(master: OwnedFd) -> Result<Arc<Stdio>, std::io::Error> {
+    let master = std::fs::File::from(master);
+    let reader = master.try_clone()?;
+    let master = Arc::new(master);
+    let (_, no_stderr) = mpsc::channel(1);
+    Ok(Arc::new(Stdio {
+        stdin: Mutex::new(Some(Input::Terminal(master.clone()))),
+        stdout: Mutex::new(Output::new(relay_terminal(reader))),
+        stderr: Mutex::new(Output::new(no_stderr)),
+        terminal: Some(master),
+    }))
+}
+
+/// Waits (a few seconds at most) for the process to send its pty master over the console socket.
+fn receive_pty_master(listener: &std::os::unix::net::UnixListener) -> Result<OwnedFd, String> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
+    use std::os::fd::{AsRawFd, FromRawFd};
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let stream = loop {
+        match listener.accept() {
+            Ok((stream, _)) => break stream,
+            Err(err)
+                if err.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(err) => return Err(format!("no terminal from the container: {err}")),
+        }
+    };
+    stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+    let mut name = [0u8; 64];
+    let mut iov = [std::io::IoSliceMut::new(&mut name)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let message =
+        recvmsg::<UnixAddr>(stream.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
+            .map_err(|e| format!("cannot receive the terminal: {e}"))?;
+    for cmsg in message.cmsgs().map_err(|e| e.to_string())? {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            if let Some(fd) = fds.first() {
+                // SAFETY: SCM_RIGHTS just installed this descriptor in our table; nothing else owns it.
+                return Ok(unsafe { OwnedFd::from_raw_fd(*fd) });
+            }
+        }
+    }
+    Err("the container sent no terminal".into())
 }
 
 /// The pipe ends a new process gets as its stdin, stdout and stderr.
@@ -125,9 +217,12 @@ fn stdio_pipes() -> Result<(ChildStdio, HostEnds), Error> {
 impl HostEnds {
     fn into_stdio(self) -> Arc<Stdio> {
         Arc::new(Stdio {
-            stdin: Mutex::new(tokio::net::unix::pipe::Sender::from_owned_fd(self.stdin).ok()),
+            stdin: Mutex::new(
+                tokio::net::unix::pipe::Sender::from_owned_fd(self.stdin).ok().map(Input::Pipe),
+            ),
             stdout: Mutex::new(Output::new(relay_output(self.stdout))),
             stderr: Mutex::new(Output::new(relay_output(self.stderr))),
+            terminal: None,
         })
     }
 }
@@ -285,13 +380,65 @@ fn relay_output(read_end: OwnedFd) -> mpsc::Receiver<Vec<u8>> {
 
 /// A libcontainer builder for `container_id`, with its state under `root` and `stdio` as the new
 /// process's stdin, stdout and stderr: what creating and exec'ing have in common.
-fn builder(container_id: String, root: PathBuf, stdio: ChildStdio) -> Result<ContainerBuilder, String> {
-    Ok(ContainerBuilder::new(container_id, SyscallType::Linux)
+fn builder(container_id: String, root: PathBuf, stdio: ChildSide) -> Result<ContainerBuilder, String> {
+    let builder = ContainerBuilder::new(container_id, SyscallType::Linux)
         .with_root_path(root)
-        .map_err(|e| e.to_string())?
-        .with_stdin(stdio.stdin)
-        .with_stdout(stdio.stdout)
-        .with_stderr(stdio.stderr))
+        .map_err(|e| e.to_string())?;
+    Ok(match stdio {
+        ChildSide::Pipes(pipes) => {
+            builder.with_stdin(pipes.stdin).with_stdout(pipes.stdout).with_stderr(pipes.stderr)
+        }
+        ChildSide::Terminal(console_socket) => builder.with_console_socket(Some(console_socket)),
+    })
+}
+
+/// What a new process is given for its stdio: pipes, or a console socket to send its pty master to.
+enum ChildSide {
+    Pipes(ChildStdio),
+    Terminal(PathBuf),
+}
+
+/// Our side of the same: the pipes' other ends, or the socket the pty master will arrive on.
+enum HostSide {
+    Pipes(HostEnds),
+    Terminal(std::os::unix::net::UnixListener, PathBuf),
+}
+
+/// Pipes, or (for `terminal: true`) a console socket at `console_socket`.
+fn plan_stdio(terminal: bool, console_socket: PathBuf) -> Result<(ChildSide, HostSide), Error> {
+    if !terminal {
+        let (child, host) = stdio_pipes()?;
+        return Ok((ChildSide::Pipes(child), HostSide::Pipes(host)));
+    }
+    let _ = std::fs::remove_file(&console_socket);
+    let listener = std::os::unix::net::UnixListener::bind(&console_socket)
+        .map_err(|e| Error::Pipes(nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
+    Ok((ChildSide::Terminal(console_socket.clone()), HostSide::Terminal(listener, console_socket)))
+}
+
+impl HostSide {
+    /// Once the process exists: the relays for pipes, or the terminal it sent back.
+    fn finish(self) -> Result<Arc<Stdio>, String> {
+        match self {
+            HostSide::Pipes(host) => Ok(host.into_stdio()),
+            HostSide::Terminal(listener, path) => {
+                let master = receive_pty_master(&listener);
+                let _ = std::fs::remove_file(path);
+                terminal_stdio(master?).map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// A failure, with what the process said on its stderr if it had one we can read.
+    fn explain(&self, reason: String) -> String {
+        match self {
+            HostSide::Pipes(host) => with_said(reason, &host.stderr),
+            HostSide::Terminal(_, path) => {
+                let _ = std::fs::remove_file(path);
+                reason
+            }
+        }
+    }
 }
 
 /// Runs a blocking libcontainer call off the async threads; any failure becomes its message.
@@ -421,7 +568,8 @@ impl Containers {
             return Err(bundle_err(source));
         }
 
-        let (child, host) = stdio_pipes()?;
+        let terminal = spec.process().as_ref().and_then(|p| p.terminal()).unwrap_or(false);
+        let (child, host) = plan_stdio(terminal, bundle.join("console.sock"))?;
         let builder_root = self.paths.libcontainer_root();
         let no_pivot = self.no_pivot;
         let (container_id, bundle_dir) = (id.to_string(), bundle.clone());
@@ -438,12 +586,19 @@ impl Containers {
         let container = match built {
             Ok(container) => container,
             Err(reason) => {
+                let message = host.explain(reason);
                 let _ = std::fs::remove_dir_all(&bundle);
-                return Err(Error::Runtime {
-                    id: id.into(),
-                    action: "create",
-                    message: with_said(reason, &host.stderr),
-                });
+                return Err(Error::Runtime { id: id.into(), action: "create", message });
+            }
+        };
+        let stdio = match tokio::task::spawn_blocking(move || host.finish()).await {
+            Ok(Ok(stdio)) => stdio,
+            failed => {
+                let message = failed.map_err(|e| e.to_string()).and_then(|r| r).err().unwrap_or_default();
+                let mut container = container;
+                let _ = container.delete(true);
+                let _ = std::fs::remove_dir_all(&bundle);
+                return Err(Error::Runtime { id: id.into(), action: "create", message });
             }
         };
         entries.insert(
@@ -452,7 +607,7 @@ impl Containers {
                 container: Arc::new(std::sync::Mutex::new(container)),
                 bundle,
                 mounts: std::mem::take(mounts),
-                init: Process::new(host.into_stdio()),
+                init: Process::new(stdio),
                 execs: HashMap::new(),
             },
         );
@@ -504,7 +659,8 @@ impl Containers {
         let process_file = entry.bundle.join(format!("exec-{exec_id}.json"));
         std::fs::write(&process_file, process_json)
             .map_err(|source| Error::Bundle { id: id.into(), source })?;
-        let (child, host) = stdio_pipes()?;
+        let terminal = process.terminal().unwrap_or(false);
+        let (child, host) = plan_stdio(terminal, entry.bundle.join(format!("exec-{exec_id}.sock")))?;
         let exits = self.exits.subscribe();
         let (builder_root, container_id) = (self.paths.libcontainer_root(), id.to_string());
         let started = blocking(move || {
@@ -520,9 +676,14 @@ impl Containers {
         let pid = started.map_err(|reason| Error::Runtime {
             id: id.into(),
             action: "exec into",
-            message: with_said(reason, &host.stderr),
+            message: host.explain(reason),
         })?;
-        let mut process = Process::new(host.into_stdio());
+        let stdio = tokio::task::spawn_blocking(move || host.finish())
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r)
+            .map_err(|message| Error::Runtime { id: id.into(), action: "exec into", message })?;
+        let mut process = Process::new(stdio);
         process.pid = Some(pid);
         watch_exit(exits, pid, process.exit_tx.clone());
         entry.execs.insert(exec_id.to_string(), process);
@@ -577,15 +738,33 @@ impl Containers {
     pub async fn write_stdin(&self, id: &str, exec_id: &str, data: &[u8]) -> Result<usize, Error> {
         let (stdio, _, _) = self.process_parts(id, exec_id).await?;
         let mut stdin = stdio.stdin.lock().await;
-        let Some(pipe) = stdin.as_mut() else {
+        let Some(input) = stdin.as_mut() else {
             return Err(Error::WrongState { id: id.into(), state: "closed for input", action: "written to" });
         };
-        pipe.write_all(data).await.map_err(|e| Error::Runtime {
+        input.write_all(data).await.map_err(|e| Error::Runtime {
             id: id.into(),
             action: "write stdin of",
             message: e.to_string(),
         })?;
         Ok(data.len())
+    }
+
+    /// Sets the window size of a process's terminal.
+    pub async fn resize_terminal(&self, id: &str, exec_id: &str, rows: u16, cols: u16) -> Result<(), Error> {
+        use std::os::fd::AsRawFd;
+        let (stdio, _, _) = self.process_parts(id, exec_id).await?;
+        let Some(master) = &stdio.terminal else {
+            return Err(Error::WrongState { id: id.into(), state: "without a terminal", action: "resized" });
+        };
+        let size = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+        // SAFETY: TIOCSWINSZ reads one winsize through the pointer, which points at a live local;
+        // the fd is the pty master this process owns.
+        let ret = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size) };
+        if ret < 0 {
+            let message = std::io::Error::last_os_error().to_string();
+            return Err(Error::Runtime { id: id.into(), action: "resize the terminal of", message });
+        }
+        Ok(())
     }
 
     pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), Error> {

@@ -8,7 +8,7 @@ use ironclad_protocol::agent::{
     CreateContainerRequest, DestroySandboxRequest, Empty, ExecProcessRequest, ExecProcessResponse,
     HealthCheckResponse, OomEvent, ProcessRef, ReadStreamRequest, ReadStreamResponse, RemoveContainerRequest,
     SignalProcessRequest, StartContainerRequest, StartContainerResponse, StatsContainerResponse,
-    VersionCheckResponse, WaitProcessResponse, WriteStreamRequest, WriteStreamResponse,
+    TtyWinResizeRequest, VersionCheckResponse, WaitProcessResponse, WriteStreamRequest, WriteStreamResponse,
 };
 use ironclad_protocol::{agent_ttrpc, API_VERSION};
 use tokio::sync::mpsc;
@@ -187,6 +187,16 @@ impl agent_ttrpc::Agent for AgentService {
 
     async fn close_stdin(&self, _ctx: &TtrpcContext, req: ProcessRef) -> ttrpc::Result<Empty> {
         self.containers.close_stdin(&req.container_id, &req.exec_id).await.map_err(status)?;
+        Ok(Empty::new())
+    }
+
+    async fn tty_win_resize(&self, _ctx: &TtrpcContext, req: TtyWinResizeRequest) -> ttrpc::Result<Empty> {
+        let (id, exec_id) = process_of(&req.process);
+        let (Ok(rows), Ok(cols)) = (u16::try_from(req.rows), u16::try_from(req.cols)) else {
+            let reason = format!("window size {}x{} does not fit a terminal", req.rows, req.cols);
+            return Err(ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::INVALID_ARGUMENT, reason)));
+        };
+        self.containers.resize_terminal(&id, &exec_id, rows, cols).await.map_err(status)?;
         Ok(Empty::new())
     }
 

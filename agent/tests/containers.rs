@@ -16,7 +16,8 @@ use ironclad_protocol::agent_ttrpc::AgentClient;
 use libcontainer::oci_spec::runtime::{ProcessBuilder, RootBuilder, Spec, UserBuilder};
 
 const BUSYBOX: &str = "/bin/busybox";
-const APPLETS: &[&str] = &["sh", "echo", "cat", "sleep", "true", "false", "id", "pwd", "hostname", "touch"];
+const APPLETS: &[&str] =
+    &["sh", "echo", "cat", "sleep", "true", "false", "id", "pwd", "hostname", "touch", "tty", "stty"];
 
 struct Agent {
     child: Child,
@@ -410,4 +411,33 @@ async fn pause_freezes_the_container_and_resume_thaws_it() {
     agent.client.resume_container(ctx(), &req).await.unwrap();
     wait_until("thawed", || !frozen(&agent, "p1"));
     remove(&agent, "p1").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_container_gets_a_pty_with_the_size_it_was_given() {
+    if !can_run() {
+        return;
+    }
+    let agent = start_agent().await;
+    let spec = spec_with(&["sh", "-c", "tty; stty size"], |spec| {
+        let mut process = spec.process().clone().unwrap();
+        process.set_terminal(Some(true));
+        spec.set_process(Some(process));
+    });
+    create_with_spec(&agent, "t1", &serde_json::to_string(&spec).unwrap()).await.unwrap();
+    let mut resize = ironclad_protocol::agent::TtyWinResizeRequest::new();
+    resize.process = Some(process("t1")).into();
+    resize.rows = 40;
+    resize.cols = 100;
+    agent.client.tty_win_resize(ctx(), &resize).await.unwrap();
+    start(&agent, "t1").await;
+    // A terminal turns each newline into CR LF.
+    assert_eq!(read_all_stdout(&agent, "t1").await, "/dev/pts/0\r\n40 100\r\n");
+    assert_eq!(agent.client.wait_process(ctx(), &process("t1")).await.unwrap().exit_status, 0);
+    remove(&agent, "t1").await.unwrap();
+
+    create(&agent, "t2", &["true"]).await.unwrap();
+    resize.process = Some(process("t2")).into();
+    assert_eq!(code_of(agent.client.tty_win_resize(ctx(), &resize).await), ttrpc::Code::FAILED_PRECONDITION);
+    remove(&agent, "t2").await.unwrap();
 }
