@@ -450,6 +450,13 @@ async fn blocking<T: Send + 'static>(
 
 impl Containers {
     pub fn new(paths: AgentPaths, exits: broadcast::Sender<WaitStatus>, no_pivot: bool) -> Self {
+        // Created once, here: libcgroups creates missing path components with a check-then-create
+        // that fails when two containers are created at the same time below a parent that is new.
+        let parent = paths.cgroup_parent();
+        let parent_dir = Path::new(CGROUP_ROOT).join(parent.strip_prefix("/").unwrap_or(parent));
+        if let Err(err) = std::fs::create_dir_all(&parent_dir) {
+            tracing::warn!("cannot create the container cgroup parent {}: {err}", parent_dir.display());
+        }
         let (oom_tx, oom_rx) = mpsc::channel(OOM_QUEUE);
         Containers {
             paths,

@@ -30,6 +30,11 @@ impl AgentPaths {
         self.cgroup_parent.join(container_id)
     }
 
+    /// The cgroup every container's cgroup is created below.
+    pub fn cgroup_parent(&self) -> &Path {
+        &self.cgroup_parent
+    }
+
     /// Files the host copies in (CopyFile) for containers to bind-mount.
     pub fn shared(&self) -> PathBuf {
         self.root.join("shared")

@@ -30,10 +30,9 @@ struct Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         // Its containers' cgroups went with them; the parent cgroup goes now, through the agent's
-        // mount namespace (the host has no cgroup2 mount of its own), and its parent if it is empty.
+        // mount namespace (the host has no cgroup2 mount of its own).
         let cgroups = format!("/proc/{}/root/sys/fs/cgroup", self.child.id());
         let _ = std::fs::remove_dir(format!("{cgroups}{}", self.cgroup_parent));
-        let _ = std::fs::remove_dir(format!("{cgroups}/ironclad-test"));
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -67,9 +66,10 @@ async fn start_agent() -> Agent {
     let state_dir = dir.path().join("state");
     let address = format!("unix://{}", socket.display());
     // The cgroup v2 hierarchy is the host's: each agent gets its own parent cgroup, named after its
-    // private directory, so that agents running at the same time never share a container's cgroup.
+    // private directory and directly below the root, so that agents running at the same time share
+    // neither a container's cgroup nor a parent they would race to create.
     let name = dir.path().file_name().unwrap().to_string_lossy().into_owned();
-    let cgroup_parent = format!("/ironclad-test/{name}");
+    let cgroup_parent = format!("/ironclad-test-{}", name.trim_start_matches('.'));
     let child = Command::new("unshare")
         .args(["--mount", "--propagation", "private", "sh", "-c"])
         .arg(r#"mount -t cgroup2 none /sys/fs/cgroup && exec "$0" --listen "$1" --state-dir "$2" --cgroup-parent "$3""#)
