@@ -11,6 +11,7 @@ mod copy_file;
 mod init;
 mod paths;
 mod reaper;
+mod sandbox;
 mod server;
 mod stats;
 mod storage;
@@ -106,7 +107,7 @@ fn run(is_init: bool) -> Result<(), Error> {
         let reaper = reaper::spawn()?;
         let state = paths::AgentPaths::new(&options.state_dir, &options.cgroup_parent);
         let containers = Arc::new(Containers::new(state, reaper.exits(), container::root_is_initramfs()));
-        let result = server::serve(&options.listen, containers).await;
+        let result = server::serve(&options.listen, containers, is_init).await;
         drop(reaper);
         result
     })?;

@@ -5,10 +5,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use ironclad_protocol::agent::{
     health_check_response::ServingStatus, CheckRequest, ContainerRequest, CopyFileRequest, CopyFileResponse,
-    CreateContainerRequest, DestroySandboxRequest, Empty, ExecProcessRequest, ExecProcessResponse,
-    HealthCheckResponse, OomEvent, ProcessRef, ReadStreamRequest, ReadStreamResponse, RemoveContainerRequest,
-    SignalProcessRequest, StartContainerRequest, StartContainerResponse, StatsContainerResponse,
-    TtyWinResizeRequest, VersionCheckResponse, WaitProcessResponse, WriteStreamRequest, WriteStreamResponse,
+    CreateContainerRequest, CreateSandboxRequest, CreateSandboxResponse, DestroySandboxRequest, Empty,
+    ExecProcessRequest, ExecProcessResponse, HealthCheckResponse, OomEvent, ProcessRef, ReadStreamRequest,
+    ReadStreamResponse, RemoveContainerRequest, SetGuestDateTimeRequest, SignalProcessRequest,
+    StartContainerRequest, StartContainerResponse, StatsContainerResponse, TtyWinResizeRequest,
+    VersionCheckResponse, WaitProcessResponse, WriteStreamRequest, WriteStreamResponse,
 };
 use ironclad_protocol::{agent_ttrpc, API_VERSION};
 use tokio::sync::mpsc;
@@ -18,6 +19,7 @@ use ttrpc::r#async::{Server, TtrpcContext};
 use crate::clock::uptime_ms;
 use crate::container::{self, Containers};
 use crate::copy_file;
+use crate::sandbox;
 use crate::storage::{self, StorageRequest};
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -63,6 +65,20 @@ impl agent_ttrpc::Health for HealthService {
 struct AgentService {
     destroy: mpsc::Sender<()>,
     containers: Arc<Containers>,
+    /// PID 1 of a guest: only then may sandbox-wide settings change the machine.
+    in_guest: bool,
+}
+
+fn sandbox_status(err: sandbox::Error) -> ttrpc::Error {
+    use sandbox::Error as E;
+    let code = match &err {
+        E::NotInGuest(_) => ttrpc::Code::FAILED_PRECONDITION,
+        E::BadHostname(_) | E::BadDnsServer(_) | E::BadSearchDomain(_) | E::BadTime { .. } => {
+            ttrpc::Code::INVALID_ARGUMENT
+        }
+        E::System { .. } => ttrpc::Code::INTERNAL,
+    };
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, crate::init::error_chain(&err)))
 }
 
 /// The ttrpc status for a container error: the code says what kind, the message says why.
@@ -91,6 +107,30 @@ fn process_of(process: &protobuf::MessageField<ProcessRef>) -> (String, String) 
 
 #[async_trait]
 impl agent_ttrpc::Agent for AgentService {
+    async fn create_sandbox(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateSandboxRequest,
+    ) -> ttrpc::Result<CreateSandboxResponse> {
+        let shared = self.containers.shared_dir();
+        let resolv =
+            sandbox::create(self.in_guest, &shared, &req.hostname, &req.dns_servers, &req.dns_search)
+                .map_err(sandbox_status)?;
+        info!("sandbox {} created", req.sandbox_id);
+        let mut resp = CreateSandboxResponse::new();
+        resp.resolv_conf = resolv.display().to_string();
+        Ok(resp)
+    }
+
+    async fn set_guest_date_time(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SetGuestDateTimeRequest,
+    ) -> ttrpc::Result<Empty> {
+        sandbox::set_date_time(self.in_guest, req.sec, req.usec).map_err(sandbox_status)?;
+        Ok(Empty::new())
+    }
+
     async fn destroy_sandbox(
         &self,
         _ctx: &TtrpcContext,
@@ -272,11 +312,11 @@ impl AgentService {
 }
 
 /// Serves until DestroySandbox is called, then stops the server (letting the reply go out first).
-pub async fn serve(address: &str, containers: Arc<Containers>) -> Result<(), Error> {
+pub async fn serve(address: &str, containers: Arc<Containers>, in_guest: bool) -> Result<(), Error> {
     let (destroy_tx, mut destroy_rx) = mpsc::channel(1);
     let health: Arc<dyn agent_ttrpc::Health + Send + Sync> = Arc::new(HealthService);
     let agent: Arc<dyn agent_ttrpc::Agent + Send + Sync> =
-        Arc::new(AgentService { destroy: destroy_tx, containers });
+        Arc::new(AgentService { destroy: destroy_tx, containers, in_guest });
     let mut server = Server::new()
         .bind(address)
         .map_err(|source| Error::Listen { address: address.to_string(), source })?

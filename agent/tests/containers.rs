@@ -441,3 +441,25 @@ async fn a_terminal_container_gets_a_pty_with_the_size_it_was_given() {
     assert_eq!(code_of(agent.client.tty_win_resize(ctx(), &resize).await), ttrpc::Code::FAILED_PRECONDITION);
     remove(&agent, "t2").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_run_by_hand_never_changes_the_hosts_name_dns_or_clock() {
+    if !can_run() {
+        return;
+    }
+    let agent = start_agent().await;
+    let hostname_before = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let mut sandbox = ironclad_protocol::agent::CreateSandboxRequest::new();
+    sandbox.hostname = "not-this-host".into();
+    sandbox.dns_servers = vec!["10.0.0.53".into()];
+    assert_eq!(code_of(agent.client.create_sandbox(ctx(), &sandbox).await), ttrpc::Code::FAILED_PRECONDITION);
+    let mut time = ironclad_protocol::agent::SetGuestDateTimeRequest::new();
+    time.sec = 1_893_456_000;
+    assert_eq!(
+        code_of(agent.client.set_guest_date_time(ctx(), &time).await),
+        ttrpc::Code::FAILED_PRECONDITION
+    );
+    assert_eq!(std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap(), hostname_before);
+    sandbox.hostname = "bad name".into();
+    assert_eq!(code_of(agent.client.create_sandbox(ctx(), &sandbox).await), ttrpc::Code::INVALID_ARGUMENT);
+}

@@ -221,6 +221,11 @@ impl AgentClient {
             .map_err(|source| Error::Rpc { call: "Agent.GetOOMEvent", source })
     }
 
+    /// The generated client, for calls this type does not wrap yet.
+    pub fn agent_rpc(&self) -> &AgentRpc {
+        &self.agent
+    }
+
     /// For calls that last as long as the process does.
     fn ctx_without_timeout(&self) -> ttrpc::context::Context {
         context::Context::default()

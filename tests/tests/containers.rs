@@ -21,9 +21,11 @@ fn busybox_image(dir: &Path) -> std::path::PathBuf {
         std::fs::create_dir_all(rootfs.join(d)).unwrap();
     }
     std::fs::copy(BUSYBOX, rootfs.join("bin/busybox")).unwrap();
-    for applet in ["sh", "uname", "cat", "echo", "dd"] {
+    for applet in ["sh", "uname", "cat", "echo", "dd", "hostname", "date"] {
         symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
     }
+    // Bind-mount targets must exist in a read-only root.
+    std::fs::write(rootfs.join("etc/resolv.conf"), b"").unwrap();
     let image = dir.join("rootfs.ext4");
     let status = Command::new("mkfs.ext4")
         .args(["-q", "-F", "-L", "rootfs", "-d"])
@@ -191,4 +193,65 @@ async fn limits_from_the_spec_hold_and_the_oom_killer_is_reported() {
     guest.agent.remove_container("c2").await.unwrap();
     guest.agent.destroy_sandbox().await.unwrap();
     assert!(guest.vm.stop(EXIT_TIMEOUT).await.unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_hostname_dns_and_clock_reach_the_containers() {
+    use ironclad_protocol::agent::{CreateSandboxRequest, SetGuestDateTimeRequest};
+    use oci_spec::runtime::MountBuilder;
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let guest = boot_with_rootfs_disk(dir.path()).await;
+    let mut sandbox = CreateSandboxRequest::new();
+    sandbox.sandbox_id = "pod1".into();
+    sandbox.hostname = "pod1".into();
+    sandbox.dns_servers = vec!["10.0.0.53".into()];
+    sandbox.dns_search = vec!["svc.local".into()];
+    let resolv_conf = guest.agent.agent_rpc().create_sandbox(ctx(), &sandbox).await.unwrap().resolv_conf;
+    let mut time = SetGuestDateTimeRequest::new();
+    time.sec = 1_893_456_000; // 2030-01-01
+    guest.agent.agent_rpc().set_guest_date_time(ctx(), &time).await.unwrap();
+
+    // Without a UTS namespace of its own, the container shares the sandbox's hostname.
+    let mut spec = base_spec(&["sh", "-c", "hostname; cat /etc/resolv.conf; date -u +%Y"]);
+    let mut linux = spec.linux().clone().unwrap();
+    let namespaces = linux.namespaces().clone().unwrap_or_default();
+    linux.set_namespaces(Some(
+        namespaces.into_iter().filter(|n| n.typ() != LinuxNamespaceType::Uts).collect(),
+    ));
+    spec.set_linux(Some(linux));
+    spec.set_hostname(None);
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    mounts.push(
+        MountBuilder::default()
+            .destination("/etc/resolv.conf")
+            .typ("bind")
+            .source(resolv_conf)
+            .options(vec!["rbind".to_string(), "ro".to_string()])
+            .build()
+            .unwrap(),
+    );
+    spec.set_mounts(Some(mounts));
+
+    let mount_point = "/run/ironclad/rootfs/c3";
+    let mut request = CreateContainerRequest::new();
+    request.container_id = "c3".into();
+    request.oci_spec_json = serde_json::to_string(&spec).unwrap();
+    request.rootfs = mount_point.into();
+    request.storages = vec![rootfs_storage(mount_point)];
+    let console = |err: &dyn std::error::Error| {
+        let chain = ironclad_shim::hypervisor::error_chain(err);
+        format!("{chain}\nguest console:\n{}", guest.vm.console_tail())
+    };
+    guest.agent.create_container(&request).await.unwrap_or_else(|e| panic!("create: {}", console(&e)));
+    guest.agent.start_container("c3").await.unwrap_or_else(|e| panic!("start: {}", console(&e)));
+    let output = read_stdout_to_end(&guest, "c3").await;
+    assert_eq!(output, "pod1\nnameserver 10.0.0.53\nsearch svc.local\n2030\n");
+    guest.agent.remove_container("c3").await.unwrap();
+    guest.agent.destroy_sandbox().await.unwrap();
+    assert!(guest.vm.stop(EXIT_TIMEOUT).await.unwrap().success());
+}
+
+fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(30_000_000_000)
 }
