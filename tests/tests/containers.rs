@@ -16,6 +16,7 @@ const BUSYBOX: &str = "/bin/busybox";
 
 /// An ext4 image of a busybox root file system, made with mkfs.ext4 -d.
 fn busybox_image(dir: &Path) -> std::path::PathBuf {
+    assert!(Path::new(BUSYBOX).exists(), "{BUSYBOX} is needed (apt-get install busybox-static)");
     let rootfs = dir.join("rootfs");
     for d in ["bin", "proc", "dev", "sys", "tmp", "etc", "run"] {
         std::fs::create_dir_all(rootfs.join(d)).unwrap();
@@ -36,10 +37,6 @@ fn busybox_image(dir: &Path) -> std::path::PathBuf {
         .unwrap();
     assert!(status.success(), "mkfs.ext4 -d failed");
     image
-}
-
-fn spec(args: &[&str]) -> String {
-    serde_json::to_string(&base_spec(args)).unwrap()
 }
 
 fn base_spec(args: &[&str]) -> Spec {
@@ -79,6 +76,31 @@ async fn boot_with_rootfs_disk(dir: &Path) -> ironclad_tests::BootedGuest {
     boot_guest(&config).await.expect("boot")
 }
 
+/// A failed call, with what the guest printed: libcontainer and the kernel say why there.
+fn explain(guest: &ironclad_tests::BootedGuest, err: &dyn std::error::Error) -> String {
+    let chain = ironclad_shim::hypervisor::error_chain(err);
+    format!("{chain}\nguest console:\n{}", guest.vm.console_tail())
+}
+
+/// Creates container `id` from `spec`, its root the disk with serial "rootfs", mounted for it.
+async fn create_on_rootfs_disk(guest: &ironclad_tests::BootedGuest, id: &str, spec: &Spec) {
+    let mount_point = format!("/run/ironclad/rootfs/{id}");
+    let mut request = CreateContainerRequest::new();
+    request.container_id = id.into();
+    request.oci_spec_json = serde_json::to_string(spec).unwrap();
+    request.rootfs = mount_point.clone();
+    request.storages = vec![rootfs_storage(&mount_point)];
+    guest
+        .agent
+        .create_container(&request)
+        .await
+        .unwrap_or_else(|e| panic!("create {id}: {}", explain(guest, &e)));
+}
+
+async fn start(guest: &ironclad_tests::BootedGuest, id: &str) {
+    guest.agent.start_container(id).await.unwrap_or_else(|e| panic!("start {id}: {}", explain(guest, &e)));
+}
+
 async fn read_stdout_to_end(guest: &ironclad_tests::BootedGuest, id: &str) -> String {
     let mut output = Vec::new();
     loop {
@@ -93,40 +115,12 @@ async fn read_stdout_to_end(guest: &ironclad_tests::BootedGuest, id: &str) -> St
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_in_the_guest_sees_the_guest_kernel_and_its_own_cgroup() {
     init_logging();
-    assert!(Path::new(BUSYBOX).exists(), "{BUSYBOX} is needed (apt-get install busybox-static)");
     let dir = tempfile::tempdir().unwrap();
-    let image = busybox_image(dir.path());
-    let mut config = GuestArtifacts::locate().unwrap().vm_config();
-    config.block_devices = vec![BlockDevice { path: image, read_only: true, serial: "rootfs".into() }];
-    let guest = boot_guest(&config).await.expect("boot");
-
-    let mount_point = "/run/ironclad/rootfs/c1";
-    let mut storage = Storage::new();
-    storage.serial = "rootfs".into();
-    storage.fstype = "ext4".into();
-    storage.mount_point = mount_point.into();
-    storage.read_only = true;
-    let mut request = CreateContainerRequest::new();
-    request.container_id = "c1".into();
-    request.oci_spec_json = spec(&["sh", "-c", "uname -r; cat /proc/1/cgroup"]);
-    request.rootfs = mount_point.into();
-    request.storages = vec![storage];
-    let console = |err: &dyn std::error::Error| {
-        let chain = ironclad_shim::hypervisor::error_chain(err);
-        format!("{chain}\nguest console:\n{}", guest.vm.console_tail())
-    };
-    guest.agent.create_container(&request).await.unwrap_or_else(|e| panic!("create: {}", console(&e)));
-    guest.agent.start_container("c1").await.unwrap_or_else(|e| panic!("start: {}", console(&e)));
-    let mut output = Vec::new();
-    loop {
-        let chunk = guest.agent.read_stdout("c1", "").await.unwrap();
-        if chunk.is_empty() {
-            break;
-        }
-        output.extend(chunk);
-    }
+    let guest = boot_with_rootfs_disk(dir.path()).await;
+    create_on_rootfs_disk(&guest, "c1", &base_spec(&["sh", "-c", "uname -r; cat /proc/1/cgroup"])).await;
+    start(&guest, "c1").await;
+    let output = read_stdout_to_end(&guest, "c1").await;
     assert_eq!(guest.agent.wait_process("c1", "").await.unwrap(), 0);
-    let output = String::from_utf8(output).unwrap();
     let lines: Vec<&str> = output.lines().collect();
     assert_eq!(lines.len(), 2, "{output}");
     let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
@@ -164,22 +158,12 @@ async fn limits_from_the_spec_hold_and_the_oom_killer_is_reported() {
     linux.set_resources(Some(resources));
     spec.set_linux(Some(linux));
 
-    let mount_point = "/run/ironclad/rootfs/c2";
-    let mut request = CreateContainerRequest::new();
-    request.container_id = "c2".into();
-    request.oci_spec_json = serde_json::to_string(&spec).unwrap();
-    request.rootfs = mount_point.into();
-    request.storages = vec![rootfs_storage(mount_point)];
-    let console = |err: &dyn std::error::Error| {
-        let chain = ironclad_shim::hypervisor::error_chain(err);
-        format!("{chain}\nguest console:\n{}", guest.vm.console_tail())
-    };
-    guest.agent.create_container(&request).await.unwrap_or_else(|e| panic!("create: {}", console(&e)));
+    create_on_rootfs_disk(&guest, "c2", &spec).await;
     let oom = {
         let agent = guest.agent.clone();
         tokio::spawn(async move { agent.get_oom_event().await })
     };
-    guest.agent.start_container("c2").await.unwrap_or_else(|e| panic!("start: {}", console(&e)));
+    start(&guest, "c2").await;
     let output = read_stdout_to_end(&guest, "c2").await;
     assert_eq!(output, "16777216\n8\n", "the limits are the container's");
     assert_eq!(guest.agent.wait_process("c2", "").await.unwrap(), 137, "dd was OOM-killed");
@@ -233,18 +217,8 @@ async fn sandbox_hostname_dns_and_clock_reach_the_containers() {
     );
     spec.set_mounts(Some(mounts));
 
-    let mount_point = "/run/ironclad/rootfs/c3";
-    let mut request = CreateContainerRequest::new();
-    request.container_id = "c3".into();
-    request.oci_spec_json = serde_json::to_string(&spec).unwrap();
-    request.rootfs = mount_point.into();
-    request.storages = vec![rootfs_storage(mount_point)];
-    let console = |err: &dyn std::error::Error| {
-        let chain = ironclad_shim::hypervisor::error_chain(err);
-        format!("{chain}\nguest console:\n{}", guest.vm.console_tail())
-    };
-    guest.agent.create_container(&request).await.unwrap_or_else(|e| panic!("create: {}", console(&e)));
-    guest.agent.start_container("c3").await.unwrap_or_else(|e| panic!("start: {}", console(&e)));
+    create_on_rootfs_disk(&guest, "c3", &spec).await;
+    start(&guest, "c3").await;
     let output = read_stdout_to_end(&guest, "c3").await;
     assert_eq!(output, "pod1\nnameserver 10.0.0.53\nsearch svc.local\n2030\n");
     guest.agent.remove_container("c3").await.unwrap();
