@@ -528,6 +528,16 @@ mod tests {
         (muxer, dir)
     }
 
+    /// A host client that connected and sent `line`, which the muxer has accepted and read.
+    fn client_says(muxer: &mut Muxer, dir: &Path, line: &[u8]) -> UnixStream {
+        let mut client = UnixStream::connect(dir.join("v.sock")).unwrap();
+        client.write_all(line).unwrap();
+        muxer.handle_event(muxer.listener.as_raw_fd(), EventSet::IN);
+        let fd = *muxer.handshakes.keys().next().unwrap();
+        muxer.handle_event(fd, EventSet::IN);
+        client
+    }
+
     fn guest_header(op: u16, src_port: u32, dst_port: u32) -> Header {
         Header {
             src_cid: 3,
@@ -545,11 +555,7 @@ mod tests {
     #[test]
     fn host_connect_becomes_a_request_then_ok_on_response() {
         let (mut muxer, dir) = muxer();
-        let mut client = UnixStream::connect(dir.path().join("v.sock")).unwrap();
-        client.write_all(b"CONNECT 1024\n").unwrap();
-        muxer.handle_event(muxer.listener.as_raw_fd(), EventSet::IN);
-        let fd = *muxer.handshakes.keys().next().unwrap();
-        muxer.handle_event(fd, EventSet::IN);
+        let mut client = client_says(&mut muxer, dir.path(), b"CONNECT 1024\n");
         let Some(Outgoing::Control { key, op, .. }) = muxer.next_outgoing() else { panic!("no request") };
         assert_eq!((key, op), ((FIRST_LOCAL_PORT, 1024), OP_REQUEST));
         muxer.handle_guest_packet(&guest_header(OP_RESPONSE, 1024, FIRST_LOCAL_PORT), &[]);
@@ -622,11 +628,7 @@ mod tests {
     #[test]
     fn a_request_the_guest_never_answers_is_reset_after_the_timeout() {
         let (mut muxer, dir) = muxer();
-        let mut client = UnixStream::connect(dir.path().join("v.sock")).unwrap();
-        client.write_all(b"CONNECT 1024\n").unwrap();
-        muxer.handle_event(muxer.listener.as_raw_fd(), EventSet::IN);
-        let fd = *muxer.handshakes.keys().next().unwrap();
-        muxer.handle_event(fd, EventSet::IN);
+        let _client = client_says(&mut muxer, dir.path(), b"CONNECT 1024\n");
         assert!(matches!(muxer.next_outgoing(), Some(Outgoing::Control { op: OP_REQUEST, .. })));
         muxer.expire(Instant::now());
         assert!(muxer.to_remove.is_empty(), "not yet");
@@ -650,11 +652,7 @@ mod tests {
     #[test]
     fn a_bad_handshake_closes_the_client() {
         let (mut muxer, dir) = muxer();
-        let mut client = UnixStream::connect(dir.path().join("v.sock")).unwrap();
-        client.write_all(b"HELLO THERE\n").unwrap();
-        muxer.handle_event(muxer.listener.as_raw_fd(), EventSet::IN);
-        let fd = *muxer.handshakes.keys().next().unwrap();
-        muxer.handle_event(fd, EventSet::IN);
+        let mut client = client_says(&mut muxer, dir.path(), b"HELLO THERE\n");
         assert!(muxer.handshakes.is_empty());
         assert_eq!(muxer.counts.bad_handshakes, 1);
         muxer.graveyard.clear();
