@@ -308,10 +308,14 @@ fn oom_kills(memory_events: &Path) -> Option<u64> {
     text.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|v| v.trim().parse().ok())
 }
 
-/// Reports each new OOM kill in the container's cgroup until the cgroup goes away.
-fn watch_oom(id: String, cgroup: PathBuf, events: mpsc::Sender<String>) {
-    let memory_events =
-        Path::new(CGROUP_ROOT).join(cgroup.strip_prefix("/").unwrap_or(&cgroup)).join("memory.events");
+/// Where a cgroup (a path below the cgroup v2 root, as the agent names it) is in the file system.
+fn cgroup_dir(cgroup: &Path) -> PathBuf {
+    Path::new(CGROUP_ROOT).join(cgroup.strip_prefix("/").unwrap_or(cgroup))
+}
+
+/// Reports each new OOM kill in the cgroup at `dir` until the cgroup goes away.
+fn watch_oom(id: String, dir: PathBuf, events: mpsc::Sender<String>) {
+    let memory_events = dir.join("memory.events");
     tokio::spawn(async move {
         let Some(mut seen) = oom_kills(&memory_events) else {
             return;
@@ -452,8 +456,7 @@ impl Containers {
     pub fn new(paths: AgentPaths, exits: broadcast::Sender<WaitStatus>, no_pivot: bool) -> Self {
         // Created once, here: libcgroups creates missing path components with a check-then-create
         // that fails when two containers are created at the same time below a parent that is new.
-        let parent = paths.cgroup_parent();
-        let parent_dir = Path::new(CGROUP_ROOT).join(parent.strip_prefix("/").unwrap_or(parent));
+        let parent_dir = cgroup_dir(paths.cgroup_parent());
         if let Err(err) = std::fs::create_dir_all(&parent_dir) {
             tracing::warn!("cannot create the container cgroup parent {}: {err}", parent_dir.display());
         }
@@ -478,9 +481,7 @@ impl Containers {
         if !self.entries.lock().await.contains_key(id) {
             return Err(Error::NotFound(id.into()));
         }
-        let cgroup = self.paths.cgroup(id);
-        let dir = Path::new(CGROUP_ROOT).join(cgroup.strip_prefix("/").unwrap_or(&cgroup));
-        Ok(crate::stats::read(&dir))
+        Ok(crate::stats::read(&cgroup_dir(&self.paths.cgroup(id))))
     }
 
     /// Freezes (or thaws) every process of a running container through its cgroup.
@@ -639,7 +640,7 @@ impl Containers {
         .map_err(|message| Error::Runtime { id: id.into(), action: "start", message })?;
         entry.init.pid = Some(pid);
         watch_exit(exits, pid, entry.init.exit_tx.clone());
-        watch_oom(id.to_string(), self.paths.cgroup(id), self.oom_tx.clone());
+        watch_oom(id.to_string(), cgroup_dir(&self.paths.cgroup(id)), self.oom_tx.clone());
         u32::try_from(pid).map_err(|_| Error::Runtime {
             id: id.into(),
             action: "start",
