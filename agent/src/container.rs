@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
-use libcontainer::oci_spec::runtime::{Process as OciProcess, Spec};
+use libcgroups::common::{AnyCgroupManager, CgroupConfig, CgroupManager, ControllerOpt};
+use libcontainer::oci_spec::runtime::{LinuxResources, Process as OciProcess, Spec};
 use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
@@ -516,6 +517,7 @@ impl Containers {
         spec_json: &str,
         rootfs: &Path,
         storages: &[StorageRequest],
+        rootfs_overlay: bool,
     ) -> Result<(), Error> {
         validate_id(id)?;
         if self.entries.lock().await.contains_key(id) {
@@ -526,14 +528,28 @@ impl Containers {
             match storage::mount_storage(request) {
                 Ok(mounted) => mounts.push(mounted),
                 Err(err) => {
-                    mounts.into_iter().for_each(Mounted::unmount);
+                    unmount_all(mounts);
                     return Err(err.into());
                 }
             }
         }
-        let created = self.create_with_mounts(id, spec_json, rootfs, &mut mounts).await;
+        let rootfs = if rootfs_overlay {
+            match storage::mount_writable_overlay(rootfs, &self.paths.overlay(id)) {
+                Ok((merged, overlay)) => {
+                    mounts.extend(overlay);
+                    merged
+                }
+                Err(err) => {
+                    unmount_all(mounts);
+                    return Err(err.into());
+                }
+            }
+        } else {
+            rootfs.to_path_buf()
+        };
+        let created = self.create_with_mounts(id, spec_json, &rootfs, &mut mounts).await;
         if created.is_err() {
-            mounts.into_iter().for_each(Mounted::unmount);
+            unmount_all(mounts);
         }
         created
     }
@@ -788,10 +804,7 @@ impl Containers {
             state: "not started",
             action: "signalled",
         })?;
-        let signal = i32::try_from(signal)
-            .ok()
-            .and_then(|s| Signal::try_from(s).ok())
-            .ok_or_else(|| Error::InvalidSpec(format!("{signal} is not a signal")))?;
+        let signal = to_signal(signal)?;
         nix::sys::signal::kill(Pid::from_raw(pid), signal).map_err(|e| Error::Runtime {
             id: id.into(),
             action: "signal",
@@ -825,10 +838,78 @@ impl Containers {
         .map_err(|message| Error::Runtime { id: id.into(), action: "delete", message })?;
         let _ = std::fs::remove_dir_all(&bundle);
         if let Some(entry) = self.entries.lock().await.remove(id) {
-            entry.mounts.into_iter().for_each(Mounted::unmount);
+            unmount_all(entry.mounts);
         }
         Ok(())
     }
+
+    /// The guest pids of every process in the container's cgroup.
+    pub async fn processes(&self, id: &str) -> Result<Vec<u32>, Error> {
+        if !self.entries.lock().await.contains_key(id) {
+            return Err(Error::NotFound(id.into()));
+        }
+        let manager = self.cgroup_manager(id)?;
+        let pids = blocking(move || manager.get_all_pids().map_err(|e| e.to_string()))
+            .await
+            .map_err(|message| Error::Runtime { id: id.into(), action: "list the processes of", message })?;
+        Ok(pids.into_iter().filter_map(|pid| u32::try_from(pid.as_raw()).ok()).collect())
+    }
+
+    /// Sends `signal` to every process in the container's cgroup.
+    pub async fn signal_all(&self, id: &str, signal: u32) -> Result<(), Error> {
+        let signal = to_signal(signal)?;
+        for pid in self.processes(id).await? {
+            // A process that exited meanwhile is no failure.
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), signal);
+        }
+        Ok(())
+    }
+
+    /// Sets new cgroup limits on a container (the OCI `linux.resources` object).
+    pub async fn update(&self, id: &str, resources_json: &str) -> Result<(), Error> {
+        let resources: LinuxResources = serde_json::from_str(resources_json)
+            .map_err(|e| Error::InvalidSpec(format!("linux.resources: {e}")))?;
+        if !self.entries.lock().await.contains_key(id) {
+            return Err(Error::NotFound(id.into()));
+        }
+        let manager = self.cgroup_manager(id)?;
+        blocking(move || {
+            let options = ControllerOpt {
+                resources: &resources,
+                disable_oom_killer: false,
+                oom_score_adj: None,
+                freezer_state: None,
+            };
+            manager.apply(&options).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|message| Error::Runtime { id: id.into(), action: "update", message })
+    }
+
+    fn cgroup_manager(&self, id: &str) -> Result<AnyCgroupManager, Error> {
+        let config = CgroupConfig {
+            cgroup_path: self.paths.cgroup(id),
+            systemd_cgroup: false,
+            container_name: id.to_string(),
+        };
+        libcgroups::common::create_cgroup_manager(config).map_err(|e| Error::Runtime {
+            id: id.into(),
+            action: "open the cgroup of",
+            message: e.to_string(),
+        })
+    }
+}
+
+/// Unmounts in reverse order of mounting: an overlay before the tmpfs under it.
+fn unmount_all(mounts: Vec<Mounted>) {
+    mounts.into_iter().rev().for_each(Mounted::unmount);
+}
+
+fn to_signal(signal: u32) -> Result<Signal, Error> {
+    i32::try_from(signal)
+        .ok()
+        .and_then(|s| Signal::try_from(s).ok())
+        .ok_or_else(|| Error::InvalidSpec(format!("{signal} is not a signal")))
 }
 
 /// A libcontainer failure with what the container's process said on stderr before it died, which

@@ -40,6 +40,11 @@ impl AgentPaths {
         self.root.join("shared")
     }
 
+    /// The tmpfs holding the writable layer of a container whose rootfs is read-only.
+    pub fn overlay(&self, container_id: &str) -> PathBuf {
+        self.root.join("overlay").join(container_id)
+    }
+
     /// libcontainer's own state directory.
     pub fn libcontainer_root(&self) -> PathBuf {
         self.root.join("libcontainer")

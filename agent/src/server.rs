@@ -6,9 +6,9 @@ use async_trait::async_trait;
 use ironclad_protocol::agent::{
     health_check_response::ServingStatus, CheckRequest, ContainerRequest, CopyFileRequest, CopyFileResponse,
     CreateContainerRequest, CreateSandboxRequest, CreateSandboxResponse, DestroySandboxRequest, Empty,
-    ExecProcessRequest, ExecProcessResponse, HealthCheckResponse, OomEvent, ProcessRef, ReadStreamRequest,
+    ExecProcessRequest, ExecProcessResponse, HealthCheckResponse, ListProcessesResponse, OomEvent, ProcessRef, ReadStreamRequest,
     ReadStreamResponse, RemoveContainerRequest, SetGuestDateTimeRequest, SignalProcessRequest,
-    StartContainerRequest, StartContainerResponse, StatsContainerResponse, TtyWinResizeRequest,
+    StartContainerRequest, StartContainerResponse, StatsContainerResponse, TtyWinResizeRequest, UpdateContainerRequest,
     VersionCheckResponse, WaitProcessResponse, WriteStreamRequest, WriteStreamResponse,
 };
 use ironclad_protocol::{agent_ttrpc, API_VERSION};
@@ -160,7 +160,7 @@ impl agent_ttrpc::Agent for AgentService {
             })
             .collect();
         self.containers
-            .create(&req.container_id, &req.oci_spec_json, &rootfs, &storages)
+            .create(&req.container_id, &req.oci_spec_json, &rootfs, &storages, req.rootfs_overlay)
             .await
             .map_err(status)?;
         info!("container {} created", req.container_id);
@@ -242,7 +242,25 @@ impl agent_ttrpc::Agent for AgentService {
 
     async fn signal_process(&self, _ctx: &TtrpcContext, req: SignalProcessRequest) -> ttrpc::Result<Empty> {
         let (id, exec_id) = process_of(&req.process);
-        self.containers.signal(&id, &exec_id, req.signal).await.map_err(status)?;
+        if req.all {
+            self.containers.signal_all(&id, req.signal).await.map_err(status)?;
+        } else {
+            self.containers.signal(&id, &exec_id, req.signal).await.map_err(status)?;
+        }
+        Ok(Empty::new())
+    }
+
+    async fn list_processes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<ListProcessesResponse> {
+        let pids = self.containers.processes(&req.container_id).await.map_err(status)?;
+        Ok(ListProcessesResponse { pids, ..Default::default() })
+    }
+
+    async fn update_container(&self, _ctx: &TtrpcContext, req: UpdateContainerRequest) -> ttrpc::Result<Empty> {
+        self.containers.update(&req.container_id, &req.resources_json).await.map_err(status)?;
         Ok(Empty::new())
     }
 

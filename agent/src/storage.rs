@@ -34,6 +34,40 @@ pub enum Error {
     },
 }
 
+/// A read-only root file system made writable: an overlay at `<scratch>/merged` whose upper and work
+/// directories live on a tmpfs mounted at `scratch`. The returned mounts come off in their order.
+pub fn mount_writable_overlay(lower: &Path, scratch: &Path) -> Result<(PathBuf, Vec<Mounted>), Error> {
+    let dir_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::MountPoint { path, source }
+    };
+    std::fs::create_dir_all(scratch).map_err(dir_err(scratch))?;
+    mount(Some("tmpfs"), scratch, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))
+        .map_err(|source| Error::Mount {
+            device: "tmpfs".into(),
+            fstype: "tmpfs".into(),
+            path: scratch.to_path_buf(),
+            source,
+        })?;
+    let tmpfs = Mounted { path: scratch.to_path_buf() };
+    let merged = scratch.join("merged");
+    let (upper, work) = (scratch.join("upper"), scratch.join("work"));
+    for dir in [&merged, &upper, &work] {
+        if let Err(err) = std::fs::create_dir(dir).map_err(dir_err(dir)) {
+            tmpfs.unmount();
+            return Err(err);
+        }
+    }
+    let options =
+        format!("lowerdir={},upperdir={},workdir={}", lower.display(), upper.display(), work.display());
+    if let Err(source) = mount(Some("overlay"), &merged, Some("overlay"), MsFlags::empty(), Some(options.as_str()))
+    {
+        tmpfs.unmount();
+        return Err(Error::Mount { device: lower.to_path_buf(), fstype: "overlay".into(), path: merged, source });
+    }
+    Ok((merged.clone(), vec![Mounted { path: merged }, tmpfs]))
+}
+
 /// What a request asks to have mounted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StorageRequest {

@@ -463,3 +463,58 @@ async fn an_agent_run_by_hand_never_changes_the_hosts_name_dns_or_clock() {
     sandbox.hostname = "bad name".into();
     assert_eq!(code_of(agent.client.create_sandbox(ctx(), &sandbox).await), ttrpc::Code::INVALID_ARGUMENT);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_read_only_rootfs_gets_a_private_writable_layer_that_goes_with_it() {
+    if !can_run() {
+        return;
+    }
+    let agent = start_agent().await;
+    let lower = busybox_rootfs(&agent.dir.path().join("image"));
+    let mut req = CreateContainerRequest::new();
+    req.container_id = "ov1".into();
+    req.oci_spec_json = spec(&["sh", "-c", "echo hi > /bin/new && cat /bin/new"]);
+    req.rootfs = lower.display().to_string();
+    req.rootfs_overlay = true;
+    agent.client.create_container(ctx(), &req).await.unwrap();
+    start(&agent, "ov1").await;
+    assert_eq!(read_all_stdout(&agent, "ov1").await, "hi\n");
+    assert!(!lower.join("bin/new").exists(), "the write reached the shared image");
+    let mountinfo = format!("/proc/{}/mountinfo", agent.child.id());
+    assert!(std::fs::read_to_string(&mountinfo).unwrap().contains("/overlay/ov1"));
+    remove(&agent, "ov1").await.unwrap();
+    assert!(!std::fs::read_to_string(&mountinfo).unwrap().contains("/overlay/ov1"), "overlay left mounted");
+    assert!(!agent.state_dir.join("overlay/ov1").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_process_of_a_container_is_listed_and_signalled_at_once() {
+    if !can_run() {
+        return;
+    }
+    let agent = start_agent().await;
+    create(&agent, "all1", &["sh", "-c", "sleep 1000 & sleep 1000 & wait"]).await.unwrap();
+    start(&agent, "all1").await;
+    let mut req = ironclad_protocol::agent::ContainerRequest::new();
+    req.container_id = "all1".into();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut pids = Vec::new();
+    while pids.len() < 3 && Instant::now() < deadline {
+        pids = agent.client.list_processes(ctx(), &req).await.unwrap().pids;
+    }
+    assert_eq!(pids.len(), 3, "{pids:?}");
+    let mut kill = ironclad_protocol::agent::SignalProcessRequest::new();
+    kill.process = Some(process("all1")).into();
+    kill.signal = 9;
+    kill.all = true;
+    agent.client.signal_process(ctx(), &kill).await.unwrap();
+    assert_eq!(agent.client.wait_process(ctx(), &process("all1")).await.unwrap().exit_status, 137);
+    let mut bad = ironclad_protocol::agent::UpdateContainerRequest::new();
+    bad.container_id = "all1".into();
+    bad.resources_json = "{\"memory\": 5}".into();
+    assert_eq!(code_of(agent.client.update_container(ctx(), &bad).await), ttrpc::Code::INVALID_ARGUMENT);
+    bad.container_id = "nope".into();
+    bad.resources_json = "{}".into();
+    assert_eq!(code_of(agent.client.update_container(ctx(), &bad).await), ttrpc::Code::NOT_FOUND);
+    remove(&agent, "all1").await.unwrap();
+}

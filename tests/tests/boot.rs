@@ -28,7 +28,7 @@ async fn guest_boots_to_the_agent_answers_and_shuts_down() {
     guest.agent.check().await.expect("health check");
     let version = guest.agent.version().await.expect("version");
     assert_eq!(version.agent_version, env!("CARGO_PKG_VERSION"));
-    assert_eq!(version.api_version, 2);
+    assert_eq!(version.api_version, ironclad_protocol::API_VERSION);
     assert!(version.uptime_ms >= guest.ready.line.uptime_ms, "uptime went backwards");
 
     // The console log is written as the guest prints.
