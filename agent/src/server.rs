@@ -6,10 +6,11 @@ use async_trait::async_trait;
 use ironclad_protocol::agent::{
     health_check_response::ServingStatus, CheckRequest, ContainerRequest, CopyFileRequest, CopyFileResponse,
     CreateContainerRequest, CreateSandboxRequest, CreateSandboxResponse, DestroySandboxRequest, Empty,
-    ExecProcessRequest, ExecProcessResponse, HealthCheckResponse, ListProcessesResponse, OomEvent, ProcessRef, ReadStreamRequest,
-    ReadStreamResponse, RemoveContainerRequest, SetGuestDateTimeRequest, SignalProcessRequest,
-    StartContainerRequest, StartContainerResponse, StatsContainerResponse, TtyWinResizeRequest, UpdateContainerRequest,
-    VersionCheckResponse, WaitProcessResponse, WriteStreamRequest, WriteStreamResponse,
+    ExecProcessRequest, ExecProcessResponse, HealthCheckResponse, ListProcessesResponse, OomEvent,
+    ProcessRef, ReadStreamRequest, ReadStreamResponse, RemoveContainerRequest, SetGuestDateTimeRequest,
+    SignalProcessRequest, StartContainerRequest, StartContainerResponse, StatsContainerResponse,
+    TtyWinResizeRequest, UpdateContainerRequest, VersionCheckResponse, WaitProcessResponse,
+    WriteStreamRequest, WriteStreamResponse,
 };
 use ironclad_protocol::{agent_ttrpc, API_VERSION};
 use tokio::sync::mpsc;
@@ -259,7 +260,11 @@ impl agent_ttrpc::Agent for AgentService {
         Ok(ListProcessesResponse { pids, ..Default::default() })
     }
 
-    async fn update_container(&self, _ctx: &TtrpcContext, req: UpdateContainerRequest) -> ttrpc::Result<Empty> {
+    async fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
         self.containers.update(&req.container_id, &req.resources_json).await.map_err(status)?;
         Ok(Empty::new())
     }

@@ -44,11 +44,11 @@ pub fn mount_writable_overlay(lower: &Path, scratch: &Path) -> Result<(PathBuf, 
     std::fs::create_dir_all(scratch).map_err(dir_err(scratch))?;
     mount(Some("tmpfs"), scratch, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))
         .map_err(|source| Error::Mount {
-            device: "tmpfs".into(),
-            fstype: "tmpfs".into(),
-            path: scratch.to_path_buf(),
-            source,
-        })?;
+        device: "tmpfs".into(),
+        fstype: "tmpfs".into(),
+        path: scratch.to_path_buf(),
+        source,
+    })?;
     let tmpfs = Mounted { path: scratch.to_path_buf() };
     let merged = scratch.join("merged");
     let (upper, work) = (scratch.join("upper"), scratch.join("work"));
@@ -60,10 +60,16 @@ pub fn mount_writable_overlay(lower: &Path, scratch: &Path) -> Result<(PathBuf, 
     }
     let options =
         format!("lowerdir={},upperdir={},workdir={}", lower.display(), upper.display(), work.display());
-    if let Err(source) = mount(Some("overlay"), &merged, Some("overlay"), MsFlags::empty(), Some(options.as_str()))
+    if let Err(source) =
+        mount(Some("overlay"), &merged, Some("overlay"), MsFlags::empty(), Some(options.as_str()))
     {
         tmpfs.unmount();
-        return Err(Error::Mount { device: lower.to_path_buf(), fstype: "overlay".into(), path: merged, source });
+        return Err(Error::Mount {
+            device: lower.to_path_buf(),
+            fstype: "overlay".into(),
+            path: merged,
+            source,
+        });
     }
     Ok((merged.clone(), vec![Mounted { path: merged }, tmpfs]))
 }

@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 
 use ironclad_protocol::agent::health_check_response::ServingStatus;
 use ironclad_protocol::agent::{
-    CheckRequest, CreateContainerRequest, DestroySandboxRequest, ProcessRef, ReadStreamRequest,
-    RemoveContainerRequest, StartContainerRequest, VersionCheckResponse,
+    CheckRequest, ContainerRequest, CopyFileRequest, CreateContainerRequest, DestroySandboxRequest,
+    ExecProcessRequest, ProcessRef, ReadStreamRequest, RemoveContainerRequest, SetGuestDateTimeRequest,
+    SignalProcessRequest, StartContainerRequest, TtyWinResizeRequest, UpdateContainerRequest,
+    VersionCheckResponse, WriteStreamRequest,
 };
 use ironclad_protocol::agent_ttrpc::{AgentClient as AgentRpc, HealthClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -178,15 +180,172 @@ impl AgentClient {
             .map_err(|source| Error::Rpc { call: "Agent.WaitProcess", source })
     }
 
-    /// The next chunk of a process's stdout; empty once it has ended.
-    pub async fn read_stdout(&self, container_id: &str, exec_id: &str) -> Result<Vec<u8>, Error> {
+    /// The next chunk of a process's stdout (or stderr); empty once it has ended.
+    pub async fn read_output(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        stderr: bool,
+    ) -> Result<Vec<u8>, Error> {
         let mut request = ReadStreamRequest::new();
         request.process = Some(process_ref(container_id, exec_id)).into();
+        let ctx = self.ctx_without_timeout();
+        let response = if stderr {
+            self.agent
+                .read_stderr(ctx, &request)
+                .await
+                .map_err(|source| Error::Rpc { call: "Agent.ReadStderr", source })
+        } else {
+            self.agent
+                .read_stdout(ctx, &request)
+                .await
+                .map_err(|source| Error::Rpc { call: "Agent.ReadStdout", source })
+        };
+        response.map(|r| r.data)
+    }
+
+    /// The next chunk of a process's stdout; empty once it has ended.
+    pub async fn read_stdout(&self, container_id: &str, exec_id: &str) -> Result<Vec<u8>, Error> {
+        self.read_output(container_id, exec_id, false).await
+    }
+
+    /// Writes all of `data` to the process's stdin (the agent may take it in parts).
+    pub async fn write_stdin(&self, container_id: &str, exec_id: &str, mut data: &[u8]) -> Result<(), Error> {
+        while !data.is_empty() {
+            let mut request = WriteStreamRequest::new();
+            request.process = Some(process_ref(container_id, exec_id)).into();
+            request.data = data.to_vec();
+            let written = self
+                .agent
+                .write_stdin(self.ctx_without_timeout(), &request)
+                .await
+                .map_err(|source| Error::Rpc { call: "Agent.WriteStdin", source })?
+                .written as usize;
+            data = &data[written.clamp(1, data.len())..];
+        }
+        Ok(())
+    }
+
+    pub async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<(), Error> {
         self.agent
-            .read_stdout(self.ctx_without_timeout(), &request)
+            .close_stdin(self.ctx(), &process_ref(container_id, exec_id))
             .await
-            .map(|r| r.data)
-            .map_err(|source| Error::Rpc { call: "Agent.ReadStdout", source })
+            .map(|_| ())
+            .map_err(|source| Error::Rpc { call: "Agent.CloseStdin", source })
+    }
+
+    /// Starts `process_json` (an OCI process object) in the running container; returns its guest pid.
+    pub async fn exec_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        process_json: &str,
+    ) -> Result<u32, Error> {
+        let mut request = ExecProcessRequest::new();
+        request.container_id = container_id.into();
+        request.exec_id = exec_id.into();
+        request.process_json = process_json.into();
+        self.agent
+            .exec_process(self.ctx(), &request)
+            .await
+            .map(|r| r.pid)
+            .map_err(|source| Error::Rpc { call: "Agent.ExecProcess", source })
+    }
+
+    /// Signals one process, or with `all` every process of the container.
+    pub async fn signal_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), Error> {
+        let mut request = SignalProcessRequest::new();
+        request.process = Some(process_ref(container_id, exec_id)).into();
+        request.signal = signal;
+        request.all = all;
+        self.agent
+            .signal_process(self.ctx(), &request)
+            .await
+            .map(|_| ())
+            .map_err(|source| Error::Rpc { call: "Agent.SignalProcess", source })
+    }
+
+    pub async fn resize_terminal(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        rows: u32,
+        cols: u32,
+    ) -> Result<(), Error> {
+        let mut request = TtyWinResizeRequest::new();
+        request.process = Some(process_ref(container_id, exec_id)).into();
+        request.rows = rows;
+        request.cols = cols;
+        self.agent
+            .tty_win_resize(self.ctx(), &request)
+            .await
+            .map(|_| ())
+            .map_err(|source| Error::Rpc { call: "Agent.TtyWinResize", source })
+    }
+
+    /// Freezes (or thaws) the container.
+    pub async fn set_paused(&self, container_id: &str, paused: bool) -> Result<(), Error> {
+        let request = container_request(container_id);
+        if paused {
+            self.agent
+                .pause_container(self.ctx(), &request)
+                .await
+                .map_err(|source| Error::Rpc { call: "Agent.PauseContainer", source })?;
+        } else {
+            self.agent
+                .resume_container(self.ctx(), &request)
+                .await
+                .map_err(|source| Error::Rpc { call: "Agent.ResumeContainer", source })?;
+        }
+        Ok(())
+    }
+
+    pub async fn list_processes(&self, container_id: &str) -> Result<Vec<u32>, Error> {
+        self.agent
+            .list_processes(self.ctx(), &container_request(container_id))
+            .await
+            .map(|r| r.pids)
+            .map_err(|source| Error::Rpc { call: "Agent.ListProcesses", source })
+    }
+
+    /// New cgroup limits: `resources_json` is an OCI `linux.resources` object.
+    pub async fn update_container(&self, container_id: &str, resources_json: &str) -> Result<(), Error> {
+        let mut request = UpdateContainerRequest::new();
+        request.container_id = container_id.into();
+        request.resources_json = resources_json.into();
+        self.agent
+            .update_container(self.ctx(), &request)
+            .await
+            .map(|_| ())
+            .map_err(|source| Error::Rpc { call: "Agent.UpdateContainer", source })
+    }
+
+    /// Writes a file into the guest's shared directory; returns its path in the guest.
+    pub async fn copy_file(&self, request: &CopyFileRequest) -> Result<String, Error> {
+        self.agent
+            .copy_file(self.ctx(), request)
+            .await
+            .map(|r| r.guest_path)
+            .map_err(|source| Error::Rpc { call: "Agent.CopyFile", source })
+    }
+
+    /// Sets the guest's wall clock to the host's: the guest has no battery-backed clock.
+    pub async fn sync_clock(&self) -> Result<(), Error> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let mut request = SetGuestDateTimeRequest::new();
+        request.sec = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        request.usec = i64::from(now.subsec_micros());
+        self.agent
+            .set_guest_date_time(self.ctx(), &request)
+            .await
+            .map(|_| ())
+            .map_err(|source| Error::Rpc { call: "Agent.SetGuestDateTime", source })
     }
 
     pub async fn remove_container(&self, container_id: &str) -> Result<(), Error> {
@@ -204,10 +363,8 @@ impl AgentClient {
         &self,
         container_id: &str,
     ) -> Result<ironclad_protocol::agent::StatsContainerResponse, Error> {
-        let mut request = ironclad_protocol::agent::ContainerRequest::new();
-        request.container_id = container_id.into();
         self.agent
-            .stats_container(self.ctx(), &request)
+            .stats_container(self.ctx(), &container_request(container_id))
             .await
             .map_err(|source| Error::Rpc { call: "Agent.StatsContainer", source })
     }
@@ -246,6 +403,12 @@ fn process_ref(container_id: &str, exec_id: &str) -> ProcessRef {
     process.container_id = container_id.into();
     process.exec_id = exec_id.into();
     process
+}
+
+fn container_request(container_id: &str) -> ContainerRequest {
+    let mut request = ContainerRequest::new();
+    request.container_id = container_id.into();
+    request
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! The end-to-end harness: boots the real guest (kernel + initrd built by `make guest`) through the
 //! shim's own hypervisor backend and agent client, so tests exercise exactly what the shim runs.
 
+pub mod containerd;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

@@ -1,0 +1,239 @@
+//! `/etc/ironclad/config.toml`: what the shim boots and how. Every key has a default that works
+//! after `make install`; a bad key or value is an error naming it and its line.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer};
+
+use crate::hypervisor::HypervisorKind;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/ironclad/config.toml";
+/// Where `make install` puts the guest kernel and initrd.
+pub const DEFAULT_SHARE_DIR: &str = "/usr/local/share/ironclad";
+/// Read-only root file system images, kept across containers of the same image.
+pub const DEFAULT_IMAGE_CACHE: &str = "/var/lib/ironclad/images";
+
+/// Per-container annotations that may change the VM's size, when the config allows them.
+pub const ANNOTATION_VCPUS: &str = "io.ironclad.vcpus";
+pub const ANNOTATION_MEMORY_MIB: &str = "io.ironclad.memory_mib";
+
+const VCPU_RANGE: std::ops::RangeInclusive<u8> = 1..=32;
+const MEMORY_RANGE_MIB: std::ops::RangeInclusive<u32> = 64..=65536;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read the config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("annotation {key} is not allowed: list it in allowed_annotations of {config}")]
+    AnnotationNotAllowed { key: String, config: PathBuf },
+    #[error("annotation {key}={value:?}: {reason}")]
+    BadAnnotation { key: String, value: String, reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShimConfig {
+    /// `auto`, `ironclad` or `qemu`.
+    #[serde(deserialize_with = "hypervisor_kind")]
+    pub hypervisor: HypervisorKind,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    #[serde(deserialize_with = "vcpus")]
+    pub vcpus: u8,
+    #[serde(deserialize_with = "memory_mib")]
+    pub memory_mib: u32,
+    /// Appended to the guest kernel command line.
+    pub kernel_params: String,
+    /// The shim's log level: error, warn, info, debug or trace.
+    #[serde(deserialize_with = "log_level")]
+    pub log_level: String,
+    /// Which of the `io.ironclad.*` annotations containers may set.
+    pub allowed_annotations: Vec<String>,
+    /// How long the guest may take from start to the agent's ready line.
+    pub boot_timeout_secs: u64,
+    /// Where sandboxes keep their sockets and logs.
+    pub run_root: PathBuf,
+    pub image_cache: PathBuf,
+    /// Where this configuration came from, for error messages.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+impl Default for ShimConfig {
+    fn default() -> Self {
+        ShimConfig {
+            hypervisor: HypervisorKind::Auto,
+            kernel: Path::new(DEFAULT_SHARE_DIR).join("bzImage"),
+            initrd: Path::new(DEFAULT_SHARE_DIR).join("initrd.img"),
+            vcpus: 1,
+            memory_mib: 256,
+            kernel_params: String::new(),
+            log_level: "info".into(),
+            allowed_annotations: Vec::new(),
+            boot_timeout_secs: 120,
+            run_root: crate::paths::DEFAULT_RUN_ROOT.into(),
+            image_cache: DEFAULT_IMAGE_CACHE.into(),
+            source: PathBuf::from("(defaults)"),
+        }
+    }
+}
+
+impl ShimConfig {
+    /// Reads `path`; a missing file at the default path means the defaults, anywhere else an error.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(err)
+                if err.kind() == std::io::ErrorKind::NotFound && path == Path::new(DEFAULT_CONFIG_PATH) =>
+            {
+                return Ok(ShimConfig::default());
+            }
+            Err(source) => return Err(Error::Read { path: path.to_path_buf(), source }),
+        };
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, Error> {
+        let mut config: ShimConfig = toml::from_str(text).map_err(|err| Error::Parse {
+            path: path.to_path_buf(),
+            message: err.to_string().trim().to_string(),
+        })?;
+        config.source = path.to_path_buf();
+        Ok(config)
+    }
+
+    /// The VM size after the container's annotations, which must each be allowed by the config.
+    pub fn vm_size(&self, annotations: &HashMap<String, String>) -> Result<(u8, u32), Error> {
+        let mut size = (self.vcpus, self.memory_mib);
+        for (key, value) in annotations.iter().filter(|(k, _)| k.starts_with("io.ironclad.")) {
+            if !self.allowed_annotations.iter().any(|allowed| allowed == key) {
+                return Err(Error::AnnotationNotAllowed { key: key.clone(), config: self.source.clone() });
+            }
+            let bad =
+                |reason: String| Error::BadAnnotation { key: key.clone(), value: value.clone(), reason };
+            match key.as_str() {
+                ANNOTATION_VCPUS => size.0 = parse_in_range(value, &VCPU_RANGE).map_err(bad)?,
+                ANNOTATION_MEMORY_MIB => size.1 = parse_in_range(value, &MEMORY_RANGE_MIB).map_err(bad)?,
+                _ => return Err(bad("not an annotation ironclad knows".into())),
+            }
+        }
+        Ok(size)
+    }
+}
+
+fn parse_in_range<T>(text: &str, range: &std::ops::RangeInclusive<T>) -> Result<T, String>
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display,
+{
+    let value: T = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("expected a number from {} to {}", range.start(), range.end()))?;
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!("must be from {} to {}", range.start(), range.end()))
+    }
+}
+
+fn in_range<'de, D, T>(deserializer: D, range: &std::ops::RangeInclusive<T>) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + PartialOrd + std::fmt::Display,
+{
+    let value = T::deserialize(deserializer)?;
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "{value} is out of range: must be from {} to {}",
+            range.start(),
+            range.end()
+        )))
+    }
+}
+
+fn vcpus<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u8, D::Error> {
+    in_range(deserializer, &VCPU_RANGE)
+}
+
+fn memory_mib<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    in_range(deserializer, &MEMORY_RANGE_MIB)
+}
+
+fn hypervisor_kind<'de, D: Deserializer<'de>>(deserializer: D) -> Result<HypervisorKind, D::Error> {
+    String::deserialize(deserializer)?.parse().map_err(serde::de::Error::custom)
+}
+
+fn log_level<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    let level = String::deserialize(deserializer)?;
+    match level.as_str() {
+        "error" | "warn" | "info" | "debug" | "trace" => Ok(level),
+        other => Err(serde::de::Error::custom(format!(
+            "unknown log level {other:?}: expected error, warn, info, debug or trace"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ShimConfig, Error> {
+        ShimConfig::parse(text, Path::new("/etc/ironclad/config.toml"))
+    }
+
+    #[test]
+    fn an_empty_file_means_the_defaults() {
+        let config = parse("").unwrap();
+        assert_eq!(config.vcpus, 1);
+        assert_eq!(config.hypervisor, HypervisorKind::Auto);
+        assert_eq!(config.kernel, Path::new("/usr/local/share/ironclad/bzImage"));
+    }
+
+    #[test]
+    fn keys_are_read() {
+        let config =
+            parse("hypervisor = \"qemu\"\nvcpus = 2\nmemory_mib = 512\nkernel_params = \"quiet\"\n").unwrap();
+        assert_eq!((config.hypervisor, config.vcpus, config.memory_mib), (HypervisorKind::Qemu, 2, 512));
+        assert_eq!(config.kernel_params, "quiet");
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_line() {
+        for (text, key, line) in [
+            ("vcpus = 1\nmemory_mib = 1\n", "memory_mib", "line 2"),
+            ("\n\nhypervisor = \"firecracker\"\n", "hypervisor", "line 3"),
+            ("vcpus = 1\nvcpu = 2\n", "vcpu", "line 2"),
+            ("log_level = \"loud\"\n", "log_level", "line 1"),
+            ("vcpus = \"two\"\n", "vcpus", "line 1"),
+        ] {
+            let message = parse(text).unwrap_err().to_string();
+            assert!(message.contains(key) && message.contains(line), "{text:?}: {message}");
+        }
+    }
+
+    #[test]
+    fn annotations_size_the_vm_only_when_allowed() {
+        let annotations: HashMap<String, String> =
+            [(ANNOTATION_VCPUS.to_string(), "2".to_string()), ("other".to_string(), "x".to_string())].into();
+        let refused = ShimConfig::default().vm_size(&annotations).unwrap_err();
+        assert!(refused.to_string().contains(ANNOTATION_VCPUS), "{refused}");
+        let config = ShimConfig { allowed_annotations: vec![ANNOTATION_VCPUS.into()], ..Default::default() };
+        assert_eq!(config.vm_size(&annotations).unwrap(), (2, 256));
+        let too_many: HashMap<String, String> = [(ANNOTATION_VCPUS.to_string(), "99".to_string())].into();
+        assert!(config.vm_size(&too_many).unwrap_err().to_string().contains("from 1 to 32"));
+    }
+
+    #[test]
+    fn a_missing_file_is_an_error_unless_it_is_the_default_one() {
+        assert!(matches!(ShimConfig::load(Path::new("/nonexistent/ironclad.toml")), Err(Error::Read { .. })));
+    }
+}

@@ -1,0 +1,222 @@
+//! One sandbox VM per task: booted at Create, reached through its agent, stopped when the task is
+//! deleted. Its processes are recorded in the task directory so that `delete` after a crashed
+//! shim can still stop them.
+
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{watch, Mutex};
+use tracing::{error, info, warn};
+
+use crate::agent_client::{self, AgentClient, AGENT_PORT};
+use crate::config::ShimConfig;
+use crate::hypervisor::{self, error_chain, Backend, GuestVm, HostVirtualization, VmConfig};
+use crate::paths::SandboxPaths;
+
+const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the guest gets to reset by itself after DestroySandbox before its monitor is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+const PIDS_FILE: &str = "vm.pids";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Hypervisor(#[from] hypervisor::Error),
+    #[error(transparent)]
+    Agent(#[from] agent_client::Error),
+    #[error("cannot record the VM's processes in {path}")]
+    RecordPids {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot watch the VM monitor (pid {pid})")]
+    Watch {
+        pid: u32,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub struct Sandbox {
+    pub agent: AgentClient,
+    pub backend: &'static str,
+    vm: Arc<Mutex<Option<GuestVm>>>,
+    gone: watch::Receiver<bool>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Sandbox {
+    /// Starts the VM in `task_dir/vm`, waits for its agent and connects to it. Whatever fails
+    /// stops what was started.
+    pub async fn boot(config: &ShimConfig, vm_config: &VmConfig, task_dir: &Path) -> Result<Sandbox, Error> {
+        let backend = Backend::select(config.hypervisor, HostVirtualization::detect())?;
+        let paths = SandboxPaths::new(task_dir, "vm");
+        let mut vm = backend.start(vm_config, paths).await?;
+        let monitor = vm.pids().first().copied().unwrap_or_default();
+        let record = task_dir.join(PIDS_FILE);
+        let pids: String = vm.pids().iter().map(|pid| format!("{pid}\n")).collect();
+        let prepared = async {
+            std::fs::write(&record, pids)
+                .map_err(|source| Error::RecordPids { path: record.clone(), source })?;
+            let ready = vm.wait_ready(Duration::from_secs(config.boot_timeout_secs)).await?;
+            info!(
+                "{} VM ready: agent {} after {:?} (guest uptime {} ms)",
+                backend.name(),
+                ready.line.version,
+                ready.since_start,
+                ready.line.uptime_ms
+            );
+            let agent = AgentClient::connect(vm.agent_socket(), AGENT_PORT, AGENT_CONNECT_TIMEOUT).await?;
+            let exited = process_exit(monitor).map_err(|source| Error::Watch { pid: monitor, source })?;
+            Ok::<_, Error>((agent, exited))
+        }
+        .await;
+        let (agent, exited) = match prepared {
+            Ok(parts) => parts,
+            Err(err) => {
+                let _ = vm.stop(Duration::ZERO).await;
+                return Err(err);
+            }
+        };
+        let vm = Arc::new(Mutex::new(Some(vm)));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (gone_tx, gone) = watch::channel(false);
+        tokio::spawn(watch_monitor(exited, vm.clone(), stopping.clone(), gone_tx));
+        Ok(Sandbox { agent, backend: backend.name(), vm, gone, stopping })
+    }
+
+    /// Becomes true when the VM has gone, expectedly or not.
+    pub fn gone(&self) -> watch::Receiver<bool> {
+        self.gone.clone()
+    }
+
+    pub fn is_gone(&self) -> bool {
+        *self.gone.borrow()
+    }
+
+    /// Asks the agent to end the guest, then stops the monitor and its helpers and removes the
+    /// VM's directory. Safe to call twice.
+    pub async fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        if !self.is_gone() {
+            if let Err(err) = self.agent.destroy_sandbox().await {
+                warn!("DestroySandbox failed, the VM will be killed: {}", error_chain(&err));
+            }
+        }
+        let Some(vm) = self.vm.lock().await.take() else { return };
+        match vm.stop(STOP_GRACE).await {
+            Ok(status) => info!("sandbox VM stopped ({status})"),
+            Err(err) => warn!("stopping the sandbox VM: {}", error_chain(&err)),
+        }
+    }
+}
+
+/// Marks the sandbox gone when the monitor exits, and says why when nobody asked it to.
+async fn watch_monitor(
+    exited: AsyncFd<OwnedFd>,
+    vm: Arc<Mutex<Option<GuestVm>>>,
+    stopping: Arc<AtomicBool>,
+    gone: watch::Sender<bool>,
+) {
+    let _ = exited.readable().await;
+    if !stopping.load(Ordering::SeqCst) {
+        let mut vm = vm.lock().await;
+        if let Some(vm) = vm.as_mut() {
+            let status = vm.wait_exit(Duration::from_secs(1)).await.ok().flatten();
+            let status = status.map(|s| s.to_string()).unwrap_or_else(|| "status unknown".into());
+            error!(
+                "the sandbox VM exited unexpectedly ({status}); every task ends now. Console tail:\n{}",
+                vm.console_tail()
+            );
+        }
+    }
+    let _ = gone.send(true);
+}
+
+/// A descriptor that becomes readable when process `pid` exits (a pidfd).
+fn process_exit(pid: u32) -> std::io::Result<AsyncFd<OwnedFd>> {
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: pidfd_open takes a pid and flags by value and returns a new descriptor or -1; no
+    // memory is shared with the kernel.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(fd).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
+    // SAFETY: the descriptor was just returned by pidfd_open and nothing else owns it.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: the OwnedFd moves into the AsyncFd and stays open, naming the same pidfd, for as
+    // long as the AsyncFd lives.
+    unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
+        .map_err(std::io::Error::from)
+}
+
+/// After a crashed shim: kills the VM processes recorded in `task_dir` (only those whose command
+/// line still names the directory, so a reused pid is left alone), unmounts what is mounted below
+/// it and removes it. Doing it twice is harmless.
+pub fn clean_up_task_dir(task_dir: &Path) {
+    let marker = task_dir.to_string_lossy().into_owned();
+    let recorded = std::fs::read_to_string(task_dir.join(PIDS_FILE)).unwrap_or_default();
+    for pid in recorded.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&marker) {
+            warn!("killing leftover VM process {pid}");
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for mount_point in
+        mountinfo.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&marker))
+    {
+        let _ = nix::mount::umount2(mount_point, nix::mount::MntFlags::MNT_DETACH);
+    }
+    if let Err(err) = std::fs::remove_dir_all(task_dir) {
+        if err.kind() != std::io::ErrorKind::NotFound {
+            warn!("cannot remove {}: {err}", task_dir.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_exit_descriptor_fires_when_the_process_ends() {
+        let mut child = tokio::process::Command::new("sleep").arg("0.2").spawn().unwrap();
+        let exited = process_exit(child.id().unwrap()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), exited.readable())
+            .await
+            .unwrap()
+            .unwrap()
+            .retain_ready();
+        child.wait().await.unwrap();
+    }
+
+    #[test]
+    fn cleanup_kills_only_processes_that_name_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let task_dir = dir.path().join("task");
+        std::fs::create_dir(&task_dir).unwrap();
+        let mut ours = std::process::Command::new("sh")
+            .args(["-c", "sleep 60; true", task_dir.to_str().unwrap()])
+            .spawn()
+            .unwrap();
+        let mut other = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        std::fs::write(task_dir.join(PIDS_FILE), format!("{}\n{}\n", ours.id(), other.id())).unwrap();
+        clean_up_task_dir(&task_dir);
+        assert!(ours.wait().unwrap().code().is_none(), "our process was not killed");
+        assert!(other.try_wait().unwrap().is_none(), "a foreign process was killed");
+        assert!(!task_dir.exists());
+        other.kill().unwrap();
+        other.wait().unwrap();
+        clean_up_task_dir(&task_dir);
+    }
+}

@@ -1,0 +1,354 @@
+//! A private containerd for end-to-end runs: its own root, state and sockets in a temporary
+//! directory, a namespace of its own, and a busybox image built locally (no registry). Dropping it
+//! stops containerd, kills whatever shim or VM of its namespace is left, and removes the directory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+/// The runtime name of the shim under test.
+pub const IRONCLAD_RUNTIME: &str = "io.containerd.ironclad.v2";
+pub const RUNC_RUNTIME: &str = "io.containerd.runc.v2";
+/// The locally built images: plain busybox, and one whose config sets user, cwd and env.
+pub const BUSYBOX_IMAGE: &str = "docker.io/ironclad/busybox:latest";
+pub const BUSYBOX_USER_IMAGE: &str = "docker.io/ironclad/busybox:user";
+const BUSYBOX: &str = "/bin/busybox";
+const CONTAINERD_START_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("containerd did not create {socket} within {waited:?}; its log:\n{log}")]
+    NotReady { socket: PathBuf, waited: Duration, log: String },
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Command { command: String, status: String, stderr: String },
+    #[error("{0} is missing: run `make prereqs`")]
+    Missing(&'static str),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+/// A running private containerd.
+pub struct Containerd {
+    child: Child,
+    dir: tempfile::TempDir,
+    namespace: String,
+    socket: PathBuf,
+    /// The shim's config for this containerd's tasks (kernel, initrd, image cache, run root).
+    pub shim_config: PathBuf,
+    /// Where the shim keeps each task's VM directory: `<run root>/<namespace>/<task id>`.
+    pub run_root: PathBuf,
+}
+
+/// Where the guest kernel, the initrd and the shim binary are.
+#[derive(Debug, Clone)]
+pub struct Artifacts {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// The directory holding `containerd-shim-ironclad-v2`.
+    pub shim_dir: PathBuf,
+    /// `auto`, `ironclad` or `qemu`.
+    pub hypervisor: String,
+}
+
+impl Containerd {
+    /// Starts containerd with the shim's directory first on its PATH and writes a shim config that
+    /// boots `artifacts`.
+    pub fn start(artifacts: &Artifacts) -> Result<Containerd, Error> {
+        for (tool, name) in [("containerd", "containerd"), ("ctr", "ctr"), ("runc", "runc")] {
+            if ironclad_shim::hypervisor::find_executable(Path::new(tool)).is_none() {
+                return Err(Error::Missing(name));
+            }
+        }
+        // Below /var/tmp, not /tmp: the overlay snapshotter needs a file system that takes overlay
+        // upper directories, and a short path keeps socket names under 108 bytes.
+        let dir = tempfile::Builder::new().prefix("icd-").tempdir_in("/var/tmp").map_err(io_err("temp dir"))?;
+        let namespace = format!("ironclad-e2e-{}", dir.path().file_name().unwrap_or_default().to_string_lossy());
+        let namespace = namespace.replace(['.', '_'], "-").to_lowercase();
+        let socket = dir.path().join("containerd.sock");
+        let config = dir.path().join("containerd.toml");
+        std::fs::write(&config, containerd_config(dir.path(), &socket)).map_err(io_err("write containerd.toml"))?;
+        let run_root = dir.path().join("run");
+        let shim_config = dir.path().join("ironclad.toml");
+        std::fs::write(&shim_config, shim_config_text(artifacts, &run_root, &dir.path().join("images")))
+            .map_err(io_err("write ironclad.toml"))?;
+        let log = std::fs::File::create(dir.path().join("containerd.log")).map_err(io_err("containerd.log"))?;
+        let path = format!("{}:{}", artifacts.shim_dir.display(), std::env::var("PATH").unwrap_or_default());
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .env("PATH", path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(io_err("containerd.log"))?)
+            .stderr(log)
+            .spawn()
+            .map_err(io_err("start containerd"))?;
+        let containerd = Containerd { child, dir, namespace, socket, shim_config, run_root };
+        containerd.wait_for_socket()?;
+        Ok(containerd)
+    }
+
+    fn wait_for_socket(&self) -> Result<(), Error> {
+        let started = Instant::now();
+        while started.elapsed() < CONTAINERD_START_TIMEOUT {
+            if self.socket.exists() && self.ctr(&["version"]).map(|o| o.status.success()).unwrap_or(false) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(Error::NotReady { socket: self.socket.clone(), waited: started.elapsed(), log: self.log_tail() })
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The last lines of containerd's log, which carries the shims' logs too.
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+
+    /// `ctr --address .. -n <namespace> <args>`.
+    pub fn ctr_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new("ctr");
+        command.arg("--address").arg(&self.socket).args(["-n", &self.namespace]).args(args);
+        command
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> Result<Output, Error> {
+        self.ctr_command(args).stdin(Stdio::null()).output().map_err(io_err("run ctr"))
+    }
+
+    /// Runs ctr and fails with its stderr unless it succeeds.
+    pub fn ctr_ok(&self, args: &[&str]) -> Result<String, Error> {
+        let output = self.ctr(args)?;
+        if !output.status.success() {
+            return Err(Error::Command {
+                command: format!("ctr {}", args.join(" ")),
+                status: output.status.to_string(),
+                stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Builds the busybox images from the host's busybox-static and imports them.
+    pub fn import_busybox(&self) -> Result<(), Error> {
+        let archive = self.dir.path().join("busybox-oci.tar");
+        build_busybox_archive(&self.dir.path().join("image-build"), &archive)?;
+        self.ctr_ok(&["images", "import", archive.to_str().unwrap_or_default()])?;
+        Ok(())
+    }
+
+    /// The task directory the shim makes for task `id`.
+    pub fn task_dir(&self, id: &str) -> PathBuf {
+        self.run_root.join(&self.namespace).join(id)
+    }
+
+    /// Processes whose command line mentions this containerd's namespace or directory: its shims
+    /// and their VMs.
+    pub fn leftover_processes(&self) -> Vec<(i32, String)> {
+        let markers = [format!("-namespace {} ", self.namespace), self.dir.path().display().to_string()];
+        processes_matching(&markers, self.child.id())
+    }
+}
+
+fn processes_matching(markers: &[String], except: u32) -> Vec<(i32, String)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let me = std::process::id();
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid as u32 != me && pid as u32 != except)
+        .filter_map(|pid| {
+            let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+            markers.iter().any(|m| cmdline.contains(m.as_str())).then_some((pid, cmdline))
+        })
+        .collect()
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // Tasks the test left behind go first, through containerd, so their shims clean up.
+        if let Ok(list) = self.ctr_ok(&["tasks", "list", "-q"]) {
+            for id in list.lines().filter(|l| !l.is_empty()) {
+                let _ = self.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
+                let _ = self.ctr(&["tasks", "delete", "-f", id]);
+            }
+        }
+        if let Ok(list) = self.ctr_ok(&["containers", "list", "-q"]) {
+            for id in list.lines().filter(|l| !l.is_empty()) {
+                let _ = self.ctr(&["containers", "delete", id]);
+            }
+        }
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for (pid, _) in self.leftover_processes() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        // Snapshots and the shims' sockets are mounted or bound below the directory.
+        let marker = self.dir.path().display().to_string();
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut mounts: Vec<&str> =
+            mountinfo.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&marker)).collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for mount_point in mounts {
+            let _ = nix::mount::umount2(mount_point, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+fn containerd_config(dir: &Path, socket: &Path) -> String {
+    format!(
+        r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = "{socket}"
+
+[ttrpc]
+  address = "{socket}.ttrpc"
+
+[debug]
+  level = "info"
+"#,
+        root = dir.join("root").display(),
+        state = dir.join("state").display(),
+        socket = socket.display(),
+    )
+}
+
+fn shim_config_text(artifacts: &Artifacts, run_root: &Path, images: &Path) -> String {
+    format!(
+        r#"hypervisor = "{hypervisor}"
+kernel = "{kernel}"
+initrd = "{initrd}"
+run_root = "{run_root}"
+image_cache = "{images}"
+log_level = "debug"
+allowed_annotations = ["io.ironclad.memory_mib"]
+"#,
+        hypervisor = artifacts.hypervisor,
+        kernel = artifacts.kernel.display(),
+        initrd = artifacts.initrd.display(),
+        run_root = run_root.display(),
+        images = images.display(),
+    )
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes a blob into the OCI layout and returns its descriptor fields (digest, size).
+fn put_blob(layout: &Path, data: &[u8]) -> Result<(String, usize), Error> {
+    let digest = sha256_hex(data);
+    std::fs::write(layout.join("blobs/sha256").join(&digest), data).map_err(io_err("write blob"))?;
+    Ok((format!("sha256:{digest}"), data.len()))
+}
+
+/// An OCI image archive holding the busybox images: one layer (busybox and its applet links) and
+/// two configs.
+pub fn build_busybox_archive(work: &Path, archive: &Path) -> Result<(), Error> {
+    if !Path::new(BUSYBOX).is_file() {
+        return Err(Error::Missing("busybox-static"));
+    }
+    let rootfs = work.join("rootfs");
+    let layout = work.join("layout");
+    let _ = std::fs::remove_dir_all(work);
+    for dir in ["bin", "etc", "tmp", "proc", "sys", "dev", "work"] {
+        std::fs::create_dir_all(rootfs.join(dir)).map_err(io_err("image rootfs"))?;
+    }
+    std::fs::create_dir_all(layout.join("blobs/sha256")).map_err(io_err("image layout"))?;
+    std::fs::copy(BUSYBOX, rootfs.join("bin/busybox")).map_err(io_err("copy busybox"))?;
+    let list = Command::new(BUSYBOX).arg("--list").output().map_err(io_err("busybox --list"))?;
+    for applet in String::from_utf8_lossy(&list.stdout).lines().filter(|a| *a != "busybox" && !a.is_empty()) {
+        let _ = std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet));
+    }
+    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\nbuilder:x:1000:1000::/work:/bin/sh\n")
+        .map_err(io_err("passwd"))?;
+    std::fs::write(rootfs.join("etc/group"), "root:x:0:\nbuilder:x:1000:\n").map_err(io_err("group"))?;
+
+    let layer_tar = work.join("layer.tar");
+    let tar = Command::new("tar")
+        .args(["--numeric-owner", "--owner=0", "--group=0", "--sort=name", "--mtime=@0", "-C"])
+        .arg(&rootfs)
+        .arg("-cf")
+        .arg(&layer_tar)
+        .arg(".")
+        .output()
+        .map_err(io_err("tar"))?;
+    if !tar.status.success() {
+        return Err(Error::Command {
+            command: "tar".into(),
+            status: tar.status.to_string(),
+            stderr: String::from_utf8_lossy(&tar.stderr).into_owned(),
+        });
+    }
+    let layer = std::fs::read(&layer_tar).map_err(io_err("read layer"))?;
+    let (layer_digest, layer_size) = put_blob(&layout, &layer)?;
+
+    let mut manifests = Vec::new();
+    for (name, user, cwd, env) in [
+        (BUSYBOX_IMAGE, "", "/", "PATH=/bin"),
+        (BUSYBOX_USER_IMAGE, "1000:1000", "/work", "PATH=/bin"),
+    ] {
+        let config = serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Env": [env, "FROM_IMAGE=yes"], "Cmd": ["sh"], "WorkingDir": cwd, "User": user},
+            "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
+        });
+        let (config_digest, config_size) = put_blob(&layout, config.to_string().as_bytes())?;
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer_size}],
+        });
+        let (manifest_digest, manifest_size) = put_blob(&layout, manifest.to_string().as_bytes())?;
+        manifests.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest,
+            "size": manifest_size,
+            "platform": {"architecture": "amd64", "os": "linux"},
+            "annotations": {"io.containerd.image.name": name},
+        }));
+    }
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": manifests});
+    std::fs::write(layout.join("index.json"), index.to_string()).map_err(io_err("index.json"))?;
+    std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io_err("oci-layout"))?;
+    let tar = Command::new("tar").arg("-C").arg(&layout).arg("-cf").arg(archive).arg(".").output().map_err(io_err("tar"))?;
+    if !tar.status.success() {
+        return Err(Error::Command {
+            command: "tar (archive)".into(),
+            status: tar.status.to_string(),
+            stderr: String::from_utf8_lossy(&tar.stderr).into_owned(),
+        });
+    }
+    Ok(())
+}
