@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use ironclad_protocol::agent::health_check_response::ServingStatus;
 use ironclad_protocol::agent::{
-    CheckRequest, ContainerRequest, CopyFileRequest, CreateContainerRequest, DestroySandboxRequest,
+    CheckRequest, ContainerRequest, CopyFileRequest, CreateContainerRequest, CreateSandboxRequest,
+    DestroySandboxRequest,
     ExecProcessRequest, ProcessRef, ReadStreamRequest, RemoveContainerRequest, SetGuestDateTimeRequest,
     SignalProcessRequest, StartContainerRequest, TtyWinResizeRequest, UpdateContainerRequest,
     VersionCheckResponse, WriteStreamRequest,
@@ -333,6 +334,18 @@ impl AgentClient {
             .await
             .map(|r| r.guest_path)
             .map_err(|source| Error::Rpc { call: "Agent.CopyFile", source })
+    }
+
+    /// Names the guest (the hostname containers without a UTS namespace of their own see).
+    pub async fn create_sandbox(&self, sandbox_id: &str, hostname: &str) -> Result<(), Error> {
+        let mut request = CreateSandboxRequest::new();
+        request.sandbox_id = sandbox_id.into();
+        request.hostname = hostname.into();
+        self.agent
+            .create_sandbox(self.ctx(), &request)
+            .await
+            .map(|_| ())
+            .map_err(|source| Error::Rpc { call: "Agent.CreateSandbox", source })
     }
 
     /// Sets the guest's wall clock to the host's: the guest has no battery-backed clock.

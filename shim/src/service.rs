@@ -369,6 +369,8 @@ impl TaskService {
         if let Err(err) = agent.sync_clock().await {
             warn!("cannot set the guest clock: {}", error_chain(&err));
         }
+        let hostname = guest_hostname(spec, &req.id);
+        agent.create_sandbox(&req.id, &hostname).await.map_err(|err| agent_status(&err))?;
         copy_file_mounts(agent, &req.id, spec, file_mounts).await?;
         let guest_rootfs = format!("{GUEST_ROOTFS_DIR}/{}", req.id);
         let mut storage = Storage::new();
@@ -545,6 +547,20 @@ fn read_spec(bundle: &Path) -> TtrpcResult<serde_json::Value> {
         ));
     }
     Ok(spec)
+}
+
+/// The spec's hostname, else the task id where that is a valid host name (as Docker names
+/// containers), else "ironclad".
+fn guest_hostname(spec: &serde_json::Value, id: &str) -> String {
+    if let Some(hostname) = spec.get("hostname").and_then(|h| h.as_str()).filter(|h| !h.is_empty()) {
+        return hostname.to_string();
+    }
+    let valid = !id.is_empty()
+        && id.len() <= 63
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        && !id.starts_with('-')
+        && !id.ends_with('-');
+    if valid { id.to_string() } else { "ironclad".to_string() }
 }
 
 fn spec_annotations(spec: &serde_json::Value) -> HashMap<String, String> {
@@ -1022,6 +1038,14 @@ mod tests {
         ]});
         let err = host_file_mounts(&spec).unwrap_err().to_string();
         assert!(err.contains(&dir.path().display().to_string()) && err.contains("/data"), "{err}");
+    }
+
+    #[test]
+    fn the_guest_is_named_by_the_spec_else_by_a_usable_task_id() {
+        assert_eq!(guest_hostname(&serde_json::json!({"hostname": "web"}), "t1"), "web");
+        assert_eq!(guest_hostname(&serde_json::json!({}), "t1"), "t1");
+        assert_eq!(guest_hostname(&serde_json::json!({"hostname": ""}), "a_b"), "ironclad");
+        assert_eq!(guest_hostname(&serde_json::json!({}), &"x".repeat(64)), "ironclad");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -161,11 +162,63 @@ impl Containerd {
         self.run_root.join(&self.namespace).join(id)
     }
 
+    /// Starts recording containerd's events (`ctr events`) from now on.
+    pub fn events(&self) -> Result<Events, Error> {
+        let path = self.dir.path().join(format!("events-{}.log", EVENT_LOGS.fetch_add(1, Ordering::Relaxed)));
+        let file = std::fs::File::create(&path).map_err(io_err("events log"))?;
+        let child = self
+            .ctr_command(&["events"])
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(io_err("ctr events"))?;
+        // ctr subscribes a moment after it starts; events before that would be missed.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Events { child, path })
+    }
+
     /// Processes whose command line mentions this containerd's namespace or directory: its shims
     /// and their VMs.
     pub fn leftover_processes(&self) -> Vec<(i32, String)> {
         let markers = [format!("-namespace {} ", self.namespace), self.dir.path().display().to_string()];
         processes_matching(&markers, self.child.id())
+    }
+}
+
+static EVENT_LOGS: AtomicUsize = AtomicUsize::new(0);
+
+/// containerd's events as `ctr events` prints them: one line per event with its topic and JSON.
+pub struct Events {
+    child: Child,
+    path: PathBuf,
+}
+
+impl Events {
+    /// The first event line containing every one of `needles`, waiting up to `timeout` for it.
+    pub fn wait_for(&self, needles: &[&str], timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+            if let Some(line) = text.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return Some(line.to_string());
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn all(&self) -> String {
+        std::fs::read_to_string(&self.path).unwrap_or_default()
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -179,6 +232,10 @@ fn processes_matching(markers: &[String], except: u32) -> Vec<(i32, String)> {
         .filter_map(|pid| {
             let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
             let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+            // The test's own ctr clients (`ctr events`) are not leftovers of a task.
+            if cmdline.starts_with("ctr ") {
+                return None;
+            }
             markers.iter().any(|m| cmdline.contains(m.as_str())).then_some((pid, cmdline))
         })
         .collect()

@@ -3,11 +3,11 @@
 //! containerd end to end: a private containerd runs busybox containers with the ironclad runtime
 //! (the qemu backend here; ironclad-vmm where the CPU has vmx/svm), through `ctr` as a user would.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use ironclad_tests::containerd::{Artifacts, Containerd, BUSYBOX_IMAGE, BUSYBOX_USER_IMAGE, IRONCLAD_RUNTIME};
+use ironclad_tests::containerd::{Artifacts, Containerd, Events, BUSYBOX_IMAGE, BUSYBOX_USER_IMAGE, IRONCLAD_RUNTIME};
 use ironclad_tests::GuestArtifacts;
 
 /// Every ctr call gets this long before the test kills it and fails.
@@ -105,6 +105,62 @@ fn assert_nothing_left(containerd: &Containerd, id: &str) {
     }
 }
 
+fn ironclad_run_args<'a>(containerd_config: &'a str, flags: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["run", "--runtime", IRONCLAD_RUNTIME, "--runtime-config-path", containerd_config];
+    args.extend_from_slice(flags);
+    args
+}
+
+/// Starts a detached task running `cmd` and waits until its status is RUNNING.
+fn run_detached(containerd: &Containerd, id: &str, cmd: &[&str]) {
+    let config = containerd.shim_config.display().to_string();
+    let mut args = ironclad_run_args(&config, &["-d"]);
+    args.push(BUSYBOX_IMAGE);
+    args.push(id);
+    args.extend_from_slice(cmd);
+    stdout_of(containerd, &run_ctr(containerd, &args, None));
+    wait_for_status(containerd, id, "RUNNING");
+}
+
+fn task_status(containerd: &Containerd, id: &str) -> String {
+    let list = containerd.ctr_ok(&["tasks", "list"]).unwrap();
+    list.lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or("GONE")
+        .to_string()
+}
+
+fn wait_for_status(containerd: &Containerd, id: &str, status: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = task_status(containerd, id);
+        if now == status {
+            return;
+        }
+        assert!(Instant::now() < deadline, "task {id} is {now}, never {status}\n{}", containerd.log_tail());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits for the task's exit event and returns its status.
+fn exit_status(events: &Events, id: &str) -> u32 {
+    let line = events
+        .wait_for(&["/tasks/exit", &format!("\"id\":\"{id}\"")], Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("no exit event for {id}: {}", events.all()));
+    let json = &line[line.find('{').unwrap()..];
+    let event: serde_json::Value = serde_json::from_str(json).unwrap();
+    event["exit_status"].as_u64().unwrap_or(0) as u32
+}
+
+/// Deletes a stopped task and its container, checking containerd saw the delete event.
+fn remove_task(containerd: &Containerd, events: &Events, id: &str) {
+    containerd.ctr_ok(&["tasks", "delete", id]).unwrap();
+    containerd.ctr_ok(&["containers", "delete", id]).unwrap();
+    let delete = events.wait_for(&["/tasks/delete", &format!("\"container_id\":\"{id}\"")], Duration::from_secs(30));
+    assert!(delete.is_some(), "no delete event for {id}: {}", events.all());
+}
+
 #[test]
 fn echo_exit_codes_and_the_guest_kernel() {
     let Some(containerd) = start_containerd() else { return };
@@ -116,4 +172,162 @@ fn echo_exit_codes_and_the_guest_kernel() {
     assert_ne!(lines.get(1), Some(&host_kernel.as_str()), "uname -r inside is the host's kernel");
     assert!(lines.get(1).is_some_and(|r| r.starts_with("6.12")), "{stdout}");
     assert_nothing_left(&containerd, "echo1");
+
+    for (id, script, code) in [("exit0", "true", 0), ("exit1", "exit 1", 1), ("exit3", "exit 3", 3)] {
+        let output = run(&containerd, &[], BUSYBOX_IMAGE, id, &["sh", "-c", script], None);
+        assert_eq!(output.status.code(), Some(code), "{id}: {}", String::from_utf8_lossy(&output.stderr));
+        assert_nothing_left(&containerd, id);
+    }
+    // Four runs of one image built its rootfs image once.
+    let images: Vec<_> = std::fs::read_dir(containerd.dir().join("images"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "ext4"))
+        .collect();
+    assert_eq!(images.len(), 1, "{images:?}");
+}
+
+#[test]
+fn stdin_tty_env_cwd_and_user() {
+    let Some(containerd) = start_containerd() else { return };
+    let output = run(&containerd, &[], BUSYBOX_IMAGE, "stdin1", &["sh", "-c", "head -n 1 | tr a-z A-Z"], Some("piped in\n"));
+    assert_eq!(stdout_of(&containerd, &output), "PIPED IN\n");
+
+    let script = "id -u; id -g; pwd; echo $FROM_IMAGE $FOO";
+    let output = run(&containerd, &[], BUSYBOX_USER_IMAGE, "user1", &["sh", "-c", script], None);
+    assert_eq!(stdout_of(&containerd, &output), "1000\n1000\n/work\nyes\n", "the image's user, cwd and env");
+    let flags = ["--env", "FOO=from-ctr", "--cwd", "/tmp"];
+    let output = run(&containerd, &flags, BUSYBOX_IMAGE, "flags1", &["sh", "-c", script], None);
+    assert_eq!(stdout_of(&containerd, &output), "0\n0\n/tmp\nyes from-ctr\n", "ctr's env and cwd");
+
+    // A terminal needs one on ctr's side too: `script` gives it a pty.
+    let config = containerd.shim_config.display().to_string();
+    let ctr = format!(
+        "ctr --address {} -n {} run --rm -t --runtime {IRONCLAD_RUNTIME} --runtime-config-path {config} {BUSYBOX_IMAGE} tty1 sh -c 'tty; stty size'",
+        containerd.dir().join("containerd.sock").display(),
+        containerd.namespace()
+    );
+    let output = std::process::Command::new("script")
+        .args(["-q", "-e", "-c", &format!("stty rows 33 cols 101; {ctr}"), "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = stdout_of(&containerd, &output);
+    assert!(stdout.contains("/dev/pts/0"), "{stdout}");
+    assert!(stdout.contains("33 101"), "the terminal has ctr's size: {stdout}");
+    for id in ["stdin1", "user1", "flags1", "tty1"] {
+        assert_nothing_left(&containerd, id);
+    }
+}
+
+#[test]
+fn a_running_task_execs_lists_reports_pauses_and_stops_on_signals() {
+    let Some(containerd) = start_containerd() else { return };
+    let events = containerd.events().unwrap();
+    run_detached(&containerd, "run1", &["sh", "-c", "trap 'exit 42' TERM; while true; do sleep 1; done"]);
+    let exec = containerd.ctr_ok(&["tasks", "exec", "--exec-id", "e1", "run1", "sh", "-c", "echo from exec; exit 0"]);
+    assert_eq!(exec.unwrap(), "from exec\n");
+    let exec = containerd.ctr(&["tasks", "exec", "--exec-id", "e2", "run1", "sh", "-c", "exit 7"]).unwrap();
+    assert_eq!(exec.status.code(), Some(7));
+
+    let ps = containerd.ctr_ok(&["tasks", "ps", "run1"]).unwrap();
+    assert!(ps.lines().count() >= 3, "the shell and its sleep: {ps}");
+    let metrics = containerd.ctr_ok(&["tasks", "metrics", "run1"]).unwrap();
+    assert!(metrics.contains("memory.usage_in_bytes") || metrics.contains("memory"), "{metrics}");
+
+    containerd.ctr_ok(&["tasks", "pause", "run1"]).unwrap();
+    wait_for_status(&containerd, "run1", "PAUSED");
+    containerd.ctr_ok(&["tasks", "resume", "run1"]).unwrap();
+    wait_for_status(&containerd, "run1", "RUNNING");
+
+    containerd.ctr_ok(&["tasks", "kill", "-s", "SIGTERM", "run1"]).unwrap();
+    assert_eq!(exit_status(&events, "run1"), 42, "SIGTERM ran the trap");
+    wait_for_status(&containerd, "run1", "STOPPED");
+    remove_task(&containerd, &events, "run1");
+    assert_nothing_left(&containerd, "run1");
+    for topic in ["/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started", "/tasks/paused", "/tasks/resumed"] {
+        assert!(events.wait_for(&[topic, "run1"], Duration::from_secs(5)).is_some(), "no {topic}: {}", events.all());
+    }
+
+    run_detached(&containerd, "run2", &["sleep", "1000"]);
+    containerd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "run2"]).unwrap();
+    assert_eq!(exit_status(&events, "run2"), 137);
+    remove_task(&containerd, &events, "run2");
+    assert_nothing_left(&containerd, "run2");
+}
+
+#[test]
+fn memory_limits_hold_and_two_tasks_run_at_once() {
+    let Some(containerd) = start_containerd() else { return };
+    let events = containerd.events().unwrap();
+    let config = containerd.shim_config.display().to_string();
+    let mut args = ironclad_run_args(&config, &["-d", "--memory-limit", "33554432"]);
+    args.extend_from_slice(&[BUSYBOX_IMAGE, "mem1", "sleep", "1000"]);
+    stdout_of(&containerd, &run_ctr(&containerd, &args, None));
+    wait_for_status(&containerd, "mem1", "RUNNING");
+    let metrics = containerd.ctr_ok(&["tasks", "metrics", "mem1"]).unwrap();
+    let limit = metrics.lines().find(|l| l.starts_with("memory.usage_limit")).unwrap_or_default().to_string();
+    assert!(limit.trim_end().ends_with(" 33554432"), "{metrics}");
+    let dd = ["tasks", "exec", "--exec-id", "dd", "mem1", "dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"];
+    assert_eq!(containerd.ctr(&dd).unwrap().status.code(), Some(137), "the 64 MiB buffer was OOM-killed");
+    assert!(events.wait_for(&["/tasks/oom", "mem1"], Duration::from_secs(30)).is_some(), "no OOM event: {}", events.all());
+    containerd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "mem1"]).unwrap();
+    assert_eq!(exit_status(&events, "mem1"), 137);
+    remove_task(&containerd, &events, "mem1");
+    assert_nothing_left(&containerd, "mem1");
+
+    let ids = ["twin1", "twin2"];
+    let outputs = std::thread::scope(|scope| {
+        let handles: Vec<_> = ids
+            .iter()
+            .map(|id| {
+                let containerd = &containerd;
+                scope.spawn(move || run(containerd, &[], BUSYBOX_IMAGE, id, &["hostname"], None))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+    });
+    for (id, output) in ids.iter().zip(&outputs) {
+        assert_eq!(stdout_of(&containerd, output), format!("{id}\n"));
+        assert_nothing_left(&containerd, id);
+    }
+}
+
+#[test]
+fn a_vm_killed_from_outside_ends_its_task_with_a_reason() {
+    let Some(containerd) = start_containerd() else { return };
+    let events = containerd.events().unwrap();
+    run_detached(&containerd, "doomed1", &["sleep", "1000"]);
+    let pids = std::fs::read_to_string(containerd.task_dir("doomed1").join("vm.pids")).unwrap();
+    let monitor: i32 = pids.lines().next().unwrap().parse().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(monitor), nix::sys::signal::Signal::SIGKILL).unwrap();
+    assert_eq!(exit_status(&events, "doomed1"), 255);
+    wait_for_status(&containerd, "doomed1", "STOPPED");
+    assert!(containerd.log_tail().contains("exited unexpectedly"), "{}", containerd.log_tail());
+    remove_task(&containerd, &events, "doomed1");
+    assert_nothing_left(&containerd, "doomed1");
+}
+
+#[test]
+fn bad_requests_fail_clearly_and_leave_nothing() {
+    let Some(containerd) = start_containerd() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mount = format!("type=bind,src={},dst=/data,options=rbind:ro", dir.path().display());
+    let output = run(&containerd, &["--mount", &mount], BUSYBOX_IMAGE, "bind1", &["true"], None);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains(&dir.path().display().to_string()) && stderr.contains("not supported"), "{stderr}");
+    assert_nothing_left(&containerd, "bind1");
+    let _ = containerd.ctr(&["containers", "delete", "bind1"]);
+
+    let broken = containerd.dir().join("broken.toml");
+    std::fs::write(&broken, "kernel = \"/nonexistent/bzImage\"\nhypervisor = \"qemu\"\n").unwrap();
+    let config = broken.display().to_string();
+    let args = ["run", "--rm", "--runtime", IRONCLAD_RUNTIME, "--runtime-config-path", &config, BUSYBOX_IMAGE, "nokernel1", "true"];
+    let output = run_ctr(&containerd, &args, None);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("/nonexistent/bzImage"), "{stderr}");
+    assert_nothing_left(&containerd, "nokernel1");
+    let _ = containerd.ctr(&["containers", "delete", "nokernel1"]);
 }
