@@ -9,8 +9,10 @@ GUEST_DIR := target/guest
 STATIC_TARGET := x86_64-unknown-linux-gnu
 AGENT_STATIC := target/$(STATIC_TARGET)/release/ironclad-agent
 export IRONCLAD_CACHE ?= /var/cache/ironclad
+PREFIX ?= /usr/local
+CONFIG_DIR ?= /etc/ironclad
 
-.PHONY: all prereqs kernel agent initrd guest lint test demo bench clean
+.PHONY: all prereqs kernel agent initrd guest lint test demo boot-demo install bench clean
 
 all: guest
 
@@ -45,11 +47,35 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
+# The end-to-end tests start the shim binary through containerd: build every binary first.
 test: prereqs guest lint
+	$(CARGO) build --workspace --locked
 	$(CARGO) test --workspace --locked
 
+# ctr run through a private containerd, ironclad next to runc.
 demo: prereqs guest
+	$(CARGO) build --release --locked -p ironclad-shim -p ironclad-tests
+	target/release/ironclad-demo
+
+# Just the guest: boot it and talk to its agent, without containerd.
+boot-demo: prereqs guest
 	$(CARGO) run --release --locked -p ironclad-tests --bin ironclad-boot
+
+# Binaries to $(PREFIX)/bin, the guest to $(PREFIX)/share/ironclad, and the default config, which an
+# existing one is never replaced by.
+install: guest
+	$(CARGO) build --release --locked -p ironclad-shim -p ironclad-vmm
+	install -D -m 0755 target/release/containerd-shim-ironclad-v2 $(PREFIX)/bin/containerd-shim-ironclad-v2
+	install -D -m 0755 target/release/ironclad-vmm $(PREFIX)/bin/ironclad-vmm
+	install -D -m 0644 $(GUEST_DIR)/bzImage $(PREFIX)/share/ironclad/bzImage
+	install -D -m 0644 $(GUEST_DIR)/initrd.img $(PREFIX)/share/ironclad/initrd.img
+	@if [ -e $(CONFIG_DIR)/config.toml ]; then \
+		echo "keeping the existing $(CONFIG_DIR)/config.toml"; \
+	else \
+		mkdir -p $(CONFIG_DIR); \
+		sed 's|/usr/local/share/ironclad|$(PREFIX)/share/ironclad|' shim/config.toml > $(CONFIG_DIR)/config.toml; \
+		echo "wrote $(CONFIG_DIR)/config.toml"; \
+	fi
 
 # Release builds; writes docs/benchmarks.md and docs/benchmarks-vmm.json, naming the machine.
 bench:

@@ -9,6 +9,8 @@ APT_PACKAGES=(
     qemu-system-x86             # boots the guest where KVM has no hardware virtualization
     busybox-static              # debug shell for the initrd, busybox containers in tests
     e2fsprogs                   # mkfs.ext4 for block images
+    containerd runc             # containerd and its runc runtime, for the end-to-end tests and benchmarks
+    bsdutils                    # `script`: a terminal for `ctr run -t` in the tests
     libseccomp-dev pkg-config   # libcontainer's seccomp support, linked statically into the agent
 )
 VHOST_DEVICE_VSOCK_VERSION=0.3.0

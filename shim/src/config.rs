@@ -233,6 +233,13 @@ mod tests {
     }
 
     #[test]
+    fn the_installed_config_file_says_what_the_defaults_are() {
+        let text = include_str!("../config.toml");
+        let config = parse(text).unwrap();
+        assert_eq!(config, ShimConfig { source: config.source.clone(), ..ShimConfig::default() });
+    }
+
+    #[test]
     fn a_missing_file_is_an_error_unless_it_is_the_default_one() {
         assert!(matches!(ShimConfig::load(Path::new("/nonexistent/ironclad.toml")), Err(Error::Read { .. })));
     }

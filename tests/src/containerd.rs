@@ -162,6 +162,13 @@ impl Containerd {
         self.run_root.join(&self.namespace).join(id)
     }
 
+    /// The Unix socket containerd-shim 0.11 serves task `id` on: /run/containerd/s/<sha256 of
+    /// containerd's address, namespace and id>.
+    pub fn shim_socket(&self, id: &str) -> PathBuf {
+        let joined = Path::new(&self.socket).join(&self.namespace).join(id);
+        Path::new("/run/containerd/s").join(sha256_hex(joined.as_os_str().as_encoded_bytes()))
+    }
+
     /// Starts recording containerd's events (`ctr events`) from now on.
     pub fn events(&self) -> Result<Events, Error> {
         let path = self.dir.path().join(format!("events-{}.log", EVENT_LOGS.fetch_add(1, Ordering::Relaxed)));

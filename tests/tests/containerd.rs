@@ -89,17 +89,28 @@ fn stdout_of(containerd: &Containerd, output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).replace("\r\n", "\n")
 }
 
-/// Nothing of the task is left: no task directory, no shim or VM process.
+/// Nothing of the task is left: no task directory (VM sockets, console log, images of its own),
+/// no shim or VM process, no mount of the shim's, no shim socket.
 fn assert_nothing_left(containerd: &Containerd, id: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
+    let shim_socket = containerd.shim_socket(id);
     loop {
-        let dir_gone = !containerd.task_dir(id).exists();
+        let dir_left = containerd.task_dir(id).exists();
         let processes = containerd.leftover_processes();
-        if dir_gone && processes.is_empty() {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let images = containerd.dir().join("images").display().to_string();
+        let run_root = containerd.run_root.display().to_string();
+        let mounts: Vec<&str> = mountinfo.lines().filter(|l| l.contains(&images) || l.contains(&run_root)).collect();
+        let socket_left = shim_socket.exists();
+        if !dir_left && processes.is_empty() && mounts.is_empty() && !socket_left {
             return;
         }
         if Instant::now() > deadline {
-            panic!("left behind for {id}: task dir exists: {}; processes: {processes:?}", !dir_gone);
+            panic!(
+                "left behind for {id}: task dir: {dir_left}; processes: {processes:?}; mounts: {mounts:?}; \
+                 shim socket {}: {socket_left}",
+                shim_socket.display()
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -225,6 +236,7 @@ fn a_running_task_execs_lists_reports_pauses_and_stops_on_signals() {
     let Some(containerd) = start_containerd() else { return };
     let events = containerd.events().unwrap();
     run_detached(&containerd, "run1", &["sh", "-c", "trap 'exit 42' TERM; while true; do sleep 1; done"]);
+    assert!(containerd.shim_socket("run1").exists(), "the leftover check looks for the wrong socket");
     let exec = containerd.ctr_ok(&["tasks", "exec", "--exec-id", "e1", "run1", "sh", "-c", "echo from exec; exit 0"]);
     assert_eq!(exec.unwrap(), "from exec\n");
     let exec = containerd.ctr(&["tasks", "exec", "--exec-id", "e2", "run1", "sh", "-c", "exit 7"]).unwrap();
@@ -249,8 +261,10 @@ fn a_running_task_execs_lists_reports_pauses_and_stops_on_signals() {
         assert!(events.wait_for(&[topic, "run1"], Duration::from_secs(5)).is_some(), "no {topic}: {}", events.all());
     }
 
-    run_detached(&containerd, "run2", &["sleep", "1000"]);
-    containerd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "run2"]).unwrap();
+    run_detached(&containerd, "run2", &["sh", "-c", "sleep 1000 & sleep 1000"]);
+    let checkpoint = containerd.ctr(&["tasks", "checkpoint", "run2"]).unwrap();
+    assert!(String::from_utf8_lossy(&checkpoint.stderr).contains("not supported"), "{checkpoint:?}");
+    containerd.ctr_ok(&["tasks", "kill", "--all", "-s", "SIGKILL", "run2"]).unwrap();
     assert_eq!(exit_status(&events, "run2"), 137);
     remove_task(&containerd, &events, "run2");
     assert_nothing_left(&containerd, "run2");
