@@ -335,6 +335,9 @@ impl AgentService {
 }
 
 /// Serves until DestroySandbox is called, then stops the server (letting the reply go out first).
+/// How long in-flight calls get to finish once the sandbox is destroyed.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 pub async fn serve(address: &str, containers: Arc<Containers>, in_guest: bool) -> Result<(), Error> {
     let (destroy_tx, mut destroy_rx) = mpsc::channel(1);
     let health: Arc<dyn agent_ttrpc::Health + Send + Sync> = Arc::new(HealthService);
@@ -350,7 +353,10 @@ pub async fn serve(address: &str, containers: Arc<Containers>, in_guest: bool) -
     info!("serving the agent API on {address}");
     destroy_rx.recv().await;
     // Graceful: in-flight replies, the DestroySandbox answer among them, are written before we return.
-    let _ = server.shutdown().await;
+    // Bounded: long polls (GetOOMEvent, a read of a silent process's output) never finish by themselves.
+    if tokio::time::timeout(SHUTDOWN_GRACE, server.shutdown()).await.is_err() {
+        info!("long-polling calls were still open after {SHUTDOWN_GRACE:?}; going down anyway");
+    }
     info!("agent server stopped");
     Ok(())
 }

@@ -1,13 +1,17 @@
 //! `ironclad-bench`: measures ironclad and writes the results, with the machine named, to
 //! docs/benchmarks.md and a JSON file.
 
+mod charts;
 mod machine;
 mod report;
+mod runtimes;
 mod stats;
 mod vmm;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
@@ -39,6 +43,68 @@ enum Benchmark {
         #[arg(long, default_value = "docs/benchmarks-vmm.json")]
         json: PathBuf,
     },
+    /// ironclad next to runc through a private containerd: start, exec, jobs, memory, density.
+    Runtimes {
+        /// Runs per figure (each runtime).
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// Sandbox counts for the density curve, comma-separated (skipped where memory is short).
+        #[arg(long, value_delimiter = ',', default_value = "1,10,50")]
+        density: Vec<usize>,
+        /// The guest kernel and initrd (built by `make guest`).
+        #[arg(long, default_value = "target/guest")]
+        guest_dir: PathBuf,
+        /// The directory holding containerd-shim-ironclad-v2 (default: next to this binary).
+        #[arg(long)]
+        shim_dir: Option<PathBuf>,
+        /// auto, ironclad or qemu.
+        #[arg(long, default_value = "auto")]
+        hypervisor: String,
+        #[arg(long, default_value = "docs/benchmarks.md")]
+        report: PathBuf,
+        #[arg(long, default_value = "docs/benchmarks-runtimes.json")]
+        json: PathBuf,
+        /// Where the charts (PNG and SVG) go.
+        #[arg(long, default_value = "docs/charts")]
+        charts: PathBuf,
+    },
+}
+
+struct RuntimeOutputs {
+    report: PathBuf,
+    json: PathBuf,
+    charts: PathBuf,
+}
+
+fn run_runtimes(settings: runtimes::Settings, outputs: RuntimeOutputs) -> Result<(), Box<dyn std::error::Error>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || {
+            eprintln!("\nironclad-bench: stopping; removing every container it made");
+            stop.store(true, Ordering::SeqCst);
+        })?;
+    }
+    let machine = machine::Machine::describe();
+    let results = runtimes::measure(&settings, stop)?;
+    std::fs::create_dir_all(&outputs.charts)?;
+    charts::load_font()?;
+    let mut drawn = charts::start_latency(&results, &outputs.charts)?;
+    if !results.density.is_empty() {
+        drawn.extend(charts::density(&results, &outputs.charts)?);
+    }
+    let report_dir = outputs.report.parent().map(Path::to_path_buf).unwrap_or_default();
+    let markdown = report::runtimes_markdown(&machine, &results, &drawn, &report_dir);
+    print!("{markdown}");
+    let value = serde_json::json!({ "machine": machine, "runtimes": results });
+    report::write_section(&outputs.report, "runtimes", &markdown, &outputs.json, &value)?;
+    eprintln!(
+        "ironclad-bench: wrote {}, {} and the charts in {}",
+        outputs.report.display(),
+        outputs.json.display(),
+        outputs.charts.display()
+    );
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -61,6 +127,27 @@ fn main() -> ExitCode {
             }
             eprintln!("ironclad-bench: wrote {} and {}", report.display(), json.display());
             ExitCode::SUCCESS
+        }
+        Benchmark::Runtimes { runs, density, guest_dir, shim_dir, hypervisor, report, json, charts } => {
+            let shim_dir = shim_dir.unwrap_or_else(|| {
+                std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)).unwrap_or_default()
+            });
+            let settings = runtimes::Settings {
+                runs: runs.max(1),
+                density,
+                kernel: guest_dir.join("bzImage"),
+                initrd: guest_dir.join("initrd.img"),
+                shim_dir,
+                hypervisor,
+                vm_memory_mib: 256,
+            };
+            match run_runtimes(settings, RuntimeOutputs { report, json, charts }) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("ironclad-bench: {}", report::error_chain(err.as_ref()));
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }

@@ -118,9 +118,14 @@ impl Containerd {
         self.dir.path()
     }
 
-    /// The last lines of containerd's log, which carries the shims' logs too.
+    /// containerd's log, which carries the shims' logs too.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    /// The last lines of containerd's log.
     pub fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default();
+        let log = self.log();
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(60)..].join("\n")
     }
@@ -269,6 +274,11 @@ impl Drop for Containerd {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(keep) = std::env::var_os("IRONCLAD_KEEP_LOGS") {
+            let kept = Path::new(&keep).join(format!("{}.log", self.namespace));
+            let _ = std::fs::create_dir_all(&keep);
+            let _ = std::fs::copy(self.dir.path().join("containerd.log"), kept);
+        }
         for (pid, _) in self.leftover_processes() {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }
@@ -307,6 +317,9 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 }
 
 fn shim_config_text(artifacts: &Artifacts, run_root: &Path, images: &Path) -> String {
+    // The shim runs in the task's bundle directory: relative paths would point nowhere.
+    let absolute = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let (kernel, initrd) = (absolute(&artifacts.kernel), absolute(&artifacts.initrd));
     format!(
         r#"hypervisor = "{hypervisor}"
 kernel = "{kernel}"
@@ -317,8 +330,8 @@ log_level = "debug"
 allowed_annotations = ["io.ironclad.memory_mib"]
 "#,
         hypervisor = artifacts.hypervisor,
-        kernel = artifacts.kernel.display(),
-        initrd = artifacts.initrd.display(),
+        kernel = kernel.display(),
+        initrd = initrd.display(),
         run_root = run_root.display(),
         images = images.display(),
     )

@@ -331,7 +331,11 @@ impl GuestVm {
         let status = match self.wait_exit(grace).await? {
             Some(status) => status,
             None => {
-                warn!("{} did not exit within {grace:?}; killing it", self.monitor_name);
+                warn!(
+                    "{} did not exit within {grace:?}; killing it. Console tail:\n{}",
+                    self.monitor_name,
+                    self.console.tail()
+                );
                 let _ = self.monitor.start_kill();
                 self.monitor.wait().await.map_err(|source| Error::Wait { what: "the VM monitor", source })?
             }

@@ -1,0 +1,172 @@
+//! Charts of the runtime comparison, as PNG and SVG: start latency bars and the density curve.
+
+use std::path::{Path, PathBuf};
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+use crate::runtimes::{Results, Runtime, RUNTIMES};
+
+/// PNG text is drawn with this font (Debian's fonts-dejavu-core); SVG names the family only.
+const FONT_FILE: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+const SIZE: (u32, u32) = (900, 500);
+/// The figures shown as start latency bars.
+const LATENCY_FIGURES: [&str; 3] = ["cold start", "time to first output", "exec latency"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot load the chart font {path}")]
+    Font {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the chart font {0} is not a usable TrueType font")]
+    BadFont(PathBuf),
+    #[error("cannot draw {path}: {message}")]
+    Draw { path: PathBuf, message: String },
+}
+
+fn colour(runtime: Runtime) -> RGBColor {
+    match runtime {
+        Runtime::Ironclad => RGBColor(0x1f, 0x4e, 0x9c),
+        Runtime::Runc => RGBColor(0xe0, 0x8a, 0x1e),
+    }
+}
+
+/// Makes the font known to the PNG backend (once per process).
+pub fn load_font() -> Result<(), Error> {
+    let bytes = std::fs::read(FONT_FILE).map_err(|source| Error::Font { path: FONT_FILE.into(), source })?;
+    // plotters keeps registered fonts for the life of the process.
+    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+        .map_err(|_| Error::BadFont(FONT_FILE.into()))
+}
+
+/// A chart that can be drawn on any backend.
+trait Chart {
+    fn on<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Result<(), String>;
+}
+
+/// Writes `<stem>.png` and `<stem>.svg` in `dir`; returns their paths.
+fn both_formats(dir: &Path, stem: &str, chart: &impl Chart) -> Result<Vec<PathBuf>, Error> {
+    let png = dir.join(format!("{stem}.png"));
+    let svg = dir.join(format!("{stem}.svg"));
+    let fail = |path: &Path| {
+        let path = path.to_path_buf();
+        move |message: String| Error::Draw { path, message }
+    };
+    {
+        let area = BitMapBackend::new(&png, SIZE).into_drawing_area();
+        chart.on(&area).and_then(|_| area.present().map_err(|e| e.to_string())).map_err(fail(&png))?;
+    }
+    {
+        let area = SVGBackend::new(&svg, SIZE).into_drawing_area();
+        chart.on(&area).and_then(|_| area.present().map_err(|e| e.to_string())).map_err(fail(&svg))?;
+    }
+    Ok(vec![png, svg])
+}
+
+/// Median start latency of each runtime, grouped by figure.
+pub fn start_latency(results: &Results, dir: &Path) -> Result<Vec<PathBuf>, Error> {
+    let bars: Vec<(usize, Runtime, f64)> = LATENCY_FIGURES
+        .iter()
+        .enumerate()
+        .filter_map(|(i, name)| Some((i, results.figures.iter().find(|f| f.name == *name)?)))
+        .flat_map(|(i, figure)| figure.summaries.iter().map(move |(runtime, s)| (i, *runtime, s.median)))
+        .collect();
+    let top = bars.iter().map(|b| b.2).fold(0.0, f64::max).max(0.001) * 1.15;
+    struct Draw<'a>(&'a [(usize, Runtime, f64)], f64);
+    impl Chart for Draw<'_> {
+        fn on<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Result<(), String> {
+            let (bars, top) = (self.0, self.1);
+            area.fill(&WHITE).map_err(|e| e.to_string())?;
+            let mut chart = ChartBuilder::on(area)
+                .caption("Start latency, median (s): ironclad vs runc", ("sans-serif", 22))
+                .margin(15)
+                .x_label_area_size(40)
+                .y_label_area_size(60)
+                .build_cartesian_2d(0f64..LATENCY_FIGURES.len() as f64, 0f64..top)
+                .map_err(|e| e.to_string())?;
+            chart
+                .configure_mesh()
+                .disable_x_mesh()
+                .x_labels(LATENCY_FIGURES.len() * 2 + 1)
+                .x_label_formatter(&|x| {
+                    let slot = x - x.floor();
+                    if (slot - 0.5).abs() < 0.01 {
+                        LATENCY_FIGURES.get(x.floor() as usize).map(|s| s.to_string()).unwrap_or_default()
+                    } else {
+                        String::new()
+                    }
+                })
+                .y_desc("seconds")
+                .draw()
+                .map_err(|e| e.to_string())?;
+            for runtime in RUNTIMES {
+                let offset = if runtime == Runtime::Ironclad { 0.15 } else { 0.5 };
+                let rects = bars.iter().filter(|b| b.1 == runtime).map(|&(i, _, value)| {
+                    let x = i as f64 + offset;
+                    Rectangle::new([(x, 0.0), (x + 0.33, value)], colour(runtime).filled())
+                });
+                chart
+                    .draw_series(rects)
+                    .map_err(|e| e.to_string())?
+                    .label(runtime.name())
+                    .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], colour(runtime).filled()));
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| e.to_string())
+        }
+    }
+    both_formats(dir, "start-latency", &Draw(&bars, top))
+}
+
+/// Time to start N sandboxes at once, per runtime.
+pub fn density(results: &Results, dir: &Path) -> Result<Vec<PathBuf>, Error> {
+    let points = &results.density;
+    let max_n = points.iter().map(|p| p.sandboxes).max().unwrap_or(1) as f64;
+    let max_s = points.iter().map(|p| p.start_all_s).fold(0.0, f64::max).max(0.001) * 1.15;
+    struct Draw<'a>(&'a [crate::runtimes::DensityPoint], f64, f64);
+    impl Chart for Draw<'_> {
+        fn on<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Result<(), String> {
+            let (points, max_n, max_s) = (self.0, self.1, self.2);
+            area.fill(&WHITE).map_err(|e| e.to_string())?;
+            let mut chart = ChartBuilder::on(area)
+                .caption("Density: time to start N sandboxes at once (s)", ("sans-serif", 22))
+                .margin(15)
+                .x_label_area_size(40)
+                .y_label_area_size(60)
+                .build_cartesian_2d(0f64..max_n * 1.05, 0f64..max_s)
+                .map_err(|e| e.to_string())?;
+            chart.configure_mesh().x_desc("sandboxes").y_desc("seconds").draw().map_err(|e| e.to_string())?;
+            for runtime in RUNTIMES {
+                let series: Vec<(f64, f64)> = points
+                    .iter()
+                    .filter(|p| p.runtime == runtime)
+                    .map(|p| (p.sandboxes as f64, p.start_all_s))
+                    .collect();
+                let style = colour(runtime).stroke_width(3);
+                chart
+                    .draw_series(LineSeries::new(series.clone(), style))
+                    .map_err(|e| e.to_string())?
+                    .label(runtime.name())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], colour(runtime).stroke_width(3)));
+                chart
+                    .draw_series(series.iter().map(|&(x, y)| Circle::new((x, y), 4, colour(runtime).filled())))
+                    .map_err(|e| e.to_string())?;
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| e.to_string())
+        }
+    }
+    both_formats(dir, "density", &Draw(points, max_n, max_s))
+}
