@@ -77,10 +77,13 @@ install: guest
 		echo "wrote $(CONFIG_DIR)/config.toml"; \
 	fi
 
-# Release builds; writes docs/benchmarks.md and docs/benchmarks-vmm.json, naming the machine.
-bench:
-	$(CARGO) build --release --locked -p ironclad-vmm -p ironclad-bench
+# Release builds; the short version (a few minutes here). Writes docs/benchmarks.md (one section per
+# benchmark), docs/benchmarks-vmm.json, docs/benchmarks-runtimes.json and docs/charts/, naming the
+# machine and the backend.
+bench: prereqs guest
+	$(CARGO) build --release --locked -p ironclad-vmm -p ironclad-shim -p ironclad-bench
 	target/release/ironclad-bench vmm --vmm target/release/ironclad-vmm
+	target/release/ironclad-bench runtimes --runs 20 --density 1,10
 
 clean:
 	$(CARGO) clean

@@ -109,11 +109,9 @@ pub fn start_latency(results: &Results, dir: &Path) -> Result<Vec<PathBuf>, Erro
                     let x = i as f64 + offset;
                     Rectangle::new([(x, 0.0), (x + 0.33, value)], colour(runtime).filled())
                 });
-                chart
-                    .draw_series(rects)
-                    .map_err(|e| e.to_string())?
-                    .label(runtime.name())
-                    .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], colour(runtime).filled()));
+                chart.draw_series(rects).map_err(|e| e.to_string())?.label(runtime.name()).legend(
+                    move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], colour(runtime).filled()),
+                );
             }
             chart
                 .configure_series_labels()
@@ -155,9 +153,13 @@ pub fn density(results: &Results, dir: &Path) -> Result<Vec<PathBuf>, Error> {
                     .draw_series(LineSeries::new(series.clone(), style))
                     .map_err(|e| e.to_string())?
                     .label(runtime.name())
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], colour(runtime).stroke_width(3)));
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 15, y)], colour(runtime).stroke_width(3))
+                    });
                 chart
-                    .draw_series(series.iter().map(|&(x, y)| Circle::new((x, y), 4, colour(runtime).filled())))
+                    .draw_series(
+                        series.iter().map(|&(x, y)| Circle::new((x, y), 4, colour(runtime).filled())),
+                    )
                     .map_err(|e| e.to_string())?;
             }
             chart

@@ -76,7 +76,10 @@ struct RuntimeOutputs {
     charts: PathBuf,
 }
 
-fn run_runtimes(settings: runtimes::Settings, outputs: RuntimeOutputs) -> Result<(), Box<dyn std::error::Error>> {
+fn run_runtimes(
+    settings: runtimes::Settings,
+    outputs: RuntimeOutputs,
+) -> Result<(), Box<dyn std::error::Error>> {
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -130,9 +133,13 @@ fn main() -> ExitCode {
         }
         Benchmark::Runtimes { runs, density, guest_dir, shim_dir, hypervisor, report, json, charts } => {
             let shim_dir = shim_dir.unwrap_or_else(|| {
-                std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)).unwrap_or_default()
+                std::env::current_exe()
+                    .ok()
+                    .and_then(|e| e.parent().map(Path::to_path_buf))
+                    .unwrap_or_default()
             });
             let settings = runtimes::Settings {
+                backend: runtimes::describe_backend(&hypervisor),
                 runs: runs.max(1),
                 density,
                 kernel: guest_dir.join("bzImage"),

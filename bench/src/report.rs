@@ -68,7 +68,8 @@ pub fn vmm_markdown(machine: &Machine, settings: &Settings, r: &Results) -> Stri
     md
 }
 
-const INTRO: &str = "# Benchmarks\n\nWritten by `ironclad-bench`; every figure below comes from the run that \
+const INTRO: &str =
+    "# Benchmarks\n\nWritten by `ironclad-bench`; every figure below comes from the run that \
                      wrote its section, on the machine that section names. Reproduce with `make bench`.\n";
 
 /// Puts `markdown` into the report as section `name`, replacing that section's earlier text and
@@ -79,7 +80,8 @@ pub fn replace_section(report: &str, name: &str, markdown: &str) -> String {
     let body = if report.starts_with("# Benchmarks") { report.to_string() } else { format!("{INTRO}\n") };
     match (body.find(&begin), body.find(&end)) {
         (Some(start), Some(stop)) if stop > start => {
-            let after = (stop + end.len()..body.len()).find(|&i| body.as_bytes()[i] != b'\n').unwrap_or(body.len());
+            let after =
+                (stop + end.len()..body.len()).find(|&i| body.as_bytes()[i] != b'\n').unwrap_or(body.len());
             format!("{}{block}\n{}", &body[..start], &body[after..])
         }
         _ => format!("{}\n{block}", body.trim_end()),
@@ -122,12 +124,12 @@ pub fn runtimes_markdown(
     let _ = writeln!(md, "## ironclad vs runc through containerd (`make bench`)\n");
     let _ = writeln!(
         md,
-        "Machine: {} ({} cores, {} GiB), Linux {}, KVM {}. ironclad backend: `{}` (the shim logs which monitor \
-         `auto` chose and why); runc: Debian's runc through containerd-shim-runc-v2. Both runtimes run the same \
+        "Machine: {} ({} cores, {} GiB), Linux {}, KVM {}. ironclad backend: {}; runc: Debian's runc through containerd-shim-runc-v2. Both runtimes run the same \
          busybox image in one private containerd, their runs interleaved. {} runs per figure.\n",
         machine.cpu, machine.cores, machine.memory_gib, machine.kernel, machine.kvm, results.hypervisor, results.runs
     );
-    let _ = writeln!(md, "| figure | ironclad p50 | p95 | min | runc p50 | p95 | min | ironclad / runc (p50) |");
+    let _ =
+        writeln!(md, "| figure | ironclad p50 | p95 | min | runc p50 | p95 | min | ironclad / runc (p50) |");
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
     for figure in &results.figures {
         let cells = |runtime: Runtime| match figure.summaries.get(&runtime) {
@@ -151,7 +153,10 @@ pub fn runtimes_markdown(
     let _ = writeln!(md);
     if !results.density.is_empty() {
         let _ = writeln!(md, "Density: N idle sandboxes (`sleep`) started at once with `ctr run -d`.\n");
-        let _ = writeln!(md, "| runtime | N | time until all run (s) | PSS of all (MiB) | PSS per sandbox (MiB) |");
+        let _ = writeln!(
+            md,
+            "| runtime | N | time until all run (s) | PSS of all (MiB) | PSS per sandbox (MiB) |"
+        );
         let _ = writeln!(md, "|---|---|---|---|---|");
         for p in &results.density {
             let _ = writeln!(

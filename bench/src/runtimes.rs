@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use ironclad_tests::containerd::{self, Artifacts, Containerd, BUSYBOX_IMAGE, IRONCLAD_RUNTIME, RUNC_RUNTIME};
+use ironclad_tests::containerd::{
+    self, Artifacts, Containerd, BUSYBOX_IMAGE, IRONCLAD_RUNTIME, RUNC_RUNTIME,
+};
 use serde::Serialize;
 
 use crate::stats::{summarize, Summary};
@@ -55,6 +57,8 @@ impl Runtime {
 }
 
 pub struct Settings {
+    /// The backend the shim will use, and why (`auto` resolved as the shim resolves it).
+    pub backend: String,
     pub runs: usize,
     /// Sandboxes started at once for the density curve.
     pub density: Vec<usize>,
@@ -90,6 +94,7 @@ pub struct DensityPoint {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Results {
+    /// The ironclad backend, e.g. "qemu (auto: /dev/kvm opens but the CPU flags show no vmx/svm ...)".
     pub hypervisor: String,
     pub runs: usize,
     pub figures: Vec<Figure>,
@@ -132,7 +137,8 @@ impl Bench<'_> {
     }
 
     fn run_args(&self, runtime: Runtime, flags: &[&str], id: &str, cmd: &[&str]) -> Vec<String> {
-        let mut args: Vec<String> = vec!["run".into(), "--runtime".into(), runtime.containerd_runtime().into()];
+        let mut args: Vec<String> =
+            vec!["run".into(), "--runtime".into(), runtime.containerd_runtime().into()];
         if runtime == Runtime::Ironclad {
             args.extend(["--runtime-config-path".to_string(), self.shim_config.clone()]);
         }
@@ -157,7 +163,8 @@ impl Bench<'_> {
             .spawn()
             .map_err(|e| run_err("cold start", runtime, e.to_string()))?;
         let mut first = [0u8; 1];
-        let mut stdout = child.stdout.take().ok_or_else(|| run_err("cold start", runtime, "no stdout".into()))?;
+        let mut stdout =
+            child.stdout.take().ok_or_else(|| run_err("cold start", runtime, "no stdout".into()))?;
         let first_output = match stdout.read(&mut first) {
             Ok(1) => started.elapsed().as_secs_f64(),
             _ => f64::NAN,
@@ -184,7 +191,8 @@ impl Bench<'_> {
         let _ = self.containerd.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            let deleted = self.containerd.ctr(&["tasks", "delete", id]).map(|o| o.status.success()).unwrap_or(false);
+            let deleted =
+                self.containerd.ctr(&["tasks", "delete", id]).map(|o| o.status.success()).unwrap_or(false);
             if deleted {
                 break;
             }
@@ -234,6 +242,18 @@ fn figure(
     Figure { name, unit, what, summaries, ratio }
 }
 
+/// Names the backend a `hypervisor` setting means on this host, as the shim will choose it.
+pub fn describe_backend(hypervisor: &str) -> String {
+    use ironclad_shim::hypervisor::HostVirtualization;
+    let host = HostVirtualization::detect();
+    match hypervisor {
+        "auto" if host.can_boot_linux_on_kvm() => format!("ironclad-vmm (auto: {})", host.explain()),
+        "auto" => format!("qemu, TCG (auto: {})", host.explain()),
+        "ironclad" => "ironclad-vmm".to_string(),
+        other => other.to_string(),
+    }
+}
+
 /// PSS in KiB of a process, from smaps_rollup.
 fn pss_kib(pid: i32) -> u64 {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
@@ -253,7 +273,8 @@ fn task_processes(containerd: &Containerd, id: &str) -> Vec<i32> {
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .filter_map(|pid| {
-            let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).ok()?).replace('\0', " ");
+            let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).ok()?)
+                .replace('\0', " ");
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
             let ppid = stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()?;
             Some((pid, ppid, cmdline))
@@ -261,7 +282,9 @@ fn task_processes(containerd: &Containerd, id: &str) -> Vec<i32> {
         .collect();
     let shims: Vec<i32> = all
         .iter()
-        .filter(|(_, _, c)| c.contains("containerd-shim") && c.contains(&marker) && c.contains(containerd.namespace()))
+        .filter(|(_, _, c)| {
+            c.contains("containerd-shim") && c.contains(&marker) && c.contains(containerd.namespace())
+        })
         .map(|(pid, _, _)| *pid)
         .collect();
     let task_dir = containerd.task_dir(id).display().to_string();
@@ -412,16 +435,41 @@ fn measure_figures(bench: &mut Bench<'_>, settings: &Settings) -> Result<Results
     let get = |job: &str| job_samples.get(job).cloned().unwrap_or_default();
     let figures = vec![
         figure("cold start", "s", "`ctr run --rm IMAGE ID echo ready`, from exec to exit", &start),
-        figure("time to first output", "s", "the same runs, from exec to the first byte of output", &first_output),
+        figure(
+            "time to first output",
+            "s",
+            "the same runs, from exec to the first byte of output",
+            &first_output,
+        ),
         figure("exec latency", "s", "`ctr task exec` of `true` in a running task", &get("exec")),
         figure("CPU-bound job", "s", "sha256 of 8 MiB (busybox), through `ctr task exec`", &get("cpu")),
-        figure("memory-bound job", "s", "a 32 MiB buffer copied 8 times (dd), through `ctr task exec`", &get("memory")),
-        figure("sequential write + fsync", "s", "16 MiB to the container's root file system", &get("seq-write")),
-        figure("random 4 KiB writes + fsync", "s", "64 writes, one dd each, on the container's root file system", &get("random-write")),
-        figure("host memory per idle sandbox", "MiB", "PSS of the shim and its VM (touched guest memory included) or container", &pss),
+        figure(
+            "memory-bound job",
+            "s",
+            "a 32 MiB buffer copied 8 times (dd), through `ctr task exec`",
+            &get("memory"),
+        ),
+        figure(
+            "sequential write + fsync",
+            "s",
+            "16 MiB to the container's root file system",
+            &get("seq-write"),
+        ),
+        figure(
+            "random 4 KiB writes + fsync",
+            "s",
+            "64 writes, one dd each, on the container's root file system",
+            &get("random-write"),
+        ),
+        figure(
+            "host memory per idle sandbox",
+            "MiB",
+            "PSS of the shim and its VM (touched guest memory included) or container",
+            &pss,
+        ),
     ];
     Ok(Results {
-        hypervisor: settings.hypervisor.clone(),
+        hypervisor: settings.backend.clone(),
         runs: settings.runs,
         figures,
         density,
@@ -434,7 +482,8 @@ fn measure_density(bench: &mut Bench<'_>, runtime: Runtime, n: usize) -> Result<
     let ids: Vec<String> = (0..n).map(|_| bench.id(runtime, "density")).collect();
     let started = Instant::now();
     let containerd = bench.containerd;
-    let commands: Vec<Vec<String>> = ids.iter().map(|id| bench.run_args(runtime, &["-d"], id, &["sleep", "100000"])).collect();
+    let commands: Vec<Vec<String>> =
+        ids.iter().map(|id| bench.run_args(runtime, &["-d"], id, &["sleep", "100000"])).collect();
     let outcomes: Vec<Result<String, containerd::Error>> = std::thread::scope(|scope| {
         let handles: Vec<_> = commands
             .iter()

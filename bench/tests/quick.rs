@@ -46,3 +46,63 @@ fn vmm_benchmark_writes_a_report_with_every_figure() {
     assert!(vmm["vms_per_second"].as_f64().unwrap() > 0.0);
     assert!(!value["machine"]["kvm"].as_str().unwrap().is_empty());
 }
+
+/// The runtime comparison in its quickest mode: both runtimes produce every figure, the report
+/// has the table and both charts exist in both formats.
+#[test]
+fn runtimes_benchmark_puts_ironclad_and_runc_side_by_side() {
+    let root = nix::unistd::geteuid().is_root();
+    let guest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest");
+    let have_containerd = Command::new("containerd").arg("--version").output().is_ok();
+    if !root || !have_containerd || !guest.join("bzImage").exists() {
+        eprintln!("SKIPPED: needs root, containerd and the guest (make guest)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("benchmarks.md");
+    std::fs::write(&report, "# Benchmarks\n\n<!-- section:vmm -->\nkept\n<!-- end:vmm -->\n").unwrap();
+    let json = dir.path().join("runtimes.json");
+    let charts = dir.path().join("charts");
+    let output = Command::new(env!("CARGO_BIN_EXE_ironclad-bench"))
+        .args(["runtimes", "--runs", "2", "--density", "1", "--guest-dir"])
+        .arg(&guest)
+        .arg("--report")
+        .arg(&report)
+        .arg("--json")
+        .arg(&json)
+        .arg("--charts")
+        .arg(&charts)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let markdown = std::fs::read_to_string(&report).unwrap();
+    assert!(markdown.contains("<!-- section:vmm -->\nkept"), "the VMM section was lost:\n{markdown}");
+    for text in [
+        "ironclad vs runc",
+        "| cold start (s) |",
+        "| exec latency (s) |",
+        "Machine:",
+        "charts/start-latency.svg",
+    ] {
+        assert!(markdown.contains(text), "{text} missing from:\n{markdown}");
+    }
+    let value: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let figures = value["runtimes"]["figures"].as_array().unwrap();
+    assert!(figures.len() >= 8);
+    for figure in figures {
+        for runtime in ["ironclad", "runc"] {
+            let summary = &figure["summaries"][runtime];
+            assert_eq!(
+                summary["runs"],
+                if figure["name"] == "host memory per idle sandbox" { 1 } else { 2 },
+                "{figure}"
+            );
+            assert!(summary["median"].as_f64().unwrap() > 0.0, "{runtime}: {figure}");
+        }
+    }
+    let density = value["runtimes"]["density"].as_array().unwrap();
+    assert_eq!(density.len(), 2, "one point per runtime");
+    for chart in ["start-latency.png", "start-latency.svg", "density.png", "density.svg"] {
+        assert!(std::fs::metadata(charts.join(chart)).unwrap().len() > 0, "{chart}");
+    }
+}

@@ -10,10 +10,9 @@ use std::time::{Duration, Instant};
 use ironclad_protocol::agent::health_check_response::ServingStatus;
 use ironclad_protocol::agent::{
     CheckRequest, ContainerRequest, CopyFileRequest, CreateContainerRequest, CreateSandboxRequest,
-    DestroySandboxRequest,
-    ExecProcessRequest, ProcessRef, ReadStreamRequest, RemoveContainerRequest, SetGuestDateTimeRequest,
-    SignalProcessRequest, StartContainerRequest, TtyWinResizeRequest, UpdateContainerRequest,
-    VersionCheckResponse, WriteStreamRequest,
+    DestroySandboxRequest, ExecProcessRequest, ProcessRef, ReadStreamRequest, RemoveContainerRequest,
+    SetGuestDateTimeRequest, SignalProcessRequest, StartContainerRequest, TtyWinResizeRequest,
+    UpdateContainerRequest, VersionCheckResponse, WriteStreamRequest,
 };
 use ironclad_protocol::agent_ttrpc::{AgentClient as AgentRpc, HealthClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -22,8 +22,16 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("{stream} URI {uri:?} is not supported: ironclad takes FIFO paths and file:// URIs")]
+    #[error("{stream} URI {uri:?} is not supported: ironclad takes FIFO paths, file:// and binary:// URIs")]
     UnsupportedUri { stream: &'static str, uri: String },
+    #[error("cannot start the logging binary {path}")]
+    Logger {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the logging binary {path} did not signal ready within {waited:?}")]
+    LoggerNotReady { path: PathBuf, waited: std::time::Duration },
 }
 
 /// Where containerd wants a stream to go (or come from).
@@ -32,6 +40,12 @@ pub enum Endpoint {
     None,
     Fifo(PathBuf),
     File(PathBuf),
+    /// containerd's logging binary: `binary:///path?key=value&flag`, run with stdout on fd 3,
+    /// stderr on fd 4 and a readiness pipe on fd 5, as containerd's own shims do.
+    Binary {
+        path: PathBuf,
+        args: Vec<String>,
+    },
 }
 
 pub fn parse_endpoint(stream: &'static str, uri: &str) -> Result<Endpoint, Error> {
@@ -40,6 +54,19 @@ pub fn parse_endpoint(stream: &'static str, uri: &str) -> Result<Endpoint, Error
     }
     if let Some(path) = uri.strip_prefix("file://") {
         return Ok(Endpoint::File(PathBuf::from(path)));
+    }
+    if let Some(rest) = uri.strip_prefix("binary://") {
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        // Each query parameter becomes the argument `key`, then `value` if it has one.
+        let args = query
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .flat_map(|pair| match pair.split_once('=') {
+                Some((key, value)) => vec![key.to_string(), value.to_string()],
+                None => vec![pair.to_string()],
+            })
+            .collect();
+        return Ok(Endpoint::Binary { path: PathBuf::from(path), args });
     }
     if let Some(path) = uri.strip_prefix("fifo://") {
         return Ok(Endpoint::Fifo(PathBuf::from(path)));
@@ -78,7 +105,82 @@ pub async fn open_output(stream: &'static str, uri: &str) -> Result<Option<Sink>
                 .map_err(open_err(&path))?;
             Ok(Some(Box::new(file)))
         }
+        Endpoint::Binary { .. } => Err(Error::UnsupportedUri { stream, uri: uri.to_string() }),
     }
+}
+
+/// How long a logging binary may take to close its readiness pipe.
+const LOGGER_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A started logging binary: where the process's stdout and stderr go, and the binary itself, which
+/// exits once both are closed.
+pub struct BinaryLogger {
+    pub stdout: Sink,
+    pub stderr: Sink,
+    pub child: tokio::process::Child,
+}
+
+/// Starts containerd's logging binary for a process of container `id` in `namespace`.
+pub async fn start_binary_logger(
+    path: &std::path::Path,
+    args: &[String],
+    id: &str,
+    namespace: &str,
+) -> Result<BinaryLogger, Error> {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    let err = |source| Error::Logger { path: path.to_path_buf(), source };
+    let pipe = || -> std::io::Result<(OwnedFd, OwnedFd)> {
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)
+    };
+    let (out_r, out_w) = pipe().map_err(err)?;
+    let (err_r, err_w) = pipe().map_err(err)?;
+    let (ready_r, ready_w) = pipe().map_err(err)?;
+    let child_fds = [out_r.as_raw_fd(), err_r.as_raw_fd(), ready_w.as_raw_fd()];
+    let mut command = tokio::process::Command::new(path);
+    command
+        .args(args)
+        .env("CONTAINER_ID", id)
+        .env("CONTAINER_NAMESPACE", namespace)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(false);
+    // SAFETY: the closure runs in the forked child before exec and only calls fcntl and dup2,
+    // which are async-signal-safe; the descriptors it copies are open in the parent until spawn
+    // returns.
+    unsafe {
+        command.pre_exec(move || {
+            // Copied out of the way first: a source may itself be 3, 4 or 5, which a direct dup2
+            // would overwrite (or leave close-on-exec).
+            let mut high = [0; 3];
+            for (slot, fd) in high.iter_mut().zip(child_fds) {
+                *slot = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
+                if *slot < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (target, fd) in (3..).zip(high) {
+                if libc::dup2(fd, target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().map_err(err)?;
+    drop((out_r, err_r, ready_w));
+    let mut ready = pipe::Receiver::from_owned_fd(ready_r).map_err(err)?;
+    let mut sink = Vec::new();
+    match tokio::time::timeout(LOGGER_READY_TIMEOUT, ready.read_to_end(&mut sink)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(source)) => return Err(err(source)),
+        Err(_) => {
+            return Err(Error::LoggerNotReady { path: path.to_path_buf(), waited: LOGGER_READY_TIMEOUT })
+        }
+    }
+    Ok(BinaryLogger {
+        stdout: Box::new(pipe::Sender::from_owned_fd(out_w).map_err(err)?),
+        stderr: Box::new(pipe::Sender::from_owned_fd(err_w).map_err(err)?),
+        child,
+    })
 }
 
 /// Opens the stdin FIFO read-write: it then never reports end-of-file by itself; containerd ends
@@ -91,7 +193,9 @@ pub fn open_input(uri: &str) -> Result<Option<pipe::Receiver>, Error> {
             .open_receiver(&path)
             .map(Some)
             .map_err(|source| Error::Open { stream: "stdin", path, source }),
-        Endpoint::File(_) => Err(Error::UnsupportedUri { stream: "stdin", uri: uri.to_string() }),
+        Endpoint::File(_) | Endpoint::Binary { .. } => {
+            Err(Error::UnsupportedUri { stream: "stdin", uri: uri.to_string() })
+        }
     }
 }
 
@@ -193,8 +297,35 @@ mod tests {
             parse_endpoint("stdout", "file:///var/log/c.log").unwrap(),
             Endpoint::File("/var/log/c.log".into())
         );
-        let err = parse_endpoint("stdout", "binary:///usr/bin/logger?x=1").unwrap_err();
-        assert!(err.to_string().contains("binary:///usr/bin/logger"), "{err}");
+        assert_eq!(
+            parse_endpoint("stdout", "binary:///usr/bin/logger?--tag=web&-v").unwrap(),
+            Endpoint::Binary {
+                path: "/usr/bin/logger".into(),
+                args: vec!["--tag".into(), "web".into(), "-v".into()]
+            }
+        );
+        let err = parse_endpoint("stdout", "syslog://x").unwrap_err();
+        assert!(err.to_string().contains("syslog://x"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_logging_binary_gets_both_streams_and_the_container_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("log");
+        // A logger in sh: signal ready by closing fd 5, then copy fds 3 and 4 to a file.
+        let script = format!(
+            "exec 5>&-; echo \"$CONTAINER_ID/$CONTAINER_NAMESPACE $1\" > {0}; cat <&3 >> {0}; cat <&4 >> {0}",
+            out.display()
+        );
+        let logger = dir.path().join("logger.sh");
+        std::fs::write(&logger, format!("#!/bin/sh\n{script}\n")).unwrap();
+        std::fs::set_permissions(&logger, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let mut started = start_binary_logger(&logger, &["tag".into()], "c1", "ns1").await.unwrap();
+        started.stdout.write_all(b"out\n").await.unwrap();
+        started.stderr.write_all(b"err\n").await.unwrap();
+        drop((started.stdout, started.stderr));
+        assert!(started.child.wait().await.unwrap().success());
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "c1/ns1 tag\nout\nerr\n");
     }
 
     #[tokio::test]

@@ -406,12 +406,29 @@ impl TaskService {
         let io_err = |err: stdio::Error| status(ttrpc::Code::INVALID_ARGUMENT, error_chain(&err));
         let io = task.io(&process.exec_id);
         let mut outputs = Vec::new();
-        if let Some(sink) = stdio::open_output("stdout", &process.stdio.stdout).await.map_err(io_err)? {
-            outputs.push(tokio::spawn(stdio::relay_output(io.clone(), false, sink)));
-        }
-        if !process.stdio.terminal {
-            if let Some(sink) = stdio::open_output("stderr", &process.stdio.stderr).await.map_err(io_err)? {
-                outputs.push(tokio::spawn(stdio::relay_output(io.clone(), true, sink)));
+        if let stdio::Endpoint::Binary { path, args } =
+            stdio::parse_endpoint("stdout", &process.stdio.stdout).map_err(io_err)?
+        {
+            // One logging binary takes both streams, as with containerd's own shims.
+            let logger =
+                stdio::start_binary_logger(&path, &args, &task.id, &self.namespace).await.map_err(io_err)?;
+            outputs.push(tokio::spawn(stdio::relay_output(io.clone(), false, logger.stdout)));
+            outputs.push(tokio::spawn(stdio::relay_output(io.clone(), true, logger.stderr)));
+            let mut child = logger.child;
+            // It exits once both streams are closed; waiting for it reaps it.
+            tokio::spawn(async move {
+                let _ = child.wait().await;
+            });
+        } else {
+            if let Some(sink) = stdio::open_output("stdout", &process.stdio.stdout).await.map_err(io_err)? {
+                outputs.push(tokio::spawn(stdio::relay_output(io.clone(), false, sink)));
+            }
+            if !process.stdio.terminal {
+                if let Some(sink) =
+                    stdio::open_output("stderr", &process.stdio.stderr).await.map_err(io_err)?
+                {
+                    outputs.push(tokio::spawn(stdio::relay_output(io.clone(), true, sink)));
+                }
             }
         }
         if let Some(source) = stdio::open_input(&process.stdio.stdin).map_err(io_err)? {
@@ -560,7 +577,11 @@ fn guest_hostname(spec: &serde_json::Value, id: &str) -> String {
         && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
         && !id.starts_with('-')
         && !id.ends_with('-');
-    if valid { id.to_string() } else { "ironclad".to_string() }
+    if valid {
+        id.to_string()
+    } else {
+        "ironclad".to_string()
+    }
 }
 
 fn spec_annotations(spec: &serde_json::Value) -> HashMap<String, String> {

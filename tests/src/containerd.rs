@@ -73,17 +73,21 @@ impl Containerd {
         }
         // Below /var/tmp, not /tmp: the overlay snapshotter needs a file system that takes overlay
         // upper directories, and a short path keeps socket names under 108 bytes.
-        let dir = tempfile::Builder::new().prefix("icd-").tempdir_in("/var/tmp").map_err(io_err("temp dir"))?;
-        let namespace = format!("ironclad-e2e-{}", dir.path().file_name().unwrap_or_default().to_string_lossy());
+        let dir =
+            tempfile::Builder::new().prefix("icd-").tempdir_in("/var/tmp").map_err(io_err("temp dir"))?;
+        let namespace =
+            format!("ironclad-e2e-{}", dir.path().file_name().unwrap_or_default().to_string_lossy());
         let namespace = namespace.replace(['.', '_'], "-").to_lowercase();
         let socket = dir.path().join("containerd.sock");
         let config = dir.path().join("containerd.toml");
-        std::fs::write(&config, containerd_config(dir.path(), &socket)).map_err(io_err("write containerd.toml"))?;
+        std::fs::write(&config, containerd_config(dir.path(), &socket))
+            .map_err(io_err("write containerd.toml"))?;
         let run_root = dir.path().join("run");
         let shim_config = dir.path().join("ironclad.toml");
         std::fs::write(&shim_config, shim_config_text(artifacts, &run_root, &dir.path().join("images")))
             .map_err(io_err("write ironclad.toml"))?;
-        let log = std::fs::File::create(dir.path().join("containerd.log")).map_err(io_err("containerd.log"))?;
+        let log =
+            std::fs::File::create(dir.path().join("containerd.log")).map_err(io_err("containerd.log"))?;
         let path = format!("{}:{}", artifacts.shim_dir.display(), std::env::var("PATH").unwrap_or_default());
         let child = Command::new("containerd")
             .arg("--config")
@@ -267,7 +271,10 @@ impl Drop for Containerd {
                 let _ = self.ctr(&["containers", "delete", id]);
             }
         }
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
             std::thread::sleep(Duration::from_millis(50));
@@ -280,13 +287,17 @@ impl Drop for Containerd {
             let _ = std::fs::copy(self.dir.path().join("containerd.log"), kept);
         }
         for (pid, _) in self.leftover_processes() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }
         // Snapshots and the shims' sockets are mounted or bound below the directory.
         let marker = self.dir.path().display().to_string();
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut mounts: Vec<&str> =
-            mountinfo.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&marker)).collect();
+        let mut mounts: Vec<&str> = mountinfo
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| m.starts_with(&marker))
+            .collect();
         mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
         for mount_point in mounts {
             let _ = nix::mount::umount2(mount_point, nix::mount::MntFlags::MNT_DETACH);
@@ -366,8 +377,11 @@ pub fn build_busybox_archive(work: &Path, archive: &Path) -> Result<(), Error> {
     for applet in String::from_utf8_lossy(&list.stdout).lines().filter(|a| *a != "busybox" && !a.is_empty()) {
         let _ = std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet));
     }
-    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\nbuilder:x:1000:1000::/work:/bin/sh\n")
-        .map_err(io_err("passwd"))?;
+    std::fs::write(
+        rootfs.join("etc/passwd"),
+        "root:x:0:0:root:/:/bin/sh\nbuilder:x:1000:1000::/work:/bin/sh\n",
+    )
+    .map_err(io_err("passwd"))?;
     std::fs::write(rootfs.join("etc/group"), "root:x:0:\nbuilder:x:1000:\n").map_err(io_err("group"))?;
 
     let layer_tar = work.join("layer.tar");
@@ -390,10 +404,9 @@ pub fn build_busybox_archive(work: &Path, archive: &Path) -> Result<(), Error> {
     let (layer_digest, layer_size) = put_blob(&layout, &layer)?;
 
     let mut manifests = Vec::new();
-    for (name, user, cwd, env) in [
-        (BUSYBOX_IMAGE, "", "/", "PATH=/bin"),
-        (BUSYBOX_USER_IMAGE, "1000:1000", "/work", "PATH=/bin"),
-    ] {
+    for (name, user, cwd, env) in
+        [(BUSYBOX_IMAGE, "", "/", "PATH=/bin"), (BUSYBOX_USER_IMAGE, "1000:1000", "/work", "PATH=/bin")]
+    {
         let config = serde_json::json!({
             "architecture": "amd64",
             "os": "linux",
@@ -418,8 +431,16 @@ pub fn build_busybox_archive(work: &Path, archive: &Path) -> Result<(), Error> {
     }
     let index = serde_json::json!({"schemaVersion": 2, "manifests": manifests});
     std::fs::write(layout.join("index.json"), index.to_string()).map_err(io_err("index.json"))?;
-    std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io_err("oci-layout"))?;
-    let tar = Command::new("tar").arg("-C").arg(&layout).arg("-cf").arg(archive).arg(".").output().map_err(io_err("tar"))?;
+    std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)
+        .map_err(io_err("oci-layout"))?;
+    let tar = Command::new("tar")
+        .arg("-C")
+        .arg(&layout)
+        .arg("-cf")
+        .arg(archive)
+        .arg(".")
+        .output()
+        .map_err(io_err("tar"))?;
     if !tar.status.success() {
         return Err(Error::Command {
             command: "tar (archive)".into(),

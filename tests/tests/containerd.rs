@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use ironclad_tests::containerd::{Artifacts, Containerd, Events, BUSYBOX_IMAGE, BUSYBOX_USER_IMAGE, IRONCLAD_RUNTIME};
+use ironclad_tests::containerd::{
+    Artifacts, Containerd, Events, BUSYBOX_IMAGE, BUSYBOX_USER_IMAGE, IRONCLAD_RUNTIME,
+};
 use ironclad_tests::GuestArtifacts;
 
 /// Every ctr call gets this long before the test kills it and fails.
@@ -30,7 +32,10 @@ fn start_containerd() -> Option<Containerd> {
         Err(err) => panic!("{err}"),
     };
     let shim_dir = shim_dir();
-    assert!(shim_dir.join("containerd-shim-ironclad-v2").is_file(), "build the shim first (cargo build -p ironclad-shim)");
+    assert!(
+        shim_dir.join("containerd-shim-ironclad-v2").is_file(),
+        "build the shim first (cargo build -p ironclad-shim)"
+    );
     let artifacts = Artifacts {
         kernel: guest.kernel,
         initrd: guest.initrd,
@@ -43,7 +48,14 @@ fn start_containerd() -> Option<Containerd> {
 }
 
 /// `ctr run --rm` with the ironclad runtime and this containerd's shim config.
-fn run(containerd: &Containerd, flags: &[&str], image: &str, id: &str, cmd: &[&str], stdin: Option<&str>) -> Output {
+fn run(
+    containerd: &Containerd,
+    flags: &[&str],
+    image: &str,
+    id: &str,
+    cmd: &[&str],
+    stdin: Option<&str>,
+) -> Output {
     let config = containerd.shim_config.display().to_string();
     let mut args = vec!["run", "--rm", "--runtime", IRONCLAD_RUNTIME, "--runtime-config-path", &config];
     args.extend_from_slice(flags);
@@ -100,7 +112,8 @@ fn assert_nothing_left(containerd: &Containerd, id: &str) {
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         let images = containerd.dir().join("images").display().to_string();
         let run_root = containerd.run_root.display().to_string();
-        let mounts: Vec<&str> = mountinfo.lines().filter(|l| l.contains(&images) || l.contains(&run_root)).collect();
+        let mounts: Vec<&str> =
+            mountinfo.lines().filter(|l| l.contains(&images) || l.contains(&run_root)).collect();
         let socket_left = shim_socket.exists();
         if !dir_left && processes.is_empty() && mounts.is_empty() && !socket_left {
             return;
@@ -168,14 +181,22 @@ fn exit_status(events: &Events, id: &str) -> u32 {
 fn remove_task(containerd: &Containerd, events: &Events, id: &str) {
     containerd.ctr_ok(&["tasks", "delete", id]).unwrap();
     containerd.ctr_ok(&["containers", "delete", id]).unwrap();
-    let delete = events.wait_for(&["/tasks/delete", &format!("\"container_id\":\"{id}\"")], Duration::from_secs(30));
+    let delete =
+        events.wait_for(&["/tasks/delete", &format!("\"container_id\":\"{id}\"")], Duration::from_secs(30));
     assert!(delete.is_some(), "no delete event for {id}: {}", events.all());
 }
 
 #[test]
 fn echo_exit_codes_and_the_guest_kernel() {
     let Some(containerd) = start_containerd() else { return };
-    let output = run(&containerd, &[], BUSYBOX_IMAGE, "echo1", &["sh", "-c", "echo hello from a microVM; uname -r"], None);
+    let output = run(
+        &containerd,
+        &[],
+        BUSYBOX_IMAGE,
+        "echo1",
+        &["sh", "-c", "echo hello from a microVM; uname -r"],
+        None,
+    );
     let stdout = stdout_of(&containerd, &output);
     let host_kernel = nix::sys::utsname::uname().unwrap().release().to_string_lossy().into_owned();
     let lines: Vec<&str> = stdout.lines().collect();
@@ -203,7 +224,14 @@ fn echo_exit_codes_and_the_guest_kernel() {
 #[test]
 fn stdin_tty_env_cwd_and_user() {
     let Some(containerd) = start_containerd() else { return };
-    let output = run(&containerd, &[], BUSYBOX_IMAGE, "stdin1", &["sh", "-c", "head -n 1 | tr a-z A-Z"], Some("piped in\n"));
+    let output = run(
+        &containerd,
+        &[],
+        BUSYBOX_IMAGE,
+        "stdin1",
+        &["sh", "-c", "head -n 1 | tr a-z A-Z"],
+        Some("piped in\n"),
+    );
     assert_eq!(stdout_of(&containerd, &output), "PIPED IN\n");
 
     let script = "id -u; id -g; pwd; echo $FROM_IMAGE $FOO";
@@ -228,7 +256,34 @@ fn stdin_tty_env_cwd_and_user() {
     let stdout = stdout_of(&containerd, &output);
     assert!(stdout.contains("/dev/pts/0"), "{stdout}");
     assert!(stdout.contains("33 101"), "the terminal has ctr's size: {stdout}");
-    for id in ["stdin1", "user1", "flags1", "tty1"] {
+    // A logging binary (containerd's binary:// log URI) gets stdout on fd 3, stderr on fd 4.
+    let logs = tempfile::tempdir().unwrap();
+    let logged = logs.path().join("logged");
+    let logger = logs.path().join("logger.sh");
+    let script = format!(
+        "#!/bin/sh\nexec 5>&-\necho \"$CONTAINER_ID\" > {0}\ncat <&3 >> {0}\ncat <&4 >> {0}\n",
+        logged.display()
+    );
+    std::fs::write(&logger, script).unwrap();
+    std::fs::set_permissions(&logger, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let uri = format!("binary://{}", logger.display());
+    let output = run(
+        &containerd,
+        &["--log-uri", &uri],
+        BUSYBOX_IMAGE,
+        "log1",
+        &["sh", "-c", "echo out; echo err >&2"],
+        None,
+    );
+    stdout_of(&containerd, &output);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&logged).unwrap_or_default().lines().count() < 3
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(std::fs::read_to_string(&logged).unwrap(), "log1\nout\nerr\n");
+    for id in ["stdin1", "user1", "flags1", "tty1", "log1"] {
         assert_nothing_left(&containerd, id);
     }
 }
@@ -239,7 +294,16 @@ fn a_running_task_execs_lists_reports_pauses_and_stops_on_signals() {
     let events = containerd.events().unwrap();
     run_detached(&containerd, "run1", &["sh", "-c", "trap 'exit 42' TERM; while true; do sleep 1; done"]);
     assert!(containerd.shim_socket("run1").exists(), "the leftover check looks for the wrong socket");
-    let exec = containerd.ctr_ok(&["tasks", "exec", "--exec-id", "e1", "run1", "sh", "-c", "echo from exec; exit 0"]);
+    let exec = containerd.ctr_ok(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "e1",
+        "run1",
+        "sh",
+        "-c",
+        "echo from exec; exit 0",
+    ]);
     assert_eq!(exec.unwrap(), "from exec\n");
     let exec = containerd.ctr(&["tasks", "exec", "--exec-id", "e2", "run1", "sh", "-c", "exit 7"]).unwrap();
     assert_eq!(exec.status.code(), Some(7));
@@ -259,8 +323,19 @@ fn a_running_task_execs_lists_reports_pauses_and_stops_on_signals() {
     wait_for_status(&containerd, "run1", "STOPPED");
     remove_task(&containerd, &events, "run1");
     assert_nothing_left(&containerd, "run1");
-    for topic in ["/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started", "/tasks/paused", "/tasks/resumed"] {
-        assert!(events.wait_for(&[topic, "run1"], Duration::from_secs(5)).is_some(), "no {topic}: {}", events.all());
+    for topic in [
+        "/tasks/create",
+        "/tasks/start",
+        "/tasks/exec-added",
+        "/tasks/exec-started",
+        "/tasks/paused",
+        "/tasks/resumed",
+    ] {
+        assert!(
+            events.wait_for(&[topic, "run1"], Duration::from_secs(5)).is_some(),
+            "no {topic}: {}",
+            events.all()
+        );
     }
 
     run_detached(&containerd, "run2", &["sh", "-c", "sleep 1000 & sleep 1000"]);
@@ -284,9 +359,24 @@ fn memory_limits_hold_and_two_tasks_run_at_once() {
     let metrics = containerd.ctr_ok(&["tasks", "metrics", "mem1"]).unwrap();
     let limit = metrics.lines().find(|l| l.starts_with("memory.usage_limit")).unwrap_or_default().to_string();
     assert!(limit.trim_end().ends_with(" 33554432"), "{metrics}");
-    let dd = ["tasks", "exec", "--exec-id", "dd", "mem1", "dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"];
+    let dd = [
+        "tasks",
+        "exec",
+        "--exec-id",
+        "dd",
+        "mem1",
+        "dd",
+        "if=/dev/zero",
+        "of=/dev/null",
+        "bs=64M",
+        "count=1",
+    ];
     assert_eq!(containerd.ctr(&dd).unwrap().status.code(), Some(137), "the 64 MiB buffer was OOM-killed");
-    assert!(events.wait_for(&["/tasks/oom", "mem1"], Duration::from_secs(30)).is_some(), "no OOM event: {}", events.all());
+    assert!(
+        events.wait_for(&["/tasks/oom", "mem1"], Duration::from_secs(30)).is_some(),
+        "no OOM event: {}",
+        events.all()
+    );
     containerd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "mem1"]).unwrap();
     assert_eq!(exit_status(&events, "mem1"), 137);
     remove_task(&containerd, &events, "mem1");
@@ -332,14 +422,27 @@ fn bad_requests_fail_clearly_and_leave_nothing() {
     let output = run(&containerd, &["--mount", &mount], BUSYBOX_IMAGE, "bind1", &["true"], None);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
-    assert!(stderr.contains(&dir.path().display().to_string()) && stderr.contains("not supported"), "{stderr}");
+    assert!(
+        stderr.contains(&dir.path().display().to_string()) && stderr.contains("not supported"),
+        "{stderr}"
+    );
     assert_nothing_left(&containerd, "bind1");
     let _ = containerd.ctr(&["containers", "delete", "bind1"]);
 
     let broken = containerd.dir().join("broken.toml");
     std::fs::write(&broken, "kernel = \"/nonexistent/bzImage\"\nhypervisor = \"qemu\"\n").unwrap();
     let config = broken.display().to_string();
-    let args = ["run", "--rm", "--runtime", IRONCLAD_RUNTIME, "--runtime-config-path", &config, BUSYBOX_IMAGE, "nokernel1", "true"];
+    let args = [
+        "run",
+        "--rm",
+        "--runtime",
+        IRONCLAD_RUNTIME,
+        "--runtime-config-path",
+        &config,
+        BUSYBOX_IMAGE,
+        "nokernel1",
+        "true",
+    ];
     let output = run_ctr(&containerd, &args, None);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());

@@ -11,7 +11,11 @@ use ironclad_tests::GuestArtifacts;
 
 const SCRIPT: &str = "uname -a; echo hello from a microVM";
 
-fn run_once(containerd: &Containerd, runtime: &str, id: &str) -> Result<(String, f64), Box<dyn std::error::Error>> {
+fn run_once(
+    containerd: &Containerd,
+    runtime: &str,
+    id: &str,
+) -> Result<(String, f64), Box<dyn std::error::Error>> {
     let config = containerd.shim_config.display().to_string();
     let mut args = vec!["run", "--rm", "--runtime", runtime];
     if runtime == IRONCLAD_RUNTIME {
@@ -29,7 +33,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let shim_dir = exe.parent().map(PathBuf::from).unwrap_or_default();
     let hypervisor = std::env::var("IRONCLAD_HYPERVISOR").unwrap_or_else(|_| "auto".into());
     let artifacts = Artifacts { kernel: guest.kernel, initrd: guest.initrd, shim_dir, hypervisor };
-    println!("starting a private containerd and importing a busybox image built from this host's busybox-static");
+    println!(
+        "starting a private containerd and importing a busybox image built from this host's busybox-static"
+    );
     let containerd = Containerd::start(&artifacts)?;
     containerd.import_busybox()?;
     // The first ironclad run also builds the image's rootfs disk, which later runs find cached.
@@ -44,7 +50,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         "\nwall time, ctr run --rm to exit: ironclad {ironclad_secs:.2} s (first run, building the image's disk: \
          {first_secs:.2} s), runc {runc_secs:.2} s"
     );
-    println!("(hypervisor backend: {}; see the shim's log lines in containerd's log for why)", artifacts.hypervisor);
+    println!(
+        "(hypervisor backend: {}; see the shim's log lines in containerd's log for why)",
+        artifacts.hypervisor
+    );
     Ok(())
 }
 
