@@ -182,6 +182,10 @@ pub fn clean_up_task_dir(task_dir: &Path) {
             warn!("cannot remove {}: {err}", task_dir.display());
         }
     }
+    // The namespace's directory goes with its last task (remove_dir fails while others remain).
+    if let Some(namespace_dir) = task_dir.parent() {
+        let _ = std::fs::remove_dir(namespace_dir);
+    }
 }
 
 #[cfg(test)]
@@ -213,6 +217,7 @@ mod tests {
         std::fs::write(task_dir.join(PIDS_FILE), format!("{}\n{}\n", ours.id(), other.id())).unwrap();
         clean_up_task_dir(&task_dir);
         assert!(ours.wait().unwrap().code().is_none(), "our process was not killed");
+        assert!(!dir.path().exists(), "the emptied parent directory was kept");
         assert!(other.try_wait().unwrap().is_none(), "a foreign process was killed");
         assert!(!task_dir.exists());
         other.kill().unwrap();

@@ -74,20 +74,24 @@ fn run_ctr(containerd: &Containerd, args: &[&str], stdin: Option<&str>) -> Outpu
         use std::io::Write;
         child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
     }
-    let started = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > CTR_TIMEOUT {
-            let _ = child.kill();
-            let output = child.wait_with_output().unwrap();
-            panic!(
-                "ctr {args:?} did not finish within {CTR_TIMEOUT:?}; stderr: {}\ncontainerd log:\n{}",
-                String::from_utf8_lossy(&output.stderr),
-                containerd.log_tail()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    // Output is collected while ctr runs (a full pipe would stall it); a timeout kills it.
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let output = child.wait_with_output();
+        let _ = done_tx.send(());
+        output
+    });
+    if done_rx.recv_timeout(CTR_TIMEOUT).is_err() {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let output = waiter.join().unwrap().unwrap();
+        panic!(
+            "ctr {args:?} did not finish within {CTR_TIMEOUT:?}; stderr: {}\ncontainerd log:\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            containerd.log_tail()
+        );
     }
-    child.wait_with_output().unwrap()
+    waiter.join().unwrap().unwrap()
 }
 
 fn stdout_of(containerd: &Containerd, output: &Output) -> String {
@@ -205,12 +209,28 @@ fn echo_exit_codes_and_the_guest_kernel() {
     assert!(lines.get(1).is_some_and(|r| r.starts_with("6.12")), "{stdout}");
     assert_nothing_left(&containerd, "echo1");
 
+    // Output written just before the exit is all there: the shim drains it before TaskExit.
+    let output = run(&containerd, &[], BUSYBOX_IMAGE, "burst1", &["seq", "1", "30000"], None);
+    let lines = stdout_of(&containerd, &output).lines().count();
+    assert_eq!(lines, 30000);
+    assert_nothing_left(&containerd, "burst1");
+
+    // A bind-mounted host file is copied into the guest.
+    let dir = tempfile::tempdir().unwrap();
+    let greeting = dir.path().join("greeting");
+    std::fs::write(&greeting, "hello from the host\n").unwrap();
+    let mount = format!("type=bind,src={},dst=/etc/greeting,options=rbind:ro", greeting.display());
+    let output =
+        run(&containerd, &["--mount", &mount], BUSYBOX_IMAGE, "file1", &["cat", "/etc/greeting"], None);
+    assert_eq!(stdout_of(&containerd, &output), "hello from the host\n");
+    assert_nothing_left(&containerd, "file1");
+
     for (id, script, code) in [("exit0", "true", 0), ("exit1", "exit 1", 1), ("exit3", "exit 3", 3)] {
         let output = run(&containerd, &[], BUSYBOX_IMAGE, id, &["sh", "-c", script], None);
         assert_eq!(output.status.code(), Some(code), "{id}: {}", String::from_utf8_lossy(&output.stderr));
         assert_nothing_left(&containerd, id);
     }
-    // Four runs of one image built its rootfs image once.
+    // Six runs of one image built its rootfs image once.
     let images: Vec<_> = std::fs::read_dir(containerd.dir().join("images"))
         .unwrap()
         .flatten()
@@ -448,5 +468,7 @@ fn bad_requests_fail_clearly_and_leave_nothing() {
     assert!(!output.status.success());
     assert!(stderr.contains("/nonexistent/bzImage"), "{stderr}");
     assert_nothing_left(&containerd, "nokernel1");
+    // That config keeps the default run root: the task's directory and its namespace's are gone.
+    assert!(!std::path::Path::new("/run/ironclad").join(containerd.namespace()).exists());
     let _ = containerd.ctr(&["containers", "delete", "nokernel1"]);
 }

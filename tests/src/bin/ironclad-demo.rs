@@ -57,8 +57,27 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// `ironclad-demo --write-image FILE`: only writes the busybox OCI archive, for `ctr images import`.
+fn write_image(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    let work = tempfile::tempdir()?;
+    ironclad_tests::containerd::build_busybox_archive(work.path(), path)?;
+    println!(
+        "wrote {} ({BUSYBOX_IMAGE} and {}): `ctr images import {}`",
+        path.display(),
+        ironclad_tests::containerd::BUSYBOX_USER_IMAGE,
+        path.display()
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
-    match run() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.as_slice() {
+        [] => run(),
+        [flag, path] if flag == "--write-image" => write_image(std::path::Path::new(path)),
+        _ => Err("usage: ironclad-demo [--write-image FILE]".into()),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("ironclad-demo: {err}");
