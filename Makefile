@@ -81,8 +81,9 @@ install: guest
 # benchmark), docs/benchmarks-vmm.json, docs/benchmarks-runtimes.json and docs/charts/, naming the
 # machine and the backend.
 bench: prereqs guest
-	$(CARGO) build --release --locked -p ironclad-vmm -p ironclad-shim -p ironclad-bench
+	$(CARGO) build --release --locked -p ironclad-vmm -p ironclad-shim -p ironclad-agent -p ironclad-bench
 	target/release/ironclad-bench vmm --vmm target/release/ironclad-vmm
+	target/release/ironclad-bench agent --runs 20
 	target/release/ironclad-bench runtimes --runs 20 --density 1,10
 
 clean:

@@ -10,7 +10,7 @@ use std::time::Duration;
 use libcgroups::common::{AnyCgroupManager, CgroupConfig, CgroupManager, ControllerOpt};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
-use libcontainer::oci_spec::runtime::{LinuxResources, Process as OciProcess, Spec};
+use libcontainer::oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process as OciProcess, Spec};
 use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
@@ -518,8 +518,10 @@ impl Containers {
         rootfs: &Path,
         storages: &[StorageRequest],
         rootfs_overlay: bool,
+        sandbox_container: &str,
     ) -> Result<(), Error> {
         validate_id(id)?;
+        let spec_json = &self.join_sandbox_namespaces(spec_json, sandbox_container).await?;
         if self.entries.lock().await.contains_key(id) {
             return Err(Error::AlreadyExists(id.into()));
         }
@@ -843,6 +845,50 @@ impl Containers {
         Ok(())
     }
 
+    /// Points each namespace of the spec that names a path at the sandbox container's namespace of
+    /// that type. A path without a sandbox container is refused: it was written on the host.
+    async fn join_sandbox_namespaces(
+        &self,
+        spec_json: &str,
+        sandbox_container: &str,
+    ) -> Result<String, Error> {
+        let mut spec: Spec =
+            serde_json::from_str(spec_json).map_err(|e| Error::InvalidSpec(e.to_string()))?;
+        let Some(mut linux) = spec.linux().clone() else { return Ok(spec_json.to_string()) };
+        let Some(mut namespaces) = linux.namespaces().clone() else { return Ok(spec_json.to_string()) };
+        if namespaces.iter().all(|ns| ns.path().is_none()) {
+            return Ok(spec_json.to_string());
+        }
+        if sandbox_container.is_empty() {
+            return Err(Error::InvalidSpec(
+                "a namespace path in the spec needs sandbox_container: host paths mean nothing in the guest"
+                    .into(),
+            ));
+        }
+        let pid = {
+            let entries = self.entries.lock().await;
+            let entry =
+                entries.get(sandbox_container).ok_or_else(|| Error::NotFound(sandbox_container.into()))?;
+            match entry.init.pid {
+                Some(pid) if !entry.init.has_exited() => pid,
+                _ => {
+                    return Err(Error::WrongState {
+                        id: sandbox_container.into(),
+                        state: "not running",
+                        action: "joined",
+                    })
+                }
+            }
+        };
+        for namespace in namespaces.iter_mut().filter(|ns| ns.path().is_some()) {
+            let name = namespace_file(namespace.typ());
+            namespace.set_path(Some(PathBuf::from(format!("/proc/{pid}/ns/{name}"))));
+        }
+        linux.set_namespaces(Some(namespaces));
+        spec.set_linux(Some(linux));
+        serde_json::to_string(&spec).map_err(|e| Error::InvalidSpec(e.to_string()))
+    }
+
     /// The guest pids of every process in the container's cgroup.
     pub async fn processes(&self, id: &str) -> Result<Vec<u32>, Error> {
         if !self.entries.lock().await.contains_key(id) {
@@ -897,6 +943,20 @@ impl Containers {
             action: "open the cgroup of",
             message: e.to_string(),
         })
+    }
+}
+
+/// The name of a namespace's file in /proc/PID/ns.
+fn namespace_file(typ: LinuxNamespaceType) -> &'static str {
+    match typ {
+        LinuxNamespaceType::Mount => "mnt",
+        LinuxNamespaceType::Cgroup => "cgroup",
+        LinuxNamespaceType::Uts => "uts",
+        LinuxNamespaceType::Ipc => "ipc",
+        LinuxNamespaceType::User => "user",
+        LinuxNamespaceType::Pid => "pid",
+        LinuxNamespaceType::Network => "net",
+        LinuxNamespaceType::Time => "time",
     }
 }
 

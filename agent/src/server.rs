@@ -161,7 +161,14 @@ impl agent_ttrpc::Agent for AgentService {
             })
             .collect();
         self.containers
-            .create(&req.container_id, &req.oci_spec_json, &rootfs, &storages, req.rootfs_overlay)
+            .create(
+                &req.container_id,
+                &req.oci_spec_json,
+                &rootfs,
+                &storages,
+                req.rootfs_overlay,
+                &req.sandbox_container,
+            )
             .await
             .map_err(status)?;
         info!("container {} created", req.container_id);

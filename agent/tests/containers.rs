@@ -518,3 +518,50 @@ async fn every_process_of_a_container_is_listed_and_signalled_at_once() {
     assert_eq!(code_of(agent.client.update_container(ctx(), &bad).await), ttrpc::Code::NOT_FOUND);
     remove(&agent, "all1").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_joins_the_sandbox_containers_namespaces() {
+    use libcontainer::oci_spec::runtime::{LinuxNamespaceBuilder, LinuxNamespaceType};
+    if !can_run() {
+        return;
+    }
+    let agent = start_agent().await;
+    let pause = spec_with(&["sleep", "1000"], |spec| {
+        spec.set_hostname(Some("pod-a".into()));
+    });
+    create_with_spec(&agent, "pause1", &serde_json::to_string(&pause).unwrap()).await.unwrap();
+    start(&agent, "pause1").await;
+    // As a pod's spec says it on the host: paths into the pause container's namespaces.
+    let member = spec_with(&["sh", "-c", "hostname; cat /proc/1/comm"], |spec| {
+        let mut linux = spec.linux().clone().unwrap();
+        let namespaces = [LinuxNamespaceType::Pid, LinuxNamespaceType::Uts, LinuxNamespaceType::Ipc]
+            .into_iter()
+            .map(|typ| LinuxNamespaceBuilder::default().typ(typ).path("/proc/4242/ns/x").build().unwrap())
+            .chain(std::iter::once(
+                LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Mount).build().unwrap(),
+            ))
+            .collect::<Vec<_>>();
+        linux.set_namespaces(Some(namespaces));
+        spec.set_linux(Some(linux));
+    });
+    let member_json = serde_json::to_string(&member).unwrap();
+    // Without a sandbox container, a host path is refused.
+    assert_eq!(
+        code_of(create_with_spec(&agent, "member0", &member_json).await),
+        ttrpc::Code::INVALID_ARGUMENT
+    );
+    let mut req = CreateContainerRequest::new();
+    req.container_id = "member1".into();
+    req.oci_spec_json = member_json;
+    req.rootfs = busybox_rootfs(&agent.dir.path().join("member1")).display().to_string();
+    req.sandbox_container = "pause1".into();
+    agent.client.create_container(ctx(), &req).await.unwrap();
+    start(&agent, "member1").await;
+    assert_eq!(
+        read_all_stdout(&agent, "member1").await,
+        "pod-a\nsleep\n",
+        "the pause container's uts and pid namespaces"
+    );
+    remove(&agent, "member1").await.unwrap();
+    remove(&agent, "pause1").await.unwrap();
+}

@@ -1,6 +1,7 @@
 //! `ironclad-bench`: measures ironclad and writes the results, with the machine named, to
 //! docs/benchmarks.md and a JSON file.
 
+mod agent;
 mod charts;
 mod machine;
 mod report;
@@ -43,6 +44,18 @@ enum Benchmark {
         #[arg(long, default_value = "docs/benchmarks-vmm.json")]
         json: PathBuf,
     },
+    /// The agent's container create + start next to runc's, on this host, same rootfs and spec.
+    Agent {
+        /// The ironclad-agent binary (default: next to this binary).
+        #[arg(long, default_value_os_t = default_agent())]
+        agent: PathBuf,
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        #[arg(long, default_value = "docs/benchmarks.md")]
+        report: PathBuf,
+        #[arg(long, default_value = "docs/benchmarks-agent.json")]
+        json: PathBuf,
+    },
     /// ironclad next to runc through a private containerd: start, exec, jobs, memory, density.
     Runtimes {
         /// Runs per figure (each runtime).
@@ -68,6 +81,29 @@ enum Benchmark {
         #[arg(long, default_value = "docs/charts")]
         charts: PathBuf,
     },
+}
+
+fn default_agent() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("ironclad-agent")))
+        .unwrap_or_default()
+}
+
+fn run_agent(
+    agent: &Path,
+    runs: usize,
+    report: &Path,
+    json: &Path,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let machine = machine::Machine::describe();
+    let results = agent::measure(agent, runs)?;
+    let markdown = report::agent_markdown(&machine, &results);
+    print!("{markdown}");
+    let value = serde_json::json!({ "machine": machine, "agent": results });
+    report::write_section(report, "agent", &markdown, json, &value)?;
+    eprintln!("ironclad-bench: wrote {} and {}", report.display(), json.display());
+    Ok(())
 }
 
 struct RuntimeOutputs {
@@ -130,6 +166,15 @@ fn main() -> ExitCode {
             }
             eprintln!("ironclad-bench: wrote {} and {}", report.display(), json.display());
             ExitCode::SUCCESS
+        }
+        Benchmark::Agent { agent, runs, report, json } => {
+            match run_agent(&agent, runs.max(1), &report, &json) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("ironclad-bench: {}", report::error_chain(err.as_ref()));
+                    ExitCode::FAILURE
+                }
+            }
         }
         Benchmark::Runtimes { runs, density, guest_dir, shim_dir, hypervisor, report, json, charts } => {
             let shim_dir = shim_dir.unwrap_or_else(|| {

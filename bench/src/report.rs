@@ -112,6 +112,33 @@ pub fn write(
     write_section(report, "vmm", markdown, json, &value)
 }
 
+/// The agent next to runc on the host, as Markdown.
+pub fn agent_markdown(machine: &Machine, r: &crate::agent::Results) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "## The agent's container start vs runc, on the host (`make bench`)\n");
+    let _ = writeln!(
+        md,
+        "Machine: {} ({} cores, {} GiB), Linux {}. The agent (release build) runs by hand in its own mount \
+         namespace with cgroup2 mounted there, driven over its Unix socket; runc runs `create` then `start`. \
+         Both take the same busybox rootfs and the same spec (`runc spec`'s default running `true`), one after \
+         the other, {} runs each. This host mounts its controllers on cgroup v1, so runc sets up v1 cgroups \
+         while the agent's cgroup2 has no controllers: read the figures with that in mind.\n",
+        machine.cpu, machine.cores, machine.memory_gib, machine.kernel, r.runs
+    );
+    let _ = writeln!(md, "| figure (ms) | agent p50 | p95 | min | runc p50 | p95 | min |");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+    for (name, figure) in
+        [("create + start", &r.create_start_ms), ("create to removed", &r.create_to_removed_ms)]
+    {
+        let cells = |who: &str| match figure.get(who) {
+            Some(s) => format!("{:.1} | {:.1} | {:.1}", s.median, s.p95, s.min),
+            None => "– | – | –".to_string(),
+        };
+        let _ = writeln!(md, "| {name} | {} | {} |", cells("agent"), cells("runc"));
+    }
+    md
+}
+
 /// The runtime comparison as Markdown: one table row per figure, both runtimes side by side.
 pub fn runtimes_markdown(
     machine: &Machine,

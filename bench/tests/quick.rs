@@ -106,3 +106,37 @@ fn runtimes_benchmark_puts_ironclad_and_runc_side_by_side() {
         assert!(std::fs::metadata(charts.join(chart)).unwrap().len() > 0, "{chart}");
     }
 }
+
+/// The agent's start next to runc's, quickest mode: both produce numbers and the report says so.
+#[test]
+fn agent_benchmark_puts_the_agent_next_to_runc() {
+    let agent = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ironclad-agent");
+    let have_runc = Command::new("runc").arg("--version").output().is_ok();
+    if !nix::unistd::geteuid().is_root() || !have_runc || !std::path::Path::new("/bin/busybox").exists() {
+        eprintln!("SKIPPED: needs root, runc and busybox-static");
+        return;
+    }
+    assert!(agent.exists(), "build the workspace first ({})", agent.display());
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("benchmarks.md");
+    let json = dir.path().join("agent.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_ironclad-bench"))
+        .args(["agent", "--runs", "2", "--agent"])
+        .arg(&agent)
+        .arg("--report")
+        .arg(&report)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let markdown = std::fs::read_to_string(&report).unwrap();
+    assert!(markdown.contains("| create + start |"), "{markdown}");
+    let value: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    for figure in ["create_start_ms", "create_to_removed_ms"] {
+        for who in ["agent", "runc"] {
+            assert_eq!(value["agent"][figure][who]["runs"], 2, "{figure} {who}");
+            assert!(value["agent"][figure][who]["median"].as_f64().unwrap() > 0.0, "{figure} {who}");
+        }
+    }
+}

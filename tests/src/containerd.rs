@@ -290,6 +290,8 @@ impl Drop for Containerd {
             let _ =
                 nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }
+        // runc tasks live in cgroups under /<namespace>, which containerd never removes.
+        remove_namespace_cgroups(&self.namespace);
         // Snapshots and the shims' sockets are mounted or bound below the directory.
         let marker = self.dir.path().display().to_string();
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -301,6 +303,19 @@ impl Drop for Containerd {
         mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
         for mount_point in mounts {
             let _ = nix::mount::umount2(mount_point, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// Removes `<cgroup mount>/<namespace>` from every cgroup (v1 and v2) mount of the host, once empty.
+fn remove_namespace_cgroups(namespace: &str) {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for line in mountinfo.lines() {
+        let mut halves = line.split(" - ");
+        let (Some(left), Some(right)) = (halves.next(), halves.next()) else { continue };
+        let is_cgroup = matches!(right.split(' ').next(), Some("cgroup" | "cgroup2"));
+        if let (true, Some(mount_point)) = (is_cgroup, left.split(' ').nth(4)) {
+            let _ = std::fs::remove_dir(Path::new(mount_point).join(namespace));
         }
     }
 }

@@ -180,6 +180,26 @@ async fn limits_from_the_spec_hold_and_the_oom_killer_is_reported() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_container_gets_new_limits() {
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let guest = boot_with_rootfs_disk(dir.path()).await;
+    create_on_rootfs_disk(&guest, "u1", &base_spec(&["sh", "-c", "read line"])).await;
+    start(&guest, "u1").await;
+    let before = guest.agent.stats_container("u1").await.unwrap();
+    assert_eq!(before.pids.limit, u64::MAX, "no pids limit yet");
+    let resources = r#"{"memory": {"limit": 33554432}, "pids": {"limit": 5}}"#;
+    guest.agent.update_container("u1", resources).await.unwrap();
+    let after = guest.agent.stats_container("u1").await.unwrap();
+    assert_eq!((after.memory.usage_limit, after.pids.limit), (32 << 20, 5));
+    let refused = guest.agent.update_container("u1", r#"{"pids": "many"}"#).await.unwrap_err();
+    assert!(ironclad_shim::hypervisor::error_chain(&refused).contains("linux.resources"), "{refused}");
+    guest.agent.remove_container("u1").await.unwrap();
+    guest.agent.destroy_sandbox().await.unwrap();
+    assert!(guest.vm.stop(EXIT_TIMEOUT).await.unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sandbox_hostname_dns_and_clock_reach_the_containers() {
     use ironclad_protocol::agent::{CreateSandboxRequest, SetGuestDateTimeRequest};
     use oci_spec::runtime::MountBuilder;
