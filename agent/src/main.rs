@@ -9,6 +9,7 @@ mod clock;
 mod container;
 mod copy_file;
 mod init;
+mod network;
 mod paths;
 mod reaper;
 mod sandbox;
@@ -33,11 +34,14 @@ struct Options {
     state_dir: std::path::PathBuf,
     /// The cgroup below which containers get theirs.
     cgroup_parent: std::path::PathBuf,
+    /// The agent runs in a network namespace of its own (tests), so UpdateInterface and friends may
+    /// change it. In a guest they always may.
+    own_network_namespace: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
 enum Error {
-    #[error("bad arguments: {0} (usage: ironclad-agent [--listen vsock://-1:1024 | unix:///path] [--state-dir DIR] [--cgroup-parent /CGROUP])")]
+    #[error("bad arguments: {0} (usage: ironclad-agent [--listen vsock://-1:1024 | unix:///path] [--state-dir DIR] [--cgroup-parent /CGROUP] [--own-network-namespace])")]
     Usage(String),
     #[error("guest setup failed")]
     Init(#[from] init::Error),
@@ -58,6 +62,7 @@ fn default_options() -> Options {
         listen: default_listen_address(),
         state_dir: paths::DEFAULT_STATE_ROOT.into(),
         cgroup_parent: paths::DEFAULT_CGROUP_PARENT.into(),
+        own_network_namespace: false,
     }
 }
 
@@ -72,11 +77,17 @@ fn parse_options(args: &[String]) -> Result<Options, Error> {
             "--listen" => options.listen = value()?,
             "--state-dir" => options.state_dir = value()?.into(),
             "--cgroup-parent" => options.cgroup_parent = value()?.into(),
+            "--own-network-namespace" => options.own_network_namespace = true,
             other => return Err(Error::Usage(format!("unknown argument {other:?}"))),
         }
     }
     if !options.cgroup_parent.is_absolute() {
         return Err(Error::Usage(format!("--cgroup-parent {:?} must be absolute", options.cgroup_parent)));
+    }
+    if options.own_network_namespace && network::shares_init_network_namespace() {
+        return Err(Error::Usage(
+            "--own-network-namespace, but the agent shares PID 1's network namespace".into(),
+        ));
     }
     if !(options.listen.starts_with("vsock://") || options.listen.starts_with("unix://")) {
         return Err(Error::Usage(format!("{:?} is neither vsock:// nor unix://", options.listen)));
@@ -107,7 +118,8 @@ fn run(is_init: bool) -> Result<(), Error> {
         let reaper = reaper::spawn()?;
         let state = paths::AgentPaths::new(&options.state_dir, &options.cgroup_parent);
         let containers = Arc::new(Containers::new(state, reaper.exits(), container::root_is_initramfs()));
-        let result = server::serve(&options.listen, containers, is_init).await;
+        let network_allowed = is_init || options.own_network_namespace;
+        let result = server::serve(&options.listen, containers, is_init, network_allowed).await;
         drop(reaper);
         result
     })?;

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use crate::network;
 use async_trait::async_trait;
 use ironclad_protocol::agent::{
     health_check_response::ServingStatus, CheckRequest, ContainerRequest, CopyFileRequest, CopyFileResponse,
@@ -11,6 +12,9 @@ use ironclad_protocol::agent::{
     SignalProcessRequest, StartContainerRequest, StartContainerResponse, StatsContainerResponse,
     TtyWinResizeRequest, UpdateContainerRequest, VersionCheckResponse, WaitProcessResponse,
     WriteStreamRequest, WriteStreamResponse,
+};
+use ironclad_protocol::agent::{
+    AddARPNeighborsRequest, Interface, Route, UpdateInterfaceRequest, UpdateRoutesRequest,
 };
 use ironclad_protocol::{agent_ttrpc, API_VERSION};
 use tokio::sync::mpsc;
@@ -68,6 +72,8 @@ struct AgentService {
     containers: Arc<Containers>,
     /// PID 1 of a guest: only then may sandbox-wide settings change the machine.
     in_guest: bool,
+    /// Whether guest networking may be changed (in a guest, or an agent in its own network namespace).
+    network_allowed: bool,
 }
 
 fn sandbox_status(err: sandbox::Error) -> ttrpc::Error {
@@ -100,6 +106,48 @@ fn status(err: container::Error) -> ttrpc::Error {
         E::Storage(_) => Code::INTERNAL,
     };
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, crate::init::error_chain(&err)))
+}
+
+fn network_status(err: network::Error) -> ttrpc::Error {
+    let code = match &err {
+        network::Error::Invalid { .. } => ttrpc::Code::INVALID_ARGUMENT,
+        network::Error::NoSuchInterface(_) => ttrpc::Code::NOT_FOUND,
+        network::Error::NotIsolated(_) => ttrpc::Code::FAILED_PRECONDITION,
+        network::Error::Socket(_) | network::Error::Netlink { .. } => ttrpc::Code::INTERNAL,
+    };
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, crate::init::error_chain(&err)))
+}
+
+fn interface_spec(interface: &Interface) -> Result<network::InterfaceSpec, network::Error> {
+    let addresses = interface
+        .addresses
+        .iter()
+        .map(|a| {
+            let ip = network::parse_ip("address", &a.address)?;
+            Ok((ip, network::parse_prefix("prefix_len", &ip, a.prefix_len)?))
+        })
+        .collect::<Result<Vec<_>, network::Error>>()?;
+    let hw_addr = (!interface.hw_addr.is_empty())
+        .then(|| network::parse_mac("hw_addr", &interface.hw_addr))
+        .transpose()?;
+    Ok(network::InterfaceSpec {
+        name: interface.name.clone(),
+        addresses,
+        mtu: (interface.mtu != 0).then_some(interface.mtu),
+        hw_addr,
+        up: interface.up,
+    })
+}
+
+fn route_spec(route: &Route) -> Result<network::RouteSpec, network::Error> {
+    let destination = match route.destination.as_str() {
+        "default" | "" => None,
+        cidr => Some(network::parse_cidr("destination", cidr)?),
+    };
+    let gateway =
+        (!route.gateway.is_empty()).then(|| network::parse_ip("gateway", &route.gateway)).transpose()?;
+    let device = (!route.device.is_empty()).then(|| route.device.clone());
+    Ok(network::RouteSpec { destination, gateway, device })
 }
 
 fn process_of(process: &protobuf::MessageField<ProcessRef>) -> (String, String) {
@@ -267,6 +315,49 @@ impl agent_ttrpc::Agent for AgentService {
         Ok(ListProcessesResponse { pids, ..Default::default() })
     }
 
+    async fn update_interface(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateInterfaceRequest,
+    ) -> ttrpc::Result<Interface> {
+        let interface = req.interface.clone().unwrap_or_default();
+        let spec = interface_spec(&interface).map_err(network_status)?;
+        network::check_allowed(self.network_allowed, "network interfaces").map_err(network_status)?;
+        network::update_interface(&spec).await.map_err(network_status)?;
+        info!("interface {} updated", spec.name);
+        Ok(interface)
+    }
+
+    async fn update_routes(&self, _ctx: &TtrpcContext, req: UpdateRoutesRequest) -> ttrpc::Result<Empty> {
+        let routes =
+            req.routes.iter().map(route_spec).collect::<Result<Vec<_>, _>>().map_err(network_status)?;
+        network::check_allowed(self.network_allowed, "routes").map_err(network_status)?;
+        network::update_routes(&routes).await.map_err(network_status)?;
+        Ok(Empty::new())
+    }
+
+    async fn add_arp_neighbors(
+        &self,
+        _ctx: &TtrpcContext,
+        req: AddARPNeighborsRequest,
+    ) -> ttrpc::Result<Empty> {
+        let neighbors = req
+            .neighbors
+            .iter()
+            .map(|n| {
+                Ok(network::NeighborSpec {
+                    ip: network::parse_ip("ip_address", &n.ip_address)?,
+                    hw_addr: network::parse_mac("hw_addr", &n.hw_addr)?,
+                    device: n.device.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, network::Error>>()
+            .map_err(network_status)?;
+        network::check_allowed(self.network_allowed, "ARP neighbours").map_err(network_status)?;
+        network::add_neighbors(&neighbors).await.map_err(network_status)?;
+        Ok(Empty::new())
+    }
+
     async fn update_container(
         &self,
         _ctx: &TtrpcContext,
@@ -345,11 +436,16 @@ impl AgentService {
 /// How long in-flight calls get to finish once the sandbox is destroyed.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
-pub async fn serve(address: &str, containers: Arc<Containers>, in_guest: bool) -> Result<(), Error> {
+pub async fn serve(
+    address: &str,
+    containers: Arc<Containers>,
+    in_guest: bool,
+    network_allowed: bool,
+) -> Result<(), Error> {
     let (destroy_tx, mut destroy_rx) = mpsc::channel(1);
     let health: Arc<dyn agent_ttrpc::Health + Send + Sync> = Arc::new(HealthService);
     let agent: Arc<dyn agent_ttrpc::Agent + Send + Sync> =
-        Arc::new(AgentService { destroy: destroy_tx, containers, in_guest });
+        Arc::new(AgentService { destroy: destroy_tx, containers, in_guest, network_allowed });
     let mut server = Server::new()
         .bind(address)
         .map_err(|source| Error::Listen { address: address.to_string(), source })?

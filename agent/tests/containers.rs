@@ -61,6 +61,11 @@ fn busybox_rootfs(dir: &Path) -> PathBuf {
 }
 
 async fn start_agent() -> Agent {
+    start_agent_in(&[]).await
+}
+
+/// The agent in namespaces of its own: a mount namespace always, plus `extra` (e.g. `--net`).
+async fn start_agent_in(extra: &[&str]) -> Agent {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("agent.sock");
     let state_dir = dir.path().join("state");
@@ -71,12 +76,15 @@ async fn start_agent() -> Agent {
     let name = dir.path().file_name().unwrap().to_string_lossy().into_owned();
     let cgroup_parent = format!("/ironclad-test-{}", name.trim_start_matches('.'));
     let child = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(r#"mount -t cgroup2 none /sys/fs/cgroup && exec "$0" --listen "$1" --state-dir "$2" --cgroup-parent "$3""#)
+        .args(["--mount", "--propagation", "private"])
+        .args(extra)
+        .args(["sh", "-c"])
+        .arg(r#"mount -t cgroup2 none /sys/fs/cgroup && exec "$0" --listen "$1" --state-dir "$2" --cgroup-parent "$3" $4"#)
         .arg(env!("CARGO_BIN_EXE_ironclad-agent"))
         .arg(&address)
         .arg(&state_dir)
         .arg(&cgroup_parent)
+        .arg(if extra.contains(&"--net") { "--own-network-namespace" } else { "" })
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
@@ -564,4 +572,77 @@ async fn a_container_joins_the_sandbox_containers_namespaces() {
     );
     remove(&agent, "member1").await.unwrap();
     remove(&agent, "pause1").await.unwrap();
+}
+
+/// `ip ARGS` in the agent's network namespace.
+fn ip_in(agent: &Agent, args: &[&str]) -> String {
+    let output = Command::new("nsenter")
+        .args(["-t", &agent.child.id().to_string(), "-n", "ip"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interfaces_routes_and_neighbours_are_set_in_the_agents_network_namespace() {
+    use ironclad_protocol::agent::{
+        ARPNeighbor, AddARPNeighborsRequest, IPAddress, Interface, Route, UpdateInterfaceRequest,
+        UpdateRoutesRequest,
+    };
+    if !can_run() {
+        return;
+    }
+    let agent = start_agent_in(&["--net"]).await;
+    ip_in(&agent, &["link", "add", "eth0", "type", "veth", "peer", "name", "eth0-peer"]);
+    ip_in(&agent, &["link", "set", "eth0-peer", "up"]);
+    let mut interface = Interface::new();
+    interface.name = "eth0".into();
+    interface.addresses =
+        vec![IPAddress { address: "10.20.0.2".into(), prefix_len: 24, ..Default::default() }];
+    interface.mtu = 1400;
+    interface.hw_addr = "02:00:00:00:00:0a".into();
+    interface.up = true;
+    let mut request = UpdateInterfaceRequest::new();
+    request.interface = Some(interface.clone()).into();
+    agent.client.update_interface(ctx(), &request).await.unwrap();
+    let link = ip_in(&agent, &["-o", "link", "show", "eth0"]);
+    assert!(link.contains("mtu 1400") && link.contains("link/ether 02:00:00:00:00:0a"), "{link}");
+    assert!(ip_in(&agent, &["-o", "addr", "show", "eth0"]).contains("inet 10.20.0.2/24"));
+
+    let route = |destination: &str| Route {
+        destination: destination.into(),
+        gateway: "10.20.0.1".into(),
+        device: "eth0".into(),
+        ..Default::default()
+    };
+    let mut routes = UpdateRoutesRequest::new();
+    routes.routes = vec![route("10.30.0.0/16"), route("default")];
+    agent.client.update_routes(ctx(), &routes).await.unwrap();
+    let table = ip_in(&agent, &["route"]);
+    assert!(table.contains("default via 10.20.0.1 dev eth0"), "{table}");
+    assert!(table.contains("10.30.0.0/16 via 10.20.0.1 dev eth0"), "{table}");
+
+    let mut neighbors = AddARPNeighborsRequest::new();
+    neighbors.neighbors = vec![ARPNeighbor {
+        ip_address: "10.20.0.9".into(),
+        hw_addr: "02:00:00:00:00:09".into(),
+        device: "eth0".into(),
+        ..Default::default()
+    }];
+    agent.client.add_arp_neighbors(ctx(), &neighbors).await.unwrap();
+    let neighbours = ip_in(&agent, &["neigh", "show", "dev", "eth0"]);
+    assert!(neighbours.contains("10.20.0.9 lladdr 02:00:00:00:00:09 PERMANENT"), "{neighbours}");
+
+    interface.name = "nope0".into();
+    request.interface = Some(interface.clone()).into();
+    assert_eq!(code_of(agent.client.update_interface(ctx(), &request).await), ttrpc::Code::NOT_FOUND);
+    routes.routes = vec![route("10.30.0.0")];
+    assert_eq!(code_of(agent.client.update_routes(ctx(), &routes).await), ttrpc::Code::INVALID_ARGUMENT);
+
+    // An agent in the host's network namespace never touches the host's network.
+    let shared = start_agent().await;
+    routes.routes = vec![route("10.30.0.0/16")];
+    assert_eq!(code_of(shared.client.update_routes(ctx(), &routes).await), ttrpc::Code::FAILED_PRECONDITION);
 }

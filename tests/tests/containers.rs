@@ -212,6 +212,33 @@ async fn sandbox_hostname_dns_and_clock_reach_the_containers() {
     sandbox.dns_servers = vec!["10.0.0.53".into()];
     sandbox.dns_search = vec!["svc.local".into()];
     let resolv_conf = guest.agent.agent_rpc().create_sandbox(ctx(), &sandbox).await.unwrap().resolv_conf;
+    // The guest kernel takes netlink changes: the loopback interface gets a second address and a route.
+    {
+        use ironclad_protocol::agent::{
+            IPAddress, Interface, Route, UpdateInterfaceRequest, UpdateRoutesRequest,
+        };
+        let mut interface = Interface::new();
+        interface.name = "lo".into();
+        interface.up = true;
+        interface.addresses = ["127.0.0.1/8", "10.99.0.1/32"]
+            .iter()
+            .map(|a| {
+                let (address, prefix) = a.split_once('/').unwrap();
+                IPAddress {
+                    address: address.into(),
+                    prefix_len: prefix.parse().unwrap(),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        let mut request = UpdateInterfaceRequest::new();
+        request.interface = Some(interface).into();
+        guest.agent.agent_rpc().update_interface(ctx(), &request).await.unwrap();
+        let mut routes = UpdateRoutesRequest::new();
+        routes.routes =
+            vec![Route { destination: "10.98.0.0/16".into(), device: "lo".into(), ..Default::default() }];
+        guest.agent.agent_rpc().update_routes(ctx(), &routes).await.unwrap();
+    }
     let mut time = SetGuestDateTimeRequest::new();
     time.sec = 1_893_456_000; // 2030-01-01
     guest.agent.agent_rpc().set_guest_date_time(ctx(), &time).await.unwrap();
