@@ -72,6 +72,8 @@ pub struct IroncladShim {
     exit: Arc<ExitSignal>,
     namespace: String,
     id: String,
+    /// `-bundle`, which containerd passes to `delete` (whose working directory may be elsewhere).
+    bundle: PathBuf,
 }
 
 #[async_trait]
@@ -83,6 +85,7 @@ impl Shim for IroncladShim {
             exit: Arc::new(ExitSignal::default()),
             namespace: args.namespace.clone(),
             id: args.id.clone(),
+            bundle: PathBuf::from(&args.bundle),
         }
     }
 
@@ -94,15 +97,16 @@ impl Shim for IroncladShim {
         Ok(address)
     }
 
-    /// containerd's clean-up after a shim that is gone (run in the bundle): stops whatever the
-    /// task left running.
+    /// containerd's clean-up after a shim that is gone: stops whatever the task left running.
     async fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
-        let recorded = std::fs::read_to_string(TASK_DIR_FILE).ok().map(PathBuf::from);
+        // The bundle is `-bundle`, else the working directory.
+        let recorded = std::fs::read_to_string(self.bundle.join(TASK_DIR_FILE)).ok().map(PathBuf::from);
         let dir = recorded.unwrap_or_else(|| {
             let config = ShimConfig::load(Path::new(DEFAULT_CONFIG_PATH)).unwrap_or_default();
             task_dir(&config, &self.namespace, &self.id)
         });
         clean_up_task_dir(&dir);
+        remove_dead_shim_socket(&self.bundle.join("address"));
         Ok(DeleteResponse { exit_status: 137, exited_at: now(), ..Default::default() })
     }
 
@@ -117,6 +121,17 @@ impl Shim for IroncladShim {
             publisher: Arc::new(publisher),
             task: Arc::new(Mutex::new(None)),
         }
+    }
+}
+
+/// The socket a crashed shim served on (named by the bundle's `address` file), which it could not
+/// remove itself. Only a socket is removed, whatever the file says.
+fn remove_dead_shim_socket(address_file: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(address) = std::fs::read_to_string(address_file) else { return };
+    let path = Path::new(address.trim().strip_prefix("unix://").unwrap_or(address.trim()));
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
     }
 }
 
@@ -296,6 +311,12 @@ impl TaskService {
         std::fs::create_dir_all(&dir).map_err(|err| {
             status(ttrpc::Code::INTERNAL, format!("cannot create {}: {err}", dir.display()))
         })?;
+        // `delete` after a crash finds the task directory through the bundle, whatever config was used.
+        let record = Path::new(&req.bundle).join(TASK_DIR_FILE);
+        if let Err(err) = std::fs::write(&record, dir.as_os_str().as_encoded_bytes()) {
+            clean_up_task_dir(&dir);
+            return Err(status(ttrpc::Code::INTERNAL, format!("cannot write {}: {err}", record.display())));
+        }
         let created =
             self.boot_and_create(req, &config, spec, file_mounts, snapshot, (vcpus, memory_mib), &dir).await;
         if created.is_err() {

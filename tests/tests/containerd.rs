@@ -435,6 +435,27 @@ fn a_vm_killed_from_outside_ends_its_task_with_a_reason() {
 }
 
 #[test]
+fn a_crashed_shim_is_cleaned_up_by_delete() {
+    let Some(containerd) = start_containerd() else { return };
+    run_detached(&containerd, "crash1", &["sleep", "1000"]);
+    let shim = containerd
+        .leftover_processes()
+        .into_iter()
+        .find(|(_, cmdline)| {
+            cmdline.contains("containerd-shim-ironclad-v2") && cmdline.contains("-id crash1 ")
+        })
+        .map(|(pid, _)| pid)
+        .expect("the task's shim");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), nix::sys::signal::Signal::SIGKILL).unwrap();
+    // containerd sees the shim go and runs `containerd-shim-ironclad-v2 delete`, which stops the VM
+    // the dead shim left and removes the task's directory.
+    wait_for_status(&containerd, "crash1", "GONE");
+    let _ = containerd.ctr(&["tasks", "delete", "crash1"]);
+    containerd.ctr_ok(&["containers", "delete", "crash1"]).unwrap();
+    assert_nothing_left(&containerd, "crash1");
+}
+
+#[test]
 fn bad_requests_fail_clearly_and_leave_nothing() {
     let Some(containerd) = start_containerd() else { return };
     let dir = tempfile::tempdir().unwrap();
