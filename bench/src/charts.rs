@@ -67,6 +67,29 @@ fn both_formats(dir: &Path, stem: &str, chart: &impl Chart) -> Result<Vec<PathBu
     Ok(vec![png, svg])
 }
 
+type Frame<'a, DB> = ChartContext<
+    'a,
+    DB,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// A white chart with a caption and room for axis labels, over `x` by `y`.
+fn frame<'a, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, Shift>,
+    caption: &str,
+    x: std::ops::Range<f64>,
+    y: std::ops::Range<f64>,
+) -> Result<Frame<'a, DB>, String> {
+    area.fill(&WHITE).map_err(|e| e.to_string())?;
+    ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x, y)
+        .map_err(|e| e.to_string())
+}
+
 /// Median start latency of each runtime, grouped by figure.
 pub fn start_latency(results: &Results, dir: &Path) -> Result<Vec<PathBuf>, Error> {
     let bars: Vec<(usize, Runtime, f64)> = LATENCY_FIGURES
@@ -80,14 +103,12 @@ pub fn start_latency(results: &Results, dir: &Path) -> Result<Vec<PathBuf>, Erro
     impl Chart for Draw<'_> {
         fn on<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Result<(), String> {
             let (bars, top) = (self.0, self.1);
-            area.fill(&WHITE).map_err(|e| e.to_string())?;
-            let mut chart = ChartBuilder::on(area)
-                .caption("Start latency, median (s): ironclad vs runc", ("sans-serif", 22))
-                .margin(15)
-                .x_label_area_size(40)
-                .y_label_area_size(60)
-                .build_cartesian_2d(0f64..LATENCY_FIGURES.len() as f64, 0f64..top)
-                .map_err(|e| e.to_string())?;
+            let mut chart = frame(
+                area,
+                "Start latency, median (s): ironclad vs runc",
+                0f64..LATENCY_FIGURES.len() as f64,
+                0f64..top,
+            )?;
             chart
                 .configure_mesh()
                 .disable_x_mesh()
@@ -133,14 +154,12 @@ pub fn density(results: &Results, dir: &Path) -> Result<Vec<PathBuf>, Error> {
     impl Chart for Draw<'_> {
         fn on<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Result<(), String> {
             let (points, max_n, max_s) = (self.0, self.1, self.2);
-            area.fill(&WHITE).map_err(|e| e.to_string())?;
-            let mut chart = ChartBuilder::on(area)
-                .caption("Density: time to start N sandboxes at once (s)", ("sans-serif", 22))
-                .margin(15)
-                .x_label_area_size(40)
-                .y_label_area_size(60)
-                .build_cartesian_2d(0f64..max_n * 1.05, 0f64..max_s)
-                .map_err(|e| e.to_string())?;
+            let mut chart = frame(
+                area,
+                "Density: time to start N sandboxes at once (s)",
+                0f64..max_n * 1.05,
+                0f64..max_s,
+            )?;
             chart.configure_mesh().x_desc("sandboxes").y_desc("seconds").draw().map_err(|e| e.to_string())?;
             for runtime in RUNTIMES {
                 let series: Vec<(f64, f64)> = points

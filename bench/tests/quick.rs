@@ -5,6 +5,19 @@
 
 use std::process::Command;
 
+/// Runs ironclad-bench with `args`, writing its report and JSON where given; fails with its stderr.
+fn run_bench(args: &[&str], report: &std::path::Path, json: &std::path::Path) {
+    let output = Command::new(env!("CARGO_BIN_EXE_ironclad-bench"))
+        .args(args)
+        .arg("--report")
+        .arg(report)
+        .arg("--json")
+        .arg(json)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
 #[test]
 fn vmm_benchmark_writes_a_report_with_every_figure() {
     if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
@@ -16,16 +29,7 @@ fn vmm_benchmark_writes_a_report_with_every_figure() {
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("benchmarks.md");
     let json = dir.path().join("benchmarks.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_ironclad-bench"))
-        .args(["vmm", "--runs", "2", "--churn", "2", "--vmm"])
-        .arg(&vmm)
-        .arg("--report")
-        .arg(&report)
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    run_bench(&["vmm", "--runs", "2", "--churn", "2", "--vmm", vmm.to_str().unwrap()], &report, &json);
     let markdown = std::fs::read_to_string(&report).unwrap();
     for heading in [
         "exec → first guest instruction",
@@ -63,18 +67,9 @@ fn runtimes_benchmark_puts_ironclad_and_runc_side_by_side() {
     std::fs::write(&report, "# Benchmarks\n\n<!-- section:vmm -->\nkept\n<!-- end:vmm -->\n").unwrap();
     let json = dir.path().join("runtimes.json");
     let charts = dir.path().join("charts");
-    let output = Command::new(env!("CARGO_BIN_EXE_ironclad-bench"))
-        .args(["runtimes", "--runs", "2", "--density", "1", "--guest-dir"])
-        .arg(&guest)
-        .arg("--report")
-        .arg(&report)
-        .arg("--json")
-        .arg(&json)
-        .arg("--charts")
-        .arg(&charts)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let args =
+        ["runtimes", "--runs", "2", "--density", "1", "--guest-dir", guest.to_str().unwrap(), "--charts"];
+    run_bench(&[&args[..], &[charts.to_str().unwrap()]].concat(), &report, &json);
     let markdown = std::fs::read_to_string(&report).unwrap();
     assert!(markdown.contains("<!-- section:vmm -->\nkept"), "the VMM section was lost:\n{markdown}");
     for text in [
@@ -120,16 +115,7 @@ fn agent_benchmark_puts_the_agent_next_to_runc() {
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("benchmarks.md");
     let json = dir.path().join("agent.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_ironclad-bench"))
-        .args(["agent", "--runs", "2", "--agent"])
-        .arg(&agent)
-        .arg("--report")
-        .arg(&report)
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    run_bench(&["agent", "--runs", "2", "--agent", agent.to_str().unwrap()], &report, &json);
     let markdown = std::fs::read_to_string(&report).unwrap();
     assert!(markdown.contains("| create + start |"), "{markdown}");
     let value: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();

@@ -400,21 +400,12 @@ pub fn build_busybox_archive(work: &Path, archive: &Path) -> Result<(), Error> {
     std::fs::write(rootfs.join("etc/group"), "root:x:0:\nbuilder:x:1000:\n").map_err(io_err("group"))?;
 
     let layer_tar = work.join("layer.tar");
-    let tar = Command::new("tar")
-        .args(["--numeric-owner", "--owner=0", "--group=0", "--sort=name", "--mtime=@0", "-C"])
-        .arg(&rootfs)
-        .arg("-cf")
-        .arg(&layer_tar)
-        .arg(".")
-        .output()
-        .map_err(io_err("tar"))?;
-    if !tar.status.success() {
-        return Err(Error::Command {
-            command: "tar".into(),
-            status: tar.status.to_string(),
-            stderr: String::from_utf8_lossy(&tar.stderr).into_owned(),
-        });
-    }
+    // Reproducible: owners, order and times fixed.
+    tar_directory(
+        &rootfs,
+        &layer_tar,
+        &["--numeric-owner", "--owner=0", "--group=0", "--sort=name", "--mtime=@0"],
+    )?;
     let layer = std::fs::read(&layer_tar).map_err(io_err("read layer"))?;
     let (layer_digest, layer_size) = put_blob(&layout, &layer)?;
 
@@ -448,9 +439,15 @@ pub fn build_busybox_archive(work: &Path, archive: &Path) -> Result<(), Error> {
     std::fs::write(layout.join("index.json"), index.to_string()).map_err(io_err("index.json"))?;
     std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)
         .map_err(io_err("oci-layout"))?;
+    tar_directory(&layout, archive, &[])
+}
+
+/// `tar -cf archive -C dir .` with `options` first; fails with tar's words.
+fn tar_directory(dir: &Path, archive: &Path, options: &[&str]) -> Result<(), Error> {
     let tar = Command::new("tar")
+        .args(options)
         .arg("-C")
-        .arg(&layout)
+        .arg(dir)
         .arg("-cf")
         .arg(archive)
         .arg(".")
@@ -458,7 +455,7 @@ pub fn build_busybox_archive(work: &Path, archive: &Path) -> Result<(), Error> {
         .map_err(io_err("tar"))?;
     if !tar.status.success() {
         return Err(Error::Command {
-            command: "tar (archive)".into(),
+            command: format!("tar -cf {} -C {} .", archive.display(), dir.display()),
             status: tar.status.to_string(),
             stderr: String::from_utf8_lossy(&tar.stderr).into_owned(),
         });
