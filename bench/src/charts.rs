@@ -90,6 +90,16 @@ fn frame<'a, DB: DrawingBackend>(
         .map_err(|e| e.to_string())
 }
 
+/// The legend naming each runtime's colour.
+fn draw_legend<DB: DrawingBackend>(chart: &mut Frame<'_, DB>) -> Result<(), String> {
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| e.to_string())
+}
+
 /// Median start latency of each runtime, grouped by figure.
 pub fn start_latency(results: &Results, dir: &Path) -> Result<Vec<PathBuf>, Error> {
     let bars: Vec<(usize, Runtime, f64)> = LATENCY_FIGURES
@@ -134,12 +144,7 @@ pub fn start_latency(results: &Results, dir: &Path) -> Result<Vec<PathBuf>, Erro
                     move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], colour(runtime).filled()),
                 );
             }
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()
-                .map_err(|e| e.to_string())
+            draw_legend(&mut chart)
         }
     }
     both_formats(dir, "start-latency", &Draw(&bars, top))
@@ -181,12 +186,7 @@ pub fn density(results: &Results, dir: &Path) -> Result<Vec<PathBuf>, Error> {
                     )
                     .map_err(|e| e.to_string())?;
             }
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()
-                .map_err(|e| e.to_string())
+            draw_legend(&mut chart)
         }
     }
     both_formats(dir, "density", &Draw(points, max_n, max_s))
