@@ -91,7 +91,7 @@ fn frame<'a, DB: DrawingBackend>(
 }
 
 /// The legend naming each runtime's colour.
-fn draw_legend<DB: DrawingBackend>(chart: &mut Frame<'_, DB>) -> Result<(), String> {
+fn draw_legend<'a, DB: DrawingBackend + 'a>(chart: &mut Frame<'a, DB>) -> Result<(), String> {
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
