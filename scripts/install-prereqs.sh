@@ -8,9 +8,10 @@ APT_PACKAGES=(
     build-essential bc flex bison libelf-dev libssl-dev cpio xz-utils   # to build it
     qemu-system-x86             # boots the guest where KVM has no hardware virtualization
     busybox-static              # debug shell for the initrd, busybox containers in tests
-    e2fsprogs                   # mkfs.ext4 for block images
+    e2fsprogs erofs-utils       # mkfs.ext4 / mkfs.erofs for block images
     containerd runc             # containerd and its runc runtime, for the end-to-end tests and benchmarks
     bsdutils                    # `script`: a terminal for `ctr run -t` in the tests
+    fonts-dejavu-core           # the font of ironclad-bench's PNG charts
     libseccomp-dev pkg-config   # libcontainer's seccomp support, linked statically into the agent
 )
 VHOST_DEVICE_VSOCK_VERSION=0.3.0

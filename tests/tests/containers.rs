@@ -16,6 +16,21 @@ const BUSYBOX: &str = "/bin/busybox";
 
 /// An ext4 image of a busybox root file system, made with mkfs.ext4 -d.
 fn busybox_image(dir: &Path) -> std::path::PathBuf {
+    let rootfs = busybox_tree(dir);
+    let image = dir.join("rootfs.ext4");
+    let status = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "rootfs", "-d"])
+        .arg(&rootfs)
+        .arg(&image)
+        .arg("16M")
+        .status()
+        .unwrap();
+    assert!(status.success(), "mkfs.ext4 -d failed");
+    image
+}
+
+/// A busybox root file system in `dir/rootfs`.
+fn busybox_tree(dir: &Path) -> std::path::PathBuf {
     assert!(Path::new(BUSYBOX).exists(), "{BUSYBOX} is needed (apt-get install busybox-static)");
     let rootfs = dir.join("rootfs");
     for d in ["bin", "proc", "dev", "sys", "tmp", "etc", "run"] {
@@ -27,16 +42,7 @@ fn busybox_image(dir: &Path) -> std::path::PathBuf {
     }
     // Bind-mount targets must exist in a read-only root.
     std::fs::write(rootfs.join("etc/resolv.conf"), b"").unwrap();
-    let image = dir.join("rootfs.ext4");
-    let status = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", "rootfs", "-d"])
-        .arg(&rootfs)
-        .arg(&image)
-        .arg("16M")
-        .status()
-        .unwrap();
-    assert!(status.success(), "mkfs.ext4 -d failed");
-    image
+    rootfs
 }
 
 fn base_spec(args: &[&str]) -> Spec {
@@ -175,6 +181,43 @@ async fn limits_from_the_spec_hold_and_the_oom_killer_is_reported() {
     assert!(stats.memory_events.oom_kill >= 1, "{stats:?}");
     assert!(stats.cpu.usage_usec > 0, "{stats:?}");
     guest.agent.remove_container("c2").await.unwrap();
+    guest.agent.destroy_sandbox().await.unwrap();
+    assert!(guest.vm.stop(EXIT_TIMEOUT).await.unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erofs_rootfs_gets_a_writable_layer_in_the_guest() {
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let rootfs = busybox_tree(dir.path());
+    let image = dir.path().join("rootfs.erofs");
+    let built = Command::new("mkfs.erofs").arg("--quiet").arg(&image).arg(&rootfs).status();
+    assert!(built.is_ok_and(|s| s.success()), "mkfs.erofs failed (apt-get install erofs-utils)");
+    let mut config = GuestArtifacts::locate().unwrap().vm_config();
+    config.block_devices = vec![BlockDevice { path: image, read_only: true, serial: "erofs-root".into() }];
+    let guest = boot_guest(&config).await.expect("boot");
+    let mount_point = "/run/ironclad/rootfs/e1";
+    let mut storage = rootfs_storage(mount_point);
+    storage.serial = "erofs-root".into();
+    storage.fstype = "erofs".into();
+    let mut spec = base_spec(&["sh", "-c", "echo written > /tmp/note; cat /tmp/note; uname -r"]);
+    spec.set_root(Some(RootBuilder::default().path("rootfs").readonly(false).build().unwrap()));
+    let mut request = CreateContainerRequest::new();
+    request.container_id = "e1".into();
+    request.oci_spec_json = serde_json::to_string(&spec).unwrap();
+    request.rootfs = mount_point.into();
+    request.storages = vec![storage];
+    request.rootfs_overlay = true;
+    guest
+        .agent
+        .create_container(&request)
+        .await
+        .unwrap_or_else(|e| panic!("create e1: {}", explain(&guest, &e)));
+    start(&guest, "e1").await;
+    let output = read_stdout_to_end(&guest, "e1").await;
+    assert!(output.starts_with("written\n6.12"), "{output}");
+    assert_eq!(guest.agent.wait_process("e1", "").await.unwrap(), 0);
+    guest.agent.remove_container("e1").await.unwrap();
     guest.agent.destroy_sandbox().await.unwrap();
     assert!(guest.vm.stop(EXIT_TIMEOUT).await.unwrap().success());
 }
