@@ -328,7 +328,8 @@ fn a_running_task_execs_lists_reports_pauses_and_stops_on_signals() {
     let exec = containerd.ctr(&["tasks", "exec", "--exec-id", "e2", "run1", "sh", "-c", "exit 7"]).unwrap();
     assert_eq!(exec.status.code(), Some(7));
     // `ctr task exec` ends piped stdin with CloseIO: the process sees end of file.
-    let counted = run_ctr(&containerd, &["tasks", "exec", "--exec-id", "e3", "run1", "wc", "-l"], Some("a\nb\nc\n"));
+    let counted =
+        run_ctr(&containerd, &["tasks", "exec", "--exec-id", "e3", "run1", "wc", "-l"], Some("a\nb\nc\n"));
     assert_eq!(stdout_of(&containerd, &counted).trim(), "3", "stdin reached its end");
 
     let ps = containerd.ctr_ok(&["tasks", "ps", "run1"]).unwrap();
