@@ -521,7 +521,9 @@ impl Containers {
         sandbox_container: &str,
     ) -> Result<(), Error> {
         validate_id(id)?;
-        let spec_json = &self.join_sandbox_namespaces(spec_json, sandbox_container).await?;
+        let mut spec: Spec =
+            serde_json::from_str(spec_json).map_err(|e| Error::InvalidSpec(e.to_string()))?;
+        self.join_sandbox_namespaces(&mut spec, sandbox_container).await?;
         if self.entries.lock().await.contains_key(id) {
             return Err(Error::AlreadyExists(id.into()));
         }
@@ -549,7 +551,7 @@ impl Containers {
         } else {
             rootfs.to_path_buf()
         };
-        let created = self.create_with_mounts(id, spec_json, &rootfs, &mut mounts).await;
+        let created = self.create_with_mounts(id, spec, &rootfs, &mut mounts).await;
         if created.is_err() {
             unmount_all(mounts);
         }
@@ -559,12 +561,10 @@ impl Containers {
     async fn create_with_mounts(
         &self,
         id: &str,
-        spec_json: &str,
+        mut spec: Spec,
         rootfs: &Path,
         mounts: &mut Vec<Mounted>,
     ) -> Result<(), Error> {
-        let mut spec: Spec =
-            serde_json::from_str(spec_json).map_err(|e| Error::InvalidSpec(e.to_string()))?;
         if !rootfs.is_dir() {
             return Err(Error::BadRootfs(rootfs.to_path_buf()));
         }
@@ -847,17 +847,11 @@ impl Containers {
 
     /// Points each namespace of the spec that names a path at the sandbox container's namespace of
     /// that type. A path without a sandbox container is refused: it was written on the host.
-    async fn join_sandbox_namespaces(
-        &self,
-        spec_json: &str,
-        sandbox_container: &str,
-    ) -> Result<String, Error> {
-        let mut spec: Spec =
-            serde_json::from_str(spec_json).map_err(|e| Error::InvalidSpec(e.to_string()))?;
-        let Some(mut linux) = spec.linux().clone() else { return Ok(spec_json.to_string()) };
-        let Some(mut namespaces) = linux.namespaces().clone() else { return Ok(spec_json.to_string()) };
+    async fn join_sandbox_namespaces(&self, spec: &mut Spec, sandbox_container: &str) -> Result<(), Error> {
+        let Some(mut linux) = spec.linux().clone() else { return Ok(()) };
+        let Some(mut namespaces) = linux.namespaces().clone() else { return Ok(()) };
         if namespaces.iter().all(|ns| ns.path().is_none()) {
-            return Ok(spec_json.to_string());
+            return Ok(());
         }
         if sandbox_container.is_empty() {
             return Err(Error::InvalidSpec(
@@ -886,7 +880,7 @@ impl Containers {
         }
         linux.set_namespaces(Some(namespaces));
         spec.set_linux(Some(linux));
-        serde_json::to_string(&spec).map_err(|e| Error::InvalidSpec(e.to_string()))
+        Ok(())
     }
 
     /// The guest pids of every process in the container's cgroup.

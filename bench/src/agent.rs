@@ -15,7 +15,6 @@ use serde::Serialize;
 
 use crate::stats::{summarize, Summary};
 
-const BUSYBOX: &str = "/bin/busybox";
 const AGENT_START_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +25,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Rootfs(#[from] ironclad_tests::containerd::Error),
     #[error("{0}")]
     Step(String),
     #[error("agent call {call} failed: {source}")]
@@ -66,14 +67,7 @@ impl Drop for HandRunAgent {
 
 fn busybox_bundle(dir: &Path) -> Result<(PathBuf, serde_json::Value), Error> {
     let rootfs = dir.join("rootfs");
-    for sub in ["bin", "proc", "dev", "sys", "tmp", "etc"] {
-        std::fs::create_dir_all(rootfs.join(sub)).map_err(io("create the rootfs"))?;
-    }
-    std::fs::copy(BUSYBOX, rootfs.join("bin/busybox")).map_err(io("copy busybox (busybox-static)"))?;
-    for applet in ["sh", "true"] {
-        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))
-            .map_err(io("link an applet"))?;
-    }
+    ironclad_tests::containerd::busybox_rootfs(&rootfs)?;
     let output =
         Command::new("runc").args(["spec", "--bundle"]).arg(dir).output().map_err(io("runc spec"))?;
     if !output.status.success() {

@@ -244,13 +244,16 @@ fn figure(
 
 /// Names the backend a `hypervisor` setting means on this host, as the shim will choose it.
 pub fn describe_backend(hypervisor: &str) -> String {
-    use ironclad_shim::hypervisor::HostVirtualization;
+    use ironclad_shim::hypervisor::{HostVirtualization, HypervisorKind};
     let host = HostVirtualization::detect();
-    match hypervisor {
-        "auto" if host.can_boot_linux_on_kvm() => format!("ironclad-vmm (auto: {})", host.explain()),
-        "auto" => format!("qemu, TCG (auto: {})", host.explain()),
-        "ironclad" => "ironclad-vmm".to_string(),
-        other => other.to_string(),
+    let Ok(kind) = hypervisor.parse::<HypervisorKind>() else { return hypervisor.to_string() };
+    match (kind, kind.resolve(host)) {
+        (HypervisorKind::Auto, HypervisorKind::Ironclad) => {
+            format!("ironclad-vmm (auto: {})", host.explain())
+        }
+        (HypervisorKind::Auto, _) => format!("qemu, TCG (auto: {})", host.explain()),
+        (_, HypervisorKind::Ironclad) => "ironclad-vmm".to_string(),
+        _ => hypervisor.to_string(),
     }
 }
 

@@ -136,6 +136,14 @@ where
         .trim()
         .parse()
         .map_err(|_| format!("expected a number from {} to {}", range.start(), range.end()))?;
+    within(value, range)
+}
+
+/// The value if the range holds it, else the range's words.
+fn within<T: PartialOrd + std::fmt::Display>(
+    value: T,
+    range: &std::ops::RangeInclusive<T>,
+) -> Result<T, String> {
     if range.contains(&value) {
         Ok(value)
     } else {
@@ -149,15 +157,9 @@ where
     T: Deserialize<'de> + PartialOrd + std::fmt::Display,
 {
     let value = T::deserialize(deserializer)?;
-    if range.contains(&value) {
-        Ok(value)
-    } else {
-        Err(serde::de::Error::custom(format!(
-            "{value} is out of range: must be from {} to {}",
-            range.start(),
-            range.end()
-        )))
-    }
+    let shown = value.to_string();
+    within(value, range)
+        .map_err(|reason| serde::de::Error::custom(format!("{shown} is out of range: {reason}")))
 }
 
 fn vcpus<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u8, D::Error> {

@@ -132,13 +132,14 @@ fn cached_image(lowers: &[PathBuf], cache_dir: &Path) -> Result<RootfsImage, Err
         move |source| Error::Io { action, path, source }
     };
     std::fs::create_dir_all(cache_dir).map_err(io("create the image cache", cache_dir))?;
-    forget_images_of_removed_snapshots(cache_dir);
     let key = cache_key(lowers);
     let image = cache_dir.join(format!("{key}.ext4"));
     if image.is_file() {
         info!("rootfs image cache hit: {}", image.display());
         return Ok(RootfsImage { path: image, cached: true });
     }
+    // Only when the cache grows: a hit must cost no more than a stat.
+    forget_images_of_removed_snapshots(cache_dir);
     // Built under a private name and renamed, so that shims building the same image at once
     // never see each other's half-written file.
     let partial = cache_dir.join(format!("{key}.ext4.partial-{}", std::process::id()));

@@ -45,6 +45,8 @@ pub enum Error {
 pub struct Sandbox {
     pub agent: AgentClient,
     pub backend: &'static str,
+    /// The VM monitor's host pid (QEMU or ironclad-vmm).
+    pub monitor_pid: u32,
     vm: Arc<Mutex<Option<GuestVm>>>,
     gone: watch::Receiver<bool>,
     stopping: Arc<AtomicBool>,
@@ -87,7 +89,7 @@ impl Sandbox {
         let stopping = Arc::new(AtomicBool::new(false));
         let (gone_tx, gone) = watch::channel(false);
         tokio::spawn(watch_monitor(exited, vm.clone(), stopping.clone(), gone_tx));
-        Ok(Sandbox { agent, backend: backend.name(), vm, gone, stopping })
+        Ok(Sandbox { agent, backend: backend.name(), monitor_pid: monitor, vm, gone, stopping })
     }
 
     /// Becomes true when the VM has gone, expectedly or not.
@@ -157,6 +159,22 @@ fn process_exit(pid: u32) -> std::io::Result<AsyncFd<OwnedFd>> {
         .map_err(std::io::Error::from)
 }
 
+/// Detaches every mount at or below `dir`, deepest first (mount points as /proc/self/mountinfo
+/// lists them).
+pub fn unmount_below(dir: &Path) {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut mounts: Vec<&Path> = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(Path::new)
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.as_os_str().len()));
+    for mount_point in mounts {
+        let _ = nix::mount::umount2(mount_point, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 /// After a crashed shim: kills the VM processes recorded in `task_dir` (only those whose command
 /// line still names the directory, so a reused pid is left alone), unmounts what is mounted below
 /// it and removes it. Doing it twice is harmless.
@@ -171,12 +189,7 @@ pub fn clean_up_task_dir(task_dir: &Path) {
                 nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }
     }
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    for mount_point in
-        mountinfo.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&marker))
-    {
-        let _ = nix::mount::umount2(mount_point, nix::mount::MntFlags::MNT_DETACH);
-    }
+    unmount_below(task_dir);
     if let Err(err) = std::fs::remove_dir_all(task_dir) {
         if err.kind() != std::io::ErrorKind::NotFound {
             warn!("cannot remove {}: {err}", task_dir.display());

@@ -209,8 +209,6 @@ struct Task {
     bundle: String,
     dir: PathBuf,
     sandbox: Sandbox,
-    /// The VM monitor's pid: the task's pid on the host, as Kata reports it.
-    host_pid: u32,
     processes: std::sync::Mutex<HashMap<String, Arc<Process>>>,
 }
 
@@ -232,10 +230,15 @@ impl Task {
         }
     }
 
+    /// The task's pid on the host, as Kata reports it: the VM monitor's.
+    fn host_pid(&self) -> u32 {
+        self.sandbox.monitor_pid
+    }
+
     /// The pid containerd sees: the VM's for the init process, the guest's for an exec.
     fn visible_pid(&self, process: &Process) -> u32 {
         if process.exec_id.is_empty() {
-            self.host_pid
+            self.host_pid()
         } else {
             process.pid()
         }
@@ -359,16 +362,11 @@ impl TaskService {
                 format!("cannot start the sandbox VM: {}", error_chain(&err)),
             )
         })?;
-        let host_pid = std::fs::read_to_string(dir.join("vm.pids"))
-            .ok()
-            .and_then(|p| p.lines().next().and_then(|l| l.parse().ok()))
-            .unwrap_or_default();
         let task = Arc::new(Task {
             id: req.id.clone(),
             bundle: req.bundle.clone(),
             dir: dir.to_path_buf(),
             sandbox,
-            host_pid,
             processes: std::sync::Mutex::new(HashMap::new()),
         });
         let made = self.create_container(&task, req, &mut spec, &file_mounts).await;
@@ -517,7 +515,7 @@ impl TaskService {
         let event = TaskDelete {
             container_id: task.id.clone(),
             id: task.id.clone(),
-            pid: task.host_pid,
+            pid: task.host_pid(),
             exit_status: exit.status,
             exited_at: MessageField::some(exit.at.clone()),
             ..Default::default()
@@ -525,7 +523,7 @@ impl TaskService {
         self.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(event)).await;
         info!("task {} deleted; its VM is stopped", task.id);
         Ok(DeleteResponse {
-            pid: task.host_pid,
+            pid: task.host_pid(),
             exit_status: exit.status,
             exited_at: MessageField::some(exit.at),
             ..Default::default()
@@ -763,8 +761,8 @@ impl containerd_shim::Task for TaskService {
             ));
         }
         let task = self.create_task(&req).await?;
-        info!("task {} created in a {} VM (pid {})", task.id, task.sandbox.backend, task.host_pid);
-        let pid = task.host_pid;
+        info!("task {} created in a {} VM (pid {})", task.id, task.sandbox.backend, task.host_pid());
+        let pid = task.host_pid();
         *slot = Some(task);
         drop(slot);
         let event = TaskCreate {
@@ -1032,7 +1030,7 @@ impl containerd_shim::Task for TaskService {
 
     async fn connect(&self, _ctx: &TtrpcContext, req: ConnectRequest) -> TtrpcResult<ConnectResponse> {
         let task_pid = match self.task.lock().await.as_ref() {
-            Some(task) if task.id == req.id => task.host_pid,
+            Some(task) if task.id == req.id => task.host_pid(),
             _ => 0,
         };
         Ok(ConnectResponse {

@@ -293,17 +293,7 @@ impl Drop for Containerd {
         // runc tasks live in cgroups under /<namespace>, which containerd never removes.
         remove_namespace_cgroups(&self.namespace);
         // Snapshots and the shims' sockets are mounted or bound below the directory.
-        let marker = self.dir.path().display().to_string();
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut mounts: Vec<&str> = mountinfo
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|m| m.starts_with(&marker))
-            .collect();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for mount_point in mounts {
-            let _ = nix::mount::umount2(mount_point, nix::mount::MntFlags::MNT_DETACH);
-        }
+        ironclad_shim::sandbox::unmount_below(self.dir.path());
     }
 }
 
@@ -374,19 +364,15 @@ fn put_blob(layout: &Path, data: &[u8]) -> Result<(String, usize), Error> {
     Ok((format!("sha256:{digest}"), data.len()))
 }
 
-/// An OCI image archive holding the busybox images: one layer (busybox and its applet links) and
-/// two configs.
-pub fn build_busybox_archive(work: &Path, archive: &Path) -> Result<(), Error> {
+/// A busybox root file system at `rootfs`: the host's busybox-static with a link per applet, a
+/// root user and a `builder` (1000:1000) whose home is /work.
+pub fn busybox_rootfs(rootfs: &Path) -> Result<(), Error> {
     if !Path::new(BUSYBOX).is_file() {
         return Err(Error::Missing("busybox-static"));
     }
-    let rootfs = work.join("rootfs");
-    let layout = work.join("layout");
-    let _ = std::fs::remove_dir_all(work);
     for dir in ["bin", "etc", "tmp", "proc", "sys", "dev", "work"] {
         std::fs::create_dir_all(rootfs.join(dir)).map_err(io_err("image rootfs"))?;
     }
-    std::fs::create_dir_all(layout.join("blobs/sha256")).map_err(io_err("image layout"))?;
     std::fs::copy(BUSYBOX, rootfs.join("bin/busybox")).map_err(io_err("copy busybox"))?;
     let list = Command::new(BUSYBOX).arg("--list").output().map_err(io_err("busybox --list"))?;
     for applet in String::from_utf8_lossy(&list.stdout).lines().filter(|a| *a != "busybox" && !a.is_empty()) {
@@ -397,8 +383,17 @@ pub fn build_busybox_archive(work: &Path, archive: &Path) -> Result<(), Error> {
         "root:x:0:0:root:/:/bin/sh\nbuilder:x:1000:1000::/work:/bin/sh\n",
     )
     .map_err(io_err("passwd"))?;
-    std::fs::write(rootfs.join("etc/group"), "root:x:0:\nbuilder:x:1000:\n").map_err(io_err("group"))?;
+    std::fs::write(rootfs.join("etc/group"), "root:x:0:\nbuilder:x:1000:\n").map_err(io_err("group"))
+}
 
+/// An OCI image archive holding the busybox images: one layer (busybox and its applet links) and
+/// two configs.
+pub fn build_busybox_archive(work: &Path, archive: &Path) -> Result<(), Error> {
+    let rootfs = work.join("rootfs");
+    let layout = work.join("layout");
+    let _ = std::fs::remove_dir_all(work);
+    busybox_rootfs(&rootfs)?;
+    std::fs::create_dir_all(layout.join("blobs/sha256")).map_err(io_err("image layout"))?;
     let layer_tar = work.join("layer.tar");
     // Reproducible: owners, order and times fixed.
     tar_directory(

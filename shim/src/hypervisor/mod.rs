@@ -133,6 +133,17 @@ pub enum HypervisorKind {
     Qemu,
 }
 
+impl HypervisorKind {
+    /// `auto` made concrete for this host: ironclad-vmm where KVM can boot Linux, else QEMU.
+    pub fn resolve(self, host: HostVirtualization) -> HypervisorKind {
+        match self {
+            HypervisorKind::Auto if host.can_boot_linux_on_kvm() => HypervisorKind::Ironclad,
+            HypervisorKind::Auto => HypervisorKind::Qemu,
+            explicit => explicit,
+        }
+    }
+}
+
 impl std::str::FromStr for HypervisorKind {
     type Err = String;
 
@@ -156,18 +167,12 @@ pub enum Backend {
 impl Backend {
     /// Resolves `auto` from what the host offers, logging why, and finds the backend's programs.
     pub fn select(kind: HypervisorKind, host: HostVirtualization) -> Result<Self, Error> {
-        let kind = match kind {
-            HypervisorKind::Auto if host.can_boot_linux_on_kvm() => {
-                info!("hypervisor auto: ironclad-vmm, because {}", host.explain());
-                HypervisorKind::Ironclad
-            }
-            HypervisorKind::Auto => {
-                info!("hypervisor auto: qemu, because {}", host.explain());
-                HypervisorKind::Qemu
-            }
-            explicit => explicit,
-        };
-        match kind {
+        let resolved = kind.resolve(host);
+        if kind == HypervisorKind::Auto {
+            let name = if resolved == HypervisorKind::Ironclad { "ironclad-vmm" } else { "qemu" };
+            info!("hypervisor auto: {name}, because {}", host.explain());
+        }
+        match resolved {
             HypervisorKind::Ironclad => Ok(Backend::Ironclad(ironclad::IroncladBackend::locate(host)?)),
             _ => Ok(Backend::Qemu(qemu::QemuBackend::locate(host)?)),
         }
@@ -241,6 +246,16 @@ mod tests {
         assert!(!emulated.can_boot_linux_on_kvm());
         assert!(emulated.explain().contains("no vmx/svm"));
         assert!(HostVirtualization { kvm_opens: true, hardware_virtualization: true }.can_boot_linux_on_kvm());
+    }
+
+    #[test]
+    fn auto_resolves_by_the_host_and_explicit_kinds_stay() {
+        let emulated = HostVirtualization { kvm_opens: true, hardware_virtualization: false };
+        let hardware = HostVirtualization { kvm_opens: true, hardware_virtualization: true };
+        assert_eq!(HypervisorKind::Auto.resolve(emulated), HypervisorKind::Qemu);
+        assert_eq!(HypervisorKind::Auto.resolve(hardware), HypervisorKind::Ironclad);
+        assert_eq!(HypervisorKind::Ironclad.resolve(emulated), HypervisorKind::Ironclad);
+        assert_eq!(HypervisorKind::Qemu.resolve(hardware), HypervisorKind::Qemu);
     }
 
     #[test]
