@@ -15,6 +15,17 @@ RUNS=${RUNS:-5}
 echo "== host"
 echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
 echo "cores: $(nproc), kernel: $(uname -r)"
+virt_env=$( (systemd-detect-virt 2>/dev/null || true) | head -1)
+echo "runs in: ${virt_env:-unknown}$([ -f /.dockerenv ] && echo ', a docker container')"
+# A container may have the kvm module loaded on its host but no device node: make one from sysfs.
+if [ ! -e /dev/kvm ]; then
+    modprobe kvm_intel 2>/dev/null || modprobe kvm_amd 2>/dev/null || true
+    if [ -r /sys/class/misc/kvm/dev ]; then
+        IFS=: read -r major minor </sys/class/misc/kvm/dev
+        mknod /dev/kvm c "$major" "$minor" 2>/dev/null && echo "made /dev/kvm from sysfs ($major:$minor)"
+    fi
+fi
+echo "kvm module: $( [ -d /sys/module/kvm ] && echo loaded || echo absent)"
 kvm=no
 if [ -e /dev/kvm ] && exec 3<>/dev/kvm 2>/dev/null; then kvm=yes; exec 3>&-; fi
 virt=$(grep -m1 -ow -E 'vmx|svm' /proc/cpuinfo || true)
