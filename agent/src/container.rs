@@ -18,6 +18,7 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, watch, Mutex};
 
+use crate::cgroups::{self, Layout};
 use crate::paths::AgentPaths;
 use crate::storage::{self, Mounted, StorageRequest};
 
@@ -26,11 +27,10 @@ use crate::storage::{self, Mounted, StorageRequest};
 pub const CHUNK_SIZE: usize = 64 * 1024;
 const BUFFERED_CHUNKS: usize = 16;
 const DEFAULT_REMOVE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often a container's memory.events is read for new OOM kills.
+/// How often a container's OOM-kill count is read for new kills.
 const OOM_POLL: Duration = Duration::from_millis(100);
 /// OOM events waiting for GetOOMEvent; more are dropped (and logged) rather than held.
 const OOM_QUEUE: usize = 64;
-const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -60,6 +60,12 @@ pub enum Error {
     },
     #[error("libcontainer failed to {action} container {id:?}: {message}")]
     Runtime { id: String, action: &'static str, message: String },
+    #[error("cannot create the cgroup {path:?} that containers' cgroups go below")]
+    CgroupParent {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot create the stdio pipes")]
     Pipes(#[source] nix::Error),
     #[error("storage for the container")]
@@ -293,6 +299,7 @@ impl Entry {
 /// Every container of the sandbox.
 pub struct Containers {
     paths: AgentPaths,
+    cgroups: Layout,
     entries: Mutex<HashMap<String, Entry>>,
     exits: broadcast::Sender<WaitStatus>,
     /// pivot_root cannot leave the initramfs: there, containers enter their root with MS_MOVE and
@@ -302,28 +309,15 @@ pub struct Containers {
     oom_rx: Mutex<mpsc::Receiver<String>>,
 }
 
-/// The oom_kill counter of a cgroup's memory.events; None once the cgroup is gone (or has no
-/// memory controller).
-fn oom_kills(memory_events: &Path) -> Option<u64> {
-    let text = std::fs::read_to_string(memory_events).ok()?;
-    text.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|v| v.trim().parse().ok())
-}
-
-/// Where a cgroup (a path below the cgroup v2 root, as the agent names it) is in the file system.
-fn cgroup_dir(cgroup: &Path) -> PathBuf {
-    Path::new(CGROUP_ROOT).join(cgroup.strip_prefix("/").unwrap_or(cgroup))
-}
-
-/// Reports each new OOM kill in the cgroup at `dir` until the cgroup goes away.
-fn watch_oom(id: String, dir: PathBuf, events: mpsc::Sender<String>) {
-    let memory_events = dir.join("memory.events");
+/// Reports each new OOM kill counted in `oom_kill_file` until the cgroup goes away.
+fn watch_oom(id: String, oom_kill_file: PathBuf, events: mpsc::Sender<String>) {
     tokio::spawn(async move {
-        let Some(mut seen) = oom_kills(&memory_events) else {
+        let Some(mut seen) = cgroups::oom_kills(&oom_kill_file) else {
             return;
         };
         loop {
             tokio::time::sleep(OOM_POLL).await;
-            let Some(now) = oom_kills(&memory_events) else {
+            let Some(now) = cgroups::oom_kills(&oom_kill_file) else {
                 return;
             };
             if now > seen {
@@ -454,16 +448,16 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Containers {
-    pub fn new(paths: AgentPaths, exits: broadcast::Sender<WaitStatus>, no_pivot: bool) -> Self {
-        // Created once, here: libcgroups creates missing path components with a check-then-create
-        // that fails when two containers are created at the same time below a parent that is new.
-        let parent_dir = cgroup_dir(paths.cgroup_parent());
-        if let Err(err) = std::fs::create_dir_all(&parent_dir) {
-            tracing::warn!("cannot create the container cgroup parent {}: {err}", parent_dir.display());
-        }
+    pub fn new(
+        paths: AgentPaths,
+        cgroups: Layout,
+        exits: broadcast::Sender<WaitStatus>,
+        no_pivot: bool,
+    ) -> Self {
         let (oom_tx, oom_rx) = mpsc::channel(OOM_QUEUE);
         Containers {
             paths,
+            cgroups,
             entries: Mutex::new(HashMap::new()),
             exits,
             no_pivot,
@@ -472,17 +466,34 @@ impl Containers {
         }
     }
 
+    /// Removes the cgroup the containers' cgroups went below, where it is empty: an agent run by
+    /// hand leaves nothing in the host's cgroups.
+    pub fn remove_cgroup_parent(&self) {
+        for dir in self.cgroups.dirs(self.paths.cgroup_parent()) {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+
     /// Where CopyFile puts files.
     pub fn shared_dir(&self) -> PathBuf {
         self.paths.shared()
     }
 
-    /// The container's cgroup v2 figures.
+    /// The container's cgroup figures, shaped as cgroup v2's whatever the kernel keeps them in.
     pub async fn stats(&self, id: &str) -> Result<ironclad_protocol::agent::StatsContainerResponse, Error> {
         if !self.entries.lock().await.contains_key(id) {
             return Err(Error::NotFound(id.into()));
         }
-        Ok(crate::stats::read(&cgroup_dir(&self.paths.cgroup(id))))
+        let cgroup = self.paths.cgroup(id);
+        if let Some(dir) = self.cgroups.unified_dir(&cgroup) {
+            return Ok(crate::stats::read(&dir));
+        }
+        let manager = self.cgroup_manager(id)?;
+        let v1 = blocking(move || manager.stats().map_err(|e| e.to_string())).await.map_err(|message| {
+            Error::Runtime { id: id.into(), action: "read the cgroup figures of", message }
+        })?;
+        let oom_kills = cgroups::oom_kills(&self.cgroups.oom_kill_file(&cgroup)).unwrap_or(0);
+        Ok(crate::stats::from_v1(&v1, oom_kills))
     }
 
     /// Freezes (or thaws) every process of a running container through its cgroup.
@@ -583,6 +594,10 @@ impl Containers {
         if entries.contains_key(id) {
             return Err(Error::AlreadyExists(id.into()));
         }
+        // Made here, one container at a time: libcgroups creates missing path components with a
+        // check-then-create that fails when two containers are created at once below a new parent.
+        let parent = self.paths.cgroup_parent();
+        self.cgroups.create(parent).map_err(|source| Error::CgroupParent { path: parent.into(), source })?;
         let bundle = self.paths.bundle(id);
         let bundle_err = |source| Error::Bundle { id: id.into(), source };
         std::fs::create_dir_all(&bundle).map_err(bundle_err)?;
@@ -658,7 +673,7 @@ impl Containers {
         .map_err(|message| Error::Runtime { id: id.into(), action: "start", message })?;
         entry.init.pid = Some(pid);
         watch_exit(exits, pid, entry.init.exit_tx.clone());
-        watch_oom(id.to_string(), cgroup_dir(&self.paths.cgroup(id)), self.oom_tx.clone());
+        watch_oom(id.to_string(), self.cgroups.oom_kill_file(&self.paths.cgroup(id)), self.oom_tx.clone());
         u32::try_from(pid).map_err(|_| Error::Runtime {
             id: id.into(),
             action: "start",

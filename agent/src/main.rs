@@ -5,6 +5,7 @@
 //! end the sandbox. Run by hand (not as PID 1) it skips the guest setup and serves on the address
 //! given with `--listen`, which is how the host-side tests drive it.
 
+mod cgroups;
 mod clock;
 mod container;
 mod copy_file;
@@ -51,6 +52,8 @@ enum Error {
     Runtime(#[source] std::io::Error),
     #[error("cannot become the child subreaper, which container processes need")]
     Subreaper(#[source] nix::Error),
+    #[error("cannot find where container cgroups go")]
+    Cgroups(#[from] cgroups::Error),
 }
 
 fn default_listen_address() -> String {
@@ -105,6 +108,8 @@ fn run(is_init: bool) -> Result<(), Error> {
     if is_init {
         init::prepare_guest()?;
     }
+    let layout = cgroups::Layout::detect()?;
+    tracing::info!("container cgroups go into {layout:?}");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -117,9 +122,11 @@ fn run(is_init: bool) -> Result<(), Error> {
     runtime.block_on(async {
         let reaper = reaper::spawn()?;
         let state = paths::AgentPaths::new(&options.state_dir, &options.cgroup_parent);
-        let containers = Arc::new(Containers::new(state, reaper.exits(), container::root_is_initramfs()));
+        let containers =
+            Arc::new(Containers::new(state, layout, reaper.exits(), container::root_is_initramfs()));
         let network_allowed = is_init || options.own_network_namespace;
-        let result = server::serve(&options.listen, containers, is_init, network_allowed).await;
+        let result = server::serve(&options.listen, containers.clone(), is_init, network_allowed).await;
+        containers.remove_cgroup_parent();
         drop(reaper);
         result
     })?;

@@ -100,7 +100,7 @@ fn status(err: container::Error) -> ttrpc::Error {
         E::ExecExists { .. } => Code::ALREADY_EXISTS,
         E::WrongState { .. } => Code::FAILED_PRECONDITION,
         E::StopTimeout { .. } => Code::DEADLINE_EXCEEDED,
-        E::Bundle { .. } | E::Runtime { .. } | E::Pipes(_) => Code::INTERNAL,
+        E::Bundle { .. } | E::Runtime { .. } | E::Pipes(_) | E::CgroupParent { .. } => Code::INTERNAL,
         E::Storage(storage::Error::BadMountPoint(_) | storage::Error::BadSerial(_)) => Code::INVALID_ARGUMENT,
         E::Storage(storage::Error::NoSuchDisk(_)) => Code::NOT_FOUND,
         E::Storage(_) => Code::INTERNAL,

@@ -105,6 +105,90 @@ pub fn read(cgroup_dir: &Path) -> StatsContainerResponse {
     stats
 }
 
+/// cgroup v1's "no limit" for memory: the largest page-aligned i64, or anything above it.
+const V1_NO_MEMORY_LIMIT: u64 = 0x7FFF_FFFF_FFFF_F000;
+
+/// The figures libcgroups read from a container's cgroup v1 hierarchies, shaped as cgroup v2's so
+/// that the shim needs to know one kind. v1 counts CPU time in ns (user and system in clock ticks)
+/// and calls anonymous memory `rss` and page cache `cache`.
+pub fn from_v1(v1: &libcgroups::stats::Stats, oom_kills: u64) -> StatsContainerResponse {
+    let mut pids = PidsStat::new();
+    pids.current = v1.pids.current;
+    // libcgroups leaves the limit at 0 for "max".
+    pids.limit = if v1.pids.limit == 0 { u64::MAX } else { v1.pids.limit };
+
+    let usec_per_tick = 1_000_000 / clock_ticks_per_second();
+    let mut cpu = CPUStat::new();
+    cpu.usage_usec = v1.cpu.usage.usage_total / 1000;
+    cpu.user_usec = v1.cpu.usage.usage_user * usec_per_tick;
+    cpu.system_usec = v1.cpu.usage.usage_kernel * usec_per_tick;
+    cpu.nr_periods = v1.cpu.throttling.periods;
+    cpu.nr_throttled = v1.cpu.throttling.throttled_periods;
+    cpu.throttled_usec = v1.cpu.throttling.throttled_time / 1000;
+
+    let stat = |key: &str| v1.memory.stats.get(key).copied().unwrap_or(0);
+    let mut memory = MemoryStat::new();
+    memory.usage = v1.memory.memory.usage;
+    memory.usage_limit = match v1.memory.memory.limit {
+        limit if limit >= V1_NO_MEMORY_LIMIT => u64::MAX,
+        limit => limit,
+    };
+    memory.anon = stat("rss");
+    memory.file = stat("cache");
+    memory.shmem = stat("shmem");
+    memory.file_mapped = stat("mapped_file");
+    memory.file_dirty = stat("dirty");
+    memory.file_writeback = stat("writeback");
+    memory.pgfault = stat("pgfault");
+    memory.pgmajfault = stat("pgmajfault");
+    memory.slab = v1.memory.kernel.usage;
+
+    let mut memory_events = MemoryEvents::new();
+    // v1 counts how often usage hit the limit, which is what v2's `max` counts.
+    memory_events.max = v1.memory.memory.fail_count;
+    memory_events.oom_kill = oom_kills;
+
+    let mut stats = StatsContainerResponse::new();
+    stats.pids = Some(pids).into();
+    stats.cpu = Some(cpu).into();
+    stats.memory = Some(memory).into();
+    stats.io = v1_io_entries(&v1.blkio);
+    stats.memory_events = Some(memory_events).into();
+    stats
+}
+
+fn clock_ticks_per_second() -> u64 {
+    use nix::unistd::{sysconf, SysconfVar};
+    match sysconf(SysconfVar::CLK_TCK) {
+        Ok(Some(ticks)) if ticks > 0 => ticks as u64,
+        _ => 100,
+    }
+}
+
+/// blkio's per-device `Read`/`Write` lines, one entry per device.
+fn v1_io_entries(blkio: &libcgroups::stats::BlkioStats) -> Vec<IOEntry> {
+    let mut devices: std::collections::BTreeMap<(u64, u64), IOEntry> = Default::default();
+    let mut add = |stats: &[libcgroups::stats::BlkioDeviceStat], bytes: bool| {
+        for stat in stats {
+            let entry = devices.entry((stat.major, stat.minor)).or_insert_with(|| {
+                let mut entry = IOEntry::new();
+                (entry.major, entry.minor) = (stat.major, stat.minor);
+                entry
+            });
+            match (stat.op_type.as_deref(), bytes) {
+                (Some("Read"), true) => entry.rbytes = stat.value,
+                (Some("Write"), true) => entry.wbytes = stat.value,
+                (Some("Read"), false) => entry.rios = stat.value,
+                (Some("Write"), false) => entry.wios = stat.value,
+                _ => {}
+            }
+        }
+    };
+    add(&blkio.service_bytes, true);
+    add(&blkio.serviced, false);
+    devices.into_values().collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,6 +216,41 @@ mod tests {
             (stats.io[0].major, stats.io[0].minor, stats.io[0].wbytes, stats.io[0].wios),
             (254, 0, 8192, 2)
         );
+    }
+
+    #[test]
+    fn cgroup_v1_figures_are_shaped_as_v2() {
+        use libcgroups::stats::{BlkioDeviceStat, Stats};
+        let mut v1 = Stats::default();
+        v1.pids.current = 2;
+        v1.cpu.usage.usage_total = 3_000_000;
+        v1.cpu.usage.usage_user = 1;
+        v1.cpu.throttling.throttled_time = 5000;
+        v1.memory.memory.usage = 4096;
+        v1.memory.memory.limit = 9_223_372_036_854_771_712;
+        v1.memory.memory.fail_count = 9;
+        v1.memory.stats.insert("rss".into(), 1024);
+        v1.memory.stats.insert("cache".into(), 2048);
+        let device =
+            |op: &str, value| BlkioDeviceStat { major: 8, minor: 0, op_type: Some(op.into()), value };
+        v1.blkio.service_bytes = vec![device("Read", 4096), device("Write", 8192), device("Total", 12288)];
+        v1.blkio.serviced = vec![device("Read", 1), device("Write", 2)];
+        let stats = from_v1(&v1, 3);
+        assert_eq!((stats.pids.current, stats.pids.limit), (2, u64::MAX));
+        assert_eq!(stats.cpu.usage_usec, 3000);
+        assert_eq!(stats.cpu.user_usec, 1_000_000 / clock_ticks_per_second());
+        assert_eq!(stats.cpu.throttled_usec, 5);
+        assert_eq!((stats.memory.usage, stats.memory.usage_limit), (4096, u64::MAX));
+        assert_eq!((stats.memory.anon, stats.memory.file), (1024, 2048));
+        assert_eq!((stats.memory_events.max, stats.memory_events.oom_kill), (9, 3));
+        assert_eq!(stats.io.len(), 1);
+        let io = &stats.io[0];
+        assert_eq!((io.major, io.rbytes, io.wbytes, io.rios, io.wios), (8, 4096, 8192, 1, 2));
+
+        v1.pids.limit = 20;
+        v1.memory.memory.limit = 32 << 20;
+        let limited = from_v1(&v1, 0);
+        assert_eq!((limited.pids.limit, limited.memory.usage_limit), (20, 32 << 20));
     }
 
     #[test]

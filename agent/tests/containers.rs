@@ -1,7 +1,8 @@
 #![allow(clippy::unwrap_used)] // test code: a failed step should stop the test right there
 
 //! Containers through the agent on the host: the agent runs by hand in its own mount namespace
-//! (with cgroup2 mounted there, as in the guest) and is driven with the generated ttrpc client.
+//! (with cgroup2 mounted there, as in the guest, or with the host's own cgroups for the limit
+//! tests) and is driven with the generated ttrpc client.
 
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use ironclad_protocol::agent::{
     WriteStreamRequest,
 };
 use ironclad_protocol::agent_ttrpc::AgentClient;
+use ironclad_tests::cgroups;
 use libcontainer::oci_spec::runtime::{ProcessBuilder, RootBuilder, Spec, UserBuilder};
 
 const BUSYBOX: &str = "/bin/busybox";
@@ -27,15 +29,34 @@ struct Agent {
     dir: tempfile::TempDir,
 }
 
+impl Agent {
+    /// The directories of a container's cgroup that still exist, in every cgroup file system the
+    /// agent sees.
+    fn cgroups_left(&self, id: &str) -> Vec<PathBuf> {
+        let cgroup = format!("{}/{id}", self.cgroup_parent);
+        cgroups::dirs_seen_by(self.child.id(), &cgroup).into_iter().filter(|d| d.exists()).collect()
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
-        // Its containers' cgroups went with them; the parent cgroup goes now, through the agent's
-        // mount namespace (the host has no cgroup2 mount of its own).
-        let cgroups = format!("/proc/{}/root/sys/fs/cgroup", self.child.id());
-        let _ = std::fs::remove_dir(format!("{cgroups}{}", self.cgroup_parent));
+        // A passing test removed its containers and their cgroups; after a failing one, whatever
+        // still runs in them is killed here. The parent cgroup goes now, seen through the agent's
+        // mount namespace (the host may have no cgroup2 mount of its own).
+        cgroups::clear_away(self.child.id(), &self.cgroup_parent);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Which cgroups the agent's containers get.
+#[derive(Clone, Copy, PartialEq)]
+enum Cgroups {
+    /// A cgroup2 mount in the agent's mount namespace, as in the guest. Where the host keeps its
+    /// controllers on cgroup v1, that tree has none: no limits.
+    V2Mount,
+    /// The host's, as the agent finds them: cgroup v2 with its controllers, or the v1 hierarchies.
+    Host,
 }
 
 /// Root, unshare and busybox-static are needed; without them the test says so and stops.
@@ -61,11 +82,11 @@ fn busybox_rootfs(dir: &Path) -> PathBuf {
 }
 
 async fn start_agent() -> Agent {
-    start_agent_in(&[]).await
+    start_agent_in(&[], Cgroups::V2Mount).await
 }
 
 /// The agent in namespaces of its own: a mount namespace always, plus `extra` (e.g. `--net`).
-async fn start_agent_in(extra: &[&str]) -> Agent {
+async fn start_agent_in(extra: &[&str], cgroups: Cgroups) -> Agent {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("agent.sock");
     let state_dir = dir.path().join("state");
@@ -79,12 +100,13 @@ async fn start_agent_in(extra: &[&str]) -> Agent {
         .args(["--mount", "--propagation", "private"])
         .args(extra)
         .args(["sh", "-c"])
-        .arg(r#"mount -t cgroup2 none /sys/fs/cgroup && exec "$0" --listen "$1" --state-dir "$2" --cgroup-parent "$3" $4"#)
+        .arg(r#"$5 && exec "$0" --listen "$1" --state-dir "$2" --cgroup-parent "$3" $4"#)
         .arg(env!("CARGO_BIN_EXE_ironclad-agent"))
         .arg(&address)
         .arg(&state_dir)
         .arg(&cgroup_parent)
         .arg(if extra.contains(&"--net") { "--own-network-namespace" } else { "" })
+        .arg(if cgroups == Cgroups::V2Mount { "mount -t cgroup2 none /sys/fs/cgroup" } else { "true" })
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
@@ -188,6 +210,7 @@ async fn a_container_runs_prints_exits_and_is_removed_without_a_trace() {
     assert!(!agent.state_dir.join("bundles/c1").exists(), "bundle left behind");
     assert!(!agent.state_dir.join("libcontainer/c1").exists(), "libcontainer state left behind");
     assert!(!Path::new(&format!("/proc/{pid}")).exists(), "process left behind");
+    assert_eq!(agent.cgroups_left("c1"), Vec::<PathBuf>::new(), "cgroup left behind");
     assert_eq!(code_of(remove(&agent, "c1").await), ttrpc::Code::NOT_FOUND);
 }
 
@@ -594,7 +617,7 @@ async fn interfaces_routes_and_neighbours_are_set_in_the_agents_network_namespac
     if !can_run() {
         return;
     }
-    let agent = start_agent_in(&["--net"]).await;
+    let agent = start_agent_in(&["--net"], Cgroups::V2Mount).await;
     ip_in(&agent, &["link", "add", "eth0", "type", "veth", "peer", "name", "eth0-peer"]);
     ip_in(&agent, &["link", "set", "eth0-peer", "up"]);
     let mut interface = Interface::new();
@@ -645,4 +668,86 @@ async fn interfaces_routes_and_neighbours_are_set_in_the_agents_network_namespac
     let shared = start_agent().await;
     routes.routes = vec![route("10.30.0.0/16")];
     assert_eq!(code_of(shared.client.update_routes(ctx(), &routes).await), ttrpc::Code::FAILED_PRECONDITION);
+}
+
+/// `args` under the spec's defaults with `resources` as its cgroup limits.
+fn limited_spec(args: &[&str], resources: libcontainer::oci_spec::runtime::LinuxResources) -> String {
+    serde_json::to_string(&spec_with(args, |spec| {
+        let mut linux = spec.linux().clone().unwrap_or_default();
+        linux.set_resources(Some(resources));
+        spec.set_linux(Some(linux));
+    }))
+    .unwrap()
+}
+
+async fn stats_of(agent: &Agent, id: &str) -> ironclad_protocol::agent::StatsContainerResponse {
+    let mut req = ironclad_protocol::agent::ContainerRequest::new();
+    req.container_id = id.into();
+    agent.client.stats_container(ctx(), &req).await.unwrap()
+}
+
+/// Limits need controllers, so here the agent uses the host's cgroups: cgroup v2 where the host
+/// has its controllers there, else its v1 hierarchies (the same code path as the guest's v2 for
+/// everything but where the files are).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_limit_oom_kills_an_allocation_loop_and_the_oom_event_names_the_container() {
+    use libcontainer::oci_spec::runtime::{LinuxMemoryBuilder, LinuxResourcesBuilder};
+    if !can_run() {
+        return;
+    }
+    let agent = start_agent_in(&[], Cgroups::Host).await;
+    const LIMIT: i64 = 32 << 20;
+    // Swap as large as the limit means none: the loop cannot escape to swap space.
+    let memory = LinuxMemoryBuilder::default().limit(LIMIT).swap(LIMIT).build().unwrap();
+    let resources = LinuxResourcesBuilder::default().memory(memory).build().unwrap();
+    // Doubles a shell string until the kernel's OOM killer ends it.
+    let grow = r#"s=x; while true; do s="$s$s"; done"#;
+    create_with_spec(&agent, "oom1", &limited_spec(&["sh", "-c", grow], resources)).await.unwrap();
+    let oom = {
+        let client = agent.client.clone();
+        tokio::spawn(
+            async move { client.get_oom_event(ctx(), &ironclad_protocol::agent::Empty::new()).await },
+        )
+    };
+    start(&agent, "oom1").await;
+    let status = agent.client.wait_process(ctx(), &process("oom1")).await.unwrap();
+    assert_eq!(status.exit_status, 137, "the allocation loop was OOM-killed");
+    let event = tokio::time::timeout(Duration::from_secs(10), oom).await.expect("an OOM event in time");
+    assert_eq!(event.unwrap().unwrap().container_id, "oom1");
+    let stats = stats_of(&agent, "oom1").await;
+    assert_eq!(stats.memory.usage_limit, LIMIT as u64, "{stats:?}");
+    assert!(stats.memory_events.oom_kill >= 1, "{stats:?}");
+    assert!(stats.cpu.usage_usec > 0, "{stats:?}");
+    assert!(!agent.cgroups_left("oom1").is_empty(), "the test looks where the cgroup is");
+    remove(&agent, "oom1").await.unwrap();
+    assert_eq!(agent.cgroups_left("oom1"), Vec::<PathBuf>::new(), "cgroup left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pids_limit_stops_forks_beyond_it() {
+    use libcontainer::oci_spec::runtime::{LinuxPidsBuilder, LinuxResourcesBuilder};
+    if !can_run() {
+        return;
+    }
+    let agent = start_agent_in(&[], Cgroups::Host).await;
+    let pids = LinuxPidsBuilder::default().limit(5).build().unwrap();
+    let resources = LinuxResourcesBuilder::default().pids(pids).build().unwrap();
+    // A subshell asks for ten children and gets three (it and the shell count too) before a fork is
+    // refused and it gives up; the shell reports that and becomes a fourth sleeper.
+    let script =
+        "exec 2>&1; (for i in 1 2 3 4 5 6 7 8 9 10; do sleep 1000 </dev/null >/dev/null 2>&1 & done); \
+                  echo refused; exec sleep 1000 >/dev/null 2>&1";
+    create_with_spec(&agent, "pids1", &limited_spec(&["sh", "-c", script], resources)).await.unwrap();
+    start(&agent, "pids1").await;
+    let output = read_all_stdout(&agent, "pids1").await;
+    assert_eq!(output, "sh: can't fork: Resource temporarily unavailable\nrefused\n");
+    let mut req = ironclad_protocol::agent::ContainerRequest::new();
+    req.container_id = "pids1".into();
+    let listed = agent.client.list_processes(ctx(), &req).await.unwrap().pids;
+    assert_eq!(listed.len(), 4, "{listed:?}");
+    let stats = stats_of(&agent, "pids1").await;
+    assert_eq!((stats.pids.current, stats.pids.limit), (4, 5), "{stats:?}");
+    remove(&agent, "pids1").await.unwrap();
+    assert!(listed.iter().all(|pid| !Path::new(&format!("/proc/{pid}")).exists()), "process left behind");
+    assert_eq!(agent.cgroups_left("pids1"), Vec::<PathBuf>::new(), "cgroup left behind");
 }

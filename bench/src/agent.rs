@@ -1,6 +1,7 @@
 //! The agent's own container start next to runc's, on the host, the same busybox rootfs and the
 //! same OCI spec (`runc spec`'s default running `true`): create + start, and create to exit. The
-//! agent runs by hand in a mount namespace of its own with cgroup2 mounted there, as in its tests.
+//! agent runs by hand in a mount namespace of its own and, like runc, puts its containers into the
+//! host's cgroups (cgroup v2, or the v1 hierarchies where the host keeps its controllers there).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -44,6 +45,8 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
 #[derive(Debug, Clone, Serialize)]
 pub struct Results {
     pub runs: usize,
+    /// The host's cgroup setup, which both runtimes use.
+    pub cgroups: &'static str,
     /// "agent" and "runc": create + start, in ms.
     pub create_start_ms: BTreeMap<&'static str, Summary>,
     /// From create to the exit of `true` and the container's removal, in ms.
@@ -58,8 +61,7 @@ struct HandRunAgent {
 
 impl Drop for HandRunAgent {
     fn drop(&mut self) {
-        let cgroups = format!("/proc/{}/root/sys/fs/cgroup{}", self.child.id(), self.cgroup_parent);
-        let _ = std::fs::remove_dir(cgroups);
+        ironclad_tests::cgroups::clear_away(self.child.id(), &self.cgroup_parent);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -88,7 +90,7 @@ fn start_agent(agent: &Path, dir: &Path) -> Result<(HandRunAgent, String), Error
     let cgroup_parent = format!("/ironclad-bench-{}", std::process::id());
     let child = Command::new("unshare")
         .args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(r#"mount -t cgroup2 none /sys/fs/cgroup && exec "$0" --listen "$1" --state-dir "$2" --cgroup-parent "$3""#)
+        .arg(r#"exec "$0" --listen "$1" --state-dir "$2" --cgroup-parent "$3""#)
         .arg(agent)
         .arg(&address)
         .arg(dir.join("state"))
@@ -220,7 +222,24 @@ pub fn measure(agent: &Path, runs: usize) -> Result<Results, Error> {
     };
     Ok(Results {
         runs,
+        cgroups: host_cgroup_setup(),
         create_start_ms: summarize_all(create_start),
         create_to_removed_ms: summarize_all(total),
     })
+}
+
+/// How the host mounts its cgroups: one v2 tree, or v1 hierarchies (hybrid: with an empty v2 tree
+/// beside them).
+fn host_cgroup_setup() -> &'static str {
+    let is_cgroup2 = |path: &str| {
+        nix::sys::statfs::statfs(path)
+            .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+    };
+    if is_cgroup2("/sys/fs/cgroup") {
+        "cgroup v2"
+    } else if is_cgroup2("/sys/fs/cgroup/unified") {
+        "cgroup v1 controllers, hybrid"
+    } else {
+        "cgroup v1"
+    }
 }

@@ -119,11 +119,10 @@ pub fn agent_markdown(machine: &Machine, r: &crate::agent::Results) -> String {
     let _ = writeln!(
         md,
         "Machine: {} ({} cores, {} GiB), Linux {}. The agent (release build) runs by hand in its own mount \
-         namespace with cgroup2 mounted there, driven over its Unix socket; runc runs `create` then `start`. \
-         Both take the same busybox rootfs and the same spec (`runc spec`'s default running `true`), one after \
-         the other, {} runs each. This host mounts its controllers on cgroup v1, so runc sets up v1 cgroups \
-         while the agent's cgroup2 has no controllers: read the figures with that in mind.\n",
-        machine.cpu, machine.cores, machine.memory_gib, machine.kernel, r.runs
+         namespace, driven over its Unix socket; runc runs `create` then `start`. Both take the same busybox \
+         rootfs and the same spec (`runc spec`'s default running `true`), one after the other, {} runs each, \
+         and both put the container into the host's cgroups ({}).\n",
+        machine.cpu, machine.cores, machine.memory_gib, machine.kernel, r.runs, r.cgroups
     );
     let _ = writeln!(md, "| figure (ms) | agent p50 | p95 | min | runc p50 | p95 | min |");
     let _ = writeln!(md, "|---|---|---|---|---|---|---|");

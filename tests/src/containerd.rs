@@ -300,13 +300,8 @@ impl Drop for Containerd {
 /// Removes `<cgroup mount>/<namespace>` from every cgroup (v1 and v2) mount of the host, once empty.
 fn remove_namespace_cgroups(namespace: &str) {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    for line in mountinfo.lines() {
-        let mut halves = line.split(" - ");
-        let (Some(left), Some(right)) = (halves.next(), halves.next()) else { continue };
-        let is_cgroup = matches!(right.split(' ').next(), Some("cgroup" | "cgroup2"));
-        if let (true, Some(mount_point)) = (is_cgroup, left.split(' ').nth(4)) {
-            let _ = std::fs::remove_dir(Path::new(mount_point).join(namespace));
-        }
+    for mount_point in crate::cgroups::mount_points(&mountinfo) {
+        let _ = std::fs::remove_dir(mount_point.join(namespace));
     }
 }
 

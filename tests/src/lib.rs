@@ -1,6 +1,7 @@
 //! The end-to-end harness: boots the real guest (kernel + initrd built by `make guest`) through the
 //! shim's own hypervisor backend and agent client, so tests exercise exactly what the shim runs.
 
+pub mod cgroups;
 pub mod containerd;
 
 use std::path::{Path, PathBuf};
