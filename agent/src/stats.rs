@@ -110,7 +110,8 @@ const V1_NO_MEMORY_LIMIT: u64 = 0x7FFF_FFFF_FFFF_F000;
 
 /// The figures libcgroups read from a container's cgroup v1 hierarchies, shaped as cgroup v2's so
 /// that the shim needs to know one kind. v1 counts CPU time in ns (user and system in clock ticks)
-/// and calls anonymous memory `rss` and page cache `cache`.
+/// and calls anonymous memory `rss` and page cache `cache`; what v1 does not count (slab, sock,
+/// kernel stacks, the low/high/oom events) stays zero.
 pub fn from_v1(v1: &libcgroups::stats::Stats, oom_kills: u64) -> StatsContainerResponse {
     let mut pids = PidsStat::new();
     pids.current = v1.pids.current;
@@ -141,7 +142,6 @@ pub fn from_v1(v1: &libcgroups::stats::Stats, oom_kills: u64) -> StatsContainerR
     memory.file_writeback = stat("writeback");
     memory.pgfault = stat("pgfault");
     memory.pgmajfault = stat("pgmajfault");
-    memory.slab = v1.memory.kernel.usage;
 
     let mut memory_events = MemoryEvents::new();
     // v1 counts how often usage hit the limit, which is what v2's `max` counts.
