@@ -419,11 +419,13 @@ fn wait_until(what: &str, condition: impl Fn() -> bool) {
     }
 }
 
-/// The container's cgroup.events, seen through the agent's mount namespace.
+/// Whether the container's cgroup says it is frozen: `frozen 1` in cgroup.events (v2), or
+/// FROZEN in the v1 freezer hierarchy's freezer.state.
 fn frozen(agent: &Agent, id: &str) -> bool {
-    let events =
-        format!("/proc/{}/root/sys/fs/cgroup{}/{id}/cgroup.events", agent.child.id(), agent.cgroup_parent);
-    std::fs::read_to_string(&events).unwrap().lines().any(|l| l == "frozen 1")
+    agent.cgroups_left(id).iter().any(|dir| {
+        let read = |file| std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+        read("cgroup.events").lines().any(|l| l == "frozen 1") || read("freezer.state").trim() == "FROZEN"
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -431,17 +433,24 @@ async fn pause_freezes_the_container_and_resume_thaws_it() {
     if !can_run() {
         return;
     }
-    let agent = start_agent().await;
-    create(&agent, "p1", &["sleep", "1000"]).await.unwrap();
-    let mut req = ironclad_protocol::agent::ContainerRequest::new();
-    req.container_id = "p1".into();
-    assert_eq!(code_of(agent.client.pause_container(ctx(), &req).await), ttrpc::Code::FAILED_PRECONDITION);
-    start(&agent, "p1").await;
-    agent.client.pause_container(ctx(), &req).await.unwrap();
-    wait_until("frozen", || frozen(&agent, "p1"));
-    agent.client.resume_container(ctx(), &req).await.unwrap();
-    wait_until("thawed", || !frozen(&agent, "p1"));
-    remove(&agent, "p1").await.unwrap();
+    // The guest's cgroup v2 freezer, and the host's own (v1's freezer hierarchy here).
+    for cgroups in [Cgroups::V2Mount, Cgroups::Host] {
+        let agent = start_agent_in(&[], cgroups).await;
+        create(&agent, "p1", &["sleep", "1000"]).await.unwrap();
+        let mut req = ironclad_protocol::agent::ContainerRequest::new();
+        req.container_id = "p1".into();
+        assert_eq!(
+            code_of(agent.client.pause_container(ctx(), &req).await),
+            ttrpc::Code::FAILED_PRECONDITION
+        );
+        start(&agent, "p1").await;
+        assert!(!frozen(&agent, "p1"));
+        agent.client.pause_container(ctx(), &req).await.unwrap();
+        wait_until("frozen", || frozen(&agent, "p1"));
+        agent.client.resume_container(ctx(), &req).await.unwrap();
+        wait_until("thawed", || !frozen(&agent, "p1"));
+        remove(&agent, "p1").await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
