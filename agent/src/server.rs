@@ -186,8 +186,14 @@ impl agent_ttrpc::Agent for AgentService {
         _req: DestroySandboxRequest,
     ) -> ttrpc::Result<Empty> {
         info!("sandbox destroy requested");
-        // A full channel means a destroy is already under way, which is what the caller wants.
-        let _ = self.destroy.try_send(());
+        // The server's shutdown drops handlers that have not queued their answer yet, and the VM
+        // resets right after it: this answer gets a head start. A full channel means a destroy is
+        // already under way, which is what the caller wants.
+        let destroy = self.destroy.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(DESTROY_ANSWER_HEADSTART).await;
+            let _ = destroy.try_send(());
+        });
         Ok(Empty::new())
     }
 
@@ -435,6 +441,8 @@ impl AgentService {
 /// Serves until DestroySandbox is called, then stops the server (letting the reply go out first).
 /// How long in-flight calls get to finish once the sandbox is destroyed.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+/// How long DestroySandbox's answer has to reach the connection's writer before the shutdown.
+const DESTROY_ANSWER_HEADSTART: std::time::Duration = std::time::Duration::from_millis(20);
 
 pub async fn serve(
     address: &str,

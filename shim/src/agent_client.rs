@@ -400,13 +400,20 @@ impl AgentClient {
         context::Context::default()
     }
 
-    /// Asks the agent to end the sandbox; the VM resets and its monitor exits afterwards.
+    /// Asks the agent to end the sandbox; the VM resets and its monitor exits afterwards. The
+    /// connection closing before the answer arrives is that same end, reached first (the caller
+    /// sees the VM's exit either way); only an answer saying no is an error.
     pub async fn destroy_sandbox(&self) -> Result<(), Error> {
-        self.agent
-            .destroy_sandbox(self.ctx(), &DestroySandboxRequest::new())
-            .await
-            .map(|_| ())
-            .map_err(|source| Error::Rpc { call: "Agent.DestroySandbox", source })
+        match self.agent.destroy_sandbox(self.ctx(), &DestroySandboxRequest::new()).await {
+            Ok(_) => Ok(()),
+            Err(ttrpc::Error::Socket(_) | ttrpc::Error::RemoteClosed | ttrpc::Error::Eof) => {
+                tracing::debug!(
+                    "the agent's connection closed before its DestroySandbox answer: the VM is going"
+                );
+                Ok(())
+            }
+            Err(source) => Err(Error::Rpc { call: "Agent.DestroySandbox", source }),
+        }
     }
 }
 
@@ -470,6 +477,30 @@ mod tests {
         tokio::spawn(fake_muxer(listener, "NO\n"));
         let err = connect_hybrid_vsock(&path, 7).await.unwrap_err();
         assert!(matches!(&err, Error::Refused { port: 7, answer } if answer == "NO\n"), "{err}");
+    }
+
+    /// A guest that accepts the connection, takes one request and goes away without answering, as
+    /// a VM resetting under its agent does.
+    async fn vanishing_guest(listener: UnixListener) {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { return };
+            while stream.read_u8().await.is_ok_and(|b| b != b'\n') {}
+            stream.write_all(b"OK 1\n").await.unwrap();
+            let mut request = [0u8; 16];
+            let _ = stream.read(&mut request).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sandbox_that_goes_before_answering_destroy_is_destroyed_but_other_calls_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(vanishing_guest(listener));
+        let client = AgentClient::connect(&path, 1024, Duration::from_secs(5)).await.unwrap();
+        client.destroy_sandbox().await.unwrap();
+        let client = AgentClient::connect(&path, 1024, Duration::from_secs(5)).await.unwrap();
+        assert!(matches!(client.check().await, Err(Error::Rpc { call: "Health.Check", .. })));
     }
 
     #[tokio::test]
