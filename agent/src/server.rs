@@ -186,14 +186,8 @@ impl agent_ttrpc::Agent for AgentService {
         _req: DestroySandboxRequest,
     ) -> ttrpc::Result<Empty> {
         info!("sandbox destroy requested");
-        // The server's shutdown drops handlers that have not queued their answer yet, and the VM
-        // resets right after it: this answer gets a head start. A full channel means a destroy is
-        // already under way, which is what the caller wants.
-        let destroy = self.destroy.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(DESTROY_ANSWER_HEADSTART).await;
-            let _ = destroy.try_send(());
-        });
+        // A full channel means a destroy is already under way, which is what the caller wants.
+        let _ = self.destroy.try_send(());
         Ok(Empty::new())
     }
 
@@ -463,6 +457,9 @@ pub async fn serve(
     println!("{}", ready_line(uptime_ms()));
     info!("serving the agent API on {address}");
     destroy_rx.recv().await;
+    // The shutdown drops handlers that have not queued their answer yet, and the VM resets right
+    // after it: DestroySandbox's own answer gets a head start.
+    tokio::time::sleep(DESTROY_ANSWER_HEADSTART).await;
     // Graceful: in-flight replies, the DestroySandbox answer among them, are written before we return.
     // Bounded: long polls (GetOOMEvent, a read of a silent process's output) never finish by themselves.
     if tokio::time::timeout(SHUTDOWN_GRACE, server.shutdown()).await.is_err() {
