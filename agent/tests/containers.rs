@@ -129,16 +129,7 @@ fn spec(args: &[&str]) -> String {
 
 /// The default OCI spec running `args` on a writable root, then whatever `adjust` changes.
 fn spec_with(args: &[&str], adjust: impl FnOnce(&mut Spec)) -> Spec {
-    let mut spec = Spec::default();
-    let process = ProcessBuilder::default()
-        .terminal(false)
-        .args(args.iter().map(|a| a.to_string()).collect::<Vec<_>>())
-        .env(vec!["PATH=/bin".to_string()])
-        .cwd("/")
-        .build()
-        .unwrap();
-    spec.set_process(Some(process));
-    spec.set_root(Some(RootBuilder::default().path("rootfs").readonly(false).build().unwrap()));
+    let mut spec = ironclad_tests::busybox_spec(args, false);
     adjust(&mut spec);
     spec
 }

@@ -102,6 +102,23 @@ pub async fn boot_guest_with(kind: HypervisorKind, config: &VmConfig) -> Result<
     Ok(BootedGuest { vm, backend: backend.name(), agent, ready, paths, _run_root: run_root })
 }
 
+/// The OCI spec every busybox test container starts from: `args` with `PATH=/bin`, cwd `/`, no
+/// terminal, on the bundle's `rootfs`, read-only or not; the rest is the spec's defaults.
+pub fn busybox_spec(args: &[&str], readonly_root: bool) -> oci_spec::runtime::Spec {
+    let mut spec = oci_spec::runtime::Spec::default();
+    let mut process = spec.process().clone().unwrap_or_default();
+    process.set_terminal(Some(false));
+    process.set_args(Some(args.iter().map(|a| a.to_string()).collect()));
+    process.set_env(Some(vec!["PATH=/bin".to_string()]));
+    process.set_cwd("/".into());
+    spec.set_process(Some(process));
+    let mut root = oci_spec::runtime::Root::default();
+    root.set_path("rootfs".into());
+    root.set_readonly(Some(readonly_root));
+    spec.set_root(Some(root));
+    spec
+}
+
 /// Logs to stderr for tests and the demo, quiet unless RUST_LOG says otherwise.
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -10,7 +10,7 @@ use std::process::Command;
 use ironclad_protocol::agent::{CreateContainerRequest, Storage};
 use ironclad_shim::hypervisor::BlockDevice;
 use ironclad_tests::{boot_guest, init_logging, GuestArtifacts, EXIT_TIMEOUT};
-use oci_spec::runtime::{LinuxNamespaceType, ProcessBuilder, RootBuilder, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, RootBuilder, Spec};
 
 const BUSYBOX: &str = "/bin/busybox";
 
@@ -46,16 +46,7 @@ fn busybox_tree(dir: &Path) -> std::path::PathBuf {
 }
 
 fn base_spec(args: &[&str]) -> Spec {
-    let mut spec = Spec::default();
-    let process = ProcessBuilder::default()
-        .terminal(false)
-        .args(args.iter().map(|a| a.to_string()).collect::<Vec<_>>())
-        .env(vec!["PATH=/bin".to_string()])
-        .cwd("/")
-        .build()
-        .unwrap();
-    spec.set_process(Some(process));
-    spec.set_root(Some(RootBuilder::default().path("rootfs").readonly(true).build().unwrap()));
+    let mut spec = ironclad_tests::busybox_spec(args, true);
     // Without a cgroup namespace, /proc/1/cgroup shows the container's cgroup as the guest names it
     // (inside one, a container's own cgroup is "/").
     let mut linux = spec.linux().clone().unwrap();
