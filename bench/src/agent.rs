@@ -228,18 +228,14 @@ pub fn measure(agent: &Path, runs: usize) -> Result<Results, Error> {
     })
 }
 
-/// How the host mounts its cgroups: one v2 tree, or v1 hierarchies (hybrid: with an empty v2 tree
-/// beside them).
+/// How the host mounts its cgroups, as the agent's cgroup library sees it: one v2 tree, or v1
+/// hierarchies (hybrid: with an empty v2 tree beside them).
 fn host_cgroup_setup() -> &'static str {
-    let is_cgroup2 = |path: &str| {
-        nix::sys::statfs::statfs(path)
-            .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
-    };
-    if is_cgroup2("/sys/fs/cgroup") {
-        "cgroup v2"
-    } else if is_cgroup2("/sys/fs/cgroup/unified") {
-        "cgroup v1 controllers, hybrid"
-    } else {
-        "cgroup v1"
+    use libcgroups::common::CgroupSetup;
+    match libcgroups::common::get_cgroup_setup() {
+        Ok(CgroupSetup::Unified) => "cgroup v2",
+        Ok(CgroupSetup::Hybrid) => "cgroup v1 controllers, hybrid",
+        Ok(CgroupSetup::Legacy) => "cgroup v1",
+        Err(_) => "cgroup setup not recognised",
     }
 }
