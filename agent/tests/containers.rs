@@ -110,11 +110,7 @@ async fn start_agent_in(extra: &[&str], cgroups: Cgroups) -> Agent {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(Instant::now() < deadline, "agent did not create its socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until("a socket from the agent", || socket.exists());
     let client = AgentClient::new(ttrpc::r#async::Client::connect(&address).await.unwrap());
     Agent { child, client, state_dir, cgroup_parent, dir }
 }
