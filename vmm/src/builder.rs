@@ -105,6 +105,8 @@ struct Metrics {
 pub fn run_vm(config: &VmConfig) -> Result<ExitReason, Error> {
     let vmm_start = std::time::Instant::now();
     config.validate()?;
+    // Opened now: once the seccomp filters are on, no file can be opened.
+    let metrics_file = config.metrics.as_deref().map(MetricsFile::create).transpose()?;
     // Signals are blocked before any thread starts, so that every thread inherits the mask and they
     // arrive only through the event loop's signalfd.
     let signals = block_stop_signals()?;
@@ -124,7 +126,7 @@ pub fn run_vm(config: &VmConfig) -> Result<ExitReason, Error> {
     };
     wiring.attach_block_devices(config)?;
     wiring.attach_net_devices(config)?;
-    let _socket = wiring.attach_vsock_device(config)?;
+    let socket = wiring.attach_vsock_device(config)?;
     let VirtioWiring { mmio, event_manager, cmdline, mut metrics, .. } = wiring;
     crate::arch::x86_64::mptable::write(&memory, config.vcpus)?;
     boot::load_command_line(&memory, &cmdline)?;
@@ -148,28 +150,42 @@ pub fn run_vm(config: &VmConfig) -> Result<ExitReason, Error> {
         // The threads are never joined: the process ends when the VM stops, taking them along.
         vcpu.start(filters.as_ref().map(|(_, vcpu)| vcpu.clone()))?;
     }
+    // The VM runs from here on: its socket stays until whoever owns the directory removes it (the
+    // running VMM may not remove files).
+    socket.keep();
     if let Some((vmm, _)) = &filters {
         crate::seccomp::apply(ThreadKind::Vmm, vmm)?;
     }
     run_event_loop(event_manager, &exit, signals)?;
-    if let Some(vsock) = &config.vsock {
-        // The process ends without running destructors; the socket must not outlive it.
-        let _ = std::fs::remove_file(&vsock.uds_path);
-    }
     let reason = exit.reason().unwrap_or(ExitReason::Error("the VM stopped without a reason".into()));
-    if let Some(path) = &config.metrics {
+    if let Some(file) = &metrics_file {
         metrics.exit = format!("{reason:?}");
         metrics.pio_unclaimed = pio.unclaimed_accesses();
         metrics.mmio_unclaimed = mmio.unclaimed_accesses();
-        write_metrics(path, &metrics)?;
+        file.write(&metrics)?;
     }
     Ok(reason)
 }
 
-fn write_metrics(path: &std::path::Path, metrics: &Metrics) -> Result<(), Error> {
-    let text = serde_json::to_vec_pretty(metrics)
-        .map_err(|e| Error::Metrics { path: path.into(), source: e.into() })?;
-    std::fs::write(path, text).map_err(|source| Error::Metrics { path: path.into(), source })
+/// The metrics file, opened before the seccomp filters go on and rewritten in place.
+struct MetricsFile {
+    path: std::path::PathBuf,
+    file: File,
+}
+
+impl MetricsFile {
+    fn create(path: &std::path::Path) -> Result<Self, Error> {
+        let file = File::create(path).map_err(|source| Error::Metrics { path: path.into(), source })?;
+        Ok(MetricsFile { path: path.into(), file })
+    }
+
+    fn write(&self, metrics: &Metrics) -> Result<(), Error> {
+        use std::os::unix::fs::FileExt;
+        let err = |source| Error::Metrics { path: self.path.clone(), source };
+        let text = serde_json::to_vec_pretty(metrics).map_err(|e| err(e.into()))?;
+        self.file.set_len(0).map_err(err)?;
+        self.file.write_all_at(&text, 0).map_err(err)
+    }
 }
 
 /// Where the `index`-th virtio device sits: its MMIO window and its IRQ line.
@@ -184,6 +200,13 @@ fn virtio_slot(index: usize) -> Result<(u64, u32), Error> {
 
 /// Removes the hybrid vsock socket if the VM fails to start after it was created.
 struct SocketFile(Option<std::path::PathBuf>);
+
+impl SocketFile {
+    /// The VM started: the socket stays.
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
 
 impl Drop for SocketFile {
     fn drop(&mut self) {

@@ -132,13 +132,20 @@ fn main() -> ExitCode {
     let result = config.and_then(|config| run_vm(&config).map_err(|e| error_chain(&e)));
     match result {
         Ok(ExitReason::Error(reason)) => {
-            eprintln!("ironclad-vmm: the VM failed: {reason}");
+            say(&format!("ironclad-vmm: the VM failed: {reason}"));
             ExitCode::FAILURE
         }
         Ok(_) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("ironclad-vmm: {err}");
+            say(&format!("ironclad-vmm: {err}"));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The last word on stderr. Whoever reads it may be gone (a closed pipe): the exit status still
+/// says what happened, so a failed write is not another failure (eprintln! would panic).
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }

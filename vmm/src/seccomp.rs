@@ -35,13 +35,12 @@ pub enum Error {
     Handler(#[source] std::io::Error),
 }
 
-/// Calls every thread needs: memory, locks, signals, thread exit.
+/// Calls every thread needs: memory, locks, signals, thread exit. `mmap` and `mprotect` are
+/// allowed only without PROT_EXEC (below): nothing executable is mapped after setup.
 const COMMON: &[i64] = &[
     libc::SYS_brk,
-    libc::SYS_mmap,
     libc::SYS_munmap,
     libc::SYS_mremap,
-    libc::SYS_mprotect,
     libc::SYS_madvise,
     libc::SYS_futex,
     libc::SYS_sched_yield,
@@ -59,7 +58,8 @@ const COMMON: &[i64] = &[
     libc::SYS_tgkill,
 ];
 
-/// The main thread's work after setup.
+/// The main thread's work after setup. No call opens or removes a file: the metrics file is
+/// opened before the filter goes on, and the vsock socket is removed by whoever owns its directory.
 const VMM: &[i64] = &[
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
@@ -71,34 +71,45 @@ const VMM: &[i64] = &[
     libc::SYS_lseek,
     libc::SYS_fsync,
     libc::SYS_fdatasync,
+    libc::SYS_ftruncate,
     libc::SYS_close,
     libc::SYS_fcntl,
-    // The vsock muxer: accepting host clients, connecting for the guest, moving data.
+    // The vsock muxer: accepting host clients, connecting for the guest (socket() is narrowed to
+    // AF_UNIX below), moving data.
     libc::SYS_accept4,
-    libc::SYS_socket,
     libc::SYS_connect,
     libc::SYS_recvfrom,
     libc::SYS_sendto,
     libc::SYS_recvmsg,
     libc::SYS_sendmsg,
     libc::SYS_shutdown,
-    // At exit: the metrics file, removing the vsock socket.
-    libc::SYS_openat,
-    libc::SYS_newfstatat,
-    libc::SYS_statx,
-    libc::SYS_unlink,
 ];
 
+/// The only socket the running VMM makes: a non-blocking Unix stream for a guest's connection.
+const VSOCK_SOCKET_TYPE: u64 = (libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) as u64;
+
 fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
+    use SeccompCmpArgLen::{Dword, Qword};
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = COMMON.iter().map(|nr| (*nr, vec![])).collect();
-    let only_ioctl = |request: u64| -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
-        let condition = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, request)?;
-        Ok(vec![SeccompRule::new(vec![condition])?])
+    let rule = |conditions: Vec<SeccompCondition>| -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+        Ok(vec![SeccompRule::new(conditions)?])
     };
+    let never_exec = || SeccompCondition::new(2, Dword, SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64), 0);
+    rules.insert(libc::SYS_mmap, rule(vec![never_exec()?])?);
+    rules.insert(libc::SYS_mprotect, rule(vec![never_exec()?])?);
+    let only_ioctl = |request: u64| rule(vec![SeccompCondition::new(1, Dword, SeccompCmpOp::Eq, request)?]);
     match kind {
         ThreadKind::Vmm => {
             rules.extend(VMM.iter().map(|nr| (*nr, vec![])));
-            // Rust's set_nonblocking on accepted and connected streams.
+            rules.insert(
+                libc::SYS_socket,
+                rule(vec![
+                    SeccompCondition::new(0, Dword, SeccompCmpOp::Eq, libc::AF_UNIX as u64)?,
+                    SeccompCondition::new(1, Dword, SeccompCmpOp::Eq, VSOCK_SOCKET_TYPE)?,
+                    SeccompCondition::new(2, Qword, SeccompCmpOp::Eq, 0)?,
+                ])?,
+            );
+            // Rust's set_nonblocking on accepted streams.
             rules.insert(libc::SYS_ioctl, only_ioctl(libc::FIONBIO)?);
         }
         ThreadKind::Vcpu => {
@@ -189,6 +200,158 @@ mod tests {
         let vmm = rules(ThreadKind::Vmm).unwrap();
         assert!(!vmm.contains_key(&libc::SYS_execve));
         assert!(!vmm.contains_key(&libc::SYS_clone3), "no new threads after setup");
+    }
+
+    /// Runs `call` in a forked child under `kind`'s filter with the SIGSYS handler installed, as
+    /// the VMM runs; returns how the child ended and what it wrote to stderr.
+    fn run_filtered(kind: ThreadKind, call: fn() -> i64) -> (nix::sys::wait::WaitStatus, String) {
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+        // Built before forking: the child must not allocate.
+        let program = filter(kind).unwrap();
+        let (read_end, write_end) = nix::unistd::pipe().unwrap();
+        // SAFETY: the child only makes raw syscalls (dup2, sigaction, prctl, seccomp, the call
+        // under test) before _exit.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                // SAFETY: dup2 on two descriptors this process owns.
+                unsafe { libc::dup2(write_end.as_raw_fd(), libc::STDERR_FILENO) };
+                let code = if install_sigsys_handler().is_ok() && apply(kind, &program).is_ok() {
+                    if call() >= 0 {
+                        0
+                    } else {
+                        2
+                    }
+                } else {
+                    3
+                };
+                // SAFETY: ends the forked child without running the parent's destructors.
+                unsafe { libc::_exit(code) }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                drop(write_end);
+                let status = nix::sys::wait::waitpid(child, None).unwrap();
+                let mut stderr = String::new();
+                std::fs::File::from(read_end).read_to_string(&mut stderr).unwrap();
+                (status, stderr)
+            }
+        }
+    }
+
+    fn exited_with(status: nix::sys::wait::WaitStatus, code: i32) -> bool {
+        matches!(status, nix::sys::wait::WaitStatus::Exited(_, c) if c == code)
+    }
+
+    #[test]
+    fn a_denied_call_exits_148_and_names_the_syscall() {
+        // SAFETY: getppid takes no arguments.
+        let (status, stderr) = run_filtered(ThreadKind::Vcpu, || unsafe { libc::syscall(libc::SYS_getppid) });
+        assert!(exited_with(status, SECCOMP_VIOLATION_EXIT), "{status:?}");
+        assert_eq!(stderr, format!("ironclad-vmm: seccomp: denied syscall {}\n", libc::SYS_getppid));
+    }
+
+    #[test]
+    fn the_vmm_thread_makes_unix_stream_sockets_only() {
+        let unix = || socket_of(libc::AF_UNIX, VSOCK_SOCKET_TYPE as i32);
+        let (status, stderr) = run_filtered(ThreadKind::Vmm, unix);
+        assert!(exited_with(status, 0), "{status:?}: {stderr}");
+        fn socket_of(family: i32, kind: i32) -> i64 {
+            // SAFETY: socket takes three integers.
+            unsafe { libc::socket(family, kind, 0) as i64 }
+        }
+        type Call = fn() -> i64;
+        let others: [(&str, Call); 4] = [
+            ("AF_INET", || socket_of(libc::AF_INET, VSOCK_SOCKET_TYPE as i32)),
+            ("AF_INET6", || socket_of(libc::AF_INET6, libc::SOCK_STREAM)),
+            ("AF_NETLINK", || socket_of(libc::AF_NETLINK, libc::SOCK_RAW)),
+            ("AF_PACKET", || socket_of(libc::AF_PACKET, libc::SOCK_RAW)),
+        ];
+        for (family, call) in others {
+            let (status, stderr) = run_filtered(ThreadKind::Vmm, call);
+            assert!(exited_with(status, SECCOMP_VIOLATION_EXIT), "{family}: {status:?}");
+            assert!(stderr.contains(&format!("denied syscall {}", libc::SYS_socket)), "{stderr}");
+        }
+        // A blocking Unix socket is not what the muxer makes either.
+        let blocking = || socket_of(libc::AF_UNIX, libc::SOCK_STREAM);
+        assert!(exited_with(run_filtered(ThreadKind::Vmm, blocking).0, SECCOMP_VIOLATION_EXIT));
+    }
+
+    #[test]
+    fn no_thread_opens_or_removes_files_after_setup() {
+        for kind in [ThreadKind::Vmm, ThreadKind::Vcpu] {
+            // SAFETY: a NUL-terminated path and flags.
+            let open =
+                || unsafe { libc::openat(libc::AT_FDCWD, c"/etc/hostname".as_ptr(), libc::O_RDONLY) as i64 };
+            let (status, stderr) = run_filtered(kind, open);
+            assert!(exited_with(status, SECCOMP_VIOLATION_EXIT), "{kind:?}: {status:?}");
+            assert!(stderr.contains(&format!("denied syscall {}", libc::SYS_openat)), "{stderr}");
+            // SAFETY: a NUL-terminated path.
+            let unlink = || unsafe { libc::unlink(c"/nonexistent/ironclad".as_ptr()) as i64 };
+            assert!(exited_with(run_filtered(kind, unlink).0, SECCOMP_VIOLATION_EXIT), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn no_thread_maps_executable_memory_after_setup() {
+        for kind in [ThreadKind::Vmm, ThreadKind::Vcpu] {
+            let map_exec = || {
+                // SAFETY: an anonymous private mapping at an address of the kernel's choosing.
+                let addr = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        4096,
+                        libc::PROT_READ | libc::PROT_EXEC,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    )
+                };
+                if addr == libc::MAP_FAILED {
+                    -1
+                } else {
+                    0
+                }
+            };
+            let (status, stderr) = run_filtered(kind, map_exec);
+            assert!(exited_with(status, SECCOMP_VIOLATION_EXIT), "{kind:?}: {status:?}");
+            assert!(stderr.contains(&format!("denied syscall {}", libc::SYS_mmap)), "{stderr}");
+            let protect_exec = || {
+                // SAFETY: an anonymous mapping without PROT_EXEC (allowed), then mprotect asking for it.
+                unsafe {
+                    let addr = libc::mmap(
+                        std::ptr::null_mut(),
+                        4096,
+                        libc::PROT_READ,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    );
+                    libc::mprotect(addr, 4096, libc::PROT_READ | libc::PROT_EXEC) as i64
+                }
+            };
+            let (status, stderr) = run_filtered(kind, protect_exec);
+            assert!(exited_with(status, SECCOMP_VIOLATION_EXIT), "{kind:?}: {status:?}");
+            assert!(stderr.contains(&format!("denied syscall {}", libc::SYS_mprotect)), "{stderr}");
+            let map_data = || {
+                // SAFETY: an anonymous read-write mapping, as allocators make.
+                let addr = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        4096,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    )
+                };
+                if addr == libc::MAP_FAILED {
+                    -1
+                } else {
+                    0
+                }
+            };
+            assert!(exited_with(run_filtered(kind, map_data).0, 0), "{kind:?}");
+        }
     }
 
     #[test]

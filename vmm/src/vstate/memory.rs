@@ -16,6 +16,8 @@ pub enum Error {
     },
     #[error("{0} bytes of guest memory do not fit the host's address space")]
     TooLarge(u64),
+    #[error("cannot keep guest memory out of core dumps")]
+    DontDump(#[source] std::io::Error),
 }
 
 /// RAM below the gap first, the rest from 4 GiB up.
@@ -33,7 +35,25 @@ pub fn create_guest_memory(mib: u32) -> Result<GuestMemory, Error> {
         .into_iter()
         .map(|(addr, len)| usize::try_from(len).map(|len| (addr, len)).map_err(|_| Error::TooLarge(size)))
         .collect::<Result<Vec<_>, _>>()?;
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| Error::Map { mib: u64::from(mib), source })
+    let memory =
+        GuestMemoryMmap::from_ranges(&ranges).map_err(|source| Error::Map { mib: u64::from(mib), source })?;
+    exclude_from_core_dumps(&memory)?;
+    Ok(memory)
+}
+
+/// A crashing VMM must not write the guest's RAM (a tenant's data) into a core file.
+fn exclude_from_core_dumps(memory: &GuestMemory) -> Result<(), Error> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    for region in memory.iter() {
+        let len = usize::try_from(region.len()).map_err(|_| Error::TooLarge(region.len()))?;
+        // SAFETY: the range is exactly one mapping the region owns and keeps alive; MADV_DONTDUMP
+        // only changes how a core dump treats it.
+        let ret = unsafe { libc::madvise(region.as_ptr().cast(), len, libc::MADV_DONTDUMP) };
+        if ret != 0 {
+            return Err(Error::DontDump(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -57,5 +77,16 @@ mod tests {
         let memory = create_guest_memory(16).unwrap();
         assert_eq!(memory.num_regions(), 1);
         assert_eq!(memory.iter().map(|r| r.len()).sum::<u64>(), 16 << 20);
+    }
+
+    #[test]
+    fn guest_memory_is_left_out_of_core_dumps() {
+        let memory = create_guest_memory(16).unwrap();
+        let start = memory.iter().next().unwrap().as_ptr() as usize;
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let header = format!("{start:x}-");
+        let mapping = smaps.split_inclusive('\n').skip_while(|l| !l.starts_with(&header)).collect::<String>();
+        let flags = mapping.lines().find(|l| l.starts_with("VmFlags:")).unwrap();
+        assert!(flags.split_whitespace().any(|f| f == "dd"), "{flags}");
     }
 }

@@ -11,13 +11,17 @@ use crate::bus::BusDevice;
 pub const BOOT_TIMER_PORT: u16 = 0x3f0;
 pub const BOOT_TIMER_MAGIC: u8 = 123;
 
+/// Lines logged at most: a guest writing the port in a loop must not flood the VMM's stderr.
+pub const MAX_BOOT_TIMER_LINES: u32 = 8;
+
 pub struct BootTimer {
     vmm_start: Instant,
+    logged: u32,
 }
 
 impl BootTimer {
     pub fn new(vmm_start: Instant) -> Self {
-        BootTimer { vmm_start }
+        BootTimer { vmm_start, logged: 0 }
     }
 }
 
@@ -32,9 +36,10 @@ impl BusDevice for BootTimer {
     }
 
     fn write(&mut self, _offset: u64, data: &[u8]) {
-        if data != [BOOT_TIMER_MAGIC] {
+        if data != [BOOT_TIMER_MAGIC] || self.logged >= MAX_BOOT_TIMER_LINES {
             return;
         }
+        self.logged += 1;
         let now = clock_gettime(ClockId::CLOCK_MONOTONIC)
             .map(|t| t.tv_sec() as u128 * 1_000_000_000 + t.tv_nsec() as u128)
             .unwrap_or(0);

@@ -102,7 +102,7 @@ impl Net {
                     break;
                 }
             }
-            if !well_formed || self.tx_frame.len() < VNET_HDR_LEN {
+            if !well_formed || self.tx_frame.len() < VNET_HDR_LEN || asks_for_offloads(&self.tx_frame) {
                 count(&self.metrics.tx_malformed);
             } else {
                 match self.tap.write_frame(&self.tx_frame) {
@@ -164,6 +164,15 @@ impl Net {
     }
 }
 
+/// Whether a tx frame's virtio-net header asks for a checksum or segmentation offload (its flags or
+/// GSO type set). None was negotiated, so such a frame is refused rather than handed to the tap,
+/// which would act on the guest's request.
+pub fn asks_for_offloads(frame: &[u8]) -> bool {
+    const FLAGS: usize = 0;
+    const GSO_TYPE: usize = 1;
+    frame.get(FLAGS).is_some_and(|f| *f != 0) || frame.get(GSO_TYPE).is_some_and(|g| *g != 0)
+}
+
 /// Copies a frame across the chain's device-writable buffers; 0 if it does not fit or a buffer is
 /// unusable (the frame is dropped, the buffer returned empty).
 fn write_frame_to_chain(
@@ -218,4 +227,28 @@ impl VirtioDevice for Net {
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_asking_for_offloads_are_refused() {
+        let mut header = [0u8; VNET_HDR_LEN];
+        assert!(!asks_for_offloads(&header));
+        // VIRTIO_NET_HDR_F_NEEDS_CSUM with a checksum start and offset.
+        header[0] = 1;
+        header[6..10].copy_from_slice(&[14, 0, 16, 0]);
+        assert!(asks_for_offloads(&header));
+        // VIRTIO_NET_HDR_GSO_TCPV4 with a segment size.
+        header = [0u8; VNET_HDR_LEN];
+        header[1] = 1;
+        header[4..6].copy_from_slice(&1448u16.to_le_bytes());
+        assert!(asks_for_offloads(&header));
+        // ECN alone (0x80) is a GSO type bit too.
+        header = [0u8; VNET_HDR_LEN];
+        header[1] = 0x80;
+        assert!(asks_for_offloads(&header));
+    }
 }

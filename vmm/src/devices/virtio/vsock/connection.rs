@@ -42,7 +42,9 @@ pub struct Connection {
     state: State,
     /// When the connection entered its state, for the muxer's timeouts.
     since: Instant,
-    pub pending: VecDeque<Control>,
+    /// Control packets owed to the guest, oldest first, at most one of each kind: a guest that
+    /// repeats a request (CREDIT_REQUEST) cannot grow the queue.
+    pending: VecDeque<Control>,
     /// Bytes from the guest the host stream has not taken yet.
     to_host: VecDeque<u8>,
     /// Bytes of guest data forwarded to the host stream (our fwd_cnt).
@@ -77,6 +79,28 @@ impl Connection {
 
     pub fn state(&self) -> State {
         self.state
+    }
+
+    /// Queues a control packet for the guest unless one of its kind is already queued.
+    pub fn owe(&mut self, control: Control) {
+        if !self.pending.contains(&control) {
+            self.pending.push_back(control);
+        }
+    }
+
+    /// Drops whatever was owed: the connection ends with an RST and nothing else.
+    pub fn owe_only_reset(&mut self) {
+        self.pending.clear();
+        self.pending.push_back(Control::Rst);
+    }
+
+    /// The next control packet owed to the guest.
+    pub fn next_owed(&mut self) -> Option<Control> {
+        self.pending.pop_front()
+    }
+
+    pub fn owes_control(&self) -> bool {
+        !self.pending.is_empty()
     }
 
     pub fn set_state(&mut self, state: State) {
@@ -149,10 +173,8 @@ impl Connection {
                 Err(err) => return Err(Error::Stream(err)),
             }
         }
-        if (self.fwd_cnt - self.last_fwd_cnt_sent).0 >= CONN_BUF_ALLOC / 4
-            && !self.pending.contains(&Control::CreditUpdate)
-        {
-            self.pending.push_back(Control::CreditUpdate);
+        if (self.fwd_cnt - self.last_fwd_cnt_sent).0 >= CONN_BUF_ALLOC / 4 {
+            self.owe(Control::CreditUpdate);
         }
         Ok(())
     }
@@ -230,6 +252,24 @@ mod tests {
             }
         }
         assert!(matches!(result, Err(Error::CreditExceeded)));
+    }
+
+    #[test]
+    fn at_most_one_control_packet_of_each_kind_is_owed() {
+        let (mut conn, _host) = pair();
+        for _ in 0..100_000 {
+            conn.owe(Control::CreditUpdate);
+        }
+        conn.owe(Control::Shutdown);
+        conn.owe(Control::CreditUpdate);
+        assert_eq!(conn.pending.len(), 2);
+        assert_eq!(conn.next_owed(), Some(Control::CreditUpdate));
+        assert_eq!(conn.next_owed(), Some(Control::Shutdown));
+        assert_eq!(conn.next_owed(), None);
+        conn.owe(Control::Response);
+        conn.owe_only_reset();
+        assert_eq!(conn.next_owed(), Some(Control::Rst));
+        assert!(!conn.owes_control());
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub struct VsockMetrics {
     pub guest_connections: AtomicU64,
     pub refused_connections: AtomicU64,
     pub resets_sent: AtomicU64,
+    /// Resets for unknown connections dropped because the guest took none of the queued ones.
+    pub resets_dropped: AtomicU64,
     pub bad_handshakes: AtomicU64,
 }
 
@@ -167,6 +169,7 @@ impl Vsock {
         self.metrics.guest_connections.store(counts.guest_connections, Ordering::Relaxed);
         self.metrics.refused_connections.store(counts.refused, Ordering::Relaxed);
         self.metrics.resets_sent.store(counts.resets_sent, Ordering::Relaxed);
+        self.metrics.resets_dropped.store(counts.resets_dropped, Ordering::Relaxed);
         self.metrics.bad_handshakes.store(counts.bad_handshakes, Ordering::Relaxed);
     }
 }

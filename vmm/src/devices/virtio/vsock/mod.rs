@@ -38,6 +38,9 @@ pub const SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// How often the muxer looks for connections past their time.
 pub const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+/// Resets owed for packets that matched no connection, at most (Firecracker keeps 256): a guest
+/// that sends such packets without posting rx buffers cannot grow the queue.
+pub const MAX_ORPHAN_RESETS: usize = 256;
 /// The longest `CONNECT <port>\n` line accepted.
 pub const MAX_CONNECT_LINE: usize = 32;
 

@@ -65,6 +65,8 @@ pub struct Counts {
     pub guest_connections: u64,
     pub refused: u64,
     pub resets_sent: u64,
+    /// Resets for unknown connections not sent because MAX_ORPHAN_RESETS were already queued.
+    pub resets_dropped: u64,
     pub bad_handshakes: u64,
 }
 
@@ -77,8 +79,10 @@ pub struct Muxer {
     by_fd: HashMap<RawFd, ConnKey>,
     /// Host streams known to have data (or EOF) waiting, so epoll need not be asked again.
     readable: HashMap<ConnKey, bool>,
-    /// Resets for packets that matched no connection: (host port, guest port).
+    /// Resets for packets that matched no connection: (host port, guest port), at most
+    /// MAX_ORPHAN_RESETS: a guest that posts no rx buffers cannot grow it.
     orphan_resets: VecDeque<ConnKey>,
+    /// Connections to drop at the next reconcile (a set: a guest repeating RST adds nothing).
     to_remove: Vec<ConnKey>,
     /// Streams to close once they are out of epoll: closing first would let a new fd with the
     /// same number inherit a stale registration.
@@ -230,7 +234,7 @@ impl Muxer {
     fn open_host_connection(&mut self, stream: UnixStream, guest_port: u32) {
         let local = self.allocate_local_port();
         let mut conn = Connection::new(stream, local, guest_port, State::AwaitingResponse);
-        conn.pending.push_back(Control::Request);
+        conn.owe(Control::Request);
         self.insert(conn);
         self.counts.host_connections += 1;
     }
@@ -245,7 +249,7 @@ impl Muxer {
     pub fn handle_guest_packet(&mut self, header: &Header, data: &[u8]) {
         if header.dst_cid != HOST_CID || header.src_cid != self.guest_cid || header.type_ != TYPE_STREAM {
             if header.op != OP_RST {
-                self.orphan_resets.push_back((header.dst_port, header.src_port));
+                self.queue_orphan_reset((header.dst_port, header.src_port));
             }
             return;
         }
@@ -255,7 +259,7 @@ impl Muxer {
         }
         let Some(conn) = self.conns.get_mut(&key) else {
             if header.op != OP_RST {
-                self.orphan_resets.push_back(key);
+                self.queue_orphan_reset(key);
             }
             return;
         };
@@ -274,7 +278,7 @@ impl Muxer {
                 }
             }
             OP_CREDIT_UPDATE => {}
-            OP_CREDIT_REQUEST => conn.pending.push_back(Control::CreditUpdate),
+            OP_CREDIT_REQUEST => conn.owe(Control::CreditUpdate),
             OP_SHUTDOWN => {
                 if header.flags & SHUTDOWN_SEND != 0 {
                     let _ = conn.flush_to_host();
@@ -284,8 +288,24 @@ impl Muxer {
                     self.reset(key);
                 }
             }
-            OP_RST => self.to_remove.push(key),
+            OP_RST => self.remove_later(key),
             _ => self.reset(key),
+        }
+    }
+
+    /// Queues an RST for a packet that matched no connection, unless the queue is full: then
+    /// the guest never hears back, as when its packet is lost.
+    fn queue_orphan_reset(&mut self, key: ConnKey) {
+        if self.orphan_resets.len() >= super::MAX_ORPHAN_RESETS {
+            self.counts.resets_dropped += 1;
+        } else {
+            self.orphan_resets.push_back(key);
+        }
+    }
+
+    fn remove_later(&mut self, key: ConnKey) {
+        if !self.to_remove.contains(&key) {
+            self.to_remove.push(key);
         }
     }
 
@@ -293,19 +313,16 @@ impl Muxer {
         let key = (header.dst_port, header.src_port);
         if self.conns.contains_key(&key) || self.is_full() {
             self.counts.refused += 1;
-            return self.orphan_resets.push_back(key);
+            return self.queue_orphan_reset(key);
         }
-        let path = format!("{}_{}", self.uds_path.display(), header.dst_port);
-        let stream = match UnixStream::connect(&path) {
-            Ok(stream) if stream.set_nonblocking(true).is_ok() => stream,
-            _ => {
-                self.counts.refused += 1;
-                return self.orphan_resets.push_back(key);
-            }
+        let path = PathBuf::from(format!("{}_{}", self.uds_path.display(), header.dst_port));
+        let Ok(stream) = connect_nonblocking(&path) else {
+            self.counts.refused += 1;
+            return self.queue_orphan_reset(key);
         };
         let mut conn = Connection::new(stream, header.dst_port, header.src_port, State::Established);
         conn.update_peer_credit(header.buf_alloc, header.fwd_cnt);
-        conn.pending.push_back(Control::Response);
+        conn.owe(Control::Response);
         self.insert(conn);
         self.counts.guest_connections += 1;
     }
@@ -313,8 +330,7 @@ impl Muxer {
     /// Ends a connection: the guest gets an RST, the host stream is closed.
     fn reset(&mut self, key: ConnKey) {
         if let Some(conn) = self.conns.get_mut(&key) {
-            conn.pending.clear();
-            conn.pending.push_back(Control::Rst);
+            conn.owe_only_reset();
         }
     }
 
@@ -328,7 +344,7 @@ impl Muxer {
     /// Whether anything waits to go to the guest.
     pub fn has_outgoing(&self) -> bool {
         !self.orphan_resets.is_empty()
-            || self.conns.iter().any(|(key, c)| !c.pending.is_empty() || self.data_ready(key, c))
+            || self.conns.iter().any(|(key, c)| c.owes_control() || self.data_ready(key, c))
     }
 
     fn data_ready(&self, key: &ConnKey, conn: &Connection) -> bool {
@@ -341,10 +357,10 @@ impl Muxer {
             self.counts.resets_sent += 1;
             return Some(Outgoing::Control { key, op: OP_RST, flags: 0, fwd_cnt: 0 });
         }
-        let with_control = self.conns.iter().find(|(_, c)| !c.pending.is_empty()).map(|(k, _)| *k);
+        let with_control = self.conns.iter().find(|(_, c)| c.owes_control()).map(|(k, _)| *k);
         if let Some(key) = with_control {
             let conn = self.conns.get_mut(&key)?;
-            let control = conn.pending.pop_front()?;
+            let control = conn.next_owed()?;
             let (op, flags) = match control {
                 Control::Request => (OP_REQUEST, 0),
                 Control::Response => (OP_RESPONSE, 0),
@@ -352,12 +368,13 @@ impl Muxer {
                 Control::Shutdown => (OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND),
                 Control::Rst => (OP_RST, 0),
             };
+            conn.mark_credit_sent();
+            let fwd_cnt = conn.fwd_cnt();
             if control == Control::Rst {
                 self.counts.resets_sent += 1;
-                self.to_remove.push(key);
+                self.remove_later(key);
             }
-            conn.mark_credit_sent();
-            return Some(Outgoing::Control { key, op, flags, fwd_cnt: conn.fwd_cnt() });
+            return Some(Outgoing::Control { key, op, flags, fwd_cnt });
         }
         let with_data = self.conns.iter().find(|(k, c)| self.data_ready(k, c)).map(|(k, _)| *k);
         with_data.map(|key| Outgoing::Data { key })
@@ -371,7 +388,7 @@ impl Muxer {
             Ok(0) if conn.host_eof => {
                 self.readable.insert(key, false);
                 conn.set_state(State::Closing);
-                conn.pending.push_back(Control::Shutdown);
+                conn.owe(Control::Shutdown);
                 None
             }
             Ok(0) => None,
@@ -397,8 +414,8 @@ impl Muxer {
             self.conns.iter().filter(|(_, c)| c.expired(now)).map(|(k, _)| *k).collect();
         for key in expired {
             // The host stream goes now; the guest hears of it whenever it next offers a buffer.
-            self.to_remove.push(key);
-            self.orphan_resets.push_back(key);
+            self.remove_later(key);
+            self.queue_orphan_reset(key);
         }
         let stale: Vec<RawFd> = self
             .handshakes
@@ -493,6 +510,20 @@ impl Muxer {
             fwd_cnt,
         }
     }
+}
+
+/// Connects to a host listener without blocking the event loop: a listener whose backlog is full
+/// answers EAGAIN at once, which refuses the guest's connection instead of stalling every device.
+fn connect_nonblocking(path: &Path) -> nix::Result<UnixStream> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(UnixStream::from(fd))
 }
 
 /// `CONNECT <port>\n` → port.
@@ -647,6 +678,72 @@ mod tests {
         assert!(muxer.handshakes.is_empty());
         assert_eq!(muxer.graveyard.len(), 1);
         assert_eq!(muxer.counts.bad_handshakes, 1);
+    }
+
+    #[test]
+    fn a_guest_that_takes_no_answers_cannot_grow_the_reset_queue() {
+        let (mut muxer, _dir) = muxer();
+        for port in 0..1_000_000u32 {
+            muxer.handle_guest_packet(&guest_header(OP_RW, port, 7), b"x");
+        }
+        assert_eq!(muxer.orphan_resets.len(), super::super::MAX_ORPHAN_RESETS);
+        assert_eq!(muxer.counts.resets_dropped, 1_000_000 - super::super::MAX_ORPHAN_RESETS as u64);
+        let answers = std::iter::from_fn(|| muxer.next_outgoing()).count();
+        assert_eq!(answers, super::super::MAX_ORPHAN_RESETS);
+    }
+
+    #[test]
+    fn repeated_credit_requests_owe_one_update() {
+        let (mut muxer, dir) = muxer();
+        let _port_listener = UnixListener::bind(dir.path().join("v.sock_5000")).unwrap();
+        muxer.handle_guest_packet(&guest_header(OP_REQUEST, 1234, 5000), &[]);
+        assert!(matches!(muxer.next_outgoing(), Some(Outgoing::Control { op: OP_RESPONSE, .. })));
+        for _ in 0..1_000_000 {
+            muxer.handle_guest_packet(&guest_header(OP_CREDIT_REQUEST, 1234, 5000), &[]);
+        }
+        assert!(matches!(muxer.next_outgoing(), Some(Outgoing::Control { op: OP_CREDIT_UPDATE, .. })));
+        assert_eq!(muxer.next_outgoing(), None);
+    }
+
+    #[test]
+    fn repeated_resets_of_one_connection_remove_it_once() {
+        let (mut muxer, dir) = muxer();
+        let _port_listener = UnixListener::bind(dir.path().join("v.sock_5000")).unwrap();
+        muxer.handle_guest_packet(&guest_header(OP_REQUEST, 1234, 5000), &[]);
+        for _ in 0..1000 {
+            muxer.handle_guest_packet(&guest_header(OP_RST, 1234, 5000), &[]);
+        }
+        assert_eq!(muxer.to_remove, vec![(5000, 1234)]);
+    }
+
+    #[test]
+    fn a_host_listener_with_a_full_backlog_refuses_without_blocking() {
+        let (mut muxer, dir) = muxer();
+        let path = dir.path().join("v.sock_5000");
+        // A listener that never accepts, with the smallest backlog, filled up by hand.
+        let listener = nix::sys::socket::socket(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::Stream,
+            nix::sys::socket::SockFlag::empty(),
+            None,
+        )
+        .unwrap();
+        nix::sys::socket::bind(listener.as_raw_fd(), &nix::sys::socket::UnixAddr::new(&path).unwrap())
+            .unwrap();
+        nix::sys::socket::listen(&listener, nix::sys::socket::Backlog::new(0).unwrap()).unwrap();
+        let mut queued = Vec::new();
+        while let Ok(stream) = connect_nonblocking(&path) {
+            queued.push(stream);
+            assert!(queued.len() < 1000, "the backlog never filled");
+        }
+        let started = Instant::now();
+        muxer.handle_guest_packet(&guest_header(OP_REQUEST, 1234, 5000), &[]);
+        assert!(started.elapsed() < std::time::Duration::from_secs(1), "the event loop was blocked");
+        assert!(matches!(
+            muxer.next_outgoing(),
+            Some(Outgoing::Control { key: (5000, 1234), op: OP_RST, .. })
+        ));
+        assert_eq!(muxer.counts.refused, 1);
     }
 
     #[test]
