@@ -20,8 +20,7 @@ fn run_bench(args: &[&str], report: &std::path::Path, json: &std::path::Path) {
 
 #[test]
 fn vmm_benchmark_writes_a_report_with_every_figure() {
-    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
-        eprintln!("SKIPPED: /dev/kvm cannot be opened on this host");
+    if !ironclad_test_prereq::needs().kvm().ready() {
         return;
     }
     let vmm = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ironclad-vmm");
@@ -55,11 +54,14 @@ fn vmm_benchmark_writes_a_report_with_every_figure() {
 /// has the table and both charts exist in both formats.
 #[test]
 fn runtimes_benchmark_puts_ironclad_and_runc_side_by_side() {
-    let root = nix::unistd::geteuid().is_root();
     let guest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest");
-    let have_containerd = Command::new("containerd").arg("--version").output().is_ok();
-    if !root || !have_containerd || !guest.join("bzImage").exists() {
-        eprintln!("SKIPPED: needs root, containerd and the guest (make guest)");
+    if !ironclad_test_prereq::needs()
+        .root()
+        .program("containerd")
+        .program("runc")
+        .file(&guest.join("bzImage"), "make guest")
+        .ready()
+    {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -106,9 +108,12 @@ fn runtimes_benchmark_puts_ironclad_and_runc_side_by_side() {
 #[test]
 fn agent_benchmark_puts_the_agent_next_to_runc() {
     let agent = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ironclad-agent");
-    let have_runc = Command::new("runc").arg("--version").output().is_ok();
-    if !nix::unistd::geteuid().is_root() || !have_runc || !std::path::Path::new("/bin/busybox").exists() {
-        eprintln!("SKIPPED: needs root, runc and busybox-static");
+    if !ironclad_test_prereq::needs()
+        .root()
+        .program("runc")
+        .file(std::path::Path::new("/bin/busybox"), "apt-get install busybox-static")
+        .ready()
+    {
         return;
     }
     assert!(agent.exists(), "build the workspace first ({})", agent.display());
