@@ -3,8 +3,8 @@ use std::path::{Path, PathBuf};
 
 use ttrpc_codegen::{Codegen, Customize, ProtobufCustomize};
 
-const PROTOS: &[&str] = &["protos/agent.proto"];
-const GENERATED: &[&str] = &["agent.rs", "agent_ttrpc.rs"];
+const PROTOS: &[&str] = &["protos/agent.proto", "protos/runtimeoptions.proto"];
+const GENERATED: &[&str] = &["agent.rs", "agent_ttrpc.rs", "runtimeoptions.rs"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);

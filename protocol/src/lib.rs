@@ -32,3 +32,17 @@ pub mod agent {
 pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
 }
+
+/// containerd's runtime options for shims (`runtimeoptions.v1.Options`), which
+/// containerd-shim-protos does not carry.
+#[allow(
+    clippy::all,
+    clippy::unwrap_used,
+    clippy::undocumented_unsafe_blocks,
+    nonstandard_style,
+    unused_mut,
+    missing_docs
+)]
+pub mod runtimeoptions {
+    include!(concat!(env!("OUT_DIR"), "/runtimeoptions.rs"));
+}

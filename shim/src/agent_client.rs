@@ -26,6 +26,8 @@ pub use ironclad_protocol::AGENT_VSOCK_PORT as AGENT_PORT;
 /// The longest handshake answer we accept: `OK ` and a u32 port and a newline fit easily.
 const MAX_HANDSHAKE_LINE: usize = 32;
 const RETRY_INTERVAL: Duration = Duration::from_millis(50);
+/// How long one handshake may take: a peer that accepts and never answers is given up on.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -53,10 +55,21 @@ pub enum Error {
     },
     #[error("the agent reports {status:?}")]
     NotServing { status: ServingStatus },
+    #[error("agent call {call} got no answer within {waited:?}")]
+    NoAnswer { call: &'static str, waited: Duration },
+    #[error("hybrid vsock handshake for port {port} got no answer within {waited:?}")]
+    HandshakeTimeout { port: u32, waited: Duration },
 }
 
-/// Opens a stream to guest vsock `port` through the hybrid vsock Unix socket at `path`.
+/// Opens a stream to guest vsock `port` through the hybrid vsock Unix socket at `path`, within
+/// HANDSHAKE_TIMEOUT.
 pub async fn connect_hybrid_vsock(path: &Path, port: u32) -> Result<UnixStream, Error> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(path, port))
+        .await
+        .map_err(|_| Error::HandshakeTimeout { port, waited: HANDSHAKE_TIMEOUT })?
+}
+
+async fn handshake(path: &Path, port: u32) -> Result<UnixStream, Error> {
     let mut stream = UnixStream::connect(path)
         .await
         .map_err(|source| Error::Connect { path: path.to_path_buf(), source })?;
@@ -501,6 +514,35 @@ mod tests {
         client.destroy_sandbox().await.unwrap();
         let client = AgentClient::connect(&path, 1024, Duration::from_secs(5)).await.unwrap();
         assert!(matches!(client.check().await, Err(Error::Rpc { call: "Health.Check", .. })));
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_accepts_and_never_answers_does_not_hold_the_connect() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        // Accepts every connection and keeps it, silent.
+        let silent = tokio::spawn(async move {
+            let mut kept = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                kept.push(stream);
+            }
+        });
+        let started = Instant::now();
+        let attempt = tokio::time::timeout(
+            Duration::from_secs(20),
+            AgentClient::connect(&path, 1024, Duration::from_secs(3)),
+        )
+        .await
+        .expect("connect must give up by itself");
+        let err = attempt.err().unwrap();
+        assert!(matches!(&err, Error::Timeout { last, .. } if last.contains("no answer")), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3) + HANDSHAKE_TIMEOUT * 2,
+            "{:?}",
+            started.elapsed()
+        );
+        silent.abort();
     }
 
     #[tokio::test]

@@ -13,6 +13,8 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/ironclad/config.toml";
 pub const DEFAULT_SHARE_DIR: &str = "/usr/local/share/ironclad";
 /// Read-only root file system images, kept across containers of the same image.
 pub const DEFAULT_IMAGE_CACHE: &str = "/var/lib/ironclad/images";
+/// Guest console logs, on disk rather than on the run root's tmpfs.
+pub const DEFAULT_LOG_ROOT: &str = "/var/log/ironclad";
 
 /// Per-container annotations that may change the VM's size, when the config allows them.
 pub const ANNOTATION_VCPUS: &str = "io.ironclad.vcpus";
@@ -58,9 +60,11 @@ pub struct ShimConfig {
     pub allowed_annotations: Vec<String>,
     /// How long the guest may take from start to the agent's ready line.
     pub boot_timeout_secs: u64,
-    /// Where sandboxes keep their sockets and logs.
+    /// Where sandboxes keep their sockets and VM files (a tmpfs, usually).
     pub run_root: PathBuf,
     pub image_cache: PathBuf,
+    /// Where each sandbox's guest console log goes while it runs (capped at 1 MiB, rotated once).
+    pub log_root: PathBuf,
     /// Where this configuration came from, for error messages.
     #[serde(skip)]
     pub source: PathBuf,
@@ -80,6 +84,7 @@ impl Default for ShimConfig {
             boot_timeout_secs: 120,
             run_root: crate::paths::DEFAULT_RUN_ROOT.into(),
             image_cache: DEFAULT_IMAGE_CACHE.into(),
+            log_root: DEFAULT_LOG_ROOT.into(),
             source: PathBuf::from("(defaults)"),
         }
     }

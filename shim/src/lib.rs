@@ -1,11 +1,25 @@
-//! containerd-shim-ironclad-v2: the containerd Task API over one microVM per task. Hypervisor
-//! backends boot the guest; the agent client talks to the agent inside it over hybrid vsock.
+//! containerd-shim-ironclad-v2: the containerd Task API over one microVM per task, shaped like
+//! containerd's runc shim and Kata's runtime-rs:
+//!
+//! - `service`: the Task API, and nothing else; `task`: the containers by id; `process`: a
+//!   process's stdio, status and exit; `spec`: the typed OCI spec; `metrics`; `events`: one
+//!   channel, one forwarder.
+//! - `sandbox`: the VM, its agent client and its one teardown path; `resources/`: what a sandbox
+//!   attaches to its VM (`rootfs`); `hypervisor/`: the backends that boot it (ironclad-vmm, QEMU).
+//! - `agent_client`: ttrpc to the agent over hybrid vsock; `io`: stdio relays; `config`;
+//!   `paths`; `guest_text`: what the guest says, escaped and cut before it is logged.
 
 pub mod agent_client;
 pub mod config;
+pub mod events;
+pub mod guest_text;
 pub mod hypervisor;
 pub mod io;
+pub mod metrics;
 pub mod paths;
-pub mod rootfs;
+pub mod process;
+pub mod resources;
 pub mod sandbox;
 pub mod service;
+pub mod spec;
+pub mod task;

@@ -5,15 +5,23 @@ use std::path::{Path, PathBuf};
 /// Where sandboxes live unless told otherwise.
 pub const DEFAULT_RUN_ROOT: &str = "/run/ironclad";
 
-/// The files of one sandbox, all under `<run root>/<sandbox id>/`.
+/// The files of one sandbox VM: sockets and the VM description under `<run root>/<sandbox id>/`,
+/// the console log there too unless it is placed elsewhere (the shim keeps it off tmpfs).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SandboxPaths {
     dir: PathBuf,
+    console_log: PathBuf,
 }
 
 impl SandboxPaths {
     pub fn new(run_root: &Path, sandbox_id: &str) -> Self {
-        SandboxPaths { dir: run_root.join(sandbox_id) }
+        let dir = run_root.join(sandbox_id);
+        SandboxPaths { console_log: dir.join("console.log"), dir }
+    }
+
+    pub fn with_console_log(mut self, path: PathBuf) -> Self {
+        self.console_log = path;
+        self
     }
 
     pub fn dir(&self) -> &Path {
@@ -30,9 +38,9 @@ impl SandboxPaths {
         self.dir.join("vhost-vsock.sock")
     }
 
-    /// Everything the guest wrote to its serial console.
+    /// What the guest wrote to its serial console (capped, see hypervisor::console).
     pub fn console_log(&self) -> PathBuf {
-        self.dir.join("console.log")
+        self.console_log.clone()
     }
 }
 

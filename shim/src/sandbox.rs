@@ -1,8 +1,9 @@
 //! One sandbox VM per task: booted at Create, reached through its agent, stopped when the task is
-//! deleted. Its processes are recorded in the task directory so that `delete` after a crashed
-//! shim can still stop them.
+//! deleted, or from the host when the guest does not carry out a SIGKILL. Its processes are
+//! recorded in the task directory so that `delete` after a crashed shim can still stop them.
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,13 +15,23 @@ use tracing::{error, info, warn};
 
 use crate::agent_client::{self, AgentClient, AGENT_PORT};
 use crate::config::ShimConfig;
+use crate::guest_text;
 use crate::hypervisor::{self, error_chain, Backend, GuestVm, HostVirtualization, VmConfig};
 use crate::paths::SandboxPaths;
 
 const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the guest gets to reset by itself after DestroySandbox before its monitor is killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long the agent gets to answer DestroySandbox.
+const DESTROY_TIMEOUT: Duration = Duration::from_secs(5);
 const PIDS_FILE: &str = "vm.pids";
+/// Names the console log (kept outside the task directory) so that clean-up finds it.
+const CONSOLE_LOG_FILE: &str = "console-log";
+/// The exit status of every process of a VM that the host stopped because the guest did not
+/// carry out a SIGKILL (128 + SIGKILL, what the guest should have reported).
+pub const KILLED_EXIT_STATUS: u32 = 137;
+/// The exit status of every process of a VM that went away under it (like Kata's).
+pub const VM_GONE_EXIT_STATUS: u32 = 255;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -40,6 +51,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot record the console log's place in {path}")]
+    RecordConsoleLog {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 pub struct Sandbox {
@@ -50,16 +67,27 @@ pub struct Sandbox {
     vm: Arc<Mutex<Option<GuestVm>>>,
     gone: watch::Receiver<bool>,
     stopping: Arc<AtomicBool>,
+    /// The host stopped the VM because the guest did not carry out a SIGKILL.
+    killed: Arc<AtomicBool>,
+    /// Everything the sandbox has on the host, removed by [`Sandbox::teardown`].
+    task_dir: PathBuf,
 }
 
 impl Sandbox {
-    /// Starts the VM in `task_dir/vm`, waits for its agent and connects to it. Whatever fails
-    /// stops what was started.
-    pub async fn boot(config: &ShimConfig, vm_config: &VmConfig, task_dir: &Path) -> Result<Sandbox, Error> {
+    /// Starts the VM in `task_dir/vm` (its console log at `console_log`), waits for its agent and
+    /// connects to it. Whatever fails stops what was started.
+    pub async fn boot(
+        config: &ShimConfig,
+        vm_config: &VmConfig,
+        task_dir: &Path,
+        console_log: PathBuf,
+    ) -> Result<Sandbox, Error> {
         let backend = Backend::select(config.hypervisor, HostVirtualization::detect())?;
-        let paths = SandboxPaths::new(task_dir, "vm");
+        let record = task_dir.join(CONSOLE_LOG_FILE);
+        std::fs::write(&record, console_log.as_os_str().as_encoded_bytes())
+            .map_err(|source| Error::RecordConsoleLog { path: record, source })?;
+        let paths = SandboxPaths::new(task_dir, "vm").with_console_log(console_log);
         let mut vm = backend.start(vm_config, paths).await?;
-        let monitor = vm.pids().first().copied().unwrap_or_default();
         let record = task_dir.join(PIDS_FILE);
         let pids: String = vm.pids().iter().map(|pid| format!("{pid}\n")).collect();
         let prepared = async {
@@ -73,23 +101,40 @@ impl Sandbox {
                 ready.since_start,
                 ready.line.uptime_ms
             );
-            let agent = AgentClient::connect(vm.agent_socket(), AGENT_PORT, AGENT_CONNECT_TIMEOUT).await?;
-            let exited = process_exit(monitor).map_err(|source| Error::Watch { pid: monitor, source })?;
-            Ok::<_, Error>((agent, exited))
+            Ok::<_, Error>(AgentClient::connect(vm.agent_socket(), AGENT_PORT, AGENT_CONNECT_TIMEOUT).await?)
         }
         .await;
-        let (agent, exited) = match prepared {
-            Ok(parts) => parts,
+        match prepared {
+            Ok(agent) => Self::run(vm, agent, backend.name(), task_dir.to_path_buf()),
             Err(err) => {
                 let _ = vm.stop(Duration::ZERO).await;
-                return Err(err);
+                Err(err)
+            }
+        }
+    }
+
+    /// Takes charge of a started VM whose agent is connected: from now on its monitor's exit is
+    /// watched. A VM that cannot be watched is stopped.
+    pub fn run(
+        vm: GuestVm,
+        agent: AgentClient,
+        backend: &'static str,
+        task_dir: PathBuf,
+    ) -> Result<Sandbox, Error> {
+        let monitor = vm.pids().first().copied().unwrap_or_default();
+        let exited = match process_exit(monitor) {
+            Ok(exited) => exited,
+            Err(source) => {
+                drop(vm);
+                return Err(Error::Watch { pid: monitor, source });
             }
         };
         let vm = Arc::new(Mutex::new(Some(vm)));
         let stopping = Arc::new(AtomicBool::new(false));
+        let killed = Arc::new(AtomicBool::new(false));
         let (gone_tx, gone) = watch::channel(false);
-        tokio::spawn(watch_monitor(exited, vm.clone(), stopping.clone(), gone_tx));
-        Ok(Sandbox { agent, backend: backend.name(), monitor_pid: monitor, vm, gone, stopping })
+        tokio::spawn(watch_monitor(exited, vm.clone(), stopping.clone(), killed.clone(), gone_tx));
+        Ok(Sandbox { agent, backend, monitor_pid: monitor, vm, gone, stopping, killed, task_dir })
     }
 
     /// Becomes true when the VM has gone, expectedly or not.
@@ -101,13 +146,45 @@ impl Sandbox {
         *self.gone.borrow()
     }
 
+    /// The exit status of a process whose VM is gone: SIGKILL's when the host stopped it for not
+    /// carrying one out, else the VM's failure.
+    pub fn gone_exit_status(&self) -> u32 {
+        if self.killed.load(Ordering::SeqCst) {
+            KILLED_EXIT_STATUS
+        } else {
+            VM_GONE_EXIT_STATUS
+        }
+    }
+
+    /// Stops the VM from the host at once (SIGKILL to its monitor): the guest did not carry out a
+    /// SIGKILL in time. Every process of the sandbox then exits with KILLED_EXIT_STATUS.
+    pub async fn kill(&self) {
+        if self.is_gone() {
+            return;
+        }
+        self.killed.store(true, Ordering::SeqCst);
+        if let Some(vm) = self.vm.lock().await.as_mut() {
+            warn!("the guest did not carry out SIGKILL in time: stopping its VM from the host");
+            vm.kill_monitor();
+        }
+    }
+
+    /// The one way a sandbox ends: the VM stopped (see [`Sandbox::stop`]), then everything it had on
+    /// the host removed. Safe to call twice.
+    pub async fn teardown(&self) {
+        self.stop().await;
+        clean_up_task_dir(&self.task_dir);
+    }
+
     /// Asks the agent to end the guest, then stops the monitor and its helpers and removes the
     /// VM's directory. Safe to call twice.
     pub async fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         if !self.is_gone() {
-            if let Err(err) = self.agent.destroy_sandbox().await {
-                warn!("DestroySandbox failed, the VM will be killed: {}", error_chain(&err));
+            match tokio::time::timeout(DESTROY_TIMEOUT, self.agent.destroy_sandbox()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => warn!("DestroySandbox failed, the VM will be killed: {}", error_chain(&err)),
+                Err(_) => warn!("DestroySandbox: no answer in {DESTROY_TIMEOUT:?}, the VM will be killed"),
             }
         }
         let Some(vm) = self.vm.lock().await.take() else { return };
@@ -123,17 +200,18 @@ async fn watch_monitor(
     exited: AsyncFd<OwnedFd>,
     vm: Arc<Mutex<Option<GuestVm>>>,
     stopping: Arc<AtomicBool>,
+    killed: Arc<AtomicBool>,
     gone: watch::Sender<bool>,
 ) {
     let _ = exited.readable().await;
-    if !stopping.load(Ordering::SeqCst) {
+    if !stopping.load(Ordering::SeqCst) && !killed.load(Ordering::SeqCst) {
         let mut vm = vm.lock().await;
         if let Some(vm) = vm.as_mut() {
             let status = vm.wait_exit(Duration::from_secs(1)).await.ok().flatten();
             let status = status.map(|s| s.to_string()).unwrap_or_else(|| "status unknown".into());
             error!(
-                "the sandbox VM exited unexpectedly ({status}); every task ends now. Console tail:\n{}",
-                vm.console_tail()
+                "the sandbox VM exited unexpectedly ({status}); every task ends now. Console tail: {}",
+                guest_text::clean(&vm.console_tail())
             );
         }
     }
@@ -179,6 +257,16 @@ pub fn unmount_below(dir: &Path) {
 /// line still names the directory, so a reused pid is left alone), unmounts what is mounted below
 /// it and removes it. Doing it twice is harmless.
 pub fn clean_up_task_dir(task_dir: &Path) {
+    if let Ok(console_log) = std::fs::read(task_dir.join(CONSOLE_LOG_FILE)) {
+        let console_log = PathBuf::from(std::ffi::OsString::from_vec(console_log));
+        for log in [crate::hypervisor::console::rotated_path(&console_log), console_log.clone()] {
+            let _ = std::fs::remove_file(log);
+        }
+        // The namespace's log directory goes with its last task (remove_dir fails while others remain).
+        if let Some(namespace_dir) = console_log.parent() {
+            let _ = std::fs::remove_dir(namespace_dir);
+        }
+    }
     let marker = task_dir.to_string_lossy().into_owned();
     let recorded = std::fs::read_to_string(task_dir.join(PIDS_FILE)).unwrap_or_default();
     for pid in recorded.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {

@@ -1,9 +1,12 @@
-//! The containerd Task API (v2) over one microVM per task: containerd calls these methods, the
-//! shim turns them into calls on the agent inside the guest and publishes the task events.
+//! The containerd Task API (v2): containerd calls these methods, the shim answers from its task
+//! table and turns them into calls on the agent inside the guest. `IroncladShim` is the process
+//! containerd starts (`start`, `delete`); `TaskService` serves the Task API in it.
+//!
+//! Errors stay typed until they become a ttrpc status here, mapped by variant.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use containerd_shim::api::{
@@ -15,52 +18,149 @@ use containerd_shim::api::{
 use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
-    TaskResumed, TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused, TaskResumed,
+    TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
-use containerd_shim::protos::protobuf::{CodedInputStream, MessageDyn, MessageField};
+use containerd_shim::protos::protobuf::{Message, MessageField};
 use containerd_shim::protos::types::task::{ProcessInfo, Status};
 use containerd_shim::protos::{topics, ttrpc};
 use containerd_shim::{Config, Flags, StartOpts, TtrpcContext};
 use ironclad_protocol::agent::{CopyFileRequest, CreateContainerRequest, Storage};
-use tokio::sync::{watch, Mutex, Notify};
-use tokio::task::JoinHandle;
+use ironclad_protocol::runtimeoptions::Options as RuntimeOptions;
+use tokio::sync::Mutex;
 use tracing::{error, info, warn};
 
 use crate::agent_client::{self, AgentClient};
-use crate::config::{ShimConfig, DEFAULT_CONFIG_PATH};
+use crate::config::{self, ShimConfig, DEFAULT_CONFIG_PATH};
+use crate::events::{self, Events};
 use crate::hypervisor::{error_chain, BlockDevice, VmConfig};
-use crate::io::{self as stdio, ProcessIo};
-use crate::rootfs::{self, MountSpec, ROOTFS_SERIAL};
-use crate::sandbox::{clean_up_task_dir, Sandbox};
+use crate::io::{self as stdio};
+use crate::metrics;
+use crate::process::{Exit, Process, StdioUris};
+use crate::resources::rootfs::{self, MountSpec, ROOTFS_SERIAL};
+use crate::sandbox::{self, clean_up_task_dir, Sandbox};
+use crate::spec;
+use crate::task::{self, Container, TaskTable};
 
 /// The runtime name containerd knows this shim by.
 pub const RUNTIME_ID: &str = "io.containerd.ironclad.v2";
-/// The exit status of every process of a VM that went away under it (like Kata's).
-pub const VM_GONE_EXIT_STATUS: u32 = 255;
+pub use crate::sandbox::VM_GONE_EXIT_STATUS;
 const RUNTIME_OPTIONS_TYPE: &str = "runtimeoptions.v1.Options";
-const METRICS_TYPE: &str = "io.containerd.cgroups.v2.Metrics";
 /// Names the task directory in the bundle, for `delete` after a crash whatever config was used.
 const TASK_DIR_FILE: &str = "ironclad-task-dir";
 /// Where the container's disk is mounted inside the guest.
 const GUEST_ROOTFS_DIR: &str = "/run/ironclad/rootfs";
+/// How long the guest gets to answer a signal request.
+const SIGNAL_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the guest gets to report the exit of a process it was told to SIGKILL; after that the
+/// host ends it: the whole VM for the container's init process, the process's record for an exec.
+pub const KILL_GRACE: Duration = Duration::from_secs(5);
+/// How long the output of an exited process may still flow before its exit is reported.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+/// How long RemoveContainer may take at Delete before the VM is stopped regardless.
+const REMOVE_TIMEOUT: Duration = Duration::from_secs(15);
+const SIGKILL: u32 = 9;
 
 type TtrpcResult<T> = ttrpc::Result<T>;
 
-fn status(code: ttrpc::Code, message: impl Into<String>) -> ttrpc::Error {
-    ttrpc::Error::RpcStatus(ttrpc::get_status(code, message.into()))
+/// What can go wrong in a Task API call.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Task(#[from] task::Error),
+    #[error(transparent)]
+    Spec(#[from] spec::Error),
+    #[error(transparent)]
+    Config(#[from] config::Error),
+    #[error("rootfs")]
+    Rootfs(#[from] rootfs::Error),
+    #[error("cannot start the sandbox VM")]
+    Sandbox(#[from] sandbox::Error),
+    #[error(transparent)]
+    Agent(#[from] agent_client::Error),
+    #[error(transparent)]
+    Stdio(#[from] stdio::Error),
+    #[error("cannot decode {RUNTIME_OPTIONS_TYPE}")]
+    RuntimeOptions(#[source] containerd_shim::protos::protobuf::Error),
+    #[error("restoring a task from a checkpoint is not supported")]
+    CheckpointRestore,
+    #[error("checkpointing a task of a microVM is not supported by ironclad")]
+    Checkpoint,
+    #[error("{path} exists: task {id} is already running")]
+    TaskDirExists { path: PathBuf, id: String },
+    #[error("cannot {action} {path}")]
+    TaskDir {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("process {0:?} was already started")]
+    AlreadyStarted(String),
+    #[error("process {0:?} already finished")]
+    Finished(String),
+    #[error("{0} is still running: kill it first")]
+    StillRunning(String),
+    #[error("task {0} is not running")]
+    NotRunning(String),
+    #[error("exec {0:?} has no process spec")]
+    NoExecSpec(String),
+    #[error("update without resources")]
+    NoResources,
+    #[error("resources are not JSON (LinuxResources)")]
+    ResourcesNotJson,
+    #[error("cannot encode the metrics")]
+    Metrics(#[source] containerd_shim::protos::protobuf::Error),
+    #[error("a preparation step stopped unexpectedly")]
+    Join(#[source] tokio::task::JoinError),
 }
 
-/// An agent error keeps the agent's code (INVALID_ARGUMENT, NOT_FOUND, ...); a transport error
-/// means the VM is unreachable.
-fn agent_status(err: &agent_client::Error) -> ttrpc::Error {
-    let code = match err {
-        agent_client::Error::Rpc { source: ttrpc::Error::RpcStatus(s), .. } => s.code(),
-        _ => ttrpc::Code::UNAVAILABLE,
-    };
-    status(code, error_chain(err))
+fn code_of(err: &Error) -> ttrpc::Code {
+    use ttrpc::Code;
+    match err {
+        Error::Task(task::Error::NoTask(_) | task::Error::NoProcess { .. }) => Code::NOT_FOUND,
+        Error::Task(task::Error::ExecExists(_)) => Code::ALREADY_EXISTS,
+        Error::Task(task::Error::ShimBusy(_)) => Code::FAILED_PRECONDITION,
+        Error::Spec(spec::Error::Encode(_)) => Code::INTERNAL,
+        Error::Spec(
+            spec::Error::Read { .. }
+            | spec::Error::ExecProcess(_)
+            | spec::Error::HostDirectory { .. }
+            | spec::Error::NotFileOrDirectory { .. }
+            | spec::Error::BindSource { .. },
+        ) => Code::INVALID_ARGUMENT,
+        Error::Config(_) | Error::RuntimeOptions(_) | Error::Stdio(_) => Code::INVALID_ARGUMENT,
+        Error::Rootfs(
+            rootfs::Error::NoMounts
+            | rootfs::Error::UnsupportedMount { .. }
+            | rootfs::Error::TooManyMounts(_)
+            | rootfs::Error::BadOverlay(_),
+        ) => Code::INVALID_ARGUMENT,
+        Error::Rootfs(
+            rootfs::Error::Io { .. } | rootfs::Error::Mount { .. } | rootfs::Error::Mkfs { .. },
+        ) => Code::INTERNAL,
+        Error::Sandbox(_) => Code::FAILED_PRECONDITION,
+        // The agent's own code (INVALID_ARGUMENT, NOT_FOUND...); a transport error means the VM is
+        // unreachable.
+        Error::Agent(agent_client::Error::Rpc { source: ttrpc::Error::RpcStatus(status), .. }) => {
+            status.code()
+        }
+        Error::Agent(_) => Code::UNAVAILABLE,
+        Error::CheckpointRestore | Error::Checkpoint => Code::UNIMPLEMENTED,
+        Error::TaskDirExists { .. } => Code::ALREADY_EXISTS,
+        Error::AlreadyStarted(_) | Error::StillRunning(_) | Error::NotRunning(_) => Code::FAILED_PRECONDITION,
+        Error::Finished(_) => Code::NOT_FOUND,
+        Error::NoExecSpec(_) | Error::NoResources | Error::ResourcesNotJson => Code::INVALID_ARGUMENT,
+        Error::TaskDir { .. } | Error::Metrics(_) | Error::Join(_) => Code::INTERNAL,
+    }
+}
+
+impl From<Error> for ttrpc::Error {
+    fn from(err: Error) -> Self {
+        ttrpc::Error::RpcStatus(ttrpc::get_status(code_of(&err), error_chain(&err)))
+    }
 }
 
 fn now() -> MessageField<Timestamp> {
@@ -115,11 +215,14 @@ impl Shim for IroncladShim {
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
+        let (events, queue) = Events::channel();
+        tokio::spawn(events::forward(queue, publisher, self.namespace.clone()));
         TaskService {
             namespace: self.namespace.clone(),
             exit: self.exit.clone(),
-            publisher: Arc::new(publisher),
-            task: Arc::new(Mutex::new(None)),
+            events,
+            tasks: Arc::new(TaskTable::default()),
+            creating: Arc::new(Mutex::new(())),
         }
     }
 }
@@ -140,297 +243,150 @@ pub fn task_dir(config: &ShimConfig, namespace: &str, id: &str) -> PathBuf {
     config.run_root.join(namespace).join(id)
 }
 
-#[derive(Debug, Clone, PartialEq)]
-struct Exit {
-    status: u32,
-    at: Timestamp,
+/// `<log root>/<namespace>/<task id>.console.log`: the guest's console, on disk rather than on the
+/// run root's tmpfs, capped and rotated (hypervisor::console).
+pub fn console_log_path(config: &ShimConfig, namespace: &str, id: &str) -> PathBuf {
+    config.log_root.join(namespace).join(format!("{id}.console.log"))
 }
 
-#[derive(Debug, Clone, Default)]
-struct StdioUris {
-    stdin: String,
-    stdout: String,
-    stderr: String,
-    terminal: bool,
-}
-
-/// The container's init process (exec_id "") or one exec'd into it.
-struct Process {
-    exec_id: String,
-    stdio: StdioUris,
-    /// The OCI process of an exec, as JSON.
-    exec_spec: String,
-    pid: std::sync::Mutex<u32>,
-    status: std::sync::Mutex<Status>,
-    exit: watch::Sender<Option<Exit>>,
-    close_stdin: Arc<Notify>,
-    outputs: Mutex<Vec<JoinHandle<()>>>,
-}
-
-impl Process {
-    fn new(exec_id: &str, stdio: StdioUris, exec_spec: String) -> Arc<Self> {
-        Arc::new(Process {
-            exec_id: exec_id.to_string(),
-            stdio,
-            exec_spec,
-            pid: std::sync::Mutex::new(0),
-            status: std::sync::Mutex::new(Status::CREATED),
-            exit: watch::channel(None).0,
-            close_stdin: Arc::new(Notify::new()),
-            outputs: Mutex::new(Vec::new()),
-        })
-    }
-
-    fn pid(&self) -> u32 {
-        self.pid.lock().map(|p| *p).unwrap_or_default()
-    }
-
-    fn status(&self) -> Status {
-        if self.exit.borrow().is_some() {
-            return Status::STOPPED;
-        }
-        self.status.lock().map(|s| *s).unwrap_or(Status::UNKNOWN)
-    }
-
-    fn set_status(&self, status: Status) {
-        if let Ok(mut s) = self.status.lock() {
-            *s = status;
-        }
-    }
-
-    fn exited(&self) -> Option<Exit> {
-        self.exit.borrow().clone()
-    }
-}
-
-/// A task: its VM and the processes in its container.
-struct Task {
-    id: String,
-    bundle: String,
-    dir: PathBuf,
-    sandbox: Sandbox,
-    processes: std::sync::Mutex<HashMap<String, Arc<Process>>>,
-}
-
-impl Task {
-    fn process(&self, exec_id: &str) -> TtrpcResult<Arc<Process>> {
-        let processes =
-            self.processes.lock().map_err(|_| status(ttrpc::Code::INTERNAL, "process table poisoned"))?;
-        processes.get(exec_id).cloned().ok_or_else(|| {
-            status(ttrpc::Code::NOT_FOUND, format!("task {} has no exec process {exec_id:?}", self.id))
-        })
-    }
-
-    fn io(&self, exec_id: &str) -> ProcessIo {
-        ProcessIo {
-            agent: self.sandbox.agent.clone(),
-            container_id: self.id.clone(),
-            exec_id: exec_id.to_string(),
-            vm_gone: self.sandbox.gone(),
-        }
-    }
-
-    /// The task's pid on the host, as Kata reports it: the VM monitor's.
-    fn host_pid(&self) -> u32 {
-        self.sandbox.monitor_pid
-    }
-
-    /// The pid containerd sees: the VM's for the init process, the guest's for an exec.
-    fn visible_pid(&self, process: &Process) -> u32 {
-        if process.exec_id.is_empty() {
-            self.host_pid()
-        } else {
-            process.pid()
-        }
-    }
+/// Creates `dir` (and its parents) readable by root alone.
+fn create_private_dir(dir: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|source| Error::TaskDir {
+        action: "create",
+        path: dir.to_path_buf(),
+        source,
+    })
 }
 
 #[derive(Clone)]
 pub struct TaskService {
     namespace: String,
     exit: Arc<ExitSignal>,
-    publisher: Arc<RemotePublisher>,
-    task: Arc<Mutex<Option<Arc<Task>>>>,
+    events: Events,
+    tasks: Arc<TaskTable>,
+    /// One Create at a time: the table's room is checked and filled under it.
+    creating: Arc<Mutex<()>>,
 }
 
 impl TaskService {
-    async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
-        let ctx = ttrpc::context::Context::default();
-        if let Err(err) = self.publisher.publish(ctx, topic, &self.namespace, event).await {
-            warn!("cannot publish {topic}: {err}");
+    /// The runtime options' config (a file, or a TOML body inline), else the default file.
+    fn load_config(options: &MessageField<Any>) -> Result<ShimConfig, Error> {
+        let Some(any) = options.as_ref().filter(|a| a.type_url.ends_with(RUNTIME_OPTIONS_TYPE)) else {
+            return Ok(ShimConfig::load(Path::new(DEFAULT_CONFIG_PATH))?);
+        };
+        let options = RuntimeOptions::parse_from_bytes(&any.value).map_err(Error::RuntimeOptions)?;
+        if !options.config_path.is_empty() {
+            Ok(ShimConfig::load(Path::new(&options.config_path))?)
+        } else if !options.config_body.is_empty() {
+            Ok(ShimConfig::parse(&options.config_body, Path::new("(runtime options config_body)"))?)
+        } else {
+            Ok(ShimConfig::load(Path::new(DEFAULT_CONFIG_PATH))?)
         }
     }
 
-    async fn task(&self, id: &str) -> TtrpcResult<Arc<Task>> {
-        match self.task.lock().await.as_ref() {
-            Some(task) if task.id == id => Ok(task.clone()),
-            _ => Err(status(ttrpc::Code::NOT_FOUND, format!("no task {id:?} in this shim"))),
-        }
-    }
-
-    /// The runtime options' config file, else the default one.
-    fn load_config(options: &MessageField<Any>) -> TtrpcResult<ShimConfig> {
-        let mut path = PathBuf::from(DEFAULT_CONFIG_PATH);
-        if let Some(any) = options.as_ref().filter(|a| a.type_url.ends_with(RUNTIME_OPTIONS_TYPE)) {
-            let config_path = runtime_options_config_path(&any.value).map_err(|err| {
-                status(ttrpc::Code::INVALID_ARGUMENT, format!("cannot decode {RUNTIME_OPTIONS_TYPE}: {err}"))
-            })?;
-            if !config_path.is_empty() {
-                path = PathBuf::from(config_path);
-            }
-        }
-        ShimConfig::load(&path).map_err(|err| status(ttrpc::Code::INVALID_ARGUMENT, error_chain(&err)))
-    }
-
-    async fn create_task(&self, req: &CreateTaskRequest) -> TtrpcResult<Arc<Task>> {
+    /// Reads everything Create needs, makes the task directory, boots the VM and creates the
+    /// container in it. A failure at any step leaves nothing behind.
+    async fn create_container(&self, req: &CreateTaskRequest) -> Result<Arc<Container>, Error> {
         if !req.checkpoint.is_empty() {
-            return Err(status(
-                ttrpc::Code::UNIMPLEMENTED,
-                "restoring a task from a checkpoint is not supported",
-            ));
+            return Err(Error::CheckpointRestore);
         }
         let config = Self::load_config(&req.options)?;
-        let spec = read_spec(Path::new(&req.bundle))?;
-        let annotations = spec_annotations(&spec);
-        let (vcpus, memory_mib) = config
-            .vm_size(&annotations)
-            .map_err(|err| status(ttrpc::Code::INVALID_ARGUMENT, err.to_string()))?;
-        let file_mounts = host_file_mounts(&spec)?;
+        let spec = spec::read(Path::new(&req.bundle))?;
+        let vm_size = config.vm_size(&spec::annotations(&spec))?;
+        let file_mounts = spec::host_file_mounts(&spec)?;
         let mounts: Vec<MountSpec<'_>> = req
             .rootfs
             .iter()
             .map(|m| MountSpec { kind: &m.type_, source: &m.source, options: &m.options })
             .collect();
-        let snapshot = rootfs::parse_snapshot(&mounts)
-            .map_err(|err| status(ttrpc::Code::INVALID_ARGUMENT, err.to_string()))?;
+        let snapshot = rootfs::parse_snapshot(&mounts)?;
 
         let dir = task_dir(&config, &self.namespace, &req.id);
         if dir.exists() {
-            return Err(status(
-                ttrpc::Code::ALREADY_EXISTS,
-                format!("{} exists: task {} is already running", dir.display(), req.id),
-            ));
+            return Err(Error::TaskDirExists { path: dir, id: req.id.clone() });
         }
-        std::fs::create_dir_all(&dir).map_err(|err| {
-            status(ttrpc::Code::INTERNAL, format!("cannot create {}: {err}", dir.display()))
-        })?;
-        // `delete` after a crash finds the task directory through the bundle, whatever config was used.
-        let record = Path::new(&req.bundle).join(TASK_DIR_FILE);
-        if let Err(err) = std::fs::write(&record, dir.as_os_str().as_encoded_bytes()) {
-            clean_up_task_dir(&dir);
-            return Err(status(ttrpc::Code::INTERNAL, format!("cannot write {}: {err}", record.display())));
-        }
+        create_private_dir(&dir)?;
         let created =
-            self.boot_and_create(req, &config, spec, file_mounts, snapshot, (vcpus, memory_mib), &dir).await;
+            async {
+                // `delete` after a crash finds the task directory through the bundle, whatever config
+                // was used.
+                let record = Path::new(&req.bundle).join(TASK_DIR_FILE);
+                std::fs::write(&record, dir.as_os_str().as_encoded_bytes())
+                    .map_err(|source| Error::TaskDir { action: "write", path: record, source })?;
+                let console_log = console_log_path(&config, &self.namespace, &req.id);
+                if let Some(parent) = console_log.parent() {
+                    create_private_dir(parent)?;
+                }
+                let image = prepare_rootfs(snapshot, &config, &dir).await?;
+                let vm_config = VmConfig {
+                    kernel: config.kernel.clone(),
+                    initrd: config.initrd.clone(),
+                    vcpus: vm_size.0,
+                    memory_mib: vm_size.1,
+                    extra_kernel_params: config.kernel_params.clone(),
+                    block_devices: vec![BlockDevice {
+                        path: image,
+                        read_only: true,
+                        serial: ROOTFS_SERIAL.into(),
+                    }],
+                };
+                let sandbox = Arc::new(Sandbox::boot(&config, &vm_config, &dir, console_log).await?);
+                let init = Process::new("", stdio_uris(req), String::new());
+                let container = Arc::new(Container::new(&req.id, &req.bundle, sandbox, init));
+                if let Err(err) = self.create_in_guest(&container, spec, &file_mounts).await {
+                    container.sandbox.teardown().await;
+                    return Err(err);
+                }
+                Ok(container)
+            }
+            .await;
         if created.is_err() {
             clean_up_task_dir(&dir);
         }
         created
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn boot_and_create(
+    /// Sets up the guest for the container and creates it there; opens its stdio.
+    async fn create_in_guest(
         &self,
-        req: &CreateTaskRequest,
-        config: &ShimConfig,
-        mut spec: serde_json::Value,
-        file_mounts: Vec<usize>,
-        snapshot: rootfs::Snapshot,
-        (vcpus, memory_mib): (u8, u32),
-        dir: &Path,
-    ) -> TtrpcResult<Arc<Task>> {
-        let (cache, scratch) = (config.image_cache.clone(), dir.to_path_buf());
-        let image = tokio::task::spawn_blocking(move || rootfs::prepare(&snapshot, &cache, &scratch))
-            .await
-            .map_err(|err| status(ttrpc::Code::INTERNAL, err.to_string()))?
-            .map_err(|err| status(ttrpc::Code::INTERNAL, format!("rootfs: {}", error_chain(&err))))?;
-        let vm_config = VmConfig {
-            kernel: config.kernel.clone(),
-            initrd: config.initrd.clone(),
-            vcpus,
-            memory_mib,
-            extra_kernel_params: config.kernel_params.clone(),
-            block_devices: vec![BlockDevice {
-                path: image.path,
-                read_only: true,
-                serial: ROOTFS_SERIAL.into(),
-            }],
-        };
-        let sandbox = Sandbox::boot(config, &vm_config, dir).await.map_err(|err| {
-            status(
-                ttrpc::Code::FAILED_PRECONDITION,
-                format!("cannot start the sandbox VM: {}", error_chain(&err)),
-            )
-        })?;
-        let task = Arc::new(Task {
-            id: req.id.clone(),
-            bundle: req.bundle.clone(),
-            dir: dir.to_path_buf(),
-            sandbox,
-            processes: std::sync::Mutex::new(HashMap::new()),
-        });
-        let made = self.create_container(&task, req, &mut spec, &file_mounts).await;
-        if let Err(err) = made {
-            task.sandbox.stop().await;
-            return Err(err);
-        }
-        Ok(task)
-    }
-
-    async fn create_container(
-        &self,
-        task: &Arc<Task>,
-        req: &CreateTaskRequest,
-        spec: &mut serde_json::Value,
+        container: &Arc<Container>,
+        mut spec: oci_spec::runtime::Spec,
         file_mounts: &[usize],
-    ) -> TtrpcResult<()> {
-        let agent = &task.sandbox.agent;
+    ) -> Result<(), Error> {
+        let agent = &container.sandbox.agent;
         if let Err(err) = agent.sync_clock().await {
             warn!("cannot set the guest clock: {}", error_chain(&err));
         }
-        let hostname = guest_hostname(spec, &req.id);
-        agent.create_sandbox(&req.id, &hostname).await.map_err(|err| agent_status(&err))?;
-        copy_file_mounts(agent, &req.id, spec, file_mounts).await?;
-        let guest_rootfs = format!("{GUEST_ROOTFS_DIR}/{}", req.id);
+        let hostname = spec::guest_hostname(&spec, &container.id);
+        agent.create_sandbox(&container.id, &hostname).await?;
+        copy_file_mounts(agent, &container.id, &mut spec, file_mounts).await?;
+        let guest_rootfs = format!("{GUEST_ROOTFS_DIR}/{}", container.id);
         let mut storage = Storage::new();
         storage.serial = ROOTFS_SERIAL.into();
         storage.fstype = "ext4".into();
         storage.mount_point = guest_rootfs.clone();
         storage.read_only = true;
         let mut request = CreateContainerRequest::new();
-        request.container_id = req.id.clone();
-        request.oci_spec_json = spec.to_string();
+        request.container_id = container.id.clone();
+        request.oci_spec_json = spec::to_json(&spec)?;
         request.rootfs = guest_rootfs;
         request.storages = vec![storage];
         request.rootfs_overlay = true;
-        agent.create_container(&request).await.map_err(|err| agent_status(&err))?;
-
-        let stdio = StdioUris {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-        };
-        let init = Process::new("", stdio, String::new());
-        self.connect_stdio(task, &init).await?;
-        if let Ok(mut processes) = task.processes.lock() {
-            processes.insert(String::new(), init);
-        }
-        tokio::spawn(forward_oom_events(self.clone(), task.sandbox.agent.clone(), task.sandbox.gone()));
-        Ok(())
+        agent.create_container(&request).await?;
+        let init = container.init()?;
+        self.connect_stdio(container, &init).await
     }
 
     /// Opens containerd's stdio for the process and starts the relays.
-    async fn connect_stdio(&self, task: &Task, process: &Process) -> TtrpcResult<()> {
-        let io_err = |err: stdio::Error| status(ttrpc::Code::INVALID_ARGUMENT, error_chain(&err));
-        let io = task.io(&process.exec_id);
+    async fn connect_stdio(&self, container: &Container, process: &Process) -> Result<(), Error> {
+        let io = container.io(&process.exec_id);
         let mut outputs = Vec::new();
         if let stdio::Endpoint::Binary { path, args } =
-            stdio::parse_endpoint("stdout", &process.stdio.stdout).map_err(io_err)?
+            stdio::parse_endpoint("stdout", &process.stdio.stdout)?
         {
             // One logging binary takes both streams, as with containerd's own shims.
-            let logger =
-                stdio::start_binary_logger(&path, &args, &task.id, &self.namespace).await.map_err(io_err)?;
+            let logger = stdio::start_binary_logger(&path, &args, &container.id, &self.namespace).await?;
             outputs.push(tokio::spawn(stdio::relay_output(io.clone(), false, logger.stdout)));
             outputs.push(tokio::spawn(stdio::relay_output(io.clone(), true, logger.stderr)));
             let mut child = logger.child;
@@ -439,332 +395,127 @@ impl TaskService {
                 let _ = child.wait().await;
             });
         } else {
-            if let Some(sink) = stdio::open_output("stdout", &process.stdio.stdout).await.map_err(io_err)? {
+            if let Some(sink) = stdio::open_output("stdout", &process.stdio.stdout).await? {
                 outputs.push(tokio::spawn(stdio::relay_output(io.clone(), false, sink)));
             }
             if !process.stdio.terminal {
-                if let Some(sink) =
-                    stdio::open_output("stderr", &process.stdio.stderr).await.map_err(io_err)?
-                {
+                if let Some(sink) = stdio::open_output("stderr", &process.stdio.stderr).await? {
                     outputs.push(tokio::spawn(stdio::relay_output(io.clone(), true, sink)));
                 }
             }
         }
-        if let Some(source) = stdio::open_input(&process.stdio.stdin).map_err(io_err)? {
+        if let Some(source) = stdio::open_input(&process.stdio.stdin)? {
             tokio::spawn(stdio::relay_input(io, source, process.close_stdin.clone()));
         }
-        process.outputs.lock().await.extend(outputs);
+        process.add_outputs(outputs).await;
         Ok(())
     }
 
-    /// Waits for the process to exit (or its VM to go), lets its output drain, then records the
-    /// exit and tells containerd.
-    fn watch_exit(&self, task: Arc<Task>, process: Arc<Process>) {
-        let service = self.clone();
+    /// Waits for the process to exit (or its VM to go), lets its output drain for a bounded time,
+    /// then records the exit and tells containerd. An exit the host recorded first (a SIGKILL the
+    /// guest ignored) stands.
+    fn watch_exit(&self, container: Arc<Container>, process: Arc<Process>) {
+        let events = self.events.clone();
         tokio::spawn(async move {
-            let mut gone = task.sandbox.gone();
-            let exit_status = tokio::select! {
-                waited = task.sandbox.agent.wait_process(&task.id, &process.exec_id) => match waited {
+            let sandbox = &container.sandbox;
+            let mut gone = sandbox.gone();
+            let status = tokio::select! {
+                waited = sandbox.agent.wait_process(&container.id, &process.exec_id) => match waited {
                     Ok(code) => u32::try_from(code).unwrap_or(VM_GONE_EXIT_STATUS),
                     Err(err) => {
-                        error!("waiting for {}/{}: {}", task.id, process.exec_id, error_chain(&err));
-                        VM_GONE_EXIT_STATUS
+                        error!("waiting for {}/{}: {}", container.id, process.exec_id, error_chain(&err));
+                        sandbox.gone_exit_status()
                     }
                 },
                 _ = gone.wait_for(|gone| *gone) => {
-                    error!("task {} process {:?} ends: its VM is gone", task.id, process.exec_id);
-                    VM_GONE_EXIT_STATUS
+                    error!("task {} process {:?} ends: its VM is gone", container.id, process.exec_id);
+                    sandbox.gone_exit_status()
                 }
+                _ = process.wait() => return,
             };
-            let outputs: Vec<_> = process.outputs.lock().await.drain(..).collect();
-            for output in outputs {
-                let _ = output.await;
+            process.drain_outputs(DRAIN_DEADLINE).await;
+            if let Some(exit) = process.record_exit(status) {
+                publish_exit(&events, &container, &process, &exit);
             }
-            let exit = Exit { status: exit_status, at: Timestamp::now() };
-            process.exit.send_replace(Some(exit.clone()));
-            let id = if process.exec_id.is_empty() { task.id.clone() } else { process.exec_id.clone() };
-            let event = TaskExit {
-                container_id: task.id.clone(),
-                id,
-                pid: task.visible_pid(&process),
-                exit_status,
-                exited_at: MessageField::some(exit.at),
-                ..Default::default()
-            };
-            service.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(event)).await;
         });
     }
 
-    async fn delete_init(&self, task: Arc<Task>) -> TtrpcResult<DeleteResponse> {
-        let init = task.process("")?;
-        if matches!(init.status(), Status::RUNNING | Status::PAUSED) {
-            return Err(status(
-                ttrpc::Code::FAILED_PRECONDITION,
-                format!("task {} is still running: kill it first", task.id),
-            ));
+    /// After a SIGKILL, the host makes sure: a process whose exit the guest has not reported within
+    /// KILL_GRACE is ended by the host, the init process by stopping the whole VM.
+    fn enforce_kill(&self, container: Arc<Container>, process: Arc<Process>) {
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            if tokio::time::timeout(KILL_GRACE, process.wait()).await.is_ok() {
+                return;
+            }
+            if process.is_init() {
+                container.sandbox.kill().await;
+            } else if let Some(exit) = process.record_exit(sandbox::KILLED_EXIT_STATUS) {
+                warn!(
+                    "exec {:?} of {} did not end after SIGKILL: reported as killed",
+                    process.exec_id, container.id
+                );
+                publish_exit(&events, &container, &process, &exit);
+            }
+        });
+    }
+
+    async fn delete_init(&self, container: Arc<Container>) -> Result<DeleteResponse, Error> {
+        let init = container.init()?;
+        if init.is_running() {
+            return Err(Error::StillRunning(format!("task {}", container.id)));
         }
-        if !task.sandbox.is_gone() {
-            if let Err(err) = task.sandbox.agent.remove_container(&task.id).await {
-                warn!("removing container {} in the guest: {}", task.id, error_chain(&err));
+        let sandbox = &container.sandbox;
+        if !sandbox.is_gone() {
+            match tokio::time::timeout(REMOVE_TIMEOUT, sandbox.agent.remove_container(&container.id)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    warn!("removing container {} in the guest: {}", container.id, error_chain(&err))
+                }
+                Err(_) => {
+                    warn!("removing container {} in the guest: no answer in {REMOVE_TIMEOUT:?}", container.id)
+                }
             }
         }
-        task.sandbox.stop().await;
-        clean_up_task_dir(&task.dir);
-        *self.task.lock().await = None;
+        sandbox.teardown().await;
+        self.tasks.remove(&container.id);
         let exit = init.exited().unwrap_or(Exit { status: 137, at: Timestamp::now() });
         let event = TaskDelete {
-            container_id: task.id.clone(),
-            id: task.id.clone(),
-            pid: task.host_pid(),
+            container_id: container.id.clone(),
+            id: container.id.clone(),
+            pid: container.host_pid(),
             exit_status: exit.status,
             exited_at: MessageField::some(exit.at.clone()),
             ..Default::default()
         };
-        self.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(event)).await;
-        info!("task {} deleted; its VM is stopped", task.id);
+        self.events.send(topics::TASK_DELETE_EVENT_TOPIC, Box::new(event));
+        info!("task {} deleted; its VM is stopped", container.id);
         Ok(DeleteResponse {
-            pid: task.host_pid(),
+            pid: container.host_pid(),
             exit_status: exit.status,
             exited_at: MessageField::some(exit.at),
             ..Default::default()
         })
     }
-}
 
-/// Passes the guest's OOM kills on as TaskOOM until the VM goes.
-async fn forward_oom_events(service: TaskService, agent: AgentClient, mut gone: watch::Receiver<bool>) {
-    loop {
-        let container_id = tokio::select! {
-            event = agent.get_oom_event() => match event {
-                Ok(id) => id,
-                Err(_) => return,
-            },
-            _ = gone.wait_for(|gone| *gone) => return,
-        };
-        service
-            .publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(TaskOOM { container_id, ..Default::default() }))
-            .await;
-    }
-}
-
-/// `config_path` (field 2) of a runtimeoptions.v1.Options message, which containerd-shim-protos
-/// does not carry.
-pub fn runtime_options_config_path(bytes: &[u8]) -> Result<String, containerd_shim::protos::protobuf::Error> {
-    use containerd_shim::protos::protobuf::rt::WireType;
-    let mut input = CodedInputStream::from_bytes(bytes);
-    let mut config_path = String::new();
-    while let Some(tag) = input.read_raw_tag_or_eof()? {
-        let wire_type = WireType::new(tag & 7).ok_or_else(|| {
-            containerd_shim::protos::protobuf::Error::from(std::io::Error::other(format!(
-                "bad wire type in tag {tag}"
-            )))
-        })?;
-        if tag >> 3 == 2 && wire_type == WireType::LengthDelimited {
-            config_path = input.read_string()?;
-        } else {
-            input.skip_field(wire_type)?;
-        }
-    }
-    Ok(config_path)
-}
-
-fn read_spec(bundle: &Path) -> TtrpcResult<serde_json::Value> {
-    let path = bundle.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|err| {
-        status(ttrpc::Code::INVALID_ARGUMENT, format!("cannot read {}: {err}", path.display()))
-    })?;
-    let spec: serde_json::Value = serde_json::from_str(&text).map_err(|err| {
-        status(ttrpc::Code::INVALID_ARGUMENT, format!("{} is not valid JSON: {err}", path.display()))
-    })?;
-    if !spec.is_object() {
-        return Err(status(
-            ttrpc::Code::INVALID_ARGUMENT,
-            format!("{} is not an OCI spec object", path.display()),
-        ));
-    }
-    Ok(spec)
-}
-
-/// The spec's hostname, else the task id where that is a valid host name (as Docker names
-/// containers), else "ironclad".
-fn guest_hostname(spec: &serde_json::Value, id: &str) -> String {
-    if let Some(hostname) = spec.get("hostname").and_then(|h| h.as_str()).filter(|h| !h.is_empty()) {
-        return hostname.to_string();
-    }
-    let valid = !id.is_empty()
-        && id.len() <= 63
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        && !id.starts_with('-')
-        && !id.ends_with('-');
-    if valid {
-        id.to_string()
-    } else {
-        "ironclad".to_string()
-    }
-}
-
-fn spec_annotations(spec: &serde_json::Value) -> HashMap<String, String> {
-    spec.get("annotations")
-        .and_then(|a| a.as_object())
-        .map(|a| a.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
-        .unwrap_or_default()
-}
-
-/// The indexes of the spec's bind mounts of host files, which are copied into the guest. A bind
-/// mount of a host directory cannot be honoured (there is no shared file system yet).
-fn host_file_mounts(spec: &serde_json::Value) -> TtrpcResult<Vec<usize>> {
-    let Some(mounts) = spec.get("mounts").and_then(|m| m.as_array()) else { return Ok(Vec::new()) };
-    let mut files = Vec::new();
-    for (index, mount) in mounts.iter().enumerate() {
-        let is_bind = mount.get("type").and_then(|t| t.as_str()) == Some("bind")
-            || mount
-                .get("options")
-                .and_then(|o| o.as_array())
-                .is_some_and(|o| o.iter().any(|v| v == "bind" || v == "rbind"));
-        if !is_bind {
-            continue;
-        }
-        let source = mount.get("source").and_then(|s| s.as_str()).unwrap_or_default();
-        let destination = mount.get("destination").and_then(|s| s.as_str()).unwrap_or_default();
-        match std::fs::metadata(source) {
-            Ok(meta) if meta.is_file() => files.push(index),
-            Ok(meta) if meta.is_dir() => {
-                return Err(status(
-                    ttrpc::Code::INVALID_ARGUMENT,
-                    format!(
-                        "bind mount of host directory {source} on {destination} is not supported: \
-                         ironclad has no shared file system between host and guest"
-                    ),
-                ))
-            }
-            Ok(_) => {
-                return Err(status(
-                    ttrpc::Code::INVALID_ARGUMENT,
-                    format!("bind mount source {source} on {destination} is neither a file nor a directory"),
-                ))
-            }
-            Err(err) => {
-                return Err(status(
-                    ttrpc::Code::INVALID_ARGUMENT,
-                    format!("bind mount source {source}: {err}"),
-                ))
-            }
-        }
-    }
-    Ok(files)
-}
-
-/// Copies each bind-mounted host file into the guest and points its mount there.
-async fn copy_file_mounts(
-    agent: &AgentClient,
-    container_id: &str,
-    spec: &mut serde_json::Value,
-    indexes: &[usize],
-) -> TtrpcResult<()> {
-    use std::os::unix::fs::MetadataExt;
-    let Some(mounts) = spec.get_mut("mounts").and_then(|m| m.as_array_mut()) else { return Ok(()) };
-    for &index in indexes {
-        let Some(mount) = mounts.get_mut(index) else { continue };
-        let source = mount.get("source").and_then(|s| s.as_str()).unwrap_or_default().to_string();
-        let read = std::fs::read(&source).and_then(|data| Ok((data, std::fs::metadata(&source)?)));
-        let (data, meta) = read
-            .map_err(|err| status(ttrpc::Code::INVALID_ARGUMENT, format!("cannot read {source}: {err}")))?;
-        let name =
-            Path::new(&source).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let mut request = CopyFileRequest::new();
-        request.path = format!("{container_id}/{index}-{name}");
-        request.data = data;
-        request.mode = meta.mode() & 0o7777;
-        request.uid = meta.uid();
-        request.gid = meta.gid();
-        let guest_path = agent.copy_file(&request).await.map_err(|err| agent_status(&err))?;
-        mount["source"] = serde_json::Value::String(guest_path);
-    }
-    Ok(())
-}
-
-fn stats_to_metrics(
-    stats: &ironclad_protocol::agent::StatsContainerResponse,
-) -> containerd_shim::protos::cgroups_v2::metrics::Metrics {
-    use containerd_shim::protos::cgroups_v2::metrics::{
-        CPUStat, IOEntry, IOStat, MemoryEvents, MemoryStat, Metrics, PidsStat,
-    };
-    let mut metrics = Metrics::new();
-    if let Some(p) = stats.pids.as_ref() {
-        metrics.pids =
-            MessageField::some(PidsStat { current: p.current, limit: p.limit, ..Default::default() });
-    }
-    if let Some(c) = stats.cpu.as_ref() {
-        metrics.cpu = MessageField::some(CPUStat {
-            usage_usec: c.usage_usec,
-            user_usec: c.user_usec,
-            system_usec: c.system_usec,
-            nr_periods: c.nr_periods,
-            nr_throttled: c.nr_throttled,
-            throttled_usec: c.throttled_usec,
-            ..Default::default()
+    async fn create(&self, req: &CreateTaskRequest) -> Result<CreateTaskResponse, Error> {
+        let _creating = self.creating.lock().await;
+        self.tasks.check_room()?;
+        let container = self.create_container(req).await?;
+        info!(
+            "task {} created in a {} VM (pid {})",
+            container.id,
+            container.sandbox.backend,
+            container.host_pid()
+        );
+        self.tasks.insert(container.clone());
+        let tasks = self.tasks.clone();
+        let (agent, gone, events) =
+            (container.sandbox.agent.clone(), container.sandbox.gone(), self.events.clone());
+        tokio::spawn(async move {
+            events::forward_oom_events(&agent, move |id| tasks.owns(id), events, gone).await;
         });
-    }
-    if let Some(m) = stats.memory.as_ref() {
-        metrics.memory = MessageField::some(MemoryStat {
-            usage: m.usage,
-            usage_limit: m.usage_limit,
-            anon: m.anon,
-            file: m.file,
-            kernel_stack: m.kernel_stack,
-            slab: m.slab,
-            sock: m.sock,
-            shmem: m.shmem,
-            file_mapped: m.file_mapped,
-            file_dirty: m.file_dirty,
-            file_writeback: m.file_writeback,
-            pgfault: m.pgfault,
-            pgmajfault: m.pgmajfault,
-            ..Default::default()
-        });
-    }
-    if let Some(e) = stats.memory_events.as_ref() {
-        metrics.memory_events = MessageField::some(MemoryEvents {
-            low: e.low,
-            high: e.high,
-            max: e.max,
-            oom: e.oom,
-            oom_kill: e.oom_kill,
-            ..Default::default()
-        });
-    }
-    let usage = stats
-        .io
-        .iter()
-        .map(|e| IOEntry {
-            major: e.major,
-            minor: e.minor,
-            rbytes: e.rbytes,
-            wbytes: e.wbytes,
-            rios: e.rios,
-            wios: e.wios,
-            ..Default::default()
-        })
-        .collect();
-    metrics.io = MessageField::some(IOStat { usage, ..Default::default() });
-    metrics
-}
-
-#[async_trait]
-impl containerd_shim::Task for TaskService {
-    async fn create(&self, _ctx: &TtrpcContext, req: CreateTaskRequest) -> TtrpcResult<CreateTaskResponse> {
-        let mut slot = self.task.lock().await;
-        if let Some(existing) = slot.as_ref() {
-            return Err(status(
-                ttrpc::Code::FAILED_PRECONDITION,
-                format!("this shim already runs task {}: ironclad runs one task per microVM", existing.id),
-            ));
-        }
-        let task = self.create_task(&req).await?;
-        info!("task {} created in a {} VM (pid {})", task.id, task.sandbox.backend, task.host_pid());
-        let pid = task.host_pid();
-        *slot = Some(task);
-        drop(slot);
+        let pid = container.host_pid();
         let event = TaskCreate {
             container_id: req.id.clone(),
             bundle: req.bundle.clone(),
@@ -779,59 +530,230 @@ impl containerd_shim::Task for TaskService {
             pid,
             ..Default::default()
         };
-        self.publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(event)).await;
+        self.events.send(topics::TASK_CREATE_EVENT_TOPIC, Box::new(event));
         Ok(CreateTaskResponse { pid, ..Default::default() })
     }
 
-    async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> TtrpcResult<StartResponse> {
-        let task = self.task(&req.id).await?;
-        let process = task.process(&req.exec_id)?;
+    async fn start(&self, req: &StartRequest) -> Result<StartResponse, Error> {
+        let container = self.tasks.get(&req.id)?;
+        let process = container.process(&req.exec_id)?;
         if process.status() != Status::CREATED {
-            return Err(status(
-                ttrpc::Code::FAILED_PRECONDITION,
-                format!("process {:?} was already started", req.exec_id),
-            ));
+            return Err(Error::AlreadyStarted(req.exec_id.clone()));
         }
-        let agent = &task.sandbox.agent;
-        let guest_pid = if req.exec_id.is_empty() {
-            agent.start_container(&task.id).await.map_err(|err| agent_status(&err))?
+        let agent = &container.sandbox.agent;
+        let guest_pid = if process.is_init() {
+            agent.start_container(&container.id).await?
         } else {
-            let pid = agent
-                .exec_process(&task.id, &req.exec_id, &process.exec_spec)
-                .await
-                .map_err(|err| agent_status(&err))?;
-            self.connect_stdio(&task, &process).await?;
+            let pid = agent.exec_process(&container.id, &req.exec_id, &process.exec_spec).await?;
+            self.connect_stdio(&container, &process).await?;
             pid
         };
-        if let Ok(mut p) = process.pid.lock() {
-            *p = guest_pid;
-        }
+        process.set_pid(guest_pid);
         process.set_status(Status::RUNNING);
-        self.watch_exit(task.clone(), process.clone());
-        let pid = task.visible_pid(&process);
-        if req.exec_id.is_empty() {
-            let event = TaskStart { container_id: task.id.clone(), pid, ..Default::default() };
-            self.publish(topics::TASK_START_EVENT_TOPIC, Box::new(event)).await;
+        let pid = container.visible_pid(&process);
+        // Sent before the exit can be watched for: TaskStart always precedes TaskExit.
+        if process.is_init() {
+            let event = TaskStart { container_id: container.id.clone(), pid, ..Default::default() };
+            self.events.send(topics::TASK_START_EVENT_TOPIC, Box::new(event));
         } else {
             let event = TaskExecStarted {
-                container_id: task.id.clone(),
+                container_id: container.id.clone(),
                 exec_id: req.exec_id.clone(),
                 pid,
                 ..Default::default()
             };
-            self.publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(event)).await;
+            self.events.send(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(event));
         }
+        self.watch_exit(container, process);
         Ok(StartResponse { pid, ..Default::default() })
     }
 
+    async fn kill(&self, req: &KillRequest) -> Result<(), Error> {
+        let container = self.tasks.get(&req.id)?;
+        let process = container.process(&req.exec_id)?;
+        match process.status() {
+            Status::STOPPED => return Err(Error::Finished(req.exec_id.clone())),
+            Status::CREATED => {
+                // Never started: nothing runs in the guest yet, so the signal ends it right here.
+                process.record_exit(128 + req.signal);
+                return Ok(());
+            }
+            _ => {}
+        }
+        let all = req.all && process.is_init();
+        let agent = &container.sandbox.agent;
+        let signalled = tokio::time::timeout(
+            SIGNAL_CALL_TIMEOUT,
+            agent.signal_process(&container.id, &req.exec_id, req.signal, all),
+        )
+        .await;
+        if req.signal == SIGKILL {
+            // Whatever the guest answers, the host sees the kill through.
+            self.enforce_kill(container.clone(), process.clone());
+            match signalled {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => warn!("SIGKILL of {}/{:?}: {}", container.id, req.exec_id, error_chain(&err)),
+                Err(_) => warn!(
+                    "SIGKILL of {}/{:?}: no answer in {SIGNAL_CALL_TIMEOUT:?}",
+                    container.id, req.exec_id
+                ),
+            }
+            return Ok(());
+        }
+        match signalled {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(Error::Agent(agent_client::Error::NoAnswer {
+                call: "Agent.SignalProcess",
+                waited: SIGNAL_CALL_TIMEOUT,
+            })),
+        }
+    }
+
+    async fn delete(&self, req: &DeleteRequest) -> Result<DeleteResponse, Error> {
+        let container = self.tasks.get(&req.id)?;
+        if req.exec_id.is_empty() {
+            return self.delete_init(container).await;
+        }
+        let process = container.process(&req.exec_id)?;
+        if process.is_running() {
+            return Err(Error::StillRunning(format!("exec {:?}", req.exec_id)));
+        }
+        container.remove_exec(&req.exec_id);
+        let exit = process.exited().unwrap_or(Exit { status: 0, at: Timestamp::now() });
+        Ok(DeleteResponse {
+            pid: process.pid(),
+            exit_status: exit.status,
+            exited_at: MessageField::some(exit.at),
+            ..Default::default()
+        })
+    }
+
+    async fn exec(&self, req: &ExecProcessRequest) -> Result<(), Error> {
+        let container = self.tasks.get(&req.id)?;
+        if container.init()?.status() != Status::RUNNING {
+            return Err(Error::NotRunning(container.id.clone()));
+        }
+        let json = req
+            .spec
+            .as_ref()
+            .map(|s| s.value.as_slice())
+            .ok_or_else(|| Error::NoExecSpec(req.exec_id.clone()))?;
+        let exec_spec = spec::exec_process(json)?;
+        let stdio = StdioUris {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        container.add_exec(Process::new(&req.exec_id, stdio, exec_spec))?;
+        let event = TaskExecAdded {
+            container_id: container.id.clone(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        };
+        self.events.send(topics::TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(event));
+        Ok(())
+    }
+
+    async fn set_paused(&self, id: &str, paused: bool) -> Result<(), Error> {
+        let container = self.tasks.get(id)?;
+        container.sandbox.agent.set_paused(&container.id, paused).await?;
+        let init = container.init()?;
+        if paused {
+            init.set_status(Status::PAUSED);
+            let event = TaskPaused { container_id: container.id.clone(), ..Default::default() };
+            self.events.send(topics::TASK_PAUSED_EVENT_TOPIC, Box::new(event));
+        } else {
+            init.set_status(Status::RUNNING);
+            let event = TaskResumed { container_id: container.id.clone(), ..Default::default() };
+            self.events.send(topics::TASK_RESUMED_EVENT_TOPIC, Box::new(event));
+        }
+        Ok(())
+    }
+}
+
+fn stdio_uris(req: &CreateTaskRequest) -> StdioUris {
+    StdioUris {
+        stdin: req.stdin.clone(),
+        stdout: req.stdout.clone(),
+        stderr: req.stderr.clone(),
+        terminal: req.terminal,
+    }
+}
+
+fn publish_exit(events: &Events, container: &Container, process: &Process, exit: &Exit) {
+    let id = if process.is_init() { container.id.clone() } else { process.exec_id.clone() };
+    let event = TaskExit {
+        container_id: container.id.clone(),
+        id,
+        pid: container.visible_pid(process),
+        exit_status: exit.status,
+        exited_at: MessageField::some(exit.at.clone()),
+        ..Default::default()
+    };
+    events.send(topics::TASK_EXIT_EVENT_TOPIC, Box::new(event));
+}
+
+/// The snapshot as a disk image, built (or found in the cache) off the async runtime.
+async fn prepare_rootfs(
+    snapshot: rootfs::Snapshot,
+    config: &ShimConfig,
+    dir: &Path,
+) -> Result<PathBuf, Error> {
+    let (cache, scratch) = (config.image_cache.clone(), dir.to_path_buf());
+    let image = tokio::task::spawn_blocking(move || rootfs::prepare(&snapshot, &cache, &scratch))
+        .await
+        .map_err(Error::Join)??;
+    Ok(image.path)
+}
+
+/// Copies each bind-mounted host file into the guest and points its mount there.
+async fn copy_file_mounts(
+    agent: &AgentClient,
+    container_id: &str,
+    spec: &mut oci_spec::runtime::Spec,
+    indexes: &[usize],
+) -> Result<(), Error> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(mounts) = spec.mounts_mut().as_mut() else { return Ok(()) };
+    for &index in indexes {
+        let Some(mount) = mounts.get_mut(index) else { continue };
+        let host = mount.source().clone().unwrap_or_default();
+        let destination = mount.destination().clone();
+        let read = std::fs::read(&host).and_then(|data| Ok((data, std::fs::metadata(&host)?)));
+        let (data, meta) =
+            read.map_err(|source| spec::Error::BindSource { host: host.clone(), destination, source })?;
+        let name = host.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut request = CopyFileRequest::new();
+        request.path = format!("{container_id}/{index}-{name}");
+        request.data = data;
+        request.mode = meta.mode() & 0o7777;
+        request.uid = meta.uid();
+        request.gid = meta.gid();
+        let guest_path = agent.copy_file(&request).await?;
+        mount.set_source(Some(PathBuf::from(guest_path)));
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl containerd_shim::Task for TaskService {
+    async fn create(&self, _ctx: &TtrpcContext, req: CreateTaskRequest) -> TtrpcResult<CreateTaskResponse> {
+        Ok(TaskService::create(self, &req).await?)
+    }
+
+    async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> TtrpcResult<StartResponse> {
+        Ok(TaskService::start(self, &req).await?)
+    }
+
     async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> TtrpcResult<StateResponse> {
-        let task = self.task(&req.id).await?;
-        let process = task.process(&req.exec_id)?;
+        let container = self.tasks.get(&req.id).map_err(Error::from)?;
+        let process = container.process(&req.exec_id).map_err(Error::from)?;
         let exit = process.exited();
         Ok(StateResponse {
             id: req.id.clone(),
-            bundle: task.bundle.clone(),
-            pid: task.visible_pid(&process),
+            bundle: container.bundle.clone(),
+            pid: container.visible_pid(&process),
             status: process.status().into(),
             stdin: process.stdio.stdin.clone(),
             stdout: process.stdio.stdout.clone(),
@@ -845,15 +767,9 @@ impl containerd_shim::Task for TaskService {
     }
 
     async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> TtrpcResult<WaitResponse> {
-        let task = self.task(&req.id).await?;
-        let process = task.process(&req.exec_id)?;
-        let mut exit = process.exit.subscribe();
-        let exit = exit
-            .wait_for(|e| e.is_some())
-            .await
-            .map(|e| e.clone())
-            .map_err(|_| status(ttrpc::Code::INTERNAL, "the process's exit was lost"))?
-            .ok_or_else(|| status(ttrpc::Code::INTERNAL, "the process's exit was lost"))?;
+        let container = self.tasks.get(&req.id).map_err(Error::from)?;
+        let process = container.process(&req.exec_id).map_err(Error::from)?;
+        let exit = process.wait().await;
         Ok(WaitResponse {
             exit_status: exit.status,
             exited_at: MessageField::some(exit.at),
@@ -862,103 +778,34 @@ impl containerd_shim::Task for TaskService {
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> TtrpcResult<Empty> {
-        let task = self.task(&req.id).await?;
-        let process = task.process(&req.exec_id)?;
-        match process.status() {
-            Status::STOPPED => {
-                return Err(status(
-                    ttrpc::Code::NOT_FOUND,
-                    format!("process {:?} already finished", req.exec_id),
-                ))
-            }
-            Status::CREATED => {
-                // Never started: nothing runs in the guest yet, so the signal ends it right here.
-                process.exit.send_replace(Some(Exit { status: 128 + req.signal, at: Timestamp::now() }));
-                return Ok(Empty::new());
-            }
-            _ => {}
-        }
-        let all = req.all && req.exec_id.is_empty();
-        task.sandbox
-            .agent
-            .signal_process(&task.id, &req.exec_id, req.signal, all)
-            .await
-            .map_err(|err| agent_status(&err))?;
+        TaskService::kill(self, &req).await?;
         Ok(Empty::new())
     }
 
     async fn delete(&self, _ctx: &TtrpcContext, req: DeleteRequest) -> TtrpcResult<DeleteResponse> {
-        let task = self.task(&req.id).await?;
-        if req.exec_id.is_empty() {
-            return self.delete_init(task).await;
-        }
-        let process = task.process(&req.exec_id)?;
-        if matches!(process.status(), Status::RUNNING | Status::PAUSED) {
-            return Err(status(
-                ttrpc::Code::FAILED_PRECONDITION,
-                format!("exec {:?} is still running", req.exec_id),
-            ));
-        }
-        if let Ok(mut processes) = task.processes.lock() {
-            processes.remove(&req.exec_id);
-        }
-        let exit = process.exited().unwrap_or(Exit { status: 0, at: Timestamp::now() });
-        Ok(DeleteResponse {
-            pid: process.pid(),
-            exit_status: exit.status,
-            exited_at: MessageField::some(exit.at),
-            ..Default::default()
-        })
+        Ok(TaskService::delete(self, &req).await?)
     }
 
     async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> TtrpcResult<Empty> {
-        let task = self.task(&req.id).await?;
-        if task.process("")?.status() != Status::RUNNING {
-            return Err(status(ttrpc::Code::FAILED_PRECONDITION, format!("task {} is not running", task.id)));
-        }
-        let spec = req.spec.as_ref().map(|s| s.value.clone()).unwrap_or_default();
-        let spec = String::from_utf8(spec)
-            .map_err(|_| status(ttrpc::Code::INVALID_ARGUMENT, "the exec process spec is not UTF-8 JSON"))?;
-        let stdio = StdioUris {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-        };
-        {
-            let mut processes =
-                task.processes.lock().map_err(|_| status(ttrpc::Code::INTERNAL, "process table poisoned"))?;
-            if processes.contains_key(&req.exec_id) {
-                return Err(status(
-                    ttrpc::Code::ALREADY_EXISTS,
-                    format!("exec {:?} already exists", req.exec_id),
-                ));
-            }
-            processes.insert(req.exec_id.clone(), Process::new(&req.exec_id, stdio, spec));
-        }
-        let event = TaskExecAdded {
-            container_id: task.id.clone(),
-            exec_id: req.exec_id.clone(),
-            ..Default::default()
-        };
-        self.publish(topics::TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(event)).await;
+        TaskService::exec(self, &req).await?;
         Ok(Empty::new())
     }
 
     async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
-        let task = self.task(&req.id).await?;
-        task.process(&req.exec_id)?;
-        task.sandbox
+        let container = self.tasks.get(&req.id).map_err(Error::from)?;
+        container.process(&req.exec_id).map_err(Error::from)?;
+        container
+            .sandbox
             .agent
-            .resize_terminal(&task.id, &req.exec_id, req.height, req.width)
+            .resize_terminal(&container.id, &req.exec_id, req.height, req.width)
             .await
-            .map_err(|err| agent_status(&err))?;
+            .map_err(Error::from)?;
         Ok(Empty::new())
     }
 
     async fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> TtrpcResult<Empty> {
-        let task = self.task(&req.id).await?;
-        let process = task.process(&req.exec_id)?;
+        let container = self.tasks.get(&req.id).map_err(Error::from)?;
+        let process = container.process(&req.exec_id).map_err(Error::from)?;
         if req.stdin {
             process.close_stdin.notify_one();
         }
@@ -966,54 +813,35 @@ impl containerd_shim::Task for TaskService {
     }
 
     async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> TtrpcResult<PidsResponse> {
-        let task = self.task(&req.id).await?;
-        let pids = task.sandbox.agent.list_processes(&task.id).await.map_err(|err| agent_status(&err))?;
+        let container = self.tasks.get(&req.id).map_err(Error::from)?;
+        let pids = container.sandbox.agent.list_processes(&container.id).await.map_err(Error::from)?;
         let processes = pids.into_iter().map(|pid| ProcessInfo { pid, ..Default::default() }).collect();
         Ok(PidsResponse { processes, ..Default::default() })
     }
 
     async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
-        let task = self.task(&req.id).await?;
-        let stats = task.sandbox.agent.stats_container(&task.id).await.map_err(|err| agent_status(&err))?;
-        let value = containerd_shim::protos::protobuf::Message::write_to_bytes(&stats_to_metrics(&stats))
-            .map_err(|err| status(ttrpc::Code::INTERNAL, err.to_string()))?;
-        let any = Any { type_url: METRICS_TYPE.into(), value, ..Default::default() };
+        let container = self.tasks.get(&req.id).map_err(Error::from)?;
+        let stats = container.sandbox.agent.stats_container(&container.id).await.map_err(Error::from)?;
+        let value = metrics::from_agent_stats(&stats).write_to_bytes().map_err(Error::Metrics)?;
+        let any = Any { type_url: metrics::METRICS_TYPE.into(), value, ..Default::default() };
         Ok(StatsResponse { stats: MessageField::some(any), ..Default::default() })
     }
 
     async fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> TtrpcResult<Empty> {
-        let task = self.task(&req.id).await?;
-        let resources = req
-            .resources
-            .as_ref()
-            .ok_or_else(|| status(ttrpc::Code::INVALID_ARGUMENT, "update without resources"))?;
-        let json = std::str::from_utf8(&resources.value)
-            .map_err(|_| status(ttrpc::Code::INVALID_ARGUMENT, "resources are not JSON (LinuxResources)"))?;
-        task.sandbox.agent.update_container(&task.id, json).await.map_err(|err| agent_status(&err))?;
+        let container = self.tasks.get(&req.id).map_err(Error::from)?;
+        let resources = req.resources.as_ref().ok_or(Error::NoResources)?;
+        let json = std::str::from_utf8(&resources.value).map_err(|_| Error::ResourcesNotJson)?;
+        container.sandbox.agent.update_container(&container.id, json).await.map_err(Error::from)?;
         Ok(Empty::new())
     }
 
     async fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> TtrpcResult<Empty> {
-        let task = self.task(&req.id).await?;
-        task.sandbox.agent.set_paused(&task.id, true).await.map_err(|err| agent_status(&err))?;
-        task.process("")?.set_status(Status::PAUSED);
-        self.publish(
-            topics::TASK_PAUSED_EVENT_TOPIC,
-            Box::new(TaskPaused { container_id: task.id.clone(), ..Default::default() }),
-        )
-        .await;
+        self.set_paused(&req.id, true).await?;
         Ok(Empty::new())
     }
 
     async fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> TtrpcResult<Empty> {
-        let task = self.task(&req.id).await?;
-        task.sandbox.agent.set_paused(&task.id, false).await.map_err(|err| agent_status(&err))?;
-        task.process("")?.set_status(Status::RUNNING);
-        self.publish(
-            topics::TASK_RESUMED_EVENT_TOPIC,
-            Box::new(TaskResumed { container_id: task.id.clone(), ..Default::default() }),
-        )
-        .await;
+        self.set_paused(&req.id, false).await?;
         Ok(Empty::new())
     }
 
@@ -1022,17 +850,11 @@ impl containerd_shim::Task for TaskService {
         _ctx: &TtrpcContext,
         _req: containerd_shim::api::CheckpointTaskRequest,
     ) -> TtrpcResult<Empty> {
-        Err(status(
-            ttrpc::Code::UNIMPLEMENTED,
-            "checkpointing a task of a microVM is not supported by ironclad",
-        ))
+        Err(Error::Checkpoint.into())
     }
 
     async fn connect(&self, _ctx: &TtrpcContext, req: ConnectRequest) -> TtrpcResult<ConnectResponse> {
-        let task_pid = match self.task.lock().await.as_ref() {
-            Some(task) if task.id == req.id => task.host_pid(),
-            _ => 0,
-        };
+        let task_pid = self.tasks.get(&req.id).map(|c| c.host_pid()).unwrap_or(0);
         Ok(ConnectResponse {
             shim_pid: std::process::id(),
             task_pid,
@@ -1042,7 +864,7 @@ impl containerd_shim::Task for TaskService {
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> TtrpcResult<Empty> {
-        if self.task.lock().await.is_none() {
+        if self.tasks.is_empty() {
             self.exit.signal();
         }
         Ok(Empty::new())
@@ -1050,59 +872,4 @@ impl containerd_shim::Task for TaskService {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn runtime_options_give_their_config_path() {
-        // runtimeoptions.v1.Options{type_url = "x", config_path = "/etc/ironclad/alt.toml"}
-        let mut bytes = vec![0x0a, 1, b'x', 0x12, 22];
-        bytes.extend_from_slice(b"/etc/ironclad/alt.toml");
-        assert_eq!(runtime_options_config_path(&bytes).unwrap(), "/etc/ironclad/alt.toml");
-        assert_eq!(runtime_options_config_path(&[]).unwrap(), "");
-        assert!(runtime_options_config_path(&[0x12, 50, b'a']).is_err());
-    }
-
-    #[test]
-    fn host_files_are_copied_and_host_directories_refused_by_name() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("resolv.conf");
-        std::fs::write(&file, "nameserver 10.0.0.1\n").unwrap();
-        let spec = serde_json::json!({"mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/etc/resolv.conf", "type": "bind", "source": file, "options": ["rbind", "ro"]},
-        ]});
-        assert_eq!(host_file_mounts(&spec).unwrap(), vec![1]);
-        let spec = serde_json::json!({"mounts": [
-            {"destination": "/data", "type": "bind", "source": dir.path(), "options": ["rbind"]},
-        ]});
-        let err = host_file_mounts(&spec).unwrap_err().to_string();
-        assert!(err.contains(&dir.path().display().to_string()) && err.contains("/data"), "{err}");
-    }
-
-    #[test]
-    fn the_guest_is_named_by_the_spec_else_by_a_usable_task_id() {
-        assert_eq!(guest_hostname(&serde_json::json!({"hostname": "web"}), "t1"), "web");
-        assert_eq!(guest_hostname(&serde_json::json!({}), "t1"), "t1");
-        assert_eq!(guest_hostname(&serde_json::json!({"hostname": ""}), "a_b"), "ironclad");
-        assert_eq!(guest_hostname(&serde_json::json!({}), &"x".repeat(64)), "ironclad");
-    }
-
-    #[test]
-    fn metrics_carry_the_agents_figures() {
-        let mut stats = ironclad_protocol::agent::StatsContainerResponse::new();
-        stats.memory = MessageField::some(ironclad_protocol::agent::MemoryStat {
-            usage: 7,
-            usage_limit: 32 << 20,
-            ..Default::default()
-        });
-        stats.pids = MessageField::some(ironclad_protocol::agent::PidsStat {
-            current: 3,
-            limit: 10,
-            ..Default::default()
-        });
-        let metrics = stats_to_metrics(&stats);
-        assert_eq!(metrics.memory.usage_limit, 32 << 20);
-        assert_eq!((metrics.pids.current, metrics.pids.limit), (3, 10));
-    }
-}
+mod tests;

@@ -4,6 +4,7 @@
 //! hardware virtualization); the `ironclad` backend (ironclad-vmm) joins it behind one trait in the
 //! shim issue.
 
+pub mod console;
 pub mod ironclad;
 pub mod process;
 pub mod qemu;
@@ -55,18 +56,29 @@ pub struct ReadyLine {
     pub uptime_ms: u64,
 }
 
+/// The longest agent version accepted on the ready line.
+const MAX_VERSION_LEN: usize = 64;
+
+/// The ready line's fields. The guest wrote it: a version that is not a plain semver-like word
+/// (letters, digits, `.`, `+`, `-`; at most 64 bytes) makes it no ready line at all.
 pub fn parse_ready_line(line: &str) -> Option<ReadyLine> {
     let rest = line.trim_end().strip_prefix("ironclad-agent ready ")?;
     let mut version = None;
     let mut uptime_ms = None;
     for field in rest.split_whitespace() {
         match field.split_once('=') {
-            Some(("version", v)) => version = Some(v.to_string()),
+            Some(("version", v)) if is_plain_version(v) => version = Some(v.to_string()),
             Some(("uptime_ms", v)) => uptime_ms = v.parse().ok(),
             _ => {}
         }
     }
     Some(ReadyLine { version: version?, uptime_ms: uptime_ms? })
+}
+
+fn is_plain_version(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= MAX_VERSION_LEN
+        && text.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'+' | b'-'))
 }
 
 /// What the host offers for running guests.
@@ -197,7 +209,9 @@ impl Backend {
     }
 }
 
-/// "outer: inner: innermost".
+/// "outer: inner: innermost", escaped and cut (see [`crate::guest_text`]): errors carry what the
+/// guest said (agent messages, console lines), and this is where they become text for a log line
+/// or for containerd.
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
@@ -206,7 +220,7 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
         text.push_str(&cause.to_string());
         source = cause.source();
     }
-    text
+    crate::guest_text::escape(&text, 4 * crate::guest_text::MAX_LEN)
 }
 
 #[cfg(test)]
@@ -230,6 +244,25 @@ mod tests {
         assert_eq!(parse_ready_line("ironclad-agent ready version=0.1.0"), None);
         assert_eq!(parse_ready_line("[    0.1] ironclad-agent ready version=1 uptime_ms=2"), None);
         assert_eq!(parse_ready_line("ironclad-agent ready version=1 uptime_ms=x"), None);
+    }
+
+    #[test]
+    fn a_ready_line_with_a_forged_version_is_no_ready_line() {
+        for version in ["\"0.1.0\"", "0.1.0\u{1b}[2J", &"9".repeat(65), "a=b", ""] {
+            let line = format!("ironclad-agent ready version={version} uptime_ms=5");
+            assert_eq!(parse_ready_line(&line), None, "{version:?}");
+        }
+        assert!(parse_ready_line("ironclad-agent ready version=1.2.3-rc.1+build.5 uptime_ms=5").is_some());
+    }
+
+    #[test]
+    fn error_chains_are_escaped_and_cut() {
+        let forged =
+            std::io::Error::other(format!("denied\nlevel=info msg=\"forged\"{}", "x".repeat(100_000)));
+        let text = error_chain(&forged);
+        assert!(!text.contains('\n'));
+        assert!(text.starts_with(r#"denied\nlevel=info msg=\"forged\""#), "{}", &text[..40]);
+        assert!(text.len() < 4 * crate::guest_text::MAX_LEN + 64);
     }
 
     #[test]

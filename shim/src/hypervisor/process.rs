@@ -8,14 +8,15 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 use tracing::warn;
 
-use super::{parse_ready_line, ReadyLine};
+use super::console::Console;
+use super::ReadyLine;
 
-const CONSOLE_TAIL_LINES: usize = 40;
+/// The most of a helper's stderr kept for error messages (its last bytes).
 const STDERR_LIMIT: usize = 16 * 1024;
 /// How long the monitor may take to exit once its console has closed.
 const CONSOLE_CLOSE_TO_EXIT: Duration = Duration::from_secs(5);
@@ -72,7 +73,10 @@ pub fn require_guest_files(kernel: &Path, initrd: &Path) -> Result<(), Error> {
     Ok(())
 }
 
+/// Creates the sandbox directory, readable by root alone: the console log, the VM description
+/// and the sockets in it are nobody else's business.
 pub fn create_sandbox_dir(dir: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::DirBuilderExt;
     let err = |source| Error::SandboxDir { path: dir.to_path_buf(), source };
     if dir.exists() {
         return Err(err(std::io::Error::new(
@@ -80,7 +84,10 @@ pub fn create_sandbox_dir(dir: &Path) -> Result<(), Error> {
             "a sandbox with this id already exists",
         )));
     }
-    std::fs::create_dir_all(dir).map_err(err)
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent).map_err(err)?;
+    }
+    std::fs::DirBuilder::new().mode(0o700).create(dir).map_err(err)
 }
 
 /// Removes the sandbox directory unless disarmed, so that a failed start leaves nothing behind.
@@ -102,64 +109,24 @@ fn remove_sandbox_dir(dir: &Path) {
     }
 }
 
-pub async fn read_limited<R: AsyncRead + Unpin>(pipe: Option<R>) -> String {
-    let Some(pipe) = pipe else { return String::new() };
-    let mut buf = Vec::new();
-    let _ = pipe.take(u64::try_from(STDERR_LIMIT).unwrap_or(u64::MAX)).read_to_end(&mut buf).await;
-    String::from_utf8_lossy(&buf).trim().to_string()
-}
-
-/// The guest's serial console: logged to a file, its last lines kept for error messages.
-#[derive(Clone, Default)]
-struct Console {
-    tail: Arc<Mutex<VecDeque<String>>>,
-}
-
-impl Console {
-    async fn follow<R: AsyncRead + Unpin>(
-        &self,
-        output: R,
-        log_path: &Path,
-        ready: oneshot::Sender<ReadyLine>,
-    ) {
-        let mut log = match tokio::fs::File::create(log_path).await {
-            Ok(file) => Some(file),
-            Err(err) => {
-                warn!("cannot write the console log {}: {err}", log_path.display());
-                None
+/// Reads a helper's stderr to its end, keeping the last STDERR_LIMIT bytes. Reading on past the
+/// limit matters: a pipe closed early makes the helper's next write fail, and a monitor that
+/// dies of that would be killed by its own guest's chatter.
+pub async fn drain_stderr<R: AsyncRead + Unpin>(pipe: Option<R>) -> String {
+    let Some(mut pipe) = pipe else { return String::new() };
+    let mut kept: VecDeque<u8> = VecDeque::with_capacity(STDERR_LIMIT);
+    let mut buf = [0u8; 4096];
+    loop {
+        match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                kept.extend(&buf[..n]);
+                let excess = kept.len().saturating_sub(STDERR_LIMIT);
+                kept.drain(..excess);
             }
-        };
-        let mut ready = Some(ready);
-        let mut lines = BufReader::new(output).split(b'\n');
-        while let Ok(Some(raw)) = lines.next_segment().await {
-            let line = String::from_utf8_lossy(&raw).trim_end_matches('\r').to_string();
-            if let Some(file) = log.as_mut() {
-                let _ = file.write_all(format!("{line}\n").as_bytes()).await;
-            }
-            if let Some(ready_line) = parse_ready_line(&line) {
-                if let Some(tx) = ready.take() {
-                    let _ = tx.send(ready_line);
-                }
-            }
-            self.remember(line);
-        }
-        if let Some(file) = log.as_mut() {
-            let _ = file.flush().await;
         }
     }
-
-    fn remember(&self, line: String) {
-        if let Ok(mut tail) = self.tail.lock() {
-            if tail.len() == CONSOLE_TAIL_LINES {
-                tail.pop_front();
-            }
-            tail.push_back(line);
-        }
-    }
-
-    fn tail(&self) -> String {
-        self.tail.lock().map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n")).unwrap_or_default()
-    }
+    String::from_utf8_lossy(kept.make_contiguous()).trim().to_string()
 }
 
 /// The agent's ready line and how long after the monitor's start it came.
@@ -228,7 +195,7 @@ impl GuestVm {
             let sink = stderr.clone();
             let pipe = monitor.stderr.take();
             tokio::spawn(async move {
-                let text = read_limited(pipe).await;
+                let text = drain_stderr(pipe).await;
                 if let Ok(mut s) = sink.lock() {
                     *s = text;
                 }
@@ -263,9 +230,14 @@ impl GuestVm {
         std::iter::once(&self.monitor).chain(&self.helpers).filter_map(|c| c.id()).collect()
     }
 
-    /// The last lines the guest printed.
+    /// The last lines the guest printed (as it printed them: escape before logging).
     pub fn console_tail(&self) -> String {
         self.console.tail()
+    }
+
+    /// SIGKILL to the monitor, without waiting: the VM ends now.
+    pub fn kill_monitor(&mut self) {
+        let _ = self.monitor.start_kill();
     }
 
     /// Waits for the agent's ready line; the monitor exiting first or the time running out is an error that
@@ -332,9 +304,9 @@ impl GuestVm {
             Some(status) => status,
             None => {
                 warn!(
-                    "{} did not exit within {grace:?}; killing it. Console tail:\n{}",
+                    "{} did not exit within {grace:?}; killing it. Console tail: {}",
                     self.monitor_name,
-                    self.console.tail()
+                    crate::guest_text::clean(&self.console.tail())
                 );
                 let _ = self.monitor.start_kill();
                 self.monitor.wait().await.map_err(|source| Error::Wait { what: "the VM monitor", source })?
@@ -364,5 +336,45 @@ impl Drop for GuestVm {
         if let Some(dir) = self.sandbox_dir.take() {
             remove_sandbox_dir(&dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_monitor_chatty_on_stderr_is_read_to_the_end_and_its_last_words_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        // 3000 lines (about 60 KiB): a reader that stopped at 16 KiB would make `echo` fail.
+        let script = "i=0; while [ $i -lt 3000 ]; do echo \"stderr line $i\" >&2 || exit 9; i=$((i+1)); done";
+        let mut vm = GuestVm::spawn(
+            "chatty",
+            Path::new("sh"),
+            &["-c".into(), script.into()],
+            dir.path().join("console.log"),
+            dir.path().join("agent.sock"),
+            vec![],
+        )
+        .await
+        .unwrap();
+        let status = vm.wait_exit(Duration::from_secs(30)).await.unwrap().unwrap();
+        assert!(status.success(), "the monitor's stderr writes failed: {status}");
+        for task in vm.tasks.drain(..) {
+            task.await.unwrap();
+        }
+        let kept = vm.stderr.lock().unwrap().clone();
+        assert!(kept.len() <= STDERR_LIMIT);
+        assert!(kept.ends_with("stderr line 2999"), "{}", &kept[kept.len().saturating_sub(40)..]);
+    }
+
+    #[test]
+    fn the_sandbox_directory_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let sandbox = dir.path().join("ns/sb");
+        create_sandbox_dir(&sandbox).unwrap();
+        assert_eq!(std::fs::metadata(&sandbox).unwrap().permissions().mode() & 0o777, 0o700);
+        assert!(matches!(create_sandbox_dir(&sandbox), Err(Error::SandboxDir { .. })));
     }
 }

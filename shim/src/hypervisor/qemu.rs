@@ -13,7 +13,7 @@ use tokio::process::{Child, Command};
 use tracing::info;
 
 use super::process::{
-    create_sandbox_dir, read_limited, require_guest_files, Error, GuestVm, SandboxDirGuard,
+    create_sandbox_dir, drain_stderr, require_guest_files, Error, GuestVm, SandboxDirGuard,
 };
 use super::{find_executable, HostVirtualization, VmConfig};
 use crate::paths::SandboxPaths;
@@ -88,7 +88,7 @@ impl QemuBackend {
             if let Some(status) =
                 child.try_wait().map_err(|source| Error::Wait { what: "vhost-device-vsock", source })?
             {
-                let stderr = read_limited(child.stderr.take()).await;
+                let stderr = drain_stderr(child.stderr.take()).await;
                 return Err(Error::VsockDaemonExited { status, socket, stderr });
             }
             if started.elapsed() > VSOCK_DAEMON_START_TIMEOUT {
@@ -98,6 +98,8 @@ impl QemuBackend {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // Read for as long as it runs: a full pipe would stall it, and with it the guest's vsock.
+        tokio::spawn(drain_stderr(child.stderr.take()));
         Ok(child)
     }
 }

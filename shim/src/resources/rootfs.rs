@@ -306,8 +306,7 @@ mod tests {
 
     #[test]
     fn a_single_layer_is_built_once_then_found_in_the_cache_and_forgotten_with_the_layer() {
-        if Command::new("mkfs.ext4").arg("-V").output().is_err() {
-            eprintln!("SKIPPED: mkfs.ext4 (e2fsprogs) is not installed");
+        if !ironclad_test_prereq::needs().program("mkfs.ext4").program("debugfs").ready() {
             return;
         }
         let dir = tempfile::tempdir().unwrap();

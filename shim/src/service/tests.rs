@@ -1,0 +1,176 @@
+//! The Task API against guests that do not cooperate: a stand-in agent served over a Unix socket
+//! with the real protocol (ttrpc), and a stand-in VM monitor process.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use ironclad_protocol::agent::{
+    Empty as AgentEmpty, ProcessRef, ReadStreamRequest, ReadStreamResponse, SignalProcessRequest,
+    WaitProcessResponse,
+};
+use ironclad_protocol::agent_ttrpc;
+use ttrpc::r#async::TtrpcContext as AgentContext;
+
+use super::*;
+use crate::hypervisor::GuestVm;
+
+/// How a stand-in agent misbehaves.
+#[derive(Clone, Copy)]
+enum Guest {
+    /// Says yes to every signal and carries none out: its processes never exit.
+    IgnoresSignals,
+    /// Its process exits at once, but its output never ends.
+    EndlessOutput,
+}
+
+struct FakeAgent(Guest);
+
+#[async_trait]
+impl agent_ttrpc::Agent for FakeAgent {
+    async fn signal_process(
+        &self,
+        _ctx: &AgentContext,
+        _req: SignalProcessRequest,
+    ) -> ttrpc::Result<AgentEmpty> {
+        Ok(AgentEmpty::new())
+    }
+
+    async fn wait_process(
+        &self,
+        _ctx: &AgentContext,
+        _req: ProcessRef,
+    ) -> ttrpc::Result<WaitProcessResponse> {
+        match self.0 {
+            Guest::IgnoresSignals => std::future::pending().await,
+            Guest::EndlessOutput => Ok(WaitProcessResponse { exit_status: 0, ..Default::default() }),
+        }
+    }
+
+    async fn read_stdout(
+        &self,
+        _ctx: &AgentContext,
+        _req: ReadStreamRequest,
+    ) -> ttrpc::Result<ReadStreamResponse> {
+        match self.0 {
+            Guest::IgnoresSignals => std::future::pending().await,
+            Guest::EndlessOutput => {
+                Ok(ReadStreamResponse { data: b"more output\n".to_vec(), ..Default::default() })
+            }
+        }
+    }
+
+    async fn get_oom_event(
+        &self,
+        _ctx: &AgentContext,
+        _req: AgentEmpty,
+    ) -> ttrpc::Result<ironclad_protocol::agent::OomEvent> {
+        std::future::pending().await
+    }
+}
+
+/// A running container whose "VM" is a sleeping process and whose agent is `guest`, in a
+/// service whose events land in the returned receiver.
+struct Rig {
+    service: TaskService,
+    container: Arc<Container>,
+    events: tokio::sync::mpsc::UnboundedReceiver<(
+        &'static str,
+        Box<dyn containerd_shim::protos::protobuf::MessageDyn>,
+    )>,
+    _server: ttrpc::r#async::Server,
+    dir: tempfile::TempDir,
+}
+
+async fn rig(guest: Guest, stdout: &str) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let agent: Arc<dyn agent_ttrpc::Agent + Send + Sync> = Arc::new(FakeAgent(guest));
+    let mut server = ttrpc::r#async::Server::new()
+        .bind(&format!("unix://{}", socket.display()))
+        .unwrap()
+        .register_service(agent_ttrpc::create_agent(agent));
+    server.start().await.unwrap();
+    let client = AgentClient::over(tokio::net::UnixStream::connect(&socket).await.unwrap());
+    let task_dir = dir.path().join("task");
+    std::fs::create_dir(&task_dir).unwrap();
+    let vm = GuestVm::spawn(
+        "stand-in VM",
+        Path::new("sleep"),
+        &["600".into()],
+        dir.path().join("console.log"),
+        socket.clone(),
+        vec![],
+    )
+    .await
+    .unwrap();
+    let sandbox = Arc::new(Sandbox::run(vm, client, "stand-in", task_dir).unwrap());
+    let uris = StdioUris { stdout: stdout.to_string(), ..Default::default() };
+    let init = Process::new("", uris, String::new());
+    let container = Arc::new(Container::new("c1", "/nonexistent/bundle", sandbox, init));
+    let (events, rx) = Events::channel();
+    let service = TaskService {
+        namespace: "test".into(),
+        exit: Arc::new(ExitSignal::default()),
+        events,
+        tasks: Arc::new(TaskTable::default()),
+        creating: Arc::new(Mutex::new(())),
+    };
+    service.tasks.insert(container.clone());
+    Rig { service, container, events: rx, _server: server, dir }
+}
+
+/// Starts the init process as Start would after the agent said so.
+async fn start_init(rig: &Rig) -> Arc<Process> {
+    let init = rig.container.init().unwrap();
+    rig.service.connect_stdio(&rig.container, &init).await.unwrap();
+    init.set_status(Status::RUNNING);
+    rig.service.watch_exit(rig.container.clone(), init.clone());
+    init
+}
+
+fn published_exit(events: &mut Rig) -> Option<u32> {
+    while let Ok((topic, event)) = events.events.try_recv() {
+        if topic == topics::TASK_EXIT_EVENT_TOPIC {
+            return Some(event.downcast_box::<TaskExit>().unwrap().exit_status);
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn a_guest_that_ignores_sigkill_loses_its_vm_and_the_task_ends_killed() {
+    let mut rig = rig(Guest::IgnoresSignals, "").await;
+    let init = start_init(&rig).await;
+    let monitor = rig.container.host_pid();
+    let kill = KillRequest { id: "c1".into(), signal: SIGKILL, ..Default::default() };
+    rig.service.kill(&kill).await.unwrap();
+    let started = Instant::now();
+    let exit = tokio::time::timeout(KILL_GRACE + Duration::from_secs(10), init.wait())
+        .await
+        .expect("the task stayed running after SIGKILL");
+    assert_eq!(exit.status, 137);
+    assert!(started.elapsed() >= KILL_GRACE - Duration::from_millis(100), "the guest got its chance first");
+    assert!(rig.container.sandbox.is_gone() || !Path::new(&format!("/proc/{monitor}")).exists());
+    assert_eq!(published_exit(&mut rig), Some(137));
+    // Now Delete works, and the sandbox's directory goes with it.
+    let delete = DeleteRequest { id: "c1".into(), ..Default::default() };
+    let deleted = rig.service.delete(&delete).await.unwrap();
+    assert_eq!(deleted.exit_status, 137);
+    assert!(!rig.dir.path().join("task").exists());
+}
+
+#[tokio::test]
+async fn output_that_never_ends_does_not_hold_back_the_exit() {
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let mut rig = rig(Guest::EndlessOutput, &format!("file://{}", out.path().display())).await;
+    let init = start_init(&rig).await;
+    let exit = tokio::time::timeout(DRAIN_DEADLINE + Duration::from_secs(10), init.wait())
+        .await
+        .expect("the exit was held back by output that never ends");
+    assert_eq!(exit.status, 0);
+    assert_eq!(published_exit(&mut rig), Some(0));
+    let written = std::fs::read_to_string(out.path()).unwrap();
+    assert!(written.starts_with("more output\n"), "the output was relayed until the deadline");
+    rig.container.sandbox.kill().await;
+}
