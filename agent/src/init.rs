@@ -28,6 +28,10 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("no vsock device: the host could never reach the agent (the guest's vsock CID is {cid:#x})")]
+    NoVsockDevice { cid: u32 },
+    #[error("cannot ask /dev/vsock for the guest's vsock CID")]
+    VsockCid(#[source] std::io::Error),
     #[error("cannot link {link} to {target}")]
     Symlink {
         link: &'static str,
@@ -106,6 +110,28 @@ fn mount_one(m: &GuestMount) -> Result<(), Error> {
         target: m.target,
         source,
     })
+}
+
+/// The guest's vsock CID, which only a vsock device gives it. Without one the agent would listen
+/// where the host can never connect, and the sandbox would hang until the host gave up: that is a
+/// fatal error, which resets the VM at once with the reason on the console.
+pub fn require_vsock_device() -> Result<u32, Error> {
+    use std::os::fd::AsRawFd;
+    /// `_IO(7, 0xb9)`, linux/vm_sockets.h.
+    const IOCTL_VM_SOCKETS_GET_LOCAL_CID: libc::c_ulong = 0x7b9;
+    const VMADDR_CID_ANY: u32 = u32::MAX;
+    let vsock = fs::File::open("/dev/vsock").map_err(Error::VsockCid)?;
+    let mut cid: u32 = 0;
+    // SAFETY: this ioctl writes one u32 through the pointer, which points at a live u32; the fd is
+    // /dev/vsock, open for the call's duration.
+    let ret = unsafe { libc::ioctl(vsock.as_raw_fd(), IOCTL_VM_SOCKETS_GET_LOCAL_CID, &mut cid) };
+    if ret < 0 {
+        return Err(Error::VsockCid(std::io::Error::last_os_error()));
+    }
+    if cid == VMADDR_CID_ANY {
+        return Err(Error::NoVsockDevice { cid });
+    }
+    Ok(cid)
 }
 
 /// With a private devpts instance, /dev/ptmx must point into it.

@@ -107,6 +107,7 @@ fn run(is_init: bool) -> Result<(), Error> {
     };
     if is_init {
         init::prepare_guest()?;
+        init::require_vsock_device()?;
     }
     let layout = cgroups::Layout::detect()?;
     tracing::info!("container cgroups go into {layout:?}");

@@ -27,6 +27,8 @@ struct Agent {
     state_dir: PathBuf,
     cgroup_parent: String,
     dir: tempfile::TempDir,
+    /// The test ended the agent with [`Agent::finish`], which checked what it left.
+    finished: bool,
 }
 
 impl Agent {
@@ -36,16 +38,56 @@ impl Agent {
         let cgroup = format!("{}/{id}", self.cgroup_parent);
         cgroups::dirs_seen_by(self.child.id(), &cgroup).into_iter().filter(|d| d.exists()).collect()
     }
+
+    /// Ends the agent as the shim does (DestroySandbox) and checks that the agent itself removed
+    /// every cgroup it made: no container's cgroup is left once its containers are removed, and
+    /// the parent goes when the agent exits. (The fixture's clean-up only runs after a failure.)
+    async fn finish(mut self) {
+        let containers_left: Vec<PathBuf> = cgroups::dirs_seen_by(self.child.id(), &self.cgroup_parent)
+            .iter()
+            .flat_map(|dir| std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path()))
+            .filter(|path| path.is_dir())
+            .collect();
+        assert_eq!(containers_left, Vec::<PathBuf>::new(), "the agent left container cgroups behind");
+        self.client
+            .destroy_sandbox(ctx(), &ironclad_protocol::agent::DestroySandboxRequest::new())
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "the agent did not exit after DestroySandbox");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(status.success(), "the agent exited with {status}");
+        // Its mount namespace went with it: the cgroups are looked for where the host sees them.
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let parent = self.cgroup_parent.trim_start_matches('/');
+        let parents_left: Vec<PathBuf> = cgroups::mount_points(&mountinfo)
+            .into_iter()
+            .map(|mount| mount.join(parent))
+            .filter(|dir| dir.exists())
+            .collect();
+        assert_eq!(parents_left, Vec::<PathBuf>::new(), "the agent left its parent cgroup behind");
+        self.finished = true;
+    }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        // A passing test removed its containers and their cgroups; after a failing one, whatever
-        // still runs in them is killed here. The parent cgroup goes now, seen through the agent's
-        // mount namespace (the host may have no cgroup2 mount of its own).
+        if self.finished {
+            return;
+        }
+        // After a failing test, whatever still runs in its cgroups is killed here and they are
+        // removed, seen through the agent's mount namespace (the host may have no cgroup2 mount).
         cgroups::clear_away(self.child.id(), &self.cgroup_parent);
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if !std::thread::panicking() {
+            panic!("a test must end its agent with finish(), which checks what the agent left behind");
+        }
     }
 }
 
@@ -59,13 +101,10 @@ enum Cgroups {
     Host,
 }
 
-/// Root, unshare and busybox-static are needed; without them the test says so and stops.
+/// Root and busybox-static are needed; without them the test fails naming them (or skips where
+/// IRONCLAD_ALLOW_SKIP=1 says so).
 fn can_run() -> bool {
-    let ok = nix::unistd::geteuid().is_root() && Path::new(BUSYBOX).exists();
-    if !ok {
-        eprintln!("SKIPPED: container tests need root and {BUSYBOX} (busybox-static)");
-    }
-    ok
+    ironclad_test_prereq::needs().root().file(Path::new(BUSYBOX), "apt-get install busybox-static").ready()
 }
 
 fn busybox_rootfs(dir: &Path) -> PathBuf {
@@ -112,7 +151,7 @@ async fn start_agent_in(extra: &[&str], cgroups: Cgroups) -> Agent {
         .unwrap();
     wait_until("a socket from the agent", || socket.exists());
     let client = AgentClient::new(ttrpc::r#async::Client::connect(&address).await.unwrap());
-    Agent { child, client, state_dir, cgroup_parent, dir }
+    Agent { child, client, state_dir, cgroup_parent, dir, finished: false }
 }
 
 fn ctx() -> ttrpc::context::Context {
@@ -199,6 +238,7 @@ async fn a_container_runs_prints_exits_and_is_removed_without_a_trace() {
     assert!(!Path::new(&format!("/proc/{pid}")).exists(), "process left behind");
     assert_eq!(agent.cgroups_left("c1"), Vec::<PathBuf>::new(), "cgroup left behind");
     assert_eq!(code_of(remove(&agent, "c1").await), ttrpc::Code::NOT_FOUND);
+    agent.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,6 +257,7 @@ async fn stdin_reaches_the_process_and_close_ends_it() {
     assert_eq!(read_all_stdout(&agent, "c2").await, "got hi\nrest of input\n");
     assert_eq!(agent.client.wait_process(ctx(), &process("c2")).await.unwrap().exit_status, 0);
     remove(&agent, "c2").await.unwrap();
+    agent.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -238,6 +279,7 @@ async fn a_killed_container_exits_with_137_and_a_running_one_can_be_removed() {
     let running = start(&agent, "c4").await;
     remove(&agent, "c4").await.unwrap();
     assert!(!Path::new(&format!("/proc/{running}")).exists() && !Path::new(&format!("/proc/{pid}")).exists());
+    agent.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,6 +310,7 @@ async fn bad_requests_are_refused_with_the_reason() {
     let mut exec = process("nobody");
     exec.exec_id = "e1".into();
     assert_eq!(code_of(agent.client.wait_process(ctx(), &exec).await), ttrpc::Code::NOT_FOUND);
+    agent.finish().await;
 }
 
 /// Runs a container to its end and returns (stdout, exit status).
@@ -300,6 +343,7 @@ async fn the_spec_sets_env_cwd_user_and_hostname_and_the_process_is_pid_1() {
     let (output, status) = run_to_end(&agent, "spec1", &spec).await;
     assert_eq!(status, 0, "{output}");
     assert_eq!(output, "hello\n/tmp\n1000\n1000\n1000 2000\nbox1\n1\n");
+    agent.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -315,6 +359,7 @@ async fn a_read_only_rootfs_cannot_be_written() {
     assert_eq!(run_to_end(&agent, "ro1", &read_only).await.0, "read-only\n");
     let writable = spec_with(&["sh", "-c", script], |_| {});
     assert_eq!(run_to_end(&agent, "rw1", &writable).await.0, "wrote\n");
+    agent.finish().await;
 }
 
 fn exec_request(id: &str, exec_id: &str, args: &[&str]) -> ironclad_protocol::agent::ExecProcessRequest {
@@ -379,6 +424,7 @@ async fn exec_runs_in_the_running_container_with_its_own_stdio_and_status() {
     no_args.process_json = r#"{"cwd": "/"}"#.into();
     assert_eq!(code_of(agent.client.exec_process(ctx(), &no_args).await), ttrpc::Code::INVALID_ARGUMENT);
     remove(&agent, "x1").await.unwrap();
+    agent.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -396,6 +442,7 @@ async fn copy_file_writes_below_the_shared_directory_only() {
     assert_eq!(std::fs::read(&written).unwrap(), b"127.0.0.1 localhost\n");
     req.path = "../../etc/passwd".into();
     assert_eq!(code_of(agent.client.copy_file(ctx(), &req).await), ttrpc::Code::INVALID_ARGUMENT);
+    agent.finish().await;
 }
 
 fn wait_until(what: &str, condition: impl Fn() -> bool) {
@@ -437,6 +484,7 @@ async fn pause_freezes_the_container_and_resume_thaws_it() {
         agent.client.resume_container(ctx(), &req).await.unwrap();
         wait_until("thawed", || !frozen(&agent, "p1"));
         remove(&agent, "p1").await.unwrap();
+        agent.finish().await;
     }
 }
 
@@ -467,6 +515,7 @@ async fn a_terminal_container_gets_a_pty_with_the_size_it_was_given() {
     resize.process = Some(process("t2")).into();
     assert_eq!(code_of(agent.client.tty_win_resize(ctx(), &resize).await), ttrpc::Code::FAILED_PRECONDITION);
     remove(&agent, "t2").await.unwrap();
+    agent.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -489,6 +538,7 @@ async fn an_agent_run_by_hand_never_changes_the_hosts_name_dns_or_clock() {
     assert_eq!(std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap(), hostname_before);
     sandbox.hostname = "bad name".into();
     assert_eq!(code_of(agent.client.create_sandbox(ctx(), &sandbox).await), ttrpc::Code::INVALID_ARGUMENT);
+    agent.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -512,6 +562,7 @@ async fn a_shared_read_only_rootfs_gets_a_private_writable_layer_that_goes_with_
     remove(&agent, "ov1").await.unwrap();
     assert!(!std::fs::read_to_string(&mountinfo).unwrap().contains("/overlay/ov1"), "overlay left mounted");
     assert!(!agent.state_dir.join("overlay/ov1").exists());
+    agent.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -544,6 +595,7 @@ async fn every_process_of_a_container_is_listed_and_signalled_at_once() {
     bad.resources_json = "{}".into();
     assert_eq!(code_of(agent.client.update_container(ctx(), &bad).await), ttrpc::Code::NOT_FOUND);
     remove(&agent, "all1").await.unwrap();
+    agent.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -591,6 +643,7 @@ async fn a_container_joins_the_sandbox_containers_namespaces() {
     );
     remove(&agent, "member1").await.unwrap();
     remove(&agent, "pause1").await.unwrap();
+    agent.finish().await;
 }
 
 /// `ip ARGS` in the agent's network namespace.
@@ -664,6 +717,8 @@ async fn interfaces_routes_and_neighbours_are_set_in_the_agents_network_namespac
     let shared = start_agent().await;
     routes.routes = vec![route("10.30.0.0/16")];
     assert_eq!(code_of(shared.client.update_routes(ctx(), &routes).await), ttrpc::Code::FAILED_PRECONDITION);
+    shared.finish().await;
+    agent.finish().await;
 }
 
 /// `args` under the spec's defaults with `resources` as its cgroup limits.
@@ -717,6 +772,7 @@ async fn a_memory_limit_oom_kills_an_allocation_loop_and_the_oom_event_names_the
     assert!(!agent.cgroups_left("oom1").is_empty(), "the test looks where the cgroup is");
     remove(&agent, "oom1").await.unwrap();
     assert_eq!(agent.cgroups_left("oom1"), Vec::<PathBuf>::new(), "cgroup left behind");
+    agent.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -746,4 +802,72 @@ async fn a_pids_limit_stops_forks_beyond_it() {
     remove(&agent, "pids1").await.unwrap();
     assert!(listed.iter().all(|pid| !Path::new(&format!("/proc/{pid}")).exists()), "process left behind");
     assert_eq!(agent.cgroups_left("pids1"), Vec::<PathBuf>::new(), "cgroup left behind");
+    agent.finish().await;
+}
+
+/// The agent's resident memory, from /proc.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_whose_output_nobody_reads_blocks_instead_of_filling_the_agents_memory() {
+    if !can_run() {
+        return;
+    }
+    let agent = start_agent().await;
+    // 64 MiB of output, then a mark in the container's root file system once all of it is out.
+    let script = "dd if=/dev/zero bs=1048576 count=64 2>/dev/null; touch /all-written";
+    create(&agent, "bp1", &["sh", "-c", script]).await.unwrap();
+    let rss_before = rss_kib(agent.child.id());
+    start(&agent, "bp1").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mark = agent.dir.path().join("bp1/rootfs/all-written");
+    assert!(!mark.exists(), "the writer was not held back by the unread output");
+    let grown = rss_kib(agent.child.id()).saturating_sub(rss_before);
+    assert!(grown < 8 * 1024, "the agent buffered {grown} KiB of unread output");
+    // Read now: every byte arrives, and the writer finishes.
+    let mut total = 0usize;
+    loop {
+        let mut req = ReadStreamRequest::new();
+        req.process = Some(process("bp1")).into();
+        let chunk = agent.client.read_stdout(ctx(), &req).await.unwrap().data;
+        if chunk.is_empty() {
+            break;
+        }
+        assert!(chunk.iter().all(|b| *b == 0));
+        total += chunk.len();
+    }
+    assert_eq!(total, 64 << 20);
+    assert_eq!(agent.client.wait_process(ctx(), &process("bp1")).await.unwrap().exit_status, 0);
+    assert!(mark.exists());
+    remove(&agent, "bp1").await.unwrap();
+    agent.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroy_sandbox_ends_the_agent_promptly_despite_calls_that_never_finish() {
+    if !can_run() {
+        return;
+    }
+    let agent = start_agent().await;
+    // GetOOMEvent waits for an OOM kill that never comes: three such calls are in flight.
+    let polls: Vec<_> = (0..3)
+        .map(|_| {
+            let client = agent.client.clone();
+            tokio::spawn(
+                async move { client.get_oom_event(ctx(), &ironclad_protocol::agent::Empty::new()).await },
+            )
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(polls.iter().all(|p| !p.is_finished()));
+    let started = Instant::now();
+    agent.finish().await;
+    assert!(started.elapsed() < Duration::from_secs(3), "the shutdown took {:?}", started.elapsed());
+    for poll in polls {
+        assert!(poll.await.unwrap().is_err(), "a long poll answered as if an OOM kill had happened");
+    }
 }

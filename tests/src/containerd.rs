@@ -32,6 +32,8 @@ pub enum Error {
     Command { command: String, status: String, stderr: String },
     #[error("{0} is missing: run `make prereqs`")]
     Missing(&'static str),
+    #[error("`ctr events` showed no probe event within {waited:?}; it printed:\n{printed}")]
+    NoEvents { waited: Duration, printed: String },
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -49,6 +51,8 @@ pub struct Containerd {
     pub shim_config: PathBuf,
     /// Where the shim keeps each task's VM directory: `<run root>/<namespace>/<task id>`.
     pub run_root: PathBuf,
+    /// Where the shim keeps each task's console log: `<log root>/<namespace>/<task id>.console.log`.
+    pub log_root: PathBuf,
 }
 
 /// Where the guest kernel, the initrd and the shim binary are.
@@ -83,9 +87,13 @@ impl Containerd {
         std::fs::write(&config, containerd_config(dir.path(), &socket))
             .map_err(io_err("write containerd.toml"))?;
         let run_root = dir.path().join("run");
+        let log_root = dir.path().join("logs");
         let shim_config = dir.path().join("ironclad.toml");
-        std::fs::write(&shim_config, shim_config_text(artifacts, &run_root, &dir.path().join("images")))
-            .map_err(io_err("write ironclad.toml"))?;
+        std::fs::write(
+            &shim_config,
+            shim_config_text(artifacts, &run_root, &log_root, &dir.path().join("images")),
+        )
+        .map_err(io_err("write ironclad.toml"))?;
         let log =
             std::fs::File::create(dir.path().join("containerd.log")).map_err(io_err("containerd.log"))?;
         let path = format!("{}:{}", artifacts.shim_dir.display(), std::env::var("PATH").unwrap_or_default());
@@ -98,7 +106,7 @@ impl Containerd {
             .stderr(log)
             .spawn()
             .map_err(io_err("start containerd"))?;
-        let containerd = Containerd { child, dir, namespace, socket, shim_config, run_root };
+        let containerd = Containerd { child, dir, namespace, socket, shim_config, run_root, log_root };
         containerd.wait_for_socket()?;
         Ok(containerd)
     }
@@ -171,6 +179,11 @@ impl Containerd {
         self.run_root.join(&self.namespace).join(id)
     }
 
+    /// The guest console log the shim keeps for task `id` while it runs.
+    pub fn console_log(&self, id: &str) -> PathBuf {
+        self.log_root.join(&self.namespace).join(format!("{id}.console.log"))
+    }
+
     /// The Unix socket containerd-shim 0.11 serves task `id` on: /run/containerd/s/<sha256 of
     /// containerd's address, namespace and id>.
     pub fn shim_socket(&self, id: &str) -> PathBuf {
@@ -178,9 +191,11 @@ impl Containerd {
         Path::new("/run/containerd/s").join(sha256_hex(joined.as_os_str().as_encoded_bytes()))
     }
 
-    /// Starts recording containerd's events (`ctr events`) from now on.
+    /// Starts recording containerd's events (`ctr events`) from now on: returns once the
+    /// subscription is seen to work, when a probe event published after the start has arrived.
     pub fn events(&self) -> Result<Events, Error> {
-        let path = self.dir.path().join(format!("events-{}.log", EVENT_LOGS.fetch_add(1, Ordering::Relaxed)));
+        let n = EVENT_LOGS.fetch_add(1, Ordering::Relaxed);
+        let path = self.dir.path().join(format!("events-{n}.log"));
         let file = std::fs::File::create(&path).map_err(io_err("events log"))?;
         let child = self
             .ctr_command(&["events"])
@@ -189,9 +204,22 @@ impl Containerd {
             .stderr(Stdio::null())
             .spawn()
             .map_err(io_err("ctr events"))?;
-        // ctr subscribes a moment after it starts; events before that would be missed.
-        std::thread::sleep(Duration::from_millis(300));
-        Ok(Events { child, path })
+        let events = Events { child, path };
+        // Labelling the namespace publishes /namespaces/update; ctr may subscribe a moment after it
+        // starts, so the probe is repeated until one arrives.
+        let probe = format!("ironclad.probe.{n}");
+        let deadline = Instant::now() + CONTAINERD_START_TIMEOUT;
+        for attempt in 0.. {
+            self.ctr_ok(&["namespaces", "label", &self.namespace, &format!("{probe}={attempt}")])?;
+            if events.wait_for(&["/namespaces/update", &probe], Duration::from_millis(200)).is_some() {
+                self.ctr_ok(&["namespaces", "label", &self.namespace, &format!("{probe}=")])?;
+                return Ok(events);
+            }
+            if Instant::now() > deadline {
+                break;
+            }
+        }
+        Err(Error::NoEvents { waited: CONTAINERD_START_TIMEOUT, printed: events.all() })
     }
 
     /// Processes whose command line mentions this containerd's namespace or directory: its shims
@@ -327,7 +355,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     )
 }
 
-fn shim_config_text(artifacts: &Artifacts, run_root: &Path, images: &Path) -> String {
+fn shim_config_text(artifacts: &Artifacts, run_root: &Path, log_root: &Path, images: &Path) -> String {
     // The shim runs in the task's bundle directory: relative paths would point nowhere.
     let absolute = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
     let (kernel, initrd) = (absolute(&artifacts.kernel), absolute(&artifacts.initrd));
@@ -336,6 +364,7 @@ fn shim_config_text(artifacts: &Artifacts, run_root: &Path, images: &Path) -> St
 kernel = "{kernel}"
 initrd = "{initrd}"
 run_root = "{run_root}"
+log_root = "{log_root}"
 image_cache = "{images}"
 log_level = "debug"
 allowed_annotations = ["io.ironclad.memory_mib"]
@@ -344,6 +373,7 @@ allowed_annotations = ["io.ironclad.memory_mib"]
         kernel = kernel.display(),
         initrd = initrd.display(),
         run_root = run_root.display(),
+        log_root = log_root.display(),
         images = images.display(),
     )
 }

@@ -72,3 +72,46 @@ async fn a_guest_whose_init_fails_ends_the_vm_with_the_reason() {
     assert!(text.contains("exited") && text.contains("before the agent was ready"), "{text}");
     assert!(text.contains("Kernel panic"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_agent_error_resets_the_vm_with_the_reason_on_the_console() {
+    use ironclad_shim::hypervisor::qemu::qemu_args;
+    use ironclad_shim::hypervisor::HostVirtualization;
+    use ironclad_shim::paths::SandboxPaths;
+    let artifacts = GuestArtifacts::locate().expect("guest artifacts");
+    let dir = tempfile::tempdir().unwrap();
+    let paths = SandboxPaths::new(dir.path(), "sandbox");
+    std::fs::create_dir(paths.dir()).unwrap();
+    // The shim's own QEMU command line, less the vsock device: the agent cannot listen on its
+    // port, which is fatal, and a fatal agent must reset the VM rather than leave it running.
+    let args =
+        qemu_args(&artifacts.vm_config(), &paths, HostVirtualization::detect().can_boot_linux_on_kvm());
+    let mut kept = Vec::new();
+    let mut words = args.iter().peekable();
+    while let Some(word) = words.next() {
+        let next = words.peek().map(|w| w.as_str()).unwrap_or_default();
+        let vsock = (word == "-chardev" && next.contains("id=vsock"))
+            || (word == "-device" && next.starts_with("vhost-user-vsock-device"));
+        if vsock {
+            words.next();
+        } else {
+            kept.push(word.clone());
+        }
+    }
+    assert_eq!(kept.len() + 4, args.len(), "the vsock device was not where the test expects it");
+    let qemu = tokio::process::Command::new("qemu-system-x86_64")
+        .args(&kept)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(ironclad_tests::READY_TIMEOUT, qemu)
+        .await
+        .expect("the VM did not end by itself")
+        .unwrap();
+    let console = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "QEMU: {}\n{console}", output.status);
+    assert!(!console.contains("ironclad-agent ready"), "{console}");
+    let fatal =
+        console.lines().find(|l| l.contains("ironclad-agent: fatal:")).unwrap_or_else(|| panic!("{console}"));
+    assert!(fatal.contains("vsock"), "the reason is named: {fatal}");
+}

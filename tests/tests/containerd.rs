@@ -21,10 +21,10 @@ fn shim_dir() -> PathBuf {
     exe.parent().unwrap().parent().unwrap().to_path_buf()
 }
 
-/// Root, containerd and the built guest are needed; without them the test says so and stops.
+/// Root, containerd and the built guest are needed; without them the test fails naming them (or
+/// skips where IRONCLAD_ALLOW_SKIP=1 says so).
 fn start_containerd() -> Option<Containerd> {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED: containerd tests need root");
+    if !ironclad_test_prereq::needs().root().program("containerd").program("ctr").ready() {
         return None;
     }
     let guest = match GuestArtifacts::locate() {
@@ -105,13 +105,13 @@ fn stdout_of(containerd: &Containerd, output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).replace("\r\n", "\n")
 }
 
-/// Nothing of the task is left: no task directory (VM sockets, console log, images of its own),
+/// Nothing of the task is left: no task directory (VM sockets, images of its own), no console log,
 /// no shim or VM process, no mount of the shim's, no shim socket.
 fn assert_nothing_left(containerd: &Containerd, id: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     let shim_socket = containerd.shim_socket(id);
     loop {
-        let dir_left = containerd.task_dir(id).exists();
+        let dir_left = containerd.task_dir(id).exists() || containerd.console_log(id).exists();
         let processes = containerd.leftover_processes();
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         let images = containerd.dir().join("images").display().to_string();
@@ -312,7 +312,8 @@ fn stdin_tty_env_cwd_and_user() {
 fn a_running_task_execs_lists_reports_pauses_and_stops_on_signals() {
     let Some(containerd) = start_containerd() else { return };
     let events = containerd.events().unwrap();
-    run_detached(&containerd, "run1", &["sh", "-c", "trap 'exit 42' TERM; while true; do sleep 1; done"]);
+    // Two processes for as long as it runs: the shell and its sleep.
+    run_detached(&containerd, "run1", &["sh", "-c", "trap 'exit 42' TERM; sleep 1000 & wait"]);
     assert!(containerd.shim_socket("run1").exists(), "the leftover check looks for the wrong socket");
     let exec = containerd.ctr_ok(&[
         "tasks",
@@ -333,9 +334,26 @@ fn a_running_task_execs_lists_reports_pauses_and_stops_on_signals() {
     assert_eq!(stdout_of(&containerd, &counted).trim(), "3", "stdin reached its end");
 
     let ps = containerd.ctr_ok(&["tasks", "ps", "run1"]).unwrap();
-    assert!(ps.lines().count() >= 3, "the shell and its sleep: {ps}");
+    let mut lines = ps.lines();
+    assert!(lines.next().is_some_and(|header| header.starts_with("PID")), "{ps}");
+    let mut pids: Vec<u32> = lines.map(|l| l.split_whitespace().next().unwrap().parse().unwrap()).collect();
+    pids.dedup();
+    assert_eq!(pids.len(), 2, "the shell and its sleep, each once: {ps}");
+    assert!(pids.iter().all(|pid| *pid > 1), "guest pids of the container's processes: {ps}");
     let metrics = containerd.ctr_ok(&["tasks", "metrics", "run1"]).unwrap();
-    assert!(metrics.contains("memory.usage_in_bytes") || metrics.contains("memory"), "{metrics}");
+    let figure = |name: &str| -> u64 {
+        let line = metrics.lines().find(|l| l.split_whitespace().next() == Some(name));
+        line.and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name}: {metrics}"))
+    };
+    assert_eq!(figure("pids.current"), 2, "{metrics}");
+    let usage = figure("memory.usage");
+    assert!(
+        usage > 0 && usage < 256 << 20,
+        "a shell and a sleep use some memory, less than the VM: {metrics}"
+    );
+    assert!(figure("cpu.usage_usec") > 0, "{metrics}");
 
     containerd.ctr_ok(&["tasks", "pause", "run1"]).unwrap();
     wait_for_status(&containerd, "run1", "PAUSED");
@@ -454,7 +472,12 @@ fn a_crashed_shim_is_cleaned_up_by_delete() {
     // containerd sees the shim go and runs `containerd-shim-ironclad-v2 delete`, which stops the VM
     // the dead shim left and removes the task's directory.
     wait_for_status(&containerd, "crash1", "GONE");
-    let _ = containerd.ctr(&["tasks", "delete", "crash1"]);
+    // containerd already deleted the task with the shim: nothing to delete any more.
+    let again = containerd.ctr(&["tasks", "delete", "crash1"]).unwrap();
+    assert!(
+        !again.status.success() && String::from_utf8_lossy(&again.stderr).contains("not found"),
+        "{again:?}"
+    );
     containerd.ctr_ok(&["containers", "delete", "crash1"]).unwrap();
     assert_nothing_left(&containerd, "crash1");
 }
@@ -472,7 +495,7 @@ fn bad_requests_fail_clearly_and_leave_nothing() {
         "{stderr}"
     );
     assert_nothing_left(&containerd, "bind1");
-    let _ = containerd.ctr(&["containers", "delete", "bind1"]);
+    assert_container_is_gone(&containerd, "bind1");
 
     let broken = containerd.dir().join("broken.toml");
     std::fs::write(&broken, "kernel = \"/nonexistent/bzImage\"\nhypervisor = \"qemu\"\n").unwrap();
@@ -495,5 +518,11 @@ fn bad_requests_fail_clearly_and_leave_nothing() {
     assert_nothing_left(&containerd, "nokernel1");
     // That config keeps the default run root: the task's directory and its namespace's are gone.
     assert!(!std::path::Path::new("/run/ironclad").join(containerd.namespace()).exists());
-    let _ = containerd.ctr(&["containers", "delete", "nokernel1"]);
+    assert_container_is_gone(&containerd, "nokernel1");
+}
+
+/// `ctr run --rm` whose task could not be created removes the container too.
+fn assert_container_is_gone(containerd: &Containerd, id: &str) {
+    let list = containerd.ctr_ok(&["containers", "list", "-q"]).unwrap();
+    assert!(!list.lines().any(|l| l == id), "container {id} is still there: {list}");
 }

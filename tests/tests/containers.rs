@@ -277,12 +277,18 @@ async fn sandbox_hostname_dns_and_clock_reach_the_containers() {
     time.sec = 1_893_456_000; // 2030-01-01
     guest.agent.agent_rpc().set_guest_date_time(ctx(), &time).await.unwrap();
 
-    // Without a UTS namespace of its own, the container shares the sandbox's hostname.
-    let mut spec = base_spec(&["sh", "-c", "hostname; cat /etc/resolv.conf; date -u +%Y"]);
+    // Without UTS and network namespaces of its own, the container shares the sandbox's hostname
+    // and the guest's network, where the agent's changes are read back.
+    let script =
+        "hostname; cat /etc/resolv.conf; date -u +%Y; ip -o -4 addr show lo; ip route show 10.98.0.0/16";
+    let mut spec = base_spec(&["sh", "-c", script]);
     let mut linux = spec.linux().clone().unwrap();
     let namespaces = linux.namespaces().clone().unwrap_or_default();
     linux.set_namespaces(Some(
-        namespaces.into_iter().filter(|n| n.typ() != LinuxNamespaceType::Uts).collect(),
+        namespaces
+            .into_iter()
+            .filter(|n| n.typ() != LinuxNamespaceType::Uts && n.typ() != LinuxNamespaceType::Network)
+            .collect(),
     ));
     spec.set_linux(Some(linux));
     spec.set_hostname(None);
@@ -301,7 +307,11 @@ async fn sandbox_hostname_dns_and_clock_reach_the_containers() {
     create_on_rootfs_disk(&guest, "c3", &spec).await;
     start(&guest, "c3").await;
     let output = read_stdout_to_end(&guest, "c3").await;
-    assert_eq!(output, "pod1\nnameserver 10.0.0.53\nsearch svc.local\n2030\n");
+    let lines: Vec<&str> = output.lines().collect();
+    assert_eq!(lines[..4], ["pod1", "nameserver 10.0.0.53", "search svc.local", "2030"], "{output}");
+    assert!(lines.iter().any(|l| l.contains("lo") && l.contains("inet 127.0.0.1/8")), "{output}");
+    assert!(lines.iter().any(|l| l.contains("lo") && l.contains("inet 10.99.0.1/32")), "{output}");
+    assert!(lines.iter().any(|l| l.starts_with("10.98.0.0/16 dev lo")), "{output}");
     guest.agent.remove_container("c3").await.unwrap();
     guest.agent.destroy_sandbox().await.unwrap();
     assert!(guest.vm.stop(EXIT_TIMEOUT).await.unwrap().success());
