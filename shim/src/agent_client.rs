@@ -108,6 +108,8 @@ pub struct AgentClient {
     health: HealthClient,
     agent: AgentRpc,
     timeout: Duration,
+    /// The most bytes of output one read asks the agent for (0: the agent's chunk size).
+    output_chunk: u32,
 }
 
 impl AgentClient {
@@ -138,7 +140,15 @@ impl AgentClient {
             health: HealthClient::new(client.clone()),
             agent: AgentRpc::new(client),
             timeout: Duration::from_secs(30),
+            output_chunk: 0,
         }
+    }
+
+    /// Asks for at most `max` bytes of output per read: the answer must fit what the VM's vsock
+    /// device carries in one piece (see `GuestVm::guest_message_limit`).
+    pub fn with_output_chunk(mut self, max: u32) -> Self {
+        self.output_chunk = max;
+        self
     }
 
     fn ctx(&self) -> ttrpc::context::Context {
@@ -202,6 +212,7 @@ impl AgentClient {
     ) -> Result<Vec<u8>, Error> {
         let mut request = ReadStreamRequest::new();
         request.process = Some(process_ref(container_id, exec_id)).into();
+        request.max_bytes = self.output_chunk;
         let ctx = self.ctx_without_timeout();
         let response = if stderr {
             self.agent

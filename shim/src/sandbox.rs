@@ -101,7 +101,8 @@ impl Sandbox {
                 ready.since_start,
                 ready.line.uptime_ms
             );
-            Ok::<_, Error>(AgentClient::connect(vm.agent_socket(), AGENT_PORT, AGENT_CONNECT_TIMEOUT).await?)
+            let agent = AgentClient::connect(vm.agent_socket(), AGENT_PORT, AGENT_CONNECT_TIMEOUT).await?;
+            Ok::<_, Error>(agent.with_output_chunk(vm.guest_message_limit()))
         }
         .await;
         match prepared {

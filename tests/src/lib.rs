@@ -98,7 +98,9 @@ pub async fn boot_guest_with(kind: HypervisorKind, config: &VmConfig) -> Result<
     let backend = Backend::select(kind, HostVirtualization::detect())?;
     let mut vm = backend.start(config, paths.clone()).await?;
     let ready = vm.wait_ready(READY_TIMEOUT).await?;
-    let agent = AgentClient::connect(vm.agent_socket(), AGENT_PORT, AGENT_CONNECT_TIMEOUT).await?;
+    let agent = AgentClient::connect(vm.agent_socket(), AGENT_PORT, AGENT_CONNECT_TIMEOUT)
+        .await?
+        .with_output_chunk(vm.guest_message_limit());
     Ok(BootedGuest { vm, backend: backend.name(), agent, ready, paths, _run_root: run_root })
 }
 

@@ -320,3 +320,33 @@ async fn sandbox_hostname_dns_and_clock_reach_the_containers() {
 fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(30_000_000_000)
 }
+
+/// Output in 64 KiB writes: the guest sends it in large vsock packets, which Linux puts in page
+/// fragments, one descriptor each. Every byte must arrive, on every backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_printing_megabytes_is_read_whole() {
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let guest = boot_with_rootfs_disk(dir.path()).await;
+    // The image's busybox binary (about 2 MiB), which the host has too, to compare byte for byte.
+    let spec = base_spec(&["dd", "if=/bin/busybox", "bs=65536"]);
+    create_on_rootfs_disk(&guest, "big", &spec).await;
+    start(&guest, "big").await;
+    let mut output = Vec::new();
+    loop {
+        let read =
+            tokio::time::timeout(std::time::Duration::from_secs(60), guest.agent.read_stdout("big", ""));
+        let chunk =
+            read.await.unwrap_or_else(|_| panic!("output stalled after {} bytes", output.len())).unwrap();
+        if chunk.is_empty() {
+            break;
+        }
+        output.extend(chunk);
+    }
+    let expected = std::fs::read(BUSYBOX).unwrap();
+    assert_eq!(output.len(), expected.len());
+    assert!(output == expected, "the output arrived changed");
+    guest.agent.remove_container("big").await.unwrap();
+    guest.agent.destroy_sandbox().await.unwrap();
+    assert!(guest.vm.stop(EXIT_TIMEOUT).await.unwrap().success());
+}

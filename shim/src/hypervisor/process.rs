@@ -150,6 +150,7 @@ pub struct GuestVm {
     stderr: Arc<Mutex<String>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     sandbox_dir: Option<PathBuf>,
+    guest_message_limit: u32,
 }
 
 impl GuestVm {
@@ -213,7 +214,19 @@ impl GuestVm {
             stderr,
             tasks: vec![console_task, stderr_task],
             sandbox_dir: None,
+            guest_message_limit: 0,
         })
+    }
+
+    /// The largest message the guest may send the host in one write (0: no limit of the
+    /// device's own). A backend whose vsock device takes a packet's data from one descriptor only
+    /// sets one: Linux sends payloads over about 32 KiB in page fragments, one descriptor each.
+    pub fn guest_message_limit(&self) -> u32 {
+        self.guest_message_limit
+    }
+
+    pub fn limit_guest_messages(&mut self, max: u32) {
+        self.guest_message_limit = max;
     }
 
     /// The VM owns the sandbox directory from now on and removes it when it goes.

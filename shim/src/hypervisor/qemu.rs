@@ -20,6 +20,10 @@ use crate::paths::SandboxPaths;
 
 /// Every VM has its own vhost-device-vsock, so the guest CID need not be unique on the host.
 const GUEST_CID: u32 = 3;
+/// vhost-device-vsock 0.3.0 (virtio-vsock 0.12) reads a packet's data from one descriptor; the
+/// guest kernel (6.12.117) puts payloads over about 32 KiB in page fragments, one descriptor each,
+/// and such a packet is dropped. Messages from the guest stay below that.
+pub const GUEST_MESSAGE_LIMIT: u32 = 16 * 1024;
 const VSOCK_DAEMON_START_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where the backend's programs are and how guests run.
@@ -65,6 +69,7 @@ impl QemuBackend {
             GuestVm::spawn("QEMU", &self.qemu, &args, paths.console_log(), paths.agent_socket(), vec![vhost])
                 .await?;
         vm.adopt_sandbox_dir(&mut guard);
+        vm.limit_guest_messages(GUEST_MESSAGE_LIMIT);
         Ok(vm)
     }
 

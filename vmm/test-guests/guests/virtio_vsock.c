@@ -1,4 +1,6 @@
-/* Drives virtio-vsock at the first virtio-mmio slot, both ways through the hybrid socket:
+/* Drives virtio-vsock at the first virtio-mmio slot, both ways through the hybrid socket (data the
+ * guest sends goes in a chain of small descriptors after the header's, as Linux sends large
+ * payloads in page fragments):
  *   guest -> host port 5000: REQUEST, RESPONSE, RW "ping", RW "pong" back, SHUTDOWN, RST;
  *   host -> guest port 1024: REQUEST, RESPONSE, RW "hello guest", RW "hello host", SHUTDOWN, RST. */
 #include "virtio.h"
@@ -83,7 +85,16 @@ static void tx_send(u16 op, u32 src_port, u32 dst_port, u32 flags, const char *d
     tx.h.flags = flags;
     tx.h.buf_alloc = 4096;
     tx.h.fwd_cnt = received;
-    set_desc(&txq, 0, &tx, sizeof(struct vsock_hdr) + len, 0, 0);
+    /* Header alone, then the data in pieces of at most 8 bytes, one descriptor each. */
+    u16 last = 0;
+    set_desc(&txq, 0, &tx.h, sizeof(struct vsock_hdr), 0, 0);
+    for (u32 off = 0; off < len && last < QSZ - 1; off += 8) {
+        u32 piece = len - off < 8 ? len - off : 8;
+        txq.desc[last].flags |= DESC_F_NEXT;
+        txq.desc[last].next = last + 1;
+        last++;
+        set_desc(&txq, last, &tx.data[off], piece, 0, 0);
+    }
     virtq_submit(&txq, 0, 50000000UL);
 }
 

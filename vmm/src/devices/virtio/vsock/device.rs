@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::muxer::{self, Header, Muxer, Outgoing};
+use super::packet;
 use super::{MAX_PKT_DATA, OP_RW, QUEUE_SIZE, RX_QUEUE, SWEEP_INTERVAL, TX_QUEUE};
 use crate::devices::virtio::device::{VirtioBase, VirtioDevice};
 use crate::devices::virtio::{TYPE_VSOCK, VIRTIO_F_VERSION_1};
@@ -54,6 +55,8 @@ pub struct Vsock {
     pub(super) metrics: Arc<VsockMetrics>,
     /// Wakes the event loop to expire connections left waiting.
     pub(super) sweep_timer: TimerFd,
+    /// The tx packet being read: header and data, at most one packet's worth.
+    tx_packet: Vec<u8>,
 }
 
 impl Vsock {
@@ -64,6 +67,7 @@ impl Vsock {
             muxer: Muxer::new(guest_cid, uds_path)?,
             metrics: Arc::new(VsockMetrics::default()),
             sweep_timer: sweep_timer()?,
+            tx_packet: Vec::with_capacity(packet::HEADER_LEN + MAX_PKT_DATA as usize),
         })
     }
 
@@ -77,21 +81,15 @@ impl Vsock {
             return false;
         };
         let mut used_any = false;
-        let mut data = vec![0u8; MAX_PKT_DATA as usize];
-        while let Some(mut chain) = queue.pop_descriptor_chain(memory) {
+        while let Some(chain) = queue.pop_descriptor_chain(memory) {
             let head = chain.head_index();
-            match VsockPacket::from_tx_virtq_chain(memory, &mut chain, MAX_PKT_DATA) {
-                Ok(packet) => {
+            let descriptors: Vec<_> = chain.collect();
+            match packet::read_tx(&descriptors, memory, &mut self.tx_packet) {
+                Ok((header, len)) => {
                     count(&self.metrics.tx_packets);
-                    let header = header_of(&packet);
-                    let len = match (header.op, packet.data_slice()) {
-                        (OP_RW, Some(slice)) => {
-                            let len = (packet.len() as usize).min(slice.len()).min(data.len());
-                            slice.read_slice(&mut data[..len], 0).map(|_| len).unwrap_or(0)
-                        }
-                        _ => 0,
-                    };
-                    self.muxer.handle_guest_packet(&header, &data[..len]);
+                    let data =
+                        if header.op == OP_RW { &self.tx_packet[packet::HEADER_LEN..][..len] } else { &[] };
+                    self.muxer.handle_guest_packet(&header, data);
                 }
                 Err(_) => count(&self.metrics.bad_tx_packets),
             }
@@ -180,20 +178,6 @@ fn sweep_timer() -> Result<TimerFd, Error> {
     let mut timer = TimerFd::new().map_err(timer_err)?;
     timer.reset(SWEEP_INTERVAL, Some(SWEEP_INTERVAL)).map_err(timer_err)?;
     Ok(timer)
-}
-
-fn header_of<B: vm_memory::bitmap::BitmapSlice>(packet: &VsockPacket<'_, B>) -> Header {
-    Header {
-        src_cid: packet.src_cid(),
-        dst_cid: packet.dst_cid(),
-        src_port: packet.src_port(),
-        dst_port: packet.dst_port(),
-        type_: packet.type_(),
-        op: packet.op(),
-        flags: packet.flags(),
-        buf_alloc: packet.buf_alloc(),
-        fwd_cnt: packet.fwd_cnt(),
-    }
 }
 
 fn write_header<B: vm_memory::bitmap::BitmapSlice>(

@@ -11,6 +11,7 @@ pub mod connection;
 pub mod device;
 pub mod event_handler;
 pub mod muxer;
+pub mod packet;
 
 pub use device::{Vsock, VsockMetrics};
 
