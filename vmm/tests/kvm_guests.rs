@@ -762,3 +762,21 @@ fn guest_memory_is_kept_out_of_core_dumps() {
     };
     assert!(flags.split_whitespace().any(|f| f == "dd"), "{flags}");
 }
+
+#[test]
+fn the_guest_sees_a_hypervisor_and_the_tsc_deadline_timer() {
+    if !kvm_available() {
+        return;
+    }
+    let output = run_vmm(&["--kernel", ironclad_test_guests::CPUID_PROBE]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    let ecx = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("cpuid 1 ecx: 0x"))
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .unwrap_or_else(|| panic!("no CPUID line in {stdout}"));
+    assert_ne!(ecx & (1 << 31), 0, "hypervisor bit: {ecx:#x}");
+    // This machine's KVM reports KVM_CAP_TSC_DEADLINE_TIMER; so does every KVM since Linux 3.2.
+    assert_ne!(ecx & (1 << 24), 0, "TSC-deadline bit: {ecx:#x}");
+}

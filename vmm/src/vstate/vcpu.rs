@@ -123,7 +123,7 @@ impl Vcpu {
         count: u8,
     ) -> Result<(), Error> {
         let mut cpuid = vm.supported_cpuid()?;
-        cpuid::filter_cpuid(&mut cpuid, self.id, count);
+        cpuid::filter_cpuid(&mut cpuid, self.id, count, vm.host_caps());
         self.fd.set_cpuid2(&cpuid).map_err(|source| Error::Kvm { what: "CPUID", source })?;
         if self.id == 0 {
             regs::configure_boot_vcpu(&self.fd, memory, entry)?;

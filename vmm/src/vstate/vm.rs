@@ -98,6 +98,13 @@ impl Vm {
         self.fd.create_vcpu(u64::from(id)).map_err(refused("create a vCPU"))
     }
 
+    /// What KVM backs beyond its supported CPUID.
+    pub fn host_caps(&self) -> crate::arch::x86_64::cpuid::HostCaps {
+        crate::arch::x86_64::cpuid::HostCaps {
+            tsc_deadline_timer: self.kvm.check_extension(Cap::TscDeadlineTimer),
+        }
+    }
+
     pub fn supported_cpuid(&self) -> Result<CpuId, Error> {
         self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(refused("report its supported CPUID"))
     }
