@@ -16,7 +16,7 @@ export IRONCLAD_SKIP_LOG := $(CURDIR)/target/test-skips.log
 PREFIX ?= /usr/local
 CONFIG_DIR ?= /etc/ironclad
 
-.PHONY: all prereqs kernel agent initrd guest lint test demo boot-demo install bench clean
+.PHONY: all prereqs kernel agent initrd guest lint test test-nested demo boot-demo install bench bench-nested clean
 
 all: guest
 
@@ -56,7 +56,13 @@ test: prereqs guest lint
 	$(CARGO) build --workspace --locked
 	rm -f $(IRONCLAD_SKIP_LOG)
 	$(CARGO) test --workspace --locked
+	tests/nested/run.sh
 	@scripts/skip-summary.sh $(IRONCLAD_SKIP_LOG)
+
+# Only the nested tier: ironclad-vmm booting the real guest inside an L1 guest with emulated SVM.
+test-nested: prereqs guest
+	$(CARGO) build --workspace --locked
+	tests/nested/run.sh
 
 # ctr run through a private containerd, ironclad next to runc.
 demo: prereqs guest
@@ -91,6 +97,12 @@ bench: prereqs guest
 	target/release/ironclad-bench vmm --vmm target/release/ironclad-vmm
 	target/release/ironclad-bench agent --runs 20
 	target/release/ironclad-bench runtimes --runs 20 --density 1,10
+
+# ironclad-vmm against QEMU on the same KVM, and ironclad against runc, inside the nested tier's L1:
+# the nested section of docs/benchmarks.md (ratios; about 10 minutes here).
+bench-nested: prereqs guest
+	$(CARGO) build --workspace --locked
+	tests/nested/run.sh bench
 
 clean:
 	$(CARGO) clean

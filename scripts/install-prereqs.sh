@@ -13,8 +13,12 @@ APT_PACKAGES=(
     bsdutils                    # `script`: a terminal for `ctr run -t` in the tests
     fonts-dejavu-core           # the font of ironclad-bench's PNG charts
     libseccomp-dev pkg-config   # libcontainer's seccomp support, linked statically into the agent
+    kmod python3-venv file      # the nested tier: depmod for the L1 kernel's modules, virtme-ng's venv
 )
 VHOST_DEVICE_VSOCK_VERSION=0.3.0
+# The nested tier (tests/nested/run.sh): Debian's kernel as the L1 guest, started by virtme-ng.
+NESTED_DIR=${IRONCLAD_NESTED_DIR:-/var/lib/ironclad/nested}
+VIRTME_NG_VERSION=1.42
 
 say() { echo "prereqs: $*" >&2; }
 
@@ -46,5 +50,52 @@ if [ "$installed_vsock" != "$VHOST_DEVICE_VSOCK_VERSION" ]; then
     [ -w "$root/bin" ] || root="$HOME/.cargo"
     say "installing vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION into $root/bin (about 2 minutes)"
     cargo install --quiet --locked --root "$root" --version "$VHOST_DEVICE_VSOCK_VERSION" vhost-device-vsock
+fi
+# The L1 kernel of the nested tier: the version Debian's linux-image-amd64 points at now, downloaded
+# and unpacked under $NESTED_DIR (not installed: this machine's own kernel and boot setup stay as they
+# are), `current` pointing at it. Older versions are removed once a newer one is in place.
+install_l1_kernel() {
+    local package version
+    package=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+    if [ -z "$package" ]; then
+        say "apt knows no linux-image-amd64: cannot fetch the nested tier's L1 kernel (run apt-get update)"
+        exit 1
+    fi
+    version=${package#linux-image-}
+    if [ -f "$NESTED_DIR/$version/boot/vmlinuz-$version" ]; then
+        ln -sfn "$version" "$NESTED_DIR/current"
+        return
+    fi
+    say "fetching $package for the nested tier's L1 guest (about 70 MB, unpacked to $NESTED_DIR/$version)"
+    local work
+    work=$(mktemp -d)
+    (cd "$work" && apt-get download -q "$package" >/dev/null 2>&1) || { rm -rf "$work"; say "apt-get download $package failed"; exit 1; }
+    mkdir -p "$NESTED_DIR/$version.partial"
+    dpkg-deb -x "$work"/"$package"_*.deb "$NESTED_DIR/$version.partial"
+    rm -rf "$work" "$NESTED_DIR/$version"
+    mv "$NESTED_DIR/$version.partial" "$NESTED_DIR/$version"
+    ln -sfn "$version" "$NESTED_DIR/current"
+    for old in "$NESTED_DIR"/*-amd64; do
+        [ "$(basename "$old")" = "$version" ] || rm -rf "$old"
+    done
+}
+
+# virtme-ng, pinned, in a virtual environment of its own (Debian's python3).
+install_virtme_ng() {
+    if [ "$("$NESTED_DIR/venv/bin/vng" --version 2>/dev/null | awk '{print $NF}')" = "$VIRTME_NG_VERSION" ]; then
+        return
+    fi
+    say "installing virtme-ng $VIRTME_NG_VERSION into $NESTED_DIR/venv"
+    rm -rf "$NESTED_DIR/venv"
+    /usr/bin/python3 -m venv "$NESTED_DIR/venv"
+    "$NESTED_DIR/venv/bin/pip" install --quiet --disable-pip-version-check "virtme-ng==$VIRTME_NG_VERSION"
+}
+
+if mkdir -p "$NESTED_DIR" 2>/dev/null && [ -w "$NESTED_DIR" ]; then
+    install_l1_kernel
+    install_virtme_ng
+else
+    say "cannot write $NESTED_DIR: the nested tier's L1 kernel and virtme-ng are not installed (run as root, or set IRONCLAD_NESTED_DIR)"
+    [ "${IRONCLAD_ALLOW_SKIP:-}" = 1 ] || exit 1
 fi
 say "all prerequisites present"

@@ -2,6 +2,7 @@
 //! docs/benchmarks.md and a JSON file.
 
 mod agent;
+mod boot;
 mod charts;
 mod machine;
 mod report;
@@ -81,6 +82,51 @@ enum Benchmark {
         #[arg(long, default_value = "docs/charts")]
         charts: PathBuf,
     },
+    /// Where KVM can boot Linux (the nested tier's L1): the guest booted by ironclad-vmm and by
+    /// QEMU, interleaved, then `ctr run --rm` with ironclad against runc. Ratios, not times.
+    Nested {
+        /// Boots per monitor.
+        #[arg(long, default_value_t = 5)]
+        boot_runs: usize,
+        /// Cold starts per runtime.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        #[arg(long, default_value = "target/guest")]
+        guest_dir: PathBuf,
+        /// The directory holding containerd-shim-ironclad-v2 (default: next to this binary).
+        #[arg(long)]
+        shim_dir: Option<PathBuf>,
+        #[arg(long, default_value = "docs/benchmarks.md")]
+        report: PathBuf,
+        #[arg(long, default_value = "docs/benchmarks-nested.json")]
+        json: PathBuf,
+    },
+}
+
+fn binary_dir() -> PathBuf {
+    std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)).unwrap_or_default()
+}
+
+struct NestedSettings {
+    boot: boot::Settings,
+    runtimes: runtimes::Settings,
+    report: PathBuf,
+    json: PathBuf,
+}
+
+fn run_nested(settings: NestedSettings) -> Result<(), Box<dyn std::error::Error>> {
+    let machine = machine::Machine::describe();
+    let async_runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let boots =
+        async_runtime.block_on(boot::measure(&settings.boot, |step| eprintln!("ironclad-bench: {step}")))?;
+    drop(async_runtime);
+    let cold_starts = runtimes::measure(&settings.runtimes, Arc::new(AtomicBool::new(false)))?;
+    let markdown = report::nested_markdown(&machine, &boots, &cold_starts);
+    print!("{markdown}");
+    let value = serde_json::json!({ "machine": machine, "boot": boots, "runtimes": cold_starts });
+    report::write_section(&settings.report, "nested", &markdown, &settings.json, &value)?;
+    eprintln!("ironclad-bench: wrote {} and {}", settings.report.display(), settings.json.display());
+    Ok(())
 }
 
 fn default_agent() -> PathBuf {
@@ -192,8 +238,40 @@ fn main() -> ExitCode {
                 shim_dir,
                 hypervisor,
                 vm_memory_mib: 256,
+                cold_start_only: false,
             };
             match run_runtimes(settings, RuntimeOutputs { report, json, charts }) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("ironclad-bench: {}", report::error_chain(err.as_ref()));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Benchmark::Nested { boot_runs, runs, guest_dir, shim_dir, report, json } => {
+            let (kernel, initrd) = (guest_dir.join("bzImage"), guest_dir.join("initrd.img"));
+            let settings = NestedSettings {
+                boot: boot::Settings {
+                    kernel: kernel.clone(),
+                    initrd: initrd.clone(),
+                    memory_mib: 256,
+                    runs: boot_runs.max(1),
+                },
+                runtimes: runtimes::Settings {
+                    backend: runtimes::describe_backend("auto"),
+                    runs: runs.max(1),
+                    density: Vec::new(),
+                    kernel,
+                    initrd,
+                    shim_dir: shim_dir.unwrap_or_else(binary_dir),
+                    hypervisor: "auto".into(),
+                    vm_memory_mib: 256,
+                    cold_start_only: true,
+                },
+                report,
+                json,
+            };
+            match run_nested(settings) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     eprintln!("ironclad-bench: {}", report::error_chain(err.as_ref()));

@@ -214,6 +214,74 @@ pub fn runtimes_markdown(
     md
 }
 
+/// The nested comparison: ironclad-vmm against QEMU on the same KVM, ironclad against runc through
+/// the same containerd, as ratios (absolute times under nested emulation say little).
+pub fn nested_markdown(
+    machine: &Machine,
+    boots: &crate::boot::Results,
+    cold_starts: &crate::runtimes::Results,
+) -> String {
+    use crate::runtimes::Runtime;
+    let mut md = String::new();
+    let _ = writeln!(md, "## ironclad-vmm vs QEMU on one KVM, nested (`make bench-nested`)\n");
+    let _ = writeln!(
+        md,
+        "Machine: an L1 guest under QEMU TCG (`-cpu max`: emulated AMD SVM with nested paging) on this \
+         development machine: {} ({} vCPU, {} GiB), Linux {} (Debian's), KVM {}. Everything runs emulated, the \
+         guests under emulated SVM, so only the ratios mean something. Guest: our kernel and initrd, 1 vCPU, \
+         {} MiB, booted by each monitor in turn ({} runs each, interleaved).\n",
+        machine.cpu, machine.cores, machine.memory_gib, machine.kernel, machine.kvm, boots.memory_mib, boots.runs
+    );
+    let _ = writeln!(md, "| figure | monitor | p50 | p95 | min | ironclad-vmm / QEMU (p50) |");
+    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    let ours = boots.monitors.get("ironclad");
+    let theirs = boots.monitors.get("qemu");
+    type Pick = fn(&crate::boot::MonitorFigures) -> &crate::stats::Summary;
+    let rows: [(&str, Pick); 3] = [
+        ("monitor start → agent ready (ms)", |m| &m.ready_ms),
+        ("guest kernel uptime at ready (ms)", |m| &m.guest_uptime_ms),
+        ("monitor RSS outside guest RAM (KiB)", |m| &m.monitor_rss_kib),
+    ];
+    for (name, pick) in rows {
+        let ratio = match (ours, theirs) {
+            (Some(a), Some(b)) if pick(b).median > 0.0 => format!("{:.2}×", pick(a).median / pick(b).median),
+            _ => "–".into(),
+        };
+        for (i, monitor) in [ours, theirs].into_iter().flatten().enumerate() {
+            let s = pick(monitor);
+            let ratio_cell = if i == 0 { ratio.as_str() } else { "" };
+            let _ = writeln!(
+                md,
+                "| {name} | {} | {:.0} | {:.0} | {:.0} | {ratio_cell} |",
+                monitor.monitor, s.median, s.p95, s.min
+            );
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\n`ctr run --rm IMAGE ID echo ready` in the same L1, one private containerd, runs interleaved; ironclad \
+         backend: {}.\n",
+        cold_starts.hypervisor
+    );
+    let _ = writeln!(md, "| figure | ironclad p50 | runc p50 | ironclad / runc (p50) |");
+    let _ = writeln!(md, "|---|---|---|---|");
+    for figure in &cold_starts.figures {
+        let p50 = |runtime: Runtime| {
+            figure.summaries.get(&runtime).map(|s| format!("{:.2}", s.median)).unwrap_or("–".into())
+        };
+        let ratio = figure.ratio.map(|r| format!("{r:.1}×")).unwrap_or_else(|| "–".into());
+        let _ = writeln!(
+            md,
+            "| {} ({}) | {} | {} | {ratio} |",
+            figure.name,
+            figure.unit,
+            p50(Runtime::Ironclad),
+            p50(Runtime::Runc)
+        );
+    }
+    md
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

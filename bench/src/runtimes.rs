@@ -69,6 +69,8 @@ pub struct Settings {
     pub hypervisor: String,
     /// The size of each ironclad VM (from the shim's defaults), for the memory check before density.
     pub vm_memory_mib: u64,
+    /// Cold starts only (where everything runs slowly, as in the nested tier's L1).
+    pub cold_start_only: bool,
 }
 
 /// One figure for both runtimes.
@@ -329,6 +331,9 @@ fn mem_available_mib() -> u64 {
 /// How many progress steps a run takes: setup, warm-up, cold starts, idle sandboxes, jobs, density.
 fn total_steps(settings: &Settings) -> u64 {
     let runtimes = RUNTIMES.len();
+    if settings.cold_start_only {
+        return (2 + settings.runs * runtimes) as u64;
+    }
     (2 + settings.runs * runtimes + runtimes + settings.runs * 5 + settings.density.len() * runtimes) as u64
 }
 
@@ -380,6 +385,26 @@ fn measure_figures(bench: &mut Bench<'_>, settings: &Settings) -> Result<Results
             start.entry(runtime).or_default().push(total);
             first_output.entry(runtime).or_default().push(first);
         }
+    }
+    let cold_figures = |start: &BTreeMap<Runtime, Vec<f64>>, first_output: &BTreeMap<Runtime, Vec<f64>>| {
+        [
+            figure("cold start", "s", "`ctr run --rm IMAGE ID echo ready`, from exec to exit", start),
+            figure(
+                "time to first output",
+                "s",
+                "the same runs, from exec to the first byte of output",
+                first_output,
+            ),
+        ]
+    };
+    if settings.cold_start_only {
+        return Ok(Results {
+            hypervisor: settings.backend.clone(),
+            runs: settings.runs,
+            figures: cold_figures(&start, &first_output).into(),
+            density: Vec::new(),
+            density_skipped: Vec::new(),
+        });
     }
 
     let mut idle = BTreeMap::new();
@@ -436,14 +461,10 @@ fn measure_figures(bench: &mut Bench<'_>, settings: &Settings) -> Result<Results
     }
 
     let get = |job: &str| job_samples.get(job).cloned().unwrap_or_default();
+    let [cold, first] = cold_figures(&start, &first_output);
     let figures = vec![
-        figure("cold start", "s", "`ctr run --rm IMAGE ID echo ready`, from exec to exit", &start),
-        figure(
-            "time to first output",
-            "s",
-            "the same runs, from exec to the first byte of output",
-            &first_output,
-        ),
+        cold,
+        first,
         figure("exec latency", "s", "`ctr task exec` of `true` in a running task", &get("exec")),
         figure("CPU-bound job", "s", "sha256 of 8 MiB (busybox), through `ctr task exec`", &get("cpu")),
         figure(

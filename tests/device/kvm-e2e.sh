@@ -12,6 +12,8 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 
 RUNS=${RUNS:-5}
+# release (prebuilt artifacts carried to a device machine) or debug (the nested tier's L1).
+PROFILE=${IRONCLAD_PROFILE:-release}
 echo "== host"
 echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
 echo "cores: $(nproc), kernel: $(uname -r)"
@@ -37,11 +39,12 @@ if [ "$kvm" != yes ] || [ -z "$virt" ]; then
 fi
 
 need_build=()
-for f in target/release/ironclad-vmm target/release/ironclad-boot; do [ -x "$f" ] || need_build+=("$f"); done
+for f in "target/$PROFILE/ironclad-vmm" "target/$PROFILE/ironclad-boot"; do [ -x "$f" ] || need_build+=("$f"); done
 if [ "${#need_build[@]}" -gt 0 ]; then
     if command -v cargo >/dev/null; then
         echo "== building ${need_build[*]}"
-        cargo build --release -p ironclad-vmm -p ironclad-tests || { echo "RESULT: FAIL (build)"; exit 1; }
+        cargo build --profile "$([ "$PROFILE" = debug ] && echo dev || echo "$PROFILE")" -p ironclad-vmm -p ironclad-tests \
+            || { echo "RESULT: FAIL (build)"; exit 1; }
     else
         echo "RESULT: CANNOT RUN (missing ${need_build[*]} and no cargo to build them)"
         exit 2
@@ -58,11 +61,11 @@ if [ ! -f target/guest/bzImage ] || [ ! -f target/guest/initrd.img ]; then
 fi
 
 echo "== ironclad-vmm booting the guest ($RUNS runs)"
-export PATH="$PWD/target/release:$PATH" IRONCLAD_GUEST_DIR="$PWD/target/guest"
+export PATH="$PWD/target/$PROFILE:$PATH" IRONCLAD_GUEST_DIR="$PWD/target/guest"
 failures=0
 for i in $(seq 1 "$RUNS"); do
     echo "-- run $i"
-    if ! timeout 120 target/release/ironclad-boot --hypervisor ironclad; then
+    if ! timeout 120 "target/$PROFILE/ironclad-boot" --hypervisor ironclad; then
         failures=$((failures + 1))
     fi
 done

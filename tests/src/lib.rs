@@ -30,6 +30,16 @@ pub enum Error {
     Hypervisor(#[from] hypervisor::Error),
     #[error(transparent)]
     Agent(#[from] agent_client::Error),
+    #[error("the {got} backend was chosen where {expected} was expected ({why})")]
+    UnexpectedBackend { expected: String, got: &'static str, why: &'static str },
+}
+
+/// Set where a test run knows which backend `auto` must pick (the nested tier: ironclad).
+pub const EXPECT_BACKEND: &str = "IRONCLAD_EXPECT_BACKEND";
+
+/// The backend `$IRONCLAD_EXPECT_BACKEND` names, if set.
+pub fn expected_backend() -> Option<String> {
+    std::env::var(EXPECT_BACKEND).ok().filter(|b| !b.is_empty())
 }
 
 /// The guest kernel and initrd the harness boots.
@@ -95,7 +105,11 @@ pub async fn boot_guest(config: &VmConfig) -> Result<BootedGuest, Error> {
 pub async fn boot_guest_with(kind: HypervisorKind, config: &VmConfig) -> Result<BootedGuest, Error> {
     let run_root = tempfile::Builder::new().prefix("ironclad-e2e-").tempdir().map_err(Error::RunDir)?;
     let paths = SandboxPaths::new(run_root.path(), "sandbox");
-    let backend = Backend::select(kind, HostVirtualization::detect())?;
+    let host = HostVirtualization::detect();
+    let backend = Backend::select(kind, host)?;
+    if let Some(expected) = expected_backend().filter(|e| e != backend.name()) {
+        return Err(Error::UnexpectedBackend { expected, got: backend.name(), why: host.explain() });
+    }
     let mut vm = backend.start(config, paths.clone()).await?;
     let ready = vm.wait_ready(READY_TIMEOUT).await?;
     let agent = AgentClient::connect(vm.agent_socket(), AGENT_PORT, AGENT_CONNECT_TIMEOUT)

@@ -208,6 +208,10 @@ fn echo_exit_codes_and_the_guest_kernel() {
     assert_ne!(lines.get(1), Some(&host_kernel.as_str()), "uname -r inside is the host's kernel");
     assert!(lines.get(1).is_some_and(|r| r.starts_with("6.12")), "{stdout}");
     assert_nothing_left(&containerd, "echo1");
+    // Where the run knows which backend `auto` must pick (the nested tier: ironclad-vmm).
+    if let Some(expected) = ironclad_tests::expected_backend() {
+        assert!(containerd.log().contains(&format!("{expected} VM ready")), "{}", containerd.log_tail());
+    }
 
     // Output written just before the exit is all there: the shim drains it before TaskExit.
     let output = run(&containerd, &[], BUSYBOX_IMAGE, "burst1", &["seq", "1", "30000"], None);

@@ -8,11 +8,14 @@ use std::path::Path;
 use std::process::Command;
 
 use ironclad_protocol::agent::{CreateContainerRequest, Storage};
+use ironclad_shim::agent_client::{AgentClient, AGENT_PORT};
 use ironclad_shim::hypervisor::BlockDevice;
 use ironclad_tests::{boot_guest, init_logging, GuestArtifacts, EXIT_TIMEOUT};
 use oci_spec::runtime::{LinuxNamespaceType, RootBuilder, Spec};
 
 const BUSYBOX: &str = "/bin/busybox";
+/// How long one read of a container's output may wait (the guest runs emulated here).
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// An ext4 image of a busybox root file system, made with mkfs.ext4 -d.
 fn busybox_image(dir: &Path) -> std::path::PathBuf {
@@ -98,10 +101,15 @@ async fn start(guest: &ironclad_tests::BootedGuest, id: &str) {
     guest.agent.start_container(id).await.unwrap_or_else(|e| panic!("start {id}: {}", explain(guest, &e)));
 }
 
+/// A container's whole output; a stream that stalls fails the test with the guest's console.
 async fn read_stdout_to_end(guest: &ironclad_tests::BootedGuest, id: &str) -> String {
     let mut output = Vec::new();
     loop {
-        let chunk = guest.agent.read_stdout(id, "").await.unwrap();
+        let read = tokio::time::timeout(READ_TIMEOUT, guest.agent.read_stdout(id, ""));
+        let Ok(chunk) = read.await else {
+            panic!("{id}'s output stalled after {:?}; guest console:\n{}", output, guest.vm.console_tail());
+        };
+        let chunk = chunk.unwrap();
         if chunk.is_empty() {
             return String::from_utf8(output).unwrap();
         }
@@ -182,7 +190,8 @@ async fn an_erofs_rootfs_gets_a_writable_layer_in_the_guest() {
     let dir = tempfile::tempdir().unwrap();
     let rootfs = busybox_tree(dir.path());
     let image = dir.path().join("rootfs.erofs");
-    let built = Command::new("mkfs.erofs").arg("--quiet").arg(&image).arg(&rootfs).status();
+    // Root owns the files whoever builds the image: the container's root lacks CAP_DAC_OVERRIDE.
+    let built = Command::new("mkfs.erofs").args(["--quiet", "--all-root"]).arg(&image).arg(&rootfs).status();
     assert!(built.is_ok_and(|s| s.success()), "mkfs.erofs failed (apt-get install erofs-utils)");
     let mut config = GuestArtifacts::locate().unwrap().vm_config();
     config.block_devices = vec![BlockDevice { path: image, read_only: true, serial: "erofs-root".into() }];
@@ -191,7 +200,7 @@ async fn an_erofs_rootfs_gets_a_writable_layer_in_the_guest() {
     let mut storage = rootfs_storage(mount_point);
     storage.serial = "erofs-root".into();
     storage.fstype = "erofs".into();
-    let mut spec = base_spec(&["sh", "-c", "echo written > /tmp/note; cat /tmp/note; uname -r"]);
+    let mut spec = base_spec(&["sh", "-c", "exec 2>&1; echo written > /tmp/note; cat /tmp/note; uname -r"]);
     spec.set_root(Some(RootBuilder::default().path("rootfs").readonly(false).build().unwrap()));
     let mut request = CreateContainerRequest::new();
     request.container_id = "e1".into();
@@ -206,7 +215,7 @@ async fn an_erofs_rootfs_gets_a_writable_layer_in_the_guest() {
         .unwrap_or_else(|e| panic!("create e1: {}", explain(&guest, &e)));
     start(&guest, "e1").await;
     let output = read_stdout_to_end(&guest, "e1").await;
-    assert!(output.starts_with("written\n6.12"), "{output}");
+    assert!(output.starts_with("written\n6.12"), "{output}\nguest console:\n{}", guest.vm.console_tail());
     assert_eq!(guest.agent.wait_process("e1", "").await.unwrap(), 0);
     guest.agent.remove_container("e1").await.unwrap();
     guest.agent.destroy_sandbox().await.unwrap();
@@ -347,6 +356,58 @@ async fn a_container_printing_megabytes_is_read_whole() {
     assert_eq!(output.len(), expected.len());
     assert!(output == expected, "the output arrived changed");
     guest.agent.remove_container("big").await.unwrap();
+    guest.agent.destroy_sandbox().await.unwrap();
+    assert!(guest.vm.stop(EXIT_TIMEOUT).await.unwrap().success());
+}
+
+/// Two vCPUs brought up by the guest kernel (the monitor's MP table, one KVM vCPU thread each), and
+/// many agent connections open at once over vsock, each answered, while a container prints on
+/// both CPUs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_vcpus_come_up_and_many_agent_connections_are_served_at_once() {
+    const CONNECTIONS: usize = 32;
+    const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let image = busybox_image(dir.path());
+    let mut config = GuestArtifacts::locate().unwrap().vm_config();
+    config.vcpus = 2;
+    config.block_devices = vec![BlockDevice { path: image, read_only: true, serial: "rootfs".into() }];
+    let guest = boot_guest(&config).await.expect("boot with two vCPUs");
+    let script = "cat /sys/devices/system/cpu/online; for cpu in 0 1; do taskset -c $cpu sh -c 'echo on $(cut -d\" \" -f39 /proc/self/stat)' & done; wait";
+    create_on_rootfs_disk(&guest, "smp", &base_spec(&["sh", "-c", script])).await;
+    start(&guest, "smp").await;
+
+    // Every connection is opened before any is used, so all of them are open in the guest at once.
+    let socket = guest.vm.agent_socket().to_path_buf();
+    let mut connecting = tokio::task::JoinSet::new();
+    for _ in 0..CONNECTIONS {
+        let socket = socket.clone();
+        connecting.spawn(async move { AgentClient::connect(&socket, AGENT_PORT, CONNECT_TIMEOUT).await });
+    }
+    let mut clients = Vec::new();
+    while let Some(connected) = connecting.join_next().await {
+        clients.push(connected.unwrap().unwrap_or_else(|e| panic!("a connection: {}", explain(&guest, &e))));
+    }
+    let mut checking = tokio::task::JoinSet::new();
+    for client in clients {
+        checking.spawn(async move { client.check().await.map(|()| client) });
+    }
+    let mut clients = Vec::new();
+    while let Some(checked) = checking.join_next().await {
+        clients.push(checked.unwrap().unwrap_or_else(|e| panic!("a health check: {}", explain(&guest, &e))));
+    }
+    assert_eq!(clients.len(), CONNECTIONS);
+    drop(clients);
+
+    let output = read_stdout_to_end(&guest, "smp").await;
+    assert_eq!(guest.agent.wait_process("smp", "").await.unwrap(), 0);
+    let mut lines: Vec<&str> = output.lines().collect();
+    assert_eq!(lines.first(), Some(&"0-1"), "both CPUs online: {output}");
+    lines.remove(0);
+    lines.sort_unstable();
+    assert_eq!(lines, ["on 0", "on 1"], "a process ran on each CPU: {output}");
+    guest.agent.remove_container("smp").await.unwrap();
     guest.agent.destroy_sandbox().await.unwrap();
     assert!(guest.vm.stop(EXIT_TIMEOUT).await.unwrap().success());
 }

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Runs inside the L1 guest of the nested tier (tests/nested/run.sh starts it): makes /dev/kvm from
+# the L1 kernel's kvm_amd on QEMU's emulated SVM, then runs each named test suite against
+# ironclad-vmm and records its exit status in RESULTS_DIR/<suite>.status.
+#
+# usage: inside.sh RESULTS_DIR SUITE=COMMAND...   (COMMAND: a test executable and its arguments,
+#        separated by spaces; it runs from the checkout's root)
+set -uo pipefail
+results=${1:?usage: inside.sh RESULTS_DIR SUITE=COMMAND...}
+shift
+cd "$(dirname "$0")/../.."
+
+say() { echo "nested: $*"; }
+
+# modprobe needs the module tree virtme-ng links in; insmod with full paths is the fallback.
+load_kvm_amd() {
+    modprobe kvm_amd 2>/dev/null && return 0
+    local dir="/lib/modules/$(uname -r)/kernel"
+    for module in virt/lib/irqbypass.ko arch/x86/kvm/kvm.ko drivers/crypto/ccp/ccp.ko arch/x86/kvm/kvm-amd.ko; do
+        [ -e "$dir/$module" ] && insmod "$dir/$module" 2>/dev/null
+    done
+    [ -d /sys/module/kvm_amd ]
+}
+
+if ! grep -qw svm /proc/cpuinfo; then
+    say "the L1 CPU shows no svm: QEMU did not emulate AMD SVM"
+    echo "no-svm" >"$results/setup.status"
+    exit 1
+fi
+if ! load_kvm_amd || [ ! -c /dev/kvm ]; then
+    say "kvm_amd did not load or /dev/kvm is missing"
+    echo "no-kvm" >"$results/setup.status"
+    exit 1
+fi
+say "L1 $(uname -r): $(dmesg | grep -o 'Nested Paging enabled' | head -1), /dev/kvm ready"
+echo 0 >"$results/setup.status"
+# From here on the console carries the suites' output; L1's kernel messages stay in its log.
+dmesg --console-off
+
+# The tests find ironclad-vmm and the shim on PATH, and write below /var/tmp and /tmp (tmpfs here).
+export PATH="$PWD/target/debug:$PATH"
+export IRONCLAD_GUEST_DIR="$PWD/target/guest"
+for suite in "$@"; do
+    name=${suite%%=*}
+    command=${suite#*=}
+    say "== $name: $command"
+    started=$(date +%s)
+    # shellcheck disable=SC2086 # the command and its arguments, split on spaces on purpose
+    $command 2>&1
+    status=$?
+    say "== $name: exit $status after $(($(date +%s) - started)) s"
+    echo "$status" >"$results/$name.status"
+done
+dmesg >"$results/l1-dmesg.log"
