@@ -14,6 +14,7 @@ APT_PACKAGES=(
     fonts-dejavu-core           # the font of ironclad-bench's PNG charts
     libseccomp-dev pkg-config   # libcontainer's seccomp support, linked statically into the agent
     kmod python3-venv file      # the nested tier: depmod for the L1 kernel's modules, virtme-ng's venv
+    containernetworking-plugins iproute2   # CNI bridge + host-local for the network tests, ip netns
 )
 VHOST_DEVICE_VSOCK_VERSION=0.3.0
 # The nested tier (tests/nested/run.sh): Debian's kernel as the L1 guest, started by virtme-ng.

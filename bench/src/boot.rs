@@ -89,6 +89,7 @@ pub async fn measure(settings: &Settings, progress: impl Fn(String)) -> Result<R
         memory_mib: settings.memory_mib,
         extra_kernel_params: String::new(),
         block_devices: vec![],
+        network: None,
     };
     let mut samples: BTreeMap<&'static str, Samples> = BTreeMap::new();
     for run in 0..settings.runs {

@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use ironclad_protocol::agent::health_check_response::ServingStatus;
 use ironclad_protocol::agent::{
     CheckRequest, ContainerRequest, CopyFileRequest, CreateContainerRequest, CreateSandboxRequest,
-    DestroySandboxRequest, ExecProcessRequest, ProcessRef, ReadStreamRequest, RemoveContainerRequest,
-    SetGuestDateTimeRequest, SignalProcessRequest, StartContainerRequest, TtyWinResizeRequest,
-    UpdateContainerRequest, VersionCheckResponse, WriteStreamRequest,
+    DestroySandboxRequest, ExecProcessRequest, Interface, ProcessRef, ReadStreamRequest,
+    RemoveContainerRequest, SetGuestDateTimeRequest, SignalProcessRequest, StartContainerRequest,
+    TtyWinResizeRequest, UpdateContainerRequest, UpdateInterfaceRequest, UpdateRoutesRequest,
+    VersionCheckResponse, WriteStreamRequest,
 };
 use ironclad_protocol::agent_ttrpc::{AgentClient as AgentRpc, HealthClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -382,6 +383,28 @@ impl AgentClient {
             .await
             .map(|_| ())
             .map_err(|source| Error::Rpc { call: "Agent.SetGuestDateTime", source })
+    }
+
+    /// Sets a guest interface's addresses (replacing others), MTU, MAC and state.
+    pub async fn update_interface(&self, interface: Interface) -> Result<(), Error> {
+        let mut request = UpdateInterfaceRequest::new();
+        request.interface = Some(interface).into();
+        self.agent
+            .update_interface(self.ctx(), &request)
+            .await
+            .map(|_| ())
+            .map_err(|source| Error::Rpc { call: "Agent.UpdateInterface", source })
+    }
+
+    /// Adds routes in the guest, each replacing any route to the same destination.
+    pub async fn update_routes(&self, routes: Vec<ironclad_protocol::agent::Route>) -> Result<(), Error> {
+        let mut request = UpdateRoutesRequest::new();
+        request.routes = routes;
+        self.agent
+            .update_routes(self.ctx(), &request)
+            .await
+            .map(|_| ())
+            .map_err(|source| Error::Rpc { call: "Agent.UpdateRoutes", source })
     }
 
     pub async fn remove_container(&self, container_id: &str) -> Result<(), Error> {

@@ -16,6 +16,9 @@ pub const DEFAULT_IMAGE_CACHE: &str = "/var/lib/ironclad/images";
 /// Guest console logs, on disk rather than on the run root's tmpfs.
 pub const DEFAULT_LOG_ROOT: &str = "/var/log/ironclad";
 
+/// The link-local address clouds serve instance metadata (and credentials) on.
+pub const METADATA_ADDRESS: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 169, 254);
+
 /// Per-container annotations that may change the VM's size, when the config allows them.
 pub const ANNOTATION_VCPUS: &str = "io.ironclad.vcpus";
 pub const ANNOTATION_MEMORY_MIB: &str = "io.ironclad.memory_mib";
@@ -65,6 +68,10 @@ pub struct ShimConfig {
     pub image_cache: PathBuf,
     /// Where each sandbox's guest console log goes while it runs (capped at 1 MiB, rotated once).
     pub log_root: PathBuf,
+    /// IPv4 networks the guest may not send to, dropped on the host side of its tap (the cloud
+    /// metadata address by default).
+    #[serde(deserialize_with = "ipv4_networks")]
+    pub denied_destinations: Vec<(std::net::Ipv4Addr, u8)>,
     /// Where this configuration came from, for error messages.
     #[serde(skip)]
     pub source: PathBuf,
@@ -85,6 +92,7 @@ impl Default for ShimConfig {
             run_root: crate::paths::DEFAULT_RUN_ROOT.into(),
             image_cache: DEFAULT_IMAGE_CACHE.into(),
             log_root: DEFAULT_LOG_ROOT.into(),
+            denied_destinations: vec![(METADATA_ADDRESS, 32)],
             source: PathBuf::from("(defaults)"),
         }
     }
@@ -189,6 +197,26 @@ fn log_level<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Er
     }
 }
 
+/// "169.254.169.254/32" or "10.0.0.0/8" (a bare address is /32).
+fn ipv4_networks<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<(std::net::Ipv4Addr, u8)>, D::Error> {
+    Vec::<String>::deserialize(deserializer)?
+        .iter()
+        .map(|text| {
+            let (ip, prefix) = text.split_once('/').unwrap_or((text, "32"));
+            let ip = ip.parse::<std::net::Ipv4Addr>();
+            let prefix = prefix.parse::<u8>().ok().filter(|p| *p <= 32);
+            match (ip, prefix) {
+                (Ok(ip), Some(prefix)) => Ok((ip, prefix)),
+                _ => Err(serde::de::Error::custom(format!(
+                    "{text:?} is not an IPv4 address or network (169.254.169.254/32)"
+                ))),
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,6 +272,21 @@ mod tests {
         let text = include_str!("../config.toml");
         let config = parse(text).unwrap();
         assert_eq!(config, ShimConfig { source: config.source.clone(), ..ShimConfig::default() });
+    }
+
+    #[test]
+    fn denied_destinations_are_ipv4_networks_and_may_be_none() {
+        assert_eq!(ShimConfig::default().denied_destinations, vec![(METADATA_ADDRESS, 32)]);
+        let config = parse("denied_destinations = [\"10.0.0.0/8\", \"192.0.2.1\"]").unwrap();
+        assert_eq!(
+            config.denied_destinations,
+            vec![("10.0.0.0".parse().unwrap(), 8), ("192.0.2.1".parse().unwrap(), 32)]
+        );
+        assert!(parse("denied_destinations = []").unwrap().denied_destinations.is_empty());
+        for bad in ["\"fd00::1\"", "\"10.0.0.0/33\"", "\"metadata\""] {
+            let err = parse(&format!("denied_destinations = [{bad}]")).unwrap_err().to_string();
+            assert!(err.contains("denied_destinations") && err.contains("IPv4"), "{err}");
+        }
     }
 
     #[test]

@@ -25,6 +25,8 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// How long the agent gets to answer DestroySandbox.
 const DESTROY_TIMEOUT: Duration = Duration::from_secs(5);
 const PIDS_FILE: &str = "vm.pids";
+/// Names the network namespace the sandbox's taps and qdiscs are in, so that clean-up finds them.
+pub const NETNS_FILE: &str = "netns";
 /// Names the console log (kept outside the task directory) so that clean-up finds it.
 const CONSOLE_LOG_FILE: &str = "console-log";
 /// The exit status of every process of a VM that the host stopped because the guest did not
@@ -254,6 +256,22 @@ pub fn unmount_below(dir: &Path) {
     }
 }
 
+/// How long clean-up waits for killed VM processes to be gone. containerd gives `delete` 5 s in all.
+const KILLED_EXIT_WAIT: Duration = Duration::from_secs(3);
+
+/// Waits (bounded) until none of `pids` exists any more (a zombie of ours counts as gone).
+fn wait_until_gone(pids: &[i32], wait: Duration) {
+    let started = std::time::Instant::now();
+    let alive = |pid: &i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+            .unwrap_or(false)
+    };
+    while pids.iter().any(alive) && started.elapsed() < wait {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// After a crashed shim: kills the VM processes recorded in `task_dir` (only those whose command
 /// line still names the directory, so a reused pid is left alone), unmounts what is mounted below
 /// it and removes it. Doing it twice is harmless.
@@ -270,12 +288,26 @@ pub fn clean_up_task_dir(task_dir: &Path) {
     }
     let marker = task_dir.to_string_lossy().into_owned();
     let recorded = std::fs::read_to_string(task_dir.join(PIDS_FILE)).unwrap_or_default();
+    let mut killed = Vec::new();
     for pid in recorded.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         if String::from_utf8_lossy(&cmdline).contains(&marker) {
             warn!("killing leftover VM process {pid}");
             let _ =
                 nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            killed.push(pid);
+        }
+    }
+    // A killed monitor holds its tap until the kernel has torn it down.
+    wait_until_gone(&killed, KILLED_EXIT_WAIT);
+    if let Ok(netns) = std::fs::read(task_dir.join(NETNS_FILE)) {
+        let netns = PathBuf::from(std::ffi::OsString::from_vec(netns));
+        // A namespace the shim made goes, with its tap, when it is unmounted below; only one that
+        // is someone else's (CRI's) needs the tap and qdiscs taken out.
+        if !netns.starts_with(task_dir) {
+            if let Err(err) = crate::resources::network::clean_up_blocking(&netns) {
+                warn!("cannot remove the sandbox's taps and qdiscs: {}", error_chain(&err));
+            }
         }
     }
     unmount_below(task_dir);

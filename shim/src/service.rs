@@ -39,6 +39,7 @@ use crate::hypervisor::{error_chain, BlockDevice, VmConfig};
 use crate::io::{self as stdio};
 use crate::metrics;
 use crate::process::{Exit, Process, StdioUris};
+use crate::resources::network::{self, Attachment, InterfaceConfig, Requested};
 use crate::resources::rootfs::{self, MountSpec, ROOTFS_SERIAL};
 use crate::sandbox::{self, clean_up_task_dir, Sandbox};
 use crate::spec;
@@ -76,6 +77,8 @@ pub enum Error {
     Config(#[from] config::Error),
     #[error("rootfs")]
     Rootfs(#[from] rootfs::Error),
+    #[error("network")]
+    Network(#[from] network::Error),
     #[error("cannot start the sandbox VM")]
     Sandbox(#[from] sandbox::Error),
     #[error(transparent)]
@@ -117,6 +120,97 @@ pub enum Error {
     Join(#[source] tokio::task::JoinError),
 }
 
+/// The guest's first NIC, as the guest kernel names it.
+const GUEST_NIC: &str = "eth0";
+/// The bind mount that keeps a network namespace the shim made, in the task directory.
+const NEW_NETNS_FILE: &str = "net";
+
+/// The sandbox's network: the spec's namespace, or a new one made in the task directory, with a
+/// tap for the guest NIC (see `resources::network`). The namespace is recorded in the task
+/// directory first, so that clean-up after any failure (or a crash) removes what was made there.
+async fn attach_network(
+    requested: &Requested,
+    task_dir: &Path,
+    id: &str,
+    config: &ShimConfig,
+) -> Result<Option<Arc<Attachment>>, Error> {
+    let netns = match requested {
+        Requested::HostNetwork => {
+            info!("the spec keeps the host's network namespace, which a VM cannot share: no NIC");
+            return Ok(None);
+        }
+        Requested::Path(path) => path.clone(),
+        Requested::New => task_dir.join(NEW_NETNS_FILE),
+    };
+    let record = task_dir.join(sandbox::NETNS_FILE);
+    std::fs::write(&record, netns.as_os_str().as_encoded_bytes()).map_err(|source| Error::TaskDir {
+        action: "write",
+        path: record,
+        source,
+    })?;
+    if *requested == Requested::New {
+        network::create_netns(&netns)?;
+    }
+    let attachment =
+        Attachment::prepare(&netns, network::mac_for(id), config.denied_destinations.clone()).await?;
+    info!("network: {} in {} for the guest's {GUEST_NIC}", attachment.tap, netns.display());
+    Ok(Some(Arc::new(attachment)))
+}
+
+/// Configures the guest NIC once the CNI interface it stands in for is there.
+async fn configure_guest_network_if_ready(
+    agent: &AgentClient,
+    network: Option<&Attachment>,
+) -> Result<(), Error> {
+    let Some(network) = network else { return Ok(()) };
+    if let Some(interface) = network.take_unconfigured().await? {
+        info!("network: the guest's {GUEST_NIC} stands in for {}", interface.name);
+        configure_guest_network(agent, &interface).await?;
+    }
+    Ok(())
+}
+
+/// Gives the guest NIC the CNI interface's MAC, MTU, addresses and routes.
+async fn configure_guest_network(
+    agent: &AgentClient,
+    interface_config: &InterfaceConfig,
+) -> Result<(), Error> {
+    let mut interface = ironclad_protocol::agent::Interface::new();
+    interface.name = GUEST_NIC.into();
+    interface.hw_addr = network::format_mac(&interface_config.mac);
+    interface.mtu = interface_config.mtu;
+    interface.up = true;
+    interface.addresses = interface_config
+        .addresses
+        .iter()
+        .map(|(ip, prefix)| {
+            let mut address = ironclad_protocol::agent::IPAddress::new();
+            address.address = ip.to_string();
+            address.prefix_len = u32::from(*prefix);
+            address
+        })
+        .collect();
+    agent.update_interface(interface).await?;
+    let routes = interface_config
+        .routes
+        .iter()
+        .map(|route| {
+            let mut r = ironclad_protocol::agent::Route::new();
+            r.destination = route
+                .destination
+                .map(|(ip, prefix)| format!("{ip}/{prefix}"))
+                .unwrap_or_else(|| "default".into());
+            r.gateway = route.gateway.map(|g| g.to_string()).unwrap_or_default();
+            r.device = GUEST_NIC.into();
+            r
+        })
+        .collect::<Vec<_>>();
+    if !routes.is_empty() {
+        agent.update_routes(routes).await?;
+    }
+    Ok(())
+}
+
 fn code_of(err: &Error) -> ttrpc::Code {
     use ttrpc::Code;
     match err {
@@ -140,6 +234,19 @@ fn code_of(err: &Error) -> ttrpc::Code {
         ) => Code::INVALID_ARGUMENT,
         Error::Rootfs(
             rootfs::Error::Io { .. } | rootfs::Error::Mount { .. } | rootfs::Error::Mkfs { .. },
+        ) => Code::INTERNAL,
+        Error::Network(
+            network::Error::EnterNetns { .. }
+            | network::Error::TooManyInterfaces { .. }
+            | network::Error::NoTun(_)
+            | network::Error::NoMac { .. },
+        ) => Code::FAILED_PRECONDITION,
+        Error::Network(
+            network::Error::CreateNetns { .. }
+            | network::Error::Socket { .. }
+            | network::Error::Netlink { .. }
+            | network::Error::Tap { .. }
+            | network::Error::Thread,
         ) => Code::INTERNAL,
         Error::Sandbox(_) => Code::FAILED_PRECONDITION,
         // The agent's own code (INVALID_ARGUMENT, NOT_FOUND...); a transport error means the VM is
@@ -301,6 +408,7 @@ impl TaskService {
             .map(|m| MountSpec { kind: &m.type_, source: &m.source, options: &m.options })
             .collect();
         let snapshot = rootfs::parse_snapshot(&mounts)?;
+        let requested_network = network::requested(&spec);
 
         let dir = task_dir(&config, &self.namespace, &req.id);
         if dir.exists() {
@@ -319,6 +427,7 @@ impl TaskService {
                     create_private_dir(parent)?;
                 }
                 let image = prepare_rootfs(snapshot, &config, &dir).await?;
+                let network = attach_network(&requested_network, &dir, &req.id, &config).await?;
                 let vm_config = VmConfig {
                     kernel: config.kernel.clone(),
                     initrd: config.initrd.clone(),
@@ -330,10 +439,12 @@ impl TaskService {
                         read_only: true,
                         serial: ROOTFS_SERIAL.into(),
                     }],
+                    network: network.as_ref().map(|n| n.vm_network()),
                 };
                 let sandbox = Arc::new(Sandbox::boot(&config, &vm_config, &dir, console_log).await?);
                 let init = Process::new("", stdio_uris(req), String::new());
-                let container = Arc::new(Container::new(&req.id, &req.bundle, sandbox, init));
+                let container =
+                    Arc::new(Container::new(&req.id, &req.bundle, sandbox, init).with_network(network));
                 if let Err(err) = self.create_in_guest(&container, spec, &file_mounts).await {
                     container.sandbox.teardown().await;
                     return Err(err);
@@ -358,6 +469,10 @@ impl TaskService {
         if let Err(err) = agent.sync_clock().await {
             warn!("cannot set the guest clock: {}", error_chain(&err));
         }
+        configure_guest_network_if_ready(agent, container.network.as_deref()).await?;
+        // The sandbox's network namespace is the guest's own, where the NIC standing in for its
+        // CNI interface is: the container shares it (a host path would mean nothing there).
+        network::share_guest_network(&mut spec);
         let hostname = spec::guest_hostname(&spec, &container.id);
         agent.create_sandbox(&container.id, &hostname).await?;
         copy_file_mounts(agent, &container.id, &mut spec, file_mounts).await?;
@@ -542,6 +657,8 @@ impl TaskService {
         }
         let agent = &container.sandbox.agent;
         let guest_pid = if process.is_init() {
+            // `ctr run --cni` adds the CNI interface to the monitor's namespace after Create.
+            configure_guest_network_if_ready(agent, container.network.as_deref()).await?;
             agent.start_container(&container.id).await?
         } else {
             let pid = agent.exec_process(&container.id, &req.exec_id, &process.exec_spec).await?;

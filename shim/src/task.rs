@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::io::ProcessIo;
 use crate::process::Process;
+use crate::resources::network::Attachment;
 use crate::sandbox::Sandbox;
 
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +26,8 @@ pub struct Container {
     pub id: String,
     pub bundle: String,
     pub sandbox: Arc<Sandbox>,
+    /// The sandbox's network, configured in the guest once its CNI interface is there.
+    pub network: Option<Arc<Attachment>>,
     processes: Mutex<HashMap<String, Arc<Process>>>,
 }
 
@@ -34,8 +37,14 @@ impl Container {
             id: id.to_string(),
             bundle: bundle.to_string(),
             sandbox,
+            network: None,
             processes: Mutex::new(HashMap::from([(String::new(), init)])),
         }
+    }
+
+    pub fn with_network(mut self, network: Option<Arc<Attachment>>) -> Self {
+        self.network = network;
+        self
     }
 
     fn processes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Process>>> {

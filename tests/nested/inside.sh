@@ -32,6 +32,12 @@ if ! load_kvm_amd || [ ! -c /dev/kvm ]; then
     echo "no-kvm" >"$results/setup.status"
     exit 1
 fi
+# Sandbox networking: taps, the CNI bridge and veths, and the tc pieces that join them.
+for module in tun veth bridge sch_ingress cls_u32 act_mirred act_gact; do
+    if ! modprobe "$module" 2>/dev/null && ! grep -qw "${module}" /proc/modules; then
+        say "module $module did not load: the network tests will say what is missing"
+    fi
+done
 say "L1 $(uname -r): $(dmesg | grep -o 'Nested Paging enabled' | head -1), /dev/kvm ready"
 echo 0 >"$results/setup.status"
 # From here on the console carries the suites' output; L1's kernel messages stay in its log.
@@ -40,6 +46,13 @@ dmesg --console-off
 # The tests find ironclad-vmm and the shim on PATH, and write below /var/tmp and /tmp (tmpfs here).
 export PATH="$PWD/target/debug:$PATH"
 export IRONCLAD_GUEST_DIR="$PWD/target/guest"
+# Each private containerd's log (shim logs included) comes back in the results directory.
+export IRONCLAD_KEEP_LOGS="$results/containerd-logs"
+mkdir -p "$IRONCLAD_KEEP_LOGS"
+# Each boot takes ~10 s here and every frame crosses emulated SVM: the network leak check makes
+# 5 runs in a row, not 50, and the transfer check moves 2 MiB, not 32.
+export IRONCLAD_NETWORK_RUNS=5
+export IRONCLAD_NETWORK_BLOB_MIB=2
 for suite in "$@"; do
     name=${suite%%=*}
     command=${suite#*=}

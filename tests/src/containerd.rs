@@ -53,6 +53,28 @@ pub struct Containerd {
     pub run_root: PathBuf,
     /// Where the shim keeps each task's console log: `<log root>/<namespace>/<task id>.console.log`.
     pub log_root: PathBuf,
+    /// The network namespace containerd and every ctr run in (the network tests' own).
+    netns: Option<PathBuf>,
+}
+
+/// Makes `command` run in the network namespace `netns`: containerd, the shims it starts and the
+/// CNI plugins `ctr run --cni` calls then all live there.
+fn enter_netns(command: &mut Command, netns: &Path) -> Result<(), Error> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let file = std::fs::File::open(netns).map_err(io_err(format!("open {}", netns.display())))?;
+    // SAFETY: between fork and exec the child only calls setns, which is async-signal-safe; the
+    // closure owns the namespace file, so its descriptor is open then.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    Ok(())
 }
 
 /// Where the guest kernel, the initrd and the shim binary are.
@@ -70,6 +92,11 @@ impl Containerd {
     /// Starts containerd with the shim's directory first on its PATH and writes a shim config that
     /// boots `artifacts`.
     pub fn start(artifacts: &Artifacts) -> Result<Containerd, Error> {
+        Self::start_in(artifacts, None)
+    }
+
+    /// As [`Containerd::start`], with containerd and every ctr in network namespace `netns`.
+    pub fn start_in(artifacts: &Artifacts, netns: Option<&Path>) -> Result<Containerd, Error> {
         for (tool, name) in [("containerd", "containerd"), ("ctr", "ctr"), ("runc", "runc")] {
             if ironclad_shim::hypervisor::find_executable(Path::new(tool)).is_none() {
                 return Err(Error::Missing(name));
@@ -97,7 +124,11 @@ impl Containerd {
         let log =
             std::fs::File::create(dir.path().join("containerd.log")).map_err(io_err("containerd.log"))?;
         let path = format!("{}:{}", artifacts.shim_dir.display(), std::env::var("PATH").unwrap_or_default());
-        let child = Command::new("containerd")
+        let mut command = Command::new("containerd");
+        if let Some(netns) = netns {
+            enter_netns(&mut command, netns)?;
+        }
+        let child = command
             .arg("--config")
             .arg(&config)
             .env("PATH", path)
@@ -106,7 +137,16 @@ impl Containerd {
             .stderr(log)
             .spawn()
             .map_err(io_err("start containerd"))?;
-        let containerd = Containerd { child, dir, namespace, socket, shim_config, run_root, log_root };
+        let containerd = Containerd {
+            child,
+            dir,
+            namespace,
+            socket,
+            shim_config,
+            run_root,
+            log_root,
+            netns: netns.map(Path::to_path_buf),
+        };
         containerd.wait_for_socket()?;
         Ok(containerd)
     }
@@ -145,6 +185,12 @@ impl Containerd {
     /// `ctr --address .. -n <namespace> <args>`.
     pub fn ctr_command(&self, args: &[&str]) -> Command {
         let mut command = Command::new("ctr");
+        if let Some(netns) = &self.netns {
+            // The namespace exists for as long as this containerd: it was entered at its start.
+            if let Err(err) = enter_netns(&mut command, netns) {
+                panic!("ctr cannot enter the test's network namespace: {err}");
+            }
+        }
         command.arg("--address").arg(&self.socket).args(["-n", &self.namespace]).args(args);
         command
     }

@@ -73,6 +73,7 @@ impl GuestArtifacts {
             // For debugging, e.g. IRONCLAD_KERNEL_PARAMS=IRONCLAD_AGENT_LOG=debug.
             extra_kernel_params: std::env::var("IRONCLAD_KERNEL_PARAMS").unwrap_or_default(),
             block_devices: vec![],
+            network: None,
         }
     }
 }

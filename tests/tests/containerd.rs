@@ -123,9 +123,21 @@ fn assert_nothing_left(containerd: &Containerd, id: &str) {
             return;
         }
         if Instant::now() > deadline {
+            // What each leftover process is doing: its state and the kernel function it waits in.
+            let states: Vec<String> = processes
+                .iter()
+                .map(|(pid, _)| {
+                    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                    let state =
+                        stat.rsplit(')').next().unwrap_or("").split_whitespace().next().unwrap_or("?");
+                    let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+                    let stack = std::fs::read_to_string(format!("/proc/{pid}/stack")).unwrap_or_default();
+                    format!("{pid}: state {state}, waiting in {wchan:?}\n{stack}")
+                })
+                .collect();
             panic!(
-                "left behind for {id}: task dir: {dir_left}; processes: {processes:?}; mounts: {mounts:?}; \
-                 shim socket {}: {socket_left}",
+                "left behind for {id}: task dir: {dir_left}; processes: {processes:?} ({states:?}); mounts: \
+                 {mounts:?}; shim socket {}: {socket_left}",
                 shim_socket.display()
             );
         }
@@ -529,4 +541,462 @@ fn bad_requests_fail_clearly_and_leave_nothing() {
 fn assert_container_is_gone(containerd: &Containerd, id: &str) {
     let list = containerd.ctr_ok(&["containers", "list", "-q"]).unwrap();
     assert!(!list.lines().any(|l| l == id), "container {id} is still there: {list}");
+}
+
+/// A network namespace of the test's own, with lo up; containerd, ctr and the CNI bridge live in
+/// it, so no address is ever given in the host's namespace. Removed on drop.
+struct TestNetns {
+    name: String,
+    path: PathBuf,
+}
+
+impl TestNetns {
+    fn new(prefix: &str) -> TestNetns {
+        let name = format!("{prefix}-{}", std::process::id());
+        let added = std::process::Command::new("ip").args(["netns", "add", &name]).status().unwrap();
+        assert!(added.success(), "ip netns add {name}");
+        let up = std::process::Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]).status();
+        assert!(up.unwrap().success());
+        TestNetns { path: PathBuf::from(format!("/var/run/netns/{name}")), name }
+    }
+
+    /// Runs `work` on a thread that has entered the namespace: sockets it makes live there.
+    fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let file = std::fs::File::open(&self.path).unwrap();
+        std::thread::spawn(move || {
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            work()
+        })
+    }
+
+    /// `ip -n <it> ARGS`, which must succeed; its output.
+    fn ip(&self, args: &[&str]) -> String {
+        let output = std::process::Command::new("ip").args(["-n", &self.name]).args(args).output().unwrap();
+        assert!(
+            output.status.success(),
+            "ip -n {} {args:?}: {}",
+            self.name,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// The names of its interfaces.
+    fn link_names(&self) -> Vec<String> {
+        let links = self.ip(&["-o", "link", "show"]);
+        links
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .collect()
+    }
+
+    /// Waits (a destroyed namespace takes its veth end with it, asynchronously) until no veth is
+    /// left, else fails naming those left.
+    fn assert_no_veth_left(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let veths = self.veths();
+            if veths.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "veths left in the test's namespace:\n{veths}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn veths(&self) -> String {
+        let output = std::process::Command::new("ip")
+            .args(["-n", &self.name, "-o", "link", "show", "type", "veth"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// The tests that write /etc/cni (which `ctr run --cni` reads) take turns.
+static CNI_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+const CNI_CONF_DIR: &str = "/etc/cni/net.d";
+const CNI_BIN_DIR: &str = "/opt/cni/bin";
+const CNI_CONF: &str = "/etc/cni/net.d/05-ironclad-test.conflist";
+/// The test network: only ever inside the test's namespace.
+const CNI_SUBNET_PREFIX: &str = "10.203.0.";
+const CNI_GATEWAY: &str = "10.203.0.1";
+
+/// The CNI configuration `ctr run --cni` reads (it knows only /etc/cni/net.d and /opt/cni/bin):
+/// a bridge with host-local addresses kept in the test's directory. Whatever it adds there is
+/// removed on drop; what was there before is left alone.
+struct CniConfig {
+    added: Vec<PathBuf>,
+}
+
+impl CniConfig {
+    fn install(ipam_dir: &std::path::Path) -> CniConfig {
+        let mut added = Vec::new();
+        for dir in [CNI_CONF_DIR, CNI_BIN_DIR] {
+            let mut missing = Vec::new();
+            let mut d = std::path::Path::new(dir);
+            while !d.exists() {
+                missing.push(d.to_path_buf());
+                d = d.parent().unwrap();
+            }
+            std::fs::create_dir_all(dir).unwrap();
+            added.extend(missing.into_iter().rev());
+        }
+        for plugin in ["bridge", "host-local", "loopback"] {
+            let link = std::path::Path::new(CNI_BIN_DIR).join(plugin);
+            if !link.exists() {
+                std::os::unix::fs::symlink(format!("/usr/lib/cni/{plugin}"), &link).unwrap();
+                added.push(link);
+            }
+        }
+        let conf = serde_json::json!({
+            "cniVersion": "0.4.0",
+            "name": "ironclad-test",
+            "plugins": [{
+                "type": "bridge",
+                "bridge": "icbr0",
+                "isGateway": true,
+                "ipMasq": false,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{ "subnet": format!("{CNI_SUBNET_PREFIX}0/24"), "gateway": CNI_GATEWAY }]],
+                    "routes": [{ "dst": "0.0.0.0/0" }],
+                    "dataDir": ipam_dir,
+                }
+            }]
+        });
+        std::fs::write(CNI_CONF, conf.to_string()).unwrap();
+        added.push(CNI_CONF.into());
+        CniConfig { added }
+    }
+}
+
+impl Drop for CniConfig {
+    fn drop(&mut self) {
+        for path in self.added.iter().rev() {
+            let _ = std::fs::remove_file(path).or_else(|_| std::fs::remove_dir(path));
+        }
+    }
+}
+
+/// One line of `text` that starts with `prefix`, the rest of it.
+fn field<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    text.lines().find_map(|l| l.trim().strip_prefix(prefix))
+}
+
+/// `ctr run --rm --cni`: the container's eth0 has the CNI address and the bridge's gateway as its
+/// default route; it reaches a server in the test's namespace but not the metadata address (denied
+/// by default), serves 32 MiB that arrive there with the same sha256, and after it nothing of ours
+/// is left in the namespace, so the next run works; with an empty deny list the metadata address
+/// answers.
+#[test]
+fn ctr_run_cni_carries_the_cni_network_into_the_guest() {
+    if !ironclad_test_prereq::needs()
+        .root()
+        .program("containerd")
+        .program("ctr")
+        .program("ip")
+        .file(std::path::Path::new("/usr/lib/cni/bridge"), "apt-get install containernetworking-plugins")
+        .ready()
+    {
+        return;
+    }
+    let _turn = CNI_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let netns = TestNetns::new("icnet");
+    let ipam = tempfile::tempdir().unwrap();
+    let _cni = CniConfig::install(ipam.path());
+    let containerd = start_containerd_in(&netns);
+
+    // The metadata address, on the test namespace's lo: reachable from the guest unless denied.
+    netns.ip(&["addr", "add", "169.254.169.254/32", "dev", "lo"]);
+    let metadata = netns.run(|| std::net::TcpListener::bind("169.254.169.254:0").unwrap()).join().unwrap();
+    let metadata_port = metadata.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        for stream in metadata.incoming().map_while(Result::ok) {
+            let mut line = String::new();
+            std::io::BufReader::new(&stream).read_line(&mut line).unwrap();
+            (&stream).write_all(format!("metadata says {line}").as_bytes()).unwrap();
+        }
+    });
+    // A server in the test's namespace, on every address there (the bridge's gateway among them).
+    let listener = netns.run(|| std::net::TcpListener::bind("0.0.0.0:0").unwrap()).join().unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Not joined: if the container never connects, the assertions below say so.
+    std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        let (stream, _) = listener.accept().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(&stream).read_line(&mut line).unwrap();
+        (&stream).write_all(format!("hello from the test namespace, {line}").as_bytes()).unwrap();
+    });
+
+    let config = containerd.shim_config.display().to_string();
+    let blob_mib = network_blob_mib();
+    let script = format!(
+        "ip -4 addr show eth0; ip route; echo container | nc {CNI_GATEWAY} {port}; \
+         echo probe | nc -w 5 169.254.169.254 {metadata_port}; \
+         dd if=/dev/urandom of=/tmp/blob bs=1M count={blob_mib} 2>/dev/null; \
+         echo sha256 $(sha256sum /tmp/blob); echo serving; nc -l -p 8080 -e cat /tmp/blob; echo served"
+    );
+    let mut args = ironclad_run_args(&config, &["--rm", "--cni"]);
+    args.extend([BUSYBOX_IMAGE, "cni1", "sh", "-c", &script]);
+    let mut ctr = containerd.ctr_command(&args);
+    let mut child = ctr.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null()).spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut seen = String::new();
+    while !seen.contains("serving\n") {
+        match lines_rx.recv_timeout(CTR_TIMEOUT) {
+            Ok(line) => seen.push_str(&format!("{line}\n")),
+            Err(_) => {
+                let _ = child.kill();
+                let output = child.wait_with_output().unwrap();
+                panic!(
+                    "the container printed only:\n{seen}\nctr: {}\ncontainerd log:\n{}",
+                    String::from_utf8_lossy(&output.stderr),
+                    containerd.log_tail()
+                );
+            }
+        }
+    }
+    let inet = field(&seen, "inet ").unwrap_or_else(|| panic!("no IPv4 address on eth0:\n{seen}"));
+    let address = inet.split(['/', ' ']).next().unwrap().to_string();
+    assert!(address.starts_with(CNI_SUBNET_PREFIX), "eth0 has {address}, not in the CNI subnet:\n{seen}");
+    assert!(seen.contains(&format!("default via {CNI_GATEWAY} dev eth0")), "{seen}");
+    assert!(seen.contains("hello from the test namespace, container"), "{seen}");
+    assert!(!seen.contains("metadata says"), "the metadata address is denied by default:\n{seen}");
+    let expected = field(&seen, "sha256 ").unwrap().split_whitespace().next().unwrap().to_string();
+
+    // The container's server, reached from the test's namespace at the container's address.
+    let pulled = netns
+        .run(move || {
+            use std::io::Read;
+            // "serving" comes just before nc listens: a refused connection is tried again.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut stream = loop {
+                match std::net::TcpStream::connect((address.as_str(), 8080)) {
+                    Ok(stream) => break stream,
+                    Err(err) if Instant::now() < deadline => {
+                        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    Err(err) => panic!("the container's server did not answer: {err}"),
+                }
+            };
+            let mut data = Vec::new();
+            stream.read_to_end(&mut data).unwrap();
+            data
+        })
+        .join()
+        .unwrap();
+    assert_eq!(pulled.len(), blob_mib << 20, "the whole blob arrived");
+    assert_eq!(format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&pulled)), expected);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "ctr run: {status}");
+    assert!(lines_rx.iter().any(|l| l == "served"));
+    assert_nothing_left(&containerd, "cni1");
+    netns.assert_no_veth_left();
+
+    // The same interface names again: nothing of the first run is in the way. With no denied
+    // destinations in the config, the metadata address answers.
+    let open_config = containerd.dir().join("open.toml");
+    let mut text = std::fs::read_to_string(&containerd.shim_config).unwrap();
+    text.push_str("\ndenied_destinations = []\n");
+    std::fs::write(&open_config, text).unwrap();
+    let open_config = open_config.display().to_string();
+    let script = format!("ip -4 addr show eth0; echo open | nc -w 5 169.254.169.254 {metadata_port}");
+    let mut args = ironclad_run_args(&open_config, &["--rm", "--cni"]);
+    args.extend([BUSYBOX_IMAGE, "cni2", "sh", "-c", &script]);
+    let text = stdout_of(&containerd, &run_ctr(&containerd, &args, None));
+    assert!(text.contains(&format!("inet {CNI_SUBNET_PREFIX}")), "{text}");
+    assert!(text.contains("metadata says open"), "{text}");
+    assert_nothing_left(&containerd, "cni2");
+    netns.assert_no_veth_left();
+}
+
+/// The CRI way: the spec names a network namespace that is set up already (here by hand, as a CNI
+/// plugin would: a veth with an address and a default route). The guest's eth0 takes its
+/// configuration and reaches the peer; afterwards the namespace is as it was: its interface
+/// there, no tap, no qdisc.
+#[test]
+fn a_prepared_network_namespace_is_carried_into_the_guest_and_left_as_it_was() {
+    if !ironclad_test_prereq::needs()
+        .root()
+        .program("containerd")
+        .program("ctr")
+        .program("ip")
+        .program("tc")
+        .ready()
+    {
+        return;
+    }
+    let outer = TestNetns::new("icouter");
+    let sandbox = TestNetns::new("icsb");
+    outer.ip(&["link", "add", "icv0", "type", "veth", "peer", "name", "eth0", "netns", &sandbox.name]);
+    outer.ip(&["addr", "add", "10.204.0.1/24", "dev", "icv0"]);
+    outer.ip(&["link", "set", "icv0", "up"]);
+    sandbox.ip(&["link", "set", "eth0", "mtu", "1400"]);
+    sandbox.ip(&["addr", "add", "10.204.0.2/24", "dev", "eth0"]);
+    sandbox.ip(&["link", "set", "eth0", "up"]);
+    sandbox.ip(&["route", "add", "default", "via", "10.204.0.1"]);
+    let links_before = sandbox.link_names();
+
+    let guest = GuestArtifacts::locate().unwrap();
+    let artifacts = Artifacts {
+        kernel: guest.kernel,
+        initrd: guest.initrd,
+        shim_dir: shim_dir(),
+        hypervisor: std::env::var("IRONCLAD_HYPERVISOR").unwrap_or_else(|_| "auto".into()),
+    };
+    let containerd = Containerd::start_in(&artifacts, Some(&outer.path)).unwrap();
+    containerd.import_busybox().unwrap();
+    let listener = outer.run(|| std::net::TcpListener::bind("10.204.0.1:0").unwrap()).join().unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        let (stream, _) = listener.accept().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(&stream).read_line(&mut line).unwrap();
+        (&stream).write_all(format!("hello from the peer, {line}").as_bytes()).unwrap();
+    });
+
+    let with_ns = format!("network:{}", sandbox.path.display());
+    let script = format!("ip addr show eth0; ip route; echo guest | nc 10.204.0.1 {port}");
+    let output =
+        run(&containerd, &["--with-ns", &with_ns], BUSYBOX_IMAGE, "prepared", &["sh", "-c", &script], None);
+    let text = stdout_of(&containerd, &output);
+    assert!(text.contains("inet 10.204.0.2/24"), "{text}");
+    assert!(text.contains("mtu 1400"), "the interface's MTU: {text}");
+    assert!(text.contains("default via 10.204.0.1 dev eth0"), "{text}");
+    assert!(text.contains("hello from the peer, guest"), "{text}");
+    assert_nothing_left(&containerd, "prepared");
+    assert_eq!(sandbox.link_names(), links_before, "no tap of ours left");
+    let qdiscs = std::process::Command::new("tc")
+        .args(["-n", &sandbox.name, "qdisc", "show", "dev", "eth0"])
+        .output()
+        .unwrap();
+    let qdiscs = String::from_utf8_lossy(&qdiscs.stdout);
+    assert!(!qdiscs.contains("ingress"), "no qdisc of ours left: {qdiscs}");
+}
+
+/// A private containerd (and every ctr) in the test's network namespace.
+fn start_containerd_in(netns: &TestNetns) -> Containerd {
+    let guest = GuestArtifacts::locate().unwrap();
+    let artifacts = Artifacts {
+        kernel: guest.kernel,
+        initrd: guest.initrd,
+        shim_dir: shim_dir(),
+        hypervisor: std::env::var("IRONCLAD_HYPERVISOR").unwrap_or_else(|_| "auto".into()),
+    };
+    let containerd = Containerd::start_in(&artifacts, Some(&netns.path)).unwrap();
+    containerd.import_busybox().unwrap();
+    containerd
+}
+
+/// How much the container serves in the transfer check: 32 MiB, less where every frame crosses
+/// emulated SVM (the nested tier sets IRONCLAD_NETWORK_BLOB_MIB).
+fn network_blob_mib() -> usize {
+    std::env::var("IRONCLAD_NETWORK_BLOB_MIB").ok().and_then(|n| n.parse().ok()).unwrap_or(32)
+}
+
+/// How many `ctr run --rm --cni` in a row the leak check makes: 50, fewer where each boot is
+/// slow (the nested tier sets IRONCLAD_NETWORK_RUNS).
+fn network_runs() -> usize {
+    std::env::var("IRONCLAD_NETWORK_RUNS").ok().and_then(|n| n.parse().ok()).unwrap_or(50)
+}
+
+/// Two sandboxes on one CNI bridge at once get their own addresses and reach each other; then
+/// many short runs in a row leave no veth, mount, task directory or process behind.
+#[test]
+fn two_sandboxes_reach_each_other_and_many_runs_leave_nothing() {
+    if !ironclad_test_prereq::needs()
+        .root()
+        .program("containerd")
+        .program("ctr")
+        .program("ip")
+        .file(std::path::Path::new("/usr/lib/cni/bridge"), "apt-get install containernetworking-plugins")
+        .ready()
+    {
+        return;
+    }
+    let _turn = CNI_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let netns = TestNetns::new("icpair");
+    let ipam = tempfile::tempdir().unwrap();
+    let _cni = CniConfig::install(ipam.path());
+    let containerd = start_containerd_in(&netns);
+    let config = containerd.shim_config.display().to_string();
+
+    let mut args = ironclad_run_args(&config, &["-d", "--cni"]);
+    args.extend([
+        BUSYBOX_IMAGE,
+        "first",
+        "sh",
+        "-c",
+        "while true; do nc -l -p 7000 -e echo from-first; done",
+    ]);
+    stdout_of(&containerd, &run_ctr(&containerd, &args, None));
+    wait_for_status(&containerd, "first", "RUNNING");
+    let shown = containerd.ctr_ok(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "addr",
+        "first",
+        "ip",
+        "-4",
+        "addr",
+        "show",
+        "eth0",
+    ]);
+    let shown = shown.unwrap();
+    let first = field(&shown, "inet ").unwrap_or_else(|| panic!("no address: {shown}"));
+    let first = first.split('/').next().unwrap().to_string();
+    assert!(first.starts_with(CNI_SUBNET_PREFIX), "{shown}");
+
+    let script = format!("ip -4 addr show eth0; nc {first} 7000");
+    let output = run(&containerd, &["--cni"], BUSYBOX_IMAGE, "second", &["sh", "-c", &script], None);
+    let text = stdout_of(&containerd, &output);
+    let second = field(&text, "inet ").unwrap_or_else(|| panic!("no address: {text}"));
+    assert!(second.starts_with(CNI_SUBNET_PREFIX) && !second.starts_with(&format!("{first}/")), "{text}");
+    assert!(text.contains("from-first"), "the second sandbox reached the first: {text}");
+
+    containerd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "first"]).unwrap();
+    wait_for_status(&containerd, "first", "STOPPED");
+    containerd.ctr_ok(&["tasks", "delete", "first"]).unwrap();
+    containerd.ctr_ok(&["containers", "delete", "first"]).unwrap();
+    assert_nothing_left(&containerd, "first");
+    assert_nothing_left(&containerd, "second");
+
+    let runs = network_runs();
+    for run_number in 0..runs {
+        let id = format!("many{run_number}");
+        let output = run(&containerd, &["--cni"], BUSYBOX_IMAGE, &id, &["true"], None);
+        stdout_of(&containerd, &output);
+        assert_nothing_left(&containerd, &id);
+    }
+    netns.assert_no_veth_left();
+    let output =
+        run(&containerd, &["--cni"], BUSYBOX_IMAGE, "after", &["ip", "-4", "addr", "show", "eth0"], None);
+    let text = stdout_of(&containerd, &output);
+    assert!(text.contains(&format!("inet {CNI_SUBNET_PREFIX}")), "after {runs} runs: {text}");
+    assert_nothing_left(&containerd, "after");
+    netns.assert_no_veth_left();
 }

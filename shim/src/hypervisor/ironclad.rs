@@ -48,6 +48,7 @@ impl IroncladBackend {
             &args,
             paths.console_log(),
             paths.agent_socket(),
+            config.network.as_ref().map(|n| n.netns.as_path()),
             vec![],
         )
         .await?;
@@ -69,6 +70,12 @@ pub fn vm_description(config: &VmConfig, paths: &SandboxPaths) -> serde_json::Va
             .iter()
             .map(|d| serde_json::json!({ "path": d.path, "read_only": d.read_only, "serial": d.serial }))
             .collect::<Vec<_>>(),
+        "net": config
+            .network
+            .iter()
+            .flat_map(|network| &network.devices)
+            .map(|nic| serde_json::json!({ "tap": nic.tap, "mac": nic.mac }))
+            .collect::<Vec<_>>(),
         "vsock": { "guest_cid": GUEST_CID, "uds_path": paths.agent_socket() },
         "serial": "stdout",
         // Off: it logs guest writes to a port, which only a benchmark wants.
@@ -89,6 +96,7 @@ mod tests {
             memory_mib: 256,
             extra_kernel_params: "quiet".into(),
             block_devices: vec![],
+            network: None,
         };
         let paths = SandboxPaths::new(Path::new("/run/ironclad"), "sb");
         let json = vm_description(&config, &paths);
@@ -96,6 +104,17 @@ mod tests {
         assert_eq!(json["cmdline"], "console=ttyS0 reboot=k panic=-1 quiet");
         assert_eq!(json["memory_mib"], 256);
         assert_eq!(json["boot_timer"], false, "the boot timer is for benchmarks only");
+        assert_eq!(json["net"], serde_json::json!([]), "no network, no NIC");
+        let mut with_nic = config.clone();
+        with_nic.network = Some(crate::hypervisor::VmNetwork {
+            netns: "/var/run/netns/cni-1".into(),
+            devices: vec![crate::hypervisor::NetDevice {
+                tap: "tap0_ic".into(),
+                mac: "02:1c:00:00:00:01".into(),
+            }],
+        });
+        let json = vm_description(&with_nic, &paths);
+        assert_eq!(json["net"], serde_json::json!([{ "tap": "tap0_ic", "mac": "02:1c:00:00:00:01" }]));
     }
 
     #[tokio::test]
@@ -110,6 +129,7 @@ mod tests {
             memory_mib: 64,
             extra_kernel_params: String::new(),
             block_devices: vec![],
+            network: None,
         };
         // A stand-in monitor that fails the way a VMM refusing its configuration does.
         let fake = dir.path().join("fake-vmm");

@@ -25,6 +25,25 @@ pub struct VmConfig {
     pub extra_kernel_params: String,
     /// Disks for the guest, which finds each by its serial.
     pub block_devices: Vec<BlockDevice>,
+    /// The sandbox's network, if it has one: the monitor runs in that network namespace, where
+    /// its taps are.
+    pub network: Option<VmNetwork>,
+}
+
+/// Where the monitor runs and the NICs it gives the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmNetwork {
+    /// The network namespace (a path such as /var/run/netns/cni-…).
+    pub netns: PathBuf,
+    pub devices: Vec<NetDevice>,
+}
+
+/// A virtio-net NIC backed by a tap that exists in the sandbox's network namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetDevice {
+    pub tap: String,
+    /// "02:00:00:00:00:01": the guest NIC takes the MAC of the interface it stands in for.
+    pub mac: String,
 }
 
 /// A raw disk image given to the guest as virtio-blk.
@@ -300,6 +319,7 @@ mod tests {
             memory_mib: 128,
             extra_kernel_params: String::new(),
             block_devices: vec![],
+            network: None,
         };
         assert_eq!(config.kernel_cmdline(), "console=ttyS0 reboot=k panic=-1");
         config.extra_kernel_params = " quiet ".into();

@@ -39,6 +39,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot open the network namespace {path}")]
+    OpenNetns {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot start {program}")]
     Spawn {
         program: PathBuf,
@@ -162,24 +168,23 @@ impl GuestVm {
         args: &[OsString],
         console_log: PathBuf,
         agent_socket: PathBuf,
+        netns: Option<&Path>,
         mut helpers: Vec<Child>,
     ) -> Result<GuestVm, Error> {
         let started = Instant::now();
-        let spawned = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn();
+        let spawned = match netns.map(|path| (path, std::fs::File::open(path))) {
+            Some((path, Err(source))) => Err(Error::OpenNetns { path: path.to_path_buf(), source }),
+            Some((_, Ok(netns))) => spawn_monitor(program, args, Some(&netns)),
+            None => spawn_monitor(program, args, None),
+        };
         let mut monitor = match spawned {
             Ok(child) => child,
-            Err(source) => {
+            Err(err) => {
                 for helper in &mut helpers {
                     let _ = helper.start_kill();
                     let _ = helper.wait().await;
                 }
-                return Err(Error::Spawn { program: program.to_path_buf(), source });
+                return Err(err);
             }
         };
         let console = Console::default();
@@ -352,6 +357,27 @@ impl Drop for GuestVm {
     }
 }
 
+/// Starts the monitor, in `netns` when given (where the sandbox's taps are).
+fn spawn_monitor(program: &Path, args: &[OsString], netns: Option<&std::fs::File>) -> Result<Child, Error> {
+    let mut command = Command::new(program);
+    command.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    if let Some(netns) = netns {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(netns);
+        // SAFETY: between fork and exec the child only calls setns, which is async-signal-safe and
+        // changes the child's own network namespace; `fd` stays open until spawn returns.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    command.spawn().map_err(|source| Error::Spawn { program: program.to_path_buf(), source })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -367,6 +393,7 @@ mod tests {
             &["-c".into(), script.into()],
             dir.path().join("console.log"),
             dir.path().join("agent.sock"),
+            None,
             vec![],
         )
         .await

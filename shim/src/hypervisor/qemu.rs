@@ -65,9 +65,16 @@ impl QemuBackend {
         let vhost = self.start_vsock_daemon(&paths).await?;
         let args: Vec<OsString> =
             qemu_args(config, &paths, self.use_kvm).into_iter().map(OsString::from).collect();
-        let mut vm =
-            GuestVm::spawn("QEMU", &self.qemu, &args, paths.console_log(), paths.agent_socket(), vec![vhost])
-                .await?;
+        let mut vm = GuestVm::spawn(
+            "QEMU",
+            &self.qemu,
+            &args,
+            paths.console_log(),
+            paths.agent_socket(),
+            config.network.as_ref().map(|n| n.netns.as_path()),
+            vec![vhost],
+        )
+        .await?;
         vm.adopt_sandbox_dir(&mut guard);
         vm.limit_guest_messages(GUEST_MESSAGE_LIMIT);
         Ok(vm)
@@ -152,6 +159,13 @@ pub fn qemu_args(config: &VmConfig, paths: &SandboxPaths, use_kvm: bool) -> Vec<
         args.push("-device".into());
         args.push(format!("virtio-blk-device,drive=disk{index},serial={}", disk.serial));
     }
+    let nics = config.network.iter().flat_map(|network| &network.devices);
+    for (index, nic) in nics.enumerate() {
+        args.push("-netdev".into());
+        args.push(format!("tap,id=net{index},ifname={},script=no,downscript=no", nic.tap));
+        args.push("-device".into());
+        args.push(format!("virtio-net-device,netdev=net{index},mac={}", nic.mac));
+    }
     args.extend([
         "-kernel".into(),
         config.kernel.display().to_string(),
@@ -175,6 +189,7 @@ mod tests {
             memory_mib: 256,
             extra_kernel_params: "quiet".into(),
             block_devices: vec![],
+            network: None,
         }
     }
 
@@ -198,6 +213,25 @@ mod tests {
         assert_eq!(value_after(&args, "-append"), ["console=ttyS0 reboot=k panic=-1 quiet"]);
         assert!(args.iter().any(|a| a == "-no-reboot"), "a guest reset must end QEMU");
         assert!(value_after(&args, "-device").contains(&"i8042"), "the reset goes through an i8042");
+    }
+
+    #[test]
+    fn each_nic_is_a_virtio_net_device_on_its_tap_with_its_mac() {
+        let paths = SandboxPaths::new(Path::new("/r"), "sb");
+        let mut config = config();
+        config.network = Some(crate::hypervisor::VmNetwork {
+            netns: "/var/run/netns/cni-1".into(),
+            devices: vec![crate::hypervisor::NetDevice {
+                tap: "tap0_ic".into(),
+                mac: "02:1c:00:00:00:01".into(),
+            }],
+        });
+        let args = qemu_args(&config, &paths, false);
+        assert_eq!(value_after(&args, "-netdev"), ["tap,id=net0,ifname=tap0_ic,script=no,downscript=no"]);
+        assert!(
+            value_after(&args, "-device").contains(&"virtio-net-device,netdev=net0,mac=02:1c:00:00:00:01")
+        );
+        assert!(value_after(&qemu_args(&super::tests::config(), &paths, false), "-netdev").is_empty());
     }
 
     #[test]

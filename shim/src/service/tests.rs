@@ -100,6 +100,7 @@ async fn rig(guest: Guest, stdout: &str) -> Rig {
         &["600".into()],
         dir.path().join("console.log"),
         socket.clone(),
+        None,
         vec![],
     )
     .await
