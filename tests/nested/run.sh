@@ -90,24 +90,48 @@ rm -rf "$RESULTS"
 mkdir -p "$RESULTS"
 # The benchmark writes its section into a copy of the report (the checkout is read-only in L1).
 cp docs/benchmarks.md "$RESULTS/benchmarks.md"
-say "L1: $(basename "$kernel") under QEMU TCG with -cpu max, $L1_CPUS vCPUs, $L1_MEMORY; suites: ${suites[*]}"
 started=$(date +%s)
-# virtme-ng's console fallback prints the script's output on the console and loses its exit
-# status: each suite's status comes back through the writable results directory instead. The
-# console goes to a file, followed from here: QEMU never waits on a pipe's reader. Its stdin is
-# /dev/null: a QEMU in a background process group that reads a terminal is stopped.
-timeout --kill-after=30 "$TIMEOUT" \
-    env PATH="$NESTED_DIR/venv/bin:$PATH" vng --verbose --run "$kernel" --disable-kvm --force-9p \
-    --cpus "$L1_CPUS" --memory "$L1_MEMORY" --overlay-rwdir=/opt --qemu-opts="-cpu max -monitor unix:$RESULTS/monitor.sock,server=on,wait=off" --rwdir="$RESULTS" \
-    --exec "IRONCLAD_EXPECT_BACKEND=ironclad tests/nested/inside.sh $RESULTS $(printf '%q ' "${commands[@]}")" \
-    </dev/null >"$RESULTS/console.log" 2>&1 &
-vng_pid=$!
-tail -n +1 -F --pid="$vng_pid" "$RESULTS/console.log" 2>/dev/null |
-    grep --line-buffered -v -E '^\[ *[0-9]+\.[0-9]+\] ' || true
-set +e
-wait "$vng_pid"
-vng_status=$?
-set -e
+
+# Starts the L1 with the named suites (SUITE=COMMAND...) and waits for it. virtme-ng's console
+# fallback prints the script's output on the console and loses its exit status: each suite's
+# status comes back through the writable results directory instead. The console goes to a file,
+# followed from here: QEMU never waits on a pipe's reader. Its stdin is /dev/null: a QEMU in a
+# background process group that reads a terminal is stopped. tests/nested/watchdog.py stops an
+# L1 that the emulator left wedged (see there).
+run_l1() {
+    say "L1: $(basename "$kernel") under QEMU TCG with -cpu max, $L1_CPUS vCPUs, $L1_MEMORY; suites: ${*%%=*}"
+    rm -f "$RESULTS/monitor.sock" "$RESULTS/wedged"
+    : >"$RESULTS/console.log"
+    timeout --kill-after=30 "$TIMEOUT" \
+        env PATH="$NESTED_DIR/venv/bin:$PATH" vng --verbose --run "$kernel" --disable-kvm --force-9p \
+        --cpus "$L1_CPUS" --memory "$L1_MEMORY" --overlay-rwdir=/opt \
+        --qemu-opts="-cpu max -monitor unix:$RESULTS/monitor.sock,server=on,wait=off" --rwdir="$RESULTS" \
+        --exec "IRONCLAD_EXPECT_BACKEND=ironclad tests/nested/inside.sh $RESULTS $(printf '%q ' "$@")" \
+        </dev/null >"$RESULTS/console.log" 2>&1 &
+    local vng_pid=$!
+    python3 tests/nested/watchdog.py "$RESULTS/monitor.sock" "$RESULTS/wedged" &
+    local watchdog_pid=$!
+    tail -n +1 -F --pid="$vng_pid" "$RESULTS/console.log" 2>/dev/null |
+        grep --line-buffered -v -E '^\[ *[0-9]+\.[0-9]+\] ' || true
+    set +e
+    wait "$vng_pid"
+    vng_status=$?
+    set -e
+    kill "$watchdog_pid" 2>/dev/null || true
+    wait "$watchdog_pid" 2>/dev/null || true
+}
+
+run_l1 "${commands[@]}"
+if [ -f "$RESULTS/wedged" ]; then
+    # The emulator stopped, not a test: the suites that had not reported run once more.
+    say "the L1 was wedged by the emulator ($(cat "$RESULTS/wedged")); running the unfinished suites again"
+    mv "$RESULTS/console.log" "$RESULTS/console.wedged.log"
+    again=()
+    for command in "${commands[@]}"; do
+        [ -f "$RESULTS/${command%%=*}.status" ] || again+=("$command")
+    done
+    [ "${#again[@]}" -eq 0 ] || run_l1 "${again[@]}"
+fi
 elapsed=$(($(date +%s) - started))
 
 failed=0
@@ -126,6 +150,7 @@ for suite in "${suites[@]}"; do
     fi
 done
 [ "$vng_status" -ne 124 ] || say "the L1 run was stopped after ${TIMEOUT}s"
+[ ! -f "$RESULTS/wedged" ] || say "the L1 was wedged by the emulator again: $(cat "$RESULTS/wedged")"
 if [ "$(cat "$RESULTS/bench.status" 2>/dev/null)" = 0 ]; then
     cp "$RESULTS/benchmarks.md" docs/benchmarks.md
     cp "$RESULTS/benchmarks-nested.json" docs/benchmarks-nested.json
