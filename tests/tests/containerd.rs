@@ -21,12 +21,8 @@ fn shim_dir() -> PathBuf {
     exe.parent().unwrap().parent().unwrap().to_path_buf()
 }
 
-/// Root, containerd and the built guest are needed; without them the test fails naming them (or
-/// skips where IRONCLAD_ALLOW_SKIP=1 says so).
-fn start_containerd() -> Option<Containerd> {
-    if !ironclad_test_prereq::needs().root().program("containerd").program("ctr").ready() {
-        return None;
-    }
+/// The built guest and shim, and the backend `$IRONCLAD_HYPERVISOR` names.
+fn artifacts() -> Artifacts {
     let guest = match GuestArtifacts::locate() {
         Ok(guest) => guest,
         Err(err) => panic!("{err}"),
@@ -36,13 +32,21 @@ fn start_containerd() -> Option<Containerd> {
         shim_dir.join("containerd-shim-ironclad-v2").is_file(),
         "build the shim first (cargo build -p ironclad-shim)"
     );
-    let artifacts = Artifacts {
+    Artifacts {
         kernel: guest.kernel,
         initrd: guest.initrd,
         shim_dir,
         hypervisor: std::env::var("IRONCLAD_HYPERVISOR").unwrap_or_else(|_| "auto".into()),
-    };
-    let containerd = Containerd::start(&artifacts).unwrap();
+    }
+}
+
+/// Root, containerd and the built guest are needed; without them the test fails naming them (or
+/// skips where IRONCLAD_ALLOW_SKIP=1 says so).
+fn start_containerd() -> Option<Containerd> {
+    if !ironclad_test_prereq::needs().root().program("containerd").program("ctr").ready() {
+        return None;
+    }
+    let containerd = Containerd::start(&artifacts()).unwrap();
     containerd.import_busybox().unwrap();
     Some(containerd)
 }
@@ -702,21 +706,8 @@ fn field<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
 /// answers.
 #[test]
 fn ctr_run_cni_carries_the_cni_network_into_the_guest() {
-    if !ironclad_test_prereq::needs()
-        .root()
-        .program("containerd")
-        .program("ctr")
-        .program("ip")
-        .file(std::path::Path::new("/usr/lib/cni/bridge"), "apt-get install containernetworking-plugins")
-        .ready()
-    {
-        return;
-    }
-    let _turn = CNI_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let netns = TestNetns::new("icnet");
-    let ipam = tempfile::tempdir().unwrap();
-    let _cni = CniConfig::install(ipam.path());
-    let containerd = start_containerd_in(&netns);
+    let Some(setup) = CniSetup::new("icnet") else { return };
+    let (netns, containerd) = (&setup.netns, &setup.containerd);
 
     // The metadata address, on the test namespace's lo: reachable from the guest unless denied.
     netns.ip(&["addr", "add", "169.254.169.254/32", "dev", "lo"]);
@@ -812,7 +803,7 @@ fn ctr_run_cni_carries_the_cni_network_into_the_guest() {
     let status = child.wait().unwrap();
     assert!(status.success(), "ctr run: {status}");
     assert!(lines_rx.iter().any(|l| l == "served"));
-    assert_nothing_left(&containerd, "cni1");
+    assert_nothing_left(containerd, "cni1");
     netns.assert_no_veth_left();
 
     // The same interface names again: nothing of the first run is in the way. With no denied
@@ -825,10 +816,10 @@ fn ctr_run_cni_carries_the_cni_network_into_the_guest() {
     let script = format!("ip -4 addr show eth0; echo open | nc -w 5 169.254.169.254 {metadata_port}");
     let mut args = ironclad_run_args(&open_config, &["--rm", "--cni"]);
     args.extend([BUSYBOX_IMAGE, "cni2", "sh", "-c", &script]);
-    let text = stdout_of(&containerd, &run_ctr(&containerd, &args, None));
+    let text = stdout_of(containerd, &run_ctr(containerd, &args, None));
     assert!(text.contains(&format!("inet {CNI_SUBNET_PREFIX}")), "{text}");
     assert!(text.contains("metadata says open"), "{text}");
-    assert_nothing_left(&containerd, "cni2");
+    assert_nothing_left(containerd, "cni2");
     netns.assert_no_veth_left();
 }
 
@@ -859,15 +850,7 @@ fn a_prepared_network_namespace_is_carried_into_the_guest_and_left_as_it_was() {
     sandbox.ip(&["route", "add", "default", "via", "10.204.0.1"]);
     let links_before = sandbox.link_names();
 
-    let guest = GuestArtifacts::locate().unwrap();
-    let artifacts = Artifacts {
-        kernel: guest.kernel,
-        initrd: guest.initrd,
-        shim_dir: shim_dir(),
-        hypervisor: std::env::var("IRONCLAD_HYPERVISOR").unwrap_or_else(|_| "auto".into()),
-    };
-    let containerd = Containerd::start_in(&artifacts, Some(&outer.path)).unwrap();
-    containerd.import_busybox().unwrap();
+    let containerd = start_containerd_in(&outer);
     let listener = outer.run(|| std::net::TcpListener::bind("10.204.0.1:0").unwrap()).join().unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
@@ -899,16 +882,41 @@ fn a_prepared_network_namespace_is_carried_into_the_guest_and_left_as_it_was() {
 
 /// A private containerd (and every ctr) in the test's network namespace.
 fn start_containerd_in(netns: &TestNetns) -> Containerd {
-    let guest = GuestArtifacts::locate().unwrap();
-    let artifacts = Artifacts {
-        kernel: guest.kernel,
-        initrd: guest.initrd,
-        shim_dir: shim_dir(),
-        hypervisor: std::env::var("IRONCLAD_HYPERVISOR").unwrap_or_else(|_| "auto".into()),
-    };
-    let containerd = Containerd::start_in(&artifacts, Some(&netns.path)).unwrap();
+    let containerd = Containerd::start_in(&artifacts(), Some(&netns.path)).unwrap();
     containerd.import_busybox().unwrap();
     containerd
+}
+
+/// What a `ctr run --cni` test runs in: its turn at /etc/cni, a network namespace of its own, the
+/// CNI configuration and a private containerd in that namespace. None where the test cannot run
+/// (it then failed or was recorded as skipped). Dropped in reverse order: containerd first.
+struct CniSetup {
+    containerd: Containerd,
+    _cni: CniConfig,
+    _ipam: tempfile::TempDir,
+    netns: TestNetns,
+    _turn: std::sync::MutexGuard<'static, ()>,
+}
+
+impl CniSetup {
+    fn new(prefix: &str) -> Option<CniSetup> {
+        if !ironclad_test_prereq::needs()
+            .root()
+            .program("containerd")
+            .program("ctr")
+            .program("ip")
+            .file(std::path::Path::new("/usr/lib/cni/bridge"), "apt-get install containernetworking-plugins")
+            .ready()
+        {
+            return None;
+        }
+        let turn = CNI_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let netns = TestNetns::new(prefix);
+        let ipam = tempfile::tempdir().unwrap();
+        let cni = CniConfig::install(ipam.path());
+        let containerd = start_containerd_in(&netns);
+        Some(CniSetup { containerd, _cni: cni, _ipam: ipam, netns, _turn: turn })
+    }
 }
 
 /// How much the container serves in the transfer check: 32 MiB, less where every frame crosses
@@ -927,21 +935,8 @@ fn network_runs() -> usize {
 /// many short runs in a row leave no veth, mount, task directory or process behind.
 #[test]
 fn two_sandboxes_reach_each_other_and_many_runs_leave_nothing() {
-    if !ironclad_test_prereq::needs()
-        .root()
-        .program("containerd")
-        .program("ctr")
-        .program("ip")
-        .file(std::path::Path::new("/usr/lib/cni/bridge"), "apt-get install containernetworking-plugins")
-        .ready()
-    {
-        return;
-    }
-    let _turn = CNI_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let netns = TestNetns::new("icpair");
-    let ipam = tempfile::tempdir().unwrap();
-    let _cni = CniConfig::install(ipam.path());
-    let containerd = start_containerd_in(&netns);
+    let Some(setup) = CniSetup::new("icpair") else { return };
+    let (netns, containerd) = (&setup.netns, &setup.containerd);
     let config = containerd.shim_config.display().to_string();
 
     let mut args = ironclad_run_args(&config, &["-d", "--cni"]);
@@ -952,8 +947,8 @@ fn two_sandboxes_reach_each_other_and_many_runs_leave_nothing() {
         "-c",
         "while true; do nc -l -p 7000 -e echo from-first; done",
     ]);
-    stdout_of(&containerd, &run_ctr(&containerd, &args, None));
-    wait_for_status(&containerd, "first", "RUNNING");
+    stdout_of(containerd, &run_ctr(containerd, &args, None));
+    wait_for_status(containerd, "first", "RUNNING");
     let shown = containerd.ctr_ok(&[
         "tasks",
         "exec",
@@ -972,31 +967,31 @@ fn two_sandboxes_reach_each_other_and_many_runs_leave_nothing() {
     assert!(first.starts_with(CNI_SUBNET_PREFIX), "{shown}");
 
     let script = format!("ip -4 addr show eth0; nc {first} 7000");
-    let output = run(&containerd, &["--cni"], BUSYBOX_IMAGE, "second", &["sh", "-c", &script], None);
-    let text = stdout_of(&containerd, &output);
+    let output = run(containerd, &["--cni"], BUSYBOX_IMAGE, "second", &["sh", "-c", &script], None);
+    let text = stdout_of(containerd, &output);
     let second = field(&text, "inet ").unwrap_or_else(|| panic!("no address: {text}"));
     assert!(second.starts_with(CNI_SUBNET_PREFIX) && !second.starts_with(&format!("{first}/")), "{text}");
     assert!(text.contains("from-first"), "the second sandbox reached the first: {text}");
 
     containerd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "first"]).unwrap();
-    wait_for_status(&containerd, "first", "STOPPED");
+    wait_for_status(containerd, "first", "STOPPED");
     containerd.ctr_ok(&["tasks", "delete", "first"]).unwrap();
     containerd.ctr_ok(&["containers", "delete", "first"]).unwrap();
-    assert_nothing_left(&containerd, "first");
-    assert_nothing_left(&containerd, "second");
+    assert_nothing_left(containerd, "first");
+    assert_nothing_left(containerd, "second");
 
     let runs = network_runs();
     for run_number in 0..runs {
         let id = format!("many{run_number}");
-        let output = run(&containerd, &["--cni"], BUSYBOX_IMAGE, &id, &["true"], None);
-        stdout_of(&containerd, &output);
-        assert_nothing_left(&containerd, &id);
+        let output = run(containerd, &["--cni"], BUSYBOX_IMAGE, &id, &["true"], None);
+        stdout_of(containerd, &output);
+        assert_nothing_left(containerd, &id);
     }
     netns.assert_no_veth_left();
     let output =
-        run(&containerd, &["--cni"], BUSYBOX_IMAGE, "after", &["ip", "-4", "addr", "show", "eth0"], None);
-    let text = stdout_of(&containerd, &output);
+        run(containerd, &["--cni"], BUSYBOX_IMAGE, "after", &["ip", "-4", "addr", "show", "eth0"], None);
+    let text = stdout_of(containerd, &output);
     assert!(text.contains(&format!("inet {CNI_SUBNET_PREFIX}")), "after {runs} runs: {text}");
-    assert_nothing_left(&containerd, "after");
+    assert_nothing_left(containerd, "after");
     netns.assert_no_veth_left();
 }
