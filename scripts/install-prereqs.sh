@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what ironclad needs on Debian 12, idempotently: nothing is fetched when everything is there.
-# Debian packages through apt; vhost-device-vsock through cargo install (pinned), into /usr/local.
+# Debian packages through apt; vhost-device-vsock and virtiofsd through cargo install (pinned), into /usr/local.
 set -euo pipefail
 
 APT_PACKAGES=(
@@ -15,8 +15,12 @@ APT_PACKAGES=(
     libseccomp-dev pkg-config   # libcontainer's seccomp support, linked statically into the agent
     kmod python3-venv file      # the nested tier: depmod for the L1 kernel's modules, virtme-ng's venv
     containernetworking-plugins iproute2   # CNI bridge + host-local for the network tests, ip netns
+    libcap-ng-dev               # to build virtiofsd
+    protobuf-compiler           # protoc for the CRI client (k8s-cri) of the CRI tests
 )
 VHOST_DEVICE_VSOCK_VERSION=0.3.0
+# The Rust virtiofsd: the sandbox's shared directory (host volumes, pod containers' rootfs).
+VIRTIOFSD_VERSION=1.13.2
 # The nested tier (tests/nested/run.sh): Debian's kernel as the L1 guest, started by virtme-ng.
 NESTED_DIR=${IRONCLAD_NESTED_DIR:-/var/lib/ironclad/nested}
 VIRTME_NG_VERSION=1.42
@@ -41,17 +45,24 @@ if [ "${#missing[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-installed_vsock=$(vhost-device-vsock --version 2>/dev/null | awk '{print $2}' || true)
-if [ "$installed_vsock" != "$VHOST_DEVICE_VSOCK_VERSION" ]; then
+# cargo_install <crate> <version> <installed version>: builds the pinned version unless it is there.
+cargo_install() {
+    local crate=$1 version=$2 installed=$3
+    [ "$installed" = "$version" ] && return
     if ! command -v cargo >/dev/null; then
-        say "vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION is missing and cargo is not installed to build it"
+        say "$crate $version is missing and cargo is not installed to build it"
         exit 1
     fi
-    root=/usr/local
+    local root=/usr/local
     [ -w "$root/bin" ] || root="$HOME/.cargo"
-    say "installing vhost-device-vsock $VHOST_DEVICE_VSOCK_VERSION into $root/bin (about 2 minutes)"
-    cargo install --quiet --locked --root "$root" --version "$VHOST_DEVICE_VSOCK_VERSION" vhost-device-vsock
-fi
+    say "installing $crate $version into $root/bin (a few minutes)"
+    cargo install --quiet --locked --root "$root" --version "$version" "$crate"
+}
+cargo_install vhost-device-vsock "$VHOST_DEVICE_VSOCK_VERSION" \
+    "$(vhost-device-vsock --version 2>/dev/null | awk '{print $2}' || true)"
+# Debian's QEMU ships an older C virtiofsd in /usr/lib/qemu; ours is the Rust one on PATH.
+cargo_install virtiofsd "$VIRTIOFSD_VERSION" \
+    "$(command -v virtiofsd >/dev/null && virtiofsd --version 2>/dev/null | awk '{print $2}' || true)"
 # The L1 kernel of the nested tier: the version Debian's linux-image-amd64 points at now, downloaded
 # and unpacked under $NESTED_DIR (not installed: this machine's own kernel and boot setup stay as they
 # are), `current` pointing at it. Older versions are removed once a newer one is in place.

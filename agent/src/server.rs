@@ -101,7 +101,9 @@ fn status(err: container::Error) -> ttrpc::Error {
         E::WrongState { .. } => Code::FAILED_PRECONDITION,
         E::StopTimeout { .. } => Code::DEADLINE_EXCEEDED,
         E::Bundle { .. } | E::Runtime { .. } | E::Pipes(_) | E::CgroupParent { .. } => Code::INTERNAL,
-        E::Storage(storage::Error::BadMountPoint(_) | storage::Error::BadSerial(_)) => Code::INVALID_ARGUMENT,
+        E::Storage(
+            storage::Error::BadMountPoint(_) | storage::Error::BadSerial(_) | storage::Error::BadTag(_),
+        ) => Code::INVALID_ARGUMENT,
         E::Storage(storage::Error::NoSuchDisk(_)) => Code::NOT_FOUND,
         E::Storage(_) => Code::INTERNAL,
     };
@@ -202,6 +204,7 @@ impl agent_ttrpc::Agent for AgentService {
             .iter()
             .map(|s| StorageRequest {
                 serial: s.serial.clone(),
+                source: s.source.clone(),
                 fstype: s.fstype.clone(),
                 options: s.options.clone(),
                 mount_point: s.mount_point.clone(),

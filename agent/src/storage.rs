@@ -1,5 +1,6 @@
-//! Block devices for containers: a virtio-blk disk is found by its serial (never by probe order)
-//! and mounted where the request says.
+//! File systems for containers: a virtio-blk disk is found by its serial (never by probe order),
+//! the host's shared directory by its virtio-fs tag, and mounted where the request says; a tmpfs
+//! (a pod's /dev/shm) is made new.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -9,6 +10,8 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 const SYS_BLOCK: &str = "/sys/block";
 /// virtio-blk serials are at most 20 bytes.
 const MAX_SERIAL_LEN: usize = 20;
+/// virtio-fs tags are at most 36 bytes (the device's config space).
+const MAX_TAG_LEN: usize = 36;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -18,6 +21,8 @@ pub enum Error {
     BadSerial(String),
     #[error("no block device has the serial {0:?}")]
     NoSuchDisk(String),
+    #[error("virtio-fs tag {0:?} is empty, longer than 36 bytes or holds a NUL or comma")]
+    BadTag(String),
     #[error("cannot create the mount point {path}")]
     MountPoint {
         path: PathBuf,
@@ -78,6 +83,8 @@ pub fn mount_writable_overlay(lower: &Path, scratch: &Path) -> Result<(PathBuf, 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StorageRequest {
     pub serial: String,
+    /// The virtio-fs tag for fstype "virtiofs".
+    pub source: String,
     pub fstype: String,
     pub options: Vec<String>,
     pub mount_point: String,
@@ -123,9 +130,25 @@ pub fn find_disk(sys_block: &Path, serial: &str) -> Result<PathBuf, Error> {
     Err(Error::NoSuchDisk(serial.into()))
 }
 
+/// What the kernel mounts for a request: the shared directory's tag, "tmpfs", or the disk.
+fn storage_device(request: &StorageRequest) -> Result<PathBuf, Error> {
+    match request.fstype.as_str() {
+        "virtiofs" => validate_tag(&request.source).map(PathBuf::from),
+        "tmpfs" => Ok(PathBuf::from("tmpfs")),
+        _ => find_disk(Path::new(SYS_BLOCK), &request.serial),
+    }
+}
+
+pub fn validate_tag(tag: &str) -> Result<&str, Error> {
+    if tag.is_empty() || tag.len() > MAX_TAG_LEN || tag.contains(['\0', ',']) {
+        return Err(Error::BadTag(tag.into()));
+    }
+    Ok(tag)
+}
+
 pub fn mount_storage(request: &StorageRequest) -> Result<Mounted, Error> {
     let path = validate_mount_point(&request.mount_point)?;
-    let device = find_disk(Path::new(SYS_BLOCK), &request.serial)?;
+    let device = storage_device(request)?;
     std::fs::create_dir_all(&path).map_err(|source| Error::MountPoint { path: path.clone(), source })?;
     let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     if request.read_only {
@@ -163,5 +186,23 @@ mod tests {
         assert!(matches!(find_disk(dir.path(), "other"), Err(Error::NoSuchDisk(_))));
         assert!(matches!(find_disk(dir.path(), ""), Err(Error::BadSerial(_))));
         assert!(matches!(find_disk(dir.path(), &"s".repeat(21)), Err(Error::BadSerial(_))));
+    }
+
+    #[test]
+    fn shared_directories_are_named_by_a_plain_tag_and_tmpfs_needs_no_device() {
+        let request = |fstype: &str, source: &str| StorageRequest {
+            serial: String::new(),
+            source: source.into(),
+            fstype: fstype.into(),
+            options: vec![],
+            mount_point: "/run/ironclad/share".into(),
+            read_only: false,
+        };
+        assert_eq!(storage_device(&request("virtiofs", "ironclad")).unwrap(), Path::new("ironclad"));
+        assert_eq!(storage_device(&request("tmpfs", "")).unwrap(), Path::new("tmpfs"));
+        for bad in ["", "a,b", "nul\0", &"t".repeat(37)] {
+            assert!(matches!(storage_device(&request("virtiofs", bad)), Err(Error::BadTag(_))), "{bad:?}");
+        }
+        assert!(matches!(storage_device(&request("ext4", "")), Err(Error::BadSerial(_))));
     }
 }

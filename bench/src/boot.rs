@@ -90,6 +90,7 @@ pub async fn measure(settings: &Settings, progress: impl Fn(String)) -> Result<R
         extra_kernel_params: String::new(),
         block_devices: vec![],
         network: None,
+        shared_dir: None,
     };
     let mut samples: BTreeMap<&'static str, Samples> = BTreeMap::new();
     for run in 0..settings.runs {

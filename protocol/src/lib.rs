@@ -2,7 +2,7 @@
 //! protobuf messages and async ttrpc services generated from `protos/agent.proto` at build time.
 
 /// The API version this crate describes. Bumped whenever an RPC or a field is added.
-pub const API_VERSION: u32 = 3;
+pub const API_VERSION: u32 = 4;
 
 /// The vsock port on which the agent serves inside the guest.
 pub const AGENT_VSOCK_PORT: u32 = 1024;

@@ -38,6 +38,11 @@ impl SandboxPaths {
         self.dir.join("vhost-vsock.sock")
     }
 
+    /// The vhost-user socket between QEMU and virtiofsd (the shared directory).
+    pub fn virtiofs_socket(&self) -> PathBuf {
+        self.dir.join("virtiofs.sock")
+    }
+
     /// What the guest wrote to its serial console (capped, see hypervisor::console).
     pub fn console_log(&self) -> PathBuf {
         self.console_log.clone()
@@ -52,7 +57,9 @@ mod tests {
     fn every_path_is_inside_the_sandbox_dir() {
         let paths = SandboxPaths::new(Path::new("/run/ironclad"), "sb1");
         assert_eq!(paths.dir(), Path::new("/run/ironclad/sb1"));
-        for path in [paths.agent_socket(), paths.vhost_vsock_socket(), paths.console_log()] {
+        for path in
+            [paths.agent_socket(), paths.vhost_vsock_socket(), paths.virtiofs_socket(), paths.console_log()]
+        {
             assert_eq!(path.parent(), Some(paths.dir()));
         }
     }

@@ -1,5 +1,6 @@
-//! One sandbox VM per task: booted at Create, reached through its agent, stopped when the task is
-//! deleted, or from the host when the guest does not carry out a SIGKILL. Its processes are
+//! One sandbox VM per pod (or per task outside a pod): booted at the first Create, reached through
+//! its agent, stopped when that task is deleted, or from the host when the guest does not carry out
+//! a SIGKILL. Its processes are
 //! recorded in the task directory so that `delete` after a crashed shim can still stop them.
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -16,8 +17,9 @@ use tracing::{error, info, warn};
 use crate::agent_client::{self, AgentClient, AGENT_PORT};
 use crate::config::ShimConfig;
 use crate::guest_text;
-use crate::hypervisor::{self, error_chain, Backend, GuestVm, HostVirtualization, VmConfig};
+use crate::hypervisor::{self, error_chain, Backend, GuestVm, VmConfig};
 use crate::paths::SandboxPaths;
+use crate::resources::share_fs::ShareFs;
 
 const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the guest gets to reset by itself after DestroySandbox before its monitor is killed.
@@ -73,18 +75,20 @@ pub struct Sandbox {
     killed: Arc<AtomicBool>,
     /// Everything the sandbox has on the host, removed by [`Sandbox::teardown`].
     task_dir: PathBuf,
+    /// The directory shared with the guest through virtio-fs, if the VM has one.
+    pub share: Option<ShareFs>,
 }
 
 impl Sandbox {
     /// Starts the VM in `task_dir/vm` (its console log at `console_log`), waits for its agent and
     /// connects to it. Whatever fails stops what was started.
     pub async fn boot(
+        backend: &Backend,
         config: &ShimConfig,
         vm_config: &VmConfig,
         task_dir: &Path,
         console_log: PathBuf,
     ) -> Result<Sandbox, Error> {
-        let backend = Backend::select(config.hypervisor, HostVirtualization::detect())?;
         let record = task_dir.join(CONSOLE_LOG_FILE);
         std::fs::write(&record, console_log.as_os_str().as_encoded_bytes())
             .map_err(|source| Error::RecordConsoleLog { path: record, source })?;
@@ -108,7 +112,10 @@ impl Sandbox {
         }
         .await;
         match prepared {
-            Ok(agent) => Self::run(vm, agent, backend.name(), task_dir.to_path_buf()),
+            Ok(agent) => {
+                let share = vm_config.shared_dir.is_some().then(|| ShareFs::of_task_dir(task_dir));
+                Self::run(vm, agent, backend.name(), task_dir.to_path_buf(), share)
+            }
             Err(err) => {
                 let _ = vm.stop(Duration::ZERO).await;
                 Err(err)
@@ -123,6 +130,7 @@ impl Sandbox {
         agent: AgentClient,
         backend: &'static str,
         task_dir: PathBuf,
+        share: Option<ShareFs>,
     ) -> Result<Sandbox, Error> {
         let monitor = vm.pids().first().copied().unwrap_or_default();
         let exited = match process_exit(monitor) {
@@ -137,7 +145,7 @@ impl Sandbox {
         let killed = Arc::new(AtomicBool::new(false));
         let (gone_tx, gone) = watch::channel(false);
         tokio::spawn(watch_monitor(exited, vm.clone(), stopping.clone(), killed.clone(), gone_tx));
-        Ok(Sandbox { agent, backend, monitor_pid: monitor, vm, gone, stopping, killed, task_dir })
+        Ok(Sandbox { agent, backend, monitor_pid: monitor, vm, gone, stopping, killed, task_dir, share })
     }
 
     /// Becomes true when the VM has gone, expectedly or not.

@@ -35,14 +35,16 @@ use tracing::{error, info, warn};
 use crate::agent_client::{self, AgentClient};
 use crate::config::{self, ShimConfig, DEFAULT_CONFIG_PATH};
 use crate::events::{self, Events};
-use crate::hypervisor::{error_chain, BlockDevice, VmConfig};
+use crate::hypervisor::{error_chain, Backend, BlockDevice, HostVirtualization, VmConfig};
 use crate::io::{self as stdio};
 use crate::metrics;
 use crate::process::{Exit, Process, StdioUris};
 use crate::resources::network::{self, Attachment, InterfaceConfig, Requested};
 use crate::resources::rootfs::{self, MountSpec, ROOTFS_SERIAL};
+use crate::resources::share_fs::{self, ShareFs, GUEST_SHARE_DIR, SHARE_TAG};
+use crate::resources::volumes::{self, Volume, GUEST_POD_SHM, POD_SHM_OPTIONS};
 use crate::sandbox::{self, clean_up_task_dir, Sandbox};
-use crate::spec;
+use crate::spec::{self, PodRole};
 use crate::task::{self, Container, TaskTable};
 
 /// The runtime name containerd knows this shim by.
@@ -79,6 +81,19 @@ pub enum Error {
     Rootfs(#[from] rootfs::Error),
     #[error("network")]
     Network(#[from] network::Error),
+    #[error("volume")]
+    Volumes(#[from] volumes::Error),
+    #[error("shared directory")]
+    Share(#[from] share_fs::Error),
+    #[error(
+        "the pod asks for hostNetwork, which ironclad cannot give: a VM cannot share the host's \
+         network interfaces (run the pod with its own network namespace)"
+    )]
+    HostNetwork,
+    #[error("cannot add container {container} to pod {sandbox}: its VM is gone")]
+    SandboxGone { container: String, sandbox: String },
+    #[error("cannot add container {container} to pod {sandbox}: {reason}")]
+    PodWithoutShare { container: String, sandbox: String, reason: &'static str },
     #[error("cannot start the sandbox VM")]
     Sandbox(#[from] sandbox::Error),
     #[error(transparent)]
@@ -216,15 +231,16 @@ fn code_of(err: &Error) -> ttrpc::Code {
     match err {
         Error::Task(task::Error::NoTask(_) | task::Error::NoProcess { .. }) => Code::NOT_FOUND,
         Error::Task(task::Error::ExecExists(_)) => Code::ALREADY_EXISTS,
-        Error::Task(task::Error::ShimBusy(_)) => Code::FAILED_PRECONDITION,
+        Error::Task(task::Error::ShimBusy(_) | task::Error::NoSandbox(_)) => Code::FAILED_PRECONDITION,
         Error::Spec(spec::Error::Encode(_)) => Code::INTERNAL,
-        Error::Spec(
-            spec::Error::Read { .. }
-            | spec::Error::ExecProcess(_)
-            | spec::Error::HostDirectory { .. }
-            | spec::Error::NotFileOrDirectory { .. }
-            | spec::Error::BindSource { .. },
-        ) => Code::INVALID_ARGUMENT,
+        Error::Spec(spec::Error::Read { .. } | spec::Error::ExecProcess(_)) => Code::INVALID_ARGUMENT,
+        Error::Volumes(volumes::Error::NotFileOrDirectory { .. } | volumes::Error::BindSource { .. }) => {
+            Code::INVALID_ARGUMENT
+        }
+        Error::Volumes(volumes::Error::NoSharedDirectory { .. }) => Code::UNIMPLEMENTED,
+        Error::Volumes(volumes::Error::Share { .. }) | Error::Share(_) => Code::INTERNAL,
+        Error::HostNetwork | Error::PodWithoutShare { .. } => Code::UNIMPLEMENTED,
+        Error::SandboxGone { .. } => Code::FAILED_PRECONDITION,
         Error::Config(_) | Error::RuntimeOptions(_) | Error::Stdio(_) => Code::INVALID_ARGUMENT,
         Error::Rootfs(
             rootfs::Error::NoMounts
@@ -296,9 +312,14 @@ impl Shim for IroncladShim {
         }
     }
 
-    /// One shim (and so one VM) per task.
+    /// One shim (and so one VM) per pod, else per task: a pod's container (by the CRI
+    /// annotations in its bundle, the working directory) is served by its sandbox's shim.
     async fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
-        let grouping = opts.id.clone();
+        let grouping = match spec::read(Path::new(".")) {
+            Ok(spec) => spec::shim_grouping(&spec, &opts.id),
+            // Create reads it again and reports what is wrong with it.
+            Err(_) => opts.id.clone(),
+        };
         let address = spawn(opts, &grouping, Vec::new()).await?;
         containerd_shim::asynchronous::util::write_str_to_file("address", &address).await?;
         Ok(address)
@@ -394,14 +415,15 @@ impl TaskService {
 
     /// Reads everything Create needs, makes the task directory, boots the VM and creates the
     /// container in it. A failure at any step leaves nothing behind.
-    async fn create_container(&self, req: &CreateTaskRequest) -> Result<Arc<Container>, Error> {
-        if !req.checkpoint.is_empty() {
-            return Err(Error::CheckpointRestore);
-        }
+    async fn create_container(
+        &self,
+        req: &CreateTaskRequest,
+        spec: oci_spec::runtime::Spec,
+        role: PodRole,
+    ) -> Result<Arc<Container>, Error> {
         let config = Self::load_config(&req.options)?;
-        let spec = spec::read(Path::new(&req.bundle))?;
         let vm_size = config.vm_size(&spec::annotations(&spec))?;
-        let file_mounts = spec::host_file_mounts(&spec)?;
+        let volumes = volumes::classify(&spec, &role)?;
         let mounts: Vec<MountSpec<'_>> = req
             .rootfs
             .iter()
@@ -409,51 +431,114 @@ impl TaskService {
             .collect();
         let snapshot = rootfs::parse_snapshot(&mounts)?;
         let requested_network = network::requested(&spec);
+        if role == PodRole::Sandbox && requested_network == Requested::HostNetwork {
+            return Err(Error::HostNetwork);
+        }
+        let backend = Backend::select(config.hypervisor, HostVirtualization::detect())
+            .map_err(|err| Error::Sandbox(err.into()))?;
+        // A pod's sandbox shares a directory for the containers that join it later.
+        let wants_share = role == PodRole::Sandbox || volumes::need_share(&volumes);
+        let with_share = wants_share && backend.shared_dir_unsupported().is_none();
 
         let dir = task_dir(&config, &self.namespace, &req.id);
         if dir.exists() {
             return Err(Error::TaskDirExists { path: dir, id: req.id.clone() });
         }
         create_private_dir(&dir)?;
-        let created =
-            async {
-                // `delete` after a crash finds the task directory through the bundle, whatever config
-                // was used.
-                let record = Path::new(&req.bundle).join(TASK_DIR_FILE);
-                std::fs::write(&record, dir.as_os_str().as_encoded_bytes())
-                    .map_err(|source| Error::TaskDir { action: "write", path: record, source })?;
-                let console_log = console_log_path(&config, &self.namespace, &req.id);
-                if let Some(parent) = console_log.parent() {
-                    create_private_dir(parent)?;
-                }
-                let image = prepare_rootfs(snapshot, &config, &dir).await?;
-                let network = attach_network(&requested_network, &dir, &req.id, &config).await?;
-                let vm_config = VmConfig {
-                    kernel: config.kernel.clone(),
-                    initrd: config.initrd.clone(),
-                    vcpus: vm_size.0,
-                    memory_mib: vm_size.1,
-                    extra_kernel_params: config.kernel_params.clone(),
-                    block_devices: vec![BlockDevice {
-                        path: image,
-                        read_only: true,
-                        serial: ROOTFS_SERIAL.into(),
-                    }],
-                    network: network.as_ref().map(|n| n.vm_network()),
-                };
-                let sandbox = Arc::new(Sandbox::boot(&config, &vm_config, &dir, console_log).await?);
-                let init = Process::new("", stdio_uris(req), String::new());
-                let container =
-                    Arc::new(Container::new(&req.id, &req.bundle, sandbox, init).with_network(network));
-                if let Err(err) = self.create_in_guest(&container, spec, &file_mounts).await {
-                    container.sandbox.teardown().await;
-                    return Err(err);
-                }
-                Ok(container)
+        let created = async {
+            record_task_dir(&req.bundle, &dir)?;
+            let console_log = console_log_path(&config, &self.namespace, &req.id);
+            if let Some(parent) = console_log.parent() {
+                create_private_dir(parent)?;
             }
-            .await;
+            let image = prepare_rootfs(snapshot, &config, &dir).await?;
+            let network = attach_network(&requested_network, &dir, &req.id, &config).await?;
+            let share = if with_share { Some(ShareFs::prepare(&dir)?) } else { None };
+            let vm_config = VmConfig {
+                kernel: config.kernel.clone(),
+                initrd: config.initrd.clone(),
+                vcpus: vm_size.0,
+                memory_mib: vm_size.1,
+                extra_kernel_params: config.kernel_params.clone(),
+                block_devices: vec![BlockDevice {
+                    path: image,
+                    read_only: true,
+                    serial: ROOTFS_SERIAL.into(),
+                }],
+                network: network.as_ref().map(|n| n.vm_network()),
+                shared_dir: share.as_ref().map(|s| s.dir().to_path_buf()),
+            };
+            let sandbox = Arc::new(Sandbox::boot(&backend, &config, &vm_config, &dir, console_log).await?);
+            let init = Process::new("", stdio_uris(req), String::new());
+            let container =
+                Arc::new(Container::new(&req.id, &req.bundle, sandbox, init).with_network(network));
+            let no_share = backend.shared_dir_unsupported().unwrap_or("the sandbox has no shared directory");
+            if let Err(err) = self.create_in_guest(&container, spec, &volumes, no_share).await {
+                container.sandbox.teardown().await;
+                return Err(err);
+            }
+            Ok(container)
+        }
+        .await;
         if created.is_err() {
             clean_up_task_dir(&dir);
+        }
+        created
+    }
+
+    /// Creates a pod's container in the VM its sandbox container booted: its rootfs and host
+    /// paths are mounted into the sandbox's shared directory, and it joins the sandbox's
+    /// namespaces in the guest. A failure leaves nothing of it behind.
+    async fn create_in_pod(
+        &self,
+        req: &CreateTaskRequest,
+        mut spec: oci_spec::runtime::Spec,
+        pod: &Container,
+    ) -> Result<Arc<Container>, Error> {
+        let sandbox = pod.sandbox.clone();
+        if sandbox.is_gone() {
+            return Err(Error::SandboxGone { container: req.id.clone(), sandbox: pod.id.clone() });
+        }
+        let Some(share) = sandbox.share.clone() else {
+            // A pod's sandbox always asks for one: only a backend without virtio-fs has none.
+            let reason = crate::hypervisor::ironclad::NO_SHARED_DIR;
+            return Err(Error::PodWithoutShare {
+                container: req.id.clone(),
+                sandbox: pod.id.clone(),
+                reason,
+            });
+        };
+        let role = PodRole::Container { sandbox_id: pod.id.clone() };
+        let volumes = volumes::classify(&spec, &role)?;
+        let rootfs = match req.rootfs.as_slice() {
+            [] => return Err(rootfs::Error::NoMounts.into()),
+            [one] => one,
+            more => return Err(rootfs::Error::TooManyMounts(more.len()).into()),
+        };
+        let created = async {
+            record_task_dir(&req.bundle, &share.container_dir(&req.id)?)?;
+            let guest_rootfs =
+                share.mount_rootfs(&req.id, &rootfs.type_, Path::new(&rootfs.source), &rootfs.options)?;
+            volumes::attach(&mut spec, &volumes, Some(&share), &req.id, "")?;
+            let mut request = CreateContainerRequest::new();
+            request.container_id = req.id.clone();
+            request.oci_spec_json = spec::to_json(&spec)?;
+            request.rootfs = guest_rootfs.display().to_string();
+            request.sandbox_container = pod.id.clone();
+            sandbox.agent.create_container(&request).await?;
+            let init = Process::new("", stdio_uris(req), String::new());
+            let container =
+                Arc::new(Container::new(&req.id, &req.bundle, sandbox.clone(), init).joining_pod());
+            let init = container.init()?;
+            if let Err(err) = self.connect_stdio(&container, &init).await {
+                let _ = sandbox.agent.remove_container(&req.id).await;
+                return Err(err);
+            }
+            Ok(container)
+        }
+        .await;
+        if created.is_err() {
+            share.release(&req.id);
         }
         created
     }
@@ -463,7 +548,8 @@ impl TaskService {
         &self,
         container: &Arc<Container>,
         mut spec: oci_spec::runtime::Spec,
-        file_mounts: &[usize],
+        volumes: &[Volume],
+        no_share_reason: &'static str,
     ) -> Result<(), Error> {
         let agent = &container.sandbox.agent;
         if let Err(err) = agent.sync_clock().await {
@@ -475,18 +561,43 @@ impl TaskService {
         network::share_guest_network(&mut spec);
         let hostname = spec::guest_hostname(&spec, &container.id);
         agent.create_sandbox(&container.id, &hostname).await?;
-        copy_file_mounts(agent, &container.id, &mut spec, file_mounts).await?;
+        let share = container.sandbox.share.as_ref();
+        let to_copy = volumes::attach(&mut spec, volumes, share, &container.id, no_share_reason)?;
+        copy_file_mounts(agent, &container.id, &mut spec, &to_copy).await?;
         let guest_rootfs = format!("{GUEST_ROOTFS_DIR}/{}", container.id);
-        let mut storage = Storage::new();
-        storage.serial = ROOTFS_SERIAL.into();
-        storage.fstype = "ext4".into();
-        storage.mount_point = guest_rootfs.clone();
-        storage.read_only = true;
+        let mut storages = vec![Storage {
+            serial: ROOTFS_SERIAL.into(),
+            fstype: "ext4".into(),
+            mount_point: guest_rootfs.clone(),
+            read_only: true,
+            ..Default::default()
+        }];
+        if share.is_some() {
+            // Mounted first: the container's binds come from it. It stays for as long as this
+            // container, which is the pod's last.
+            storages.insert(
+                0,
+                Storage {
+                    fstype: "virtiofs".into(),
+                    source: SHARE_TAG.into(),
+                    mount_point: GUEST_SHARE_DIR.into(),
+                    ..Default::default()
+                },
+            );
+        }
+        if volumes::has_pod_shm(volumes) {
+            storages.push(Storage {
+                fstype: "tmpfs".into(),
+                options: vec![POD_SHM_OPTIONS.into()],
+                mount_point: GUEST_POD_SHM.into(),
+                ..Default::default()
+            });
+        }
         let mut request = CreateContainerRequest::new();
         request.container_id = container.id.clone();
         request.oci_spec_json = spec::to_json(&spec)?;
         request.rootfs = guest_rootfs;
-        request.storages = vec![storage];
+        request.storages = storages;
         request.rootfs_overlay = true;
         agent.create_container(&request).await?;
         let init = container.init()?;
@@ -563,11 +674,11 @@ impl TaskService {
             if tokio::time::timeout(KILL_GRACE, process.wait()).await.is_ok() {
                 return;
             }
-            if process.is_init() {
+            if process.is_init() && container.owns_vm {
                 container.sandbox.kill().await;
             } else if let Some(exit) = process.record_exit(sandbox::KILLED_EXIT_STATUS) {
                 warn!(
-                    "exec {:?} of {} did not end after SIGKILL: reported as killed",
+                    "process {:?} of {} did not end after SIGKILL: reported as killed",
                     process.exec_id, container.id
                 );
                 publish_exit(&events, &container, &process, &exit);
@@ -592,7 +703,11 @@ impl TaskService {
                 }
             }
         }
-        sandbox.teardown().await;
+        if container.owns_vm {
+            sandbox.teardown().await;
+        } else if let Some(share) = &sandbox.share {
+            share.release(&container.id);
+        }
         self.tasks.remove(&container.id);
         let exit = init.exited().unwrap_or(Exit { status: 137, at: Timestamp::now() });
         let event = TaskDelete {
@@ -604,7 +719,11 @@ impl TaskService {
             ..Default::default()
         };
         self.events.send(topics::TASK_DELETE_EVENT_TOPIC, Box::new(event));
-        info!("task {} deleted; its VM is stopped", container.id);
+        if container.owns_vm {
+            info!("task {} deleted; its VM is stopped", container.id);
+        } else {
+            info!("task {} deleted from its pod's VM", container.id);
+        }
         Ok(DeleteResponse {
             pid: container.host_pid(),
             exit_status: exit.status,
@@ -615,21 +734,32 @@ impl TaskService {
 
     async fn create(&self, req: &CreateTaskRequest) -> Result<CreateTaskResponse, Error> {
         let _creating = self.creating.lock().await;
-        self.tasks.check_room()?;
-        let container = self.create_container(req).await?;
-        info!(
-            "task {} created in a {} VM (pid {})",
-            container.id,
-            container.sandbox.backend,
-            container.host_pid()
-        );
-        self.tasks.insert(container.clone());
-        let tasks = self.tasks.clone();
-        let (agent, gone, events) =
-            (container.sandbox.agent.clone(), container.sandbox.gone(), self.events.clone());
-        tokio::spawn(async move {
-            events::forward_oom_events(&agent, move |id| tasks.owns(id), events, gone).await;
-        });
+        if !req.checkpoint.is_empty() {
+            return Err(Error::CheckpointRestore);
+        }
+        let spec = spec::read(Path::new(&req.bundle))?;
+        let container = match spec::pod_role(&spec) {
+            PodRole::Container { sandbox_id } => {
+                let pod = self.tasks.sandbox(&sandbox_id)?;
+                let container = self.create_in_pod(req, spec, &pod).await?;
+                info!("task {} created in the VM of pod {sandbox_id}", container.id);
+                self.tasks.insert(container.clone());
+                container
+            }
+            role => {
+                self.tasks.check_room()?;
+                let container = self.create_container(req, spec, role).await?;
+                info!(
+                    "task {} created in a {} VM (pid {})",
+                    container.id,
+                    container.sandbox.backend,
+                    container.host_pid()
+                );
+                self.tasks.insert(container.clone());
+                self.forward_oom_events(&container);
+                container
+            }
+        };
         let pid = container.host_pid();
         let event = TaskCreate {
             container_id: req.id.clone(),
@@ -649,6 +779,16 @@ impl TaskService {
         Ok(CreateTaskResponse { pid, ..Default::default() })
     }
 
+    /// One forwarder per VM: it reports the OOM kills of every container of the shim.
+    fn forward_oom_events(&self, container: &Container) {
+        let tasks = self.tasks.clone();
+        let (agent, gone, events) =
+            (container.sandbox.agent.clone(), container.sandbox.gone(), self.events.clone());
+        tokio::spawn(async move {
+            events::forward_oom_events(&agent, move |id| tasks.owns(id), events, gone).await;
+        });
+    }
+
     async fn start(&self, req: &StartRequest) -> Result<StartResponse, Error> {
         let container = self.tasks.get(&req.id)?;
         let process = container.process(&req.exec_id)?;
@@ -656,9 +796,11 @@ impl TaskService {
             return Err(Error::AlreadyStarted(req.exec_id.clone()));
         }
         let agent = &container.sandbox.agent;
-        let guest_pid = if process.is_init() {
+        let guest_pid = if process.is_init() && container.owns_vm {
             // `ctr run --cni` adds the CNI interface to the monitor's namespace after Create.
             configure_guest_network_if_ready(agent, container.network.as_deref()).await?;
+            agent.start_container(&container.id).await?
+        } else if process.is_init() {
             agent.start_container(&container.id).await?
         } else {
             let pid = agent.exec_process(&container.id, &req.exec_id, &process.exec_spec).await?;
@@ -824,6 +966,17 @@ async fn prepare_rootfs(
     Ok(image.path)
 }
 
+/// Records the task's directory in its bundle: `delete` after a crash finds it there, whatever
+/// config was used.
+fn record_task_dir(bundle: &str, dir: &Path) -> Result<(), Error> {
+    let record = Path::new(bundle).join(TASK_DIR_FILE);
+    std::fs::write(&record, dir.as_os_str().as_encoded_bytes()).map_err(|source| Error::TaskDir {
+        action: "write",
+        path: record,
+        source,
+    })
+}
+
 /// Copies each bind-mounted host file into the guest and points its mount there.
 async fn copy_file_mounts(
     agent: &AgentClient,
@@ -839,7 +992,7 @@ async fn copy_file_mounts(
         let destination = mount.destination().clone();
         let read = std::fs::read(&host).and_then(|data| Ok((data, std::fs::metadata(&host)?)));
         let (data, meta) =
-            read.map_err(|source| spec::Error::BindSource { host: host.clone(), destination, source })?;
+            read.map_err(|source| volumes::Error::BindSource { host: host.clone(), destination, source })?;
         let name = host.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let mut request = CopyFileRequest::new();
         request.path = format!("{container_id}/{index}-{name}");

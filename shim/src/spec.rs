@@ -1,10 +1,11 @@
 //! The bundle's OCI runtime spec, read as oci-spec's typed `Spec`, and what the shim takes from it:
-//! annotations, the guest's hostname, the bind mounts of host files and directories.
+//! annotations, the guest's hostname, the task's place in a pod. (Its mounts of host paths are
+//! `resources::volumes`' business.)
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::{Mount, Process, Spec};
+use oci_spec::runtime::{Process, Spec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -18,20 +19,6 @@ pub enum Error {
     ExecProcess(#[source] serde_json::Error),
     #[error("cannot encode the OCI spec for the agent")]
     Encode(#[source] serde_json::Error),
-    #[error(
-        "bind mount of host directory {host} on {destination} is not supported: ironclad has no \
-         shared file system between host and guest"
-    )]
-    HostDirectory { host: PathBuf, destination: PathBuf },
-    #[error("bind mount source {host} on {destination} is neither a file nor a directory")]
-    NotFileOrDirectory { host: PathBuf, destination: PathBuf },
-    #[error("bind mount source {host} on {destination}")]
-    BindSource {
-        host: PathBuf,
-        destination: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 /// `<bundle>/config.json`.
@@ -73,30 +60,40 @@ pub fn guest_hostname(spec: &Spec, id: &str) -> String {
     }
 }
 
-/// A bind mount: type `bind`, or `bind`/`rbind` among the options.
-pub fn is_bind(mount: &Mount) -> bool {
-    mount.typ().as_deref() == Some("bind")
-        || mount.options().as_ref().is_some_and(|o| o.iter().any(|v| v == "bind" || v == "rbind"))
+/// containerd's CRI plugin marks each task's place in its pod with these annotations.
+pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
+pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
+
+/// A task's place in a pod, from the CRI annotations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodRole {
+    /// No CRI annotations (`ctr run`): a VM of its own.
+    Standalone,
+    /// A pod's sandbox (pause) container: it boots the pod's VM.
+    Sandbox,
+    /// A container of the pod whose sandbox is `sandbox_id`: it joins that VM.
+    Container { sandbox_id: String },
 }
 
-/// The indexes of the spec's bind mounts of host files, which are copied into the guest. A bind
-/// mount of a host directory cannot be honoured (there is no shared file system yet).
-pub fn host_file_mounts(spec: &Spec) -> Result<Vec<usize>, Error> {
-    let mut files = Vec::new();
-    for (index, mount) in spec.mounts().iter().flatten().enumerate() {
-        if !is_bind(mount) {
-            continue;
+pub fn pod_role(spec: &Spec) -> PodRole {
+    let annotations = spec.annotations().as_ref();
+    let get = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
+    match (get(CONTAINER_TYPE_ANNOTATION), get(SANDBOX_ID_ANNOTATION)) {
+        (Some("sandbox"), _) => PodRole::Sandbox,
+        (Some("container"), Some(sandbox_id)) if !sandbox_id.is_empty() => {
+            PodRole::Container { sandbox_id: sandbox_id.to_string() }
         }
-        let host = mount.source().clone().unwrap_or_default();
-        let destination = mount.destination().clone();
-        match std::fs::metadata(&host) {
-            Ok(meta) if meta.is_file() => files.push(index),
-            Ok(meta) if meta.is_dir() => return Err(Error::HostDirectory { host, destination }),
-            Ok(_) => return Err(Error::NotFileOrDirectory { host, destination }),
-            Err(source) => return Err(Error::BindSource { host, destination, source }),
-        }
+        _ => PodRole::Standalone,
     }
-    Ok(files)
+}
+
+/// The shim a task belongs to (containerd-shim's grouping): a pod's container joins its
+/// sandbox's shim, everything else has its own.
+pub fn shim_grouping(spec: &Spec, id: &str) -> String {
+    match pod_role(spec) {
+        PodRole::Container { sandbox_id } => sandbox_id,
+        PodRole::Sandbox | PodRole::Standalone => id.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -108,24 +105,23 @@ mod tests {
     }
 
     #[test]
-    fn host_files_are_copied_and_host_directories_refused_by_name() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("resolv.conf");
-        std::fs::write(&file, "nameserver 10.0.0.1\n").unwrap();
-        let with_file = spec(serde_json::json!({"ociVersion": "1.0.2", "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/etc/resolv.conf", "type": "bind", "source": file, "options": ["rbind", "ro"]},
-        ]}));
-        assert_eq!(host_file_mounts(&with_file).unwrap(), vec![1]);
-        let with_dir = spec(serde_json::json!({"ociVersion": "1.0.2", "mounts": [
-            {"destination": "/data", "type": "bind", "source": dir.path(), "options": ["rbind"]},
-        ]}));
-        let err = host_file_mounts(&with_dir).unwrap_err().to_string();
-        assert!(err.contains(&dir.path().display().to_string()) && err.contains("/data"), "{err}");
-        let missing = spec(serde_json::json!({"ociVersion": "1.0.2", "mounts": [
-            {"destination": "/x", "source": "/nonexistent/ironclad", "options": ["bind"]},
-        ]}));
-        assert!(matches!(host_file_mounts(&missing), Err(Error::BindSource { .. })));
+    fn cri_annotations_place_a_task_in_its_pod() {
+        let annotated =
+            |pairs: serde_json::Value| spec(serde_json::json!({"ociVersion": "1.0.2", "annotations": pairs}));
+        let sandbox =
+            annotated(serde_json::json!({CONTAINER_TYPE_ANNOTATION: "sandbox", SANDBOX_ID_ANNOTATION: "p1"}));
+        let member = annotated(
+            serde_json::json!({CONTAINER_TYPE_ANNOTATION: "container", SANDBOX_ID_ANNOTATION: "p1"}),
+        );
+        let orphan = annotated(serde_json::json!({CONTAINER_TYPE_ANNOTATION: "container"}));
+        let plain = spec(serde_json::json!({"ociVersion": "1.0.2"}));
+        assert_eq!(pod_role(&sandbox), PodRole::Sandbox);
+        assert_eq!(pod_role(&member), PodRole::Container { sandbox_id: "p1".into() });
+        assert_eq!(pod_role(&orphan), PodRole::Standalone);
+        assert_eq!(pod_role(&plain), PodRole::Standalone);
+        assert_eq!(shim_grouping(&member, "c1"), "p1");
+        assert_eq!(shim_grouping(&sandbox, "p1"), "p1");
+        assert_eq!(shim_grouping(&plain, "t1"), "t1");
     }
 
     #[test]

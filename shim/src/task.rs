@@ -1,5 +1,6 @@
 //! The task table: the containers this shim runs, by id, each with its processes and the sandbox
-//! (VM) it runs in.
+//! (VM) it runs in. Outside a pod that is one container; in a pod, the sandbox (pause) container,
+//! which booted the VM, and the containers that joined it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,8 +18,13 @@ pub enum Error {
     NoProcess { task: String, exec_id: String },
     #[error("exec {0:?} already exists")]
     ExecExists(String),
-    #[error("this shim already runs task {0}: ironclad runs one task per microVM")]
+    #[error(
+        "this shim already runs task {0}: ironclad runs one task per microVM outside a pod (a pod's \
+         containers name their sandbox with the CRI annotations)"
+    )]
     ShimBusy(String),
+    #[error("no pod sandbox {0:?} runs in this shim")]
+    NoSandbox(String),
 }
 
 /// One container: a task to containerd.
@@ -28,6 +34,8 @@ pub struct Container {
     pub sandbox: Arc<Sandbox>,
     /// The sandbox's network, configured in the guest once its CNI interface is there.
     pub network: Option<Arc<Attachment>>,
+    /// This container booted the VM (and the VM ends with it); else it joined a pod's VM.
+    pub owns_vm: bool,
     processes: Mutex<HashMap<String, Arc<Process>>>,
 }
 
@@ -38,8 +46,15 @@ impl Container {
             bundle: bundle.to_string(),
             sandbox,
             network: None,
+            owns_vm: true,
             processes: Mutex::new(HashMap::from([(String::new(), init)])),
         }
+    }
+
+    /// A container that joined the VM of its pod's sandbox container.
+    pub fn joining_pod(mut self) -> Self {
+        self.owns_vm = false;
+        self
     }
 
     pub fn with_network(mut self, network: Option<Arc<Attachment>>) -> Self {
@@ -131,6 +146,15 @@ impl TaskTable {
             Some(existing) => Err(Error::ShimBusy(existing.clone())),
             None => Ok(()),
         }
+    }
+
+    /// The pod sandbox `id`: a container of this shim that booted its VM.
+    pub fn sandbox(&self, id: &str) -> Result<Arc<Container>, Error> {
+        self.containers()
+            .get(id)
+            .filter(|c| c.owns_vm)
+            .cloned()
+            .ok_or_else(|| Error::NoSandbox(id.to_string()))
     }
 
     pub fn insert(&self, container: Arc<Container>) {

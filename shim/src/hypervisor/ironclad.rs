@@ -13,6 +13,10 @@ use crate::paths::SandboxPaths;
 /// Each VM has its own vsock device and socket, so the guest CID need not be unique on the host.
 const GUEST_CID: u64 = 3;
 
+/// Why a sandbox on ironclad-vmm has no shared directory.
+pub const NO_SHARED_DIR: &str = "ironclad-vmm has no virtio-fs device yet (host directories, and the \
+     containers of a pod after its first, need hypervisor = \"qemu\")";
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IroncladBackend {
     pub vmm: PathBuf,
@@ -35,6 +39,9 @@ impl IroncladBackend {
     }
 
     pub async fn start(&self, config: &VmConfig, paths: SandboxPaths) -> Result<GuestVm, Error> {
+        if config.shared_dir.is_some() {
+            return Err(Error::Unsupported { backend: "ironclad-vmm", reason: NO_SHARED_DIR });
+        }
         require_guest_files(&config.kernel, &config.initrd)?;
         create_sandbox_dir(paths.dir())?;
         let mut guard = SandboxDirGuard(Some(paths.dir().to_path_buf()));
@@ -97,6 +104,7 @@ mod tests {
             extra_kernel_params: "quiet".into(),
             block_devices: vec![],
             network: None,
+            shared_dir: None,
         };
         let paths = SandboxPaths::new(Path::new("/run/ironclad"), "sb");
         let json = vm_description(&config, &paths);
@@ -130,6 +138,7 @@ mod tests {
             extra_kernel_params: String::new(),
             block_devices: vec![],
             network: None,
+            shared_dir: None,
         };
         // A stand-in monitor that fails the way a VMM refusing its configuration does.
         let fake = dir.path().join("fake-vmm");

@@ -28,6 +28,9 @@ pub struct VmConfig {
     /// The sandbox's network, if it has one: the monitor runs in that network namespace, where
     /// its taps are.
     pub network: Option<VmNetwork>,
+    /// A host directory served to the guest through virtio-fs (virtiofsd, vhost-user) under the
+    /// tag `resources::share_fs::SHARE_TAG`.
+    pub shared_dir: Option<PathBuf>,
 }
 
 /// Where the monitor runs and the NICs it gives the guest.
@@ -216,6 +219,14 @@ impl Backend {
         }
     }
 
+    /// Why the backend cannot serve a shared directory (virtio-fs), if it cannot.
+    pub fn shared_dir_unsupported(&self) -> Option<&'static str> {
+        match self {
+            Backend::Ironclad(_) => Some(ironclad::NO_SHARED_DIR),
+            Backend::Qemu(_) => None,
+        }
+    }
+
     pub async fn start(
         &self,
         config: &VmConfig,
@@ -320,6 +331,7 @@ mod tests {
             extra_kernel_params: String::new(),
             block_devices: vec![],
             network: None,
+            shared_dir: None,
         };
         assert_eq!(config.kernel_cmdline(), "console=ttyS0 reboot=k panic=-1");
         config.extra_kernel_params = " quiet ".into();

@@ -51,10 +51,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("vhost-device-vsock exited ({status}) before creating {socket}: {stderr}")]
-    VsockDaemonExited { status: ExitStatus, socket: PathBuf, stderr: String },
-    #[error("vhost-device-vsock did not create {socket} within {waited:?}")]
-    VsockDaemonTimeout { socket: PathBuf, waited: Duration },
+    #[error("{daemon} exited ({status}) before creating {socket}: {stderr}")]
+    DaemonExited { daemon: &'static str, status: ExitStatus, socket: PathBuf, stderr: String },
+    #[error("{daemon} did not create {socket} within {waited:?}")]
+    DaemonTimeout { daemon: &'static str, socket: PathBuf, waited: Duration },
+    #[error("{backend} cannot boot this sandbox: {reason}")]
+    Unsupported { backend: &'static str, reason: &'static str },
     #[error(
         "{monitor} exited ({status}) before the agent was ready; stderr: {stderr}; console tail:\n{console}"
     )]

@@ -1,8 +1,9 @@
-//! The `qemu` backend: QEMU's microvm machine, with vsock served by vhost-device-vsock.
+//! The `qemu` backend: QEMU's microvm machine, with vsock served by vhost-device-vsock and the
+//! sandbox's shared directory (if any) by virtiofsd, both over vhost-user.
 //!
 //! vhost-device-vsock exposes the same hybrid vsock Unix socket as ironclad-vmm (`CONNECT <port>\n`
 //! → `OK <port>\n`), so the agent client does not know which backend it talks to. QEMU needs guest
-//! memory it can share with that process: a memfd backend with `share=on`.
+//! memory it can share with those processes: a memfd backend with `share=on`.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use super::process::{
 };
 use super::{find_executable, HostVirtualization, VmConfig};
 use crate::paths::SandboxPaths;
+use crate::resources::share_fs::SHARE_TAG;
 
 /// Every VM has its own vhost-device-vsock, so the guest CID need not be unique on the host.
 const GUEST_CID: u32 = 3;
@@ -24,13 +26,17 @@ const GUEST_CID: u32 = 3;
 /// guest kernel (6.12.117) puts payloads over about 32 KiB in page fragments, one descriptor each,
 /// and such a packet is dropped. Messages from the guest stay below that.
 pub const GUEST_MESSAGE_LIMIT: u32 = 16 * 1024;
-const VSOCK_DAEMON_START_TIMEOUT: Duration = Duration::from_secs(10);
+const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// virtiofsd's log level: its warnings reach the shim's log through its stderr.
+const VIRTIOFSD_LOG_LEVEL: &str = "warn";
 
 /// Where the backend's programs are and how guests run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QemuBackend {
     pub qemu: PathBuf,
     pub vhost_device_vsock: PathBuf,
+    /// The Rust virtiofsd, for sandboxes with a shared directory; looked up when one needs it.
+    pub virtiofsd: Option<PathBuf>,
     /// KVM acceleration; only with hardware virtualization, else TCG (software emulation).
     pub use_kvm: bool,
 }
@@ -47,22 +53,36 @@ impl QemuBackend {
                 tool: "vhost-device-vsock",
                 install: "cargo install --locked vhost-device-vsock",
             })?;
+        let virtiofsd = find_executable(Path::new("virtiofsd"));
         let use_kvm = host.can_boot_linux_on_kvm();
         info!(
             "qemu backend: {} ({})",
             if use_kvm { "KVM" } else { "TCG software emulation" },
             host.explain()
         );
-        Ok(QemuBackend { qemu, vhost_device_vsock, use_kvm })
+        Ok(QemuBackend { qemu, vhost_device_vsock, virtiofsd, use_kvm })
     }
 
-    /// Starts vhost-device-vsock, then QEMU. The sandbox directory is created here and removed when
-    /// the VM is stopped or dropped.
+    /// Starts vhost-device-vsock (and virtiofsd for a shared directory), then QEMU. The sandbox
+    /// directory is created here and removed when the VM is stopped or dropped.
     pub async fn start(&self, config: &VmConfig, paths: SandboxPaths) -> Result<GuestVm, Error> {
         require_guest_files(&config.kernel, &config.initrd)?;
+        let virtiofsd = match (&config.shared_dir, &self.virtiofsd) {
+            (Some(_), None) => {
+                return Err(Error::MissingTool {
+                    tool: "virtiofsd",
+                    install: "cargo install --locked virtiofsd",
+                })
+            }
+            (Some(dir), Some(program)) => Some((dir, program)),
+            (None, _) => None,
+        };
         create_sandbox_dir(paths.dir())?;
         let mut guard = SandboxDirGuard(Some(paths.dir().to_path_buf()));
-        let vhost = self.start_vsock_daemon(&paths).await?;
+        let mut helpers = vec![self.start_vsock_daemon(&paths).await?];
+        if let Some((dir, program)) = virtiofsd {
+            helpers.push(start_virtiofsd(program, dir, &paths).await?);
+        }
         let args: Vec<OsString> =
             qemu_args(config, &paths, self.use_kvm).into_iter().map(OsString::from).collect();
         let mut vm = GuestVm::spawn(
@@ -72,7 +92,7 @@ impl QemuBackend {
             paths.console_log(),
             paths.agent_socket(),
             config.network.as_ref().map(|n| n.netns.as_path()),
-            vec![vhost],
+            helpers,
         )
         .await?;
         vm.adopt_sandbox_dir(&mut guard);
@@ -81,39 +101,64 @@ impl QemuBackend {
     }
 
     async fn start_vsock_daemon(&self, paths: &SandboxPaths) -> Result<Child, Error> {
-        let socket = paths.vhost_vsock_socket();
-        let mut child = Command::new(&self.vhost_device_vsock)
+        let mut command = Command::new(&self.vhost_device_vsock);
+        command
             .arg("--guest-cid")
             .arg(GUEST_CID.to_string())
             .arg("--socket")
-            .arg(&socket)
+            .arg(paths.vhost_vsock_socket())
             .arg("--uds-path")
-            .arg(paths.agent_socket())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| Error::Spawn { program: self.vhost_device_vsock.clone(), source })?;
-        let started = Instant::now();
-        while !socket.exists() {
-            if let Some(status) =
-                child.try_wait().map_err(|source| Error::Wait { what: "vhost-device-vsock", source })?
-            {
-                let stderr = drain_stderr(child.stderr.take()).await;
-                return Err(Error::VsockDaemonExited { status, socket, stderr });
-            }
-            if started.elapsed() > VSOCK_DAEMON_START_TIMEOUT {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-                return Err(Error::VsockDaemonTimeout { socket, waited: started.elapsed() });
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        // Read for as long as it runs: a full pipe would stall it, and with it the guest's vsock.
-        tokio::spawn(drain_stderr(child.stderr.take()));
-        Ok(child)
+            .arg(paths.agent_socket());
+        start_daemon("vhost-device-vsock", &self.vhost_device_vsock, command, paths.vhost_vsock_socket())
+            .await
     }
+}
+
+/// virtiofsd serving `dir` on the sandbox's virtio-fs socket, in its own namespaces (pivoted into
+/// `dir`) with its seccomp filter killing on a syscall outside its list.
+async fn start_virtiofsd(program: &Path, dir: &Path, paths: &SandboxPaths) -> Result<Child, Error> {
+    let mut command = Command::new(program);
+    command
+        .arg("--socket-path")
+        .arg(paths.virtiofs_socket())
+        .arg("--shared-dir")
+        .arg(dir)
+        .args(["--sandbox", "namespace", "--seccomp", "kill", "--cache", "auto", "--announce-submounts"])
+        .args(["--log-level", VIRTIOFSD_LOG_LEVEL]);
+    start_daemon("virtiofsd", program, command, paths.virtiofs_socket()).await
+}
+
+/// Starts a vhost-user daemon and waits until its socket exists. One that dies first is reported
+/// with its stderr; one that takes too long is killed.
+async fn start_daemon(
+    daemon: &'static str,
+    program: &Path,
+    mut command: Command,
+    socket: PathBuf,
+) -> Result<Child, Error> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| Error::Spawn { program: program.to_path_buf(), source })?;
+    let started = Instant::now();
+    while !socket.exists() {
+        if let Some(status) = child.try_wait().map_err(|source| Error::Wait { what: daemon, source })? {
+            let stderr = drain_stderr(child.stderr.take()).await;
+            return Err(Error::DaemonExited { daemon, status, socket, stderr });
+        }
+        if started.elapsed() > DAEMON_START_TIMEOUT {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(Error::DaemonTimeout { daemon, socket, waited: started.elapsed() });
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Read for as long as it runs: a full pipe would stall it, and with it the guest's device.
+    tokio::spawn(drain_stderr(child.stderr.take()));
+    Ok(child)
 }
 
 /// QEMU's command line for one sandbox.
@@ -159,6 +204,14 @@ pub fn qemu_args(config: &VmConfig, paths: &SandboxPaths, use_kvm: bool) -> Vec<
         args.push("-device".into());
         args.push(format!("virtio-blk-device,drive=disk{index},serial={}", disk.serial));
     }
+    if config.shared_dir.is_some() {
+        args.extend([
+            "-chardev".into(),
+            format!("socket,id=virtiofs,path={}", paths.virtiofs_socket().display()),
+            "-device".into(),
+            format!("vhost-user-fs-device,chardev=virtiofs,tag={SHARE_TAG}"),
+        ]);
+    }
     let nics = config.network.iter().flat_map(|network| &network.devices);
     for (index, nic) in nics.enumerate() {
         args.push("-netdev".into());
@@ -190,6 +243,7 @@ mod tests {
             extra_kernel_params: "quiet".into(),
             block_devices: vec![],
             network: None,
+            shared_dir: None,
         }
     }
 
@@ -235,6 +289,39 @@ mod tests {
     }
 
     #[test]
+    fn a_shared_directory_is_a_vhost_user_fs_device_on_virtiofsds_socket() {
+        let paths = SandboxPaths::new(Path::new("/r"), "sb");
+        assert!(!qemu_args(&config(), &paths, false).iter().any(|a| a.contains("vhost-user-fs")));
+        let cfg = VmConfig { shared_dir: Some("/r/shared".into()), ..config() };
+        let args = qemu_args(&cfg, &paths, false);
+        assert!(value_after(&args, "-chardev").contains(&"socket,id=virtiofs,path=/r/sb/virtiofs.sock"));
+        assert!(value_after(&args, "-device").contains(&"vhost-user-fs-device,chardev=virtiofs,tag=ironclad"));
+    }
+
+    #[tokio::test]
+    async fn a_shared_directory_without_virtiofsd_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("kernel");
+        std::fs::write(&kernel, b"k").unwrap();
+        let cfg = VmConfig {
+            kernel: kernel.clone(),
+            initrd: kernel,
+            shared_dir: Some(dir.path().into()),
+            ..config()
+        };
+        let backend = QemuBackend {
+            qemu: "/bin/true".into(),
+            vhost_device_vsock: "/bin/true".into(),
+            virtiofsd: None,
+            use_kvm: false,
+        };
+        let paths = SandboxPaths::new(dir.path(), "sb");
+        let err = backend.start(&cfg, paths.clone()).await.err().unwrap();
+        assert!(matches!(&err, Error::MissingTool { tool: "virtiofsd", .. }), "{err}");
+        assert!(!paths.dir().exists());
+    }
+
+    #[test]
     fn disks_are_named_by_serial_and_keep_read_only() {
         let paths = SandboxPaths::new(Path::new("/r"), "sb");
         let mut cfg = config();
@@ -260,8 +347,12 @@ mod tests {
     #[tokio::test]
     async fn missing_kernel_is_named_and_leaves_no_directory() {
         let dir = tempfile::tempdir().unwrap();
-        let backend =
-            QemuBackend { qemu: "/bin/true".into(), vhost_device_vsock: "/bin/true".into(), use_kvm: false };
+        let backend = QemuBackend {
+            qemu: "/bin/true".into(),
+            vhost_device_vsock: "/bin/true".into(),
+            virtiofsd: None,
+            use_kvm: false,
+        };
         let paths = SandboxPaths::new(dir.path(), "sb");
         let err = backend.start(&config(), paths.clone()).await.err().unwrap();
         assert!(matches!(&err, Error::MissingFile { what: "kernel", .. }), "{err}");
@@ -274,11 +365,15 @@ mod tests {
         let kernel = dir.path().join("kernel");
         std::fs::write(&kernel, b"k").unwrap();
         let cfg = VmConfig { kernel: kernel.clone(), initrd: kernel, ..config() };
-        let backend =
-            QemuBackend { qemu: "/bin/true".into(), vhost_device_vsock: "/bin/false".into(), use_kvm: false };
+        let backend = QemuBackend {
+            qemu: "/bin/true".into(),
+            vhost_device_vsock: "/bin/false".into(),
+            virtiofsd: None,
+            use_kvm: false,
+        };
         let paths = SandboxPaths::new(dir.path(), "sb");
         let err = backend.start(&cfg, paths.clone()).await.err().unwrap();
-        assert!(matches!(&err, Error::VsockDaemonExited { .. }), "{err}");
+        assert!(matches!(&err, Error::DaemonExited { daemon: "vhost-device-vsock", .. }), "{err}");
         assert!(!paths.dir().exists(), "a failed start must remove the sandbox directory");
     }
 }

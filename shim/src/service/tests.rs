@@ -105,7 +105,7 @@ async fn rig(guest: Guest, stdout: &str) -> Rig {
     )
     .await
     .unwrap();
-    let sandbox = Arc::new(Sandbox::run(vm, client, "stand-in", task_dir).unwrap());
+    let sandbox = Arc::new(Sandbox::run(vm, client, "stand-in", task_dir, None).unwrap());
     let uris = StdioUris { stdout: stdout.to_string(), ..Default::default() };
     let init = Process::new("", uris, String::new());
     let container = Arc::new(Container::new("c1", "/nonexistent/bundle", sandbox, init));
