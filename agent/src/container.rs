@@ -535,6 +535,7 @@ impl Containers {
         let mut spec: Spec =
             serde_json::from_str(spec_json).map_err(|e| Error::InvalidSpec(e.to_string()))?;
         self.join_sandbox_namespaces(&mut spec, sandbox_container).await?;
+        add_cgroup_namespace(&mut spec);
         if self.entries.lock().await.contains_key(id) {
             return Err(Error::AlreadyExists(id.into()));
         }
@@ -1017,9 +1018,42 @@ fn validate_id(id: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// The guest's cgroups are v2 whatever the host has: a container gets a cgroup namespace of its
+/// own (as runc gives one on a v2 host), so that the cgroup file system mounted at /sys/fs/cgroup
+/// shows its own cgroup (memory.max, pids.max) rather than the guest's root. The spec comes from a
+/// host that may be v1, where containerd adds none.
+fn add_cgroup_namespace(spec: &mut Spec) {
+    let mut linux = spec.linux().clone().unwrap_or_default();
+    let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+    if namespaces.iter().any(|ns| ns.typ() == LinuxNamespaceType::Cgroup) {
+        return;
+    }
+    let mut cgroup = libcontainer::oci_spec::runtime::LinuxNamespace::default();
+    cgroup.set_typ(LinuxNamespaceType::Cgroup);
+    namespaces.push(cgroup);
+    linux.set_namespaces(Some(namespaces));
+    spec.set_linux(Some(linux));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_container_gets_a_cgroup_namespace_unless_the_spec_has_one() {
+        let mut spec: Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "linux": {"namespaces": [{"type": "pid"}, {"type": "network", "path": "/proc/1/ns/net"}]}
+        }))
+        .unwrap();
+        add_cgroup_namespace(&mut spec);
+        add_cgroup_namespace(&mut spec);
+        let namespaces = spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
+        let cgroups: Vec<_> = namespaces.iter().filter(|ns| ns.typ() == LinuxNamespaceType::Cgroup).collect();
+        assert_eq!(cgroups.len(), 1);
+        assert!(cgroups[0].path().is_none(), "a new namespace, not a path");
+        assert_eq!(namespaces.len(), 3);
+    }
 
     #[test]
     fn ids_that_could_escape_the_state_directory_are_refused() {

@@ -326,7 +326,15 @@ impl Shim for IroncladShim {
     }
 
     /// containerd's clean-up after a shim that is gone: stops whatever the task left running.
+    /// containerd also calls it when it lets go of one task of a pod whose shim still serves the
+    /// others: that shim answers on its socket and keeps charge of everything.
     async fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
+        if let Some(socket) = shim_socket(&self.bundle.join("address")) {
+            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                info!("delete {}: its shim still serves {}, which keeps charge", self.id, socket.display());
+                return Ok(DeleteResponse { exit_status: 137, exited_at: now(), ..Default::default() });
+            }
+        }
         // The bundle is `-bundle`, else the working directory.
         let recorded = std::fs::read_to_string(self.bundle.join(TASK_DIR_FILE)).ok().map(PathBuf::from);
         let dir = recorded.unwrap_or_else(|| {
@@ -355,20 +363,26 @@ impl Shim for IroncladShim {
     }
 }
 
+/// The socket the bundle's `address` file names.
+fn shim_socket(address_file: &Path) -> Option<PathBuf> {
+    let address = std::fs::read_to_string(address_file).ok()?;
+    let address = address.trim();
+    Some(PathBuf::from(address.strip_prefix("unix://").unwrap_or(address)))
+}
+
 /// The socket a crashed shim served on (named by the bundle's `address` file), which it could not
 /// remove itself. Only a socket is removed, whatever the file says.
 fn remove_dead_shim_socket(address_file: &Path) {
     use std::os::unix::fs::FileTypeExt;
-    let Ok(address) = std::fs::read_to_string(address_file) else { return };
-    let path = Path::new(address.trim().strip_prefix("unix://").unwrap_or(address.trim()));
-    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+    let Some(path) = shim_socket(address_file) else { return };
+    if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
         let _ = std::fs::remove_file(path);
     }
 }
 
-/// `<run root>/<namespace>/<task id>`: everything the shim makes for a task.
+/// `<run root>/<namespace>/<task dir name>`: everything the shim makes for a task.
 pub fn task_dir(config: &ShimConfig, namespace: &str, id: &str) -> PathBuf {
-    config.run_root.join(namespace).join(id)
+    config.run_root.join(namespace).join(crate::paths::task_dir_name(id))
 }
 
 /// `<log root>/<namespace>/<task id>.console.log`: the guest's console, on disk rather than on the

@@ -12,9 +12,15 @@ use sha2::{Digest, Sha256};
 /// The runtime name of the shim under test.
 pub const IRONCLAD_RUNTIME: &str = "io.containerd.ironclad.v2";
 pub const RUNC_RUNTIME: &str = "io.containerd.runc.v2";
-/// The locally built images: plain busybox, and one whose config sets user, cwd and env.
+/// The CRI runtime handler (a RuntimeClass's `handler`) that runs pods with ironclad.
+pub const CRI_HANDLER: &str = "ironclad";
+/// The containerd namespace of the CRI plugin's pods and images.
+pub const CRI_NAMESPACE: &str = "k8s.io";
+/// The locally built images: plain busybox, one whose config sets user, cwd and env, and a pause.
 pub const BUSYBOX_IMAGE: &str = "docker.io/ironclad/busybox:latest";
 pub const BUSYBOX_USER_IMAGE: &str = "docker.io/ironclad/busybox:user";
+/// The CRI plugin's sandbox image (`sandbox_image`): busybox sleeping forever.
+pub const PAUSE_IMAGE: &str = "docker.io/ironclad/pause:latest";
 const BUSYBOX: &str = "/bin/busybox";
 const CONTAINERD_START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -97,6 +103,28 @@ impl Containerd {
 
     /// As [`Containerd::start`], with containerd and every ctr in network namespace `netns`.
     pub fn start_in(artifacts: &Artifacts, netns: Option<&Path>) -> Result<Containerd, Error> {
+        Self::start_with(artifacts, netns, None)
+    }
+
+    /// A containerd whose CRI plugin serves pods (namespace k8s.io) on its socket, with runtime
+    /// handler [`CRI_HANDLER`] for the ironclad shim, in network namespace `netns` with the CNI
+    /// configuration in `cni_conf_dir`; the images (pause included) are imported.
+    pub fn start_cri(artifacts: &Artifacts, netns: &Path, cni_conf_dir: &Path) -> Result<Containerd, Error> {
+        let containerd = Self::start_with(artifacts, Some(netns), Some(cni_conf_dir))?;
+        containerd.import_busybox()?;
+        Ok(containerd)
+    }
+
+    /// The socket the CRI plugin (and everything else) is served on.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    fn start_with(
+        artifacts: &Artifacts,
+        netns: Option<&Path>,
+        cri_cni_conf_dir: Option<&Path>,
+    ) -> Result<Containerd, Error> {
         for (tool, name) in [("containerd", "containerd"), ("ctr", "ctr"), ("runc", "runc")] {
             if ironclad_shim::hypervisor::find_executable(Path::new(tool)).is_none() {
                 return Err(Error::Missing(name));
@@ -108,14 +136,19 @@ impl Containerd {
             tempfile::Builder::new().prefix("icd-").tempdir_in("/var/tmp").map_err(io_err("temp dir"))?;
         let namespace =
             format!("ironclad-e2e-{}", dir.path().file_name().unwrap_or_default().to_string_lossy());
-        let namespace = namespace.replace(['.', '_'], "-").to_lowercase();
+        let mut namespace = namespace.replace(['.', '_'], "-").to_lowercase();
         let socket = dir.path().join("containerd.sock");
         let config = dir.path().join("containerd.toml");
-        std::fs::write(&config, containerd_config(dir.path(), &socket))
-            .map_err(io_err("write containerd.toml"))?;
         let run_root = dir.path().join("run");
         let log_root = dir.path().join("logs");
         let shim_config = dir.path().join("ironclad.toml");
+        let mut text = containerd_config(dir.path(), &socket, cri_cni_conf_dir.is_none());
+        if let Some(cni_conf_dir) = cri_cni_conf_dir {
+            // The CRI plugin keeps its pods in this namespace, whatever ctr uses.
+            namespace = CRI_NAMESPACE.into();
+            text.push_str(&cri_config(&shim_config, cni_conf_dir));
+        }
+        std::fs::write(&config, text).map_err(io_err("write containerd.toml"))?;
         std::fs::write(
             &shim_config,
             shim_config_text(artifacts, &run_root, &log_root, &dir.path().join("images")),
@@ -222,7 +255,7 @@ impl Containerd {
 
     /// The task directory the shim makes for task `id`.
     pub fn task_dir(&self, id: &str) -> PathBuf {
-        self.run_root.join(&self.namespace).join(id)
+        self.run_root.join(&self.namespace).join(ironclad_shim::paths::task_dir_name(id))
     }
 
     /// The guest console log the shim keeps for task `id` while it runs.
@@ -271,7 +304,10 @@ impl Containerd {
     /// Processes whose command line mentions this containerd's namespace or directory: its shims
     /// and their VMs.
     pub fn leftover_processes(&self) -> Vec<(i32, String)> {
-        let markers = [format!("-namespace {} ", self.namespace), self.dir.path().display().to_string()];
+        let mut markers = vec![self.dir.path().display().to_string()];
+        if self.namespace != CRI_NAMESPACE {
+            markers.push(format!("-namespace {} ", self.namespace));
+        }
         processes_matching(&markers, self.child.id())
     }
 }
@@ -379,12 +415,13 @@ fn remove_namespace_cgroups(namespace: &str) {
     }
 }
 
-fn containerd_config(dir: &Path, socket: &Path) -> String {
+fn containerd_config(dir: &Path, socket: &Path, without_cri: bool) -> String {
+    let disabled = if without_cri { r#"["io.containerd.grpc.v1.cri"]"# } else { "[]" };
     format!(
         r#"version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+disabled_plugins = {disabled}
 
 [grpc]
   address = "{socket}"
@@ -398,6 +435,37 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         root = dir.join("root").display(),
         state = dir.join("state").display(),
         socket = socket.display(),
+    )
+}
+
+/// The CRI plugin as a kubelet's node has it, for this machine: the locally built pause image,
+/// no lowering of oom_score_adj (refused here), CNI from the test's directory, and the ironclad
+/// runtime handler passing the allowed `io.ironclad.*` pod annotations to the shim.
+fn cri_config(shim_config: &Path, cni_conf_dir: &Path) -> String {
+    format!(
+        r#"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE_IMAGE}"
+  restrict_oom_score_adj = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{conf_dir}"
+    max_conf_num = 1
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "{RUNC_RUNTIME}"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{CRI_HANDLER}]
+      runtime_type = "{IRONCLAD_RUNTIME}"
+      pod_annotations = ["io.ironclad.*"]
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{CRI_HANDLER}.options]
+        ConfigPath = "{shim_config}"
+"#,
+        conf_dir = cni_conf_dir.display(),
+        shim_config = shim_config.display(),
     )
 }
 
@@ -476,13 +544,16 @@ pub fn build_busybox_archive(work: &Path, archive: &Path) -> Result<(), Error> {
     let (layer_digest, layer_size) = put_blob(&layout, &layer)?;
 
     let mut manifests = Vec::new();
-    for (name, user, cwd, env) in
-        [(BUSYBOX_IMAGE, "", "/", "PATH=/bin"), (BUSYBOX_USER_IMAGE, "1000:1000", "/work", "PATH=/bin")]
-    {
+    for (name, user, cwd, cmd) in [
+        (BUSYBOX_IMAGE, "", "/", vec!["sh"]),
+        (BUSYBOX_USER_IMAGE, "1000:1000", "/work", vec!["sh"]),
+        // A pod's sandbox container does nothing but hold the pod's namespaces.
+        (PAUSE_IMAGE, "", "/", vec!["sleep", "2147483647"]),
+    ] {
         let config = serde_json::json!({
             "architecture": "amd64",
             "os": "linux",
-            "config": {"Env": [env, "FROM_IMAGE=yes"], "Cmd": ["sh"], "WorkingDir": cwd, "User": user},
+            "config": {"Env": ["PATH=/bin", "FROM_IMAGE=yes"], "Cmd": cmd, "WorkingDir": cwd, "User": user},
             "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
         });
         let (config_digest, config_size) = put_blob(&layout, config.to_string().as_bytes())?;
