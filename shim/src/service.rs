@@ -27,7 +27,7 @@ use containerd_shim::protos::protobuf::{Message, MessageField};
 use containerd_shim::protos::types::task::{ProcessInfo, Status};
 use containerd_shim::protos::{topics, ttrpc};
 use containerd_shim::{Config, Flags, StartOpts, TtrpcContext};
-use ironclad_protocol::agent::{CopyFileRequest, CreateContainerRequest, Storage};
+use ironclad_protocol::agent::{CreateContainerRequest, Storage};
 use ironclad_protocol::runtimeoptions::Options as RuntimeOptions;
 use tokio::sync::Mutex;
 use tracing::{error, info, warn};
@@ -92,8 +92,8 @@ pub enum Error {
     HostNetwork,
     #[error("cannot add container {container} to pod {sandbox}: its VM is gone")]
     SandboxGone { container: String, sandbox: String },
-    #[error("cannot add container {container} to pod {sandbox}: {reason}")]
-    PodWithoutShare { container: String, sandbox: String, reason: &'static str },
+    #[error("cannot add container {container} to pod {sandbox}: its VM has no shared directory")]
+    PodWithoutShare { container: String, sandbox: String },
     #[error("cannot start the sandbox VM")]
     Sandbox(#[from] sandbox::Error),
     #[error(transparent)]
@@ -237,9 +237,10 @@ fn code_of(err: &Error) -> ttrpc::Code {
         Error::Volumes(volumes::Error::NotFileOrDirectory { .. } | volumes::Error::BindSource { .. }) => {
             Code::INVALID_ARGUMENT
         }
-        Error::Volumes(volumes::Error::NoSharedDirectory { .. }) => Code::UNIMPLEMENTED,
+        Error::Volumes(volumes::Error::NoSharedDirectory { .. }) => Code::FAILED_PRECONDITION,
         Error::Volumes(volumes::Error::Share { .. }) | Error::Share(_) => Code::INTERNAL,
-        Error::HostNetwork | Error::PodWithoutShare { .. } => Code::UNIMPLEMENTED,
+        Error::HostNetwork => Code::UNIMPLEMENTED,
+        Error::PodWithoutShare { .. } => Code::FAILED_PRECONDITION,
         Error::SandboxGone { .. } => Code::FAILED_PRECONDITION,
         Error::Config(_) | Error::RuntimeOptions(_) | Error::Stdio(_) => Code::INVALID_ARGUMENT,
         Error::Rootfs(
@@ -451,8 +452,7 @@ impl TaskService {
         let backend = Backend::select(config.hypervisor, HostVirtualization::detect())
             .map_err(|err| Error::Sandbox(err.into()))?;
         // A pod's sandbox shares a directory for the containers that join it later.
-        let wants_share = role == PodRole::Sandbox || volumes::need_share(&volumes);
-        let with_share = wants_share && backend.shared_dir_unsupported().is_none();
+        let with_share = role == PodRole::Sandbox || volumes::need_share(&volumes);
 
         let dir = task_dir(&config, &self.namespace, &req.id);
         if dir.exists() {
@@ -486,8 +486,7 @@ impl TaskService {
             let init = Process::new("", stdio_uris(req), String::new());
             let container =
                 Arc::new(Container::new(&req.id, &req.bundle, sandbox, init).with_network(network));
-            let no_share = backend.shared_dir_unsupported().unwrap_or("the sandbox has no shared directory");
-            if let Err(err) = self.create_in_guest(&container, spec, &volumes, no_share).await {
+            if let Err(err) = self.create_in_guest(&container, spec, &volumes).await {
                 container.sandbox.teardown().await;
                 return Err(err);
             }
@@ -514,13 +513,7 @@ impl TaskService {
             return Err(Error::SandboxGone { container: req.id.clone(), sandbox: pod.id.clone() });
         }
         let Some(share) = sandbox.share.clone() else {
-            // A pod's sandbox always asks for one: only a backend without virtio-fs has none.
-            let reason = crate::hypervisor::ironclad::NO_SHARED_DIR;
-            return Err(Error::PodWithoutShare {
-                container: req.id.clone(),
-                sandbox: pod.id.clone(),
-                reason,
-            });
+            return Err(Error::PodWithoutShare { container: req.id.clone(), sandbox: pod.id.clone() });
         };
         let role = PodRole::Container { sandbox_id: pod.id.clone() };
         let volumes = volumes::classify(&spec, &role)?;
@@ -533,7 +526,7 @@ impl TaskService {
             record_task_dir(&req.bundle, &share.container_dir(&req.id)?)?;
             let guest_rootfs =
                 share.mount_rootfs(&req.id, &rootfs.type_, Path::new(&rootfs.source), &rootfs.options)?;
-            volumes::attach(&mut spec, &volumes, Some(&share), &req.id, "")?;
+            volumes::attach(&mut spec, &volumes, Some(&share), &req.id)?;
             let mut request = CreateContainerRequest::new();
             request.container_id = req.id.clone();
             request.oci_spec_json = spec::to_json(&spec)?;
@@ -563,7 +556,6 @@ impl TaskService {
         container: &Arc<Container>,
         mut spec: oci_spec::runtime::Spec,
         volumes: &[Volume],
-        no_share_reason: &'static str,
     ) -> Result<(), Error> {
         let agent = &container.sandbox.agent;
         if let Err(err) = agent.sync_clock().await {
@@ -576,8 +568,7 @@ impl TaskService {
         let hostname = spec::guest_hostname(&spec, &container.id);
         agent.create_sandbox(&container.id, &hostname).await?;
         let share = container.sandbox.share.as_ref();
-        let to_copy = volumes::attach(&mut spec, volumes, share, &container.id, no_share_reason)?;
-        copy_file_mounts(agent, &container.id, &mut spec, &to_copy).await?;
+        volumes::attach(&mut spec, volumes, share, &container.id)?;
         let guest_rootfs = format!("{GUEST_ROOTFS_DIR}/{}", container.id);
         let mut storages = vec![Storage {
             serial: ROOTFS_SERIAL.into(),
@@ -989,35 +980,6 @@ fn record_task_dir(bundle: &str, dir: &Path) -> Result<(), Error> {
         path: record,
         source,
     })
-}
-
-/// Copies each bind-mounted host file into the guest and points its mount there.
-async fn copy_file_mounts(
-    agent: &AgentClient,
-    container_id: &str,
-    spec: &mut oci_spec::runtime::Spec,
-    indexes: &[usize],
-) -> Result<(), Error> {
-    use std::os::unix::fs::MetadataExt;
-    let Some(mounts) = spec.mounts_mut().as_mut() else { return Ok(()) };
-    for &index in indexes {
-        let Some(mount) = mounts.get_mut(index) else { continue };
-        let host = mount.source().clone().unwrap_or_default();
-        let destination = mount.destination().clone();
-        let read = std::fs::read(&host).and_then(|data| Ok((data, std::fs::metadata(&host)?)));
-        let (data, meta) =
-            read.map_err(|source| volumes::Error::BindSource { host: host.clone(), destination, source })?;
-        let name = host.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let mut request = CopyFileRequest::new();
-        request.path = format!("{container_id}/{index}-{name}");
-        request.data = data;
-        request.mode = meta.mode() & 0o7777;
-        request.uid = meta.uid();
-        request.gid = meta.gid();
-        let guest_path = agent.copy_file(&request).await?;
-        mount.set_source(Some(PathBuf::from(guest_path)));
-    }
-    Ok(())
 }
 
 #[async_trait]

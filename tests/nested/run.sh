@@ -6,7 +6,7 @@
 # tests/device/kvm-e2e.sh run with ironclad-vmm, which `auto` picks there because the L1 CPU shows
 # svm. Each suite's output streams here; any failure fails this script.
 #
-# usage: tests/nested/run.sh [SUITE...]   (default: boot containers containerd kvm-e2e; `bench`
+# usage: tests/nested/run.sh [SUITE...]   (default: boot containers containerd cri kvm-e2e; `bench`
 #        runs `ironclad-bench nested` there and writes its section into docs/benchmarks.md)
 # Needs what scripts/install-prereqs.sh installs (QEMU, kmod, the L1 kernel and virtme-ng under
 # $IRONCLAD_NESTED_DIR) and a built workspace and guest (make guest). Missing pieces fail the
@@ -21,7 +21,7 @@ L1_CPUS=${IRONCLAD_NESTED_CPUS:-1}
 TIMEOUT=${IRONCLAD_NESTED_TIMEOUT:-1800}
 RESULTS="$PWD/target/nested"
 suites=("$@")
-[ "${#suites[@]}" -gt 0 ] || suites=(boot containers containerd kvm-e2e)
+[ "${#suites[@]}" -gt 0 ] || suites=(boot containers containerd cri kvm-e2e)
 
 say() { echo "nested: $*" >&2; }
 
@@ -64,7 +64,7 @@ fi
 commands=()
 for suite in "${suites[@]}"; do
     case "$suite" in
-        boot | containers | containerd)
+        boot | containers | containerd | cri)
             [ -n "${executables[$suite]:-}" ] || { say "no test executable for $suite"; exit 1; }
             extra=${IRONCLAD_NESTED_TEST_ARGS:-}
             # In L1, `ctr run --cni` reports "no network config found in /etc/cni/net.d" although the
@@ -82,7 +82,7 @@ for suite in "${suites[@]}"; do
         bench)
             commands+=("bench=target/release/ironclad-bench nested --report $RESULTS/benchmarks.md --json $RESULTS/benchmarks-nested.json")
             ;;
-        *) say "unknown suite $suite (boot, containers, containerd, kvm-e2e, bench)"; exit 1 ;;
+        *) say "unknown suite $suite (boot, containers, containerd, cri, kvm-e2e, bench)"; exit 1 ;;
     esac
 done
 

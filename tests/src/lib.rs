@@ -43,12 +43,6 @@ pub fn expected_backend() -> Option<String> {
     std::env::var(EXPECT_BACKEND).ok().filter(|b| !b.is_empty())
 }
 
-/// The backend that hypervisor setting `kind` (auto, ironclad, qemu) gives on this host.
-pub fn resolved_backend(kind: &str) -> ironclad_shim::hypervisor::HypervisorKind {
-    use ironclad_shim::hypervisor::{HostVirtualization, HypervisorKind};
-    kind.parse::<HypervisorKind>().unwrap_or(HypervisorKind::Auto).resolve(HostVirtualization::detect())
-}
-
 /// The guest kernel and initrd the harness boots.
 #[derive(Debug, Clone)]
 pub struct GuestArtifacts {

@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use ironclad_shim::hypervisor::HypervisorKind;
 use ironclad_tests::containerd::{
     Artifacts, Containerd, Events, BUSYBOX_IMAGE, BUSYBOX_USER_IMAGE, IRONCLAD_RUNTIME,
 };
@@ -253,11 +252,6 @@ fn echo_exit_codes_and_the_guest_kernel() {
     assert!(!containerd.log().contains("did not exit within"), "{}", containerd.log_tail());
 }
 
-/// Whether this run's backend serves host directories (virtio-fs): QEMU does, ironclad-vmm not yet.
-fn backend_shares_directories() -> bool {
-    ironclad_tests::resolved_backend(&artifacts().hypervisor) == HypervisorKind::Qemu
-}
-
 #[test]
 fn host_directories_and_files_reach_the_guest_through_the_shared_directory() {
     let Some(containerd) = start_containerd() else { return };
@@ -277,19 +271,6 @@ fn host_directories_and_files_reach_the_guest_through_the_shared_directory() {
     let script = "cat /etc/greeting; cat /ro/config; echo written > /rw/from-guest && echo rw-ok; \
                   if echo x > /ro/refused 2>/dev/null; then echo ro-writable; else echo ro-refused; fi; \
                   while [ ! -e /rw/from-host-later ]; do sleep 0.1; done; cat /rw/from-host-later";
-    if !backend_shares_directories() {
-        // ironclad-vmm has no virtio-fs yet: a host directory is refused by name, with the reason.
-        let output = run(&containerd, &flags, BUSYBOX_IMAGE, "share1", &["true"], None);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success());
-        assert!(stderr.contains(&rw.display().to_string()) && stderr.contains("virtio-fs"), "{stderr}");
-        assert_nothing_left(&containerd, "share1");
-        // A host file alone is copied in.
-        let output = run(&containerd, &flags[..2], BUSYBOX_IMAGE, "file1", &["cat", "/etc/greeting"], None);
-        assert_eq!(stdout_of(&containerd, &output), "hello from the host\n");
-        assert_nothing_left(&containerd, "file1");
-        return;
-    }
     // The host writes its file once the guest has shown its own write: a change made while the
     // container runs reaches the guest.
     let later = rw.join("from-host-later");

@@ -21,12 +21,13 @@ use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::virtio::block::{self as virtio_block, Block, BlockMetrics, Disk};
 use crate::devices::virtio::device::VirtioDevice;
+use crate::devices::virtio::fs::{self as virtio_fs, FsMetrics, VhostUserFs};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::net::{self as virtio_net, Net, NetMetrics};
 use crate::devices::virtio::vsock::{self as virtio_vsock, Vsock, VsockMetrics};
 use crate::devices::EventFdTrigger;
 use crate::seccomp::ThreadKind;
-use crate::vstate::memory::{self, create_guest_memory};
+use crate::vstate::memory::{self, create_guest_memory, Sharing};
 use crate::vstate::vcpu::{self, ExitReason, Vcpu, VmExit};
 use crate::vstate::vm::{self, Vm};
 
@@ -76,6 +77,12 @@ pub enum Error {
     },
     #[error("cannot set up vsock")]
     Vsock(#[from] virtio_vsock::device::Error),
+    #[error("cannot set up the shared directory {tag:?} (virtio-fs)")]
+    Fs {
+        tag: String,
+        #[source]
+        source: virtio_fs::device::Error,
+    },
     #[error("more virtio devices than IRQ lines ({VIRTIO_IRQ_BASE}..={VIRTIO_IRQ_MAX})")]
     TooManyDevices,
     #[error("cannot write the metrics to {path}")]
@@ -95,6 +102,7 @@ struct Metrics {
     block: Vec<(String, Arc<BlockMetrics>)>,
     net: Vec<(String, Arc<NetMetrics>)>,
     vsock: Option<Arc<VsockMetrics>>,
+    fs: Vec<(String, Arc<FsMetrics>)>,
     /// Accesses the virtio-mmio transports refused, per device in bus order.
     mmio_rejected: Vec<Arc<std::sync::atomic::AtomicU64>>,
     pio_unclaimed: u64,
@@ -110,7 +118,9 @@ pub fn run_vm(config: &VmConfig) -> Result<ExitReason, Error> {
     // Signals are blocked before any thread starts, so that every thread inherits the mask and they
     // arrive only through the event loop's signalfd.
     let signals = block_stop_signals()?;
-    let memory = create_guest_memory(config.memory_mib)?;
+    // A vhost-user backend maps guest memory itself: it must be a memfd it can be sent.
+    let sharing = if config.fs.is_empty() { Sharing::Private } else { Sharing::Shared };
+    let memory = create_guest_memory(config.memory_mib, sharing)?;
     let vm = Vm::new(&memory)?;
     let kernel = boot::load_kernel(&memory, &config.kernel)?;
     let initrd = config.initrd.as_deref().map(|path| boot::load_initrd(&memory, path)).transpose()?;
@@ -126,6 +136,7 @@ pub fn run_vm(config: &VmConfig) -> Result<ExitReason, Error> {
     };
     wiring.attach_block_devices(config)?;
     wiring.attach_net_devices(config)?;
+    wiring.attach_fs_devices(config)?;
     let socket = wiring.attach_vsock_device(config)?;
     let VirtioWiring { mmio, event_manager, cmdline, mut metrics, .. } = wiring;
     crate::arch::x86_64::mptable::write(&memory, config.vcpus)?;
@@ -268,6 +279,16 @@ impl VirtioWiring<'_> {
             let device = Net::new(&net.tap, mac, new_irqfd()?)
                 .map_err(|source| Error::Net { tap: net.tap.clone(), source })?;
             self.metrics.net.push((net.tap.clone(), device.metrics()));
+            self.attach(device)?;
+        }
+        Ok(())
+    }
+
+    fn attach_fs_devices(&mut self, config: &VmConfig) -> Result<(), Error> {
+        for fs in &config.fs {
+            let device = VhostUserFs::new(&fs.socket, &fs.tag, self.memory, new_irqfd()?)
+                .map_err(|source| Error::Fs { tag: fs.tag.clone(), source })?;
+            self.metrics.fs.push((fs.tag.clone(), device.metrics()));
             self.attach(device)?;
         }
         Ok(())

@@ -18,6 +18,10 @@ pub const MAX_BLOCK_SERIAL_LEN: usize = 20;
 pub const MAX_TAP_NAME_LEN: usize = 15;
 /// sun_path is 108 bytes; guest-initiated connections use `<uds_path>_<port>`, up to 11 more.
 pub const MAX_VSOCK_UDS_PATH_LEN: usize = 108 - 1 - 11;
+/// The virtio-fs tag lives in a 36-byte config field.
+pub const MAX_FS_TAG_LEN: usize = 36;
+/// sun_path is 108 bytes, its terminating NUL included.
+pub const MAX_SOCKET_PATH_LEN: usize = 107;
 /// CIDs 0-2 are the hypervisor, loopback and host; u32::MAX is VMADDR_CID_ANY.
 pub const MIN_GUEST_CID: u64 = 3;
 
@@ -58,6 +62,10 @@ pub struct VmConfig {
     pub net: Vec<NetConfig>,
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// Shared directories: virtio-fs devices whose backend is a vhost-user daemon (virtiofsd).
+    /// With one, guest memory is a memfd the daemon maps too.
+    #[serde(default)]
+    pub fs: Vec<FsConfig>,
     #[serde(default)]
     pub serial: SerialOutput,
     /// Where to write the device counters (JSON) when the VM stops.
@@ -114,6 +122,15 @@ pub struct VsockConfig {
     pub uds_path: PathBuf,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    /// The vhost-user socket virtiofsd listens on.
+    pub socket: PathBuf,
+    /// The name the guest mounts it by (`mount -t virtiofs TAG DIR`).
+    pub tag: String,
+}
+
 /// Where the guest's serial console goes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
@@ -164,6 +181,7 @@ impl VmConfig {
         }
         self.validate_block()?;
         self.validate_net()?;
+        self.validate_fs()?;
         if let Some(vsock) = &self.vsock {
             validate_vsock(vsock)?;
         }
@@ -213,6 +231,32 @@ impl VmConfig {
                 return Err(invalid(
                     format!("net[{i}].mac"),
                     format!("{} is used by another device", net.mac),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VmConfig {
+    fn validate_fs(&self) -> Result<(), Error> {
+        let mut tags = HashSet::new();
+        for (i, fs) in self.fs.iter().enumerate() {
+            let tag_field = format!("fs[{i}].tag");
+            if fs.tag.is_empty() || fs.tag.len() > MAX_FS_TAG_LEN {
+                return Err(invalid(tag_field, format!("must be 1 to {MAX_FS_TAG_LEN} bytes")));
+            }
+            if !fs.tag.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(invalid(tag_field, "must be printable ASCII without spaces"));
+            }
+            if !tags.insert(&fs.tag) {
+                return Err(invalid(tag_field, format!("{:?} is used by another device", fs.tag)));
+            }
+            let len = fs.socket.as_os_str().len();
+            if len == 0 || len > MAX_SOCKET_PATH_LEN {
+                return Err(invalid(
+                    format!("fs[{i}].socket"),
+                    format!("must be 1 to {MAX_SOCKET_PATH_LEN} bytes"),
                 ));
             }
         }
@@ -362,6 +406,15 @@ mod tests {
                 "vsock.uds_path",
             ),
             (r#""serial": {"file": "/nonexistent/dir/log"},"#.to_string(), "serial.file"),
+            (r#""fs": [{"socket": "/run/fs.sock", "tag": ""}],"#.to_string(), "fs[0].tag"),
+            (format!(r#""fs": [{{"socket": "/run/fs.sock", "tag": "{}"}}],"#, "t".repeat(37)), "fs[0].tag"),
+            (r#""fs": [{"socket": "/run/fs.sock", "tag": "a b"}],"#.to_string(), "fs[0].tag"),
+            (
+                r#""fs": [{"socket": "/a.sock", "tag": "x"}, {"socket": "/b.sock", "tag": "x"}],"#
+                    .to_string(),
+                "fs[1].tag",
+            ),
+            (format!(r#""fs": [{{"socket": "/{}", "tag": "x"}}],"#, "s".repeat(120)), "fs[0].socket"),
         ];
         for (extra, field) in cases {
             let err = VmConfig::from_json(&files.json(&extra)).unwrap_err();

@@ -5,14 +5,14 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use ironclad_vmm::builder::run_vm;
-use ironclad_vmm::config::{BlockConfig, NetConfig, SerialOutput, VmConfig, VsockConfig};
+use ironclad_vmm::config::{BlockConfig, FsConfig, NetConfig, SerialOutput, VmConfig, VsockConfig};
 use ironclad_vmm::vstate::vcpu::ExitReason;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "The ironclad KVM microVM monitor")]
 struct Args {
     /// A JSON VM description; the other flags are then not allowed.
-    #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory_mib", "block", "net", "vsock", "serial", "metrics", "boot_timer", "no_seccomp"])]
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory_mib", "block", "net", "vsock", "fs", "serial", "metrics", "boot_timer", "no_seccomp"])]
     config: Option<PathBuf>,
     /// An ELF vmlinux or a bzImage.
     #[arg(long, required_unless_present = "config")]
@@ -34,6 +34,9 @@ struct Args {
     /// `cid=N,uds=PATH`.
     #[arg(long)]
     vsock: Option<String>,
+    /// `socket=PATH,tag=TAG` (a virtiofsd socket), repeatable.
+    #[arg(long)]
+    fs: Vec<String>,
     /// `stdout`, `none` or `file:PATH`.
     #[arg(long)]
     serial: Option<String>,
@@ -85,6 +88,17 @@ fn config_from_flags(args: Args) -> Result<VmConfig, String> {
             }
         }
         config.net.push(net);
+    }
+    for spec in &args.fs {
+        let mut fs = FsConfig { socket: PathBuf::new(), tag: String::new() };
+        for (key, value) in key_values(spec) {
+            match key {
+                "socket" => fs.socket = value.into(),
+                "tag" => fs.tag = value.into(),
+                other => return Err(format!("--fs: unknown key {other:?} in {spec:?}")),
+            }
+        }
+        config.fs.push(fs);
     }
     if let Some(spec) = &args.vsock {
         let mut vsock = VsockConfig { guest_cid: 0, uds_path: PathBuf::new() };

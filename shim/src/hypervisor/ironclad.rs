@@ -7,19 +7,18 @@ use std::path::{Path, PathBuf};
 use tracing::info;
 
 use super::process::{create_sandbox_dir, require_guest_files, Error, GuestVm, SandboxDirGuard};
-use super::{find_executable, HostVirtualization, VmConfig};
+use super::{find_executable, virtiofsd, HostVirtualization, VmConfig};
 use crate::paths::SandboxPaths;
+use crate::resources::share_fs::SHARE_TAG;
 
 /// Each VM has its own vsock device and socket, so the guest CID need not be unique on the host.
 const GUEST_CID: u64 = 3;
 
-/// Why a sandbox on ironclad-vmm has no shared directory.
-pub const NO_SHARED_DIR: &str = "ironclad-vmm has no virtio-fs device yet (host directories, and the \
-     containers of a pod after its first, need hypervisor = \"qemu\")";
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IroncladBackend {
     pub vmm: PathBuf,
+    /// The Rust virtiofsd, for sandboxes with a shared directory.
+    pub virtiofsd: Option<PathBuf>,
 }
 
 impl IroncladBackend {
@@ -35,16 +34,18 @@ impl IroncladBackend {
                 install: "make install (or cargo build --release)",
             })?;
         info!("ironclad backend: {} ({})", vmm.display(), host.explain());
-        Ok(IroncladBackend { vmm })
+        Ok(IroncladBackend { vmm, virtiofsd: virtiofsd::locate() })
     }
 
     pub async fn start(&self, config: &VmConfig, paths: SandboxPaths) -> Result<GuestVm, Error> {
-        if config.shared_dir.is_some() {
-            return Err(Error::Unsupported { backend: "ironclad-vmm", reason: NO_SHARED_DIR });
-        }
+        let virtiofsd = virtiofsd::needed(config, self.virtiofsd.as_deref())?;
         require_guest_files(&config.kernel, &config.initrd)?;
         create_sandbox_dir(paths.dir())?;
         let mut guard = SandboxDirGuard(Some(paths.dir().to_path_buf()));
+        let mut helpers = Vec::new();
+        if let Some((program, dir)) = virtiofsd {
+            helpers.push(virtiofsd::start(program, dir, &paths).await?);
+        }
         let description = paths.dir().join("vm.json");
         std::fs::write(&description, vm_description(config, &paths).to_string())
             .map_err(|source| Error::WriteConfig { path: description.clone(), source })?;
@@ -56,7 +57,7 @@ impl IroncladBackend {
             paths.console_log(),
             paths.agent_socket(),
             config.network.as_ref().map(|n| n.netns.as_path()),
-            vec![],
+            helpers,
         )
         .await?;
         vm.adopt_sandbox_dir(&mut guard);
@@ -84,6 +85,11 @@ pub fn vm_description(config: &VmConfig, paths: &SandboxPaths) -> serde_json::Va
             .map(|nic| serde_json::json!({ "tap": nic.tap, "mac": nic.mac }))
             .collect::<Vec<_>>(),
         "vsock": { "guest_cid": GUEST_CID, "uds_path": paths.agent_socket() },
+        "fs": config
+            .shared_dir
+            .iter()
+            .map(|_| serde_json::json!({ "socket": paths.virtiofs_socket(), "tag": SHARE_TAG }))
+            .collect::<Vec<_>>(),
         "serial": "stdout",
         // Off: it logs guest writes to a port, which only a benchmark wants.
         "boot_timer": false,
@@ -123,6 +129,13 @@ mod tests {
         });
         let json = vm_description(&with_nic, &paths);
         assert_eq!(json["net"], serde_json::json!([{ "tap": "tap0_ic", "mac": "02:1c:00:00:00:01" }]));
+        assert_eq!(json["fs"], serde_json::json!([]), "no shared directory, no virtio-fs");
+        let shared = VmConfig { shared_dir: Some("/run/ironclad/sb-task/shared".into()), ..config.clone() };
+        let json = vm_description(&shared, &paths);
+        assert_eq!(
+            json["fs"],
+            serde_json::json!([{ "socket": "/run/ironclad/sb/virtiofs.sock", "tag": "ironclad" }])
+        );
     }
 
     #[tokio::test]
@@ -152,7 +165,7 @@ mod tests {
             0o755,
         );
         std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        let backend = IroncladBackend { vmm: fake };
+        let backend = IroncladBackend { vmm: fake, virtiofsd: None };
         let paths = SandboxPaths::new(dir.path(), "sb");
         let mut vm = backend.start(&config, paths.clone()).await.unwrap();
         let err = vm.wait_ready(std::time::Duration::from_secs(10)).await.unwrap_err();

@@ -8,6 +8,7 @@ pub mod console;
 pub mod ironclad;
 pub mod process;
 pub mod qemu;
+pub mod virtiofsd;
 
 use std::path::{Path, PathBuf};
 
@@ -216,14 +217,6 @@ impl Backend {
         match self {
             Backend::Ironclad(_) => "ironclad",
             Backend::Qemu(_) => "qemu",
-        }
-    }
-
-    /// Why the backend cannot serve a shared directory (virtio-fs), if it cannot.
-    pub fn shared_dir_unsupported(&self) -> Option<&'static str> {
-        match self {
-            Backend::Ironclad(_) => Some(ironclad::NO_SHARED_DIR),
-            Backend::Qemu(_) => None,
         }
     }
 

@@ -380,6 +380,42 @@ fn spawn_monitor(program: &Path, args: &[OsString], netns: Option<&std::fs::File
     command.spawn().map_err(|source| Error::Spawn { program: program.to_path_buf(), source })
 }
 
+/// How long a vhost-user daemon gets to create its socket.
+const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Starts a vhost-user daemon and waits until its socket exists. One that dies first is reported
+/// with its stderr; one that takes too long is killed.
+pub async fn start_daemon(
+    daemon: &'static str,
+    program: &Path,
+    mut command: tokio::process::Command,
+    socket: PathBuf,
+) -> Result<tokio::process::Child, Error> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| Error::Spawn { program: program.to_path_buf(), source })?;
+    let started = Instant::now();
+    while !socket.exists() {
+        if let Some(status) = child.try_wait().map_err(|source| Error::Wait { what: daemon, source })? {
+            let stderr = drain_stderr(child.stderr.take()).await;
+            return Err(Error::DaemonExited { daemon, status, socket, stderr });
+        }
+        if started.elapsed() > DAEMON_START_TIMEOUT {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(Error::DaemonTimeout { daemon, socket, waited: started.elapsed() });
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Read for as long as it runs: a full pipe would stall it, and with it the guest's device.
+    tokio::spawn(drain_stderr(child.stderr.take()));
+    Ok(child)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

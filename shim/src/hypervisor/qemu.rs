@@ -7,16 +7,14 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
 use tracing::info;
 
 use super::process::{
-    create_sandbox_dir, drain_stderr, require_guest_files, Error, GuestVm, SandboxDirGuard,
+    create_sandbox_dir, require_guest_files, start_daemon, Error, GuestVm, SandboxDirGuard,
 };
-use super::{find_executable, HostVirtualization, VmConfig};
+use super::{find_executable, virtiofsd, HostVirtualization, VmConfig};
 use crate::paths::SandboxPaths;
 use crate::resources::share_fs::SHARE_TAG;
 
@@ -26,9 +24,6 @@ const GUEST_CID: u32 = 3;
 /// guest kernel (6.12.117) puts payloads over about 32 KiB in page fragments, one descriptor each,
 /// and such a packet is dropped. Messages from the guest stay below that.
 pub const GUEST_MESSAGE_LIMIT: u32 = 16 * 1024;
-const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(10);
-/// virtiofsd's log level: its warnings reach the shim's log through its stderr.
-const VIRTIOFSD_LOG_LEVEL: &str = "warn";
 
 /// Where the backend's programs are and how guests run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,7 +48,7 @@ impl QemuBackend {
                 tool: "vhost-device-vsock",
                 install: "cargo install --locked vhost-device-vsock",
             })?;
-        let virtiofsd = find_executable(Path::new("virtiofsd"));
+        let virtiofsd = virtiofsd::locate();
         let use_kvm = host.can_boot_linux_on_kvm();
         info!(
             "qemu backend: {} ({})",
@@ -67,21 +62,12 @@ impl QemuBackend {
     /// directory is created here and removed when the VM is stopped or dropped.
     pub async fn start(&self, config: &VmConfig, paths: SandboxPaths) -> Result<GuestVm, Error> {
         require_guest_files(&config.kernel, &config.initrd)?;
-        let virtiofsd = match (&config.shared_dir, &self.virtiofsd) {
-            (Some(_), None) => {
-                return Err(Error::MissingTool {
-                    tool: "virtiofsd",
-                    install: "cargo install --locked virtiofsd",
-                })
-            }
-            (Some(dir), Some(program)) => Some((dir, program)),
-            (None, _) => None,
-        };
+        let virtiofsd = virtiofsd::needed(config, self.virtiofsd.as_deref())?;
         create_sandbox_dir(paths.dir())?;
         let mut guard = SandboxDirGuard(Some(paths.dir().to_path_buf()));
         let mut helpers = vec![self.start_vsock_daemon(&paths).await?];
-        if let Some((dir, program)) = virtiofsd {
-            helpers.push(start_virtiofsd(program, dir, &paths).await?);
+        if let Some((program, dir)) = virtiofsd {
+            helpers.push(virtiofsd::start(program, dir, &paths).await?);
         }
         let args: Vec<OsString> =
             qemu_args(config, &paths, self.use_kvm).into_iter().map(OsString::from).collect();
@@ -112,53 +98,6 @@ impl QemuBackend {
         start_daemon("vhost-device-vsock", &self.vhost_device_vsock, command, paths.vhost_vsock_socket())
             .await
     }
-}
-
-/// virtiofsd serving `dir` on the sandbox's virtio-fs socket, in its own namespaces (pivoted into
-/// `dir`) with its seccomp filter killing on a syscall outside its list.
-async fn start_virtiofsd(program: &Path, dir: &Path, paths: &SandboxPaths) -> Result<Child, Error> {
-    let mut command = Command::new(program);
-    command
-        .arg("--socket-path")
-        .arg(paths.virtiofs_socket())
-        .arg("--shared-dir")
-        .arg(dir)
-        .args(["--sandbox", "namespace", "--seccomp", "kill", "--cache", "auto", "--announce-submounts"])
-        .args(["--log-level", VIRTIOFSD_LOG_LEVEL]);
-    start_daemon("virtiofsd", program, command, paths.virtiofs_socket()).await
-}
-
-/// Starts a vhost-user daemon and waits until its socket exists. One that dies first is reported
-/// with its stderr; one that takes too long is killed.
-async fn start_daemon(
-    daemon: &'static str,
-    program: &Path,
-    mut command: Command,
-    socket: PathBuf,
-) -> Result<Child, Error> {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|source| Error::Spawn { program: program.to_path_buf(), source })?;
-    let started = Instant::now();
-    while !socket.exists() {
-        if let Some(status) = child.try_wait().map_err(|source| Error::Wait { what: daemon, source })? {
-            let stderr = drain_stderr(child.stderr.take()).await;
-            return Err(Error::DaemonExited { daemon, status, socket, stderr });
-        }
-        if started.elapsed() > DAEMON_START_TIMEOUT {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
-            return Err(Error::DaemonTimeout { daemon, socket, waited: started.elapsed() });
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    // Read for as long as it runs: a full pipe would stall it, and with it the guest's device.
-    tokio::spawn(drain_stderr(child.stderr.take()));
-    Ok(child)
 }
 
 /// QEMU's command line for one sandbox.

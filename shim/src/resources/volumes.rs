@@ -1,9 +1,9 @@
 //! The spec's mounts of host paths (emptyDir, configMap, secret, hostPath; resolv.conf, hosts,
-//! hostname, the termination log) carried into the guest. With a shared directory each is bound
-//! into it (read-only where the mount says so) and the spec points at the guest's view; without
-//! one (ironclad-vmm has no virtio-fs yet) a host file is copied into the guest and a host
-//! directory is refused. A pod's /dev/shm is a tmpfs of the guest shared by the pod's containers,
-//! not a host directory.
+//! hostname, the termination log) carried into the guest: each is bound into the sandbox's shared
+//! directory (read-only where the mount says so) and the spec points at the guest's view, so that
+//! writes from either side are seen by the other (a copy would miss a configMap update and the
+//! termination log). A pod's /dev/shm is a tmpfs of the guest shared by the pod's containers, not
+//! a host directory.
 
 use std::path::{Path, PathBuf};
 
@@ -19,8 +19,8 @@ pub const POD_SHM_OPTIONS: &str = "size=64m,mode=1777";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("bind mount of host directory {host} on {destination} is not supported: {reason}")]
-    NoSharedDirectory { host: PathBuf, destination: PathBuf, reason: &'static str },
+    #[error("bind mount of {host} on {destination} needs the sandbox's shared directory, which it has not")]
+    NoSharedDirectory { host: PathBuf, destination: PathBuf },
     #[error("bind mount source {host} on {destination} is neither a file nor a directory")]
     NotFileOrDirectory { host: PathBuf, destination: PathBuf },
     #[error("bind mount source {host} on {destination}")]
@@ -94,17 +94,14 @@ pub fn need_share(volumes: &[Volume]) -> bool {
     volumes.iter().any(|v| matches!(v.kind, Kind::File | Kind::Directory))
 }
 
-/// Points each volume's mount at the guest's view of it: binds it into `share`, or (without a
-/// share) leaves a host file for the caller to copy. Returns the indexes of the files to copy.
+/// Points each volume's mount at the guest's view of it, bound into `share`.
 pub fn attach(
     spec: &mut Spec,
     volumes: &[Volume],
     share: Option<&ShareFs>,
     container_id: &str,
-    no_share_reason: &'static str,
-) -> Result<Vec<usize>, Error> {
-    let mut to_copy = Vec::new();
-    let Some(mounts) = spec.mounts_mut().as_mut() else { return Ok(to_copy) };
+) -> Result<(), Error> {
+    let Some(mounts) = spec.mounts_mut().as_mut() else { return Ok(()) };
     for volume in volumes {
         let Some(mount) = mounts.get_mut(volume.index) else { continue };
         let host = mount.source().clone().unwrap_or_default();
@@ -120,14 +117,13 @@ pub fn attach(
                     .map_err(|source| Error::Share { host: host.clone(), source })?;
                 mount.set_source(Some(guest));
             }
-            (Kind::File, None) => to_copy.push(volume.index),
-            (Kind::Directory, None) => {
+            (Kind::File | Kind::Directory, None) => {
                 let destination = mount.destination().clone();
-                return Err(Error::NoSharedDirectory { host, destination, reason: no_share_reason });
+                return Err(Error::NoSharedDirectory { host, destination });
             }
         }
     }
-    Ok(to_copy)
+    Ok(())
 }
 
 /// `<index>-<file name>`: unique within the container, and readable in the guest's listing.
@@ -178,26 +174,25 @@ mod tests {
     }
 
     #[test]
-    fn without_a_share_files_are_copied_directories_refused_and_shm_is_the_guests() {
+    fn shm_is_the_guests_and_host_paths_need_the_share() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("hosts");
         std::fs::write(&file, "127.0.0.1 localhost\n").unwrap();
         let mut with = spec(serde_json::json!({"ociVersion": "1.0.2", "mounts": [
-            {"destination": "/etc/hosts", "type": "bind", "source": file, "options": ["rbind", "ro"]},
             {"destination": "/dev/shm", "type": "bind", "source": dir.path(), "options": ["rbind"]},
         ]}));
         let volumes = classify(&with, &PodRole::Sandbox).unwrap();
-        assert_eq!(attach(&mut with, &volumes, None, "c1", "no share here").unwrap(), vec![0]);
-        let shm = &with.mounts().as_ref().unwrap()[1];
+        attach(&mut with, &volumes, None, "c1").unwrap();
+        let shm = &with.mounts().as_ref().unwrap()[0];
         assert_eq!(shm.source().as_deref(), Some(Path::new(GUEST_POD_SHM)));
 
-        let mut with_dir = spec(serde_json::json!({"ociVersion": "1.0.2", "mounts": [
-            {"destination": "/data", "type": "bind", "source": dir.path(), "options": ["rbind"]},
+        let mut with_file = spec(serde_json::json!({"ociVersion": "1.0.2", "mounts": [
+            {"destination": "/etc/hosts", "type": "bind", "source": file, "options": ["rbind", "ro"]},
         ]}));
-        let volumes = classify(&with_dir, &PodRole::Standalone).unwrap();
-        let err = attach(&mut with_dir, &volumes, None, "c1", "no share here").unwrap_err().to_string();
-        assert!(err.contains(&dir.path().display().to_string()) && err.contains("/data"), "{err}");
-        assert!(err.contains("no share here"), "{err}");
+        let volumes = classify(&with_file, &PodRole::Standalone).unwrap();
+        assert!(need_share(&volumes));
+        let err = attach(&mut with_file, &volumes, None, "c1").unwrap_err().to_string();
+        assert!(err.contains(&file.display().to_string()) && err.contains("/etc/hosts"), "{err}");
     }
 
     #[test]

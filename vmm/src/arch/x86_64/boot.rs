@@ -194,14 +194,14 @@ mod tests {
 
     #[test]
     fn e820_leaves_the_bios_hole_out() {
-        let memory = create_guest_memory(64).unwrap();
+        let memory = create_guest_memory(64, crate::vstate::memory::Sharing::Private).unwrap();
         let entries: Vec<(u64, u64)> = e820_entries(&memory).iter().map(|e| (e.addr, e.size)).collect();
         assert_eq!(entries, vec![(0, EBDA_START), (HIMEM_START, (64 << 20) - HIMEM_START)]);
     }
 
     #[test]
     fn initrd_goes_page_aligned_at_the_top_of_low_ram() {
-        let memory = create_guest_memory(32).unwrap();
+        let memory = create_guest_memory(32, crate::vstate::memory::Sharing::Private).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("initrd");
         std::fs::write(&path, vec![0xab; 5000]).unwrap();
@@ -215,7 +215,7 @@ mod tests {
 
     #[test]
     fn an_initrd_larger_than_memory_is_refused() {
-        let memory = create_guest_memory(16).unwrap();
+        let memory = create_guest_memory(16, crate::vstate::memory::Sharing::Private).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("initrd");
         std::fs::File::create(&path).unwrap().set_len(17 << 20).unwrap();
@@ -224,7 +224,7 @@ mod tests {
 
     #[test]
     fn garbage_is_not_a_kernel() {
-        let memory = create_guest_memory(16).unwrap();
+        let memory = create_guest_memory(16, crate::vstate::memory::Sharing::Private).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kernel");
         std::fs::write(&path, vec![0x5a; 8192]).unwrap();
@@ -234,7 +234,7 @@ mod tests {
 
     #[test]
     fn zero_page_carries_cmdline_initrd_and_memory_map() {
-        let memory = create_guest_memory(64).unwrap();
+        let memory = create_guest_memory(64, crate::vstate::memory::Sharing::Private).unwrap();
         load_command_line(&memory, "console=ttyS0").unwrap();
         let kernel = LoadedKernel { entry: GuestAddress(HIMEM_START), setup_header: None };
         let initrd = LoadedInitrd { address: GuestAddress(0x300_0000), size: 4096 };

@@ -226,7 +226,7 @@ mod tests {
 
     #[test]
     fn page_tables_identity_map_the_first_four_gib() {
-        let memory = create_guest_memory(16).unwrap();
+        let memory = create_guest_memory(16, crate::vstate::memory::Sharing::Private).unwrap();
         let mut sregs = kvm_sregs::default();
         setup_long_mode(&memory, &mut sregs).unwrap();
         assert_eq!(sregs.cr3, PML4_START);

@@ -348,7 +348,13 @@ mod tests {
     fn transport() -> (MmioTransport, Arc<Mutex<Dummy>>) {
         let base = VirtioBase::new(1, EventFd::new(libc::EFD_NONBLOCK).unwrap()).unwrap();
         let device = Arc::new(Mutex::new(Dummy { base }));
-        (MmioTransport::new(create_guest_memory(16).unwrap(), device.clone()), device)
+        (
+            MmioTransport::new(
+                create_guest_memory(16, crate::vstate::memory::Sharing::Private).unwrap(),
+                device.clone(),
+            ),
+            device,
+        )
     }
 
     fn read(t: &mut MmioTransport, offset: u64) -> u32 {

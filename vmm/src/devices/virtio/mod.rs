@@ -6,6 +6,7 @@
 
 pub mod block;
 pub mod device;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod vsock;
@@ -18,3 +19,4 @@ pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_VSOCK: u32 = 19;
+pub const TYPE_FS: u32 = 26;

@@ -155,7 +155,7 @@ mod tests {
     const HEADER: u64 = 0x1000;
 
     fn memory_with_header(kind: u32, sector: u64) -> GuestMemory {
-        let memory = create_guest_memory(16).unwrap();
+        let memory = create_guest_memory(16, crate::vstate::memory::Sharing::Private).unwrap();
         memory
             .write_obj(RequestHeader { request_type: kind, reserved: 0, sector }, GuestAddress(HEADER))
             .unwrap();

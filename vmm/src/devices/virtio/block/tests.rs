@@ -27,7 +27,7 @@ struct Fixture {
 }
 
 fn fixture(read_only: bool) -> Fixture {
-    let memory = create_guest_memory(16).unwrap();
+    let memory = create_guest_memory(16, crate::vstate::memory::Sharing::Private).unwrap();
     let disk = tempfile::NamedTempFile::new().unwrap();
     let mut contents = vec![0u8; 8 * 512];
     contents[512..1024].fill(0x5a);

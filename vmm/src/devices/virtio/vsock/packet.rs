@@ -130,7 +130,7 @@ mod tests {
     /// Guest memory with the header at 0x1000 and `data` spread over pages from 0x10000, each
     /// piece in its own page (as page fragments are).
     fn memory_with(op: u16, data: &[u8], piece: usize) -> (GuestMemory, Vec<Descriptor>) {
-        let memory = create_guest_memory(16).unwrap();
+        let memory = create_guest_memory(16, crate::vstate::memory::Sharing::Private).unwrap();
         memory.write_slice(&header_bytes(op, data.len() as u32), GuestAddress(0x1000)).unwrap();
         let mut descriptors = vec![desc(0x1000, HEADER_LEN as u32, 0)];
         for (i, chunk) in data.chunks(piece).enumerate() {
@@ -155,7 +155,7 @@ mod tests {
 
     #[test]
     fn header_and_data_in_one_descriptor() {
-        let memory = create_guest_memory(16).unwrap();
+        let memory = create_guest_memory(16, crate::vstate::memory::Sharing::Private).unwrap();
         let mut packet = header_bytes(5, 5);
         packet.extend_from_slice(b"hello, and more bytes than claimed");
         memory.write_slice(&packet, GuestAddress(0x1000)).unwrap();
@@ -166,7 +166,7 @@ mod tests {
 
     #[test]
     fn a_header_split_over_descriptors_is_read_whole() {
-        let memory = create_guest_memory(16).unwrap();
+        let memory = create_guest_memory(16, crate::vstate::memory::Sharing::Private).unwrap();
         let packet = header_bytes(1, 0);
         memory.write_slice(&packet[..10], GuestAddress(0x1000)).unwrap();
         memory.write_slice(&packet[10..], GuestAddress(0x3000)).unwrap();

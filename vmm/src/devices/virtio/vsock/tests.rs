@@ -101,7 +101,7 @@ fn vsock(dir: &std::path::Path) -> Vsock {
 fn a_guest_connection_is_answered_and_its_data_reaches_the_host() {
     let dir = tempfile::tempdir().unwrap();
     let listener = UnixListener::bind(dir.path().join("v.sock_5000")).unwrap();
-    let memory = create_guest_memory(16).unwrap();
+    let memory = create_guest_memory(16, crate::vstate::memory::Sharing::Private).unwrap();
     let (mut guest, queues) = Guest::new(&memory);
     let mut device = vsock(dir.path());
     device.activate(ActiveState { memory: memory.clone(), queues }).unwrap();
@@ -127,7 +127,7 @@ fn a_guest_connection_is_answered_and_its_data_reaches_the_host() {
 #[test]
 fn malformed_tx_chains_are_counted_and_returned() {
     let dir = tempfile::tempdir().unwrap();
-    let memory = create_guest_memory(16).unwrap();
+    let memory = create_guest_memory(16, crate::vstate::memory::Sharing::Private).unwrap();
     let (guest, queues) = Guest::new(&memory);
     let mut device = vsock(dir.path());
     device.activate(ActiveState { memory: memory.clone(), queues }).unwrap();
@@ -148,7 +148,7 @@ fn malformed_tx_chains_are_counted_and_returned() {
 #[test]
 fn a_request_to_a_port_nobody_serves_is_reset() {
     let dir = tempfile::tempdir().unwrap();
-    let memory = create_guest_memory(16).unwrap();
+    let memory = create_guest_memory(16, crate::vstate::memory::Sharing::Private).unwrap();
     let (mut guest, queues) = Guest::new(&memory);
     let mut device = vsock(dir.path());
     device.activate(ActiveState { memory: memory.clone(), queues }).unwrap();
