@@ -90,13 +90,15 @@ install: guest
 	fi
 
 # Release builds; the short version (a few minutes here). Writes docs/benchmarks.md (one section per
-# benchmark), docs/benchmarks-vmm.json, docs/benchmarks-runtimes.json and docs/charts/, naming the
+# benchmark), docs/benchmarks-vmm.json, docs/benchmarks-runtimes.json, docs/benchmarks-pods.json and
+# docs/charts/, naming the
 # machine and the backend.
 bench: prereqs guest
 	$(CARGO) build --release --locked -p ironclad-vmm -p ironclad-shim -p ironclad-agent -p ironclad-bench
 	target/release/ironclad-bench vmm --vmm target/release/ironclad-vmm
 	target/release/ironclad-bench agent --runs 20
 	target/release/ironclad-bench runtimes --runs 20 --density 1,10
+	target/release/ironclad-bench pods --runs 10
 
 # ironclad-vmm against QEMU on the same KVM, and ironclad against runc, inside the nested tier's L1:
 # the nested section of docs/benchmarks.md (ratios; about 10 minutes here).

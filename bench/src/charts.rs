@@ -1,17 +1,20 @@
-//! Charts of the runtime comparison, as PNG and SVG: start latency bars and the density curve.
+//! Charts of the runtime comparison, as PNG and SVG: start latency and pod start bars, and the
+//! density curve.
 
 use std::path::{Path, PathBuf};
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use crate::runtimes::{Results, Runtime, RUNTIMES};
+use crate::runtimes::{Figure, Results, Runtime, RUNTIMES};
 
 /// PNG text is drawn with this font (Debian's fonts-dejavu-core); SVG names the family only.
 const FONT_FILE: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 const SIZE: (u32, u32) = (900, 500);
 /// The figures shown as start latency bars.
 const LATENCY_FIGURES: [&str; 3] = ["cold start", "time to first output", "exec latency"];
+/// The pod figures shown as bars.
+const POD_FIGURES: [&str; 2] = ["pod start", "second container start"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -102,31 +105,49 @@ fn draw_legend<'a, DB: DrawingBackend + 'a>(chart: &mut Frame<'a, DB>) -> Result
 
 /// Median start latency of each runtime, grouped by figure.
 pub fn start_latency(results: &Results, dir: &Path) -> Result<Vec<PathBuf>, Error> {
-    let bars: Vec<(usize, Runtime, f64)> = LATENCY_FIGURES
+    let caption = "Start latency, median (s): ironclad vs runc";
+    median_bars(&results.figures, &LATENCY_FIGURES, caption, "start-latency", dir)
+}
+
+/// Median pod start and second container start of each runtime.
+pub fn pod_start(results: &crate::pods::Results, dir: &Path) -> Result<Vec<PathBuf>, Error> {
+    let caption = "Pods through CRI, median (s): ironclad vs runc";
+    median_bars(&results.figures, &POD_FIGURES, caption, "pod-start", dir)
+}
+
+/// One bar per runtime for each of the named figures (in seconds), grouped by figure.
+fn median_bars(
+    figures: &[Figure],
+    names: &'static [&'static str],
+    caption: &'static str,
+    stem: &str,
+    dir: &Path,
+) -> Result<Vec<PathBuf>, Error> {
+    let bars: Vec<(usize, Runtime, f64)> = names
         .iter()
         .enumerate()
-        .filter_map(|(i, name)| Some((i, results.figures.iter().find(|f| f.name == *name)?)))
+        .filter_map(|(i, name)| Some((i, figures.iter().find(|f| f.name == *name)?)))
         .flat_map(|(i, figure)| figure.summaries.iter().map(move |(runtime, s)| (i, *runtime, s.median)))
         .collect();
     let top = bars.iter().map(|b| b.2).fold(0.0, f64::max).max(0.001) * 1.15;
-    struct Draw<'a>(&'a [(usize, Runtime, f64)], f64);
+    struct Draw<'a> {
+        bars: &'a [(usize, Runtime, f64)],
+        top: f64,
+        names: &'static [&'static str],
+        caption: &'static str,
+    }
     impl Chart for Draw<'_> {
         fn on<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Result<(), String> {
-            let (bars, top) = (self.0, self.1);
-            let mut chart = frame(
-                area,
-                "Start latency, median (s): ironclad vs runc",
-                0f64..LATENCY_FIGURES.len() as f64,
-                0f64..top,
-            )?;
+            let names = self.names;
+            let mut chart = frame(area, self.caption, 0f64..names.len() as f64, 0f64..self.top)?;
             chart
                 .configure_mesh()
                 .disable_x_mesh()
-                .x_labels(LATENCY_FIGURES.len() * 2 + 1)
+                .x_labels(names.len() * 2 + 1)
                 .x_label_formatter(&|x| {
                     let slot = x - x.floor();
                     if (slot - 0.5).abs() < 0.01 {
-                        LATENCY_FIGURES.get(x.floor() as usize).map(|s| s.to_string()).unwrap_or_default()
+                        names.get(x.floor() as usize).map(|s| s.to_string()).unwrap_or_default()
                     } else {
                         String::new()
                     }
@@ -136,7 +157,7 @@ pub fn start_latency(results: &Results, dir: &Path) -> Result<Vec<PathBuf>, Erro
                 .map_err(|e| e.to_string())?;
             for runtime in RUNTIMES {
                 let offset = if runtime == Runtime::Ironclad { 0.15 } else { 0.5 };
-                let rects = bars.iter().filter(|b| b.1 == runtime).map(|&(i, _, value)| {
+                let rects = self.bars.iter().filter(|b| b.1 == runtime).map(|&(i, _, value)| {
                     let x = i as f64 + offset;
                     Rectangle::new([(x, 0.0), (x + 0.33, value)], colour(runtime).filled())
                 });
@@ -147,7 +168,7 @@ pub fn start_latency(results: &Results, dir: &Path) -> Result<Vec<PathBuf>, Erro
             draw_legend(&mut chart)
         }
     }
-    both_formats(dir, "start-latency", &Draw(&bars, top))
+    both_formats(dir, stem, &Draw { bars: &bars, top, names, caption })
 }
 
 /// Time to start N sandboxes at once, per runtime.

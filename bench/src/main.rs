@@ -5,6 +5,7 @@ mod agent;
 mod boot;
 mod charts;
 mod machine;
+mod pods;
 mod report;
 mod runtimes;
 mod stats;
@@ -79,6 +80,27 @@ enum Benchmark {
         #[arg(long, default_value = "docs/benchmarks-runtimes.json")]
         json: PathBuf,
         /// Where the charts (PNG and SVG) go.
+        #[arg(long, default_value = "docs/charts")]
+        charts: PathBuf,
+    },
+    /// Kubernetes pods through containerd's CRI plugin, ironclad next to runc: pod start, a
+    /// second container's start, PSS of an idle two-container pod.
+    Pods {
+        /// Pods per runtime.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        #[arg(long, default_value = "target/guest")]
+        guest_dir: PathBuf,
+        /// The directory holding containerd-shim-ironclad-v2 (default: next to this binary).
+        #[arg(long)]
+        shim_dir: Option<PathBuf>,
+        /// auto, ironclad or qemu.
+        #[arg(long, default_value = "auto")]
+        hypervisor: String,
+        #[arg(long, default_value = "docs/benchmarks.md")]
+        report: PathBuf,
+        #[arg(long, default_value = "docs/benchmarks-pods.json")]
+        json: PathBuf,
         #[arg(long, default_value = "docs/charts")]
         charts: PathBuf,
     },
@@ -192,6 +214,29 @@ fn run_runtimes(
     Ok(())
 }
 
+fn run_pods(settings: pods::Settings, outputs: RuntimeOutputs) -> Result<(), Box<dyn std::error::Error>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || {
+            eprintln!("\nironclad-bench: stopping after this pod; removing every pod it made");
+            stop.store(true, Ordering::SeqCst);
+        })?;
+    }
+    let machine = machine::Machine::describe();
+    let results = pods::measure(&settings, stop)?;
+    std::fs::create_dir_all(&outputs.charts)?;
+    charts::load_font()?;
+    let drawn = charts::pod_start(&results, &outputs.charts)?;
+    let report_dir = outputs.report.parent().map(Path::to_path_buf).unwrap_or_default();
+    let markdown = report::pods_markdown(&machine, &results, &drawn, &report_dir);
+    print!("{markdown}");
+    let value = serde_json::json!({ "machine": machine, "pods": results });
+    report::write_section(&outputs.report, "pods", &markdown, &outputs.json, &value)?;
+    eprintln!("ironclad-bench: wrote {} and {}", outputs.report.display(), outputs.json.display());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     match Args::parse().command {
         Benchmark::Vmm { vmm, runs, churn, memory_mib, report, json } => {
@@ -241,6 +286,25 @@ fn main() -> ExitCode {
                 cold_start_only: false,
             };
             match run_runtimes(settings, RuntimeOutputs { report, json, charts }) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("ironclad-bench: {}", report::error_chain(err.as_ref()));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Benchmark::Pods { runs, guest_dir, shim_dir, hypervisor, report, json, charts } => {
+            let settings = pods::Settings {
+                backend: runtimes::describe_backend(&hypervisor),
+                runs: runs.max(1),
+                artifacts: ironclad_tests::containerd::Artifacts {
+                    kernel: guest_dir.join("bzImage"),
+                    initrd: guest_dir.join("initrd.img"),
+                    shim_dir: shim_dir.unwrap_or_else(binary_dir),
+                    hypervisor,
+                },
+            };
+            match run_pods(settings, RuntimeOutputs { report, json, charts }) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     eprintln!("ironclad-bench: {}", report::error_chain(err.as_ref()));

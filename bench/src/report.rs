@@ -139,25 +139,13 @@ pub fn agent_markdown(machine: &Machine, r: &crate::agent::Results) -> String {
 }
 
 /// The runtime comparison as Markdown: one table row per figure, both runtimes side by side.
-pub fn runtimes_markdown(
-    machine: &Machine,
-    results: &crate::runtimes::Results,
-    charts: &[std::path::PathBuf],
-    report_dir: &Path,
-) -> String {
+/// One row per figure: each runtime's p50, p95 and min, and ironclad over runc.
+fn figures_table(md: &mut String, figures: &[crate::runtimes::Figure]) {
     use crate::runtimes::Runtime;
-    let mut md = String::new();
-    let _ = writeln!(md, "## ironclad vs runc through containerd (`make bench`)\n");
-    let _ = writeln!(
-        md,
-        "Machine: {} ({} cores, {} GiB), Linux {}, KVM {}. ironclad backend: {}; runc: Debian's runc through containerd-shim-runc-v2. Both runtimes run the same \
-         busybox image in one private containerd, their runs interleaved. {} runs per figure.\n",
-        machine.cpu, machine.cores, machine.memory_gib, machine.kernel, machine.kvm, results.hypervisor, results.runs
-    );
     let _ =
         writeln!(md, "| figure | ironclad p50 | p95 | min | runc p50 | p95 | min | ironclad / runc (p50) |");
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
-    for figure in &results.figures {
+    for figure in figures {
         let cells = |runtime: Runtime| match figure.summaries.get(&runtime) {
             Some(s) => format!("{:.3} | {:.3} | {:.3}", s.median, s.p95, s.min),
             None => "– | – | –".to_string(),
@@ -173,10 +161,56 @@ pub fn runtimes_markdown(
         );
     }
     let _ = writeln!(md);
-    for figure in &results.figures {
+    for figure in figures {
         let _ = writeln!(md, "- **{}**: {}.", figure.name, figure.what);
     }
     let _ = writeln!(md);
+}
+
+fn chart_links(md: &mut String, charts: &[std::path::PathBuf], report_dir: &Path) {
+    for chart in charts.iter().filter(|c| c.extension().is_some_and(|e| e == "svg")) {
+        let relative = chart.strip_prefix(report_dir).unwrap_or(chart);
+        let name = chart.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let _ = writeln!(md, "![{name}]({})", relative.display());
+    }
+}
+
+pub fn pods_markdown(
+    machine: &Machine,
+    results: &crate::pods::Results,
+    charts: &[std::path::PathBuf],
+    report_dir: &Path,
+) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "## Kubernetes pods through CRI, ironclad vs runc (`make bench`)\n");
+    let _ = writeln!(
+        md,
+        "Machine: {} ({} cores, {} GiB), Linux {}, KVM {}. ironclad backend: {}; runc: Debian's runc through \
+         containerd-shim-runc-v2. One private containerd's CRI plugin with both runtime handlers, driven by \
+         a Rust CRI client as a kubelet would; each pod is the pause container and two busybox containers \
+         (`sleep`), on a CNI bridge; pods of both runtimes interleaved, {} per runtime.\n",
+        machine.cpu, machine.cores, machine.memory_gib, machine.kernel, machine.kvm, results.hypervisor, results.runs
+    );
+    figures_table(&mut md, &results.figures);
+    chart_links(&mut md, charts, report_dir);
+    md
+}
+
+pub fn runtimes_markdown(
+    machine: &Machine,
+    results: &crate::runtimes::Results,
+    charts: &[std::path::PathBuf],
+    report_dir: &Path,
+) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "## ironclad vs runc through containerd (`make bench`)\n");
+    let _ = writeln!(
+        md,
+        "Machine: {} ({} cores, {} GiB), Linux {}, KVM {}. ironclad backend: {}; runc: Debian's runc through containerd-shim-runc-v2. Both runtimes run the same \
+         busybox image in one private containerd, their runs interleaved. {} runs per figure.\n",
+        machine.cpu, machine.cores, machine.memory_gib, machine.kernel, machine.kvm, results.hypervisor, results.runs
+    );
+    figures_table(&mut md, &results.figures);
     if !results.density.is_empty() {
         let _ = writeln!(md, "Density: N idle sandboxes (`sleep`) started at once with `ctr run -d`.\n");
         let _ = writeln!(
@@ -202,15 +236,11 @@ pub fn runtimes_markdown(
     }
     let _ = writeln!(
         md,
-        "Not measured yet: network throughput (ironclad has no container networking yet). Writes to the \
+        "Not measured here: network throughput and connect latency (issue 12). Writes to the \
          container's root file system land, for ironclad, in the guest's tmpfs overlay over the read-only image \
          disk, so their fsync is cheap; runc writes to the host's overlayfs snapshot.\n"
     );
-    for chart in charts.iter().filter(|c| c.extension().is_some_and(|e| e == "svg")) {
-        let relative = chart.strip_prefix(report_dir).unwrap_or(chart);
-        let name = chart.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        let _ = writeln!(md, "![{name}]({})", relative.display());
-    }
+    chart_links(&mut md, charts, report_dir);
     md
 }
 

@@ -229,7 +229,7 @@ fn run_err(figure: &'static str, runtime: Runtime, message: String) -> Error {
     Error::Run { figure, runtime: runtime.name(), message: message.trim().to_string() }
 }
 
-fn figure(
+pub fn figure(
     name: &'static str,
     unit: &'static str,
     what: &'static str,
@@ -312,7 +312,7 @@ fn task_processes(containerd: &Containerd, id: &str) -> Vec<i32> {
     pids
 }
 
-fn pss_mib_of_tasks(containerd: &Containerd, ids: &[String]) -> f64 {
+pub fn pss_mib_of_tasks(containerd: &Containerd, ids: &[String]) -> f64 {
     let kib: u64 = ids.iter().flat_map(|id| task_processes(containerd, id)).map(pss_kib).sum();
     kib as f64 / 1024.0
 }

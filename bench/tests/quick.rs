@@ -104,6 +104,52 @@ fn runtimes_benchmark_puts_ironclad_and_runc_side_by_side() {
     }
 }
 
+/// The pod comparison through CRI, quickest mode: both runtimes produce every figure, the report
+/// has the table and the chart exists.
+#[test]
+fn pods_benchmark_puts_ironclad_and_runc_pods_side_by_side() {
+    let guest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest");
+    if !ironclad_test_prereq::needs()
+        .root()
+        .program("containerd")
+        .program("runc")
+        .program("ip")
+        .file(std::path::Path::new("/usr/lib/cni/bridge"), "apt-get install containernetworking-plugins")
+        .file(&guest.join("bzImage"), "make guest")
+        .ready()
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("benchmarks.md");
+    let json = dir.path().join("pods.json");
+    let charts = dir.path().join("charts");
+    let args = ["pods", "--runs", "1", "--guest-dir", guest.to_str().unwrap(), "--charts"];
+    run_bench(&[&args[..], &[charts.to_str().unwrap()]].concat(), &report, &json);
+    let markdown = std::fs::read_to_string(&report).unwrap();
+    for text in [
+        "| pod start (s) |",
+        "| second container start (s) |",
+        "| idle two-container pod (MiB) |",
+        "charts/pod-start.svg",
+    ] {
+        assert!(markdown.contains(text), "{text} missing from:\n{markdown}");
+    }
+    let value: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let figures = value["pods"]["figures"].as_array().unwrap();
+    assert_eq!(figures.len(), 3);
+    for figure in figures {
+        for runtime in ["ironclad", "runc"] {
+            let summary = &figure["summaries"][runtime];
+            assert_eq!(summary["runs"], 1, "{figure}");
+            assert!(summary["median"].as_f64().unwrap() > 0.0, "{runtime}: {figure}");
+        }
+    }
+    for chart in ["pod-start.png", "pod-start.svg"] {
+        assert!(std::fs::metadata(charts.join(chart)).unwrap().len() > 0, "{chart}");
+    }
+}
+
 /// The agent's start next to runc's, quickest mode: both produce numbers and the report says so.
 #[test]
 fn agent_benchmark_puts_the_agent_next_to_runc() {

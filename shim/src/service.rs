@@ -18,8 +18,8 @@ use containerd_shim::api::{
 use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused, TaskResumed,
-    TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
+    TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
@@ -665,6 +665,13 @@ impl TaskService {
                 _ = process.wait() => return,
             };
             process.drain_outputs(DRAIN_DEADLINE).await;
+            // The OOM event travels apart from the exit (the agent's memory.events watch): a
+            // container SIGKILLed by the OOM killer is said to be so before its exit, which is
+            // when CRI decides between OOMKilled and Error.
+            if status == sandbox::KILLED_EXIT_STATUS && process.is_init() && oom_killed(&container).await {
+                let event = TaskOOM { container_id: container.id.clone(), ..Default::default() };
+                events.send(topics::TASK_OOM_EVENT_TOPIC, Box::new(event));
+            }
             if let Some(exit) = process.record_exit(status) {
                 publish_exit(&events, &container, &process, &exit);
             }
@@ -942,6 +949,20 @@ fn stdio_uris(req: &CreateTaskRequest) -> StdioUris {
         stdout: req.stdout.clone(),
         stderr: req.stderr.clone(),
         terminal: req.terminal,
+    }
+}
+
+/// Whether the container's cgroup in the guest counts an OOM kill (bounded: a guest that does
+/// not answer means no).
+async fn oom_killed(container: &Container) -> bool {
+    if container.sandbox.is_gone() {
+        return false;
+    }
+    let stats =
+        tokio::time::timeout(SIGNAL_CALL_TIMEOUT, container.sandbox.agent.stats_container(&container.id));
+    match stats.await {
+        Ok(Ok(stats)) => stats.memory_events.as_ref().is_some_and(|e| e.oom_kill > 0),
+        Ok(Err(_)) | Err(_) => false,
     }
 }
 

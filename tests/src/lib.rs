@@ -3,6 +3,7 @@
 
 pub mod cgroups;
 pub mod containerd;
+pub mod cri;
 pub mod netns;
 
 use std::path::{Path, PathBuf};

@@ -7,19 +7,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
-use ironclad_tests::containerd::{Artifacts, Containerd, BUSYBOX_IMAGE, CRI_HANDLER};
-use ironclad_tests::netns::TestNetns;
+use ironclad_tests::containerd::{Artifacts, CRI_HANDLER};
+use ironclad_tests::cri::{container, mount, Kubelet};
 use ironclad_tests::GuestArtifacts;
 use k8s_cri::v1 as cri;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use tonic::transport::{Channel, Endpoint, Uri};
-
-/// Every CRI call gets this long (a VM boots under emulation here).
-const CALL_TIMEOUT: Duration = Duration::from_secs(180);
-/// The pods' network: only ever inside the test's namespace.
-const POD_SUBNET: &str = "10.204.0.0/24";
-const POD_GATEWAY: &str = "10.204.0.1";
 
 fn artifacts() -> Artifacts {
     let guest = GuestArtifacts::locate().unwrap_or_else(|err| panic!("{err}"));
@@ -36,113 +27,42 @@ fn artifacts() -> Artifacts {
     }
 }
 
-/// A kubelet's view: a CRI client on a private containerd in the test's own network namespace.
-struct Kubelet {
-    runtime: tokio::runtime::Runtime,
-    client: RuntimeServiceClient<Channel>,
-    containerd: Containerd,
-    /// Pod log directories and host volumes.
-    work: tempfile::TempDir,
-    _cni: tempfile::TempDir,
-    _netns: TestNetns,
+/// Root, containerd, `ip` and the CNI plugins are needed; without them the test fails naming them
+/// (or skips where IRONCLAD_ALLOW_SKIP=1 says so).
+fn start_kubelet(prefix: &str) -> Option<Pods> {
+    if !ironclad_test_prereq::needs()
+        .root()
+        .program("containerd")
+        .program("ip")
+        .file(Path::new("/usr/lib/cni/bridge"), "apt-get install containernetworking-plugins")
+        .ready()
+    {
+        return None;
+    }
+    Some(Pods(Kubelet::start(&artifacts(), prefix).unwrap()))
 }
 
-impl Kubelet {
-    fn start(prefix: &str) -> Option<Kubelet> {
-        if !ironclad_test_prereq::needs()
-            .root()
-            .program("containerd")
-            .program("ip")
-            .file(Path::new("/usr/lib/cni/bridge"), "apt-get install containernetworking-plugins")
-            .ready()
-        {
-            return None;
-        }
-        let netns = TestNetns::new(prefix);
-        let cni = tempfile::tempdir().unwrap();
-        write_cni_config(cni.path());
-        let containerd = Containerd::start_cri(&artifacts(), &netns.path, &cni.path().join("net.d")).unwrap();
-        let runtime =
-            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let socket = containerd.socket().to_path_buf();
-        let channel = runtime
-            .block_on(Endpoint::try_from("http://[::]").unwrap().connect_with_connector(tower::service_fn(
-                move |_: Uri| {
-                    let socket = socket.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?))
-                    }
-                },
-            )))
-            .unwrap();
-        let client = RuntimeServiceClient::new(channel);
-        let work = tempfile::Builder::new().prefix("icri-").tempdir_in("/var/tmp").unwrap();
-        Some(Kubelet { runtime, client, containerd, work, _cni: cni, _netns: netns })
-    }
+/// The kubelet, with every call checked: a failure stops the test with containerd's log.
+struct Pods(Kubelet);
 
-    /// Runs one CRI call with a deadline; a failure says what containerd logged.
-    fn call<T, F>(
-        &self,
-        what: &str,
-        call: impl FnOnce(RuntimeServiceClient<Channel>) -> F,
-    ) -> Result<T, tonic::Status>
-    where
-        F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    {
-        let client = self.client.clone();
-        match self.runtime.block_on(async move { tokio::time::timeout(CALL_TIMEOUT, call(client)).await }) {
-            Ok(result) => result.map(tonic::Response::into_inner),
-            Err(_) => panic!("{what}: no answer in {CALL_TIMEOUT:?}\n{}", self.containerd.log_tail()),
-        }
-    }
-
-    fn ok<T, F>(&self, what: &str, call: impl FnOnce(RuntimeServiceClient<Channel>) -> F) -> T
-    where
-        F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    {
-        self.call(what, call).unwrap_or_else(|status| {
-            panic!("{what} failed: {status}\ncontainerd log:\n{}", self.containerd.log_tail())
+impl Pods {
+    fn check<T>(&self, result: Result<T, ironclad_tests::cri::Error>) -> T {
+        result.unwrap_or_else(|err| {
+            panic!(
+                "{err}
+containerd log:
+{}",
+                self.0.containerd.log_tail()
+            )
         })
     }
 
-    fn pod_config(&self, name: &str, network: cri::NamespaceMode) -> cri::PodSandboxConfig {
-        let log_directory = self.work.path().join("logs").join(name);
-        std::fs::create_dir_all(&log_directory).unwrap();
-        cri::PodSandboxConfig {
-            metadata: Some(cri::PodSandboxMetadata {
-                name: name.into(),
-                uid: format!("uid-{name}"),
-                namespace: "default".into(),
-                attempt: 0,
-            }),
-            hostname: format!("{name}-host"),
-            log_directory: log_directory.display().to_string(),
-            dns_config: Some(cri::DnsConfig {
-                servers: vec!["10.204.0.53".into()],
-                searches: vec!["pods.ironclad.test".into()],
-                options: vec![],
-            }),
-            linux: Some(cri::LinuxPodSandboxConfig {
-                security_context: Some(cri::LinuxSandboxSecurityContext {
-                    namespace_options: Some(cri::NamespaceOption {
-                        network: network as i32,
-                        pid: cri::NamespaceMode::Container as i32,
-                        ipc: cri::NamespaceMode::Pod as i32,
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
+    fn run_pod(&self, config: &cri::PodSandboxConfig) -> String {
+        self.check(self.0.run_pod(config, CRI_HANDLER))
     }
 
-    fn run_pod(&self, config: &cri::PodSandboxConfig) -> Result<String, tonic::Status> {
-        let request =
-            cri::RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: CRI_HANDLER.into() };
-        self.call("RunPodSandbox", |mut c| async move { c.run_pod_sandbox(request).await })
-            .map(|r| r.pod_sandbox_id)
+    fn pod_config(&self, name: &str, network: cri::NamespaceMode) -> cri::PodSandboxConfig {
+        self.check(self.0.pod_config(name, network))
     }
 
     fn create_container(
@@ -151,26 +71,15 @@ impl Kubelet {
         pod_config: &cri::PodSandboxConfig,
         config: cri::ContainerConfig,
     ) -> String {
-        let request = cri::CreateContainerRequest {
-            pod_sandbox_id: pod.into(),
-            config: Some(config),
-            sandbox_config: Some(pod_config.clone()),
-        };
-        self.ok("CreateContainer", |mut c| async move { c.create_container(request).await }).container_id
+        self.check(self.0.create_container(pod, pod_config, config))
     }
 
     fn start_container(&self, id: &str) {
-        let request = cri::StartContainerRequest { container_id: id.into() };
-        self.ok("StartContainer", |mut c| async move { c.start_container(request).await });
+        self.check(self.0.start_container(id))
     }
 
     fn exec(&self, id: &str, cmd: &[&str]) -> cri::ExecSyncResponse {
-        let request = cri::ExecSyncRequest {
-            container_id: id.into(),
-            cmd: cmd.iter().map(|s| s.to_string()).collect(),
-            timeout: 60,
-        };
-        self.ok("ExecSync", |mut c| async move { c.exec_sync(request).await })
+        self.check(self.0.exec(id, cmd))
     }
 
     /// ExecSync whose command must succeed; its stdout.
@@ -185,62 +94,40 @@ impl Kubelet {
         String::from_utf8_lossy(&response.stdout).into_owned()
     }
 
-    fn container_status(&self, id: &str) -> cri::ContainerStatus {
-        let request = cri::ContainerStatusRequest { container_id: id.into(), verbose: false };
-        self.ok("ContainerStatus", |mut c| async move { c.container_status(request).await }).status.unwrap()
-    }
-
-    /// Waits until the container has exited; its status then.
     fn wait_exited(&self, id: &str) -> cri::ContainerStatus {
-        let deadline = Instant::now() + CALL_TIMEOUT;
-        loop {
-            let status = self.container_status(id);
-            if status.state == cri::ContainerState::ContainerExited as i32 {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "{id} did not exit: {status:?}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn pod_status(&self, id: &str) -> cri::PodSandboxStatus {
-        let request = cri::PodSandboxStatusRequest { pod_sandbox_id: id.into(), verbose: false };
-        self.ok("PodSandboxStatus", |mut c| async move { c.pod_sandbox_status(request).await })
-            .status
-            .unwrap()
+        self.check(self.0.wait_exited(id))
     }
 
     fn stop_and_remove_container(&self, id: &str) {
-        let request = cri::StopContainerRequest { container_id: id.into(), timeout: 2 };
-        self.ok("StopContainer", |mut c| async move { c.stop_container(request).await });
-        let request = cri::RemoveContainerRequest { container_id: id.into() };
-        self.ok("RemoveContainer", |mut c| async move { c.remove_container(request).await });
+        self.check(self.0.stop_container(id));
+        self.check(self.0.remove_container(id));
     }
 
     fn stop_and_remove_pod(&self, id: &str) {
-        let request = cri::StopPodSandboxRequest { pod_sandbox_id: id.into() };
-        self.ok("StopPodSandbox", |mut c| async move { c.stop_pod_sandbox(request).await });
-        let request = cri::RemovePodSandboxRequest { pod_sandbox_id: id.into() };
-        self.ok("RemovePodSandbox", |mut c| async move { c.remove_pod_sandbox(request).await });
+        self.check(self.0.stop_and_remove_pod(id))
     }
 
-    fn pod_ids(&self) -> Vec<String> {
-        let request = cri::ListPodSandboxRequest { filter: None };
-        let listed = self.ok("ListPodSandbox", |mut c| async move { c.list_pod_sandbox(request).await });
-        listed.items.into_iter().map(|p| p.id).collect()
-    }
-
-    /// The VM monitors (QEMU or ironclad-vmm) and helpers running for this containerd's pods.
+    /// The shim's helper processes (VM monitor, vhost-device-vsock, virtiofsd) for this containerd.
     fn vm_processes(&self) -> Vec<(i32, String)> {
-        self.containerd
+        self.0
+            .containerd
             .leftover_processes()
             .into_iter()
             .filter(|(_, cmdline)| !cmdline.contains("containerd-shim-ironclad-v2"))
             .collect()
     }
 
+    fn monitors(&self) -> Vec<i32> {
+        self.vm_processes()
+            .into_iter()
+            .filter(|(_, c)| c.contains("qemu-system") || c.contains("ironclad-vmm"))
+            .map(|(pid, _)| pid)
+            .collect()
+    }
+
     fn shim_processes(&self) -> Vec<(i32, String)> {
-        self.containerd
+        self.0
+            .containerd
             .leftover_processes()
             .into_iter()
             .filter(|(_, cmdline)| cmdline.contains("containerd-shim-ironclad-v2"))
@@ -249,13 +136,14 @@ impl Kubelet {
 
     /// No shim, VM or helper process, no mount below the shim's run root and no task directory.
     fn assert_nothing_left(&self) {
+        let containerd = &self.0.containerd;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let processes = self.containerd.leftover_processes();
-            let run_root = self.containerd.run_root.display().to_string();
+            let processes = containerd.leftover_processes();
+            let run_root = containerd.run_root.display().to_string();
             let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
             let mounts: Vec<&str> = mountinfo.lines().filter(|l| l.contains(&run_root)).collect();
-            let dirs = std::fs::read_dir(self.containerd.run_root.join(self.containerd.namespace()))
+            let dirs = std::fs::read_dir(containerd.run_root.join(containerd.namespace()))
                 .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
                 .unwrap_or_default();
             if processes.is_empty() && mounts.is_empty() && dirs.is_empty() {
@@ -270,49 +158,6 @@ impl Kubelet {
     }
 }
 
-/// A bridge with host-local addresses, in the test's own CNI directory (the CRI plugin's
-/// `conf_dir`); the plugins are Debian's.
-fn write_cni_config(dir: &Path) {
-    std::fs::create_dir_all(dir.join("net.d")).unwrap();
-    let conf = serde_json::json!({
-        "cniVersion": "0.4.0",
-        "name": "ironclad-cri-test",
-        "plugins": [{
-            "type": "bridge",
-            "bridge": "icribr0",
-            "isGateway": true,
-            "ipMasq": false,
-            "ipam": {
-                "type": "host-local",
-                "ranges": [[{ "subnet": POD_SUBNET, "gateway": POD_GATEWAY }]],
-                "routes": [{ "dst": "0.0.0.0/0" }],
-                "dataDir": dir.join("ipam"),
-            }
-        }, { "type": "loopback" }]
-    });
-    std::fs::write(dir.join("net.d/10-ironclad.conflist"), conf.to_string()).unwrap();
-}
-
-fn container(name: &str, command: &[&str], mounts: Vec<cri::Mount>) -> cri::ContainerConfig {
-    cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata { name: name.into(), attempt: 0 }),
-        image: Some(cri::ImageSpec { image: BUSYBOX_IMAGE.into(), ..Default::default() }),
-        command: command.iter().map(|s| s.to_string()).collect(),
-        log_path: format!("{name}.log"),
-        mounts,
-        ..Default::default()
-    }
-}
-
-fn mount(container_path: &str, host_path: &Path, readonly: bool) -> cri::Mount {
-    cri::Mount {
-        container_path: container_path.into(),
-        host_path: host_path.display().to_string(),
-        readonly,
-        ..Default::default()
-    }
-}
-
 fn host_boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap()
 }
@@ -323,17 +168,15 @@ fn host_boot_id() -> String {
 /// limits and OOM kills come back through CRI; the pod's teardown leaves nothing.
 #[test]
 fn a_pod_runs_in_one_vm_with_shared_host_directories() {
-    let Some(kubelet) = Kubelet::start("icripod") else { return };
+    let Some(kubelet) = start_kubelet("icripod") else { return };
     let pod_config = kubelet.pod_config("web", cri::NamespaceMode::Pod);
-    let pod = kubelet
-        .run_pod(&pod_config)
-        .unwrap_or_else(|status| panic!("RunPodSandbox failed: {status}\n{}", kubelet.containerd.log_tail()));
-    let status = kubelet.pod_status(&pod);
+    let pod = kubelet.run_pod(&pod_config);
+    let status = kubelet.check(kubelet.0.pod_status(&pod));
     assert_eq!(status.state, cri::PodSandboxState::SandboxReady as i32);
     let ip = status.network.map(|n| n.ip).unwrap_or_default();
     assert!(ip.starts_with("10.204.0."), "the pod has no CNI address: {ip:?}");
 
-    let volumes = kubelet.work.path().join("volumes");
+    let volumes = kubelet.0.work_dir().join("volumes");
     let (data, config_dir) = (volumes.join("data"), volumes.join("config"));
     std::fs::create_dir_all(&data).unwrap();
     std::fs::create_dir_all(&config_dir).unwrap();
@@ -355,12 +198,8 @@ fn a_pod_runs_in_one_vm_with_shared_host_directories() {
 
     // One VM and one shim serve the pod.
     assert_eq!(kubelet.shim_processes().len(), 1, "{:?}", kubelet.shim_processes());
-    let monitors: Vec<_> = kubelet
-        .vm_processes()
-        .into_iter()
-        .filter(|(_, c)| c.contains("qemu-system") || c.contains("ironclad-vmm"))
-        .collect();
-    assert_eq!(monitors.len(), 1, "{monitors:?}");
+    let monitors = kubelet.monitors();
+    assert_eq!(monitors.len(), 1, "{:?}", kubelet.vm_processes());
     let boot_id = kubelet.exec_ok(&first, &["cat", "/proc/sys/kernel/random/boot_id"]);
     assert_eq!(kubelet.exec_ok(&second, &["cat", "/proc/sys/kernel/random/boot_id"]), boot_id);
     assert_ne!(boot_id, host_boot_id(), "the container runs on the host's kernel");
@@ -427,7 +266,7 @@ fn a_pod_runs_in_one_vm_with_shared_host_directories() {
         kubelet.stop_and_remove_container(id);
     }
     kubelet.stop_and_remove_pod(&pod);
-    assert!(kubelet.pod_ids().is_empty());
+    assert!(kubelet.check(kubelet.0.pod_ids()).is_empty());
     kubelet.assert_nothing_left();
     // The host's volumes are as the pod left them.
     assert_eq!(std::fs::read_to_string(data.join("note")).unwrap(), "from-first\n");
@@ -444,14 +283,14 @@ fn limited_resources(bytes: i64) -> Option<cri::LinuxContainerConfig> {
 /// from outside ends every container of its pod with a reason.
 #[test]
 fn host_network_is_refused_and_a_killed_vm_ends_the_whole_pod() {
-    let Some(kubelet) = Kubelet::start("icrikill") else { return };
+    let Some(kubelet) = start_kubelet("icrikill") else { return };
     let host_network = kubelet.pod_config("hostnet", cri::NamespaceMode::Node);
-    let refused = kubelet.run_pod(&host_network).expect_err("a hostNetwork pod was accepted");
-    assert!(refused.message().contains("hostNetwork"), "{refused}");
+    let refused = kubelet.0.run_pod(&host_network, CRI_HANDLER).expect_err("a hostNetwork pod was accepted");
+    assert!(refused.to_string().contains("hostNetwork"), "{refused}");
     kubelet.assert_nothing_left();
 
     let pod_config = kubelet.pod_config("doomed", cri::NamespaceMode::Pod);
-    let pod = kubelet.run_pod(&pod_config).unwrap();
+    let pod = kubelet.run_pod(&pod_config);
     let ids: Vec<String> = ["one", "two"]
         .iter()
         .map(|name| {
@@ -460,13 +299,8 @@ fn host_network_is_refused_and_a_killed_vm_ends_the_whole_pod() {
             id
         })
         .collect();
-    let monitors: Vec<i32> = kubelet
-        .vm_processes()
-        .into_iter()
-        .filter(|(_, c)| c.contains("qemu-system") || c.contains("ironclad-vmm"))
-        .map(|(pid, _)| pid)
-        .collect();
-    assert_eq!(monitors.len(), 1, "{monitors:?}");
+    let monitors = kubelet.monitors();
+    assert_eq!(monitors.len(), 1, "{:?}", kubelet.vm_processes());
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(monitors[0]), nix::sys::signal::Signal::SIGKILL)
         .unwrap();
     for id in &ids {
@@ -475,8 +309,7 @@ fn host_network_is_refused_and_a_killed_vm_ends_the_whole_pod() {
         assert!(!status.reason.is_empty(), "no reason given: {status:?}");
     }
     for id in &ids {
-        let request = cri::RemoveContainerRequest { container_id: id.clone() };
-        kubelet.ok("RemoveContainer", |mut c| async move { c.remove_container(request).await });
+        kubelet.check(kubelet.0.remove_container(id));
     }
     kubelet.stop_and_remove_pod(&pod);
     kubelet.assert_nothing_left();

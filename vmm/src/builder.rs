@@ -1,4 +1,5 @@
-//! Builds a VM from a validated [`VmConfig`] and runs it until it stops.
+//! Builds a VM from a validated [`VmConfig`] into a [`Vmm`] (memory, vCPUs, buses, the device
+//! registry, the event loop), then runs it until it stops.
 
 use std::fs::File;
 use std::io::Write;
@@ -12,13 +13,13 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::boot;
 use crate::arch::x86_64::layout::{
-    I8042_PORT, I8042_PORT_LEN, SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN, VIRTIO_IRQ_BASE, VIRTIO_IRQ_MAX,
-    VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
+    I8042_PORT, I8042_PORT_LEN, SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN, VIRTIO_MMIO_SIZE,
 };
 use crate::bus::{self, Bus};
 use crate::config::{SerialOutput, VmConfig};
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::SerialDevice;
+use crate::devices::registry::{self, DeviceCounters, DeviceRegistry};
 use crate::devices::virtio::block::{self as virtio_block, Block, BlockMetrics, Disk};
 use crate::devices::virtio::device::VirtioDevice;
 use crate::devices::virtio::fs::{self as virtio_fs, FsMetrics, VhostUserFs};
@@ -83,8 +84,8 @@ pub enum Error {
         #[source]
         source: virtio_fs::device::Error,
     },
-    #[error("more virtio devices than IRQ lines ({VIRTIO_IRQ_BASE}..={VIRTIO_IRQ_MAX})")]
-    TooManyDevices,
+    #[error("cannot attach a virtio device")]
+    Registry(#[from] registry::Error),
     #[error("cannot write the metrics to {path}")]
     Metrics {
         path: std::path::PathBuf,
@@ -103,14 +104,39 @@ struct Metrics {
     net: Vec<(String, Arc<NetMetrics>)>,
     vsock: Option<Arc<VsockMetrics>>,
     fs: Vec<(String, Arc<FsMetrics>)>,
-    /// Accesses the virtio-mmio transports refused, per device in bus order.
-    mmio_rejected: Vec<Arc<std::sync::atomic::AtomicU64>>,
+    /// Every virtio device by id: its slot, whether it is active, what its transport refused.
+    devices: Vec<DeviceCounters>,
     pio_unclaimed: u64,
     mmio_unclaimed: u64,
 }
 
 /// Boots the VM described by `config` and returns once it has stopped.
 pub fn run_vm(config: &VmConfig) -> Result<ExitReason, Error> {
+    build(config)?.run()
+}
+
+/// A built VM, not yet running (Firecracker's builder hands back the same): guest memory with
+/// the kernel loaded, the vCPUs set up, the buses, the device registry and the event loop.
+pub struct Vmm {
+    // Kept for the VM's life: the vCPUs and devices use its file descriptors.
+    _vm: Vm,
+    _memory: memory::GuestMemory,
+    vcpus: Vec<Vcpu>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    devices: DeviceRegistry,
+    event_manager: EventManager<Subscriber>,
+    exit: VmExit,
+    signals: SignalFd,
+    metrics: Metrics,
+    metrics_file: Option<MetricsFile>,
+    socket: SocketFile,
+    seccomp: bool,
+}
+
+/// Builds the VM described by `config`: everything a bad configuration can fail on fails here,
+/// before a vCPU runs.
+pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
     let vmm_start = std::time::Instant::now();
     config.validate()?;
     // Opened now: once the seccomp filters are on, no file can be opened.
@@ -130,6 +156,7 @@ pub fn run_vm(config: &VmConfig) -> Result<ExitReason, Error> {
         vm: &vm,
         memory: &memory,
         mmio: Bus::new(),
+        devices: DeviceRegistry::default(),
         event_manager: EventManager::new().map_err(Error::EventLoop)?,
         cmdline: config.cmdline.clone(),
         metrics: Metrics::default(),
@@ -138,7 +165,7 @@ pub fn run_vm(config: &VmConfig) -> Result<ExitReason, Error> {
     wiring.attach_net_devices(config)?;
     wiring.attach_fs_devices(config)?;
     let socket = wiring.attach_vsock_device(config)?;
-    let VirtioWiring { mmio, event_manager, cmdline, mut metrics, .. } = wiring;
+    let VirtioWiring { mmio, devices, event_manager, cmdline, metrics, .. } = wiring;
     crate::arch::x86_64::mptable::write(&memory, config.vcpus)?;
     boot::load_command_line(&memory, &cmdline)?;
     boot::write_zero_page(&memory, &kernel, cmdline.len(), initrd)?;
@@ -151,31 +178,73 @@ pub fn run_vm(config: &VmConfig) -> Result<ExitReason, Error> {
         vcpu.configure(&vm, &memory, kernel.entry, config.vcpus)?;
         vcpus.push(vcpu);
     }
-    let filters = if config.seccomp {
-        crate::seccomp::install_sigsys_handler()?;
-        Some((crate::seccomp::filter(ThreadKind::Vmm)?, crate::seccomp::filter(ThreadKind::Vcpu)?))
-    } else {
-        None
-    };
-    for vcpu in vcpus {
-        // The threads are never joined: the process ends when the VM stops, taking them along.
-        vcpu.start(filters.as_ref().map(|(_, vcpu)| vcpu.clone()))?;
+    Ok(Vmm {
+        _vm: vm,
+        _memory: memory,
+        vcpus,
+        pio,
+        mmio,
+        devices,
+        event_manager,
+        exit,
+        signals,
+        metrics,
+        metrics_file,
+        socket,
+        seccomp: config.seccomp,
+    })
+}
+
+impl Vmm {
+    /// The virtio devices, by id.
+    pub fn devices(&self) -> &DeviceRegistry {
+        &self.devices
     }
-    // The VM runs from here on: its socket stays until whoever owns the directory removes it (the
-    // running VMM may not remove files).
-    socket.keep();
-    if let Some((vmm, _)) = &filters {
-        crate::seccomp::apply(ThreadKind::Vmm, vmm)?;
+
+    /// Starts the vCPUs, puts the seccomp filters on and runs the event loop until the VM stops;
+    /// then writes the metrics.
+    pub fn run(self) -> Result<ExitReason, Error> {
+        let Vmm {
+            vcpus,
+            pio,
+            mmio,
+            devices,
+            event_manager,
+            exit,
+            signals,
+            mut metrics,
+            metrics_file,
+            socket,
+            seccomp,
+            ..
+        } = self;
+        let filters = if seccomp {
+            crate::seccomp::install_sigsys_handler()?;
+            Some((crate::seccomp::filter(ThreadKind::Vmm)?, crate::seccomp::filter(ThreadKind::Vcpu)?))
+        } else {
+            None
+        };
+        for vcpu in vcpus {
+            // The threads are never joined: the process ends when the VM stops, taking them along.
+            vcpu.start(filters.as_ref().map(|(_, vcpu)| vcpu.clone()))?;
+        }
+        // The VM runs from here on: its socket stays until whoever owns the directory removes it (the
+        // running VMM may not remove files).
+        socket.keep();
+        if let Some((vmm, _)) = &filters {
+            crate::seccomp::apply(ThreadKind::Vmm, vmm)?;
+        }
+        run_event_loop(event_manager, &exit, signals)?;
+        let reason = exit.reason().unwrap_or(ExitReason::Error("the VM stopped without a reason".into()));
+        if let Some(file) = &metrics_file {
+            metrics.exit = format!("{reason:?}");
+            metrics.pio_unclaimed = pio.unclaimed_accesses();
+            metrics.mmio_unclaimed = mmio.unclaimed_accesses();
+            metrics.devices = devices.counters();
+            file.write(&metrics)?;
+        }
+        Ok(reason)
     }
-    run_event_loop(event_manager, &exit, signals)?;
-    let reason = exit.reason().unwrap_or(ExitReason::Error("the VM stopped without a reason".into()));
-    if let Some(file) = &metrics_file {
-        metrics.exit = format!("{reason:?}");
-        metrics.pio_unclaimed = pio.unclaimed_accesses();
-        metrics.mmio_unclaimed = mmio.unclaimed_accesses();
-        file.write(&metrics)?;
-    }
-    Ok(reason)
 }
 
 /// The metrics file, opened before the seccomp filters go on and rewritten in place.
@@ -197,16 +266,6 @@ impl MetricsFile {
         self.file.set_len(0).map_err(err)?;
         self.file.write_all_at(&text, 0).map_err(err)
     }
-}
-
-/// Where the `index`-th virtio device sits: its MMIO window and its IRQ line.
-fn virtio_slot(index: usize) -> Result<(u64, u32), Error> {
-    let index32 = u32::try_from(index).map_err(|_| Error::TooManyDevices)?;
-    let irq = VIRTIO_IRQ_BASE
-        .checked_add(index32)
-        .filter(|irq| *irq <= VIRTIO_IRQ_MAX)
-        .ok_or(Error::TooManyDevices)?;
-    Ok((VIRTIO_MMIO_START + u64::from(index32) * VIRTIO_MMIO_SIZE, irq))
 }
 
 /// Removes the hybrid vsock socket if the VM fails to start after it was created.
@@ -233,27 +292,30 @@ struct VirtioWiring<'a> {
     vm: &'a Vm,
     memory: &'a memory::GuestMemory,
     mmio: Bus,
+    devices: DeviceRegistry,
     event_manager: EventManager<Subscriber>,
     cmdline: String,
     metrics: Metrics,
 }
 
 impl VirtioWiring<'_> {
-    /// Puts a device on the MMIO bus behind its transport, wires its queue kicks (ioeventfds) and its
-    /// interrupt (irqfd), and announces it on the kernel command line.
-    fn attach<D>(&mut self, device: D) -> Result<(), Error>
+    /// The one path every device takes: registered under `id` in the next slot, put on the MMIO
+    /// bus behind its transport, its queue kicks (ioeventfds) and interrupt (irqfd) wired, given to
+    /// the event loop, and announced on the kernel command line.
+    fn attach<D>(&mut self, id: String, device: D) -> Result<(), Error>
     where
         D: VirtioDevice + MutEventSubscriber + 'static,
     {
-        let (base, irq) = virtio_slot(self.metrics.mmio_rejected.len())?;
+        let slot = self.devices.next_slot()?;
+        let (base, irq) = (slot.mmio_base, slot.irq);
         for (queue_index, event) in device.queue_events().iter().enumerate() {
-            let datamatch = u32::try_from(queue_index).map_err(|_| Error::TooManyDevices)?;
+            let datamatch = u32::try_from(queue_index).map_err(|_| registry::Error::TooManyDevices)?;
             self.vm.register_ioevent(event, base + REG_QUEUE_NOTIFY, datamatch)?;
         }
         self.vm.register_irqfd(device.interrupt().irqfd(), irq)?;
         let device = Arc::new(Mutex::new(device));
         let transport = MmioTransport::new(self.memory.clone(), device.clone());
-        self.metrics.mmio_rejected.push(transport.rejected_accesses());
+        self.devices.register(id, slot, device.clone(), transport.rejected_accesses())?;
         self.mmio.insert(base, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
         self.event_manager.add_subscriber(device);
         self.cmdline.push_str(&format!(" virtio_mmio.device={}K@{base:#x}:{irq}", VIRTIO_MMIO_SIZE / 1024));
@@ -266,7 +328,7 @@ impl VirtioWiring<'_> {
             let disk = Disk::open(&block.path, block.read_only, &block.serial).map_err(block_err)?;
             let device = Block::new(disk, new_irqfd()?).map_err(block_err)?;
             self.metrics.block.push((block.serial.clone(), device.metrics()));
-            self.attach(device)?;
+            self.attach(format!("block:{}", block.serial), device)?;
         }
         Ok(())
     }
@@ -279,7 +341,7 @@ impl VirtioWiring<'_> {
             let device = Net::new(&net.tap, mac, new_irqfd()?)
                 .map_err(|source| Error::Net { tap: net.tap.clone(), source })?;
             self.metrics.net.push((net.tap.clone(), device.metrics()));
-            self.attach(device)?;
+            self.attach(format!("net:{}", net.tap), device)?;
         }
         Ok(())
     }
@@ -289,7 +351,7 @@ impl VirtioWiring<'_> {
             let device = VhostUserFs::new(&fs.socket, &fs.tag, self.memory, new_irqfd()?)
                 .map_err(|source| Error::Fs { tag: fs.tag.clone(), source })?;
             self.metrics.fs.push((fs.tag.clone(), device.metrics()));
-            self.attach(device)?;
+            self.attach(format!("fs:{}", fs.tag), device)?;
         }
         Ok(())
     }
@@ -301,7 +363,7 @@ impl VirtioWiring<'_> {
         let device = Vsock::new(vsock.guest_cid, &vsock.uds_path, new_irqfd()?)?;
         let socket = SocketFile(Some(vsock.uds_path.clone()));
         self.metrics.vsock = Some(device.metrics());
-        self.attach(device)?;
+        self.attach("vsock".into(), device)?;
         Ok(socket)
     }
 }

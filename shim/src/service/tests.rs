@@ -22,6 +22,8 @@ enum Guest {
     IgnoresSignals,
     /// Its process exits at once, but its output never ends.
     EndlessOutput,
+    /// Its process is killed by the OOM killer (exit 137, memory.events counts it); no output.
+    OomKilled,
 }
 
 struct FakeAgent(Guest);
@@ -44,7 +46,20 @@ impl agent_ttrpc::Agent for FakeAgent {
         match self.0 {
             Guest::IgnoresSignals => std::future::pending().await,
             Guest::EndlessOutput => Ok(WaitProcessResponse { exit_status: 0, ..Default::default() }),
+            Guest::OomKilled => Ok(WaitProcessResponse { exit_status: 137, ..Default::default() }),
         }
+    }
+
+    async fn stats_container(
+        &self,
+        _ctx: &AgentContext,
+        _req: ironclad_protocol::agent::ContainerRequest,
+    ) -> ttrpc::Result<ironclad_protocol::agent::StatsContainerResponse> {
+        let mut events = ironclad_protocol::agent::MemoryEvents::new();
+        events.oom_kill = u64::from(matches!(self.0, Guest::OomKilled));
+        let mut stats = ironclad_protocol::agent::StatsContainerResponse::new();
+        stats.memory_events = MessageField::some(events);
+        Ok(stats)
     }
 
     async fn read_stdout(
@@ -57,6 +72,7 @@ impl agent_ttrpc::Agent for FakeAgent {
             Guest::EndlessOutput => {
                 Ok(ReadStreamResponse { data: b"more output\n".to_vec(), ..Default::default() })
             }
+            Guest::OomKilled => Ok(ReadStreamResponse::default()),
         }
     }
 
@@ -173,5 +189,21 @@ async fn output_that_never_ends_does_not_hold_back_the_exit() {
     assert_eq!(published_exit(&mut rig), Some(0));
     let written = std::fs::read_to_string(out.path()).unwrap();
     assert!(written.starts_with("more output\n"), "the output was relayed until the deadline");
+    rig.container.sandbox.kill().await;
+}
+
+#[tokio::test]
+async fn an_oom_kill_is_told_before_the_exit() {
+    let mut rig = rig(Guest::OomKilled, "").await;
+    let init = start_init(&rig).await;
+    let exit = tokio::time::timeout(Duration::from_secs(10), init.wait()).await.expect("no exit");
+    assert_eq!(exit.status, 137);
+    let mut topics_seen = Vec::new();
+    while let Ok((topic, _)) = rig.events.try_recv() {
+        topics_seen.push(topic);
+    }
+    let oom = topics_seen.iter().position(|t| *t == topics::TASK_OOM_EVENT_TOPIC);
+    let exit = topics_seen.iter().position(|t| *t == topics::TASK_EXIT_EVENT_TOPIC);
+    assert!(matches!((oom, exit), (Some(o), Some(e)) if o < e), "{topics_seen:?}");
     rig.container.sandbox.kill().await;
 }

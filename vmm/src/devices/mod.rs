@@ -1,6 +1,7 @@
 //! Emulated devices. Interrupts leave through eventfds registered with KVM as irqfds.
 
 pub mod legacy;
+pub mod registry;
 pub mod virtio;
 
 use vmm_sys_util::eventfd::EventFd;
