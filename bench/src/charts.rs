@@ -15,6 +15,8 @@ const SIZE: (u32, u32) = (900, 500);
 const LATENCY_FIGURES: [&str; 3] = ["cold start", "time to first output", "exec latency"];
 /// The pod figures shown as bars.
 const POD_FIGURES: [&str; 2] = ["pod start", "second container start"];
+const THROUGHPUT_FIGURE: [&str; 1] = ["bulk transfer from the pod"];
+const CONNECT_FIGURE: [&str; 1] = ["TCP connect round trip"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -106,20 +108,39 @@ fn draw_legend<'a, DB: DrawingBackend + 'a>(chart: &mut Frame<'a, DB>) -> Result
 /// Median start latency of each runtime, grouped by figure.
 pub fn start_latency(results: &Results, dir: &Path) -> Result<Vec<PathBuf>, Error> {
     let caption = "Start latency, median (s): ironclad vs runc";
-    median_bars(&results.figures, &LATENCY_FIGURES, caption, "start-latency", dir)
+    median_bars(&results.figures, &LATENCY_FIGURES, caption, "seconds", "start-latency", dir)
 }
 
 /// Median pod start and second container start of each runtime.
 pub fn pod_start(results: &crate::pods::Results, dir: &Path) -> Result<Vec<PathBuf>, Error> {
     let caption = "Pods through CRI, median (s): ironclad vs runc";
-    median_bars(&results.figures, &POD_FIGURES, caption, "pod-start", dir)
+    median_bars(&results.figures, &POD_FIGURES, caption, "seconds", "pod-start", dir)
 }
 
-/// One bar per runtime for each of the named figures (in seconds), grouped by figure.
+/// The pod's network, median: throughput of the bulk transfer, and the connect round trip.
+pub fn pod_network(results: &crate::pods::Results, dir: &Path) -> Result<Vec<PathBuf>, Error> {
+    let caption = "Bulk transfer from the pod, median (MiB/s): ironclad vs runc";
+    let mut drawn =
+        median_bars(&results.figures, &THROUGHPUT_FIGURE, caption, "MiB/s", "network-throughput", dir)?;
+    let caption = "TCP connect round trip to the pod, median (ms): ironclad vs runc";
+    drawn.extend(median_bars(
+        &results.figures,
+        &CONNECT_FIGURE,
+        caption,
+        "milliseconds",
+        "network-connect",
+        dir,
+    )?);
+    Ok(drawn)
+}
+
+/// One bar per runtime for each of the named figures (all in the unit `y_desc` names), grouped by
+/// figure.
 fn median_bars(
     figures: &[Figure],
     names: &'static [&'static str],
     caption: &'static str,
+    y_desc: &'static str,
     stem: &str,
     dir: &Path,
 ) -> Result<Vec<PathBuf>, Error> {
@@ -135,6 +156,7 @@ fn median_bars(
         top: f64,
         names: &'static [&'static str],
         caption: &'static str,
+        y_desc: &'static str,
     }
     impl Chart for Draw<'_> {
         fn on<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Result<(), String> {
@@ -152,7 +174,7 @@ fn median_bars(
                         String::new()
                     }
                 })
-                .y_desc("seconds")
+                .y_desc(self.y_desc)
                 .draw()
                 .map_err(|e| e.to_string())?;
             for runtime in RUNTIMES {
@@ -168,7 +190,7 @@ fn median_bars(
             draw_legend(&mut chart)
         }
     }
-    both_formats(dir, stem, &Draw { bars: &bars, top, names, caption })
+    both_formats(dir, stem, &Draw { bars: &bars, top, names, caption, y_desc })
 }
 
 /// Time to start N sandboxes at once, per runtime.

@@ -227,7 +227,8 @@ fn run_pods(settings: pods::Settings, outputs: RuntimeOutputs) -> Result<(), Box
     let results = pods::measure(&settings, stop)?;
     std::fs::create_dir_all(&outputs.charts)?;
     charts::load_font()?;
-    let drawn = charts::pod_start(&results, &outputs.charts)?;
+    let mut drawn = charts::pod_start(&results, &outputs.charts)?;
+    drawn.extend(charts::pod_network(&results, &outputs.charts)?);
     let report_dir = outputs.report.parent().map(Path::to_path_buf).unwrap_or_default();
     let markdown = report::pods_markdown(&machine, &results, &drawn, &report_dir);
     print!("{markdown}");

@@ -188,7 +188,8 @@ pub fn pods_markdown(
         "Machine: {} ({} cores, {} GiB), Linux {}, KVM {}. ironclad backend: {}; runc: Debian's runc through \
          containerd-shim-runc-v2. One private containerd's CRI plugin with both runtime handlers, driven by \
          a Rust CRI client as a kubelet would; each pod is the pause container and two busybox containers \
-         (`sleep`), on a CNI bridge; pods of both runtimes interleaved, {} per runtime.\n",
+         (an `nc` listener and `sleep`), on a CNI bridge, then a third that serves the transfer; pods of \
+         both runtimes interleaved, {} per runtime.\n",
         machine.cpu, machine.cores, machine.memory_gib, machine.kernel, machine.kvm, results.hypervisor, results.runs
     );
     figures_table(&mut md, &results.figures);

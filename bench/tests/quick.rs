@@ -137,7 +137,7 @@ fn pods_benchmark_puts_ironclad_and_runc_pods_side_by_side() {
     }
     let value: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let figures = value["pods"]["figures"].as_array().unwrap();
-    assert_eq!(figures.len(), 3);
+    assert_eq!(figures.len(), 5);
     for figure in figures {
         for runtime in ["ironclad", "runc"] {
             let summary = &figure["summaries"][runtime];
@@ -145,7 +145,7 @@ fn pods_benchmark_puts_ironclad_and_runc_pods_side_by_side() {
             assert!(summary["median"].as_f64().unwrap() > 0.0, "{runtime}: {figure}");
         }
     }
-    for chart in ["pod-start.png", "pod-start.svg"] {
+    for chart in ["pod-start.png", "pod-start.svg", "network-throughput.svg", "network-connect.svg"] {
         assert!(std::fs::metadata(charts.join(chart)).unwrap().len() > 0, "{chart}");
     }
 }

@@ -407,6 +407,20 @@ impl AgentClient {
             .map_err(|source| Error::Rpc { call: "Agent.UpdateRoutes", source })
     }
 
+    /// Adds static neighbour (ARP/NDP) entries in the guest.
+    pub async fn add_arp_neighbors(
+        &self,
+        neighbors: Vec<ironclad_protocol::agent::ARPNeighbor>,
+    ) -> Result<(), Error> {
+        let mut request = ironclad_protocol::agent::AddARPNeighborsRequest::new();
+        request.neighbors = neighbors;
+        self.agent
+            .add_arp_neighbors(self.ctx(), &request)
+            .await
+            .map(|_| ())
+            .map_err(|source| Error::Rpc { call: "Agent.AddARPNeighbors", source })
+    }
+
     pub async fn remove_container(&self, container_id: &str) -> Result<(), Error> {
         let mut request = RemoveContainerRequest::new();
         request.container_id = container_id.into();

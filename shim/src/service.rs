@@ -135,8 +135,6 @@ pub enum Error {
     Join(#[source] tokio::task::JoinError),
 }
 
-/// The guest's first NIC, as the guest kernel names it.
-const GUEST_NIC: &str = "eth0";
 /// The bind mount that keeps a network namespace the shim made, in the task directory.
 const NEW_NETNS_FILE: &str = "net";
 
@@ -168,7 +166,7 @@ async fn attach_network(
     }
     let attachment =
         Attachment::prepare(&netns, network::mac_for(id), config.denied_destinations.clone()).await?;
-    info!("network: {} in {} for the guest's {GUEST_NIC}", attachment.tap, netns.display());
+    info!("network: {} in {} for the guest's NICs", attachment.tap_names().join(", "), netns.display());
     Ok(Some(Arc::new(attachment)))
 }
 
@@ -178,20 +176,22 @@ async fn configure_guest_network_if_ready(
     network: Option<&Attachment>,
 ) -> Result<(), Error> {
     let Some(network) = network else { return Ok(()) };
-    if let Some(interface) = network.take_unconfigured().await? {
-        info!("network: the guest's {GUEST_NIC} stands in for {}", interface.name);
-        configure_guest_network(agent, &interface).await?;
+    for (index, interface) in network.take_unconfigured().await?.iter().enumerate() {
+        let nic = network::guest_nic(index);
+        info!("network: the guest's {nic} stands in for {}", interface.name);
+        configure_guest_network(agent, &nic, interface).await?;
     }
     Ok(())
 }
 
-/// Gives the guest NIC the CNI interface's MAC, MTU, addresses and routes.
+/// Gives guest NIC `nic` the CNI interface's MAC, MTU, addresses and routes.
 async fn configure_guest_network(
     agent: &AgentClient,
+    nic: &str,
     interface_config: &InterfaceConfig,
 ) -> Result<(), Error> {
     let mut interface = ironclad_protocol::agent::Interface::new();
-    interface.name = GUEST_NIC.into();
+    interface.name = nic.into();
     interface.hw_addr = network::format_mac(&interface_config.mac);
     interface.mtu = interface_config.mtu;
     interface.up = true;
@@ -216,12 +216,26 @@ async fn configure_guest_network(
                 .map(|(ip, prefix)| format!("{ip}/{prefix}"))
                 .unwrap_or_else(|| "default".into());
             r.gateway = route.gateway.map(|g| g.to_string()).unwrap_or_default();
-            r.device = GUEST_NIC.into();
+            r.device = nic.into();
             r
         })
         .collect::<Vec<_>>();
     if !routes.is_empty() {
         agent.update_routes(routes).await?;
+    }
+    let neighbors: Vec<_> = interface_config
+        .neighbors
+        .iter()
+        .map(|(ip, mac)| {
+            let mut neighbor = ironclad_protocol::agent::ARPNeighbor::new();
+            neighbor.ip_address = ip.to_string();
+            neighbor.hw_addr = network::format_mac(mac);
+            neighbor.device = nic.into();
+            neighbor
+        })
+        .collect();
+    if !neighbors.is_empty() {
+        agent.add_arp_neighbors(neighbors).await?;
     }
     Ok(())
 }

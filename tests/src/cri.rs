@@ -61,7 +61,7 @@ pub struct Kubelet {
     /// Pod log directories and whatever the caller keeps there (host volumes).
     work: tempfile::TempDir,
     _cni: tempfile::TempDir,
-    _netns: TestNetns,
+    netns: TestNetns,
 }
 
 impl Kubelet {
@@ -90,7 +90,15 @@ impl Kubelet {
         let client = RuntimeServiceClient::new(channel);
         let work =
             tempfile::Builder::new().prefix("icri-").tempdir_in("/var/tmp").map_err(io_err("work dir"))?;
-        Ok(Kubelet { runtime, client, containerd, work, _cni: cni, _netns: netns })
+        Ok(Kubelet { runtime, client, containerd, work, _cni: cni, netns })
+    }
+
+    /// Runs `work` on a thread in the kubelet's network namespace, where the pods' bridge is.
+    pub fn in_network<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        self.netns.run(work)
     }
 
     /// Where pod logs and the caller's files go; removed with the kubelet.

@@ -804,21 +804,47 @@ fn a_prepared_network_namespace_is_carried_into_the_guest_and_left_as_it_was() {
     sandbox.ip(&["addr", "add", "10.204.0.2/24", "dev", "eth0"]);
     sandbox.ip(&["link", "set", "eth0", "up"]);
     sandbox.ip(&["route", "add", "default", "via", "10.204.0.1"]);
+    // A static neighbour entry, as some CNI plugins set for their gateway: the guest gets it.
+    sandbox.ip(&[
+        "neigh",
+        "add",
+        "10.204.0.9",
+        "lladdr",
+        "02:00:00:00:00:09",
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+    // A second interface (as a second CNI network would add): the guest gets a NIC for it too.
+    outer.ip(&["link", "add", "icv1", "type", "veth", "peer", "name", "net1", "netns", &sandbox.name]);
+    outer.ip(&["addr", "add", "10.207.0.1/24", "dev", "icv1"]);
+    outer.ip(&["link", "set", "icv1", "up"]);
+    sandbox.ip(&["addr", "add", "10.207.0.2/24", "dev", "net1"]);
+    sandbox.ip(&["link", "set", "net1", "up"]);
     let links_before = sandbox.link_names();
 
     let containerd = start_containerd_in(&outer);
-    let listener = outer.run(|| std::net::TcpListener::bind("10.204.0.1:0").unwrap()).join().unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        use std::io::{BufRead, Write};
-        let (stream, _) = listener.accept().unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(&stream).read_line(&mut line).unwrap();
-        (&stream).write_all(format!("hello from the peer, {line}").as_bytes()).unwrap();
-    });
+    let peer = |address: &'static str, greeting: &'static str| {
+        let listener = outer.run(move || std::net::TcpListener::bind(address).unwrap()).join().unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            use std::io::{BufRead, Write};
+            let (stream, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            std::io::BufReader::new(&stream).read_line(&mut line).unwrap();
+            (&stream).write_all(format!("{greeting}, {line}").as_bytes()).unwrap();
+        });
+        port
+    };
+    let port = peer("10.204.0.1:0", "hello from the peer");
+    let port1 = peer("10.207.0.1:0", "hello from the second network");
 
     let with_ns = format!("network:{}", sandbox.path.display());
-    let script = format!("ip addr show eth0; ip route; echo guest | nc 10.204.0.1 {port}");
+    let script = format!(
+        "ip addr show eth0; ip addr show eth1; ip route; ip neigh show 10.204.0.9; echo guest | nc 10.204.0.1 {port}; \
+         echo guest | nc 10.207.0.1 {port1}"
+    );
     let output =
         run(&containerd, &["--with-ns", &with_ns], BUSYBOX_IMAGE, "prepared", &["sh", "-c", &script], None);
     let text = stdout_of(&containerd, &output);
@@ -826,14 +852,19 @@ fn a_prepared_network_namespace_is_carried_into_the_guest_and_left_as_it_was() {
     assert!(text.contains("mtu 1400"), "the interface's MTU: {text}");
     assert!(text.contains("default via 10.204.0.1 dev eth0"), "{text}");
     assert!(text.contains("hello from the peer, guest"), "{text}");
+    assert!(text.contains("inet 10.207.0.2/24"), "the second interface's address on eth1: {text}");
+    assert!(text.contains("10.204.0.9 dev eth0 lladdr 02:00:00:00:00:09"), "the static neighbour: {text}");
+    assert!(text.contains("hello from the second network, guest"), "{text}");
     assert_nothing_left(&containerd, "prepared");
     assert_eq!(sandbox.link_names(), links_before, "no tap of ours left");
-    let qdiscs = std::process::Command::new("tc")
-        .args(["-n", &sandbox.name, "qdisc", "show", "dev", "eth0"])
-        .output()
-        .unwrap();
-    let qdiscs = String::from_utf8_lossy(&qdiscs.stdout);
-    assert!(!qdiscs.contains("ingress"), "no qdisc of ours left: {qdiscs}");
+    for device in ["eth0", "net1"] {
+        let qdiscs = std::process::Command::new("tc")
+            .args(["-n", &sandbox.name, "qdisc", "show", "dev", device])
+            .output()
+            .unwrap();
+        let qdiscs = String::from_utf8_lossy(&qdiscs.stdout);
+        assert!(!qdiscs.contains("ingress"), "no qdisc of ours left on {device}: {qdiscs}");
+    }
 }
 
 /// A private containerd (and every ctr) in the test's network namespace.

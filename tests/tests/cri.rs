@@ -204,6 +204,9 @@ fn a_pod_runs_in_one_vm_with_shared_host_directories() {
     assert_eq!(kubelet.exec_ok(&second, &["cat", "/proc/sys/kernel/random/boot_id"]), boot_id);
     assert_ne!(boot_id, host_boot_id(), "the container runs on the host's kernel");
     assert!(kubelet.exec_ok(&second, &["uname", "-r"]).starts_with("6.12"));
+    // The address PodSandboxStatus reports is the one the containers have.
+    let shown = kubelet.exec_ok(&second, &["ip", "-o", "-4", "addr", "show", "eth0"]);
+    assert!(shown.contains(&format!("inet {ip}/")), "{shown}");
 
     // The host directory: one container writes, the other reads, the host sees it, and a file the
     // host writes later shows in the guest.

@@ -79,8 +79,9 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error(
-        "the network namespace {netns} has {count} interfaces besides lo ({names}); ironclad gives a \
-         sandbox one NIC"
+        "the network namespace {netns} has {count} interfaces besides lo ({names}) that appeared after \
+         the VM booted: it has one NIC for them (a VM takes no NIC later; interfaces there at boot each \
+         get one)"
     )]
     TooManyInterfaces { netns: PathBuf, count: usize, names: String },
     #[error("interface {name} in {netns} has no MAC address")]
@@ -103,6 +104,9 @@ pub struct InterfaceConfig {
     pub mtu: u32,
     pub addresses: Vec<Cidr>,
     pub routes: Vec<RouteConfig>,
+    /// Static (permanent) neighbour entries through the interface: IP and MAC, which some CNI
+    /// plugins set instead of letting ARP find the gateway.
+    pub neighbors: Vec<(IpAddr, [u8; 6])>,
 }
 
 /// A route through the interface; `destination` None is the default route.
@@ -162,82 +166,118 @@ pub enum Requested {
     Path(PathBuf),
 }
 
-/// The sandbox's tap in its namespace and, once connected, the interface it stands in for.
+/// The sandbox's taps in its namespace, one per CNI interface, and the interfaces they stand in
+/// for. The guest's NICs are in the taps' order, so the guest names them eth0, eth1, ... in the
+/// order of the CNI interfaces' names.
 #[derive(Debug)]
 pub struct Attachment {
     pub netns: PathBuf,
-    pub tap: String,
-    /// The guest NIC's MAC at boot: the CNI interface's when it was there already.
-    pub guest_mac: [u8; 6],
-    /// What the guest may not send to, dropped on the tap's ingress before the redirect.
+    taps: Vec<Tap>,
+    /// What the guest may not send to, dropped on each tap's ingress before the redirect.
     denied: Vec<Ipv4Network>,
     state: tokio::sync::Mutex<State>,
 }
 
+#[derive(Debug, Clone)]
+struct Tap {
+    name: String,
+    /// The guest NIC's MAC at boot: the CNI interface's when it was there already.
+    guest_mac: [u8; 6],
+}
+
 #[derive(Debug)]
 enum State {
-    /// No CNI interface in the namespace yet.
+    /// No CNI interface in the namespace yet: one tap waits for the one that comes.
     Waiting,
-    /// Joined to the tap; the guest NIC not configured yet.
-    Connected(InterfaceConfig),
-    /// The guest NIC has the interface's configuration.
+    /// Joined to the taps; the guest NICs not configured yet.
+    Connected(Vec<InterfaceConfig>),
+    /// The guest NICs have the interfaces' configuration.
     Configured,
 }
 
+/// The guest's name of its NIC number `index`.
+pub fn guest_nic(index: usize) -> String {
+    format!("eth{index}")
+}
+
 impl Attachment {
-    /// Makes the tap in `netns` and, if the CNI interface is there already, connects it (the
-    /// guest NIC then takes its MAC; otherwise `fallback_mac`). What fails half way is undone.
+    /// Makes a tap in `netns` for each CNI interface there and joins each pair; with none there
+    /// yet, one tap (whose guest NIC gets `fallback_mac`) waits for the interface that comes. What
+    /// fails half way is undone.
     pub async fn prepare(
         netns: &Path,
         fallback_mac: [u8; 6],
         denied: Vec<Ipv4Network>,
     ) -> Result<Attachment, Error> {
         let path = netns.to_path_buf();
-        let tap = tap_name(0);
-        let name = tap.clone();
         let deny = denied.clone();
         let connected = in_netns(path.clone(), move |handle| async move {
-            create_tap(&name)?;
-            let connected = connect_here(&handle, &path, &name, &deny).await;
+            let interfaces = cni_interfaces(&handle, &path).await?;
+            if interfaces.is_empty() {
+                create_tap(&tap_name(0))?;
+                return Ok(Vec::new());
+            }
+            let connected = connect_all(&handle, &path, &interfaces, &deny).await;
             if connected.is_err() {
-                let _ = remove_tap(&name);
+                undo_connect(&handle, &path, &interfaces).await;
             }
             connected
         })
         .await?;
-        let guest_mac = connected.as_ref().map_or(fallback_mac, |interface| interface.mac);
-        let state = connected.map_or(State::Waiting, State::Connected);
-        Ok(Attachment {
-            netns: netns.to_path_buf(),
-            tap,
-            guest_mac,
-            denied,
-            state: tokio::sync::Mutex::new(state),
-        })
+        let (taps, state) = if connected.is_empty() {
+            (vec![Tap { name: tap_name(0), guest_mac: fallback_mac }], State::Waiting)
+        } else {
+            let taps = connected
+                .iter()
+                .enumerate()
+                .map(|(index, interface)| Tap { name: tap_name(index), guest_mac: interface.mac })
+                .collect();
+            (taps, State::Connected(connected))
+        };
+        Ok(Attachment { netns: netns.to_path_buf(), taps, denied, state: tokio::sync::Mutex::new(state) })
     }
 
-    /// What the monitor needs: run in the namespace, one NIC on the tap.
+    /// The taps' names, in the guest NICs' order.
+    pub fn tap_names(&self) -> Vec<&str> {
+        self.taps.iter().map(|t| t.name.as_str()).collect()
+    }
+
+    /// What the monitor needs: run in the namespace, a NIC on each tap.
     pub fn vm_network(&self) -> VmNetwork {
         VmNetwork {
             netns: self.netns.clone(),
-            devices: vec![NetDevice { tap: self.tap.clone(), mac: format_mac(&self.guest_mac) }],
+            devices: self
+                .taps
+                .iter()
+                .map(|tap| NetDevice { tap: tap.name.clone(), mac: format_mac(&tap.guest_mac) })
+                .collect(),
         }
     }
 
-    /// The interface the guest NIC is to be configured as, once: connected now if the CNI
-    /// interface has appeared since [`Attachment::prepare`]. None when there is nothing (more) to do.
-    pub async fn take_unconfigured(&self) -> Result<Option<InterfaceConfig>, Error> {
+    /// The interfaces the guest NICs are to be configured as (by NIC index), once: the waiting tap
+    /// is connected now if its CNI interface has appeared since [`Attachment::prepare`]. Empty when
+    /// there is nothing (more) to do.
+    pub async fn take_unconfigured(&self) -> Result<Vec<InterfaceConfig>, Error> {
         let mut state = self.state.lock().await;
         match std::mem::replace(&mut *state, State::Configured) {
-            State::Configured => Ok(None),
-            State::Connected(interface) => Ok(Some(interface)),
+            State::Configured => Ok(Vec::new()),
+            State::Connected(interfaces) => Ok(interfaces),
             State::Waiting => {
-                let (netns, tap, deny) = (self.netns.clone(), self.tap.clone(), self.denied.clone());
+                let (netns, tap, deny) = (self.netns.clone(), tap_name(0), self.denied.clone());
                 let connected = in_netns(netns.clone(), move |handle| async move {
-                    connect_here(&handle, &netns, &tap, &deny).await
+                    let interfaces = cni_interfaces(&handle, &netns).await?;
+                    match interfaces.as_slice() {
+                        [] => Ok(Vec::new()),
+                        [one] => Ok(vec![connect_pair(&handle, &netns, one, &tap, &deny).await?]),
+                        many => Err(Error::TooManyInterfaces {
+                            netns: netns.clone(),
+                            count: many.len(),
+                            names: many.iter().map(link_name).collect::<Vec<_>>().join(", "),
+                        }),
+                    }
                 })
                 .await;
-                if !matches!(connected, Ok(Some(_))) {
+                if !matches!(&connected, Ok(interfaces) if !interfaces.is_empty()) {
                     *state = State::Waiting;
                 }
                 connected
@@ -350,26 +390,50 @@ where
     })
 }
 
-/// Finds the one CNI interface in the namespace and joins it to `tap`; None when there is none.
-async fn connect_here(
-    handle: &Handle,
-    netns: &Path,
-    tap: &str,
-    denied: &[Ipv4Network],
-) -> Result<Option<InterfaceConfig>, Error> {
-    let candidates: Vec<LinkMessage> = links(handle, netns)
+/// The CNI interfaces in the namespace (all but lo and our taps), by name.
+async fn cni_interfaces(handle: &Handle, netns: &Path) -> Result<Vec<LinkMessage>, Error> {
+    let mut interfaces: Vec<LinkMessage> = links(handle, netns)
         .await?
         .into_iter()
         .filter(|link| !is_loopback(link) && !link_name(link).ends_with(TAP_SUFFIX))
         .collect();
-    let veth = match candidates.as_slice() {
-        [] => return Ok(None),
-        [one] => one,
-        many => {
-            let names = many.iter().map(link_name).collect::<Vec<_>>().join(", ");
-            return Err(Error::TooManyInterfaces { netns: netns.into(), count: many.len(), names });
-        }
-    };
+    interfaces.sort_by_key(link_name);
+    Ok(interfaces)
+}
+
+/// Makes tap `i` for interface `i` and joins each pair.
+async fn connect_all(
+    handle: &Handle,
+    netns: &Path,
+    interfaces: &[LinkMessage],
+    denied: &[Ipv4Network],
+) -> Result<Vec<InterfaceConfig>, Error> {
+    let mut connected = Vec::with_capacity(interfaces.len());
+    for (index, veth) in interfaces.iter().enumerate() {
+        let tap = tap_name(index);
+        create_tap(&tap)?;
+        connected.push(connect_pair(handle, netns, veth, &tap, denied).await?);
+    }
+    Ok(connected)
+}
+
+/// Takes out what [`connect_all`] made: the taps, and the ingress qdiscs of the interfaces.
+async fn undo_connect(handle: &Handle, netns: &Path, interfaces: &[LinkMessage]) {
+    for (index, veth) in interfaces.iter().enumerate() {
+        let _ = remove_ingress(handle, netns, veth.header.index).await;
+        let _ = remove_tap(&tap_name(index));
+    }
+    let _ = remove_tap(SINK_TAP);
+}
+
+/// Joins CNI interface `veth` to `tap` (which exists) and says what the interface looks like.
+async fn connect_pair(
+    handle: &Handle,
+    netns: &Path,
+    veth: &LinkMessage,
+    tap: &str,
+    denied: &[Ipv4Network],
+) -> Result<InterfaceConfig, Error> {
     let interface = describe(handle, netns, veth).await?;
     if let Err(err) = connect(handle, netns, veth.header.index, tap, interface.mtu, denied).await {
         let _ = remove_ingress(handle, netns, veth.header.index).await;
@@ -378,7 +442,7 @@ async fn connect_here(
         }
         return Err(err);
     }
-    Ok(Some(interface))
+    Ok(interface)
 }
 
 /// The interface's MAC, MTU, addresses (IPv6 link-local ones left to the guest) and routes (those
@@ -427,7 +491,37 @@ async fn describe(handle: &Handle, netns: &Path, link: &LinkMessage) -> Result<I
             .map_err(netlink(netns, format!("list the routes of {name}")))?;
         routes.extend(messages.iter().filter_map(|route| route_through(route, index)));
     }
-    Ok(InterfaceConfig { name, mac, mtu, addresses, routes })
+    let neighbours: Vec<_> = handle
+        .neighbours()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(netlink(netns, format!("list the neighbours of {name}")))?;
+    let neighbors = neighbours.iter().filter_map(|entry| static_neighbor(entry, index)).collect();
+    Ok(InterfaceConfig { name, mac, mtu, addresses, routes, neighbors })
+}
+
+/// A permanent neighbour entry on link `index`: its IP and MAC.
+fn static_neighbor(
+    entry: &netlink_packet_route::neighbour::NeighbourMessage,
+    index: u32,
+) -> Option<(IpAddr, [u8; 6])> {
+    use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
+    if entry.header.ifindex != index || entry.header.state != NeighbourState::Permanent {
+        return None;
+    }
+    let mut ip = None;
+    let mut mac = None;
+    for attribute in &entry.attributes {
+        match attribute {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => ip = Some(IpAddr::V4(*v4)),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => ip = Some(IpAddr::V6(*v6)),
+            NeighbourAttribute::LinkLocalAddress(bytes) => mac = <[u8; 6]>::try_from(bytes.as_slice()).ok(),
+            _ => {}
+        }
+    }
+    Some((ip?, mac?))
 }
 
 fn route_through(route: &netlink_packet_route::route::RouteMessage, index: u32) -> Option<RouteConfig> {
@@ -770,15 +864,33 @@ mod netns_tests {
         nsenter(&sandbox, &["ip", "link", "set", "eth0p", "netns", &peer_pid_path]);
         nsenter(&sandbox, &["ip", "addr", "add", "10.205.0.2/24", "dev", "eth0"]);
         nsenter(&sandbox, &["ip", "link", "set", "eth0", "up"]);
+        nsenter(
+            &sandbox,
+            &[
+                "ip",
+                "neigh",
+                "add",
+                "10.205.0.9",
+                "lladdr",
+                "02:00:00:00:00:09",
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ],
+        );
 
         let attachment =
             Attachment::prepare(&sandbox, mac_for("t"), vec![("169.254.169.254".parse().unwrap(), 32)])
                 .await
                 .unwrap();
-        let interface = attachment.take_unconfigured().await.unwrap().expect("the veth was there");
+        let interfaces = attachment.take_unconfigured().await.unwrap();
+        let [interface] = interfaces.as_slice() else { panic!("one veth, one interface: {interfaces:?}") };
         assert_eq!(interface.name, "eth0");
         assert_eq!(interface.addresses, vec![("10.205.0.2".parse().unwrap(), 24)]);
-        assert_eq!(format_mac(&attachment.guest_mac), format_mac(&interface.mac));
+        assert_eq!(attachment.vm_network().devices[0].mac, format_mac(&interface.mac));
+        assert!(attachment.take_unconfigured().await.unwrap().is_empty(), "configured once");
+        assert_eq!(interface.neighbors, vec![("10.205.0.9".parse().unwrap(), [2, 0, 0, 0, 0, 9])]);
         let filters = nsenter(&sandbox, &["tc", "filter", "show", "dev", "tap0_ic", "ingress"]);
         assert!(filters.contains("match a9fea9fe/ffffffff at 16"), "{filters}");
         assert!(filters.contains("Egress Redirect to device sink0_ic"), "{filters}");
@@ -792,6 +904,43 @@ mod netns_tests {
         let qdiscs = nsenter(&sandbox, &["tc", "qdisc", "show", "dev", "eth0"]);
         assert!(!qdiscs.contains("ingress"), "{qdiscs}");
         for netns in [&sandbox, &peer] {
+            nix::mount::umount2(netns.as_path(), nix::mount::MntFlags::MNT_DETACH).unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn each_interface_there_at_boot_gets_its_own_tap_in_name_order() {
+        if !ironclad_test_prereq::needs().root().program("ip").program("nsenter").ready() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (sandbox, peers) = (dir.path().join("sandbox"), dir.path().join("peers"));
+        create_netns(&sandbox).unwrap();
+        create_netns(&peers).unwrap();
+        let peers_file = std::fs::File::open(&peers).unwrap();
+        let peers_path = format!("/proc/{}/fd/{}", std::process::id(), peers_file.as_raw_fd());
+        for (name, peer, address) in [("net1", "net1p", "10.206.0.2/24"), ("eth0", "eth0p", "10.205.0.2/24")]
+        {
+            nsenter(&sandbox, &["ip", "link", "add", name, "type", "veth", "peer", "name", peer]);
+            nsenter(&sandbox, &["ip", "link", "set", peer, "netns", &peers_path]);
+            nsenter(&sandbox, &["ip", "addr", "add", address, "dev", name]);
+            nsenter(&sandbox, &["ip", "link", "set", name, "up"]);
+        }
+        let attachment = Attachment::prepare(&sandbox, mac_for("t"), vec![]).await.unwrap();
+        assert_eq!(attachment.tap_names(), ["tap0_ic", "tap1_ic"]);
+        let interfaces = attachment.take_unconfigured().await.unwrap();
+        let names: Vec<&str> = interfaces.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["eth0", "net1"], "guest NIC i stands in for the i-th interface by name");
+        assert_eq!(interfaces[1].addresses, vec![("10.206.0.2".parse().unwrap(), 24)]);
+        let devices = attachment.vm_network().devices;
+        assert_eq!(devices.len(), 2);
+        assert_eq!(devices[1].mac, format_mac(&interfaces[1].mac));
+        let filters = nsenter(&sandbox, &["tc", "filter", "show", "dev", "net1", "ingress"]);
+        assert!(filters.contains("Egress Redirect to device tap1_ic"), "{filters}");
+        clean_up_blocking(&sandbox).unwrap();
+        let links = nsenter(&sandbox, &["ip", "-o", "link", "show"]);
+        assert!(!links.contains("_ic"), "{links}");
+        for netns in [&sandbox, &peers] {
             nix::mount::umount2(netns.as_path(), nix::mount::MntFlags::MNT_DETACH).unwrap();
         }
     }
