@@ -66,22 +66,10 @@ enum Benchmark {
         /// Sandbox counts for the density curve, comma-separated (skipped where memory is short).
         #[arg(long, value_delimiter = ',', default_value = "1,10,50")]
         density: Vec<usize>,
-        /// The guest kernel and initrd (built by `make guest`).
-        #[arg(long, default_value = "target/guest")]
-        guest_dir: PathBuf,
-        /// The directory holding containerd-shim-ironclad-v2 (default: next to this binary).
-        #[arg(long)]
-        shim_dir: Option<PathBuf>,
-        /// auto, ironclad or qemu.
-        #[arg(long, default_value = "auto")]
-        hypervisor: String,
-        #[arg(long, default_value = "docs/benchmarks.md")]
-        report: PathBuf,
+        #[command(flatten)]
+        setup: ContainerdSetup,
         #[arg(long, default_value = "docs/benchmarks-runtimes.json")]
         json: PathBuf,
-        /// Where the charts (PNG and SVG) go.
-        #[arg(long, default_value = "docs/charts")]
-        charts: PathBuf,
     },
     /// Kubernetes pods through containerd's CRI plugin, ironclad next to runc: pod start, a
     /// second container's start, PSS of an idle two-container pod.
@@ -89,20 +77,10 @@ enum Benchmark {
         /// Pods per runtime.
         #[arg(long, default_value_t = 10)]
         runs: usize,
-        #[arg(long, default_value = "target/guest")]
-        guest_dir: PathBuf,
-        /// The directory holding containerd-shim-ironclad-v2 (default: next to this binary).
-        #[arg(long)]
-        shim_dir: Option<PathBuf>,
-        /// auto, ironclad or qemu.
-        #[arg(long, default_value = "auto")]
-        hypervisor: String,
-        #[arg(long, default_value = "docs/benchmarks.md")]
-        report: PathBuf,
+        #[command(flatten)]
+        setup: ContainerdSetup,
         #[arg(long, default_value = "docs/benchmarks-pods.json")]
         json: PathBuf,
-        #[arg(long, default_value = "docs/charts")]
-        charts: PathBuf,
     },
     /// Where KVM can boot Linux (the nested tier's L1): the guest booted by ironclad-vmm and by
     /// QEMU, interleaved, then `ctr run --rm` with ironclad against runc. Ratios, not times.
@@ -123,6 +101,40 @@ enum Benchmark {
         #[arg(long, default_value = "docs/benchmarks-nested.json")]
         json: PathBuf,
     },
+}
+
+/// What the benchmarks through containerd share: the guest, the shim, the backend, the outputs.
+#[derive(clap::Args)]
+struct ContainerdSetup {
+    /// The guest kernel and initrd (built by `make guest`).
+    #[arg(long, default_value = "target/guest")]
+    guest_dir: PathBuf,
+    /// The directory holding containerd-shim-ironclad-v2 (default: next to this binary).
+    #[arg(long)]
+    shim_dir: Option<PathBuf>,
+    /// auto, ironclad or qemu.
+    #[arg(long, default_value = "auto")]
+    hypervisor: String,
+    #[arg(long, default_value = "docs/benchmarks.md")]
+    report: PathBuf,
+    /// Where the charts (PNG and SVG) go.
+    #[arg(long, default_value = "docs/charts")]
+    charts: PathBuf,
+}
+
+impl ContainerdSetup {
+    fn artifacts(&self) -> ironclad_tests::containerd::Artifacts {
+        ironclad_tests::containerd::Artifacts {
+            kernel: self.guest_dir.join("bzImage"),
+            initrd: self.guest_dir.join("initrd.img"),
+            shim_dir: self.shim_dir.clone().unwrap_or_else(binary_dir),
+            hypervisor: self.hypervisor.clone(),
+        }
+    }
+
+    fn outputs(self, json: PathBuf) -> RuntimeOutputs {
+        RuntimeOutputs { report: self.report, json, charts: self.charts }
+    }
 }
 
 fn binary_dir() -> PathBuf {
@@ -174,6 +186,17 @@ fn run_agent(
     Ok(())
 }
 
+/// A flag Ctrl-C sets (saying `message`): the benchmark stops at the next step and cleans up.
+fn stop_on_ctrl_c(message: &'static str) -> Result<Arc<AtomicBool>, ctrlc::Error> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        eprintln!("\nironclad-bench: {message}");
+        flag.store(true, Ordering::SeqCst);
+    })?;
+    Ok(stop)
+}
+
 struct RuntimeOutputs {
     report: PathBuf,
     json: PathBuf,
@@ -184,14 +207,7 @@ fn run_runtimes(
     settings: runtimes::Settings,
     outputs: RuntimeOutputs,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        ctrlc::set_handler(move || {
-            eprintln!("\nironclad-bench: stopping; removing every container it made");
-            stop.store(true, Ordering::SeqCst);
-        })?;
-    }
+    let stop = stop_on_ctrl_c("stopping; removing every container it made")?;
     let machine = machine::Machine::describe();
     let results = runtimes::measure(&settings, stop)?;
     std::fs::create_dir_all(&outputs.charts)?;
@@ -215,14 +231,7 @@ fn run_runtimes(
 }
 
 fn run_pods(settings: pods::Settings, outputs: RuntimeOutputs) -> Result<(), Box<dyn std::error::Error>> {
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        ctrlc::set_handler(move || {
-            eprintln!("\nironclad-bench: stopping after this pod; removing every pod it made");
-            stop.store(true, Ordering::SeqCst);
-        })?;
-    }
+    let stop = stop_on_ctrl_c("stopping after this pod; removing every pod it made")?;
     let machine = machine::Machine::describe();
     let results = pods::measure(&settings, stop)?;
     std::fs::create_dir_all(&outputs.charts)?;
@@ -268,25 +277,20 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Benchmark::Runtimes { runs, density, guest_dir, shim_dir, hypervisor, report, json, charts } => {
-            let shim_dir = shim_dir.unwrap_or_else(|| {
-                std::env::current_exe()
-                    .ok()
-                    .and_then(|e| e.parent().map(Path::to_path_buf))
-                    .unwrap_or_default()
-            });
+        Benchmark::Runtimes { runs, density, setup, json } => {
+            let artifacts = setup.artifacts();
             let settings = runtimes::Settings {
-                backend: runtimes::describe_backend(&hypervisor),
+                backend: runtimes::describe_backend(&artifacts.hypervisor),
                 runs: runs.max(1),
                 density,
-                kernel: guest_dir.join("bzImage"),
-                initrd: guest_dir.join("initrd.img"),
-                shim_dir,
-                hypervisor,
+                kernel: artifacts.kernel,
+                initrd: artifacts.initrd,
+                shim_dir: artifacts.shim_dir,
+                hypervisor: artifacts.hypervisor,
                 vm_memory_mib: 256,
                 cold_start_only: false,
             };
-            match run_runtimes(settings, RuntimeOutputs { report, json, charts }) {
+            match run_runtimes(settings, setup.outputs(json)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     eprintln!("ironclad-bench: {}", report::error_chain(err.as_ref()));
@@ -294,18 +298,14 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Benchmark::Pods { runs, guest_dir, shim_dir, hypervisor, report, json, charts } => {
+        Benchmark::Pods { runs, setup, json } => {
+            let artifacts = setup.artifacts();
             let settings = pods::Settings {
-                backend: runtimes::describe_backend(&hypervisor),
+                backend: runtimes::describe_backend(&artifacts.hypervisor),
                 runs: runs.max(1),
-                artifacts: ironclad_tests::containerd::Artifacts {
-                    kernel: guest_dir.join("bzImage"),
-                    initrd: guest_dir.join("initrd.img"),
-                    shim_dir: shim_dir.unwrap_or_else(binary_dir),
-                    hypervisor,
-                },
+                artifacts,
             };
-            match run_pods(settings, RuntimeOutputs { report, json, charts }) {
+            match run_pods(settings, setup.outputs(json)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     eprintln!("ironclad-bench: {}", report::error_chain(err.as_ref()));

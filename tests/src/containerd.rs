@@ -94,6 +94,30 @@ pub struct Artifacts {
     pub hypervisor: String,
 }
 
+impl Artifacts {
+    /// What a test executable of this workspace runs: the guest `make guest` built (or
+    /// $IRONCLAD_GUEST_DIR's), the shim cargo built next to the test (tests run from
+    /// target/<profile>/deps, the shim is in target/<profile>), the backend $IRONCLAD_HYPERVISOR
+    /// names (default auto).
+    pub fn of_this_build() -> Result<Artifacts, String> {
+        let guest = crate::GuestArtifacts::locate().map_err(|err| err.to_string())?;
+        let exe = std::env::current_exe().map_err(|err| format!("where this test runs from: {err}"))?;
+        let shim_dir = exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+        if !shim_dir.join("containerd-shim-ironclad-v2").is_file() {
+            return Err(format!(
+                "no containerd-shim-ironclad-v2 in {}: build the shim first (cargo build -p ironclad-shim)",
+                shim_dir.display()
+            ));
+        }
+        Ok(Artifacts {
+            kernel: guest.kernel,
+            initrd: guest.initrd,
+            shim_dir,
+            hypervisor: std::env::var("IRONCLAD_HYPERVISOR").unwrap_or_else(|_| "auto".into()),
+        })
+    }
+}
+
 impl Containerd {
     /// Starts containerd with the shim's directory first on its PATH and writes a shim config that
     /// boots `artifacts`.
@@ -447,6 +471,9 @@ fn cri_config(shim_config: &Path, cni_conf_dir: &Path) -> String {
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{PAUSE_IMAGE}"
   restrict_oom_score_adj = true
+  # The pods' network namespaces live in this containerd's state directory, not /var/run/netns:
+  # whatever a failed test leaves goes with the directory.
+  netns_mounts_under_state_dir = true
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   [plugins."io.containerd.grpc.v1.cri".cni]

@@ -252,6 +252,17 @@ impl Kubelet {
     }
 }
 
+impl Drop for Kubelet {
+    /// Pods a failed test left go through CRI (their CNI teardown included) before containerd does.
+    fn drop(&mut self) {
+        if let Ok(pods) = self.pod_ids() {
+            for pod in pods {
+                let _ = self.stop_and_remove_pod(&pod);
+            }
+        }
+    }
+}
+
 /// A bridge with host-local addresses, in `dir/net.d` (the CRI plugin's `conf_dir`); the plugins
 /// are Debian's.
 fn write_cni_config(dir: &Path) -> Result<(), Error> {

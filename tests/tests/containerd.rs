@@ -11,34 +11,13 @@ use ironclad_tests::containerd::{
     Artifacts, Containerd, Events, BUSYBOX_IMAGE, BUSYBOX_USER_IMAGE, IRONCLAD_RUNTIME,
 };
 use ironclad_tests::netns::TestNetns;
-use ironclad_tests::GuestArtifacts;
 
 /// Every ctr call gets this long before the test kills it and fails.
 const CTR_TIMEOUT: Duration = Duration::from_secs(180);
 
-fn shim_dir() -> PathBuf {
-    // Tests run from target/<profile>/deps; the shim binary is built into target/<profile>.
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
-
 /// The built guest and shim, and the backend `$IRONCLAD_HYPERVISOR` names.
 fn artifacts() -> Artifacts {
-    let guest = match GuestArtifacts::locate() {
-        Ok(guest) => guest,
-        Err(err) => panic!("{err}"),
-    };
-    let shim_dir = shim_dir();
-    assert!(
-        shim_dir.join("containerd-shim-ironclad-v2").is_file(),
-        "build the shim first (cargo build -p ironclad-shim)"
-    );
-    Artifacts {
-        kernel: guest.kernel,
-        initrd: guest.initrd,
-        shim_dir,
-        hypervisor: std::env::var("IRONCLAD_HYPERVISOR").unwrap_or_else(|_| "auto".into()),
-    }
+    Artifacts::of_this_build().unwrap_or_else(|err| panic!("{err}"))
 }
 
 /// Root, containerd and the built guest are needed; without them the test fails naming them (or

@@ -9,22 +9,10 @@ use std::time::{Duration, Instant};
 
 use ironclad_tests::containerd::{Artifacts, CRI_HANDLER};
 use ironclad_tests::cri::{container, mount, Kubelet};
-use ironclad_tests::GuestArtifacts;
 use k8s_cri::v1 as cri;
 
 fn artifacts() -> Artifacts {
-    let guest = GuestArtifacts::locate().unwrap_or_else(|err| panic!("{err}"));
-    let shim_dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
-    assert!(
-        shim_dir.join("containerd-shim-ironclad-v2").is_file(),
-        "build the shim first (cargo build -p ironclad-shim)"
-    );
-    Artifacts {
-        kernel: guest.kernel,
-        initrd: guest.initrd,
-        shim_dir,
-        hypervisor: std::env::var("IRONCLAD_HYPERVISOR").unwrap_or_else(|_| "auto".into()),
-    }
+    Artifacts::of_this_build().unwrap_or_else(|err| panic!("{err}"))
 }
 
 /// Root, containerd, `ip` and the CNI plugins are needed; without them the test fails naming them
@@ -142,7 +130,12 @@ containerd log:
             let processes = containerd.leftover_processes();
             let run_root = containerd.run_root.display().to_string();
             let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-            let mounts: Vec<&str> = mountinfo.lines().filter(|l| l.contains(&run_root)).collect();
+            let ours = containerd.dir().display().to_string();
+            // The shim's mounts, and the pods' network namespaces (nsfs mounts in the state dir).
+            let mounts: Vec<&str> = mountinfo
+                .lines()
+                .filter(|l| l.contains(&run_root) || (l.contains(&ours) && l.contains(" nsfs ")))
+                .collect();
             let dirs = std::fs::read_dir(containerd.run_root.join(containerd.namespace()))
                 .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
                 .unwrap_or_default();

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use ironclad_vmm::builder::run_vm;
 use ironclad_vmm::config::{BlockConfig, FsConfig, NetConfig, SerialOutput, VmConfig, VsockConfig};
+use ironclad_vmm::error_chain;
 use ironclad_vmm::vstate::vcpu::ExitReason;
 
 #[derive(Parser, Debug)]
@@ -124,17 +125,6 @@ fn config_from_flags(args: Args) -> Result<VmConfig, String> {
         };
     }
     Ok(config)
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 fn main() -> ExitCode {

@@ -186,6 +186,16 @@ mod tests {
         }
     }
 
+    /// QEMU that exits at once, `vsock` as vhost-device-vsock, no virtiofsd.
+    fn stand_in_backend(vsock: &str) -> QemuBackend {
+        QemuBackend {
+            qemu: "/bin/true".into(),
+            vhost_device_vsock: vsock.into(),
+            virtiofsd: None,
+            use_kvm: false,
+        }
+    }
+
     fn value_after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
         args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].as_str()).collect()
     }
@@ -248,12 +258,7 @@ mod tests {
             shared_dir: Some(dir.path().into()),
             ..config()
         };
-        let backend = QemuBackend {
-            qemu: "/bin/true".into(),
-            vhost_device_vsock: "/bin/true".into(),
-            virtiofsd: None,
-            use_kvm: false,
-        };
+        let backend = stand_in_backend("/bin/true");
         let paths = SandboxPaths::new(dir.path(), "sb");
         let err = backend.start(&cfg, paths.clone()).await.err().unwrap();
         assert!(matches!(&err, Error::MissingTool { tool: "virtiofsd", .. }), "{err}");
@@ -286,12 +291,7 @@ mod tests {
     #[tokio::test]
     async fn missing_kernel_is_named_and_leaves_no_directory() {
         let dir = tempfile::tempdir().unwrap();
-        let backend = QemuBackend {
-            qemu: "/bin/true".into(),
-            vhost_device_vsock: "/bin/true".into(),
-            virtiofsd: None,
-            use_kvm: false,
-        };
+        let backend = stand_in_backend("/bin/true");
         let paths = SandboxPaths::new(dir.path(), "sb");
         let err = backend.start(&config(), paths.clone()).await.err().unwrap();
         assert!(matches!(&err, Error::MissingFile { what: "kernel", .. }), "{err}");
@@ -304,12 +304,7 @@ mod tests {
         let kernel = dir.path().join("kernel");
         std::fs::write(&kernel, b"k").unwrap();
         let cfg = VmConfig { kernel: kernel.clone(), initrd: kernel, ..config() };
-        let backend = QemuBackend {
-            qemu: "/bin/true".into(),
-            vhost_device_vsock: "/bin/false".into(),
-            virtiofsd: None,
-            use_kvm: false,
-        };
+        let backend = stand_in_backend("/bin/false");
         let paths = SandboxPaths::new(dir.path(), "sb");
         let err = backend.start(&cfg, paths.clone()).await.err().unwrap();
         assert!(matches!(&err, Error::DaemonExited { daemon: "vhost-device-vsock", .. }), "{err}");

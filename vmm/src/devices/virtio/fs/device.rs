@@ -122,7 +122,11 @@ impl VhostUserFs {
             Ok(()) => true,
             Err(err) => {
                 self.metrics.activate_fails.fetch_add(1, Ordering::Relaxed);
-                eprintln!("virtio-fs {}: the backend refused the queues: {}", self.tag, chain(&err));
+                eprintln!(
+                    "virtio-fs {}: the backend refused the queues: {}",
+                    self.tag,
+                    crate::error_chain(&err)
+                );
                 false
             }
         }
@@ -184,17 +188,6 @@ fn vring_addresses(memory: &GuestMemory, index: usize, queue: &Queue) -> Result<
         avail_ring_addr: host("available ring", queue.avail_ring())?,
         log_addr: None,
     })
-}
-
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 impl VirtioDevice for VhostUserFs {
