@@ -18,7 +18,7 @@ use ironclad_protocol::agent::{
 };
 use ironclad_protocol::{agent_ttrpc, API_VERSION};
 use tokio::sync::mpsc;
-use tracing::info;
+use tracing::{info, warn};
 use ttrpc::r#async::{Server, TtrpcContext};
 
 use crate::clock::uptime_ms;
@@ -86,6 +86,14 @@ fn sandbox_status(err: sandbox::Error) -> ttrpc::Error {
         E::System { .. } => ttrpc::Code::INTERNAL,
     };
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, crate::init::error_chain(&err)))
+}
+
+/// A failed call that makes or starts a container or process is also said on the console (the
+/// shim passes the agent's lines into containerd's log, which outlives the sandbox), with the
+/// container's id; then it becomes the call's status.
+fn logged_status(call: &str, container_id: &str, err: container::Error) -> ttrpc::Error {
+    warn!("container {container_id}: {call} failed: {}", crate::init::error_chain(&err));
+    status(err)
 }
 
 /// The ttrpc status for a container error: the code says what kind, the message says why.
@@ -221,7 +229,7 @@ impl agent_ttrpc::Agent for AgentService {
                 &req.sandbox_container,
             )
             .await
-            .map_err(status)?;
+            .map_err(|err| logged_status("CreateContainer", &req.container_id, err))?;
         info!("container {} created", req.container_id);
         Ok(Empty::new())
     }
@@ -231,7 +239,11 @@ impl agent_ttrpc::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: StartContainerRequest,
     ) -> ttrpc::Result<StartContainerResponse> {
-        let pid = self.containers.start(&req.container_id).await.map_err(status)?;
+        let pid = self
+            .containers
+            .start(&req.container_id)
+            .await
+            .map_err(|err| logged_status("StartContainer", &req.container_id, err))?;
         let mut resp = StartContainerResponse::new();
         resp.pid = pid;
         Ok(resp)
@@ -242,8 +254,11 @@ impl agent_ttrpc::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: ExecProcessRequest,
     ) -> ttrpc::Result<ExecProcessResponse> {
-        let pid =
-            self.containers.exec(&req.container_id, &req.exec_id, &req.process_json).await.map_err(status)?;
+        let pid = self
+            .containers
+            .exec(&req.container_id, &req.exec_id, &req.process_json)
+            .await
+            .map_err(|err| logged_status("ExecProcess", &req.container_id, err))?;
         let mut resp = ExecProcessResponse::new();
         resp.pid = pid;
         Ok(resp)

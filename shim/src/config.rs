@@ -22,6 +22,11 @@ pub const METADATA_ADDRESS: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 25
 /// Per-container annotations that may change the VM's size, when the config allows them.
 pub const ANNOTATION_VCPUS: &str = "io.ironclad.vcpus";
 pub const ANNOTATION_MEMORY_MIB: &str = "io.ironclad.memory_mib";
+/// The agent's log filter for this sandbox (its `IRONCLAD_AGENT_LOG`), e.g. `debug` or
+/// `warn,ironclad_agent=debug`.
+pub const ANNOTATION_AGENT_LOG: &str = "io.ironclad.agent_log";
+/// The longest agent log filter an annotation may set.
+const MAX_AGENT_LOG_LEN: usize = 128;
 
 const VCPU_RANGE: std::ops::RangeInclusive<u8> = 1..=32;
 const MEMORY_RANGE_MIB: std::ops::RangeInclusive<u32> = 64..=65536;
@@ -122,9 +127,11 @@ impl ShimConfig {
         Ok(config)
     }
 
-    /// The VM size after the container's annotations, which must each be allowed by the config.
-    pub fn vm_size(&self, annotations: &HashMap<String, String>) -> Result<(u8, u32), Error> {
-        let mut size = (self.vcpus, self.memory_mib);
+    /// What the sandbox's annotations set (each must be allowed by the config), over the
+    /// config's defaults.
+    pub fn sandbox_settings(&self, annotations: &HashMap<String, String>) -> Result<SandboxSettings, Error> {
+        let mut settings =
+            SandboxSettings { vcpus: self.vcpus, memory_mib: self.memory_mib, agent_log: None };
         for (key, value) in annotations.iter().filter(|(k, _)| k.starts_with("io.ironclad.")) {
             if !self.allowed_annotations.iter().any(|allowed| allowed == key) {
                 return Err(Error::AnnotationNotAllowed { key: key.clone(), config: self.source.clone() });
@@ -132,12 +139,44 @@ impl ShimConfig {
             let bad =
                 |reason: String| Error::BadAnnotation { key: key.clone(), value: value.clone(), reason };
             match key.as_str() {
-                ANNOTATION_VCPUS => size.0 = parse_in_range(value, &VCPU_RANGE).map_err(bad)?,
-                ANNOTATION_MEMORY_MIB => size.1 = parse_in_range(value, &MEMORY_RANGE_MIB).map_err(bad)?,
+                ANNOTATION_VCPUS => settings.vcpus = parse_in_range(value, &VCPU_RANGE).map_err(bad)?,
+                ANNOTATION_MEMORY_MIB => {
+                    settings.memory_mib = parse_in_range(value, &MEMORY_RANGE_MIB).map_err(bad)?
+                }
+                ANNOTATION_AGENT_LOG => settings.agent_log = Some(log_filter(value).map_err(bad)?),
                 _ => return Err(bad("not an annotation ironclad knows".into())),
             }
         }
-        Ok(size)
+        Ok(settings)
+    }
+}
+
+/// What a sandbox's annotations may set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxSettings {
+    pub vcpus: u8,
+    pub memory_mib: u32,
+    /// The agent's log filter, for the guest kernel's command line (`IRONCLAD_AGENT_LOG=...`).
+    pub agent_log: Option<String>,
+}
+
+impl SandboxSettings {
+    /// The kernel parameters these settings add to the config's.
+    pub fn kernel_params(&self) -> String {
+        self.agent_log.as_ref().map(|filter| format!("IRONCLAD_AGENT_LOG={filter}")).unwrap_or_default()
+    }
+}
+
+/// A tracing filter (`warn`, `info,ironclad_agent=debug`): letters, digits and `_:=,.` only, so it
+/// cannot add other kernel parameters.
+fn log_filter(text: &str) -> Result<String, String> {
+    let ok = !text.is_empty()
+        && text.len() <= MAX_AGENT_LOG_LEN
+        && text.bytes().all(|b| b.is_ascii_alphanumeric() || b"_:=,.".contains(&b));
+    if ok {
+        Ok(text.to_string())
+    } else {
+        Err(format!("a log filter of at most {MAX_AGENT_LOG_LEN} letters, digits and _:=,. (like info or warn,ironclad_agent=debug)"))
     }
 }
 
@@ -259,12 +298,13 @@ mod tests {
     fn annotations_size_the_vm_only_when_allowed() {
         let annotations: HashMap<String, String> =
             [(ANNOTATION_VCPUS.to_string(), "2".to_string()), ("other".to_string(), "x".to_string())].into();
-        let refused = ShimConfig::default().vm_size(&annotations).unwrap_err();
+        let refused = ShimConfig::default().sandbox_settings(&annotations).unwrap_err();
         assert!(refused.to_string().contains(ANNOTATION_VCPUS), "{refused}");
         let config = ShimConfig { allowed_annotations: vec![ANNOTATION_VCPUS.into()], ..Default::default() };
-        assert_eq!(config.vm_size(&annotations).unwrap(), (2, 256));
+        let settings = config.sandbox_settings(&annotations).unwrap();
+        assert_eq!((settings.vcpus, settings.memory_mib), (2, 256));
         let too_many: HashMap<String, String> = [(ANNOTATION_VCPUS.to_string(), "99".to_string())].into();
-        assert!(config.vm_size(&too_many).unwrap_err().to_string().contains("from 1 to 32"));
+        assert!(config.sandbox_settings(&too_many).unwrap_err().to_string().contains("from 1 to 32"));
     }
 
     #[test]
@@ -272,6 +312,24 @@ mod tests {
         let text = include_str!("../config.toml");
         let config = parse(text).unwrap();
         assert_eq!(config, ShimConfig { source: config.source.clone(), ..ShimConfig::default() });
+    }
+
+    #[test]
+    fn the_agent_log_level_is_set_per_sandbox_by_an_allowed_annotation() {
+        let config =
+            ShimConfig { allowed_annotations: vec![ANNOTATION_AGENT_LOG.into()], ..Default::default() };
+        let asked: HashMap<String, String> =
+            [(ANNOTATION_AGENT_LOG.to_string(), "info,ironclad_agent=debug".to_string())].into();
+        let settings = config.sandbox_settings(&asked).unwrap();
+        assert_eq!(settings.kernel_params(), "IRONCLAD_AGENT_LOG=info,ironclad_agent=debug");
+        assert_eq!(config.sandbox_settings(&HashMap::new()).unwrap().kernel_params(), "");
+        for bad in ["", "debug init=/bin/sh", "debug\nx", &"d".repeat(129)] {
+            let asked: HashMap<String, String> = [(ANNOTATION_AGENT_LOG.to_string(), bad.to_string())].into();
+            let err = config.sandbox_settings(&asked).unwrap_err();
+            assert!(matches!(err, Error::BadAnnotation { .. }), "{bad:?}: {err}");
+        }
+        let not_allowed = ShimConfig::default().sandbox_settings(&asked).unwrap_err();
+        assert!(matches!(not_allowed, Error::AnnotationNotAllowed { .. }));
     }
 
     #[test]

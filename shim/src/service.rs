@@ -451,7 +451,7 @@ impl TaskService {
         role: PodRole,
     ) -> Result<Arc<Container>, Error> {
         let config = Self::load_config(&req.options)?;
-        let vm_size = config.vm_size(&spec::annotations(&spec))?;
+        let settings = config.sandbox_settings(&spec::annotations(&spec))?;
         let volumes = volumes::classify(&spec, &role)?;
         let mounts: Vec<MountSpec<'_>> = req
             .rootfs
@@ -485,9 +485,9 @@ impl TaskService {
             let vm_config = VmConfig {
                 kernel: config.kernel.clone(),
                 initrd: config.initrd.clone(),
-                vcpus: vm_size.0,
-                memory_mib: vm_size.1,
-                extra_kernel_params: config.kernel_params.clone(),
+                vcpus: settings.vcpus,
+                memory_mib: settings.memory_mib,
+                extra_kernel_params: format!("{} {}", config.kernel_params, settings.kernel_params()),
                 block_devices: vec![BlockDevice {
                     path: image,
                     read_only: true,

@@ -508,7 +508,7 @@ run_root = "{run_root}"
 log_root = "{log_root}"
 image_cache = "{images}"
 log_level = "debug"
-allowed_annotations = ["io.ironclad.memory_mib"]
+allowed_annotations = ["io.ironclad.memory_mib", "io.ironclad.agent_log"]
 "#,
         hypervisor = artifacts.hypervisor,
         kernel = kernel.display(),

@@ -532,6 +532,29 @@ fn bad_requests_fail_clearly_and_leave_nothing() {
     assert_nothing_left(&containerd, "bind1");
     assert_container_is_gone(&containerd, "bind1");
 
+    // A container that fails inside the guest: once the task is gone, containerd's log still has
+    // the agent's own line, with the reason and the container's id.
+    let output = run(&containerd, &[], BUSYBOX_IMAGE, "noexec1", &["/bin/does-not-exist"], None);
+    assert!(!output.status.success());
+    assert_nothing_left(&containerd, "noexec1");
+    let log = containerd.log();
+    let agent_line =
+        log.lines().find(|l| l.contains("guest agent (noexec1)") && l.contains("container noexec1"));
+    let agent_line = agent_line.unwrap_or_else(|| {
+        panic!("no agent line for noexec1 in containerd's log:\n{}", containerd.log_tail())
+    });
+    assert!(agent_line.contains("failed"), "{agent_line}");
+    assert!(agent_line.contains("does-not-exist"), "the reason: {agent_line}");
+    // The agent's log level per sandbox: with `info` its routine lines come through too.
+    let annotation = "io.ironclad.agent_log=info";
+    let output = run(&containerd, &["--annotation", annotation], BUSYBOX_IMAGE, "chatty1", &["true"], None);
+    stdout_of(&containerd, &output);
+    assert!(
+        containerd.log().contains("guest agent (chatty1): ironclad_agent::server: container chatty1 created"),
+        "{}",
+        containerd.log_tail()
+    );
+
     let broken = containerd.dir().join("broken.toml");
     std::fs::write(&broken, "kernel = \"/nonexistent/bzImage\"\nhypervisor = \"qemu\"\n").unwrap();
     let config = broken.display().to_string();

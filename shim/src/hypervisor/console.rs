@@ -1,7 +1,10 @@
 //! The guest's serial console, as the VM monitor's stdout: read line by line for the agent's ready
-//! line, kept as a short tail for error messages, and written to a capped log file. The guest
-//! writes what it likes, so every part is bounded: lines are cut at MAX_LINE bytes, the tail holds
-//! TAIL_LINES of them, and the log file is rotated once it reaches LOG_CAP (one old file is kept).
+//! line, kept as a short tail for error messages, written to a capped log file, and the agent's
+//! own log lines passed into the shim's log (which containerd keeps after the sandbox is gone),
+//! named with the task. The guest writes what it likes, so every part is bounded: lines are cut at
+//! MAX_LINE bytes, the tail holds TAIL_LINES of them, the log file is rotated once it reaches
+//! LOG_CAP (one old file is kept), and agent lines pass at most AGENT_LINE_BURST at once, then one
+//! each AGENT_LINE_INTERVAL, escaped.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -12,20 +15,99 @@ use tokio::sync::oneshot;
 use tracing::warn;
 
 use super::{parse_ready_line, ReadyLine};
+use crate::events::RateLimit;
+use crate::guest_text;
 
 /// The longest console line kept; the rest of a longer line is dropped and counted.
 pub const MAX_LINE: usize = 4096;
 pub const TAIL_LINES: usize = 40;
 /// The size at which the console log is rotated to `<log>.1`.
 pub const LOG_CAP: u64 = 1 << 20;
+/// How many agent log lines pass into the shim's log at once, and then how often one more.
+pub const AGENT_LINE_BURST: u32 = 50;
+pub const AGENT_LINE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+/// The longest agent line passed on (escaped), in bytes.
+const AGENT_LINE_MAX: usize = 1024;
 
 /// The last lines the guest printed, shared with whoever reports the VM's failure.
 #[derive(Clone, Default)]
 pub struct Console {
     tail: Arc<Mutex<VecDeque<String>>>,
+    /// Names the sandbox in the agent's lines passed into the shim's log.
+    label: Arc<str>,
+}
+
+/// A level of the agent's log (tracing's fmt output: `LEVEL target: message`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+}
+
+/// The agent's log line `line` as its level and the rest (target and message); None for anything
+/// else on the console (kernel messages, the ready line).
+pub fn parse_agent_line(line: &str) -> Option<(AgentLevel, &str)> {
+    let trimmed = line.trim_start();
+    let (level, rest) = trimmed.split_once(' ')?;
+    let level = match level {
+        "ERROR" => AgentLevel::Error,
+        "WARN" => AgentLevel::Warn,
+        "INFO" => AgentLevel::Info,
+        "DEBUG" | "TRACE" => AgentLevel::Debug,
+        _ => return None,
+    };
+    rest.starts_with("ironclad_agent").then_some((level, rest))
+}
+
+/// Passes agent lines into the shim's log within a budget; says how many it dropped.
+struct AgentLines {
+    limit: RateLimit,
+    dropped: u64,
+}
+
+impl AgentLines {
+    fn new() -> Self {
+        AgentLines {
+            limit: RateLimit::new(AGENT_LINE_BURST, AGENT_LINE_INTERVAL, std::time::Instant::now()),
+            dropped: 0,
+        }
+    }
+
+    /// The agent line to log, escaped, if `line` is one and the budget allows it.
+    fn admit(&mut self, line: &str, now: std::time::Instant) -> Option<(AgentLevel, String)> {
+        let (level, text) = parse_agent_line(line)?;
+        if !self.limit.allow(now) {
+            self.dropped += 1;
+            return None;
+        }
+        Some((level, guest_text::escape(text, AGENT_LINE_MAX)))
+    }
+
+    fn pass(&mut self, label: &str, line: &str) {
+        let dropped_before = self.dropped;
+        let Some((level, text)) = self.admit(line, std::time::Instant::now()) else {
+            if self.dropped != dropped_before && self.dropped.is_power_of_two() {
+                warn!("guest agent ({label}): {} lines dropped: more than the guest may log", self.dropped);
+            }
+            return;
+        };
+        match level {
+            AgentLevel::Error => tracing::error!("guest agent ({label}): {text}"),
+            AgentLevel::Warn => tracing::warn!("guest agent ({label}): {text}"),
+            AgentLevel::Info => tracing::info!("guest agent ({label}): {text}"),
+            AgentLevel::Debug => tracing::debug!("guest agent ({label}): {text}"),
+        }
+    }
 }
 
 impl Console {
+    /// A console whose agent lines are passed on named `label` (the task id).
+    pub fn labelled(label: &str) -> Self {
+        Console { label: label.into(), ..Default::default() }
+    }
+
     /// Reads the console until it closes. The first ready line goes to `ready`.
     pub async fn follow<R: AsyncRead + Unpin>(
         &self,
@@ -37,6 +119,7 @@ impl Console {
         let mut ready = Some(ready);
         let mut reader = BufReader::new(output);
         let mut line = LineCutter::default();
+        let mut agent_lines = AgentLines::new();
         loop {
             let buf = match reader.fill_buf().await {
                 Ok([]) | Err(_) => break,
@@ -52,6 +135,7 @@ impl Console {
                         let _ = tx.send(ready_line);
                     }
                 }
+                agent_lines.pass(&self.label, &finished);
                 self.remember(finished);
             }
             reader.consume(taken);
@@ -188,6 +272,38 @@ async fn open_private(path: &Path) -> std::io::Result<tokio::fs::File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_log_lines_are_told_from_the_rest_of_the_console() {
+        let line = " WARN ironclad_agent::server: container c1: CreateContainer failed: no such disk";
+        let (level, text) = parse_agent_line(line).unwrap();
+        assert_eq!(level, AgentLevel::Warn);
+        assert!(text.starts_with("ironclad_agent::server: container c1"), "{text}");
+        assert_eq!(parse_agent_line("ERROR ironclad_agent: fatal").unwrap().0, AgentLevel::Error);
+        for other in [
+            "[    0.412345] virtio_blk virtio0: [vda] 8192 512-byte logical blocks",
+            "ironclad-agent ready version=0.1.0 uptime_ms=812",
+            " WARN libcontainer::process: not the agent",
+            "WARNING ironclad_agent: not a level",
+            "",
+        ] {
+            assert!(parse_agent_line(other).is_none(), "{other:?}");
+        }
+    }
+
+    #[test]
+    fn a_guest_flooding_its_log_gets_a_burst_through_and_its_words_escaped() {
+        let mut lines = AgentLines::new();
+        let now = std::time::Instant::now();
+        let admitted = (0..1000)
+            .filter_map(|i| lines.admit(&format!(" ERROR ironclad_agent: line {i}\x1b[2J"), now))
+            .collect::<Vec<_>>();
+        assert_eq!(admitted.len(), AGENT_LINE_BURST as usize);
+        assert_eq!(lines.dropped, 1000 - u64::from(AGENT_LINE_BURST));
+        assert!(!admitted[0].1.contains('\x1b'), "escape sequences reach no log: {:?}", admitted[0].1);
+        let later = now + AGENT_LINE_INTERVAL;
+        assert!(lines.admit(" INFO ironclad_agent: again", later).is_some(), "the budget refills");
+    }
     use tokio::io::AsyncReadExt;
 
     #[test]

@@ -189,7 +189,13 @@ impl GuestVm {
                 return Err(err);
             }
         };
-        let console = Console::default();
+        // The console log is `<task id>.console.log`: the task names the agent's lines.
+        let label = console_log
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(|n| n.trim_end_matches(".log").trim_end_matches(".console").to_string())
+            .unwrap_or_default();
+        let console = Console::labelled(&label);
         let (ready_tx, ready_rx) = oneshot::channel();
         let stdout = monitor.stdout.take();
         let console_for_task = console.clone();
