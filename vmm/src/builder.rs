@@ -10,6 +10,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::arch::x86_64::boot;
 use crate::arch::x86_64::layout::{
@@ -212,12 +213,19 @@ impl Vmm {
             event_manager,
             exit,
             signals,
-            mut metrics,
+            metrics,
             metrics_file,
             socket,
             seccomp,
             ..
         } = self;
+        // Made now: once the seccomp filters are on, no timer can be made.
+        let reporter = metrics_file
+            .map(|file| Arc::new(Mutex::new(MetricsReporter { file, metrics, devices, pio, mmio })));
+        let metrics_timer = match &reporter {
+            Some(reporter) => Some(MetricsTimer::new(reporter.clone())?),
+            None => None,
+        };
         let filters = if seccomp {
             crate::seccomp::install_sigsys_handler()?;
             Some((crate::seccomp::filter(ThreadKind::Vmm)?, crate::seccomp::filter(ThreadKind::Vcpu)?))
@@ -234,16 +242,72 @@ impl Vmm {
         if let Some((vmm, _)) = &filters {
             crate::seccomp::apply(ThreadKind::Vmm, vmm)?;
         }
-        run_event_loop(event_manager, &exit, signals)?;
+        log::info!("VM running");
+        run_event_loop(event_manager, &exit, signals, reporter.clone(), metrics_timer)?;
         let reason = exit.reason().unwrap_or(ExitReason::Error("the VM stopped without a reason".into()));
-        if let Some(file) = &metrics_file {
-            metrics.exit = format!("{reason:?}");
-            metrics.pio_unclaimed = pio.unclaimed_accesses();
-            metrics.mmio_unclaimed = mmio.unclaimed_accesses();
-            metrics.devices = devices.counters();
-            file.write(&metrics)?;
+        if let Some(reporter) = &reporter {
+            let mut reporter = reporter.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            reporter.write(format!("{reason:?}"))?;
         }
         Ok(reason)
+    }
+}
+
+/// How often the counters are written while the VM runs.
+const METRICS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The counters and the file they go to: written every METRICS_INTERVAL while the VM runs, on
+/// SIGUSR1, and once more when it stops (`exit` says `running` until then).
+struct MetricsReporter {
+    file: MetricsFile,
+    metrics: Metrics,
+    devices: DeviceRegistry,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+}
+
+impl MetricsReporter {
+    fn write(&mut self, state: String) -> Result<(), Error> {
+        self.metrics.exit = state;
+        self.metrics.pio_unclaimed = self.pio.unclaimed_accesses();
+        self.metrics.mmio_unclaimed = self.mmio.unclaimed_accesses();
+        self.metrics.devices = self.devices.counters();
+        self.file.write(&self.metrics)
+    }
+
+    fn write_running(reporter: &Mutex<MetricsReporter>) {
+        let mut reporter = reporter.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(err) = reporter.write("running".into()) {
+            log::warn!("{}", crate::error_chain(&err));
+        }
+    }
+}
+
+/// Writes the counters every METRICS_INTERVAL.
+struct MetricsTimer {
+    reporter: Arc<Mutex<MetricsReporter>>,
+    timer: TimerFd,
+}
+
+impl MetricsTimer {
+    fn new(reporter: Arc<Mutex<MetricsReporter>>) -> Result<Self, Error> {
+        let timer_err =
+            |e: vmm_sys_util::errno::Error| Error::EventFd(std::io::Error::from_raw_os_error(e.errno()));
+        let mut timer = TimerFd::new().map_err(timer_err)?;
+        timer.reset(METRICS_INTERVAL, Some(METRICS_INTERVAL)).map_err(timer_err)?;
+        Ok(MetricsTimer { reporter, timer })
+    }
+}
+
+impl MutEventSubscriber for MetricsTimer {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.timer.wait();
+        MetricsReporter::write_running(&self.reporter);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        // Registration only fails on a bad fd, which this is not.
+        let _ = ops.add(Events::new(&self.timer, EventSet::IN));
     }
 }
 
@@ -315,6 +379,7 @@ impl VirtioWiring<'_> {
         self.vm.register_irqfd(device.interrupt().irqfd(), irq)?;
         let device = Arc::new(Mutex::new(device));
         let transport = MmioTransport::new(self.memory.clone(), device.clone());
+        log::info!("{id}: virtio-mmio at {base:#x}, IRQ {irq}");
         self.devices.register(id, slot, device.clone(), transport.rejected_accesses())?;
         self.mmio.insert(base, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
         self.event_manager.add_subscriber(device);
@@ -407,14 +472,18 @@ fn block_stop_signals() -> Result<SignalFd, Error> {
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGINT);
+    // Not a stop: a request to write the counters now.
+    set.add(Signal::SIGUSR1);
     set.thread_block().map_err(Error::Signals)?;
     SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).map_err(Error::Signals)
 }
 
-/// Watches the VM exit and the stop signals.
+/// Watches the VM exit and the signals: SIGTERM and SIGINT stop the VM, SIGUSR1 writes the
+/// counters.
 struct ExitWatcher {
     exit: VmExit,
     signals: SignalFd,
+    reporter: Option<Arc<Mutex<MetricsReporter>>>,
 }
 
 impl MutEventSubscriber for ExitWatcher {
@@ -422,7 +491,14 @@ impl MutEventSubscriber for ExitWatcher {
         use std::os::fd::AsRawFd;
         if events.fd() == self.signals.as_raw_fd() {
             while let Ok(Some(info)) = self.signals.read_signal() {
-                self.exit.record(ExitReason::Signal(i32::try_from(info.ssi_signo).unwrap_or(0)));
+                let signal = i32::try_from(info.ssi_signo).unwrap_or(0);
+                if signal == libc::SIGUSR1 {
+                    if let Some(reporter) = &self.reporter {
+                        MetricsReporter::write_running(reporter);
+                    }
+                } else {
+                    self.exit.record(ExitReason::Signal(signal));
+                }
             }
         } else {
             self.exit.consume_event();
@@ -440,8 +516,13 @@ fn run_event_loop(
     mut manager: EventManager<Subscriber>,
     exit: &VmExit,
     signals: SignalFd,
+    reporter: Option<Arc<Mutex<MetricsReporter>>>,
+    metrics_timer: Option<MetricsTimer>,
 ) -> Result<(), Error> {
-    manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher { exit: exit.clone(), signals })));
+    if let Some(timer) = metrics_timer {
+        manager.add_subscriber(Arc::new(Mutex::new(timer)));
+    }
+    manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher { exit: exit.clone(), signals, reporter })));
     while exit.reason().is_none() {
         manager.run().map_err(Error::EventLoop)?;
     }

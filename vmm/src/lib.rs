@@ -9,6 +9,7 @@ pub mod builder;
 pub mod bus;
 pub mod config;
 pub mod devices;
+pub mod logger;
 pub mod seccomp;
 pub mod vstate;
 

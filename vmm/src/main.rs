@@ -128,6 +128,7 @@ fn config_from_flags(args: Args) -> Result<VmConfig, String> {
 }
 
 fn main() -> ExitCode {
+    ironclad_vmm::logger::init(ironclad_vmm::logger::level_from_env());
     let args = Args::parse();
     let config = match &args.config {
         Some(path) => VmConfig::from_json_file(path).map_err(|e| error_chain(&e)),

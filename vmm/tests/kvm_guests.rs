@@ -111,6 +111,52 @@ fn sigterm_stops_a_running_guest_cleanly() {
     assert!(status.success(), "{status}");
 }
 
+/// The counters are written every second while the VM runs, and at once on SIGUSR1.
+#[test]
+fn counters_are_readable_while_the_vm_runs() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let metrics_path = dir.path().join("metrics.json");
+    let mut guard = Running::new(
+        Command::new(VMM)
+            .args([
+                "--kernel",
+                ironclad_test_guests::SPIN_FOREVER,
+                "--metrics",
+                metrics_path.to_str().unwrap(),
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let child = guard.child();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let read =
+        || -> Option<serde_json::Value> { serde_json::from_slice(&std::fs::read(&metrics_path).ok()?).ok() };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while read().is_none_or(|m| m["exit"] != "running") {
+        assert!(Instant::now() < deadline, "no counters while the VM runs: {:?}", read());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Emptied in place (the VMM holds the file open), then asked for the counters now.
+    std::fs::OpenOptions::new().write(true).truncate(true).open(&metrics_path).unwrap();
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1).unwrap();
+    let asked = Instant::now();
+    while read().is_none_or(|m| m["exit"] != "running") {
+        assert!(asked.elapsed() < Duration::from_secs(5), "SIGUSR1 wrote no counters");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(child.try_wait().unwrap().is_none(), "SIGUSR1 is no stop");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = wait_for_exit(child, Duration::from_secs(10));
+    assert!(status.success(), "{status}");
+    assert!(read().is_some_and(|m| m["exit"].as_str().unwrap_or("").contains("Signal")), "{:?}", read());
+}
+
 #[test]
 fn a_bad_configuration_names_the_field_and_touches_no_kvm() {
     let output = run_vmm(&["--kernel", "/nonexistent/vmlinux"]);
@@ -275,6 +321,16 @@ fn a_hostile_guest_gets_errors_and_cannot_crash_the_vmm() {
     let disk = &metrics["devices"][0];
     assert_eq!(disk["id"], "block:junk", "{metrics}");
     assert!(disk["rejected_accesses"].as_u64().unwrap() >= 4, "{metrics}");
+    // The VMM said how it set the disk up, and logged the guest's malformed requests within its
+    // budget: fewer lines than requests.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("ironclad-vmm: INFO block:junk: virtio-mmio at 0xd0000000"), "{stderr}");
+    let malformed =
+        stderr.lines().filter(|l| l.contains("disk junk: the guest sent a malformed request")).count();
+    let invalid = counters["invalid_requests"].as_u64().unwrap();
+    assert!(malformed >= 1, "no guest error logged: {stderr}");
+    assert!(malformed <= ironclad_vmm::logger::GUEST_ERROR_BURST as usize, "{malformed} lines: {stderr}");
+    assert!((malformed as u64) < invalid, "{malformed} lines for {invalid} bad requests");
 }
 
 /// The VMM may not remove files once it runs (seccomp): its socket stays, but nobody answers on it.

@@ -18,6 +18,7 @@ use super::{
 };
 use crate::devices::virtio::device::{VirtioBase, VirtioDevice};
 use crate::devices::virtio::{TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use crate::logger::GuestErrorLog;
 use crate::vstate::memory::GuestMemory;
 
 /// Bounce buffer size: host memory used per request stays this small whatever the guest asks for.
@@ -69,6 +70,12 @@ pub struct Disk {
 }
 
 impl Disk {
+    /// The serial the disk answers GET_ID with, as text.
+    pub fn id(&self) -> String {
+        let end = self.serial.iter().position(|b| *b == 0).unwrap_or(self.serial.len());
+        String::from_utf8_lossy(&self.serial[..end]).into_owned()
+    }
+
     pub fn open(path: &Path, read_only: bool, serial: &str) -> Result<Self, Error> {
         let open_err = |source| Error::Open { path: path.into(), source };
         let file = OpenOptions::new().read(true).write(!read_only).open(path).map_err(open_err)?;
@@ -175,6 +182,8 @@ pub struct Block {
     config: [u8; 8],
     pub(super) base: VirtioBase,
     pub(super) metrics: Arc<BlockMetrics>,
+    /// What the guest got wrong, logged within a budget.
+    guest_errors: GuestErrorLog,
 }
 
 impl Block {
@@ -184,6 +193,7 @@ impl Block {
             disk,
             base: VirtioBase::new(1, irqfd).map_err(Error::EventFd)?,
             metrics: Arc::new(BlockMetrics::default()),
+            guest_errors: GuestErrorLog::default(),
         })
     }
 
@@ -207,7 +217,7 @@ impl Block {
             while let Some(chain) = queue.pop_descriptor_chain(memory) {
                 popped += 1;
                 let head = chain.head_index();
-                let written = handle_chain(&self.disk, chain, memory, &self.metrics);
+                let written = handle_chain(&self.disk, chain, memory, &self.metrics, &self.guest_errors);
                 if queue.add_used(memory, head, written).is_err() {
                     BlockMetrics::count(&self.metrics.queue_errors);
                 }
@@ -240,6 +250,7 @@ fn handle_chain(
     chain: virtio_queue::DescriptorChain<&GuestMemory>,
     memory: &GuestMemory,
     metrics: &BlockMetrics,
+    guest_errors: &GuestErrorLog,
 ) -> u32 {
     let descriptors = request::collect(chain);
     let (status, written, status_address) = match request::parse(&descriptors, memory, disk.capacity_sectors)
@@ -248,8 +259,9 @@ fn handle_chain(
             let (status, written) = disk.execute(&request, memory, metrics);
             (status, written, Some(request.status))
         }
-        Err(_) => {
+        Err(err) => {
             BlockMetrics::count(&metrics.invalid_requests);
+            guest_errors.warn(format_args!("disk {}: the guest sent a malformed request: {err}", disk.id()));
             (STATUS_IOERR, 0, request::status_address(&descriptors, memory))
         }
     };

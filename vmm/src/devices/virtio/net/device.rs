@@ -16,6 +16,7 @@ use super::{
 };
 use crate::devices::virtio::device::{VirtioBase, VirtioDevice};
 use crate::devices::virtio::{TYPE_NET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use crate::logger::GuestErrorLog;
 use crate::vstate::memory::GuestMemory;
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +57,9 @@ pub struct Net {
     /// The guest offered no rx buffer: the tap is not read until it does.
     pub(super) rx_starved: bool,
     tx_frame: Vec<u8>,
+    tap_name: String,
+    /// What the guest got wrong, logged within a budget.
+    guest_errors: GuestErrorLog,
 }
 
 impl Net {
@@ -72,6 +76,8 @@ impl Net {
             rx_pending: None,
             rx_starved: false,
             tx_frame: Vec::with_capacity(MAX_FRAME_LEN),
+            tap_name: tap_name.to_string(),
+            guest_errors: GuestErrorLog::default(),
         })
     }
 
@@ -104,6 +110,10 @@ impl Net {
             }
             if !well_formed || self.tx_frame.len() < VNET_HDR_LEN || asks_for_offloads(&self.tx_frame) {
                 count(&self.metrics.tx_malformed);
+                self.guest_errors.warn(format_args!(
+                    "net {}: the guest sent a malformed frame (bad chain, too short, or offloads asked for)",
+                    self.tap_name
+                ));
             } else {
                 match self.tap.write_frame(&self.tx_frame) {
                     Ok(_) => {

@@ -16,6 +16,7 @@ use super::packet;
 use super::{MAX_PKT_DATA, OP_RW, QUEUE_SIZE, RX_QUEUE, SWEEP_INTERVAL, TX_QUEUE};
 use crate::devices::virtio::device::{VirtioBase, VirtioDevice};
 use crate::devices::virtio::{TYPE_VSOCK, VIRTIO_F_VERSION_1};
+use crate::logger::GuestErrorLog;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -57,6 +58,8 @@ pub struct Vsock {
     pub(super) sweep_timer: TimerFd,
     /// The tx packet being read: header and data, at most one packet's worth.
     tx_packet: Vec<u8>,
+    /// What the guest got wrong, logged within a budget.
+    guest_errors: GuestErrorLog,
 }
 
 impl Vsock {
@@ -68,6 +71,7 @@ impl Vsock {
             metrics: Arc::new(VsockMetrics::default()),
             sweep_timer: sweep_timer()?,
             tx_packet: Vec::with_capacity(packet::HEADER_LEN + MAX_PKT_DATA as usize),
+            guest_errors: GuestErrorLog::default(),
         })
     }
 
@@ -91,7 +95,10 @@ impl Vsock {
                         if header.op == OP_RW { &self.tx_packet[packet::HEADER_LEN..][..len] } else { &[] };
                     self.muxer.handle_guest_packet(&header, data);
                 }
-                Err(_) => count(&self.metrics.bad_tx_packets),
+                Err(err) => {
+                    count(&self.metrics.bad_tx_packets);
+                    self.guest_errors.warn(format_args!("vsock: the guest sent a malformed packet: {err}"));
+                }
             }
             if queue.add_used(memory, head, 0).is_err() {
                 count(&self.metrics.bad_tx_packets);
