@@ -220,8 +220,10 @@ async fn watch_monitor(
         if let Some(vm) = vm.as_mut() {
             let status = vm.wait_exit(Duration::from_secs(1)).await.ok().flatten();
             let status = status.map(|s| s.to_string()).unwrap_or_else(|| "status unknown".into());
+            let counters = vm.monitor_counters().unwrap_or_else(|| "none".into());
             error!(
-                "the sandbox VM exited unexpectedly ({status}); every task ends now. Console tail: {}",
+                "the sandbox VM exited unexpectedly ({status}); every task ends now. Monitor counters: \
+                 {counters}. Console tail: {}",
                 guest_text::clean(&vm.console_tail())
             );
         }

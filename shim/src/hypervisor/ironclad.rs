@@ -91,6 +91,8 @@ pub fn vm_description(config: &VmConfig, paths: &SandboxPaths) -> serde_json::Va
             .map(|_| serde_json::json!({ "socket": paths.virtiofs_socket(), "tag": SHARE_TAG }))
             .collect::<Vec<_>>(),
         "serial": "stdout",
+        // Its counters, every second and at exit: the shim logs them when the VM ends.
+        "metrics": paths.dir().join(super::process::MONITOR_METRICS_FILE),
         // Off: it logs guest writes to a port, which only a benchmark wants.
         "boot_timer": false,
     })
@@ -130,6 +132,7 @@ mod tests {
         let json = vm_description(&with_nic, &paths);
         assert_eq!(json["net"], serde_json::json!([{ "tap": "tap0_ic", "mac": "02:1c:00:00:00:01" }]));
         assert_eq!(json["fs"], serde_json::json!([]), "no shared directory, no virtio-fs");
+        assert_eq!(json["metrics"], "/run/ironclad/sb/metrics.json");
         let shared = VmConfig { shared_dir: Some("/run/ironclad/sb-task/shared".into()), ..config.clone() };
         let json = vm_description(&shared, &paths);
         assert_eq!(
@@ -174,5 +177,40 @@ mod tests {
         assert!(text.contains("invalid configuration: kernel: bad"), "{text}");
         drop(vm);
         assert!(!paths.dir().exists(), "the sandbox directory goes with the VM");
+    }
+
+    #[tokio::test]
+    async fn the_monitors_counters_are_read_from_its_sandbox_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("bzImage");
+        std::fs::write(&kernel, b"k").unwrap();
+        let config = VmConfig {
+            kernel: kernel.clone(),
+            initrd: kernel,
+            vcpus: 1,
+            memory_mib: 64,
+            extra_kernel_params: String::new(),
+            block_devices: vec![],
+            network: None,
+            shared_dir: None,
+        };
+        // A stand-in monitor that writes its counters where vm.json says, then waits.
+        let fake = dir.path().join("fake-vmm");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\nd=$(dirname \"$2\")\necho '{\"exit\": \"running\", \"block\": []}' > \"$d/metrics.json\"\nexec sleep 600\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let backend = IroncladBackend { vmm: fake, virtiofsd: None };
+        let paths = SandboxPaths::new(dir.path(), "sb");
+        let vm = backend.start(&config, paths.clone()).await.unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while vm.monitor_counters().is_none() {
+            assert!(std::time::Instant::now() < deadline, "no counters read");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(vm.monitor_counters().unwrap(), r#"{"block":[],"exit":"running"}"#);
+        drop(vm);
     }
 }

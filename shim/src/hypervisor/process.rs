@@ -11,13 +11,17 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::console::Console;
 use super::ReadyLine;
 
 /// The most of a helper's stderr kept for error messages (its last bytes).
 const STDERR_LIMIT: usize = 16 * 1024;
+/// The monitor's counters in the sandbox directory (ironclad-vmm's `metrics`).
+pub const MONITOR_METRICS_FILE: &str = "metrics.json";
+/// The most of it that is read.
+const MAX_METRICS_BYTES: u64 = 64 * 1024;
 /// How long the monitor may take to exit once its console has closed.
 const CONSOLE_CLOSE_TO_EXIT: Duration = Duration::from_secs(5);
 
@@ -345,10 +349,24 @@ impl GuestVm {
         for task in self.tasks.drain(..) {
             let _ = task.await;
         }
+        if let Some(counters) = self.monitor_counters() {
+            info!("{} counters at exit: {counters}", self.monitor_name);
+        }
         if let Some(dir) = self.sandbox_dir.take() {
             remove_sandbox_dir(&dir);
         }
         Ok(status)
+    }
+
+    /// What the monitor's metrics file (`metrics.json` in the sandbox directory, which
+    /// ironclad-vmm writes every second and at exit) says, as one line; None without one.
+    pub fn monitor_counters(&self) -> Option<String> {
+        let path = self.sandbox_dir.as_ref()?.join(MONITOR_METRICS_FILE);
+        let file = std::fs::File::open(path).ok()?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::Read::take(file, MAX_METRICS_BYTES), &mut text).ok()?;
+        let value: serde_json::Value = serde_json::from_str(&text).ok()?;
+        Some(value.to_string())
     }
 }
 
