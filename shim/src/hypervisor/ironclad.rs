@@ -10,6 +10,7 @@ use super::process::{create_sandbox_dir, require_guest_files, Error, GuestVm, Sa
 use super::{find_executable, virtiofsd, HostVirtualization, VmConfig};
 use crate::paths::SandboxPaths;
 use crate::resources::share_fs::SHARE_TAG;
+use ironclad_vmm::config as vmm;
 
 /// Each VM has its own vsock device and socket, so the guest CID need not be unique on the host.
 const GUEST_CID: u64 = 3;
@@ -47,7 +48,9 @@ impl IroncladBackend {
             helpers.push(virtiofsd::start(program, dir, &paths).await?);
         }
         let description = paths.dir().join("vm.json");
-        std::fs::write(&description, vm_description(config, &paths).to_string())
+        let text = serde_json::to_string(&vm_description(config, &paths))
+            .map_err(|source| Error::WriteConfig { path: description.clone(), source: source.into() })?;
+        std::fs::write(&description, text)
             .map_err(|source| Error::WriteConfig { path: description.clone(), source })?;
         let args = [OsString::from("--config"), description.into_os_string()];
         let mut vm = GuestVm::spawn(
@@ -65,37 +68,42 @@ impl IroncladBackend {
     }
 }
 
-/// The ironclad-vmm VM description (see vmm/src/config.rs) for one sandbox.
-pub fn vm_description(config: &VmConfig, paths: &SandboxPaths) -> serde_json::Value {
-    serde_json::json!({
-        "vcpus": config.vcpus,
-        "memory_mib": config.memory_mib,
-        "kernel": config.kernel,
-        "initrd": config.initrd,
-        "cmdline": config.kernel_cmdline(),
-        "block": config
+/// The ironclad-vmm VM description for one sandbox, in the monitor's own types.
+pub fn vm_description(config: &VmConfig, paths: &SandboxPaths) -> vmm::VmConfig {
+    vmm::VmConfig {
+        vcpus: config.vcpus,
+        memory_mib: config.memory_mib,
+        kernel: config.kernel.clone(),
+        initrd: Some(config.initrd.clone()),
+        cmdline: config.kernel_cmdline(),
+        block: config
             .block_devices
             .iter()
-            .map(|d| serde_json::json!({ "path": d.path, "read_only": d.read_only, "serial": d.serial }))
-            .collect::<Vec<_>>(),
-        "net": config
+            .map(|d| vmm::BlockConfig {
+                path: d.path.clone(),
+                read_only: d.read_only,
+                serial: d.serial.clone(),
+            })
+            .collect(),
+        net: config
             .network
             .iter()
             .flat_map(|network| &network.devices)
-            .map(|nic| serde_json::json!({ "tap": nic.tap, "mac": nic.mac }))
-            .collect::<Vec<_>>(),
-        "vsock": { "guest_cid": GUEST_CID, "uds_path": paths.agent_socket() },
-        "fs": config
+            .map(|nic| vmm::NetConfig { tap: nic.tap.clone(), mac: nic.mac.clone() })
+            .collect(),
+        vsock: Some(vmm::VsockConfig { guest_cid: GUEST_CID, uds_path: paths.agent_socket() }),
+        fs: config
             .shared_dir
             .iter()
-            .map(|_| serde_json::json!({ "socket": paths.virtiofs_socket(), "tag": SHARE_TAG }))
-            .collect::<Vec<_>>(),
-        "serial": "stdout",
+            .map(|_| vmm::FsConfig { socket: paths.virtiofs_socket(), tag: SHARE_TAG.into() })
+            .collect(),
+        serial: vmm::SerialOutput::Stdout,
         // Its counters, every second and at exit: the shim logs them when the VM ends.
-        "metrics": paths.dir().join(super::process::MONITOR_METRICS_FILE),
+        metrics: Some(paths.dir().join(super::process::MONITOR_METRICS_FILE)),
         // Off: it logs guest writes to a port, which only a benchmark wants.
-        "boot_timer": false,
-    })
+        boot_timer: false,
+        seccomp: true,
+    }
 }
 
 #[cfg(test)]
@@ -115,12 +123,14 @@ mod tests {
             shared_dir: None,
         };
         let paths = SandboxPaths::new(Path::new("/run/ironclad"), "sb");
-        let json = vm_description(&config, &paths);
-        assert_eq!(json["vsock"]["uds_path"], "/run/ironclad/sb/vsock.sock");
-        assert_eq!(json["cmdline"], "console=ttyS0 reboot=k panic=-1 quiet");
-        assert_eq!(json["memory_mib"], 256);
-        assert_eq!(json["boot_timer"], false, "the boot timer is for benchmarks only");
-        assert_eq!(json["net"], serde_json::json!([]), "no network, no NIC");
+        let description = vm_description(&config, &paths);
+        let vsock = description.vsock.as_ref().unwrap();
+        assert_eq!(vsock.uds_path, Path::new("/run/ironclad/sb/vsock.sock"));
+        assert_eq!(description.cmdline, "console=ttyS0 reboot=k panic=-1 quiet");
+        assert_eq!(description.memory_mib, 256);
+        assert!(!description.boot_timer, "the boot timer is for benchmarks only");
+        assert!(description.seccomp);
+        assert!(description.net.is_empty(), "no network, no NIC");
         let mut with_nic = config.clone();
         with_nic.network = Some(crate::hypervisor::VmNetwork {
             netns: "/var/run/netns/cni-1".into(),
@@ -129,16 +139,19 @@ mod tests {
                 mac: "02:1c:00:00:00:01".into(),
             }],
         });
-        let json = vm_description(&with_nic, &paths);
-        assert_eq!(json["net"], serde_json::json!([{ "tap": "tap0_ic", "mac": "02:1c:00:00:00:01" }]));
-        assert_eq!(json["fs"], serde_json::json!([]), "no shared directory, no virtio-fs");
-        assert_eq!(json["metrics"], "/run/ironclad/sb/metrics.json");
+        let description = vm_description(&with_nic, &paths);
+        let nic = vmm::NetConfig { tap: "tap0_ic".into(), mac: "02:1c:00:00:00:01".into() };
+        assert_eq!(description.net, [nic]);
+        assert!(description.fs.is_empty(), "no shared directory, no virtio-fs");
+        assert_eq!(description.metrics.as_deref(), Some(Path::new("/run/ironclad/sb/metrics.json")));
         let shared = VmConfig { shared_dir: Some("/run/ironclad/sb-task/shared".into()), ..config.clone() };
-        let json = vm_description(&shared, &paths);
-        assert_eq!(
-            json["fs"],
-            serde_json::json!([{ "socket": "/run/ironclad/sb/virtiofs.sock", "tag": "ironclad" }])
-        );
+        let description = vm_description(&shared, &paths);
+        let fs = vmm::FsConfig { socket: "/run/ironclad/sb/virtiofs.sock".into(), tag: "ironclad".into() };
+        assert_eq!(description.fs, [fs]);
+        // What the shim writes is what ironclad-vmm reads.
+        let text = serde_json::to_string(&description).unwrap();
+        let read: vmm::VmConfig = serde_json::from_str(&text).unwrap();
+        assert_eq!(read, description);
     }
 
     #[tokio::test]
