@@ -545,6 +545,40 @@ fn bad_requests_fail_clearly_and_leave_nothing() {
     });
     assert!(agent_line.contains("failed"), "{agent_line}");
     assert!(agent_line.contains("does-not-exist"), "the reason: {agent_line}");
+    // The kind of a failure reaches containerd with the reason: a spec the runtime cannot read is
+    // an invalid argument (here an rlimit Go takes and the OCI spec does not know), an exec id the
+    // task does not have is not found.
+    let spec = containerd.ctr_ok(&["oci", "spec"]).unwrap();
+    let mut spec: serde_json::Value = serde_json::from_str(&spec).unwrap();
+    spec["process"]["rlimits"][0]["type"] = "RLIMIT_BOGUS".into();
+    spec["process"]["args"] = serde_json::json!(["true"]);
+    let spec_path = containerd.dir().join("bogus-spec.json");
+    std::fs::write(&spec_path, spec.to_string()).unwrap();
+    let (spec_arg, config) = (spec_path.display().to_string(), containerd.shim_config.display().to_string());
+    let mut args = ironclad_run_args(&config, &["--rm", "--config", &spec_arg]);
+    args.push("badspec1");
+    let output = run_ctr(&containerd, &args, None);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("RLIMIT_BOGUS") && stderr.contains("invalid argument"), "{stderr}");
+    assert_nothing_left(&containerd, "badspec1");
+    run_detached(&containerd, "execs1", &["sleep", "1000"]);
+    let killed = containerd.ctr(&["tasks", "kill", "--exec-id", "nope", "execs1"]).unwrap();
+    let stderr = String::from_utf8_lossy(&killed.stderr);
+    assert!(!killed.status.success());
+    assert!(
+        stderr.contains("no exec process") && stderr.contains("nope") && stderr.contains("not found"),
+        "{stderr}"
+    );
+    containerd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "execs1"]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while task_status(&containerd, "execs1") != "STOPPED" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    containerd.ctr_ok(&["tasks", "delete", "execs1"]).unwrap();
+    containerd.ctr_ok(&["containers", "delete", "execs1"]).unwrap();
+    assert_nothing_left(&containerd, "execs1");
+
     // The agent's log level per sandbox: with `info` its routine lines come through too.
     let annotation = "io.ironclad.agent_log=info";
     let output = run(&containerd, &["--annotation", annotation], BUSYBOX_IMAGE, "chatty1", &["true"], None);
