@@ -102,6 +102,10 @@ pub enum Error {
     Stdio(#[from] stdio::Error),
     #[error("cannot decode {RUNTIME_OPTIONS_TYPE}")]
     RuntimeOptions(#[source] containerd_shim::protos::protobuf::Error),
+    #[error(
+        "runtime options of type {0:?} are not ironclad's ({RUNTIME_OPTIONS_TYPE}: ConfigPath or ConfigBody)"
+    )]
+    RuntimeOptionsType(String),
     #[error("restoring a task from a checkpoint is not supported")]
     CheckpointRestore,
     #[error("checkpointing a task of a microVM is not supported by ironclad")]
@@ -256,7 +260,9 @@ fn code_of(err: &Error) -> ttrpc::Code {
         Error::HostNetwork => Code::UNIMPLEMENTED,
         Error::PodWithoutShare { .. } => Code::FAILED_PRECONDITION,
         Error::SandboxGone { .. } => Code::FAILED_PRECONDITION,
-        Error::Config(_) | Error::RuntimeOptions(_) | Error::Stdio(_) => Code::INVALID_ARGUMENT,
+        Error::Config(_) | Error::RuntimeOptions(_) | Error::RuntimeOptionsType(_) | Error::Stdio(_) => {
+            Code::INVALID_ARGUMENT
+        }
         Error::Rootfs(
             rootfs::Error::NoMounts
             | rootfs::Error::UnsupportedMount { .. }
@@ -429,9 +435,12 @@ pub struct TaskService {
 impl TaskService {
     /// The runtime options' config (a file, or a TOML body inline), else the default file.
     fn load_config(options: &MessageField<Any>) -> Result<ShimConfig, Error> {
-        let Some(any) = options.as_ref().filter(|a| a.type_url.ends_with(RUNTIME_OPTIONS_TYPE)) else {
+        let Some(any) = options.as_ref().filter(|a| !a.type_url.is_empty()) else {
             return Ok(ShimConfig::load(Path::new(DEFAULT_CONFIG_PATH))?);
         };
+        if !any.type_url.ends_with(RUNTIME_OPTIONS_TYPE) {
+            return Err(Error::RuntimeOptionsType(any.type_url.clone()));
+        }
         let options = RuntimeOptions::parse_from_bytes(&any.value).map_err(Error::RuntimeOptions)?;
         if !options.config_path.is_empty() {
             Ok(ShimConfig::load(Path::new(&options.config_path))?)

@@ -207,3 +207,39 @@ async fn an_oom_kill_is_told_before_the_exit() {
     assert!(matches!((oom, exit), (Some(o), Some(e)) if o < e), "{topics_seen:?}");
     rig.container.sandbox.kill().await;
 }
+
+fn options(value: Vec<u8>) -> MessageField<Any> {
+    MessageField::some(Any {
+        type_url: format!("containerd.{RUNTIME_OPTIONS_TYPE}"),
+        value,
+        ..Default::default()
+    })
+}
+
+#[test]
+fn runtime_options_are_decoded_by_their_generated_type_and_bad_ones_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ironclad.toml");
+    std::fs::write(&path, "memory_mib = 384\n").unwrap();
+    let mut good = RuntimeOptions::new();
+    good.config_path = path.display().to_string();
+    let config = TaskService::load_config(&options(good.write_to_bytes().unwrap())).unwrap();
+    assert_eq!(config.memory_mib, 384);
+    let mut inline = RuntimeOptions::new();
+    inline.config_body = "memory_mib = 512\n".into();
+    assert_eq!(TaskService::load_config(&options(inline.write_to_bytes().unwrap())).unwrap().memory_mib, 512);
+    // Cut short in the middle of config_path, and options of another type (runc's): both refused.
+    let encoded = good.write_to_bytes().unwrap();
+    let truncated = TaskService::load_config(&options(encoded[..encoded.len() / 2].to_vec())).unwrap_err();
+    assert!(matches!(truncated, Error::RuntimeOptions(_)), "{truncated}");
+    assert!(truncated.to_string().contains(RUNTIME_OPTIONS_TYPE), "{truncated}");
+    let runc = MessageField::some(Any {
+        type_url: "containerd.runc.v1.Options".into(),
+        value: vec![0x08, 0x01],
+        ..Default::default()
+    });
+    let wrong_type = TaskService::load_config(&runc).unwrap_err();
+    assert!(matches!(wrong_type, Error::RuntimeOptionsType(_)), "{wrong_type}");
+    assert!(wrong_type.to_string().contains("containerd.runc.v1.Options"), "{wrong_type}");
+    assert_eq!(code_of(&wrong_type), ttrpc::Code::INVALID_ARGUMENT);
+}
