@@ -52,6 +52,9 @@ mkdir -p "$IRONCLAD_KEEP_LOGS"
 # Each boot takes ~10 s here and every frame crosses emulated SVM: the network leak check makes
 # 5 runs in a row, not 50, and the transfer check moves 2 MiB, not 32.
 export IRONCLAD_NETWORK_RUNS=5
+# Everything here runs emulated and a process takes seconds to start: containerd's 5 s for a dead
+# shim's `delete` is too short for it to stop the VM, so the tier gives 30 s.
+export IRONCLAD_SHIM_CLEANUP_TIMEOUT=30s
 export IRONCLAD_NETWORK_BLOB_MIB=2
 for suite in "$@"; do
     name=${suite%%=*}

@@ -439,6 +439,16 @@ fn remove_namespace_cgroups(namespace: &str) {
     }
 }
 
+/// How long containerd gives a dead shim's `delete`: its own 5 s, unless
+/// `IRONCLAD_SHIM_CLEANUP_TIMEOUT` says otherwise (the nested tier, where everything runs emulated
+/// and a process takes seconds to start, gives 30 s).
+fn shim_cleanup_timeout() -> String {
+    std::env::var("IRONCLAD_SHIM_CLEANUP_TIMEOUT")
+        .ok()
+        .filter(|t| !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric()))
+        .unwrap_or_else(|| "5s".into())
+}
+
 fn containerd_config(dir: &Path, socket: &Path, without_cri: bool) -> String {
     let disabled = if without_cri { r#"["io.containerd.grpc.v1.cri"]"# } else { "[]" };
     format!(
@@ -455,7 +465,11 @@ disabled_plugins = {disabled}
 
 [debug]
   level = "info"
+
+[timeouts]
+  "io.containerd.timeout.shim.cleanup" = "{cleanup}"
 "#,
+        cleanup = shim_cleanup_timeout(),
         root = dir.join("root").display(),
         state = dir.join("state").display(),
         socket = socket.display(),
