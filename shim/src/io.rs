@@ -266,8 +266,9 @@ pub async fn relay_input(io: ProcessIo, mut source: pipe::Receiver, close: Arc<N
             }
         }
     }
-    // What containerd wrote before CloseIO is already in the FIFO.
-    while let Ok(n) = source.try_read(&mut buf) {
+    // What containerd wrote before CloseIO is already in the FIFO, though the reactor may not have
+    // seen it yet (tokio's try_read answers from what the reactor saw): read the pipe itself.
+    while let Ok(n) = read_now(&source, &mut buf) {
         if n == 0 || io.agent.write_stdin(&io.container_id, &io.exec_id, &buf[..n]).await.is_err() {
             break;
         }
@@ -280,6 +281,12 @@ pub async fn relay_input(io: ProcessIo, mut source: pipe::Receiver, close: Arc<N
             crate::hypervisor::error_chain(&err)
         );
     }
+}
+
+/// One read(2) on the (non-blocking) FIFO: what is in it now, 0 at its end, WouldBlock when empty.
+fn read_now(source: &pipe::Receiver, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    nix::unistd::read(source.as_raw_fd(), buf).map_err(std::io::Error::from)
 }
 
 #[cfg(test)]
@@ -326,6 +333,23 @@ mod tests {
         drop((started.stdout, started.stderr));
         assert!(started.child.wait().await.unwrap().success());
         assert_eq!(std::fs::read_to_string(&out).unwrap(), "c1/ns1 tag\nout\nerr\n");
+    }
+
+    /// What is in the FIFO when CloseIO comes is read even if the reactor has not seen it yet.
+    #[tokio::test]
+    async fn stdin_written_just_before_close_is_read_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("stdin");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let source = open_input(fifo.to_str().unwrap()).unwrap().unwrap();
+        let mut writer = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+        std::io::Write::write_all(&mut writer, b"piped in\n").unwrap();
+        let mut buf = [0u8; 64];
+        // No await in between: the reactor has had no chance to see the write.
+        let n = read_now(&source, &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"piped in\n");
+        let empty = read_now(&source, &mut buf).unwrap_err();
+        assert_eq!(empty.kind(), std::io::ErrorKind::WouldBlock);
     }
 
     #[tokio::test]
