@@ -154,12 +154,11 @@ mod tests {
         assert_eq!(read, description);
     }
 
-    #[tokio::test]
-    async fn a_vmm_that_dies_at_once_is_reported_with_its_words() {
-        let dir = tempfile::tempdir().unwrap();
-        let kernel = dir.path().join("bzImage");
+    /// A one-vCPU guest whose kernel and initrd are a stand-in file in `dir`.
+    fn stand_in_guest(dir: &Path) -> VmConfig {
+        let kernel = dir.join("bzImage");
         std::fs::write(&kernel, b"not a kernel").unwrap();
-        let config = VmConfig {
+        VmConfig {
             kernel: kernel.clone(),
             initrd: kernel,
             vcpus: 1,
@@ -168,20 +167,24 @@ mod tests {
             block_devices: vec![],
             network: None,
             shared_dir: None,
-        };
-        // A stand-in monitor that fails the way a VMM refusing its configuration does.
-        let fake = dir.path().join("fake-vmm");
-        std::fs::write(
-            &fake,
-            "#!/bin/sh\necho 'ironclad-vmm: invalid configuration: kernel: bad' >&2\nexit 1\n",
-        )
-        .unwrap();
-        std::os::unix::fs::PermissionsExt::set_mode(
-            &mut std::fs::metadata(&fake).unwrap().permissions(),
-            0o755,
-        );
+        }
+    }
+
+    /// A backend whose "ironclad-vmm" is the shell `script` (it gets `--config <vm.json>`).
+    fn stand_in_vmm(dir: &Path, script: &str) -> IroncladBackend {
+        let fake = dir.join("fake-vmm");
+        std::fs::write(&fake, format!("#!/bin/sh\n{script}\n")).unwrap();
         std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        let backend = IroncladBackend { vmm: fake, virtiofsd: None };
+        IroncladBackend { vmm: fake, virtiofsd: None }
+    }
+
+    #[tokio::test]
+    async fn a_vmm_that_dies_at_once_is_reported_with_its_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = stand_in_guest(dir.path());
+        // A stand-in monitor that fails the way a VMM refusing its configuration does.
+        let backend =
+            stand_in_vmm(dir.path(), "echo 'ironclad-vmm: invalid configuration: kernel: bad' >&2\nexit 1");
         let paths = SandboxPaths::new(dir.path(), "sb");
         let mut vm = backend.start(&config, paths.clone()).await.unwrap();
         let err = vm.wait_ready(std::time::Duration::from_secs(10)).await.unwrap_err();
@@ -195,27 +198,10 @@ mod tests {
     #[tokio::test]
     async fn the_monitors_counters_are_read_from_its_sandbox_directory() {
         let dir = tempfile::tempdir().unwrap();
-        let kernel = dir.path().join("bzImage");
-        std::fs::write(&kernel, b"k").unwrap();
-        let config = VmConfig {
-            kernel: kernel.clone(),
-            initrd: kernel,
-            vcpus: 1,
-            memory_mib: 64,
-            extra_kernel_params: String::new(),
-            block_devices: vec![],
-            network: None,
-            shared_dir: None,
-        };
+        let config = stand_in_guest(dir.path());
         // A stand-in monitor that writes its counters where vm.json says, then waits.
-        let fake = dir.path().join("fake-vmm");
-        std::fs::write(
-            &fake,
-            "#!/bin/sh\nd=$(dirname \"$2\")\necho '{\"exit\": \"running\", \"block\": []}' > \"$d/metrics.json\"\nexec sleep 600\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        let backend = IroncladBackend { vmm: fake, virtiofsd: None };
+        let script = "d=$(dirname \"$2\")\necho '{\"exit\": \"running\", \"block\": []}' > \"$d/metrics.json\"\nexec sleep 600";
+        let backend = stand_in_vmm(dir.path(), script);
         let paths = SandboxPaths::new(dir.path(), "sb");
         let vm = backend.start(&config, paths.clone()).await.unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
