@@ -247,7 +247,10 @@ fn host_directories_and_files_reach_the_guest_through_the_shared_directory() {
         format!("type=bind,src={},dst=/ro,options=rbind:ro", ro.display()),
     ];
     let flags: Vec<&str> = mounts.iter().flat_map(|m| ["--mount", m.as_str()]).collect();
-    let script = "cat /etc/greeting; cat /ro/config; echo written > /rw/from-guest && echo rw-ok; \
+    // Each side writes its file under another name and renames it into place: the other side,
+    // which polls for the name, never reads it half written (nor caches it empty).
+    let script = "cat /etc/greeting; cat /ro/config; \
+                  echo written > /rw/.from-guest && mv /rw/.from-guest /rw/from-guest && echo rw-ok; \
                   if echo x > /ro/refused 2>/dev/null; then echo ro-writable; else echo ro-refused; fi; \
                   while [ ! -e /rw/from-host-later ]; do sleep 0.1; done; cat /rw/from-host-later";
     // The host writes its file once the guest has shown its own write: a change made while the
@@ -259,7 +262,9 @@ fn host_directories_and_files_reach_the_guest_through_the_shared_directory() {
         while !from_guest.exists() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
-        std::fs::write(&later, "changed on the host\n").unwrap();
+        let staged = later.with_file_name(".from-host-later");
+        std::fs::write(&staged, "changed on the host\n").unwrap();
+        std::fs::rename(&staged, &later).unwrap();
         std::fs::read_to_string(from_guest).unwrap_or_default()
     });
     let output = run(&containerd, &flags, BUSYBOX_IMAGE, "share1", &["sh", "-c", script], None);
