@@ -71,9 +71,19 @@ for suite in "${suites[@]}"; do
             # test wrote it there (a shell in L1 sees it): the two `--cni` tests are left out of this
             # tier until that is understood (docs/testing.md). The prepared-namespace network test
             # runs here: the same tap, tc and guest configuration on ironclad-vmm.
-            [ "$suite" != containerd ] || extra="--skip ctr_run_cni --skip two_sandboxes $extra"
             # IRONCLAD_NESTED_TEST_ARGS: more arguments for the test executables (a name filter).
-            commands+=("$suite=${executables[$suite]} --test-threads=1 $extra")
+            if [ "$suite" = containerd ] && [ -z "${IRONCLAD_NESTED_TEST_ARGS:-}" ]; then
+                # The longest suite runs in two L1s: the emulator's wedges come many minutes into
+                # an L1's life.
+                skip="--skip ctr_run_cni --skip two_sandboxes"
+                second=(stdin_tty memory_limits host_directories echo_exit)
+                commands+=("containerd=${executables[$suite]} --test-threads=1 $skip $(printf -- '--skip %s ' "${second[@]}")")
+                commands+=("containerd-2=${executables[$suite]} --test-threads=1 $skip ${second[*]}")
+            elif [ "$suite" = containerd ]; then
+                commands+=("$suite=${executables[$suite]} --test-threads=1 --skip ctr_run_cni --skip two_sandboxes $extra")
+            else
+                commands+=("$suite=${executables[$suite]} --test-threads=1 $extra")
+            fi
             ;;
         kvm-e2e) commands+=("kvm-e2e=env IRONCLAD_PROFILE=debug RUNS=2 bash tests/device/kvm-e2e.sh") ;;
         bench)
@@ -136,7 +146,8 @@ if [ "$setup" != 0 ]; then
     say "the L1 setup failed: $setup (console: $RESULTS/console.log)"
     failed=1
 fi
-for suite in "${suites[@]}"; do
+for command in "${commands[@]}"; do
+    suite=${command%%=*}
     status=$(cat "$RESULTS/$suite.status" 2>/dev/null || echo "no result")
     if [ "$status" = 0 ]; then
         say "$suite: passed"
@@ -152,5 +163,5 @@ if [ "$(cat "$RESULTS/bench.status" 2>/dev/null)" = 0 ]; then
     cp "$RESULTS/benchmarks-nested.json" docs/benchmarks-nested.json
     say "wrote the nested section of docs/benchmarks.md and docs/benchmarks-nested.json"
 fi
-say "nested tier: $((${#suites[@]})) suites in ${elapsed}s, $([ "$failed" = 0 ] && echo "all passed" || echo "FAILED")"
+say "nested tier: $((${#commands[@]})) suites in ${elapsed}s, $([ "$failed" = 0 ] && echo "all passed" || echo "FAILED")"
 exit "$failed"
