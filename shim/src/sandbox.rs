@@ -88,6 +88,7 @@ impl Sandbox {
         vm_config: &VmConfig,
         task_dir: &Path,
         console_log: PathBuf,
+        share: Option<ShareFs>,
     ) -> Result<Sandbox, Error> {
         let record = task_dir.join(CONSOLE_LOG_FILE);
         std::fs::write(&record, console_log.as_os_str().as_encoded_bytes())
@@ -112,10 +113,7 @@ impl Sandbox {
         }
         .await;
         match prepared {
-            Ok(agent) => {
-                let share = vm_config.shared_dir.is_some().then(|| ShareFs::of_task_dir(task_dir));
-                Self::run(vm, agent, backend.name(), task_dir.to_path_buf(), share)
-            }
+            Ok(agent) => Self::run(vm, agent, backend.name(), task_dir.to_path_buf(), share),
             Err(err) => {
                 let _ = vm.stop(Duration::ZERO).await;
                 Err(err)

@@ -505,7 +505,8 @@ impl TaskService {
                 network: network.as_ref().map(|n| n.vm_network()),
                 shared_dir: share.as_ref().map(|s| s.dir().to_path_buf()),
             };
-            let sandbox = Arc::new(Sandbox::boot(&backend, &config, &vm_config, &dir, console_log).await?);
+            let sandbox =
+                Arc::new(Sandbox::boot(&backend, &config, &vm_config, &dir, console_log, share).await?);
             let init = Process::new("", stdio_uris(req), String::new());
             let container =
                 Arc::new(Container::new(&req.id, &req.bundle, sandbox, init).with_network(network));

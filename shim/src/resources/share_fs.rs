@@ -50,7 +50,7 @@ pub struct ShareFs {
     staging: PathBuf,
 }
 
-/// Host files and directories to bind into the share.
+/// Whether the guest may write to what is bound into the share.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
     ReadOnly,
@@ -78,7 +78,7 @@ fn plain_name(name: &str) -> Result<&str, Error> {
 
 impl ShareFs {
     /// The shared directory a sandbox in `task_dir` has (or will have).
-    pub fn of_task_dir(task_dir: &Path) -> ShareFs {
+    fn of_task_dir(task_dir: &Path) -> ShareFs {
         ShareFs { dir: task_dir.join(SHARED), staging: task_dir.join(STAGING) }
     }
 
