@@ -1,15 +1,18 @@
 //! Containers through libcontainer (youki): an OCI spec and a root file system in, a running
 //! container with its stdio relayed and its exit status recorded out.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use libcgroups::common::{AnyCgroupManager, CgroupConfig, CgroupManager, ControllerOpt};
+use libcgroups::common::{
+    AnyCgroupManager, AnyManagerError, CgroupConfig, CgroupManager, ControllerOpt, CreateCgroupSetupError,
+};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
+use libcontainer::error::LibcontainerError;
 use libcontainer::oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process as OciProcess, Spec};
 use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::signal::Signal;
@@ -58,8 +61,54 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("libcontainer failed to {action} container {id:?}: {message}")]
-    Runtime { id: String, action: &'static str, message: String },
+    /// libcontainer's own error, kept whole: the server maps it to a ttrpc code by variant.
+    #[error("libcontainer failed to {action} container {id:?}{said}")]
+    Libcontainer {
+        id: String,
+        action: &'static str,
+        /// What the process wrote on stderr before it failed ("; the container said: …"), or "".
+        said: String,
+        #[source]
+        source: Box<LibcontainerError>,
+    },
+    #[error("cannot open the cgroup of container {id:?}")]
+    CgroupOpen {
+        id: String,
+        #[source]
+        source: CreateCgroupSetupError,
+    },
+    #[error("cannot {action} the cgroup of container {id:?}")]
+    Cgroup {
+        id: String,
+        action: &'static str,
+        #[source]
+        source: AnyManagerError,
+    },
+    #[error("cannot {action} container {id:?}")]
+    Io {
+        id: String,
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot signal container {id:?}")]
+    Signal {
+        id: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("cannot set up the stdio of container {id:?}: {message}")]
+    Stdio { id: String, message: String },
+    #[error("libcontainer gave container {id:?} no usable pid after it was {action}")]
+    NoPid { id: String, action: &'static str },
+    #[error("a blocking call for container {id:?} did not finish")]
+    Blocking {
+        id: String,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    #[error("the state of container {0:?} was left inconsistent by a panic")]
+    Poisoned(String),
     #[error("cannot create the cgroup {path:?} that containers' cgroups go below")]
     CgroupParent {
         path: PathBuf,
@@ -307,6 +356,24 @@ pub struct Containers {
     no_pivot: bool,
     oom_tx: mpsc::Sender<String>,
     oom_rx: Mutex<mpsc::Receiver<String>>,
+    /// Ids of containers being created (not yet in `entries`).
+    creating: std::sync::Mutex<HashSet<String>>,
+    /// Held while the cgroup parent is made.
+    cgroup_parent_made: std::sync::Mutex<()>,
+}
+
+/// An id held by [`Containers::reserve`].
+struct Reservation<'a> {
+    creating: &'a std::sync::Mutex<HashSet<String>>,
+    id: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut creating) = self.creating.lock() {
+            creating.remove(&self.id);
+        }
+    }
 }
 
 /// Reports each new OOM kill counted in `oom_kill_file` until the cgroup goes away.
@@ -379,10 +446,12 @@ fn relay_output(read_end: OwnedFd) -> mpsc::Receiver<Vec<u8>> {
 
 /// A libcontainer builder for `container_id`, with its state under `root` and `stdio` as the new
 /// process's stdin, stdout and stderr: what creating and exec'ing have in common.
-fn builder(container_id: String, root: PathBuf, stdio: ChildSide) -> Result<ContainerBuilder, String> {
-    let builder = ContainerBuilder::new(container_id, SyscallType::Linux)
-        .with_root_path(root)
-        .map_err(|e| e.to_string())?;
+fn builder(
+    container_id: String,
+    root: PathBuf,
+    stdio: ChildSide,
+) -> Result<ContainerBuilder, LibcontainerError> {
+    let builder = ContainerBuilder::new(container_id, SyscallType::Linux).with_root_path(root)?;
     Ok(match stdio {
         ChildSide::Pipes(pipes) => {
             builder.with_stdin(pipes.stdin).with_stdout(pipes.stdout).with_stderr(pipes.stderr)
@@ -428,23 +497,42 @@ impl HostSide {
         }
     }
 
-    /// A failure, with what the process said on its stderr if it had one we can read.
-    fn explain(&self, reason: String) -> String {
+    /// After a failure: what the process said on its stderr, if it had one we can read.
+    fn said(&self) -> String {
         match self {
-            HostSide::Pipes(host) => with_said(reason, &host.stderr),
+            HostSide::Pipes(host) => said(&host.stderr),
             HostSide::Terminal(_, path) => {
                 let _ = std::fs::remove_file(path);
-                reason
+                String::new()
             }
         }
     }
 }
 
-/// Runs a blocking libcontainer call off the async threads; any failure becomes its message.
+/// Runs a blocking libcontainer call off the async threads.
 async fn blocking<T: Send + 'static>(
-    call: impl FnOnce() -> Result<T, String> + Send + 'static,
-) -> Result<T, String> {
-    tokio::task::spawn_blocking(call).await.map_err(|e| e.to_string()).and_then(|r| r)
+    id: &str,
+    call: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(call).await.map_err(|source| Error::Blocking { id: id.into(), source })
+}
+
+/// libcontainer's error for `action` on container `id`.
+fn libcontainer(id: &str, action: &'static str, said: String) -> impl FnOnce(LibcontainerError) -> Error {
+    let id = id.to_string();
+    move |source| Error::Libcontainer { id, action, said, source: Box::new(source) }
+}
+
+/// Locks a container's libcontainer state; a panic while it was held is an error, not a crash.
+fn lock<'a>(
+    id: &str,
+    container: &'a std::sync::Mutex<Container>,
+) -> Result<std::sync::MutexGuard<'a, Container>, Error> {
+    container.lock().map_err(|_| Error::Poisoned(id.into()))
+}
+
+fn pid_u32(id: &str, action: &'static str, pid: i32) -> Result<u32, Error> {
+    u32::try_from(pid).map_err(|_| Error::NoPid { id: id.into(), action })
 }
 
 impl Containers {
@@ -463,6 +551,8 @@ impl Containers {
             no_pivot,
             oom_tx,
             oom_rx: Mutex::new(oom_rx),
+            creating: std::sync::Mutex::new(HashSet::new()),
+            cgroup_parent_made: std::sync::Mutex::new(()),
         }
     }
 
@@ -489,8 +579,10 @@ impl Containers {
             return Ok(crate::stats::read(&dir));
         }
         let manager = self.cgroup_manager(id)?;
-        let v1 = blocking(move || manager.stats().map_err(|e| e.to_string())).await.map_err(|message| {
-            Error::Runtime { id: id.into(), action: "read the cgroup figures of", message }
+        let v1 = blocking(id, move || manager.stats()).await?.map_err(|source| Error::Cgroup {
+            id: id.into(),
+            action: "read the figures of",
+            source,
         })?;
         let oom_kills = cgroups::oom_kills(&self.cgroups.oom_kill_file(&cgroup)).unwrap_or(0);
         Ok(crate::stats::from_v1(&v1, oom_kills))
@@ -508,12 +600,20 @@ impl Containers {
             entry.container.clone()
         };
         let action = if paused { "pause" } else { "resume" };
-        blocking(move || {
-            let mut container = container.lock().map_err(|_| "container lock poisoned".to_string())?;
-            if paused { container.pause() } else { container.resume() }.map_err(|e| e.to_string())
+        let owned_id = id.to_string();
+        blocking(id, move || {
+            let mut container = lock(&owned_id, &container)?;
+            if paused { container.pause() } else { container.resume() }.map_err(libcontainer(
+                &owned_id,
+                action,
+                String::new(),
+            ))
         })
-        .await
-        .map_err(|message| Error::Runtime { id: id.into(), action, message })
+        .await?
+    }
+
+    fn is_being_created(&self, id: &str) -> bool {
+        self.creating.lock().map(|creating| creating.contains(id)).unwrap_or(true)
     }
 
     /// The next container the OOM killer struck.
@@ -536,7 +636,7 @@ impl Containers {
             serde_json::from_str(spec_json).map_err(|e| Error::InvalidSpec(e.to_string()))?;
         self.join_sandbox_namespaces(&mut spec, sandbox_container).await?;
         add_cgroup_namespace(&mut spec);
-        if self.entries.lock().await.contains_key(id) {
+        if self.entries.lock().await.contains_key(id) || self.is_being_created(id) {
             return Err(Error::AlreadyExists(id.into()));
         }
         let mut mounts = Vec::with_capacity(storages.len());
@@ -591,14 +691,10 @@ impl Containers {
         linux.set_cgroups_path(Some(self.paths.cgroup(id)));
         spec.set_linux(Some(linux));
 
-        let mut entries = self.entries.lock().await;
-        if entries.contains_key(id) {
-            return Err(Error::AlreadyExists(id.into()));
-        }
-        // Made here, one container at a time: libcgroups creates missing path components with a
-        // check-then-create that fails when two containers are created at once below a new parent.
-        let parent = self.paths.cgroup_parent();
-        self.cgroups.create(parent).map_err(|source| Error::CgroupParent { path: parent.into(), source })?;
+        // The table is locked only to reserve the id and, at the end, to enter the container:
+        // libcontainer's create (seconds under emulation) runs for several containers at once.
+        let reservation = self.reserve(id).await?;
+        self.create_cgroup_parent()?;
         let bundle = self.paths.bundle(id);
         let bundle_err = |source| Error::Bundle { id: id.into(), source };
         std::fs::create_dir_all(&bundle).map_err(bundle_err)?;
@@ -615,22 +711,21 @@ impl Containers {
         let builder_root = self.paths.libcontainer_root();
         let no_pivot = self.no_pivot;
         let (container_id, bundle_dir) = (id.to_string(), bundle.clone());
-        let built = blocking(move || {
+        let built = blocking(id, move || {
             builder(container_id, builder_root, child)?
                 .as_init(&bundle_dir)
                 .with_systemd(false)
                 .with_no_pivot(no_pivot)
                 .with_detach(true)
                 .build()
-                .map_err(|e| e.to_string())
         })
-        .await;
+        .await
+        .and_then(|built| built.map_err(libcontainer(id, "create", host.said())));
         let container = match built {
             Ok(container) => container,
-            Err(reason) => {
-                let message = host.explain(reason);
+            Err(err) => {
                 let _ = std::fs::remove_dir_all(&bundle);
-                return Err(Error::Runtime { id: id.into(), action: "create", message });
+                return Err(err);
             }
         };
         let stdio = match tokio::task::spawn_blocking(move || host.finish()).await {
@@ -640,10 +735,10 @@ impl Containers {
                 let mut container = container;
                 let _ = container.delete(true);
                 let _ = std::fs::remove_dir_all(&bundle);
-                return Err(Error::Runtime { id: id.into(), action: "create", message });
+                return Err(Error::Stdio { id: id.into(), message });
             }
         };
-        entries.insert(
+        self.entries.lock().await.insert(
             id.to_string(),
             Entry {
                 container: Arc::new(std::sync::Mutex::new(container)),
@@ -653,7 +748,28 @@ impl Containers {
                 execs: HashMap::new(),
             },
         );
+        drop(reservation);
         Ok(())
+    }
+
+    /// Holds `id` for a container being created, so a second create of the same id is refused
+    /// while the table is not locked; dropping the reservation frees the id again.
+    async fn reserve(&self, id: &str) -> Result<Reservation<'_>, Error> {
+        let entries = self.entries.lock().await;
+        let mut creating = self.creating.lock().map_err(|_| Error::Poisoned(id.into()))?;
+        if entries.contains_key(id) || !creating.insert(id.to_string()) {
+            return Err(Error::AlreadyExists(id.into()));
+        }
+        Ok(Reservation { creating: &self.creating, id: id.to_string() })
+    }
+
+    /// The cgroup containers' cgroups go below, made by one container at a time: libcgroups
+    /// creates missing path components with a check-then-create that fails when two containers are
+    /// created at once below a new parent.
+    fn create_cgroup_parent(&self) -> Result<(), Error> {
+        let parent = self.paths.cgroup_parent();
+        let _one_at_a_time = self.cgroup_parent_made.lock().map_err(|_| Error::Poisoned(String::new()))?;
+        self.cgroups.create(parent).map_err(|source| Error::CgroupParent { path: parent.into(), source })
     }
 
     pub async fn start(&self, id: &str) -> Result<u32, Error> {
@@ -665,21 +781,20 @@ impl Containers {
         // Watch for the exit before the process can exit.
         let exits = self.exits.subscribe();
         let container = entry.container.clone();
-        let pid = blocking(move || {
-            let mut container = container.lock().map_err(|_| "container lock poisoned".to_string())?;
-            container.start().map_err(|e| e.to_string())?;
-            container.pid().map(|p| p.as_raw()).ok_or_else(|| "no pid after start".to_string())
+        let owned_id = id.to_string();
+        let pid = blocking(id, move || {
+            let mut container = lock(&owned_id, &container)?;
+            container.start().map_err(libcontainer(&owned_id, "start", String::new()))?;
+            container
+                .pid()
+                .map(|p| p.as_raw())
+                .ok_or(Error::NoPid { id: owned_id.clone(), action: "started" })
         })
-        .await
-        .map_err(|message| Error::Runtime { id: id.into(), action: "start", message })?;
+        .await??;
         entry.init.pid = Some(pid);
         watch_exit(exits, pid, entry.init.exit_tx.clone());
         watch_oom(id.to_string(), self.cgroups.oom_kill_file(&self.paths.cgroup(id)), self.oom_tx.clone());
-        u32::try_from(pid).map_err(|_| Error::Runtime {
-            id: id.into(),
-            action: "start",
-            message: "bad pid".into(),
-        })
+        pid_u32(id, "started", pid)
     }
 
     /// Starts another process in a running container's namespaces and cgroup.
@@ -705,35 +820,24 @@ impl Containers {
         let (child, host) = plan_stdio(terminal, entry.bundle.join(format!("exec-{exec_id}.sock")))?;
         let exits = self.exits.subscribe();
         let (builder_root, container_id) = (self.paths.libcontainer_root(), id.to_string());
-        let started = blocking(move || {
+        let started = blocking(id, move || {
             builder(container_id, builder_root, child)?
                 .as_tenant()
                 .with_detach(true)
                 .with_process(Some(process_file))
                 .build()
                 .map(|pid| pid.as_raw())
-                .map_err(|e| e.to_string())
         })
-        .await;
-        let pid = started.map_err(|reason| Error::Runtime {
-            id: id.into(),
-            action: "exec into",
-            message: host.explain(reason),
-        })?;
-        let stdio = tokio::task::spawn_blocking(move || host.finish())
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r)
-            .map_err(|message| Error::Runtime { id: id.into(), action: "exec into", message })?;
+        .await?;
+        let pid = started.map_err(libcontainer(id, "exec into", host.said()))?;
+        let stdio = blocking(id, move || host.finish())
+            .await?
+            .map_err(|message| Error::Stdio { id: id.into(), message })?;
         let mut process = Process::new(stdio);
         process.pid = Some(pid);
         watch_exit(exits, pid, process.exit_tx.clone());
         entry.execs.insert(exec_id.to_string(), process);
-        u32::try_from(pid).map_err(|_| Error::Runtime {
-            id: id.into(),
-            action: "exec into",
-            message: "bad pid".into(),
-        })
+        pid_u32(id, "exec'd into", pid)
     }
 
     /// The stdio, exit status and pid of a container's process (exec_id empty: its init process).
@@ -783,10 +887,10 @@ impl Containers {
         let Some(input) = stdin.as_mut() else {
             return Err(Error::WrongState { id: id.into(), state: "closed for input", action: "written to" });
         };
-        input.write_all(data).await.map_err(|e| Error::Runtime {
+        input.write_all(data).await.map_err(|source| Error::Io {
             id: id.into(),
-            action: "write stdin of",
-            message: e.to_string(),
+            action: "write the stdin of",
+            source,
         })?;
         Ok(data.len())
     }
@@ -803,8 +907,8 @@ impl Containers {
         // the fd is the pty master this process owns.
         let ret = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size) };
         if ret < 0 {
-            let message = std::io::Error::last_os_error().to_string();
-            return Err(Error::Runtime { id: id.into(), action: "resize the terminal of", message });
+            let source = std::io::Error::last_os_error();
+            return Err(Error::Io { id: id.into(), action: "resize the terminal of", source });
         }
         Ok(())
     }
@@ -823,11 +927,8 @@ impl Containers {
             action: "signalled",
         })?;
         let signal = to_signal(signal)?;
-        nix::sys::signal::kill(Pid::from_raw(pid), signal).map_err(|e| Error::Runtime {
-            id: id.into(),
-            action: "signal",
-            message: e.to_string(),
-        })
+        nix::sys::signal::kill(Pid::from_raw(pid), signal)
+            .map_err(|source| Error::Signal { id: id.into(), source })
     }
 
     /// Kills what still runs, waits for it, and removes the container, its cgroup, bundle and mounts.
@@ -848,12 +949,15 @@ impl Containers {
                 }
             }
         }
-        blocking(move || {
-            let mut container = container.lock().map_err(|_| "container lock poisoned".to_string())?;
-            container.delete(true).map_err(|e| e.to_string())
+        let owned_id = id.to_string();
+        blocking(id, move || {
+            lock(&owned_id, &container)?.delete(true).map_err(libcontainer(
+                &owned_id,
+                "delete",
+                String::new(),
+            ))
         })
-        .await
-        .map_err(|message| Error::Runtime { id: id.into(), action: "delete", message })?;
+        .await??;
         let _ = std::fs::remove_dir_all(&bundle);
         if let Some(entry) = self.entries.lock().await.remove(id) {
             unmount_all(entry.mounts);
@@ -905,9 +1009,11 @@ impl Containers {
             return Err(Error::NotFound(id.into()));
         }
         let manager = self.cgroup_manager(id)?;
-        let pids = blocking(move || manager.get_all_pids().map_err(|e| e.to_string()))
-            .await
-            .map_err(|message| Error::Runtime { id: id.into(), action: "list the processes of", message })?;
+        let pids = blocking(id, move || manager.get_all_pids()).await?.map_err(|source| Error::Cgroup {
+            id: id.into(),
+            action: "list the processes in",
+            source,
+        })?;
         Ok(pids.into_iter().filter_map(|pid| u32::try_from(pid.as_raw()).ok()).collect())
     }
 
@@ -929,17 +1035,17 @@ impl Containers {
             return Err(Error::NotFound(id.into()));
         }
         let manager = self.cgroup_manager(id)?;
-        blocking(move || {
+        blocking(id, move || {
             let options = ControllerOpt {
                 resources: &resources,
                 disable_oom_killer: false,
                 oom_score_adj: None,
                 freezer_state: None,
             };
-            manager.apply(&options).map_err(|e| e.to_string())
+            manager.apply(&options)
         })
-        .await
-        .map_err(|message| Error::Runtime { id: id.into(), action: "update", message })
+        .await?
+        .map_err(|source| Error::Cgroup { id: id.into(), action: "apply new limits to", source })
     }
 
     fn cgroup_manager(&self, id: &str) -> Result<AnyCgroupManager, Error> {
@@ -948,11 +1054,8 @@ impl Containers {
             systemd_cgroup: false,
             container_name: id.to_string(),
         };
-        libcgroups::common::create_cgroup_manager(config).map_err(|e| Error::Runtime {
-            id: id.into(),
-            action: "open the cgroup of",
-            message: e.to_string(),
-        })
+        libcgroups::common::create_cgroup_manager(config)
+            .map_err(|source| Error::CgroupOpen { id: id.into(), source })
     }
 }
 
@@ -984,12 +1087,12 @@ fn to_signal(signal: u32) -> Result<Signal, Error> {
 
 /// A libcontainer failure with what the container's process said on stderr before it died, which
 /// names the step that failed.
-fn with_said(reason: String, stderr: &OwnedFd) -> String {
+fn said(stderr: &OwnedFd) -> String {
     let said = drain_nonblocking(stderr);
     if said.is_empty() {
-        reason
+        said
     } else {
-        format!("{reason}; the container said: {said}")
+        format!("; the container said: {said}")
     }
 }
 
@@ -1074,6 +1177,23 @@ mod tests {
         assert_eq!(output.read(5).await, b"hello");
         assert_eq!(output.read(0).await, b" world");
         assert!(output.read(0).await.is_empty(), "end of stream");
+    }
+
+    #[tokio::test]
+    async fn an_id_being_created_is_held_until_its_reservation_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (exits, _) = broadcast::channel(4);
+        let layout = Layout::Unified { root: dir.path().join("cgroup") };
+        let containers =
+            Containers::new(AgentPaths::new(dir.path(), Path::new("ironclad")), layout, exits, false);
+        let first = containers.reserve("c1").await.unwrap();
+        assert!(matches!(containers.reserve("c1").await, Err(Error::AlreadyExists(id)) if id == "c1"));
+        assert!(containers.is_being_created("c1"));
+        let other = containers.reserve("c2").await.expect("another id is created alongside");
+        drop(first);
+        assert!(!containers.is_being_created("c1"));
+        assert!(containers.reserve("c1").await.is_ok(), "a failed create frees its id");
+        drop(other);
     }
 
     #[test]

@@ -187,18 +187,6 @@ pub fn setup_logging() {
         .try_init();
 }
 
-/// "outer: inner: innermost", so a fatal message on the console says why, not only what.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 /// Ends the VM. Without ACPI there is no power-off, so PID 1 resets the machine: the kernel runs
 /// with `reboot=k`, and both ironclad-vmm (i8042) and QEMU (`-no-reboot`) treat a reset as exit.
 pub fn end_vm() -> ! {
@@ -229,7 +217,10 @@ mod tests {
             controllers: "+cpu".into(),
             source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, "denied"),
         };
-        assert_eq!(error_chain(&err), "cannot enable cgroup v2 controllers \"+cpu\": denied");
+        assert_eq!(
+            ironclad_protocol::error_chain(&err),
+            "cannot enable cgroup v2 controllers \"+cpu\": denied"
+        );
     }
 
     #[test]

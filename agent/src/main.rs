@@ -139,8 +139,8 @@ fn main() -> ExitCode {
     init::setup_logging();
     let result = run(is_init);
     if let Err(err) = &result {
-        error!("{}", init::error_chain(err));
-        eprintln!("ironclad-agent: fatal: {}", init::error_chain(err));
+        error!("{}", ironclad_protocol::error_chain(err));
+        eprintln!("ironclad-agent: fatal: {}", ironclad_protocol::error_chain(err));
     }
     if is_init {
         // PID 1 must never return: end the VM, cleanly or not, so the host sees the sandbox go.

@@ -17,6 +17,7 @@ use ironclad_protocol::agent::{
     AddARPNeighborsRequest, Interface, Route, UpdateInterfaceRequest, UpdateRoutesRequest,
 };
 use ironclad_protocol::{agent_ttrpc, API_VERSION};
+use libcontainer::error::LibcontainerError;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 use ttrpc::r#async::{Server, TtrpcContext};
@@ -85,14 +86,14 @@ fn sandbox_status(err: sandbox::Error) -> ttrpc::Error {
         }
         E::System { .. } => ttrpc::Code::INTERNAL,
     };
-    ttrpc::Error::RpcStatus(ttrpc::get_status(code, crate::init::error_chain(&err)))
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, ironclad_protocol::error_chain(&err)))
 }
 
 /// A failed call that makes or starts a container or process is also said on the console (the
 /// shim passes the agent's lines into containerd's log, which outlives the sandbox), with the
 /// container's id; then it becomes the call's status.
 fn logged_status(call: &str, container_id: &str, err: container::Error) -> ttrpc::Error {
-    warn!("container {container_id}: {call} failed: {}", crate::init::error_chain(&err));
+    warn!("container {container_id}: {call} failed: {}", ironclad_protocol::error_chain(&err));
     status(err)
 }
 
@@ -108,14 +109,64 @@ fn status(err: container::Error) -> ttrpc::Error {
         E::ExecExists { .. } => Code::ALREADY_EXISTS,
         E::WrongState { .. } => Code::FAILED_PRECONDITION,
         E::StopTimeout { .. } => Code::DEADLINE_EXCEEDED,
-        E::Bundle { .. } | E::Runtime { .. } | E::Pipes(_) | E::CgroupParent { .. } => Code::INTERNAL,
+        E::Libcontainer { source, .. } => libcontainer_code(source),
+        E::Bundle { .. }
+        | E::Pipes(_)
+        | E::CgroupParent { .. }
+        | E::CgroupOpen { .. }
+        | E::Cgroup { .. }
+        | E::Io { .. }
+        | E::Signal { .. }
+        | E::Stdio { .. }
+        | E::NoPid { .. }
+        | E::Blocking { .. }
+        | E::Poisoned(_) => Code::INTERNAL,
         E::Storage(
             storage::Error::BadMountPoint(_) | storage::Error::BadSerial(_) | storage::Error::BadTag(_),
         ) => Code::INVALID_ARGUMENT,
         E::Storage(storage::Error::NoSuchDisk(_)) => Code::NOT_FOUND,
         E::Storage(_) => Code::INTERNAL,
     };
-    ttrpc::Error::RpcStatus(ttrpc::get_status(code, crate::init::error_chain(&err)))
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, ironclad_protocol::error_chain(&err)))
+}
+
+/// libcontainer's errors by kind: what the request got wrong, what state forbids, what is missing;
+/// the rest is ours.
+fn libcontainer_code(err: &LibcontainerError) -> ttrpc::Code {
+    use ttrpc::Code;
+    use LibcontainerError as L;
+    match err {
+        L::InvalidID(_) | L::MissingSpec(_) | L::InvalidSpec(_) | L::InvalidInput(_) | L::Spec(_) => {
+            Code::INVALID_ARGUMENT
+        }
+        L::IncorrectStatus(_) => Code::FAILED_PRECONDITION,
+        L::Exist => Code::ALREADY_EXISTS,
+        L::NoDirectory => Code::NOT_FOUND,
+        L::NoExecutors
+        | L::NoUserNamespace
+        | L::Tty(_)
+        | L::UserNamespace(_)
+        | L::NotifyListener(_)
+        | L::Config(_)
+        | L::Hook(_)
+        | L::State(_)
+        | L::MainProcess(_)
+        | L::Procfs(_)
+        | L::Capabilities(_)
+        | L::CgroupManager(_)
+        | L::CgroupCreate(_)
+        | L::CgroupGet(_)
+        | L::Checkpoint(_)
+        | L::CreateContainerError(_)
+        | L::NetDevicesError(_)
+        | L::NetworkError(_)
+        | L::IntelRdt(_)
+        | L::OtherSyscall(_)
+        | L::OtherIO(_)
+        | L::OtherSerialization(_)
+        | L::OtherCgroup(_)
+        | L::Other(_) => Code::INTERNAL,
+    }
 }
 
 fn network_status(err: network::Error) -> ttrpc::Error {
@@ -125,7 +176,7 @@ fn network_status(err: network::Error) -> ttrpc::Error {
         network::Error::NotIsolated(_) => ttrpc::Code::FAILED_PRECONDITION,
         network::Error::Socket(_) | network::Error::Netlink { .. } => ttrpc::Code::INTERNAL,
     };
-    ttrpc::Error::RpcStatus(ttrpc::get_status(code, crate::init::error_chain(&err)))
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, ironclad_protocol::error_chain(&err)))
 }
 
 fn interface_spec(interface: &Interface) -> Result<network::InterfaceSpec, network::Error> {
@@ -411,7 +462,7 @@ impl agent_ttrpc::Agent for AgentService {
                     copy_file::Error::Io { .. } => ttrpc::Code::INTERNAL,
                     _ => ttrpc::Code::INVALID_ARGUMENT,
                 };
-                ttrpc::Error::RpcStatus(ttrpc::get_status(code, crate::init::error_chain(&err)))
+                ttrpc::Error::RpcStatus(ttrpc::get_status(code, ironclad_protocol::error_chain(&err)))
             })?;
         let mut resp = CopyFileResponse::new();
         resp.guest_path = written.display().to_string();
@@ -490,6 +541,44 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn libcontainer_errors_keep_their_kind() {
+        use libcontainer::container::ContainerStatus;
+        use libcontainer::error::{ErrInvalidID, MissingSpecError};
+        let code = |err| {
+            status(container::Error::Libcontainer {
+                id: "c1".into(),
+                action: "create",
+                said: String::new(),
+                source: Box::new(err),
+            })
+        };
+        let code_of = |err| match code(err) {
+            ttrpc::Error::RpcStatus(status) => status.code(),
+            other => panic!("not a status: {other:?}"),
+        };
+        assert_eq!(code_of(LibcontainerError::InvalidID(ErrInvalidID::Empty)), ttrpc::Code::INVALID_ARGUMENT);
+        assert_eq!(
+            code_of(LibcontainerError::MissingSpec(MissingSpecError::Args)),
+            ttrpc::Code::INVALID_ARGUMENT
+        );
+        assert_eq!(
+            code_of(LibcontainerError::IncorrectStatus(ContainerStatus::Stopped)),
+            ttrpc::Code::FAILED_PRECONDITION
+        );
+        assert_eq!(code_of(LibcontainerError::NoDirectory), ttrpc::Code::NOT_FOUND);
+        assert_eq!(code_of(LibcontainerError::Exist), ttrpc::Code::ALREADY_EXISTS);
+        assert_eq!(code_of(LibcontainerError::Other("fork failed".into())), ttrpc::Code::INTERNAL);
+        let ttrpc::Error::RpcStatus(status) = code(LibcontainerError::MissingSpec(MissingSpecError::Args))
+        else {
+            panic!("not a status")
+        };
+        assert_eq!(
+            status.message(),
+            "libcontainer failed to create container \"c1\": missing args in the process spec"
+        );
+    }
 
     #[test]
     fn ready_line_carries_version_and_uptime() {

@@ -242,6 +242,43 @@ async fn a_container_runs_prints_exits_and_is_removed_without_a_trace() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_created_at_once_all_exist_and_one_id_is_created_once() {
+    if !can_run() {
+        return;
+    }
+    let agent = start_agent().await;
+    let (first, second) =
+        tokio::join!(create(&agent, "par1", &["echo", "one"]), create(&agent, "par2", &["echo", "two"]));
+    first.unwrap();
+    second.unwrap();
+    // Both are started before either's output is read to its end: until a container created at
+    // the same time execs its process, its init holds copies of the other's pipe ends (forked
+    // while they were open; libcontainer closes them at exec), so the other's EOF waits for that.
+    start(&agent, "par1").await;
+    start(&agent, "par2").await;
+    for (id, said) in [("par1", "one\n"), ("par2", "two\n")] {
+        assert_eq!(read_all_stdout(&agent, id).await, said);
+        remove(&agent, id).await.unwrap();
+    }
+
+    // The same id twice at once: the table is not locked across the create, yet one wins and the
+    // other is told the id exists.
+    let mut req = CreateContainerRequest::new();
+    req.container_id = "same".into();
+    req.oci_spec_json = spec(&["true"]);
+    req.rootfs = busybox_rootfs(&agent.dir.path().join("same")).display().to_string();
+    let (a, b) =
+        tokio::join!(agent.client.create_container(ctx(), &req), agent.client.create_container(ctx(), &req));
+    let (created, refused): (Vec<_>, Vec<_>) =
+        [a.map(drop), b.map(drop)].into_iter().partition(Result::is_ok);
+    assert_eq!((created.len(), refused.len()), (1, 1));
+    assert_eq!(code_of(refused.into_iter().next().unwrap()), ttrpc::Code::ALREADY_EXISTS);
+    remove(&agent, "same").await.unwrap();
+    assert_eq!(agent.cgroups_left("same"), Vec::<PathBuf>::new(), "cgroup left behind");
+    agent.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stdin_reaches_the_process_and_close_ends_it() {
     if !can_run() {
         return;

@@ -51,6 +51,10 @@ pub struct Results {
     pub create_start_ms: BTreeMap<&'static str, Summary>,
     /// From create to the exit of `true` and the container's removal, in ms.
     pub create_to_removed_ms: BTreeMap<&'static str, Summary>,
+    /// CreateContainer of two containers in one agent, "one after the other" and "at once", next to
+    /// "one container alone", in ms: the agent locks its table only around its entries, so the two
+    /// creates overlap.
+    pub two_creates_ms: BTreeMap<&'static str, Summary>,
 }
 
 /// The agent, run by hand; killed (with its cgroup parent removed) when dropped.
@@ -138,6 +142,55 @@ async fn agent_run(client: &AgentClient, id: &str, spec: &str, rootfs: &Path) ->
     Ok((create_start, started.elapsed().as_secs_f64() * 1000.0))
 }
 
+async fn agent_create(client: &AgentClient, id: String, spec: &str, rootfs: &Path) -> Result<(), Error> {
+    let mut create = CreateContainerRequest::new();
+    create.container_id = id;
+    create.oci_spec_json = spec.into();
+    create.rootfs = rootfs.display().to_string();
+    client
+        .create_container(ctx(), &create)
+        .await
+        .map(drop)
+        .map_err(|source| Error::Rpc { call: "CreateContainer", source })
+}
+
+async fn agent_remove(client: &AgentClient, id: String) -> Result<(), Error> {
+    let mut remove = RemoveContainerRequest::new();
+    remove.container_id = id;
+    client
+        .remove_container(ctx(), &remove)
+        .await
+        .map(drop)
+        .map_err(|source| Error::Rpc { call: "RemoveContainer", source })
+}
+
+/// Creates two containers in the agent, one after the other or both at once, and removes them:
+/// the time of the two creates, in ms.
+async fn two_creates(
+    client: &AgentClient,
+    run: usize,
+    at_once: bool,
+    spec: &str,
+    rootfs: &Path,
+) -> Result<f64, Error> {
+    let (a, b) = (format!("pair{run}a"), format!("pair{run}b"));
+    let started = Instant::now();
+    if at_once {
+        let (first, second) = tokio::join!(
+            agent_create(client, a.clone(), spec, rootfs),
+            agent_create(client, b.clone(), spec, rootfs)
+        );
+        first.and(second)?;
+    } else {
+        agent_create(client, a.clone(), spec, rootfs).await?;
+        agent_create(client, b.clone(), spec, rootfs).await?;
+    }
+    let elapsed = started.elapsed().as_secs_f64() * 1000.0;
+    let (first, second) = tokio::join!(agent_remove(client, a), agent_remove(client, b));
+    first.and(second)?;
+    Ok(elapsed)
+}
+
 /// Runs runc. Its stderr goes to a file: `runc create` hands its stdio to the container, and a pipe
 /// would stay open until the container exits.
 fn runc(root: &Path, args: &[&str]) -> Result<(), Error> {
@@ -217,6 +270,21 @@ pub fn measure(agent: &Path, runs: usize) -> Result<Results, Error> {
         create_start.entry("runc").or_default().push(cs);
         total.entry("runc").or_default().push(t);
     }
+    let mut pairs: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
+    for run in 0..runs {
+        let alone = runtime.block_on(async {
+            let id = format!("alone{run}");
+            let started = Instant::now();
+            agent_create(&client, id.clone(), &spec, &rootfs).await?;
+            let elapsed = started.elapsed().as_secs_f64() * 1000.0;
+            agent_remove(&client, id).await.map(|()| elapsed)
+        })?;
+        pairs.entry("one container alone").or_default().push(alone);
+        let serial = runtime.block_on(two_creates(&client, run, false, &spec, &rootfs))?;
+        pairs.entry("one after the other").or_default().push(serial);
+        let parallel = runtime.block_on(two_creates(&client, run, true, &spec, &rootfs))?;
+        pairs.entry("at once").or_default().push(parallel);
+    }
     let summarize_all = |samples: BTreeMap<&'static str, Vec<f64>>| {
         samples.into_iter().filter_map(|(k, v)| Some((k, summarize(&v)?))).collect()
     };
@@ -225,6 +293,7 @@ pub fn measure(agent: &Path, runs: usize) -> Result<Results, Error> {
         cgroups: host_cgroup_setup(),
         create_start_ms: summarize_all(create_start),
         create_to_removed_ms: summarize_all(total),
+        two_creates_ms: summarize_all(pairs),
     })
 }
 

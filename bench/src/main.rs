@@ -255,7 +255,7 @@ fn main() -> ExitCode {
             let results = match vmm::measure(&settings, |step| eprintln!("ironclad-bench: {step}")) {
                 Ok(results) => results,
                 Err(err) => {
-                    eprintln!("ironclad-bench: {}", report::error_chain(&err));
+                    eprintln!("ironclad-bench: {}", ironclad_protocol::error_chain(&err));
                     return ExitCode::FAILURE;
                 }
             };
@@ -272,7 +272,7 @@ fn main() -> ExitCode {
             match run_agent(&agent, runs.max(1), &report, &json) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
-                    eprintln!("ironclad-bench: {}", report::error_chain(err.as_ref()));
+                    eprintln!("ironclad-bench: {}", ironclad_protocol::error_chain(err.as_ref()));
                     ExitCode::FAILURE
                 }
             }
@@ -293,7 +293,7 @@ fn main() -> ExitCode {
             match run_runtimes(settings, setup.outputs(json)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
-                    eprintln!("ironclad-bench: {}", report::error_chain(err.as_ref()));
+                    eprintln!("ironclad-bench: {}", ironclad_protocol::error_chain(err.as_ref()));
                     ExitCode::FAILURE
                 }
             }
@@ -308,7 +308,7 @@ fn main() -> ExitCode {
             match run_pods(settings, setup.outputs(json)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
-                    eprintln!("ironclad-bench: {}", report::error_chain(err.as_ref()));
+                    eprintln!("ironclad-bench: {}", ironclad_protocol::error_chain(err.as_ref()));
                     ExitCode::FAILURE
                 }
             }
@@ -339,7 +339,7 @@ fn main() -> ExitCode {
             match run_nested(settings) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
-                    eprintln!("ironclad-bench: {}", report::error_chain(err.as_ref()));
+                    eprintln!("ironclad-bench: {}", ironclad_protocol::error_chain(err.as_ref()));
                     ExitCode::FAILURE
                 }
             }

@@ -4,6 +4,19 @@
 /// The API version this crate describes. Bumped whenever an RPC or a field is added.
 pub const API_VERSION: u32 = 4;
 
+/// "outer: inner: innermost": an error and every cause below it, on one line. The workspace's one
+/// way of turning an error into text for a log line, a ttrpc status or a fatal message.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// The vsock port on which the agent serves inside the guest.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
@@ -45,4 +58,18 @@ pub mod agent_ttrpc {
 )]
 pub mod runtimeoptions {
     include!(concat!(env!("OUT_DIR"), "/runtimeoptions.rs"));
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot start the VM")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn error_chain_names_every_cause() {
+        let err = Outer(std::io::Error::new(std::io::ErrorKind::NotFound, "no kernel"));
+        assert_eq!(super::error_chain(&err), "cannot start the VM: no kernel");
+        assert_eq!(super::error_chain(&std::io::Error::other("alone")), "alone");
+    }
 }

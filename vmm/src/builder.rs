@@ -278,7 +278,7 @@ impl MetricsReporter {
     fn write_running(reporter: &Mutex<MetricsReporter>) {
         let mut reporter = reporter.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Err(err) = reporter.write("running".into()) {
-            log::warn!("{}", crate::error_chain(&err));
+            log::warn!("{}", ironclad_protocol::error_chain(&err));
         }
     }
 }

@@ -12,15 +12,3 @@ pub mod devices;
 pub mod logger;
 pub mod seccomp;
 pub mod vstate;
-
-/// "outer: inner: innermost", for the one line the VMM says on stderr.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}

@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use ironclad_protocol::error_chain;
 use ironclad_vmm::builder::run_vm;
 use ironclad_vmm::config::{BlockConfig, FsConfig, NetConfig, SerialOutput, VmConfig, VsockConfig};
-use ironclad_vmm::error_chain;
 use ironclad_vmm::vstate::vcpu::ExitReason;
 
 #[derive(Parser, Debug)]

@@ -236,14 +236,7 @@ impl Backend {
 /// guest said (agent messages, console lines), and this is where they become text for a log line
 /// or for containerd.
 pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    crate::guest_text::escape(&text, 4 * crate::guest_text::MAX_LEN)
+    crate::guest_text::escape(&ironclad_protocol::error_chain(err), 4 * crate::guest_text::MAX_LEN)
 }
 
 #[cfg(test)]

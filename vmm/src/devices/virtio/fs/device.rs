@@ -125,7 +125,7 @@ impl VhostUserFs {
                 eprintln!(
                     "virtio-fs {}: the backend refused the queues: {}",
                     self.tag,
-                    crate::error_chain(&err)
+                    ironclad_protocol::error_chain(&err)
                 );
                 false
             }
