@@ -88,6 +88,7 @@ install: guest
 		sed 's|/usr/local/share/ironclad|$(PREFIX)/share/ironclad|' shim/config.toml > $(CONFIG_DIR)/config.toml; \
 		echo "wrote $(CONFIG_DIR)/config.toml"; \
 	fi
+	scripts/pin-guest.sh $(CONFIG_DIR)/config.toml $(PREFIX)/share/ironclad/bzImage $(PREFIX)/share/ironclad/initrd.img
 
 # Release builds; the short version (a few minutes here). Writes docs/benchmarks.md (one section per
 # benchmark), docs/benchmarks-vmm.json, docs/benchmarks-runtimes.json, docs/benchmarks-pods.json and

@@ -55,6 +55,11 @@ pub struct ShimConfig {
     pub hypervisor: HypervisorKind,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    /// The kernel's and the initrd's sha256, checked before every boot (`make install` writes them).
+    #[serde(deserialize_with = "sha256_pin")]
+    pub kernel_sha256: Option<String>,
+    #[serde(deserialize_with = "sha256_pin")]
+    pub initrd_sha256: Option<String>,
     #[serde(deserialize_with = "vcpus")]
     pub vcpus: u8,
     #[serde(deserialize_with = "memory_mib")]
@@ -88,6 +93,8 @@ impl Default for ShimConfig {
             hypervisor: HypervisorKind::Auto,
             kernel: Path::new(DEFAULT_SHARE_DIR).join("bzImage"),
             initrd: Path::new(DEFAULT_SHARE_DIR).join("initrd.img"),
+            kernel_sha256: None,
+            initrd_sha256: None,
             vcpus: 1,
             memory_mib: 256,
             kernel_params: String::new(),
@@ -233,6 +240,16 @@ fn log_level<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Er
         other => Err(serde::de::Error::custom(format!(
             "unknown log level {other:?}: expected error, warn, info, debug or trace"
         ))),
+    }
+}
+
+/// A sha256 in hex, as `sha256sum` prints it.
+fn sha256_pin<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    let digest = String::deserialize(deserializer)?;
+    if crate::resources::pinned::is_sha256(&digest) {
+        Ok(Some(digest.to_ascii_lowercase()))
+    } else {
+        Err(serde::de::Error::custom(format!("{digest:?} is not a sha256 (64 hex digits)")))
     }
 }
 

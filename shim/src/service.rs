@@ -40,6 +40,7 @@ use crate::io::{self as stdio};
 use crate::metrics;
 use crate::process::{Exit, Process, StdioUris};
 use crate::resources::network::{self, Attachment, InterfaceConfig, Requested};
+use crate::resources::pinned;
 use crate::resources::rootfs::{self, MountSpec, ROOTFS_SERIAL};
 use crate::resources::share_fs::{self, ShareFs, GUEST_SHARE_DIR, SHARE_TAG};
 use crate::resources::volumes::{self, Volume, GUEST_POD_SHM, POD_SHM_OPTIONS};
@@ -77,6 +78,8 @@ pub enum Error {
     Spec(#[from] spec::Error),
     #[error(transparent)]
     Config(#[from] config::Error),
+    #[error("cannot boot the sandbox's VM")]
+    Pinned(#[from] pinned::Error),
     #[error("rootfs")]
     Rootfs(#[from] rootfs::Error),
     #[error("network")]
@@ -258,6 +261,8 @@ fn code_of(err: &Error) -> ttrpc::Code {
         Error::Volumes(volumes::Error::NoSharedDirectory { .. }) => Code::FAILED_PRECONDITION,
         Error::Volumes(volumes::Error::Share { .. }) | Error::Share(_) => Code::INTERNAL,
         Error::HostNetwork => Code::UNIMPLEMENTED,
+        Error::Pinned(pinned::Error::Changed { .. }) => Code::FAILED_PRECONDITION,
+        Error::Pinned(pinned::Error::Read { .. }) => Code::FAILED_PRECONDITION,
         Error::PodWithoutShare { .. } => Code::FAILED_PRECONDITION,
         Error::SandboxGone { .. } => Code::FAILED_PRECONDITION,
         Error::Config(_) | Error::RuntimeOptions(_) | Error::RuntimeOptionsType(_) | Error::Stdio(_) => {
@@ -491,6 +496,8 @@ impl TaskService {
             let image = prepare_rootfs(snapshot, &config, &dir).await?;
             let network = attach_network(&requested_network, &dir, &req.id, &config).await?;
             let share = if with_share { Some(ShareFs::prepare(&dir)?) } else { None };
+            pinned::verify("kernel", &config.kernel, config.kernel_sha256.as_deref())?;
+            pinned::verify("initrd", &config.initrd, config.initrd_sha256.as_deref())?;
             let vm_config = VmConfig {
                 kernel: config.kernel.clone(),
                 initrd: config.initrd.clone(),

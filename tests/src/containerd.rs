@@ -514,11 +514,19 @@ fn shim_config_text(artifacts: &Artifacts, run_root: &Path, log_root: &Path, ima
     // The shim runs in the task's bundle directory: relative paths would point nowhere.
     let absolute = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
     let (kernel, initrd) = (absolute(&artifacts.kernel), absolute(&artifacts.initrd));
+    // Pinned as `make install` pins them: every boot of the suites checks both files.
+    let pin = |path: &Path| std::fs::read(path).map(|data| sha256_hex(&data)).unwrap_or_default();
+    let pins = match (pin(&kernel), pin(&initrd)) {
+        (k, i) if !k.is_empty() && !i.is_empty() => {
+            format!("kernel_sha256 = \"{k}\"\ninitrd_sha256 = \"{i}\"\n")
+        }
+        _ => String::new(),
+    };
     format!(
         r#"hypervisor = "{hypervisor}"
 kernel = "{kernel}"
 initrd = "{initrd}"
-run_root = "{run_root}"
+{pins}run_root = "{run_root}"
 log_root = "{log_root}"
 image_cache = "{images}"
 log_level = "debug"

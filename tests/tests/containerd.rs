@@ -231,6 +231,53 @@ fn echo_exit_codes_and_the_guest_kernel() {
     assert!(!containerd.log().contains("did not exit within"), "{}", containerd.log_tail());
 }
 
+/// How many short tasks the event-order check runs: 200, fewer where each boot is slow (the
+/// nested tier sets IRONCLAD_EVENT_TASKS).
+fn event_tasks() -> usize {
+    std::env::var("IRONCLAD_EVENT_TASKS").ok().and_then(|n| n.parse().ok()).unwrap_or(200)
+}
+
+/// The line number of the first event line of `topic` for container `id`.
+fn event_line(log: &str, topic: &str, id: &str) -> Option<usize> {
+    let container = format!("\"container_id\":\"{id}\"");
+    log.lines().position(|line| line.contains(topic) && line.contains(&container))
+}
+
+/// Every event of a shim leaves through one forwarder: over many short tasks, two at a time,
+/// containerd sees each task's TaskStart before its TaskExit.
+#[test]
+fn every_task_start_reaches_containerd_before_its_exit() {
+    let Some(containerd) = start_containerd() else { return };
+    let events = containerd.events().unwrap();
+    let tasks = event_tasks();
+    std::thread::scope(|scope| {
+        for lane in 0..2 {
+            let containerd = &containerd;
+            scope.spawn(move || {
+                for n in (lane..tasks).step_by(2) {
+                    let id = format!("order{n}");
+                    let output = run(containerd, &[], BUSYBOX_IMAGE, &id, &["true"], None);
+                    assert!(output.status.success(), "{id}: {}", String::from_utf8_lossy(&output.stderr));
+                }
+            });
+        }
+    });
+    for n in 0..tasks {
+        let id = format!("order{n}");
+        let exited =
+            events.wait_for(&["/tasks/exit", &format!("\"container_id\":\"{id}\"")], Duration::from_secs(30));
+        assert!(exited.is_some(), "no TaskExit for {id}");
+    }
+    let log = events.all();
+    for n in 0..tasks {
+        let id = format!("order{n}");
+        let start = event_line(&log, "/tasks/start", &id).unwrap_or_else(|| panic!("no TaskStart for {id}"));
+        let exit = event_line(&log, "/tasks/exit", &id).unwrap_or_else(|| panic!("no TaskExit for {id}"));
+        assert!(start < exit, "{id}: TaskExit (line {exit}) came before TaskStart (line {start})");
+    }
+    assert_nothing_left(&containerd, &format!("order{}", tasks - 1));
+}
+
 #[test]
 fn host_directories_and_files_reach_the_guest_through_the_shared_directory() {
     let Some(containerd) = start_containerd() else { return };
@@ -616,6 +663,33 @@ fn bad_requests_fail_clearly_and_leave_nothing() {
     // That config keeps the default run root: the task's directory and its namespace's are gone.
     assert!(!std::path::Path::new("/run/ironclad").join(containerd.namespace()).exists());
     assert_container_is_gone(&containerd, "nokernel1");
+
+    // A kernel changed by one byte, under the pin of the real one (every other run of this suite
+    // boots with both files pinned): refused before boot, naming the file.
+    let pinned_config = std::fs::read_to_string(&containerd.shim_config).unwrap();
+    let kernel_line = pinned_config.lines().find(|l| l.starts_with("kernel = ")).unwrap();
+    let kernel = PathBuf::from(kernel_line.trim_start_matches("kernel = ").trim_matches('"'));
+    let mut bytes = std::fs::read(&kernel).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 1;
+    let changed = containerd.dir().join("changed-bzImage");
+    std::fs::write(&changed, bytes).unwrap();
+    let changed_config = containerd.dir().join("changed.toml");
+    let text = pinned_config.replace(kernel_line, &format!("kernel = \"{}\"", changed.display()));
+    std::fs::write(&changed_config, text).unwrap();
+    let config = changed_config.display().to_string();
+    let mut args = ironclad_run_args(&config, &["--rm"]);
+    args.extend([BUSYBOX_IMAGE, "changed1", "true"]);
+    let output = run_ctr(&containerd, &args, None);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains(&format!("the guest kernel {} has changed", changed.display()))
+            && stderr.contains("kernel_sha256"),
+        "{stderr}"
+    );
+    assert_nothing_left(&containerd, "changed1");
+    assert_container_is_gone(&containerd, "changed1");
 }
 
 /// `ctr run --rm` whose task could not be created removes the container too.

@@ -7,6 +7,7 @@
 //! released by the sandbox's one teardown path.
 
 pub mod network;
+pub mod pinned;
 pub mod rootfs;
 pub mod share_fs;
 pub mod volumes;

@@ -9,6 +9,8 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
+use super::pinned;
+
 /// The virtio-blk serial of the rootfs disk, which the agent finds it by.
 pub const ROOTFS_SERIAL: &str = "rootfs";
 /// Room for metadata and the file system's own structures on top of the files' sizes.
@@ -134,9 +136,17 @@ fn cached_image(lowers: &[PathBuf], cache_dir: &Path) -> Result<RootfsImage, Err
     std::fs::create_dir_all(cache_dir).map_err(io("create the image cache", cache_dir))?;
     let key = cache_key(lowers);
     let image = cache_dir.join(format!("{key}.ext4"));
+    let digest_file = cache_dir.join(format!("{key}.sha256"));
     if image.is_file() {
-        info!("rootfs image cache hit: {}", image.display());
-        return Ok(RootfsImage { path: image, cached: true });
+        if cached_image_is_intact(&image, &digest_file) {
+            info!("rootfs image cache hit: {}", image.display());
+            return Ok(RootfsImage { path: image, cached: true });
+        }
+        warn!(
+            "the cached rootfs image {} does not match its recorded sha256: rebuilding it",
+            image.display()
+        );
+        let _ = std::fs::remove_file(&image);
     }
     // Only when the cache grows: a hit must cost no more than a stat.
     forget_images_of_removed_snapshots(cache_dir);
@@ -152,9 +162,19 @@ fn cached_image(lowers: &[PathBuf], cache_dir: &Path) -> Result<RootfsImage, Err
     let lowers_text: String = lowers.iter().map(|l| format!("{}\n", l.display())).collect();
     std::fs::write(cache_dir.join(format!("{key}.layers")), lowers_text)
         .map_err(io("record the layers of", &image))?;
+    let digest = pinned::file_sha256(&partial).map_err(io("record the sha256 of", &partial))?;
+    std::fs::write(&digest_file, format!("{digest}\n")).map_err(io("record the sha256 of", &image))?;
     std::fs::rename(&partial, &image).map_err(io("move the built image to", &image))?;
     info!("rootfs image built: {}", image.display());
     Ok(RootfsImage { path: image, cached: true })
+}
+
+/// Whether a cached image still has the digest recorded when it was built: a changed image is
+/// rebuilt, never booted (an image without a record, from an older shim, is rebuilt too).
+fn cached_image_is_intact(image: &Path, digest_file: &Path) -> bool {
+    let recorded = std::fs::read_to_string(digest_file).unwrap_or_default();
+    let recorded = recorded.trim();
+    pinned::is_sha256(recorded) && pinned::file_sha256(image).is_ok_and(|actual| actual == recorded)
 }
 
 /// Drops cached images whose layers containerd has removed (the image was deleted).
@@ -171,6 +191,7 @@ fn forget_images_of_removed_snapshots(cache_dir: &Path) {
         }
         info!("removing the cached rootfs image of deleted layers: {}", path.display());
         let _ = std::fs::remove_file(path.with_extension("ext4"));
+        let _ = std::fs::remove_file(path.with_extension("sha256"));
         let _ = std::fs::remove_file(&path);
     }
 }
@@ -326,6 +347,18 @@ mod tests {
         // The image holds the layer's file (debugfs reads it without mounting).
         let cat =
             Command::new("debugfs").args(["-R", "cat /etc/hostname"]).arg(&first.path).output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&cat.stdout), "image\n");
+
+        // One byte of the cached image changed: it is rebuilt, and what boots is the layer again.
+        let mut bytes = std::fs::read(&first.path).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0xff;
+        std::fs::write(&first.path, &bytes).unwrap();
+        let rebuilt = prepare(&snapshot, &cache, dir.path()).unwrap();
+        assert_eq!(rebuilt.path, first.path);
+        assert_ne!(std::fs::read(&rebuilt.path).unwrap(), bytes, "the changed image was used");
+        let cat =
+            Command::new("debugfs").args(["-R", "cat /etc/hostname"]).arg(&rebuilt.path).output().unwrap();
         assert_eq!(String::from_utf8_lossy(&cat.stdout), "image\n");
         std::fs::remove_dir_all(&layer).unwrap();
         forget_images_of_removed_snapshots(&cache);
