@@ -85,48 +85,37 @@ impl Net {
         self.metrics.clone()
     }
 
-    /// Sends every frame the guest queued; returns whether any chain was used.
+    /// Sends every frame the guest queued; returns whether any chain was used. With
+    /// VIRTIO_RING_F_EVENT_IDX the driver kicks only when it reaches the avail index the device
+    /// asked for: after draining, the device asks for the next one, and drains again if more came
+    /// in the meantime.
     pub fn process_tx(&mut self) -> bool {
         let Some((memory, queue)) = self.base.active_queue(TX_QUEUE) else {
             return false;
         };
         let mut used_any = false;
-        while let Some(chain) = queue.pop_descriptor_chain(memory) {
-            let head = chain.head_index();
-            self.tx_frame.clear();
-            let mut well_formed = true;
-            for desc in chain {
-                let len = desc.len() as usize;
-                if desc.is_write_only() || self.tx_frame.len() + len > MAX_FRAME_LEN {
-                    well_formed = false;
-                    break;
-                }
-                let start = self.tx_frame.len();
-                self.tx_frame.resize(start + len, 0);
-                if memory.read_slice(&mut self.tx_frame[start..], desc.addr()).is_err() {
-                    well_formed = false;
-                    break;
-                }
+        loop {
+            let mut popped = false;
+            while let Some(chain) = queue.pop_descriptor_chain(memory) {
+                popped = true;
+                let head = chain.head_index();
+                send_frame(
+                    chain,
+                    memory,
+                    &mut self.tx_frame,
+                    &mut self.tap,
+                    &self.metrics,
+                    &mut self.guest_errors,
+                    &self.tap_name,
+                );
+                let _ = queue.add_used(memory, head, 0);
             }
-            if !well_formed || self.tx_frame.len() < VNET_HDR_LEN || asks_for_offloads(&self.tx_frame) {
-                count(&self.metrics.tx_malformed);
-                self.guest_errors.warn(format_args!(
-                    "net {}: the guest sent a malformed frame (bad chain, too short, or offloads asked for)",
-                    self.tap_name
-                ));
-            } else {
-                match self.tap.write_frame(&self.tx_frame) {
-                    Ok(_) => {
-                        count(&self.metrics.tx_frames);
-                        self.metrics
-                            .tx_bytes
-                            .fetch_add((self.tx_frame.len() - VNET_HDR_LEN) as u64, Ordering::Relaxed);
-                    }
-                    Err(_) => count(&self.metrics.tx_dropped),
-                }
+            used_any |= popped;
+            match queue.enable_notification(memory) {
+                // An avail index that moved with nothing to pop is a corrupt ring: no second round.
+                Ok(true) if popped => continue,
+                Ok(_) | Err(_) => break,
             }
-            let _ = queue.add_used(memory, head, 0);
-            used_any = true;
         }
         used_any
     }
@@ -153,10 +142,26 @@ impl Net {
             };
             // Without VIRTIO_NET_F_MRG_RXBUF every frame fits one chain: num_buffers is 1.
             self.rx_frame[10..12].copy_from_slice(&1u16.to_le_bytes());
-            let Some(chain) = queue.pop_descriptor_chain(memory) else {
-                self.rx_pending = Some(len);
-                self.rx_starved = true;
-                break;
+            let chain = match queue.pop_descriptor_chain(memory) {
+                Some(chain) => chain,
+                None => {
+                    self.rx_pending = Some(len);
+                    // Ask the driver to kick when it adds buffers (EVENT_IDX); some may have come
+                    // while asking, then go round once more before calling the queue starved.
+                    match queue.enable_notification(memory) {
+                        Ok(true) => match queue.pop_descriptor_chain(memory) {
+                            Some(chain) => chain,
+                            None => {
+                                self.rx_starved = true;
+                                break;
+                            }
+                        },
+                        Ok(false) | Err(_) => {
+                            self.rx_starved = true;
+                            break;
+                        }
+                    }
+                }
             };
             self.rx_pending = None;
             let head = chain.head_index();
@@ -171,6 +176,48 @@ impl Net {
             used_any = true;
         }
         used_any
+    }
+}
+
+/// Copies one tx chain into `frame` and writes it to the tap, counting what happened; a malformed
+/// chain is counted and logged within the guest-error budget, never sent.
+fn send_frame(
+    chain: virtio_queue::DescriptorChain<&GuestMemory>,
+    memory: &GuestMemory,
+    frame: &mut Vec<u8>,
+    tap: &mut Tap,
+    metrics: &NetMetrics,
+    guest_errors: &mut GuestErrorLog,
+    tap_name: &str,
+) {
+    frame.clear();
+    let mut well_formed = true;
+    for desc in chain {
+        let len = desc.len() as usize;
+        if desc.is_write_only() || frame.len() + len > MAX_FRAME_LEN {
+            well_formed = false;
+            break;
+        }
+        let start = frame.len();
+        frame.resize(start + len, 0);
+        if memory.read_slice(&mut frame[start..], desc.addr()).is_err() {
+            well_formed = false;
+            break;
+        }
+    }
+    if !well_formed || frame.len() < VNET_HDR_LEN || asks_for_offloads(frame) {
+        count(&metrics.tx_malformed);
+        guest_errors.warn(format_args!(
+            "net {tap_name}: the guest sent a malformed frame (bad chain, too short, or offloads asked for)"
+        ));
+        return;
+    }
+    match tap.write_frame(frame) {
+        Ok(_) => {
+            count(&metrics.tx_frames);
+            metrics.tx_bytes.fetch_add((frame.len() - VNET_HDR_LEN) as u64, Ordering::Relaxed);
+        }
+        Err(_) => count(&metrics.tx_dropped),
     }
 }
 
@@ -242,6 +289,68 @@ impl VirtioDevice for Net {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::device::ActiveState;
+    use crate::vstate::memory::{create_guest_memory, Sharing};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::Queue;
+    use vm_memory::GuestAddress;
+
+    /// Runs `test` on a thread in a network namespace of its own: the tap it makes goes with it.
+    fn in_own_netns(test: impl FnOnce() + Send + 'static) {
+        let tun = std::path::Path::new("/dev/net/tun");
+        if !ironclad_test_prereq::needs().root().file(tun, "modprobe tun").ready() {
+            return;
+        }
+        std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            test();
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// Where the device writes avail_event: after the used ring's elements.
+    fn avail_event(memory: &GuestMemory, mock: &MockSplitQueue<GuestMemory>) -> u16 {
+        let size = 16u64;
+        memory.read_obj(GuestAddress(mock.used_addr().0 + 4 + 8 * size)).unwrap()
+    }
+
+    #[test]
+    fn with_event_idx_the_device_asks_for_the_next_tx_kick_after_draining() {
+        in_own_netns(|| {
+            let memory = create_guest_memory(16, Sharing::Private).unwrap();
+            let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            let mut net = Net::new("ictest0", [2, 0, 0, 0, 0, 1], irq).unwrap();
+            let rx = MockSplitQueue::create(&memory, GuestAddress(0x1_0000), 16);
+            let tx = MockSplitQueue::create(&memory, GuestAddress(0x2_0000), 16);
+            let frame = GuestAddress(0x10_0000);
+            memory.write_slice(&[0u8; VNET_HDR_LEN + 60], frame).unwrap();
+            let chain =
+                |_| RawDescriptor::from(SplitDescriptor::new(frame.0, (VNET_HDR_LEN + 60) as u32, 0, 0));
+            tx.add_desc_chains(&(0..3).map(chain).collect::<Vec<_>>(), 0).unwrap();
+            let queues: Vec<Queue> = [&rx, &tx]
+                .iter()
+                .map(|mock| {
+                    let mut queue: Queue = mock.create_queue().unwrap();
+                    queue.set_event_idx(true);
+                    queue
+                })
+                .collect();
+            net.activate(ActiveState { memory: memory.clone(), queues }).unwrap();
+
+            assert!(net.process_tx());
+            // Three frames sent, so the next kick is wanted when the driver fills slot 3: without
+            // this the driver, which kicks only at the index the device asked for, stops kicking.
+            assert_eq!(avail_event(&memory, &tx), 3);
+            // Handed to the tap, which, never brought up, drops them: none was refused as malformed.
+            let handed = net.metrics.tx_frames.load(Ordering::Relaxed)
+                + net.metrics.tx_dropped.load(Ordering::Relaxed);
+            assert_eq!((handed, net.metrics.tx_malformed.load(Ordering::Relaxed)), (3, 0));
+            assert_eq!(tx.used().idx().load(), 3);
+            assert!(!net.process_tx(), "nothing more to send");
+        });
+    }
 
     #[test]
     fn headers_asking_for_offloads_are_refused() {
