@@ -97,7 +97,7 @@ install: guest
 bench: prereqs guest
 	$(CARGO) build --release --locked -p ironclad-vmm -p ironclad-shim -p ironclad-agent -p ironclad-bench
 	target/release/ironclad-bench vmm --vmm target/release/ironclad-vmm
-	target/release/ironclad-bench agent --runs 20
+	target/release/ironclad-bench agent --runs 100
 	target/release/ironclad-bench runtimes --runs 20 --density 1,10
 	target/release/ironclad-bench pods --runs 10
 

@@ -109,6 +109,12 @@ pub enum Error {
     },
     #[error("the state of container {0:?} was left inconsistent by a panic")]
     Poisoned(String),
+    #[error("cannot give the thread working on container {id:?} a working directory of its own")]
+    OwnDirectory {
+        id: String,
+        #[source]
+        source: nix::Error,
+    },
     #[error("cannot create the cgroup {path:?} that containers' cgroups go below")]
     CgroupParent {
         path: PathBuf,
@@ -509,12 +515,20 @@ impl HostSide {
     }
 }
 
-/// Runs a blocking libcontainer call off the async threads.
+/// Runs a blocking libcontainer call off the async threads, on a thread with a working directory
+/// of its own: libcontainer changes the working directory around its socket calls (the notify
+/// socket at create and start, the console socket), which, shared by the whole process, would move
+/// the calls for other containers running at the same time (seen: a container's create failing
+/// with "failed to get cwd" after another's state directory, its cwd of the moment, was removed).
 async fn blocking<T: Send + 'static>(
     id: &str,
     call: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, Error> {
-    tokio::task::spawn_blocking(call).await.map_err(|source| Error::Blocking { id: id.into(), source })
+    let on_own_directory = move || nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS).map(|()| call());
+    tokio::task::spawn_blocking(on_own_directory)
+        .await
+        .map_err(|source| Error::Blocking { id: id.into(), source })?
+        .map_err(|source| Error::OwnDirectory { id: id.into(), source })
 }
 
 /// libcontainer's error for `action` on container `id`.
@@ -1194,6 +1208,21 @@ mod tests {
         assert!(!containers.is_being_created("c1"));
         assert!(containers.reserve("c1").await.is_ok(), "a failed create frees its id");
         drop(other);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_blocking_call_that_changes_directory_leaves_the_agents_alone() {
+        let before = std::env::current_dir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().to_path_buf();
+        let moved = blocking("c1", move || {
+            std::env::set_current_dir(&target).unwrap();
+            std::env::current_dir().unwrap()
+        })
+        .await
+        .unwrap();
+        assert_eq!(moved, dir.path().canonicalize().unwrap(), "the call's own thread moved");
+        assert_eq!(std::env::current_dir().unwrap(), before, "the agent's working directory moved");
     }
 
     #[test]

@@ -120,7 +120,8 @@ fn status(err: container::Error) -> ttrpc::Error {
         | E::Stdio { .. }
         | E::NoPid { .. }
         | E::Blocking { .. }
-        | E::Poisoned(_) => Code::INTERNAL,
+        | E::Poisoned(_)
+        | E::OwnDirectory { .. } => Code::INTERNAL,
         E::Storage(
             storage::Error::BadMountPoint(_) | storage::Error::BadSerial(_) | storage::Error::BadTag(_),
         ) => Code::INVALID_ARGUMENT,

@@ -275,6 +275,19 @@ async fn containers_created_at_once_all_exist_and_one_id_is_created_once() {
     assert_eq!(code_of(refused.into_iter().next().unwrap()), ttrpc::Code::ALREADY_EXISTS);
     remove(&agent, "same").await.unwrap();
     assert_eq!(agent.cgroups_left("same"), Vec::<PathBuf>::new(), "cgroup left behind");
+
+    // libcontainer moves the working directory around its socket calls: with creates at once and
+    // removals after them, a shared one would be left in a removed state directory, and the next
+    // create would fail ("failed to get cwd").
+    for round in 0..20 {
+        let (a, b) = (format!("round{round}a"), format!("round{round}b"));
+        let (first, second) = tokio::join!(create(&agent, &a, &["true"]), create(&agent, &b, &["true"]));
+        first.unwrap_or_else(|err| panic!("round {round}: {err:?}"));
+        second.unwrap_or_else(|err| panic!("round {round}: {err:?}"));
+        let (first, second) = tokio::join!(remove(&agent, &a), remove(&agent, &b));
+        first.unwrap();
+        second.unwrap();
+    }
     agent.finish().await;
 }
 
