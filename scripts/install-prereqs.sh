@@ -92,6 +92,59 @@ install_l1_kernel() {
     done
 }
 
+# The emulator that runs the L1 guest: QEMU from bookworm-backports (10.0 when this was written),
+# unpacked under $NESTED_DIR/qemu and used by the nested tier only; the system's QEMU (bookworm's 7.2,
+# which boots the guest of the end-to-end tests) stays as it is. bookworm's QEMU 7.2 left the L1
+# wedged in HLT with its timer interrupt pending about once per half hour of emulated SVM
+# (tests/nested/watchdog.py); docs/testing.md has the runs. apt reads backports through a private
+# configuration, so this machine's sources list is not changed.
+install_l1_qemu() {
+    local work version
+    work=$(mktemp -d)
+    cat >"$work/sources.list" <<EOF
+deb http://deb.debian.org/debian bookworm-backports main
+EOF
+    mkdir -p "$work/lists/partial" "$work/cache/archives/partial"
+    local apt=(-o Dir::Etc::SourceList="$work/sources.list" -o Dir::Etc::SourceParts=- \
+        -o Dir::State::Lists="$work/lists" -o Dir::Cache="$work/cache" -o APT::Sandbox::User=root)
+    if ! apt-get "${apt[@]}" update -q >/dev/null 2>&1; then
+        rm -rf "$work"
+        if [ -x "$NESTED_DIR/qemu/usr/bin/qemu-system-x86_64" ]; then
+            say "bookworm-backports unreachable: keeping the nested tier's QEMU in $NESTED_DIR/qemu"
+            return
+        fi
+        say "cannot read bookworm-backports: the nested tier's QEMU cannot be fetched"
+        exit 1
+    fi
+    version=$(apt-cache "${apt[@]}" madison qemu-system-x86 | awk -F'|' '/bookworm-backports/ {gsub(/ /, "", $2); print $2; exit}')
+    if [ -z "$version" ]; then
+        rm -rf "$work"
+        say "bookworm-backports has no qemu-system-x86: the nested tier's QEMU cannot be fetched"
+        exit 1
+    fi
+    if [ "$(cat "$NESTED_DIR/qemu/VERSION" 2>/dev/null)" = "$version" ]; then
+        rm -rf "$work"
+        return
+    fi
+    say "fetching QEMU $version from bookworm-backports for the nested tier (about 14 MB, to $NESTED_DIR/qemu)"
+    (cd "$work" && apt-get "${apt[@]}" download -q qemu-system-x86="$version" qemu-system-common="$version" \
+        qemu-system-data="$version" >/dev/null 2>&1) || { rm -rf "$work"; say "apt-get download of QEMU $version failed"; exit 1; }
+    rm -rf "$NESTED_DIR/qemu.partial"
+    for deb in "$work"/*.deb; do
+        dpkg-deb -x "$deb" "$NESTED_DIR/qemu.partial"
+    done
+    rm -rf "$work"
+    local missing
+    missing=$(ldd "$NESTED_DIR/qemu.partial/usr/bin/qemu-system-x86_64" | awk '/not found/ {print $1}' | tr '\n' ' ')
+    if [ -n "$missing" ]; then
+        say "the nested tier's QEMU $version needs libraries this machine lacks: $missing"
+        exit 1
+    fi
+    echo "$version" >"$NESTED_DIR/qemu.partial/VERSION"
+    rm -rf "$NESTED_DIR/qemu"
+    mv "$NESTED_DIR/qemu.partial" "$NESTED_DIR/qemu"
+}
+
 # virtme-ng, pinned, in a virtual environment of its own (Debian's python3).
 install_virtme_ng() {
     if [ "$("$NESTED_DIR/venv/bin/vng" --version 2>/dev/null | awk '{print $NF}')" = "$VIRTME_NG_VERSION" ]; then
@@ -105,6 +158,7 @@ install_virtme_ng() {
 
 if mkdir -p "$NESTED_DIR" 2>/dev/null && [ -w "$NESTED_DIR" ]; then
     install_l1_kernel
+    install_l1_qemu
     install_virtme_ng
 else
     say "cannot write $NESTED_DIR: the nested tier's L1 kernel and virtme-ng are not installed (run as root, or set IRONCLAD_NESTED_DIR)"

@@ -22,14 +22,16 @@ load_kvm_amd() {
     [ -d /sys/module/kvm_amd ]
 }
 
+# The results directory is shared by L1s running at once: every file here is named by the suite.
+first=${1%%=*}
 if ! grep -qw svm /proc/cpuinfo; then
     say "the L1 CPU shows no svm: QEMU did not emulate AMD SVM"
-    echo "no-svm" >"$results/setup.status"
+    echo "no svm in the L1 CPU" >"$results/$first.setup-failed"
     exit 1
 fi
 if ! load_kvm_amd || [ ! -c /dev/kvm ]; then
     say "kvm_amd did not load or /dev/kvm is missing"
-    echo "no-kvm" >"$results/setup.status"
+    echo "kvm_amd did not load" >"$results/$first.setup-failed"
     exit 1
 fi
 # Sandbox networking: taps, the CNI bridge and veths, and the tc pieces that join them.
@@ -39,7 +41,6 @@ for module in tun veth bridge sch_ingress cls_u32 act_mirred act_gact; do
     fi
 done
 say "L1 $(uname -r): $(dmesg | grep -o 'Nested Paging enabled' | head -1), /dev/kvm ready"
-echo 0 >"$results/setup.status"
 # From here on the console carries the suites' output; L1's kernel messages stay in its log.
 dmesg --console-off
 
@@ -56,6 +57,15 @@ export IRONCLAD_NETWORK_RUNS=5
 # shim's `delete` is too short for it to stop the VM, so the tier gives 30 s.
 export IRONCLAD_SHIM_CLEANUP_TIMEOUT=30s
 export IRONCLAD_NETWORK_BLOB_MIB=2
+# The event-order check runs 200 short tasks in tier 2; here each takes ~15 s, so it runs 6.
+export IRONCLAD_EVENT_TASKS=6
+# IRONCLAD_NESTED_PS=SECONDS: the L1's processes on the console every so often, to see where a
+# suite that never reports is stuck.
+if [ -n "${IRONCLAD_NESTED_PS:-}" ]; then
+    (while sleep "$IRONCLAD_NESTED_PS"; do
+        ps -eo pid,etimes,stat,wchan:24,args --sort=pid | grep -v ' \[' | cut -c1-200
+    done) &
+fi
 for suite in "$@"; do
     name=${suite%%=*}
     command=${suite#*=}
@@ -67,4 +77,4 @@ for suite in "$@"; do
     say "== $name: exit $status after $(($(date +%s) - started)) s"
     echo "$status" >"$results/$name.status"
 done
-dmesg >"$results/l1-dmesg.log"
+dmesg >"$results/$first.l1-dmesg.log"
