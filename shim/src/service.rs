@@ -323,6 +323,22 @@ pub struct IroncladShim {
     id: String,
     /// `-bundle`, which containerd passes to `delete` (whose working directory may be elsewhere).
     bundle: PathBuf,
+    /// `-socket`, the address this shim serves on (`unix:///run/containerd/s/…`).
+    socket: String,
+}
+
+/// Removes the shim's socket file once the shim is told to go. containerd-shim removes it only
+/// after its server has shut down, reading the address back from the bundle directory, which
+/// containerd may already have removed by then (seen under load: the socket outlived the shim).
+/// Only a socket is removed, never another kind of file at that path.
+fn remove_socket_file(address: &str) {
+    use std::os::unix::fs::FileTypeExt;
+    let path = Path::new(address.strip_prefix("unix://").unwrap_or(address));
+    if std::fs::symlink_metadata(path).is_ok_and(|meta| meta.file_type().is_socket()) {
+        if let Err(err) = std::fs::remove_file(path) {
+            warn!("cannot remove the shim socket {}: {err}", path.display());
+        }
+    }
 }
 
 #[async_trait]
@@ -335,6 +351,7 @@ impl Shim for IroncladShim {
             namespace: args.namespace.clone(),
             id: args.id.clone(),
             bundle: PathBuf::from(&args.bundle),
+            socket: args.socket.clone(),
         }
     }
 
@@ -374,6 +391,9 @@ impl Shim for IroncladShim {
 
     async fn wait(&mut self) {
         self.exit.wait().await;
+        if !self.socket.is_empty() {
+            remove_socket_file(&self.socket);
+        }
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {

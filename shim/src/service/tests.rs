@@ -243,3 +243,18 @@ fn runtime_options_are_decoded_by_their_generated_type_and_bad_ones_are_named() 
     assert!(wrong_type.to_string().contains("containerd.runc.v1.Options"), "{wrong_type}");
     assert_eq!(code_of(&wrong_type), ttrpc::Code::INVALID_ARGUMENT);
 }
+
+#[test]
+fn the_shim_socket_is_removed_when_the_shim_goes_and_nothing_else_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("shim.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    remove_socket_file(&format!("unix://{}", socket.display()));
+    assert!(!socket.exists(), "the socket outlived the shim");
+    drop(listener);
+    let file = dir.path().join("not-a-socket");
+    std::fs::write(&file, "x").unwrap();
+    remove_socket_file(&format!("unix://{}", file.display()));
+    assert!(file.exists(), "a file that is no socket was removed");
+    remove_socket_file(&format!("unix://{}", dir.path().join("missing").display()));
+}
