@@ -366,6 +366,12 @@ pub struct Containers {
     creating: std::sync::Mutex<HashSet<String>>,
     /// Held while the cgroup parent is made.
     cgroup_parent_made: std::sync::Mutex<()>,
+    /// Held across libcontainer's create and exec, which fork: its processes wait on channels for
+    /// the other end to close, and a process forked for another container at the same time holds
+    /// copies of those ends until it execs (seen: two creates at once, one waiting for good). The
+    /// rest of a create (storages, overlay, bundle, stdio) and every call on other containers go on
+    /// meanwhile: the table itself is not locked across it.
+    forking: Mutex<()>,
 }
 
 /// An id held by [`Containers::reserve`].
@@ -567,6 +573,7 @@ impl Containers {
             oom_rx: Mutex::new(oom_rx),
             creating: std::sync::Mutex::new(HashSet::new()),
             cgroup_parent_made: std::sync::Mutex::new(()),
+            forking: Mutex::new(()),
         }
     }
 
@@ -705,8 +712,8 @@ impl Containers {
         linux.set_cgroups_path(Some(self.paths.cgroup(id)));
         spec.set_linux(Some(linux));
 
-        // The table is locked only to reserve the id and, at the end, to enter the container:
-        // libcontainer's create (seconds under emulation) runs for several containers at once.
+        // The table is locked only to reserve the id and, at the end, to enter the container, not
+        // across libcontainer's create (seconds under emulation): other containers' calls go on.
         let reservation = self.reserve(id).await?;
         self.create_cgroup_parent()?;
         let bundle = self.paths.bundle(id);
@@ -725,6 +732,7 @@ impl Containers {
         let builder_root = self.paths.libcontainer_root();
         let no_pivot = self.no_pivot;
         let (container_id, bundle_dir) = (id.to_string(), bundle.clone());
+        let forking = self.forking.lock().await;
         let built = blocking(id, move || {
             builder(container_id, builder_root, child)?
                 .as_init(&bundle_dir)
@@ -735,6 +743,7 @@ impl Containers {
         })
         .await
         .and_then(|built| built.map_err(libcontainer(id, "create", host.said())));
+        drop(forking);
         let container = match built {
             Ok(container) => container,
             Err(err) => {
@@ -834,6 +843,7 @@ impl Containers {
         let (child, host) = plan_stdio(terminal, entry.bundle.join(format!("exec-{exec_id}.sock")))?;
         let exits = self.exits.subscribe();
         let (builder_root, container_id) = (self.paths.libcontainer_root(), id.to_string());
+        let forking = self.forking.lock().await;
         let started = blocking(id, move || {
             builder(container_id, builder_root, child)?
                 .as_tenant()
@@ -843,6 +853,7 @@ impl Containers {
                 .map(|pid| pid.as_raw())
         })
         .await?;
+        drop(forking);
         let pid = started.map_err(libcontainer(id, "exec into", host.said()))?;
         let stdio = blocking(id, move || host.finish())
             .await?

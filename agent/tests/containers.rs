@@ -251,9 +251,8 @@ async fn containers_created_at_once_all_exist_and_one_id_is_created_once() {
         tokio::join!(create(&agent, "par1", &["echo", "one"]), create(&agent, "par2", &["echo", "two"]));
     first.unwrap();
     second.unwrap();
-    // Both are started before either's output is read to its end: until a container created at
-    // the same time execs its process, its init holds copies of the other's pipe ends (forked
-    // while they were open; libcontainer closes them at exec), so the other's EOF waits for that.
+    // Both are started before either's output is read: each init holds copies of the agent's ends
+    // of the pipes that were open when it was forked until it execs its process.
     start(&agent, "par1").await;
     start(&agent, "par2").await;
     for (id, said) in [("par1", "one\n"), ("par2", "two\n")] {
@@ -276,10 +275,10 @@ async fn containers_created_at_once_all_exist_and_one_id_is_created_once() {
     remove(&agent, "same").await.unwrap();
     assert_eq!(agent.cgroups_left("same"), Vec::<PathBuf>::new(), "cgroup left behind");
 
-    // libcontainer moves the working directory around its socket calls: with creates at once and
-    // removals after them, a shared one would be left in a removed state directory, and the next
-    // create would fail ("failed to get cwd").
-    for round in 0..20 {
+    // Creates at once and removals after them, round after round: with libcontainer's forks at
+    // once, one create waited for good (round 16 in a CI run); with its working directory shared,
+    // one was left in a removed state directory and the next create failed ("failed to get cwd").
+    for round in 0..50 {
         let (a, b) = (format!("round{round}a"), format!("round{round}b"));
         let (first, second) = tokio::join!(create(&agent, &a, &["true"]), create(&agent, &b, &["true"]));
         first.unwrap_or_else(|err| panic!("round {round}: {err:?}"));

@@ -128,7 +128,7 @@ pub fn agent_markdown(machine: &Machine, r: &crate::agent::Results) -> String {
     let _ = writeln!(
         md,
         "\nTwo containers created in one agent (CreateContainer only; the agent's table is locked around \
-         its entries, not across libcontainer's create):\n"
+         its entries, libcontainer's fork is one at a time):\n"
     );
     let _ = writeln!(md, "| two creates (ms) | p50 | p95 | min |");
     let _ = writeln!(md, "|---|---|---|---|");
