@@ -364,8 +364,6 @@ pub struct Containers {
     oom_rx: Mutex<mpsc::Receiver<String>>,
     /// Ids of containers being created (not yet in `entries`).
     creating: std::sync::Mutex<HashSet<String>>,
-    /// Held while the cgroup parent is made.
-    cgroup_parent_made: std::sync::Mutex<()>,
     /// Held across libcontainer's create and exec, which fork: its processes wait on channels for
     /// the other end to close, and a process forked for another container at the same time holds
     /// copies of those ends until it execs (seen: two creates at once, one waiting for good). The
@@ -572,7 +570,6 @@ impl Containers {
             oom_tx,
             oom_rx: Mutex::new(oom_rx),
             creating: std::sync::Mutex::new(HashSet::new()),
-            cgroup_parent_made: std::sync::Mutex::new(()),
             forking: Mutex::new(()),
         }
     }
@@ -633,10 +630,6 @@ impl Containers {
         .await?
     }
 
-    fn is_being_created(&self, id: &str) -> bool {
-        self.creating.lock().map(|creating| creating.contains(id)).unwrap_or(true)
-    }
-
     /// The next container the OOM killer struck.
     pub async fn next_oom_event(&self) -> Option<String> {
         self.oom_rx.lock().await.recv().await
@@ -657,9 +650,9 @@ impl Containers {
             serde_json::from_str(spec_json).map_err(|e| Error::InvalidSpec(e.to_string()))?;
         self.join_sandbox_namespaces(&mut spec, sandbox_container).await?;
         add_cgroup_namespace(&mut spec);
-        if self.entries.lock().await.contains_key(id) || self.is_being_created(id) {
-            return Err(Error::AlreadyExists(id.into()));
-        }
+        // The table is locked only to reserve the id and, at the end, to enter the container, not
+        // across libcontainer's create (seconds under emulation): other containers' calls go on.
+        let _reservation = self.reserve(id).await?;
         let mut mounts = Vec::with_capacity(storages.len());
         for request in storages {
             match storage::mount_storage(request) {
@@ -712,10 +705,6 @@ impl Containers {
         linux.set_cgroups_path(Some(self.paths.cgroup(id)));
         spec.set_linux(Some(linux));
 
-        // The table is locked only to reserve the id and, at the end, to enter the container, not
-        // across libcontainer's create (seconds under emulation): other containers' calls go on.
-        let reservation = self.reserve(id).await?;
-        self.create_cgroup_parent()?;
         let bundle = self.paths.bundle(id);
         let bundle_err = |source| Error::Bundle { id: id.into(), source };
         std::fs::create_dir_all(&bundle).map_err(bundle_err)?;
@@ -733,6 +722,10 @@ impl Containers {
         let no_pivot = self.no_pivot;
         let (container_id, bundle_dir) = (id.to_string(), bundle.clone());
         let forking = self.forking.lock().await;
+        if let Err(err) = self.create_cgroup_parent() {
+            let _ = std::fs::remove_dir_all(&bundle);
+            return Err(err);
+        }
         let built = blocking(id, move || {
             builder(container_id, builder_root, child)?
                 .as_init(&bundle_dir)
@@ -771,7 +764,6 @@ impl Containers {
                 execs: HashMap::new(),
             },
         );
-        drop(reservation);
         Ok(())
     }
 
@@ -786,12 +778,11 @@ impl Containers {
         Ok(Reservation { creating: &self.creating, id: id.to_string() })
     }
 
-    /// The cgroup containers' cgroups go below, made by one container at a time: libcgroups
-    /// creates missing path components with a check-then-create that fails when two containers are
-    /// created at once below a new parent.
+    /// The cgroup containers' cgroups go below, made under the `forking` lock, one container at a
+    /// time: libcgroups creates missing path components with a check-then-create that fails when
+    /// two containers are created at once below a new parent.
     fn create_cgroup_parent(&self) -> Result<(), Error> {
         let parent = self.paths.cgroup_parent();
-        let _one_at_a_time = self.cgroup_parent_made.lock().map_err(|_| Error::Poisoned(String::new()))?;
         self.cgroups.create(parent).map_err(|source| Error::CgroupParent { path: parent.into(), source })
     }
 
@@ -1213,10 +1204,8 @@ mod tests {
             Containers::new(AgentPaths::new(dir.path(), Path::new("ironclad")), layout, exits, false);
         let first = containers.reserve("c1").await.unwrap();
         assert!(matches!(containers.reserve("c1").await, Err(Error::AlreadyExists(id)) if id == "c1"));
-        assert!(containers.is_being_created("c1"));
         let other = containers.reserve("c2").await.expect("another id is created alongside");
         drop(first);
-        assert!(!containers.is_being_created("c1"));
         assert!(containers.reserve("c1").await.is_ok(), "a failed create frees its id");
         drop(other);
     }

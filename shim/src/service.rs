@@ -261,8 +261,9 @@ fn code_of(err: &Error) -> ttrpc::Code {
         Error::Volumes(volumes::Error::NoSharedDirectory { .. }) => Code::FAILED_PRECONDITION,
         Error::Volumes(volumes::Error::Share { .. }) | Error::Share(_) => Code::INTERNAL,
         Error::HostNetwork => Code::UNIMPLEMENTED,
-        Error::Pinned(pinned::Error::Changed { .. }) => Code::FAILED_PRECONDITION,
-        Error::Pinned(pinned::Error::Read { .. }) => Code::FAILED_PRECONDITION,
+        Error::Pinned(pinned::Error::Changed { .. } | pinned::Error::Read { .. }) => {
+            Code::FAILED_PRECONDITION
+        }
         Error::PodWithoutShare { .. } => Code::FAILED_PRECONDITION,
         Error::SandboxGone { .. } => Code::FAILED_PRECONDITION,
         Error::Config(_) | Error::RuntimeOptions(_) | Error::RuntimeOptionsType(_) | Error::Stdio(_) => {
@@ -499,6 +500,9 @@ impl TaskService {
         }
         let backend = Backend::select(config.hypervisor, HostVirtualization::detect())
             .map_err(|err| Error::Sandbox(err.into()))?;
+        // Before anything is made for the sandbox: a changed kernel or initrd leaves nothing to undo.
+        pinned::verify("kernel", &config.kernel, config.kernel_sha256.as_deref())?;
+        pinned::verify("initrd", &config.initrd, config.initrd_sha256.as_deref())?;
         // A pod's sandbox shares a directory for the containers that join it later.
         let with_share = role == PodRole::Sandbox || volumes::need_share(&volumes);
 
@@ -516,8 +520,6 @@ impl TaskService {
             let image = prepare_rootfs(snapshot, &config, &dir).await?;
             let network = attach_network(&requested_network, &dir, &req.id, &config).await?;
             let share = if with_share { Some(ShareFs::prepare(&dir)?) } else { None };
-            pinned::verify("kernel", &config.kernel, config.kernel_sha256.as_deref())?;
-            pinned::verify("initrd", &config.initrd, config.initrd_sha256.as_deref())?;
             let vm_config = VmConfig {
                 kernel: config.kernel.clone(),
                 initrd: config.initrd.clone(),

@@ -35,7 +35,12 @@ pub fn file_sha256(path: &Path) -> std::io::Result<String> {
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hex_digest(hasher))
+}
+
+/// A finished sha256, in lower-case hex.
+pub fn hex_digest(hasher: Sha256) -> String {
+    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Checks `path` against the digest the config pins for it; nothing pinned, nothing checked.

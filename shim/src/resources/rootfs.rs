@@ -101,7 +101,7 @@ pub fn cache_key(lowers: &[PathBuf]) -> String {
         hasher.update(lower.as_os_str().as_encoded_bytes());
         hasher.update([0]);
     }
-    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    pinned::hex_digest(hasher)
 }
 
 /// Turns the snapshot into a disk image: the layers' cached image when the container has written
@@ -148,7 +148,7 @@ fn cached_image(lowers: &[PathBuf], cache_dir: &Path) -> Result<RootfsImage, Err
         );
         let _ = std::fs::remove_file(&image);
     }
-    // Only when the cache grows: a hit must cost no more than a stat.
+    // Only when the cache grows: a hit never scans the cache.
     forget_images_of_removed_snapshots(cache_dir);
     // Built under a private name and renamed, so that shims building the same image at once
     // never see each other's half-written file.
