@@ -16,7 +16,7 @@ export IRONCLAD_SKIP_LOG := $(CURDIR)/target/test-skips.log
 PREFIX ?= /usr/local
 CONFIG_DIR ?= /etc/ironclad
 
-.PHONY: all prereqs kernel agent initrd guest lint test test-nested demo boot-demo install bench bench-nested clean
+.PHONY: all prereqs kernel agent initrd guest lint test test-nested demo boot-demo install bench bench-nested fuzz clean
 
 all: guest
 
@@ -106,6 +106,12 @@ bench: prereqs guest
 bench-nested: prereqs guest
 	$(CARGO) build --workspace --locked
 	tests/nested/run.sh bench
+
+# Every cargo fuzz target (fuzz/) for FUZZ_SECONDS, on the nightly toolchain (cargo-fuzz installed
+# pinned); new inputs are kept, minimised, in fuzz/corpus, which `make test` replays on stable.
+FUZZ_SECONDS ?= 60
+fuzz:
+	scripts/fuzz.sh $(FUZZ_SECONDS)
 
 clean:
 	$(CARGO) clean

@@ -10,11 +10,9 @@ use std::time::Duration;
 use libcgroups::common::{
     AnyCgroupManager, AnyManagerError, CgroupConfig, CgroupManager, ControllerOpt, CreateCgroupSetupError,
 };
-use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::error::LibcontainerError;
 use libcontainer::oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process as OciProcess, Spec};
-use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
@@ -22,6 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, watch, Mutex};
 
 use crate::cgroups::{self, Layout};
+use crate::fork_helper::{self, ChildStdio};
 use crate::paths::AgentPaths;
 use crate::storage::{self, Mounted, StorageRequest};
 
@@ -30,6 +29,9 @@ use crate::storage::{self, Mounted, StorageRequest};
 pub const CHUNK_SIZE: usize = 64 * 1024;
 const BUFFERED_CHUNKS: usize = 16;
 const DEFAULT_REMOVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A create or exec helper not done by then is killed: the shim stops waiting for any agent call
+/// after as long.
+const HELPER_DEADLINE: Duration = Duration::from_secs(30);
 /// How often a container's OOM-kill count is read for new kills.
 const OOM_POLL: Duration = Duration::from_millis(100);
 /// OOM events waiting for GetOOMEvent; more are dropped (and logged) rather than held.
@@ -70,6 +72,17 @@ pub enum Error {
         said: String,
         #[source]
         source: Box<LibcontainerError>,
+    },
+    /// A create or exec, run by a helper process: libcontainer's failure (its kind kept for the
+    /// server's code) or the helper's own.
+    #[error("cannot {action} container {id:?}{said}")]
+    Helper {
+        id: String,
+        action: &'static str,
+        /// What the process wrote on stderr before it failed ("; the container said: …"), or "".
+        said: String,
+        #[source]
+        source: fork_helper::Error,
     },
     #[error("cannot open the cgroup of container {id:?}")]
     CgroupOpen {
@@ -252,13 +265,6 @@ fn receive_pty_master(listener: &std::os::unix::net::UnixListener) -> Result<Own
     Err("the container sent no terminal".into())
 }
 
-/// The pipe ends a new process gets as its stdin, stdout and stderr.
-struct ChildStdio {
-    stdin: OwnedFd,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
-}
-
 /// Our ends of those pipes, before the relays start.
 struct HostEnds {
     stdin: OwnedFd,
@@ -362,14 +368,10 @@ pub struct Containers {
     no_pivot: bool,
     oom_tx: mpsc::Sender<String>,
     oom_rx: Mutex<mpsc::Receiver<String>>,
-    /// Ids of containers being created (not yet in `entries`).
+    /// Ids of containers being created (not yet in `entries`): the table is not locked across a
+    /// create, and libcontainer's part runs in a helper process of its own (see `fork_helper`), so
+    /// containers are created side by side.
     creating: std::sync::Mutex<HashSet<String>>,
-    /// Held across libcontainer's create and exec, which fork: its processes wait on channels for
-    /// the other end to close, and a process forked for another container at the same time holds
-    /// copies of those ends until it execs (seen: two creates at once, one waiting for good). The
-    /// rest of a create (storages, overlay, bundle, stdio) and every call on other containers go on
-    /// meanwhile: the table itself is not locked across it.
-    forking: Mutex<()>,
 }
 
 /// An id held by [`Containers::reserve`].
@@ -454,26 +456,20 @@ fn relay_output(read_end: OwnedFd) -> mpsc::Receiver<Vec<u8>> {
     rx
 }
 
-/// A libcontainer builder for `container_id`, with its state under `root` and `stdio` as the new
-/// process's stdin, stdout and stderr: what creating and exec'ing have in common.
-fn builder(
-    container_id: String,
-    root: PathBuf,
-    stdio: ChildSide,
-) -> Result<ContainerBuilder, LibcontainerError> {
-    let builder = ContainerBuilder::new(container_id, SyscallType::Linux).with_root_path(root)?;
-    Ok(match stdio {
-        ChildSide::Pipes(pipes) => {
-            builder.with_stdin(pipes.stdin).with_stdout(pipes.stdout).with_stderr(pipes.stderr)
-        }
-        ChildSide::Terminal(console_socket) => builder.with_console_socket(Some(console_socket)),
-    })
-}
-
 /// What a new process is given for its stdio: pipes, or a console socket to send its pty master to.
 enum ChildSide {
     Pipes(ChildStdio),
     Terminal(PathBuf),
+}
+
+impl ChildSide {
+    /// The helper's stdio and console socket.
+    fn into_parts(self) -> (Option<ChildStdio>, Option<PathBuf>) {
+        match self {
+            ChildSide::Pipes(pipes) => (Some(pipes), None),
+            ChildSide::Terminal(console_socket) => (None, Some(console_socket)),
+        }
+    }
 }
 
 /// Our side of the same: the pipes' other ends, or the socket the pty master will arrive on.
@@ -541,6 +537,30 @@ fn libcontainer(id: &str, action: &'static str, said: String) -> impl FnOnce(Lib
     move |source| Error::Libcontainer { id, action, said, source: Box::new(source) }
 }
 
+/// libcontainer's state of a container a helper created.
+async fn load(id: &str, container_dir: PathBuf) -> Result<Container, Error> {
+    let owned_id = id.to_string();
+    blocking(id, move || {
+        Container::load(container_dir).map_err(libcontainer(&owned_id, "load", String::new()))
+    })
+    .await?
+}
+
+/// After a failed create: whatever the helper left of the container (a helper killed half-way
+/// leaves its state directory, and maybe a process waiting to be started), so that the id can
+/// be used again.
+async fn discard_state(id: &str, state_root: &Path) {
+    let container_dir = state_root.join(id);
+    if !container_dir.exists() {
+        return;
+    }
+    let dir = container_dir.clone();
+    let deleted = blocking(id, move || Container::load(dir).and_then(|mut c| c.delete(true))).await;
+    if !matches!(deleted, Ok(Ok(()))) {
+        let _ = std::fs::remove_dir_all(&container_dir);
+    }
+}
+
 /// Locks a container's libcontainer state; a panic while it was held is an error, not a crash.
 fn lock<'a>(
     id: &str,
@@ -570,7 +590,6 @@ impl Containers {
             oom_tx,
             oom_rx: Mutex::new(oom_rx),
             creating: std::sync::Mutex::new(HashSet::new()),
-            forking: Mutex::new(()),
         }
     }
 
@@ -646,10 +665,8 @@ impl Containers {
         sandbox_container: &str,
     ) -> Result<(), Error> {
         validate_id(id)?;
-        let mut spec: Spec =
-            serde_json::from_str(spec_json).map_err(|e| Error::InvalidSpec(e.to_string()))?;
+        let mut spec = parse_spec(spec_json)?;
         self.join_sandbox_namespaces(&mut spec, sandbox_container).await?;
-        add_cgroup_namespace(&mut spec);
         // The table is locked only to reserve the id and, at the end, to enter the container, not
         // across libcontainer's create (seconds under emulation): other containers' calls go on.
         let _reservation = self.reserve(id).await?;
@@ -694,10 +711,6 @@ impl Containers {
         if !rootfs.is_dir() {
             return Err(Error::BadRootfs(rootfs.to_path_buf()));
         }
-        let args = spec.process().as_ref().and_then(|p| p.args().clone()).unwrap_or_default();
-        if args.is_empty() {
-            return Err(Error::InvalidSpec("process.args is empty".into()));
-        }
         let mut root = spec.root().clone().unwrap_or_default();
         root.set_path(rootfs.to_path_buf());
         spec.set_root(Some(root));
@@ -718,28 +731,29 @@ impl Containers {
 
         let terminal = spec.process().as_ref().and_then(|p| p.terminal()).unwrap_or(false);
         let (child, host) = plan_stdio(terminal, bundle.join("console.sock"))?;
-        let builder_root = self.paths.libcontainer_root();
-        let no_pivot = self.no_pivot;
-        let (container_id, bundle_dir) = (id.to_string(), bundle.clone());
-        let forking = self.forking.lock().await;
+        let state_root = self.paths.libcontainer_root();
         if let Err(err) = self.create_cgroup_parent() {
             let _ = std::fs::remove_dir_all(&bundle);
             return Err(err);
         }
-        let built = blocking(id, move || {
-            builder(container_id, builder_root, child)?
-                .as_init(&bundle_dir)
-                .with_systemd(false)
-                .with_no_pivot(no_pivot)
-                .with_detach(true)
-                .build()
-        })
-        .await
-        .and_then(|built| built.map_err(libcontainer(id, "create", host.said())));
-        drop(forking);
+        let (stdio, console_socket) = child.into_parts();
+        let request = fork_helper::Request::Create {
+            id: id.into(),
+            state_root: state_root.clone(),
+            bundle: bundle.clone(),
+            no_pivot: self.no_pivot,
+            console_socket,
+        };
+        let built = match fork_helper::run(&request, stdio, HELPER_DEADLINE).await {
+            Ok(_) => load(id, state_root.join(id)).await,
+            Err(source) => Err(Error::Helper { id: id.into(), action: "create", said: host.said(), source }),
+        };
         let container = match built {
             Ok(container) => container,
             Err(err) => {
+                if !matches!(&err, Error::Helper { source, .. } if source.found_existing_state()) {
+                    discard_state(id, &state_root).await;
+                }
                 let _ = std::fs::remove_dir_all(&bundle);
                 return Err(err);
             }
@@ -778,9 +792,9 @@ impl Containers {
         Ok(Reservation { creating: &self.creating, id: id.to_string() })
     }
 
-    /// The cgroup containers' cgroups go below, made under the `forking` lock, one container at a
-    /// time: libcgroups creates missing path components with a check-then-create that fails when
-    /// two containers are created at once below a new parent.
+    /// The cgroup containers' cgroups go below, made before libcontainer runs: libcgroups creates
+    /// missing path components with a check-then-create that fails when two containers are created
+    /// at once below a new parent (creating it here twice at once is harmless).
     fn create_cgroup_parent(&self) -> Result<(), Error> {
         let parent = self.paths.cgroup_parent();
         self.cgroups.create(parent).map_err(|source| Error::CgroupParent { path: parent.into(), source })
@@ -833,19 +847,16 @@ impl Containers {
         let terminal = process.terminal().unwrap_or(false);
         let (child, host) = plan_stdio(terminal, entry.bundle.join(format!("exec-{exec_id}.sock")))?;
         let exits = self.exits.subscribe();
-        let (builder_root, container_id) = (self.paths.libcontainer_root(), id.to_string());
-        let forking = self.forking.lock().await;
-        let started = blocking(id, move || {
-            builder(container_id, builder_root, child)?
-                .as_tenant()
-                .with_detach(true)
-                .with_process(Some(process_file))
-                .build()
-                .map(|pid| pid.as_raw())
-        })
-        .await?;
-        drop(forking);
-        let pid = started.map_err(libcontainer(id, "exec into", host.said()))?;
+        let (stdio, console_socket) = child.into_parts();
+        let request = fork_helper::Request::Exec {
+            id: id.into(),
+            state_root: self.paths.libcontainer_root(),
+            process_file,
+            console_socket,
+        };
+        let pid = fork_helper::run(&request, stdio, HELPER_DEADLINE).await.map_err(|source| {
+            Error::Helper { id: id.into(), action: "exec into", said: host.said(), source }
+        })?;
         let stdio = blocking(id, move || host.finish())
             .await?
             .map_err(|message| Error::Stdio { id: id.into(), message })?;
@@ -1135,6 +1146,18 @@ fn validate_id(id: &str) -> Result<(), Error> {
         return invalid("may hold only letters, digits, '_', '.' and '-'");
     }
     Ok(())
+}
+
+/// The spec as the host sent it, checked for what the agent needs before it prepares anything (a
+/// process with arguments), with a cgroup namespace of the container's own added.
+pub fn parse_spec(spec_json: &str) -> Result<Spec, Error> {
+    let mut spec: Spec = serde_json::from_str(spec_json).map_err(|e| Error::InvalidSpec(e.to_string()))?;
+    let args = spec.process().as_ref().and_then(|p| p.args().clone()).unwrap_or_default();
+    if args.is_empty() {
+        return Err(Error::InvalidSpec("process.args is empty".into()));
+    }
+    add_cgroup_namespace(&mut spec);
+    Ok(spec)
 }
 
 /// The guest's cgroups are v2 whatever the host has: a container gets a cgroup namespace of its

@@ -5,24 +5,12 @@
 //! end the sandbox. Run by hand (not as PID 1) it skips the guest setup and serves on the address
 //! given with `--listen`, which is how the host-side tests drive it.
 
-mod cgroups;
-mod clock;
-mod container;
-mod copy_file;
-mod init;
-mod network;
-mod paths;
-mod reaper;
-mod sandbox;
-mod server;
-mod stats;
-mod storage;
-
 use std::process::ExitCode;
 
 use std::sync::Arc;
 
-use container::Containers;
+use ironclad_agent::container::{self, Containers};
+use ironclad_agent::{cgroups, fork_helper, init, network, paths, reaper, server};
 use ironclad_protocol::AGENT_VSOCK_PORT;
 use tracing::error;
 
@@ -135,6 +123,12 @@ fn run(is_init: bool) -> Result<(), Error> {
 }
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, mode, request] = args.as_slice() {
+        if mode == fork_helper::HELPER_ARG {
+            return fork_helper::serve(request);
+        }
+    }
     let is_init = std::process::id() == 1;
     init::setup_logging();
     let result = run(is_init);

@@ -25,6 +25,7 @@ use ttrpc::r#async::{Server, TtrpcContext};
 use crate::clock::uptime_ms;
 use crate::container::{self, Containers};
 use crate::copy_file;
+use crate::fork_helper::{self, ErrorKind};
 use crate::sandbox;
 use crate::storage::{self, StorageRequest};
 
@@ -110,6 +111,7 @@ fn status(err: container::Error) -> ttrpc::Error {
         E::WrongState { .. } => Code::FAILED_PRECONDITION,
         E::StopTimeout { .. } => Code::DEADLINE_EXCEEDED,
         E::Libcontainer { source, .. } => libcontainer_code(source),
+        E::Helper { source, .. } => helper_code(source),
         E::Bundle { .. }
         | E::Pipes(_)
         | E::CgroupParent { .. }
@@ -131,42 +133,32 @@ fn status(err: container::Error) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, ironclad_protocol::error_chain(&err)))
 }
 
-/// libcontainer's errors by kind: what the request got wrong, what state forbids, what is missing;
-/// the rest is ours.
 fn libcontainer_code(err: &LibcontainerError) -> ttrpc::Code {
-    use ttrpc::Code;
-    use LibcontainerError as L;
+    kind_code(ErrorKind::of(err))
+}
+
+fn helper_code(err: &fork_helper::Error) -> ttrpc::Code {
+    use fork_helper::Error as H;
     match err {
-        L::InvalidID(_) | L::MissingSpec(_) | L::InvalidSpec(_) | L::InvalidInput(_) | L::Spec(_) => {
-            Code::INVALID_ARGUMENT
-        }
-        L::IncorrectStatus(_) => Code::FAILED_PRECONDITION,
-        L::Exist => Code::ALREADY_EXISTS,
-        L::NoDirectory => Code::NOT_FOUND,
-        L::NoExecutors
-        | L::NoUserNamespace
-        | L::Tty(_)
-        | L::UserNamespace(_)
-        | L::NotifyListener(_)
-        | L::Config(_)
-        | L::Hook(_)
-        | L::State(_)
-        | L::MainProcess(_)
-        | L::Procfs(_)
-        | L::Capabilities(_)
-        | L::CgroupManager(_)
-        | L::CgroupCreate(_)
-        | L::CgroupGet(_)
-        | L::Checkpoint(_)
-        | L::CreateContainerError(_)
-        | L::NetDevicesError(_)
-        | L::NetworkError(_)
-        | L::IntelRdt(_)
-        | L::OtherSyscall(_)
-        | L::OtherIO(_)
-        | L::OtherSerialization(_)
-        | L::OtherCgroup(_)
-        | L::Other(_) => Code::INTERNAL,
+        H::Failed { kind, .. } => kind_code(*kind),
+        H::Encode(_)
+        | H::Pipe(_)
+        | H::Spawn(_)
+        | H::Read(_)
+        | H::NoReply
+        | H::BadReply(_)
+        | H::Timeout(_)
+        | H::NoPid => ttrpc::Code::INTERNAL,
+    }
+}
+
+fn kind_code(kind: ErrorKind) -> ttrpc::Code {
+    match kind {
+        ErrorKind::InvalidArgument => ttrpc::Code::INVALID_ARGUMENT,
+        ErrorKind::FailedPrecondition => ttrpc::Code::FAILED_PRECONDITION,
+        ErrorKind::AlreadyExists => ttrpc::Code::ALREADY_EXISTS,
+        ErrorKind::NotFound => ttrpc::Code::NOT_FOUND,
+        ErrorKind::Internal => ttrpc::Code::INTERNAL,
     }
 }
 
@@ -579,6 +571,28 @@ mod tests {
             status.message(),
             "libcontainer failed to create container \"c1\": missing args in the process spec"
         );
+    }
+
+    #[test]
+    fn a_helpers_failure_keeps_libcontainers_kind() {
+        let status_of = |source| match status(container::Error::Helper {
+            id: "c1".into(),
+            action: "create",
+            said: String::new(),
+            source,
+        }) {
+            ttrpc::Error::RpcStatus(status) => status,
+            other => panic!("not a status: {other:?}"),
+        };
+        let failed =
+            |kind| fork_helper::Error::Failed { kind, message: "missing args in the process spec".into() };
+        let invalid = status_of(failed(ErrorKind::InvalidArgument));
+        assert_eq!(invalid.code(), ttrpc::Code::INVALID_ARGUMENT);
+        assert_eq!(invalid.message(), "cannot create container \"c1\": missing args in the process spec");
+        assert_eq!(status_of(failed(ErrorKind::NotFound)).code(), ttrpc::Code::NOT_FOUND);
+        assert_eq!(status_of(failed(ErrorKind::FailedPrecondition)).code(), ttrpc::Code::FAILED_PRECONDITION);
+        let timeout = fork_helper::Error::Timeout(std::time::Duration::from_secs(30));
+        assert_eq!(status_of(timeout).code(), ttrpc::Code::INTERNAL);
     }
 
     #[test]

@@ -127,8 +127,8 @@ pub fn agent_markdown(machine: &Machine, r: &crate::agent::Results) -> String {
     }
     let _ = writeln!(
         md,
-        "\nTwo containers created in one agent (CreateContainer only; the agent's table is locked around \
-         its entries, libcontainer's fork is one at a time):\n"
+        "\nTwo containers created in one agent (CreateContainer only; each create runs libcontainer in \
+         a helper process of its own, so two run side by side):\n"
     );
     let _ = writeln!(md, "| two creates (ms) | p50 | p95 | min |");
     let _ = writeln!(md, "|---|---|---|---|");

@@ -12,6 +12,8 @@
 pub mod agent_client;
 pub mod config;
 pub mod events;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod guest_text;
 pub mod hypervisor;
 pub mod io;

@@ -357,6 +357,19 @@ mod tests {
             .unwrap();
         let mut other = std::process::Command::new("sleep").arg("60").spawn().unwrap();
         std::fs::write(task_dir.join(PIDS_FILE), format!("{}\n{}\n", ours.id(), other.id())).unwrap();
+        // spawn() returns once exec has begun, before the kernel has set the new argv that
+        // /proc/PID/cmdline shows (seen empty under load): wait for it, as a VM process has long
+        // had it when its sandbox is cleaned up.
+        let marker = task_dir.to_string_lossy().into_owned();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !String::from_utf8_lossy(
+            &std::fs::read(format!("/proc/{}/cmdline", ours.id())).unwrap_or_default(),
+        )
+        .contains(&marker)
+        {
+            assert!(std::time::Instant::now() < deadline, "the shell never showed its arguments");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         clean_up_task_dir(&task_dir);
         assert!(ours.wait().unwrap().code().is_none(), "our process was not killed");
         assert!(!dir.path().exists(), "the emptied parent directory was kept");

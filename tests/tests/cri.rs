@@ -310,3 +310,91 @@ fn host_network_is_refused_and_a_killed_vm_ends_the_whole_pod() {
     kubelet.stop_and_remove_pod(&pod);
     kubelet.assert_nothing_left();
 }
+
+/// The masked and read-only paths the kubelet sends for every container (its default proc mount);
+/// containerd adds none of its own to a pod's containers.
+const KUBELET_MASKED_PATHS: &[&str] = &[
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+];
+const KUBELET_READONLY_PATHS: &[&str] =
+    &["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
+
+/// A container with a seccomp profile of type `profile` and the kubelet's masked and read-only paths.
+fn confined(name: &str, profile: cri::security_profile::ProfileType) -> cri::ContainerConfig {
+    let mut config = container(name, &["sleep", "3600"], vec![]);
+    let paths = |list: &[&str]| list.iter().map(|p| p.to_string()).collect();
+    config.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            seccomp: Some(cri::SecurityProfile {
+                profile_type: profile as i32,
+                localhost_ref: String::new(),
+            }),
+            masked_paths: paths(KUBELET_MASKED_PATHS),
+            readonly_paths: paths(KUBELET_READONLY_PATHS),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    config
+}
+
+/// Inside the guest, the spec's confinement holds as the kubelet asked for it: CRI's RuntimeDefault
+/// seccomp profile refuses a call it blocks (`syslog`, which the same container unconfined may
+/// make: the guest kernel does not restrict dmesg), and in both containers the masked paths read
+/// as nothing and the read-only paths refuse writes.
+#[test]
+fn runtime_default_seccomp_masked_and_read_only_paths_hold_in_the_guest() {
+    let Some(kubelet) = start_kubelet("icrisec") else { return };
+    let pod_config = kubelet.pod_config("confined", cri::NamespaceMode::Pod);
+    let pod = kubelet.run_pod(&pod_config);
+    use cri::security_profile::ProfileType;
+    let guarded =
+        kubelet.create_container(&pod, &pod_config, confined("guarded", ProfileType::RuntimeDefault));
+    kubelet.start_container(&guarded);
+    let open = kubelet.create_container(&pod, &pod_config, confined("open", ProfileType::Unconfined));
+    kubelet.start_container(&open);
+
+    let seccomp_mode = |id: &str| kubelet.exec_ok(id, &["grep", "^Seccomp:", "/proc/self/status"]);
+    assert_eq!(seccomp_mode(&guarded).split_whitespace().nth(1), Some("2"), "no seccomp filter");
+    assert_eq!(
+        seccomp_mode(&open).split_whitespace().nth(1),
+        Some("0"),
+        "a filter on an unconfined container"
+    );
+    let blocked = kubelet.exec(&guarded, &["dmesg"]);
+    assert_ne!(blocked.exit_code, 0, "RuntimeDefault let syslog through");
+    assert!(String::from_utf8_lossy(&blocked.stderr).contains("Operation not permitted"), "{blocked:?}");
+    let allowed = kubelet.exec_ok(&open, &["dmesg"]);
+    assert!(allowed.contains("Linux version"), "unconfined, dmesg read no kernel log: {allowed:?}");
+
+    for id in [&guarded, &open] {
+        // Masked: a file reads as nothing, a directory takes no file.
+        assert_eq!(kubelet.exec_ok(id, &["sh", "-c", "wc -c < /proc/timer_list"]).trim(), "0");
+        assert_ne!(kubelet.exec_ok(id, &["sh", "-c", "wc -c < /proc/uptime"]).trim(), "0");
+        let masked_dir = kubelet.exec(id, &["touch", "/sys/firmware/planted"]);
+        assert_ne!(masked_dir.exit_code, 0, "a masked directory took a file");
+        // Read-only: /proc/sys refuses writes even to root in the container.
+        let read_only = kubelet.exec(id, &["sh", "-c", "echo planted > /proc/sys/kernel/domainname"]);
+        assert_ne!(read_only.exit_code, 0, "a read-only path took a write");
+        assert!(
+            String::from_utf8_lossy(&read_only.stderr).contains("Read-only file system"),
+            "{read_only:?}"
+        );
+        assert_ne!(kubelet.exec_ok(id, &["cat", "/proc/sys/kernel/domainname"]).trim(), "planted");
+    }
+
+    for id in [&guarded, &open] {
+        kubelet.stop_and_remove_container(id);
+    }
+    kubelet.stop_and_remove_pod(&pod);
+    kubelet.assert_nothing_left();
+}

@@ -9,6 +9,8 @@ pub mod builder;
 pub mod bus;
 pub mod config;
 pub mod devices;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod logger;
 pub mod seccomp;
 pub mod vstate;

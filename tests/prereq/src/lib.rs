@@ -12,7 +12,7 @@
 //! ```
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Set to 1 to let tests that cannot run here skip instead of failing.
 pub const ALLOW_SKIP: &str = "IRONCLAD_ALLOW_SKIP";
@@ -107,6 +107,35 @@ fn on_path(name: &str) -> bool {
     }
     std::env::var_os("PATH")
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| executable(&dir.join(name))))
+}
+
+/// Runs every input of a fuzz target's seeds (`fuzz/seeds/<target>`, made by fuzz/seeds.py), corpus
+/// (`fuzz/corpus/<target>`, found and kept small by `make fuzz`) and regressions
+/// (`fuzz/regressions/<target>`, inputs that once crashed) through `run`, in name order, naming
+/// each on stderr: the crates' tests replay them on stable. No input at all fails.
+pub fn replay_fuzz_corpus(target: &str, run: impl Fn(&[u8])) {
+    let inputs = fuzz_inputs(target);
+    assert!(!inputs.is_empty(), "no corpus for the fuzz target {target}: `make fuzz` writes one");
+    for (path, input) in inputs {
+        eprintln!("{target}: {}", path.display());
+        run(&input);
+    }
+}
+
+fn fuzz_inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
+    let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz");
+    let mut inputs = Vec::new();
+    for kind in ["seeds", "corpus", "regressions"] {
+        let Ok(entries) = std::fs::read_dir(fuzz.join(kind).join(target)) else { continue };
+        let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.sort();
+        for path in paths {
+            if let Ok(input) = std::fs::read(&path) {
+                inputs.push((path, input));
+            }
+        }
+    }
+    inputs
 }
 
 #[cfg(test)]

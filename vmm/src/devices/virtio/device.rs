@@ -10,6 +10,52 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::vstate::memory::GuestMemory;
 
+/// What one drain of a queue did: the chains used, and the ring errors met (a ring the device
+/// could not read or write, or an avail index that moved with nothing to pop: a corrupt ring).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    pub used: usize,
+    pub ring_errors: usize,
+}
+
+/// Runs every chain the driver queued through `handle` (which returns the bytes it wrote into the
+/// chain's buffers) in virtio-queue's loop: notifications off, drain, notifications back on, and
+/// once more if the driver added chains meanwhile. With VIRTIO_RING_F_EVENT_IDX the driver kicks
+/// only when it passes the avail index the device asked for, which enabling notifications writes:
+/// a device that skipped it would hear nothing more. A corrupt ring ends the drain instead of
+/// spinning on it.
+pub fn drain_queue(
+    queue: &mut Queue,
+    memory: &GuestMemory,
+    mut handle: impl FnMut(virtio_queue::DescriptorChain<&GuestMemory>) -> u32,
+) -> Drained {
+    let mut drained = Drained::default();
+    loop {
+        if queue.disable_notification(memory).is_err() {
+            drained.ring_errors += 1;
+            return drained;
+        }
+        let mut popped = 0usize;
+        while let Some(chain) = queue.pop_descriptor_chain(memory) {
+            popped += 1;
+            let head = chain.head_index();
+            let written = handle(chain);
+            if queue.add_used(memory, head, written).is_err() {
+                drained.ring_errors += 1;
+            }
+        }
+        drained.used += popped;
+        match queue.enable_notification(memory) {
+            Ok(true) if popped > 0 => continue,
+            Ok(false) => return drained,
+            Ok(true) | Err(_) => {
+                drained.ring_errors += 1;
+                return drained;
+            }
+        }
+    }
+}
+
 /// Bits of the interrupt status register.
 pub const INTERRUPT_USED_RING: u32 = 1;
 pub const INTERRUPT_CONFIG_CHANGE: u32 = 2;

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::Serialize;
-use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -16,7 +15,7 @@ use super::{
     ID_BYTES, QUEUE_SIZE, SECTOR_SIZE, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_RO,
 };
-use crate::devices::virtio::device::{VirtioBase, VirtioDevice};
+use crate::devices::virtio::device::{drain_queue, VirtioBase, VirtioDevice};
 use crate::devices::virtio::{TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::logger::GuestErrorLog;
 use crate::vstate::memory::GuestMemory;
@@ -201,44 +200,18 @@ impl Block {
         self.metrics.clone()
     }
 
-    /// The virtio-queue loop: disable notifications, drain, re-enable, and go again if the driver
-    /// added requests in between; then one interrupt if the driver wants it.
+    /// Every request the driver queued, then one interrupt if the driver wants it.
     pub fn process_queue(&mut self) {
         let Some((memory, queue)) = self.base.active_queue(0) else {
             return;
         };
-        let mut answered = false;
-        loop {
-            if queue.disable_notification(memory).is_err() {
-                BlockMetrics::count(&self.metrics.queue_errors);
-                break;
-            }
-            let mut popped = 0usize;
-            while let Some(chain) = queue.pop_descriptor_chain(memory) {
-                popped += 1;
-                let head = chain.head_index();
-                let written = handle_chain(&self.disk, chain, memory, &self.metrics, &self.guest_errors);
-                if queue.add_used(memory, head, written).is_err() {
-                    BlockMetrics::count(&self.metrics.queue_errors);
-                }
-                answered = true;
-            }
-            match queue.enable_notification(memory) {
-                // More arrived while notifications were off; but an avail index that moved with
-                // nothing to pop is a corrupt ring, and going round again would spin forever.
-                Ok(true) if popped > 0 => continue,
-                Ok(true) => {
-                    BlockMetrics::count(&self.metrics.queue_errors);
-                    break;
-                }
-                Ok(false) => break,
-                Err(_) => {
-                    BlockMetrics::count(&self.metrics.queue_errors);
-                    break;
-                }
-            }
+        let (disk, metrics, guest_errors) = (&self.disk, &self.metrics, &self.guest_errors);
+        let drained =
+            drain_queue(queue, memory, |chain| handle_chain(disk, chain, memory, metrics, guest_errors));
+        for _ in 0..drained.ring_errors {
+            BlockMetrics::count(&self.metrics.queue_errors);
         }
-        if answered {
+        if drained.used > 0 {
             self.base.notify_guest();
         }
     }

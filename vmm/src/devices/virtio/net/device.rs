@@ -14,7 +14,7 @@ use super::{
     MAX_FRAME_LEN, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS,
     VIRTIO_NET_S_LINK_UP, VNET_HDR_LEN,
 };
-use crate::devices::virtio::device::{VirtioBase, VirtioDevice};
+use crate::devices::virtio::device::{drain_queue, VirtioBase, VirtioDevice};
 use crate::devices::virtio::{TYPE_NET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::logger::GuestErrorLog;
 use crate::vstate::memory::GuestMemory;
@@ -85,39 +85,18 @@ impl Net {
         self.metrics.clone()
     }
 
-    /// Sends every frame the guest queued; returns whether any chain was used. With
-    /// VIRTIO_RING_F_EVENT_IDX the driver kicks only when it reaches the avail index the device
-    /// asked for: after draining, the device asks for the next one, and drains again if more came
-    /// in the meantime.
+    /// Sends every frame the guest queued; returns whether any chain was used.
     pub fn process_tx(&mut self) -> bool {
         let Some((memory, queue)) = self.base.active_queue(TX_QUEUE) else {
             return false;
         };
-        let mut used_any = false;
-        loop {
-            let mut popped = false;
-            while let Some(chain) = queue.pop_descriptor_chain(memory) {
-                popped = true;
-                let head = chain.head_index();
-                send_frame(
-                    chain,
-                    memory,
-                    &mut self.tx_frame,
-                    &mut self.tap,
-                    &self.metrics,
-                    &mut self.guest_errors,
-                    &self.tap_name,
-                );
-                let _ = queue.add_used(memory, head, 0);
-            }
-            used_any |= popped;
-            match queue.enable_notification(memory) {
-                // An avail index that moved with nothing to pop is a corrupt ring: no second round.
-                Ok(true) if popped => continue,
-                Ok(_) | Err(_) => break,
-            }
-        }
-        used_any
+        let (frame, tap, metrics, guest_errors) =
+            (&mut self.tx_frame, &mut self.tap, &self.metrics, &mut self.guest_errors);
+        let drained = drain_queue(queue, memory, |chain| {
+            send_frame(chain, memory, frame, tap, metrics, guest_errors, &self.tap_name);
+            0
+        });
+        drained.used > 0
     }
 
     /// Moves frames from the tap into the guest's rx buffers until one side runs dry.
@@ -190,22 +169,7 @@ fn send_frame(
     guest_errors: &mut GuestErrorLog,
     tap_name: &str,
 ) {
-    frame.clear();
-    let mut well_formed = true;
-    for desc in chain {
-        let len = desc.len() as usize;
-        if desc.is_write_only() || frame.len() + len > MAX_FRAME_LEN {
-            well_formed = false;
-            break;
-        }
-        let start = frame.len();
-        frame.resize(start + len, 0);
-        if memory.read_slice(&mut frame[start..], desc.addr()).is_err() {
-            well_formed = false;
-            break;
-        }
-    }
-    if !well_formed || frame.len() < VNET_HDR_LEN || asks_for_offloads(frame) {
+    if !read_tx_frame(chain, memory, frame) {
         count(&metrics.tx_malformed);
         guest_errors.warn(format_args!(
             "net {tap_name}: the guest sent a malformed frame (bad chain, too short, or offloads asked for)"
@@ -221,6 +185,29 @@ fn send_frame(
     }
 }
 
+/// Copies one tx chain (virtio-net header, then the frame) into `frame`; false when the chain is
+/// malformed (a device-writable buffer, more than a frame, memory the guest does not have), too
+/// short for the header, or asks for an offload.
+pub(crate) fn read_tx_frame(
+    chain: virtio_queue::DescriptorChain<&GuestMemory>,
+    memory: &GuestMemory,
+    frame: &mut Vec<u8>,
+) -> bool {
+    frame.clear();
+    for desc in chain {
+        let len = desc.len() as usize;
+        if desc.is_write_only() || frame.len() + len > MAX_FRAME_LEN {
+            return false;
+        }
+        let start = frame.len();
+        frame.resize(start + len, 0);
+        if memory.read_slice(&mut frame[start..], desc.addr()).is_err() {
+            return false;
+        }
+    }
+    frame.len() >= VNET_HDR_LEN && !asks_for_offloads(frame)
+}
+
 /// Whether a tx frame's virtio-net header asks for a checksum or segmentation offload (its flags or
 /// GSO type set). None was negotiated, so such a frame is refused rather than handed to the tap,
 /// which would act on the guest's request.
@@ -232,7 +219,7 @@ pub fn asks_for_offloads(frame: &[u8]) -> bool {
 
 /// Copies a frame across the chain's device-writable buffers; 0 if it does not fit or a buffer is
 /// unusable (the frame is dropped, the buffer returned empty).
-fn write_frame_to_chain(
+pub(crate) fn write_frame_to_chain(
     frame: &[u8],
     chain: virtio_queue::DescriptorChain<&GuestMemory>,
     memory: &GuestMemory,
