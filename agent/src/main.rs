@@ -123,13 +123,14 @@ fn run(is_init: bool) -> Result<(), Error> {
 }
 
 fn main() -> ExitCode {
+    let is_init = std::process::id() == 1;
+    // PID 1 takes whatever words the kernel command line left over: never a helper's.
     let args: Vec<String> = std::env::args().collect();
     if let [_, mode, request] = args.as_slice() {
-        if mode == fork_helper::HELPER_ARG {
+        if mode == fork_helper::HELPER_ARG && !is_init {
             return fork_helper::serve(request);
         }
     }
-    let is_init = std::process::id() == 1;
     init::setup_logging();
     let result = run(is_init);
     if let Err(err) = &result {

@@ -17,8 +17,8 @@ cd "$(dirname "$0")/../.."
 NESTED_DIR=${IRONCLAD_NESTED_DIR:-/var/lib/ironclad/nested}
 L1_MEMORY=${IRONCLAD_NESTED_MEMORY:-4G}
 L1_CPUS=${IRONCLAD_NESTED_CPUS:-1}
-# A stuck L1 must not hold CI forever: each L1 gets this long (the longest suite takes ~10 minutes).
-TIMEOUT=${IRONCLAD_NESTED_TIMEOUT:-1200}
+# A stuck L1 must not hold CI forever: each L1 gets this long (the longest suite takes ~15 minutes).
+TIMEOUT=${IRONCLAD_NESTED_TIMEOUT:-1800}
 # The emulator that runs L1: backports' QEMU, which install-prereqs.sh unpacks under $NESTED_DIR/qemu
 # (bookworm's 7.2 wedged the L1 now and then, see tests/nested/watchdog.py), with its own firmware.
 QEMU=${IRONCLAD_NESTED_QEMU:-$NESTED_DIR/qemu/usr/bin/qemu-system-x86_64}
