@@ -233,11 +233,9 @@ pub fn serve(request_json: &str) -> ExitCode {
         },
         Err(err) => Reply::Failed { kind: ErrorKind::Internal, message: format!("bad request: {err}") },
     };
-    let written = serde_json::to_vec(&reply).map(|mut line| {
-        line.push(b'\n');
-        line
-    });
-    let written = written.map_err(std::io::Error::other).and_then(|line| reply_pipe.write_all(&line));
+    let written = serde_json::to_writer(&mut reply_pipe, &reply)
+        .map_err(std::io::Error::from)
+        .and_then(|()| reply_pipe.write_all(b"\n"));
     if written.is_err() {
         return ExitCode::FAILURE;
     }

@@ -483,17 +483,8 @@ async fn exec_runs_in_the_running_container_with_its_own_stdio_and_status() {
     start(&agent, "x1").await;
     let req = exec_request("x1", "e1", &["sh", "-c", "echo $WHO in $(hostname) at $(pwd); exit 5"]);
     assert!(agent.client.exec_process(ctx(), &req).await.unwrap().pid > 0);
-    let mut out = Vec::new();
-    loop {
-        let mut read = ReadStreamRequest::new();
-        read.process = Some(exec_ref("x1", "e1")).into();
-        let chunk = agent.client.read_stdout(ctx(), &read).await.unwrap().data;
-        if chunk.is_empty() {
-            break;
-        }
-        out.extend(chunk);
-    }
-    assert_eq!(String::from_utf8(out).unwrap(), "exec in execbox at /tmp\n", "the container's uts namespace");
+    let out = read_all(&agent, exec_ref("x1", "e1")).await;
+    assert_eq!(out, "exec in execbox at /tmp\n", "the container's uts namespace");
     assert_eq!(agent.client.wait_process(ctx(), &exec_ref("x1", "e1")).await.unwrap().exit_status, 5);
 
     assert_eq!(code_of(agent.client.exec_process(ctx(), &req).await), ttrpc::Code::ALREADY_EXISTS);

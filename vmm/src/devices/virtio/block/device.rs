@@ -208,9 +208,7 @@ impl Block {
         let (disk, metrics, guest_errors) = (&self.disk, &self.metrics, &self.guest_errors);
         let drained =
             drain_queue(queue, memory, |chain| handle_chain(disk, chain, memory, metrics, guest_errors));
-        for _ in 0..drained.ring_errors {
-            BlockMetrics::count(&self.metrics.queue_errors);
-        }
+        self.metrics.queue_errors.fetch_add(drained.ring_errors as u64, Ordering::Relaxed);
         if drained.used > 0 {
             self.base.notify_guest();
         }
