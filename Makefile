@@ -8,6 +8,8 @@ GUEST_DIR := target/guest
 # crt-static away from build scripts and proc macros, which must stay dynamic.
 STATIC_TARGET := x86_64-unknown-linux-gnu
 AGENT_STATIC := target/$(STATIC_TARGET)/release/ironclad-agent
+# The agent that lies, for the tests that check the shim contains a hostile guest.
+HOSTILE_AGENT_STATIC := target/$(STATIC_TARGET)/release/ironclad-hostile-agent
 # Root caches for the machine; anyone else in their home.
 export IRONCLAD_CACHE ?= $(if $(filter 0,$(shell id -u)),/var/cache/ironclad,$(HOME)/.cache/ironclad)
 # Tests that cannot run here fail, naming what they need; IRONCLAD_ALLOW_SKIP=1 lets them skip,
@@ -36,14 +38,16 @@ kernel:
 agent:
 	RUSTFLAGS="-C target-feature=+crt-static" LIBSECCOMP_LINK_TYPE=static \
 		LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
-		$(CARGO) build --release --locked --target $(STATIC_TARGET) -p ironclad-agent
-	@if readelf -l $(AGENT_STATIC) | grep -q INTERP || readelf -d $(AGENT_STATIC) | grep -q NEEDED; then \
-		echo "$(AGENT_STATIC) is not statically linked" >&2; exit 1; fi
+		$(CARGO) build --release --locked --target $(STATIC_TARGET) -p ironclad-agent -p ironclad-hostile-agent
+	@for agent in $(AGENT_STATIC) $(HOSTILE_AGENT_STATIC); do \
+		if readelf -l $$agent | grep -q INTERP || readelf -d $$agent | grep -q NEEDED; then \
+			echo "$$agent is not statically linked" >&2; exit 1; fi; done
 
 initrd: agent
 	mkdir -p $(GUEST_DIR)
 	$(CARGO) build --release --locked -p ironclad-rootfs-builder
 	target/release/ironclad-rootfs --agent $(AGENT_STATIC) --output $(GUEST_DIR)/initrd.img
+	target/release/ironclad-rootfs --agent $(HOSTILE_AGENT_STATIC) --output $(GUEST_DIR)/hostile-initrd.img
 
 guest: kernel initrd
 

@@ -29,6 +29,9 @@ const MAX_HANDSHAKE_LINE: usize = 32;
 const RETRY_INTERVAL: Duration = Duration::from_millis(50);
 /// How long one handshake may take: a peer that accepts and never answers is given up on.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Setting the clock is a moment's work, and a failure only a warning: a guest that does not answer
+/// it does not hold up the start for a whole call deadline.
+const CLOCK_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -103,6 +106,11 @@ pub fn parse_handshake_answer(answer: &str) -> Option<u32> {
     answer.strip_prefix("OK ")?.strip_suffix('\n')?.parse().ok()
 }
 
+/// A call context whose deadline is `timeout` from now.
+fn within(timeout: Duration) -> ttrpc::context::Context {
+    context::with_timeout(i64::try_from(timeout.as_nanos()).unwrap_or(i64::MAX))
+}
+
 /// A connected agent: one ttrpc connection carrying every service.
 #[derive(Clone)]
 pub struct AgentClient {
@@ -153,7 +161,7 @@ impl AgentClient {
     }
 
     fn ctx(&self) -> ttrpc::context::Context {
-        context::with_timeout(i64::try_from(self.timeout.as_nanos()).unwrap_or(i64::MAX))
+        within(self.timeout)
     }
 
     /// Succeeds only when the agent says it is serving.
@@ -379,7 +387,7 @@ impl AgentClient {
         request.sec = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
         request.usec = i64::from(now.subsec_micros());
         self.agent
-            .set_guest_date_time(self.ctx(), &request)
+            .set_guest_date_time(within(CLOCK_CALL_TIMEOUT.min(self.timeout)), &request)
             .await
             .map(|_| ())
             .map_err(|source| Error::Rpc { call: "Agent.SetGuestDateTime", source })

@@ -346,7 +346,13 @@ fn remove_socket_file(address: &str) {
 impl Shim for IroncladShim {
     type T = TaskService;
 
-    async fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+    async fn new(_runtime_id: &str, args: &Flags, config: &mut Config) -> Self {
+        // Serving (neither `start` nor `delete`): the log gets the task's id on every line. Should
+        // that fail, containerd-shim sets up its own logger and reports what failed.
+        if !matches!(args.action.as_str(), "start" | "delete") && !config.no_setup_logger {
+            let ours = crate::logging::init(args.debug, &config.default_log_level, &args.namespace, &args.id);
+            config.no_setup_logger = ours.is_ok();
+        }
         IroncladShim {
             exit: Arc::new(ExitSignal::default()),
             namespace: args.namespace.clone(),
@@ -1059,7 +1065,13 @@ fn record_task_dir(bundle: &str, dir: &Path) -> Result<(), Error> {
 #[async_trait]
 impl containerd_shim::Task for TaskService {
     async fn create(&self, _ctx: &TtrpcContext, req: CreateTaskRequest) -> TtrpcResult<CreateTaskResponse> {
-        Ok(TaskService::create(self, &req).await?)
+        // The reason goes to containerd's log too, not only to the caller, which may not keep it
+        // (a kubelet retrying, a CI runner's job log).
+        let created = TaskService::create(self, &req).await;
+        if let Err(err) = &created {
+            error!("task {}: create failed: {}", req.id, error_chain(err));
+        }
+        Ok(created?)
     }
 
     async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> TtrpcResult<StartResponse> {

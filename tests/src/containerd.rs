@@ -325,6 +325,107 @@ impl Containerd {
         Err(Error::NoEvents { waited: CONTAINERD_START_TIMEOUT, printed: events.all() })
     }
 
+    /// Runs ctr with `args` (and `stdin`, if any), collecting its output while it runs (a full pipe
+    /// would stall it); one that has not finished within `timeout` is killed and fails the test,
+    /// with what each of this containerd's shims and VMs was doing.
+    pub fn ctr_within(&self, args: &[&str], stdin: Option<&str>, timeout: Duration) -> Output {
+        let mut command = self.ctr_command(args);
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        command.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        let mut child = command.spawn().unwrap_or_else(|err| panic!("cannot run ctr: {err}"));
+        if let (Some(text), Some(mut input)) = (stdin, child.stdin.take()) {
+            use std::io::Write;
+            if let Err(err) = input.write_all(text.as_bytes()) {
+                panic!("cannot write ctr's stdin: {err}");
+            }
+        }
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let output = child.wait_with_output();
+            let _ = done_tx.send(());
+            output
+        });
+        let finished = done_rx.recv_timeout(timeout).is_ok();
+        let states = if finished { String::new() } else { self.process_states() };
+        if !finished {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        let output = match waiter.join() {
+            Ok(Ok(output)) => output,
+            Ok(Err(err)) => panic!("waiting for ctr {args:?}: {err}"),
+            Err(_) => panic!("the thread waiting for ctr {args:?} panicked"),
+        };
+        if !finished {
+            panic!(
+                "ctr {args:?} did not finish within {timeout:?}; stderr: {}\nshims and VMs: {states}\n\
+                 containerd's lines about this task:\n{}\ncontainerd log:\n{}",
+                String::from_utf8_lossy(&output.stderr),
+                self.task_lines(args),
+                self.log_tail()
+            );
+        }
+        output
+    }
+
+    /// The lines of containerd's log about a task named in `args`: containerd's own (`id=<task>`)
+    /// and its shim's (`id="<task>"`).
+    fn task_lines(&self, args: &[&str]) -> String {
+        let log = self.log();
+        let about = |line: &str| {
+            args.iter().any(|arg| {
+                line.contains(&format!("id=\"{arg}\""))
+                    || line.contains(&format!("id={arg} "))
+                    || line.ends_with(&format!("id={arg}"))
+            })
+        };
+        log.lines().filter(|line| about(line)).collect::<Vec<_>>().join("\n")
+    }
+
+    /// Each of this containerd's shims and VMs: its command line, state and the kernel function
+    /// it waits in.
+    fn process_states(&self) -> String {
+        self.leftover_processes()
+            .iter()
+            .map(|(pid, cmdline)| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let state = stat.rsplit(')').next().unwrap_or("").split_whitespace().next().unwrap_or("?");
+                let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+                let stack = std::fs::read_to_string(format!("/proc/{pid}/stack")).unwrap_or_default();
+                format!("\n  {pid} [{state}, in {wchan:?}]: {cmdline}\n{stack}")
+            })
+            .collect()
+    }
+
+    /// Nothing of the task is left: no task directory (VM sockets, images of its own), no console log,
+    /// no shim or VM process, no mount of the shim's, no shim socket.
+    pub fn assert_nothing_left(&self, id: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let shim_socket = self.shim_socket(id);
+        loop {
+            let dir_left = self.task_dir(id).exists() || self.console_log(id).exists();
+            let processes = self.leftover_processes();
+            let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+            let images = self.dir().join("images").display().to_string();
+            let run_root = self.run_root.display().to_string();
+            let mounts: Vec<&str> =
+                mountinfo.lines().filter(|l| l.contains(&images) || l.contains(&run_root)).collect();
+            let socket_left = shim_socket.exists();
+            if !dir_left && processes.is_empty() && mounts.is_empty() && !socket_left {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "left behind for {id}: task dir: {dir_left}; processes: {}; mounts: {mounts:?}; shim \
+                     socket {}: {socket_left}",
+                    self.process_states(),
+                    shim_socket.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Processes whose command line mentions this containerd's namespace or directory: its shims
     /// and their VMs.
     pub fn leftover_processes(&self) -> Vec<(i32, String)> {

@@ -66,6 +66,16 @@ impl GuestArtifacts {
         Ok(artifacts)
     }
 
+    /// The initrd whose agent lies (tests/hostile-agent), which `make guest` writes beside the
+    /// real one.
+    pub fn hostile_initrd(&self) -> Result<PathBuf, Error> {
+        let path = self.initrd.with_file_name("hostile-initrd.img");
+        if !path.is_file() {
+            return Err(Error::MissingArtifact { path });
+        }
+        Ok(path)
+    }
+
     pub fn vm_config(&self) -> VmConfig {
         VmConfig {
             kernel: self.kernel.clone(),

@@ -50,32 +50,7 @@ fn run(
 }
 
 fn run_ctr(containerd: &Containerd, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut command = containerd.ctr_command(args);
-    command.stdout(Stdio::piped()).stderr(Stdio::piped());
-    command.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
-    let mut child = command.spawn().unwrap();
-    if let Some(text) = stdin {
-        use std::io::Write;
-        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    }
-    // Output is collected while ctr runs (a full pipe would stall it); a timeout kills it.
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let (done_tx, done_rx) = std::sync::mpsc::channel();
-    let waiter = std::thread::spawn(move || {
-        let output = child.wait_with_output();
-        let _ = done_tx.send(());
-        output
-    });
-    if done_rx.recv_timeout(CTR_TIMEOUT).is_err() {
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        let output = waiter.join().unwrap().unwrap();
-        panic!(
-            "ctr {args:?} did not finish within {CTR_TIMEOUT:?}; stderr: {}\ncontainerd log:\n{}",
-            String::from_utf8_lossy(&output.stderr),
-            containerd.log_tail()
-        );
-    }
-    waiter.join().unwrap().unwrap()
+    containerd.ctr_within(args, stdin, CTR_TIMEOUT)
 }
 
 fn stdout_of(containerd: &Containerd, output: &Output) -> String {
@@ -87,46 +62,6 @@ fn stdout_of(containerd: &Containerd, output: &Output) -> String {
         containerd.log_tail()
     );
     String::from_utf8_lossy(&output.stdout).replace("\r\n", "\n")
-}
-
-/// Nothing of the task is left: no task directory (VM sockets, images of its own), no console log,
-/// no shim or VM process, no mount of the shim's, no shim socket.
-fn assert_nothing_left(containerd: &Containerd, id: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let shim_socket = containerd.shim_socket(id);
-    loop {
-        let dir_left = containerd.task_dir(id).exists() || containerd.console_log(id).exists();
-        let processes = containerd.leftover_processes();
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let images = containerd.dir().join("images").display().to_string();
-        let run_root = containerd.run_root.display().to_string();
-        let mounts: Vec<&str> =
-            mountinfo.lines().filter(|l| l.contains(&images) || l.contains(&run_root)).collect();
-        let socket_left = shim_socket.exists();
-        if !dir_left && processes.is_empty() && mounts.is_empty() && !socket_left {
-            return;
-        }
-        if Instant::now() > deadline {
-            // What each leftover process is doing: its state and the kernel function it waits in.
-            let states: Vec<String> = processes
-                .iter()
-                .map(|(pid, _)| {
-                    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-                    let state =
-                        stat.rsplit(')').next().unwrap_or("").split_whitespace().next().unwrap_or("?");
-                    let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
-                    let stack = std::fs::read_to_string(format!("/proc/{pid}/stack")).unwrap_or_default();
-                    format!("{pid}: state {state}, waiting in {wchan:?}\n{stack}")
-                })
-                .collect();
-            panic!(
-                "left behind for {id}: task dir: {dir_left}; processes: {processes:?} ({states:?}); mounts: \
-                 {mounts:?}; shim socket {}: {socket_left}",
-                shim_socket.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn ironclad_run_args<'a>(containerd_config: &'a str, flags: &[&'a str]) -> Vec<&'a str> {
@@ -203,7 +138,7 @@ fn echo_exit_codes_and_the_guest_kernel() {
     assert_eq!(lines.first(), Some(&"hello from a microVM"), "{stdout}");
     assert_ne!(lines.get(1), Some(&host_kernel.as_str()), "uname -r inside is the host's kernel");
     assert!(lines.get(1).is_some_and(|r| r.starts_with("6.12")), "{stdout}");
-    assert_nothing_left(&containerd, "echo1");
+    containerd.assert_nothing_left("echo1");
     // Where the run knows which backend `auto` must pick (the nested tier: ironclad-vmm).
     if let Some(expected) = ironclad_tests::expected_backend() {
         assert!(containerd.log().contains(&format!("{expected} VM ready")), "{}", containerd.log_tail());
@@ -213,12 +148,12 @@ fn echo_exit_codes_and_the_guest_kernel() {
     let output = run(&containerd, &[], BUSYBOX_IMAGE, "burst1", &["seq", "1", "30000"], None);
     let lines = stdout_of(&containerd, &output).lines().count();
     assert_eq!(lines, 30000);
-    assert_nothing_left(&containerd, "burst1");
+    containerd.assert_nothing_left("burst1");
 
     for (id, script, code) in [("exit0", "true", 0), ("exit1", "exit 1", 1), ("exit3", "exit 3", 3)] {
         let output = run(&containerd, &[], BUSYBOX_IMAGE, id, &["sh", "-c", script], None);
         assert_eq!(output.status.code(), Some(code), "{id}: {}", String::from_utf8_lossy(&output.stderr));
-        assert_nothing_left(&containerd, id);
+        containerd.assert_nothing_left(id);
     }
     // Six runs of one image built its rootfs image once.
     let images: Vec<_> = std::fs::read_dir(containerd.dir().join("images"))
@@ -275,7 +210,7 @@ fn every_task_start_reaches_containerd_before_its_exit() {
         let exit = event_line(&log, "/tasks/exit", &id).unwrap_or_else(|| panic!("no TaskExit for {id}"));
         assert!(start < exit, "{id}: TaskExit (line {exit}) came before TaskStart (line {start})");
     }
-    assert_nothing_left(&containerd, &format!("order{}", tasks - 1));
+    containerd.assert_nothing_left(&format!("order{}", tasks - 1));
 }
 
 #[test]
@@ -324,7 +259,7 @@ fn host_directories_and_files_reach_the_guest_through_the_shared_directory() {
     );
     assert_eq!(writer.join().unwrap(), "written\n", "the guest's write is on the host");
     assert!(!ro.join("refused").exists());
-    assert_nothing_left(&containerd, "share1");
+    containerd.assert_nothing_left("share1");
     // The host's directories and files are still there, as they were.
     assert_eq!(std::fs::read_to_string(ro.join("config")).unwrap(), "from the host\n");
     assert_eq!(std::fs::read_to_string(&greeting).unwrap(), "hello from the host\n");
@@ -393,7 +328,7 @@ fn stdin_tty_env_cwd_and_user() {
     }
     assert_eq!(std::fs::read_to_string(&logged).unwrap(), "log1\nout\nerr\n");
     for id in ["stdin1", "user1", "flags1", "tty1", "log1"] {
-        assert_nothing_left(&containerd, id);
+        containerd.assert_nothing_left(id);
     }
 }
 
@@ -453,7 +388,7 @@ fn a_running_task_execs_lists_reports_pauses_and_stops_on_signals() {
     assert_eq!(exit_status(&events, "run1"), 42, "SIGTERM ran the trap");
     wait_for_status(&containerd, "run1", "STOPPED");
     remove_task(&containerd, &events, "run1");
-    assert_nothing_left(&containerd, "run1");
+    containerd.assert_nothing_left("run1");
     for topic in [
         "/tasks/create",
         "/tasks/start",
@@ -475,7 +410,7 @@ fn a_running_task_execs_lists_reports_pauses_and_stops_on_signals() {
     containerd.ctr_ok(&["tasks", "kill", "--all", "-s", "SIGKILL", "run2"]).unwrap();
     assert_eq!(exit_status(&events, "run2"), 137);
     remove_task(&containerd, &events, "run2");
-    assert_nothing_left(&containerd, "run2");
+    containerd.assert_nothing_left("run2");
 }
 
 #[test]
@@ -511,7 +446,7 @@ fn memory_limits_hold_and_two_tasks_run_at_once() {
     containerd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "mem1"]).unwrap();
     assert_eq!(exit_status(&events, "mem1"), 137);
     remove_task(&containerd, &events, "mem1");
-    assert_nothing_left(&containerd, "mem1");
+    containerd.assert_nothing_left("mem1");
 
     let ids = ["twin1", "twin2"];
     let outputs = std::thread::scope(|scope| {
@@ -526,7 +461,7 @@ fn memory_limits_hold_and_two_tasks_run_at_once() {
     });
     for (id, output) in ids.iter().zip(&outputs) {
         assert_eq!(stdout_of(&containerd, output), format!("{id}\n"));
-        assert_nothing_left(&containerd, id);
+        containerd.assert_nothing_left(id);
     }
 }
 
@@ -542,7 +477,7 @@ fn a_vm_killed_from_outside_ends_its_task_with_a_reason() {
     wait_for_status(&containerd, "doomed1", "STOPPED");
     assert!(containerd.log_tail().contains("exited unexpectedly"), "{}", containerd.log_tail());
     remove_task(&containerd, &events, "doomed1");
-    assert_nothing_left(&containerd, "doomed1");
+    containerd.assert_nothing_left("doomed1");
 }
 
 #[test]
@@ -568,7 +503,7 @@ fn a_crashed_shim_is_cleaned_up_by_delete() {
         "{again:?}"
     );
     containerd.ctr_ok(&["containers", "delete", "crash1"]).unwrap();
-    assert_nothing_left(&containerd, "crash1");
+    containerd.assert_nothing_left("crash1");
 }
 
 #[test]
@@ -581,14 +516,14 @@ fn bad_requests_fail_clearly_and_leave_nothing() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(stderr.contains(&missing.display().to_string()) && stderr.contains("/data"), "{stderr}");
-    assert_nothing_left(&containerd, "bind1");
+    containerd.assert_nothing_left("bind1");
     assert_container_is_gone(&containerd, "bind1");
 
     // A container that fails inside the guest: once the task is gone, containerd's log still has
     // the agent's own line, with the reason and the container's id.
     let output = run(&containerd, &[], BUSYBOX_IMAGE, "noexec1", &["/bin/does-not-exist"], None);
     assert!(!output.status.success());
-    assert_nothing_left(&containerd, "noexec1");
+    containerd.assert_nothing_left("noexec1");
     let log = containerd.log();
     let agent_line =
         log.lines().find(|l| l.contains("guest agent (noexec1)") && l.contains("container noexec1"));
@@ -613,7 +548,7 @@ fn bad_requests_fail_clearly_and_leave_nothing() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(stderr.contains("RLIMIT_BOGUS") && stderr.contains("invalid argument"), "{stderr}");
-    assert_nothing_left(&containerd, "badspec1");
+    containerd.assert_nothing_left("badspec1");
     run_detached(&containerd, "execs1", &["sleep", "1000"]);
     let killed = containerd.ctr(&["tasks", "kill", "--exec-id", "nope", "execs1"]).unwrap();
     let stderr = String::from_utf8_lossy(&killed.stderr);
@@ -629,7 +564,7 @@ fn bad_requests_fail_clearly_and_leave_nothing() {
     }
     containerd.ctr_ok(&["tasks", "delete", "execs1"]).unwrap();
     containerd.ctr_ok(&["containers", "delete", "execs1"]).unwrap();
-    assert_nothing_left(&containerd, "execs1");
+    containerd.assert_nothing_left("execs1");
 
     // The agent's log level per sandbox: with `info` its routine lines come through too.
     let annotation = "io.ironclad.agent_log=info";
@@ -659,7 +594,7 @@ fn bad_requests_fail_clearly_and_leave_nothing() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(stderr.contains("/nonexistent/bzImage"), "{stderr}");
-    assert_nothing_left(&containerd, "nokernel1");
+    containerd.assert_nothing_left("nokernel1");
     // That config keeps the default run root: the task's directory and its namespace's are gone.
     assert!(!std::path::Path::new("/run/ironclad").join(containerd.namespace()).exists());
     assert_container_is_gone(&containerd, "nokernel1");
@@ -688,7 +623,7 @@ fn bad_requests_fail_clearly_and_leave_nothing() {
             && stderr.contains("kernel_sha256"),
         "{stderr}"
     );
-    assert_nothing_left(&containerd, "changed1");
+    containerd.assert_nothing_left("changed1");
     assert_container_is_gone(&containerd, "changed1");
 }
 
@@ -874,7 +809,7 @@ fn ctr_run_cni_carries_the_cni_network_into_the_guest() {
     let status = child.wait().unwrap();
     assert!(status.success(), "ctr run: {status}");
     assert!(lines_rx.iter().any(|l| l == "served"));
-    assert_nothing_left(containerd, "cni1");
+    containerd.assert_nothing_left("cni1");
     netns.assert_no_veth_left();
 
     // The same interface names again: nothing of the first run is in the way. With no denied
@@ -890,7 +825,7 @@ fn ctr_run_cni_carries_the_cni_network_into_the_guest() {
     let text = stdout_of(containerd, &run_ctr(containerd, &args, None));
     assert!(text.contains(&format!("inet {CNI_SUBNET_PREFIX}")), "{text}");
     assert!(text.contains("metadata says open"), "{text}");
-    assert_nothing_left(containerd, "cni2");
+    containerd.assert_nothing_left("cni2");
     netns.assert_no_veth_left();
 }
 
@@ -970,7 +905,7 @@ fn a_prepared_network_namespace_is_carried_into_the_guest_and_left_as_it_was() {
     assert!(text.contains("inet 10.207.0.2/24"), "the second interface's address on eth1: {text}");
     assert!(text.contains("10.204.0.9 dev eth0 lladdr 02:00:00:00:00:09"), "the static neighbour: {text}");
     assert!(text.contains("hello from the second network, guest"), "{text}");
-    assert_nothing_left(&containerd, "prepared");
+    containerd.assert_nothing_left("prepared");
     assert_eq!(sandbox.link_names(), links_before, "no tap of ours left");
     for device in ["eth0", "net1"] {
         let qdiscs = std::process::Command::new("tc")
@@ -1079,21 +1014,21 @@ fn two_sandboxes_reach_each_other_and_many_runs_leave_nothing() {
     wait_for_status(containerd, "first", "STOPPED");
     containerd.ctr_ok(&["tasks", "delete", "first"]).unwrap();
     containerd.ctr_ok(&["containers", "delete", "first"]).unwrap();
-    assert_nothing_left(containerd, "first");
-    assert_nothing_left(containerd, "second");
+    containerd.assert_nothing_left("first");
+    containerd.assert_nothing_left("second");
 
     let runs = network_runs();
     for run_number in 0..runs {
         let id = format!("many{run_number}");
         let output = run(containerd, &["--cni"], BUSYBOX_IMAGE, &id, &["true"], None);
         stdout_of(containerd, &output);
-        assert_nothing_left(containerd, &id);
+        containerd.assert_nothing_left(&id);
     }
     netns.assert_no_veth_left();
     let output =
         run(containerd, &["--cni"], BUSYBOX_IMAGE, "after", &["ip", "-4", "addr", "show", "eth0"], None);
     let text = stdout_of(containerd, &output);
     assert!(text.contains(&format!("inet {CNI_SUBNET_PREFIX}")), "after {runs} runs: {text}");
-    assert_nothing_left(containerd, "after");
+    containerd.assert_nothing_left("after");
     netns.assert_no_veth_left();
 }

@@ -92,7 +92,7 @@ fn default_memory_mib() -> u32 {
 }
 
 fn default_cmdline() -> String {
-    "console=ttyS0 reboot=k panic=-1".to_string()
+    "console=ttyS0 reboot=k panic=-1 no_timer_check".to_string()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -362,7 +362,7 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(config.vcpus, 2);
-        assert_eq!(config.cmdline, "console=ttyS0 reboot=k panic=-1");
+        assert_eq!(config.cmdline, "console=ttyS0 reboot=k panic=-1 no_timer_check");
         assert!(config.block[0].read_only);
         assert_eq!(config.serial, SerialOutput::File(files.path("console.log").into()));
         let minimal = VmConfig::from_json(&files.json("")).unwrap();

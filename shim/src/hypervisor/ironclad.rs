@@ -126,7 +126,7 @@ mod tests {
         let description = vm_description(&config, &paths);
         let vsock = description.vsock.as_ref().unwrap();
         assert_eq!(vsock.uds_path, Path::new("/run/ironclad/sb/vsock.sock"));
-        assert_eq!(description.cmdline, "console=ttyS0 reboot=k panic=-1 quiet");
+        assert_eq!(description.cmdline, "console=ttyS0 reboot=k panic=-1 no_timer_check quiet");
         assert_eq!(description.memory_mib, 256);
         assert!(!description.boot_timer, "the boot timer is for benchmarks only");
         assert!(description.seccomp);

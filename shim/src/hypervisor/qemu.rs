@@ -213,7 +213,7 @@ mod tests {
             value_after(&args, "-chardev"),
             ["socket,id=vsock,path=/run/ironclad/sb/vhost-vsock.sock"]
         );
-        assert_eq!(value_after(&args, "-append"), ["console=ttyS0 reboot=k panic=-1 quiet"]);
+        assert_eq!(value_after(&args, "-append"), ["console=ttyS0 reboot=k panic=-1 no_timer_check quiet"]);
         assert!(args.iter().any(|a| a == "-no-reboot"), "a guest reset must end QEMU");
         assert!(value_after(&args, "-device").contains(&"i8042"), "the reset goes through an i8042");
     }
