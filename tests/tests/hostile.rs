@@ -87,6 +87,15 @@ fn peak_kib(pid: i32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Sets its flag when dropped, a panic's unwinding included: the sampler stops whatever `work` did.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 fn peaks_while<T>(containerd: &Containerd, id: &str, work: impl FnOnce() -> T) -> (T, Peaks) {
     let done = AtomicBool::new(false);
     let shim_marker = format!("-id {id} ");
@@ -106,8 +115,9 @@ fn peaks_while<T>(containerd: &Containerd, id: &str, work: impl FnOnce() -> T) -
             }
             peaks
         });
+        let stop = SetOnDrop(&done);
         let result = work();
-        done.store(true, Ordering::SeqCst);
+        drop(stop);
         (result, sampler.join().unwrap())
     })
 }
