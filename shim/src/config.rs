@@ -82,6 +82,9 @@ pub struct ShimConfig {
     /// metadata address by default).
     #[serde(deserialize_with = "ipv4_networks")]
     pub denied_destinations: Vec<(std::net::Ipv4Addr, u8)>,
+    /// QEMU's own seccomp sandbox (`-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,
+    /// resourcecontrol=deny`); off only for debugging.
+    pub qemu_sandbox: bool,
     /// Where this configuration came from, for error messages.
     #[serde(skip)]
     pub source: PathBuf,
@@ -105,6 +108,7 @@ impl Default for ShimConfig {
             image_cache: DEFAULT_IMAGE_CACHE.into(),
             log_root: DEFAULT_LOG_ROOT.into(),
             denied_destinations: vec![(METADATA_ADDRESS, 32)],
+            qemu_sandbox: true,
             source: PathBuf::from("(defaults)"),
         }
     }

@@ -74,6 +74,21 @@ pub fn init(debug: bool, default_level: &str, namespace: &str, id: &str) -> Resu
     Ok(())
 }
 
+/// A panic goes to the log: containerd gives the serving shim no stderr, and a panic in one of its
+/// tasks would otherwise end that task without a word.
+pub fn log_panics() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        log::error!("the shim {}", one_line(&info.to_string()));
+        default_hook(info);
+    }));
+}
+
+/// `text` on one log line: containerd's log is a line per record.
+fn one_line(text: &str) -> String {
+    text.split('\n').map(str::trim).filter(|part| !part.is_empty()).collect::<Vec<_>>().join(" ")
+}
+
 fn level(debug: bool, from_env: Option<&str>, default_level: &str) -> LevelFilter {
     let configured = from_env.unwrap_or(default_level).parse().unwrap_or(LevelFilter::Info);
     if debug {
@@ -124,6 +139,12 @@ mod tests {
             *logger.inner.0.lock().unwrap(),
             ["id=order118 exec=e1 msg=created", "id=order118 msg=deleted"]
         );
+    }
+
+    #[test]
+    fn a_panic_message_becomes_one_line() {
+        assert_eq!(one_line("panicked at src/x.rs:1:2:\nboom\n"), "panicked at src/x.rs:1:2: boom");
+        assert_eq!(one_line("plain"), "plain");
     }
 
     #[test]

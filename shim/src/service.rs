@@ -504,8 +504,11 @@ impl TaskService {
         if role == PodRole::Sandbox && requested_network == Requested::HostNetwork {
             return Err(Error::HostNetwork);
         }
-        let backend = Backend::select(config.hypervisor, HostVirtualization::detect())
+        let mut backend = Backend::select(config.hypervisor, HostVirtualization::detect())
             .map_err(|err| Error::Sandbox(err.into()))?;
+        if let Backend::Qemu(qemu) = &mut backend {
+            qemu.sandbox = config.qemu_sandbox;
+        }
         // Before anything is made for the sandbox: a changed kernel or initrd leaves nothing to undo.
         pinned::verify("kernel", &config.kernel, config.kernel_sha256.as_deref())?;
         pinned::verify("initrd", &config.initrd, config.initrd_sha256.as_deref())?;

@@ -86,8 +86,8 @@ async fn a_fatal_agent_error_resets_the_vm_with_the_reason_on_the_console() {
     std::fs::create_dir(paths.dir()).unwrap();
     // The shim's own QEMU command line, less the vsock device: the agent cannot listen on its
     // port, which is fatal, and a fatal agent must reset the VM rather than leave it running.
-    let args =
-        qemu_args(&artifacts.vm_config(), &paths, HostVirtualization::detect().can_boot_linux_on_kvm());
+    let use_kvm = HostVirtualization::detect().can_boot_linux_on_kvm();
+    let args = qemu_args(&artifacts.vm_config(), &paths, use_kvm, true);
     let mut kept = Vec::new();
     let mut words = args.iter().peekable();
     while let Some(word) = words.next() {

@@ -122,8 +122,10 @@ fn peaks_while<T>(containerd: &Containerd, id: &str, work: impl FnOnce() -> T) -
     })
 }
 
+/// The shim stayed up: small, and never panicked (its panic message would be in containerd's log).
 fn assert_small(peaks: Peaks, log: &str) {
     eprintln!("peaks: {peaks:?}");
+    assert!(!log.contains("panicked at"), "the shim panicked:\n{log}");
     assert!(peaks.shim_kib > 0, "the shim was never seen running");
     assert!(
         peaks.shim_kib <= SHIM_PEAK_BOUND_KIB,
@@ -154,7 +156,7 @@ fn assert_start_fails(mode: &str, id: &str, call: &str, bound: Duration) -> Dura
     assert!(took < bound, "the failed start took {took:?}, more than {bound:?}: {stderr}");
     assert!(stderr.contains(call), "ctr's error does not name {call}: {stderr}\n{}", containerd.log_tail());
     assert!(log.contains(call), "containerd's log does not name {call}:\n{}", containerd.log_tail());
-    assert_small(peaks, &containerd.log_tail());
+    assert_small(peaks, &containerd.log());
     containerd.assert_nothing_left(id);
     let _ = containerd.ctr(&["containers", "delete", id]);
     took
@@ -232,7 +234,7 @@ fn endless_output_and_forged_oom_reports_stay_bounded_and_a_kill_ends_the_sandbo
         events.wait_for(&["/tasks/oom"], Duration::from_secs(1)).is_none(),
         "a forged OOM reached containerd"
     );
-    assert_small(peaks, &containerd.log_tail());
+    assert_small(peaks, &containerd.log());
     containerd.assert_nothing_left(id);
 }
 
@@ -256,6 +258,7 @@ fn a_flood_of_vsock_connections_from_the_guest_leaves_the_shim_serving() {
             assert!(state.contains(id) && state.contains("RUNNING"), "{state}");
             std::thread::sleep(Duration::from_secs(1).saturating_sub(asked.elapsed()));
         }
+        assert_vm_process_filtered(&containerd, id);
         // The guest says on its console how far its flood has gone.
         let console = std::fs::read_to_string(containerd.console_log(id)).unwrap_or_default();
         let attempts = console
@@ -279,9 +282,24 @@ fn a_flood_of_vsock_connections_from_the_guest_leaves_the_shim_serving() {
         let deleted = containerd.ctr_within(&["tasks", "delete", id], None, Duration::from_secs(60));
         assert!(deleted.status.success(), "{}", String::from_utf8_lossy(&deleted.stderr));
     });
-    assert_small(peaks, &containerd.log_tail());
+    assert_small(peaks, &containerd.log());
     containerd.assert_nothing_left(id);
     let _ = containerd.ctr(&["containers", "delete", id]);
+}
+
+/// The task's VM process runs under a seccomp filter: QEMU's own `-sandbox` (every thread), or
+/// ironclad-vmm's per-thread filters.
+fn assert_vm_process_filtered(containerd: &Containerd, id: &str) {
+    let vm = containerd.leftover_processes().into_iter().find(|(_, cmdline)| {
+        (cmdline.contains("qemu-system") || cmdline.contains("ironclad-vmm"))
+            && cmdline.contains(&format!("/{id}/"))
+    });
+    let Some((pid, cmdline)) = vm else { panic!("no VM process for {id}") };
+    let filtered = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten().any(|task| {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        status.lines().any(|line| line.split_whitespace().collect::<Vec<_>>() == ["Seccomp:", "2"])
+    });
+    assert!(filtered, "no thread of the VM process runs under a seccomp filter: {cmdline}");
 }
 
 fn wait_child(child: &mut std::process::Child, within: Duration) -> Option<std::process::ExitStatus> {

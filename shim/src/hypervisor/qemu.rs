@@ -34,7 +34,14 @@ pub struct QemuBackend {
     pub virtiofsd: Option<PathBuf>,
     /// KVM acceleration; only with hardware virtualization, else TCG (software emulation).
     pub use_kvm: bool,
+    /// QEMU's seccomp sandbox ([`QEMU_SANDBOX`]); on unless the config turns it off.
+    pub sandbox: bool,
 }
+
+/// QEMU's seccomp filter: its default list, plus no obsolete system calls, no setuid and friends,
+/// no fork or exec, and no scheduler or CPU-affinity changes. Nothing of these is needed once the
+/// devices are set up: the taps are opened by name, the vhost-user helpers were started by the shim.
+pub const QEMU_SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 impl QemuBackend {
     /// Finds the programs on PATH, naming whichever is missing and how to install it.
@@ -55,7 +62,7 @@ impl QemuBackend {
             if use_kvm { "KVM" } else { "TCG software emulation" },
             host.explain()
         );
-        Ok(QemuBackend { qemu, vhost_device_vsock, virtiofsd, use_kvm })
+        Ok(QemuBackend { qemu, vhost_device_vsock, virtiofsd, use_kvm, sandbox: true })
     }
 
     /// Starts vhost-device-vsock (and virtiofsd for a shared directory), then QEMU. The sandbox
@@ -70,7 +77,7 @@ impl QemuBackend {
             helpers.push(virtiofsd::start(program, dir, &paths).await?);
         }
         let args: Vec<OsString> =
-            qemu_args(config, &paths, self.use_kvm).into_iter().map(OsString::from).collect();
+            qemu_args(config, &paths, self.use_kvm, self.sandbox).into_iter().map(OsString::from).collect();
         let mut vm = GuestVm::spawn(
             "QEMU",
             &self.qemu,
@@ -101,7 +108,7 @@ impl QemuBackend {
 }
 
 /// QEMU's command line for one sandbox.
-pub fn qemu_args(config: &VmConfig, paths: &SandboxPaths, use_kvm: bool) -> Vec<String> {
+pub fn qemu_args(config: &VmConfig, paths: &SandboxPaths, use_kvm: bool, sandbox: bool) -> Vec<String> {
     let memory = format!("{}M", config.memory_mib);
     let accel = if use_kvm { "kvm" } else { "tcg" };
     let cpu = if use_kvm { "host" } else { "max" };
@@ -133,6 +140,9 @@ pub fn qemu_args(config: &VmConfig, paths: &SandboxPaths, use_kvm: bool) -> Vec<
         "-device".into(),
         "vhost-user-vsock-device,chardev=vsock".into(),
     ];
+    if sandbox {
+        args.extend(["-sandbox".into(), QEMU_SANDBOX.into()]);
+    }
     for (index, disk) in config.block_devices.iter().enumerate() {
         let read_only = if disk.read_only { "on" } else { "off" };
         args.push("-drive".into());
@@ -193,6 +203,7 @@ mod tests {
             vhost_device_vsock: vsock.into(),
             virtiofsd: None,
             use_kvm: false,
+            sandbox: true,
         }
     }
 
@@ -201,9 +212,16 @@ mod tests {
     }
 
     #[test]
+    fn qemu_confines_itself_unless_the_config_says_otherwise() {
+        let paths = SandboxPaths::new(Path::new("/run/ironclad"), "sb");
+        assert_eq!(value_after(&qemu_args(&config(), &paths, false, true), "-sandbox"), [QEMU_SANDBOX]);
+        assert!(value_after(&qemu_args(&config(), &paths, false, false), "-sandbox").is_empty());
+    }
+
+    #[test]
     fn args_describe_a_microvm_with_shared_memory_and_vhost_vsock() {
         let paths = SandboxPaths::new(Path::new("/run/ironclad"), "sb");
-        let args = qemu_args(&config(), &paths, false);
+        let args = qemu_args(&config(), &paths, false, true);
         assert_eq!(value_after(&args, "-M"), ["microvm,accel=tcg,acpi=off"]);
         assert_eq!(value_after(&args, "-cpu"), ["max"]);
         assert_eq!(value_after(&args, "-smp"), ["2"]);
@@ -229,20 +247,20 @@ mod tests {
                 mac: "02:1c:00:00:00:01".into(),
             }],
         });
-        let args = qemu_args(&config, &paths, false);
+        let args = qemu_args(&config, &paths, false, true);
         assert_eq!(value_after(&args, "-netdev"), ["tap,id=net0,ifname=tap0_ic,script=no,downscript=no"]);
         assert!(
             value_after(&args, "-device").contains(&"virtio-net-device,netdev=net0,mac=02:1c:00:00:00:01")
         );
-        assert!(value_after(&qemu_args(&super::tests::config(), &paths, false), "-netdev").is_empty());
+        assert!(value_after(&qemu_args(&super::tests::config(), &paths, false, true), "-netdev").is_empty());
     }
 
     #[test]
     fn a_shared_directory_is_a_vhost_user_fs_device_on_virtiofsds_socket() {
         let paths = SandboxPaths::new(Path::new("/r"), "sb");
-        assert!(!qemu_args(&config(), &paths, false).iter().any(|a| a.contains("vhost-user-fs")));
+        assert!(!qemu_args(&config(), &paths, false, true).iter().any(|a| a.contains("vhost-user-fs")));
         let cfg = VmConfig { shared_dir: Some("/r/shared".into()), ..config() };
-        let args = qemu_args(&cfg, &paths, false);
+        let args = qemu_args(&cfg, &paths, false, true);
         assert!(value_after(&args, "-chardev").contains(&"socket,id=virtiofs,path=/r/sb/virtiofs.sock"));
         assert!(value_after(&args, "-device").contains(&"vhost-user-fs-device,chardev=virtiofs,tag=ironclad"));
     }
@@ -274,7 +292,7 @@ mod tests {
             read_only: true,
             serial: "rootfs".into(),
         }];
-        let args = qemu_args(&cfg, &paths, false);
+        let args = qemu_args(&cfg, &paths, false, true);
         assert!(value_after(&args, "-drive")
             .contains(&"file=/img/rootfs.ext4,if=none,id=disk0,format=raw,readonly=on"));
         assert!(value_after(&args, "-device").contains(&"virtio-blk-device,drive=disk0,serial=rootfs"));
@@ -283,7 +301,7 @@ mod tests {
     #[test]
     fn kvm_is_asked_for_only_when_usable() {
         let paths = SandboxPaths::new(Path::new("/r"), "sb");
-        let args = qemu_args(&config(), &paths, true);
+        let args = qemu_args(&config(), &paths, true, true);
         assert_eq!(value_after(&args, "-M"), ["microvm,accel=kvm,acpi=off"]);
         assert_eq!(value_after(&args, "-cpu"), ["host"]);
     }
