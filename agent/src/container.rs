@@ -372,18 +372,22 @@ pub struct Containers {
     /// create, and libcontainer's part runs in a helper process of its own (see `fork_helper`), so
     /// containers are created side by side.
     creating: std::sync::Mutex<HashSet<String>>,
+    /// (container, exec id) of processes being exec'd: the table is not locked across the
+    /// helper, so an exec does not hold back the calls of the sandbox's other containers.
+    starting_execs: std::sync::Mutex<HashSet<(String, String)>>,
 }
 
-/// An id held by [`Containers::reserve`].
-struct Reservation<'a> {
-    creating: &'a std::sync::Mutex<HashSet<String>>,
-    id: String,
+/// A key held in one of the sets of things being made ([`Containers::reserve`],
+/// [`Containers::reserve_exec`]); dropping it frees the key again.
+struct Reservation<'a, K: Eq + std::hash::Hash> {
+    held: &'a std::sync::Mutex<HashSet<K>>,
+    key: K,
 }
 
-impl Drop for Reservation<'_> {
+impl<K: Eq + std::hash::Hash> Drop for Reservation<'_, K> {
     fn drop(&mut self) {
-        if let Ok(mut creating) = self.creating.lock() {
-            creating.remove(&self.id);
+        if let Ok(mut held) = self.held.lock() {
+            held.remove(&self.key);
         }
     }
 }
@@ -590,6 +594,7 @@ impl Containers {
             oom_tx,
             oom_rx: Mutex::new(oom_rx),
             creating: std::sync::Mutex::new(HashSet::new()),
+            starting_execs: std::sync::Mutex::new(HashSet::new()),
         }
     }
 
@@ -783,13 +788,13 @@ impl Containers {
 
     /// Holds `id` for a container being created, so a second create of the same id is refused
     /// while the table is not locked; dropping the reservation frees the id again.
-    async fn reserve(&self, id: &str) -> Result<Reservation<'_>, Error> {
+    async fn reserve(&self, id: &str) -> Result<Reservation<'_, String>, Error> {
         let entries = self.entries.lock().await;
         let mut creating = self.creating.lock().map_err(|_| Error::Poisoned(id.into()))?;
         if entries.contains_key(id) || !creating.insert(id.to_string()) {
             return Err(Error::AlreadyExists(id.into()));
         }
-        Ok(Reservation { creating: &self.creating, id: id.to_string() })
+        Ok(Reservation { held: &self.creating, key: id.to_string() })
     }
 
     /// The cgroup containers' cgroups go below, made before libcontainer runs: libcgroups creates
@@ -825,7 +830,9 @@ impl Containers {
         pid_u32(id, "started", pid)
     }
 
-    /// Starts another process in a running container's namespaces and cgroup.
+    /// Starts another process in a running container's namespaces and cgroup. The table is locked
+    /// to check and reserve the exec id and, at the end, to enter the process, not across the
+    /// helper (a probe's exec must not stall the pod's other containers).
     pub async fn exec(&self, id: &str, exec_id: &str, process_json: &str) -> Result<u32, Error> {
         validate_id(exec_id)?;
         let process: OciProcess =
@@ -833,19 +840,12 @@ impl Containers {
         if process.args().as_ref().is_none_or(|a| a.is_empty()) {
             return Err(Error::InvalidSpec("process.args is empty".into()));
         }
-        let mut entries = self.entries.lock().await;
-        let entry = entries.get_mut(id).ok_or_else(|| Error::NotFound(id.into()))?;
-        if entry.init.pid.is_none() || entry.init.has_exited() {
-            return Err(Error::WrongState { id: id.into(), state: "not running", action: "exec'd into" });
-        }
-        if entry.execs.contains_key(exec_id) {
-            return Err(Error::ExecExists { id: id.into(), exec_id: exec_id.into() });
-        }
-        let process_file = entry.bundle.join(format!("exec-{exec_id}.json"));
+        let (bundle, _reservation) = self.reserve_exec(id, exec_id).await?;
+        let process_file = bundle.join(format!("exec-{exec_id}.json"));
         std::fs::write(&process_file, process_json)
             .map_err(|source| Error::Bundle { id: id.into(), source })?;
         let terminal = process.terminal().unwrap_or(false);
-        let (child, host) = plan_stdio(terminal, entry.bundle.join(format!("exec-{exec_id}.sock")))?;
+        let (child, host) = plan_stdio(terminal, bundle.join(format!("exec-{exec_id}.sock")))?;
         let exits = self.exits.subscribe();
         let (stdio, console_socket) = child.into_parts();
         let request = fork_helper::Request::Exec {
@@ -859,12 +859,45 @@ impl Containers {
         })?;
         let stdio = blocking(id, move || host.finish())
             .await?
-            .map_err(|message| Error::Stdio { id: id.into(), message })?;
+            .map_err(|message| Error::Stdio { id: id.into(), message });
+        let mut entries = self.entries.lock().await;
+        let placed = stdio.and_then(|stdio| {
+            entries.get_mut(id).map(|entry| (stdio, entry)).ok_or_else(|| Error::NotFound(id.into()))
+        });
+        let (stdio, entry) = match placed {
+            Ok(placed) => placed,
+            Err(err) => {
+                // Without its stdio, or with its container removed meanwhile, the process is
+                // nobody's: it goes.
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+                return Err(err);
+            }
+        };
         let mut process = Process::new(stdio);
         process.pid = Some(pid);
         watch_exit(exits, pid, process.exit_tx.clone());
         entry.execs.insert(exec_id.to_string(), process);
         pid_u32(id, "exec'd into", pid)
+    }
+
+    /// Checks that `id` runs and `exec_id` is new to it (neither started nor starting), and holds
+    /// `exec_id` until the reservation is dropped; gives the container's bundle.
+    async fn reserve_exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+    ) -> Result<(PathBuf, Reservation<'_, (String, String)>), Error> {
+        let entries = self.entries.lock().await;
+        let entry = entries.get(id).ok_or_else(|| Error::NotFound(id.into()))?;
+        if entry.init.pid.is_none() || entry.init.has_exited() {
+            return Err(Error::WrongState { id: id.into(), state: "not running", action: "exec'd into" });
+        }
+        let key = (id.to_string(), exec_id.to_string());
+        let mut starting = self.starting_execs.lock().map_err(|_| Error::Poisoned(id.into()))?;
+        if entry.execs.contains_key(exec_id) || !starting.insert(key.clone()) {
+            return Err(Error::ExecExists { id: id.into(), exec_id: exec_id.into() });
+        }
+        Ok((entry.bundle.clone(), Reservation { held: &self.starting_execs, key }))
     }
 
     /// The stdio, exit status and pid of a container's process (exec_id empty: its init process).

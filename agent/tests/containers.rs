@@ -488,6 +488,17 @@ async fn exec_runs_in_the_running_container_with_its_own_stdio_and_status() {
     assert_eq!(agent.client.wait_process(ctx(), &exec_ref("x1", "e1")).await.unwrap().exit_status, 5);
 
     assert_eq!(code_of(agent.client.exec_process(ctx(), &req).await), ttrpc::Code::ALREADY_EXISTS);
+    // The same new exec id twice at once: the id is reserved before the helper runs (the table
+    // is not locked across it), so exactly one of the two starts.
+    let twice = exec_request("x1", "e3", &["true"]);
+    let (first, second) =
+        tokio::join!(agent.client.exec_process(ctx(), &twice), agent.client.exec_process(ctx(), &twice));
+    let refused = match (first, second) {
+        (Ok(_), refused) | (refused, Ok(_)) => code_of(refused),
+        (first, second) => panic!("neither exec started: {first:?}, {second:?}"),
+    };
+    assert_eq!(refused, ttrpc::Code::ALREADY_EXISTS);
+    assert_eq!(agent.client.wait_process(ctx(), &exec_ref("x1", "e3")).await.unwrap().exit_status, 0);
     let bad_id = exec_request("x1", "../e", &["true"]);
     assert_eq!(code_of(agent.client.exec_process(ctx(), &bad_id).await), ttrpc::Code::INVALID_ARGUMENT);
     let nobody = exec_request("nobody", "e1", &["true"]);
