@@ -1,6 +1,21 @@
 //! Time as the guest counts it.
 
+use std::sync::OnceLock;
+
 use nix::time::{clock_gettime, ClockId};
+
+/// The guest's uptime when the agent began, for the boot timeline (kernel to /init).
+static AGENT_START_MS: OnceLock<u64> = OnceLock::new();
+
+/// Records now as the agent's start: the first thing the agent's main does.
+pub fn mark_agent_start() {
+    let _ = AGENT_START_MS.set(uptime_ms());
+}
+
+/// The guest's uptime when the agent began, if [`mark_agent_start`] ran.
+pub fn agent_start_ms() -> Option<u64> {
+    AGENT_START_MS.get().copied()
+}
 
 /// Milliseconds since the kernel started (CLOCK_BOOTTIME, which also counts suspended time).
 pub fn uptime_ms() -> u64 {

@@ -123,6 +123,7 @@ fn run(is_init: bool) -> Result<(), Error> {
 }
 
 fn main() -> ExitCode {
+    ironclad_agent::clock::mark_agent_start();
     let is_init = std::process::id() == 1;
     // PID 1 takes whatever words the kernel command line left over: never a helper's.
     let args: Vec<String> = std::env::args().collect();

@@ -101,12 +101,21 @@ impl Sandbox {
             std::fs::write(&record, pids)
                 .map_err(|source| Error::RecordPids { path: record.clone(), source })?;
             let ready = vm.wait_ready(Duration::from_secs(config.boot_timeout_secs)).await?;
+            // The guest's part of the boot, from its own clock: the kernel up to /init, then the
+            // agent up to its ready line.
+            let guest_boot = match ready.line.init_ms {
+                Some(init_ms) => format!(
+                    "guest uptime {} ms: kernel {init_ms} ms, agent {} ms",
+                    ready.line.uptime_ms,
+                    ready.line.uptime_ms - init_ms
+                ),
+                None => format!("guest uptime {} ms", ready.line.uptime_ms),
+            };
             info!(
-                "{} VM ready: agent {} after {:?} (guest uptime {} ms)",
+                "{} VM ready: agent {} after {:?} ({guest_boot})",
                 backend.name(),
                 ready.line.version,
                 ready.since_start,
-                ready.line.uptime_ms
             );
             let agent = AgentClient::connect(vm.agent_socket(), AGENT_PORT, AGENT_CONNECT_TIMEOUT).await?;
             Ok::<_, Error>(agent.with_output_chunk(vm.guest_message_limit()))

@@ -18,13 +18,17 @@ async fn guest_boots_to_the_agent_answers_and_shuts_down() {
     let artifacts = GuestArtifacts::locate().expect("guest artifacts");
     let mut guest = boot_guest(&artifacts.vm_config()).await.expect("boot");
     eprintln!(
-        "boot: ready line {} ms after the {} monitor's start, guest uptime {} ms",
+        "boot: ready line {} ms after the {} monitor's start, guest uptime {} ms, /init at {:?} ms",
         guest.ready.since_start.as_millis(),
         guest.backend,
-        guest.ready.line.uptime_ms
+        guest.ready.line.uptime_ms,
+        guest.ready.line.init_ms
     );
     assert_eq!(guest.ready.line.version, env!("CARGO_PKG_VERSION"));
     assert!(guest.ready.line.uptime_ms > 0);
+    // The agent says when it began: the kernel's part of the boot, then its own.
+    let init_ms = guest.ready.line.init_ms.expect("the ready line carries init_ms");
+    assert!(init_ms > 0 && init_ms <= guest.ready.line.uptime_ms, "/init began at {init_ms} ms");
 
     guest.agent.check().await.expect("health check");
     let version = guest.agent.version().await.expect("version");

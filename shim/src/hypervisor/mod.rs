@@ -75,11 +75,13 @@ impl VmConfig {
     }
 }
 
-/// The agent's ready line on the console: `ironclad-agent ready version=<semver> uptime_ms=<ms>`.
+/// The agent's ready line on the console: `ironclad-agent ready version=<semver> uptime_ms=<ms>`,
+/// and `init_ms=<ms>` (the uptime at which the agent began) where the agent says it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadyLine {
     pub version: String,
     pub uptime_ms: u64,
+    pub init_ms: Option<u64>,
 }
 
 /// The longest agent version accepted on the ready line.
@@ -91,14 +93,18 @@ pub fn parse_ready_line(line: &str) -> Option<ReadyLine> {
     let rest = line.trim_end().strip_prefix("ironclad-agent ready ")?;
     let mut version = None;
     let mut uptime_ms = None;
+    let mut init_ms = None;
     for field in rest.split_whitespace() {
         match field.split_once('=') {
             Some(("version", v)) if is_plain_version(v) => version = Some(v.to_string()),
             Some(("uptime_ms", v)) => uptime_ms = v.parse().ok(),
+            Some(("init_ms", v)) => init_ms = v.parse().ok(),
             _ => {}
         }
     }
-    Some(ReadyLine { version: version?, uptime_ms: uptime_ms? })
+    let uptime_ms = uptime_ms?;
+    // A start after the ready line is a lie: dropped, not believed.
+    Some(ReadyLine { version: version?, uptime_ms, init_ms: init_ms.filter(|&init| init <= uptime_ms) })
 }
 
 fn is_plain_version(text: &str) -> bool {
@@ -258,7 +264,18 @@ mod tests {
     fn parses_the_ready_line_and_rejects_others() {
         assert_eq!(
             parse_ready_line("ironclad-agent ready version=0.1.0 uptime_ms=1873\r\n"),
-            Some(ReadyLine { version: "0.1.0".into(), uptime_ms: 1873 })
+            Some(ReadyLine { version: "0.1.0".into(), uptime_ms: 1873, init_ms: None })
+        );
+        assert_eq!(
+            parse_ready_line("ironclad-agent ready version=0.1.0 uptime_ms=1873 init_ms=912\n"),
+            Some(ReadyLine { version: "0.1.0".into(), uptime_ms: 1873, init_ms: Some(912) })
+        );
+        assert_eq!(
+            parse_ready_line("ironclad-agent ready version=0.1.0 uptime_ms=1873 init_ms=5000")
+                .unwrap()
+                .init_ms,
+            None,
+            "the agent cannot have begun after it was ready"
         );
         assert_eq!(parse_ready_line("ironclad-agent ready version=0.1.0"), None);
         assert_eq!(parse_ready_line("[    0.1] ironclad-agent ready version=1 uptime_ms=2"), None);
