@@ -999,8 +999,8 @@ impl Containers {
             let entry = entries.get(id).ok_or_else(|| Error::NotFound(id.into()))?;
             (entry.container.clone(), entry.bundle.clone(), entry.init.pid, entry.init.exit.clone())
         };
-        if let Some(pid) = pid {
-            if exit.borrow().is_none() {
+        match pid {
+            Some(pid) if exit.borrow().is_none() => {
                 // The init process is PID 1 of the container's pid namespace: its exec processes go with it.
                 let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
                 let exited = tokio::time::timeout(timeout, exit.wait_for(|code| code.is_some())).await;
@@ -1008,6 +1008,8 @@ impl Containers {
                     return Err(Error::StopTimeout { id: id.into(), timeout });
                 }
             }
+            Some(_) => {}
+            None => self.stop_unstarted_init(id, &container, timeout).await?,
         }
         let owned_id = id.to_string();
         blocking(id, move || {
@@ -1023,6 +1025,34 @@ impl Containers {
             unmount_all(entry.mounts);
         }
         Ok(())
+    }
+
+    /// Kills the init process of a container created but never started (it waits for the start)
+    /// and waits until it has exited: libcontainer's delete would kill it itself but then gives the
+    /// cgroup about 100 ms to empty, which a loaded guest misses ("could not delete").
+    async fn stop_unstarted_init(
+        &self,
+        id: &str,
+        container: &Arc<std::sync::Mutex<Container>>,
+        timeout: Duration,
+    ) -> Result<(), Error> {
+        let Some(pid) = lock(id, container)?.pid() else { return Ok(()) };
+        // Subscribed before the kill: the exit cannot be missed.
+        let mut exits = self.exits.subscribe();
+        if nix::sys::signal::kill(pid, Signal::SIGKILL).is_err() {
+            return Ok(()); // already gone, and reaped
+        }
+        let exited = tokio::time::timeout(timeout, async {
+            loop {
+                match exits.recv().await {
+                    Ok(status) if exit_code(status).is_some_and(|(exited, _)| exited == pid) => return,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        })
+        .await;
+        exited.map_err(|_| Error::StopTimeout { id: id.into(), timeout })
     }
 
     /// Points each namespace of the spec that names a path at the sandbox container's namespace of
