@@ -323,21 +323,24 @@ fn watch_exit(
     exit_tx: Arc<watch::Sender<Option<i32>>>,
 ) {
     tokio::spawn(async move {
-        loop {
-            match exits.recv().await {
-                Ok(status) => {
-                    if let Some((p, code)) = exit_code(status) {
-                        if p.as_raw() == pid {
-                            let _ = exit_tx.send(Some(code));
-                            return;
-                        }
-                    }
-                }
-                Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(broadcast::error::RecvError::Closed) => return,
-            }
+        if let Some(code) = exit_of(&mut exits, Pid::from_raw(pid)).await {
+            let _ = exit_tx.send(Some(code));
         }
     });
+}
+
+/// `pid`'s exit status, once the reaper announces it; None if the reaper goes away first.
+async fn exit_of(exits: &mut broadcast::Receiver<WaitStatus>, pid: Pid) -> Option<i32> {
+    loop {
+        match exits.recv().await {
+            Ok(status) => match exit_code(status) {
+                Some((exited, code)) if exited == pid => return Some(code),
+                _ => continue,
+            },
+            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => return None,
+        }
+    }
 }
 
 struct Entry {
@@ -1042,17 +1045,8 @@ impl Containers {
         if nix::sys::signal::kill(pid, Signal::SIGKILL).is_err() {
             return Ok(()); // already gone, and reaped
         }
-        let exited = tokio::time::timeout(timeout, async {
-            loop {
-                match exits.recv().await {
-                    Ok(status) if exit_code(status).is_some_and(|(exited, _)| exited == pid) => return,
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => return,
-                }
-            }
-        })
-        .await;
-        exited.map_err(|_| Error::StopTimeout { id: id.into(), timeout })
+        let exited = tokio::time::timeout(timeout, exit_of(&mut exits, pid)).await;
+        exited.map(drop).map_err(|_| Error::StopTimeout { id: id.into(), timeout })
     }
 
     /// Points each namespace of the spec that names a path at the sandbox container's namespace of
