@@ -45,17 +45,6 @@ pub enum Error {
     Signal(#[source] std::io::Error),
 }
 
-/// The one line the host waits for on the console; its format is part of the harness contract.
-/// `init_ms`: the uptime at which the agent (/init) began, when known, which splits the guest's
-/// boot into the kernel's part and the agent's.
-pub fn ready_line(uptime_ms: u64, init_ms: Option<u64>) -> String {
-    let line = format!("ironclad-agent ready version={AGENT_VERSION} uptime_ms={uptime_ms}");
-    match init_ms {
-        Some(init_ms) => format!("{line} init_ms={init_ms}"),
-        None => line,
-    }
-}
-
 struct HealthService;
 
 #[async_trait]
@@ -522,7 +511,8 @@ pub async fn serve(
         .register_service(agent_ttrpc::create_health(health))
         .register_service(agent_ttrpc::create_agent(agent));
     server.start().await.map_err(Error::Start)?;
-    println!("{}", ready_line(uptime_ms(), crate::clock::agent_start_ms()));
+    let init_ms = crate::clock::agent_start_ms();
+    println!("{}", ironclad_protocol::ready_line(AGENT_VERSION, uptime_ms(), init_ms));
     info!("serving the agent API on {address}");
     destroy_rx.recv().await;
     // The shutdown drops handlers that have not queued their answer yet, and the VM resets right
@@ -599,17 +589,5 @@ mod tests {
         assert_eq!(status_of(failed(ErrorKind::FailedPrecondition)).code(), ttrpc::Code::FAILED_PRECONDITION);
         let timeout = fork_helper::Error::Timeout(std::time::Duration::from_secs(30));
         assert_eq!(status_of(timeout).code(), ttrpc::Code::INTERNAL);
-    }
-
-    #[test]
-    fn ready_line_carries_version_and_uptime() {
-        assert_eq!(
-            ready_line(42, None),
-            format!("ironclad-agent ready version={AGENT_VERSION} uptime_ms=42")
-        );
-        assert_eq!(
-            ready_line(42, Some(30)),
-            format!("ironclad-agent ready version={AGENT_VERSION} uptime_ms=42 init_ms=30")
-        );
     }
 }

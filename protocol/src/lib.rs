@@ -17,6 +17,21 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
+/// How the agent's ready line on the console begins; the shim waits for it.
+pub const READY_PREFIX: &str = "ironclad-agent ready ";
+
+/// The one line the host waits for on the console, part of the harness contract:
+/// `ironclad-agent ready version=<semver> uptime_ms=<ms>`, then `init_ms=<ms>` (the uptime at
+/// which the agent, /init, began) when known, which splits the guest's boot into the kernel's part
+/// and the agent's.
+pub fn ready_line(version: &str, uptime_ms: u64, init_ms: Option<u64>) -> String {
+    let line = format!("{READY_PREFIX}version={version} uptime_ms={uptime_ms}");
+    match init_ms {
+        Some(init_ms) => format!("{line} init_ms={init_ms}"),
+        None => line,
+    }
+}
+
 /// The vsock port on which the agent serves inside the guest.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
@@ -62,6 +77,15 @@ pub mod runtimeoptions {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_ready_line_carries_version_uptime_and_when_known_the_agents_start() {
+        assert_eq!(super::ready_line("0.1.0", 42, None), "ironclad-agent ready version=0.1.0 uptime_ms=42");
+        assert_eq!(
+            super::ready_line("0.1.0", 42, Some(30)),
+            "ironclad-agent ready version=0.1.0 uptime_ms=42 init_ms=30"
+        );
+    }
+
     #[derive(Debug, thiserror::Error)]
     #[error("cannot start the VM")]
     struct Outer(#[source] std::io::Error);

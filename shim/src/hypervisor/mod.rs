@@ -90,7 +90,7 @@ const MAX_VERSION_LEN: usize = 64;
 /// The ready line's fields. The guest wrote it: a version that is not a plain semver-like word
 /// (letters, digits, `.`, `+`, `-`; at most 64 bytes) makes it no ready line at all.
 pub fn parse_ready_line(line: &str) -> Option<ReadyLine> {
-    let rest = line.trim_end().strip_prefix("ironclad-agent ready ")?;
+    let rest = line.trim_end().strip_prefix(ironclad_protocol::READY_PREFIX)?;
     let mut version = None;
     let mut uptime_ms = None;
     let mut init_ms = None;

@@ -123,9 +123,9 @@ fn run() -> Result<(), Error> {
 /// The real agent's ready line, which is all the shim waits for on the console.
 fn announce_ready() {
     let uptime = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-        .map(|t| t.tv_sec() * 1000 + t.tv_nsec() / 1_000_000)
+        .map(|t| u64::try_from(t.tv_sec() * 1000 + t.tv_nsec() / 1_000_000).unwrap_or(0))
         .unwrap_or(0);
-    println!("ironclad-agent ready version={VERSION} uptime_ms={uptime}");
+    println!("{}", ironclad_protocol::ready_line(VERSION, uptime, None));
 }
 
 fn listen_vsock() -> Result<OwnedFd, nix::Error> {
