@@ -70,7 +70,7 @@ test-nested: prereqs guest
 
 # ctr run through a private containerd, ironclad next to runc.
 demo: prereqs guest
-	$(CARGO) build --release --locked -p ironclad-shim -p ironclad-tests
+	$(CARGO) build --release --locked -p ironclad-shim -p ironclad-jailer -p ironclad-tests
 	target/release/ironclad-demo
 
 # Just the guest: boot it and talk to its agent, without containerd.
@@ -80,9 +80,10 @@ boot-demo: prereqs guest
 # Binaries to $(PREFIX)/bin, the guest to $(PREFIX)/share/ironclad, and the default config, which an
 # existing one is never replaced by.
 install: guest
-	$(CARGO) build --release --locked -p ironclad-shim -p ironclad-vmm
+	$(CARGO) build --release --locked -p ironclad-shim -p ironclad-vmm -p ironclad-jailer
 	install -D -m 0755 target/release/containerd-shim-ironclad-v2 $(PREFIX)/bin/containerd-shim-ironclad-v2
 	install -D -m 0755 target/release/ironclad-vmm $(PREFIX)/bin/ironclad-vmm
+	install -D -m 0755 target/release/ironclad-jailer $(PREFIX)/bin/ironclad-jailer
 	install -D -m 0644 $(GUEST_DIR)/bzImage $(PREFIX)/share/ironclad/bzImage
 	install -D -m 0644 $(GUEST_DIR)/initrd.img $(PREFIX)/share/ironclad/initrd.img
 	@if [ -e $(CONFIG_DIR)/config.toml ]; then \
@@ -99,7 +100,7 @@ install: guest
 # docs/charts/, naming the
 # machine and the backend.
 bench: prereqs guest
-	$(CARGO) build --release --locked -p ironclad-vmm -p ironclad-shim -p ironclad-agent -p ironclad-bench
+	$(CARGO) build --release --locked -p ironclad-vmm -p ironclad-shim -p ironclad-jailer -p ironclad-agent -p ironclad-bench
 	target/release/ironclad-bench vmm --vmm target/release/ironclad-vmm
 	target/release/ironclad-bench agent --runs 100
 	target/release/ironclad-bench runtimes --runs 20 --density 1,10

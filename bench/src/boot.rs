@@ -136,7 +136,7 @@ async fn boot_once(backend: &Backend, config: &VmConfig, memory_mib: u32) -> Res
         tempfile::Builder::new().prefix("ironclad-bench-boot-").tempdir().map_err(Error::RunDir)?;
     let paths = SandboxPaths::new(run_root.path(), "sandbox");
     let hypervisor = |source| Error::Hypervisor { backend: name, source };
-    let mut vm = backend.start(config, paths).await.map_err(hypervisor)?;
+    let mut vm = backend.start(config, paths, None).await.map_err(hypervisor)?;
     let ready = vm.wait_ready(READY_TIMEOUT).await.map_err(hypervisor)?;
     let monitor = vm.pids().first().copied().unwrap_or_default();
     let rss = rss_outside_guest_ram_kib(monitor, u64::from(memory_mib) * 1024);

@@ -29,6 +29,11 @@ pub const ANNOTATION_AGENT_LOG: &str = "io.ironclad.agent_log";
 const MAX_AGENT_LOG_LEN: usize = 128;
 
 const VCPU_RANGE: std::ops::RangeInclusive<u8> = 1..=32;
+/// Never root's, nor the range where distributions put their users; at most 2^31 - 1 with the count.
+const JAIL_FIRST_UID_RANGE: std::ops::RangeInclusive<u32> = 65_536..=2_000_000_000;
+const JAIL_UID_COUNT_RANGE: std::ops::RangeInclusive<u32> = 1..=100_000_000;
+/// Below 64 MiB QEMU itself does not fit; above 64 GiB the limit means nothing.
+const JAIL_OVERHEAD_RANGE_MIB: std::ops::RangeInclusive<u32> = 64..=65_536;
 const MEMORY_RANGE_MIB: std::ops::RangeInclusive<u32> = 64..=65536;
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +90,22 @@ pub struct ShimConfig {
     /// QEMU's own seccomp sandbox (`-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,
     /// resourcecontrol=deny`); off only for debugging.
     pub qemu_sandbox: bool,
+    /// Every helper the shim starts (QEMU, ironclad-vmm, vhost-device-vsock, virtiofsd) runs
+    /// through ironclad-jailer: the sandbox's own uid, new namespaces, a root with only what it
+    /// needs, no capabilities. Off only for debugging.
+    pub jail: bool,
+    /// ironclad-jailer; unset: the one beside the shim, else the one on PATH.
+    pub jailer: Option<PathBuf>,
+    /// The uids (and equal gids) handed to sandboxes, one each while it runs: the first and how many.
+    #[serde(deserialize_with = "jail_first_uid")]
+    pub jail_first_uid: u32,
+    #[serde(deserialize_with = "jail_uid_count")]
+    pub jail_uid_count: u32,
+    /// A host cgroup per sandbox holding its helpers, with a memory limit of the VM's memory plus
+    /// `jail_memory_overhead_mib`. Off only for debugging (or where no cgroup can be made).
+    pub jail_cgroup: bool,
+    #[serde(deserialize_with = "jail_memory_overhead_mib")]
+    pub jail_memory_overhead_mib: u32,
     /// Where this configuration came from, for error messages.
     #[serde(skip)]
     pub source: PathBuf,
@@ -109,6 +130,12 @@ impl Default for ShimConfig {
             log_root: DEFAULT_LOG_ROOT.into(),
             denied_destinations: vec![(METADATA_ADDRESS, 32)],
             qemu_sandbox: true,
+            jail: true,
+            jailer: None,
+            jail_first_uid: 900_000,
+            jail_uid_count: 65_536,
+            jail_cgroup: true,
+            jail_memory_overhead_mib: 512,
             source: PathBuf::from("(defaults)"),
         }
     }
@@ -231,6 +258,18 @@ fn vcpus<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u8, D::Error> {
 
 fn memory_mib<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
     in_range(deserializer, &MEMORY_RANGE_MIB)
+}
+
+fn jail_first_uid<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    in_range(deserializer, &JAIL_FIRST_UID_RANGE)
+}
+
+fn jail_uid_count<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    in_range(deserializer, &JAIL_UID_COUNT_RANGE)
+}
+
+fn jail_memory_overhead_mib<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    in_range(deserializer, &JAIL_OVERHEAD_RANGE_MIB)
 }
 
 fn hypervisor_kind<'de, D: Deserializer<'de>>(deserializer: D) -> Result<HypervisorKind, D::Error> {
@@ -365,6 +404,22 @@ mod tests {
         for bad in ["\"fd00::1\"", "\"10.0.0.0/33\"", "\"metadata\""] {
             let err = parse(&format!("denied_destinations = [{bad}]")).unwrap_err().to_string();
             assert!(err.contains("denied_destinations") && err.contains("IPv4"), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_jail_is_on_by_default_and_its_numbers_are_checked() {
+        let config = ShimConfig::default();
+        assert!(config.jail && config.jail_cgroup);
+        let config = parse("jail = false\njail_first_uid = 100000\njail_uid_count = 10\n").unwrap();
+        assert_eq!((config.jail, config.jail_first_uid, config.jail_uid_count), (false, 100_000, 10));
+        for (text, key) in [
+            ("jail_first_uid = 0", "jail_first_uid"),
+            ("jail_uid_count = 0", "jail_uid_count"),
+            ("jail_memory_overhead_mib = 1", "jail_memory_overhead_mib"),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains("out of range"), "{err}");
         }
     }
 

@@ -17,6 +17,7 @@ pub mod fuzzing;
 pub mod guest_text;
 pub mod hypervisor;
 pub mod io;
+pub mod jail;
 pub mod logging;
 pub mod metrics;
 pub mod paths;

@@ -18,6 +18,7 @@ use crate::agent_client::{self, AgentClient, AGENT_PORT};
 use crate::config::ShimConfig;
 use crate::guest_text;
 use crate::hypervisor::{self, error_chain, Backend, GuestVm, VmConfig};
+use crate::jail::{self, Jail};
 use crate::paths::SandboxPaths;
 use crate::resources::share_fs::ShareFs;
 
@@ -77,6 +78,8 @@ pub struct Sandbox {
     task_dir: PathBuf,
     /// The directory shared with the guest through virtio-fs, if the VM has one.
     pub share: Option<ShareFs>,
+    /// Holds the sandbox's uid while it lives (its cgroup goes with the task directory).
+    jail: Option<Jail>,
 }
 
 impl Sandbox {
@@ -89,12 +92,13 @@ impl Sandbox {
         task_dir: &Path,
         console_log: PathBuf,
         share: Option<ShareFs>,
+        jail: Option<Jail>,
     ) -> Result<Sandbox, Error> {
         let record = task_dir.join(CONSOLE_LOG_FILE);
         std::fs::write(&record, console_log.as_os_str().as_encoded_bytes())
             .map_err(|source| Error::RecordConsoleLog { path: record, source })?;
         let paths = SandboxPaths::new(task_dir, "vm").with_console_log(console_log);
-        let mut vm = backend.start(vm_config, paths).await?;
+        let mut vm = backend.start(vm_config, paths, jail.as_ref()).await?;
         let record = task_dir.join(PIDS_FILE);
         let pids: String = vm.pids().iter().map(|pid| format!("{pid}\n")).collect();
         let prepared = async {
@@ -122,7 +126,8 @@ impl Sandbox {
         }
         .await;
         match prepared {
-            Ok(agent) => Self::run(vm, agent, backend.name(), task_dir.to_path_buf(), share),
+            Ok(agent) => Self::run(vm, agent, backend.name(), task_dir.to_path_buf(), share)
+                .map(|sandbox| sandbox.jailed(jail)),
             Err(err) => {
                 let _ = vm.stop(Duration::ZERO).await;
                 Err(err)
@@ -152,7 +157,28 @@ impl Sandbox {
         let killed = Arc::new(AtomicBool::new(false));
         let (gone_tx, gone) = watch::channel(false);
         tokio::spawn(watch_monitor(exited, vm.clone(), stopping.clone(), killed.clone(), gone_tx));
-        Ok(Sandbox { agent, backend, monitor_pid: monitor, vm, gone, stopping, killed, task_dir, share })
+        Ok(Sandbox {
+            agent,
+            backend,
+            monitor_pid: monitor,
+            vm,
+            gone,
+            stopping,
+            killed,
+            task_dir,
+            share,
+            jail: None,
+        })
+    }
+
+    fn jailed(mut self, jail: Option<Jail>) -> Self {
+        self.jail = jail;
+        self
+    }
+
+    /// The uid its helpers run as, when they are jailed.
+    pub fn jail_uid(&self) -> Option<u32> {
+        self.jail.as_ref().map(Jail::uid)
     }
 
     /// Becomes true when the VM has gone, expectedly or not.
@@ -317,6 +343,8 @@ pub fn clean_up_task_dir(task_dir: &Path) {
     }
     // A killed monitor holds its tap until the kernel has torn it down.
     wait_until_gone(&killed, KILLED_EXIT_WAIT);
+    // Whatever of the sandbox's jailed helpers is left dies with its cgroup.
+    jail::remove_cgroup(task_dir);
     if let Ok(netns) = std::fs::read(task_dir.join(NETNS_FILE)) {
         let netns = PathBuf::from(std::ffi::OsString::from_vec(netns));
         // A namespace the shim made goes, with its tap, when it is unmounted below; only one that

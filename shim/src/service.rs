@@ -37,6 +37,7 @@ use crate::config::{self, ShimConfig, DEFAULT_CONFIG_PATH};
 use crate::events::{self, Events};
 use crate::hypervisor::{error_chain, Backend, BlockDevice, HostVirtualization, VmConfig};
 use crate::io::{self as stdio};
+use crate::jail::{self, Jail};
 use crate::metrics;
 use crate::process::{Exit, Process, StdioUris};
 use crate::resources::network::{self, Attachment, InterfaceConfig, Requested};
@@ -97,6 +98,8 @@ pub enum Error {
     SandboxGone { container: String, sandbox: String },
     #[error("cannot add container {container} to pod {sandbox}: its VM has no shared directory")]
     PodWithoutShare { container: String, sandbox: String },
+    #[error("cannot jail the sandbox's helpers")]
+    Jail(#[from] jail::Error),
     #[error("cannot start the sandbox VM")]
     Sandbox(#[from] sandbox::Error),
     #[error(transparent)]
@@ -153,6 +156,7 @@ async fn attach_network(
     task_dir: &Path,
     id: &str,
     config: &ShimConfig,
+    owner: Option<u32>,
 ) -> Result<Option<Arc<Attachment>>, Error> {
     let netns = match requested {
         Requested::HostNetwork => {
@@ -172,9 +176,15 @@ async fn attach_network(
         network::create_netns(&netns)?;
     }
     let attachment =
-        Attachment::prepare(&netns, network::mac_for(id), config.denied_destinations.clone()).await?;
+        Attachment::prepare(&netns, network::mac_for(id), config.denied_destinations.clone(), owner).await?;
     info!("network: {} in {} for the guest's NICs", attachment.tap_names().join(", "), netns.display());
     Ok(Some(Arc::new(attachment)))
+}
+
+/// The file's path without `..`, `.` or links, when it exists (else as given, for the backend to
+/// report it missing).
+fn resolved(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// Configures the guest NIC once the CNI interface it stands in for is there.
@@ -290,6 +300,19 @@ fn code_of(err: &Error) -> ttrpc::Code {
             | network::Error::Netlink { .. }
             | network::Error::Tap { .. }
             | network::Error::Thread,
+        ) => Code::INTERNAL,
+        Error::Jail(
+            jail::Error::NoJailer { .. }
+            | jail::Error::JailerMissing { .. }
+            | jail::Error::NoFreeUid { .. }
+            | jail::Error::Cgroup { .. },
+        ) => Code::FAILED_PRECONDITION,
+        Error::Jail(
+            jail::Error::UidLock { .. }
+            | jail::Error::Admit { .. }
+            | jail::Error::Go { .. }
+            | jail::Error::Chown { .. }
+            | jail::Error::Record { .. },
         ) => Code::INTERNAL,
         Error::Sandbox(_) => Code::FAILED_PRECONDITION,
         // The agent's own code (INVALID_ARGUMENT, NOT_FOUND...); a transport error means the VM is
@@ -526,12 +549,15 @@ impl TaskService {
             if let Some(parent) = console_log.parent() {
                 create_private_dir(parent)?;
             }
+            let jail = Jail::open(&config, &self.namespace, &dir, settings.memory_mib)?;
             let image = prepare_rootfs(snapshot, &config, &dir).await?;
-            let network = attach_network(&requested_network, &dir, &req.id, &config).await?;
+            let owner = jail.as_ref().map(Jail::uid);
+            let network = attach_network(&requested_network, &dir, &req.id, &config, owner).await?;
             let share = if with_share { Some(ShareFs::prepare(&dir)?) } else { None };
             let vm_config = VmConfig {
-                kernel: config.kernel.clone(),
-                initrd: config.initrd.clone(),
+                // As the jail binds them: a path through `..` or a link is not there inside.
+                kernel: resolved(&config.kernel),
+                initrd: resolved(&config.initrd),
                 vcpus: settings.vcpus,
                 memory_mib: settings.memory_mib,
                 extra_kernel_params: format!("{} {}", config.kernel_params, settings.kernel_params()),
@@ -544,7 +570,7 @@ impl TaskService {
                 shared_dir: share.as_ref().map(|s| s.dir().to_path_buf()),
             };
             let sandbox =
-                Arc::new(Sandbox::boot(&backend, &config, &vm_config, &dir, console_log, share).await?);
+                Arc::new(Sandbox::boot(&backend, &config, &vm_config, &dir, console_log, share, jail).await?);
             let init = Process::new("", stdio_uris(req), String::new());
             let container =
                 Arc::new(Container::new(&req.id, &req.bundle, sandbox, init).with_network(network));

@@ -60,9 +60,9 @@ for line in sys.stdin:
     if message.get("reason") == "compiler-artifact" and message.get("executable") and message["profile"]["test"]:
         print(message["target"]["name"], message["executable"])
 ')
-cargo build --locked -p ironclad-vmm -p ironclad-shim -p ironclad-tests --bins
+cargo build --locked -p ironclad-vmm -p ironclad-shim -p ironclad-jailer -p ironclad-tests --bins
 if printf '%s\n' "${suites[@]}" | grep -qx bench; then
-    cargo build --release --locked -p ironclad-vmm -p ironclad-shim -p ironclad-bench
+    cargo build --release --locked -p ironclad-vmm -p ironclad-shim -p ironclad-jailer -p ironclad-bench
 fi
 
 commands=()

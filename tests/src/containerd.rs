@@ -411,19 +411,47 @@ impl Containerd {
             let mounts: Vec<&str> =
                 mountinfo.lines().filter(|l| l.contains(&images) || l.contains(&run_root)).collect();
             let socket_left = shim_socket.exists();
-            if !dir_left && processes.is_empty() && mounts.is_empty() && !socket_left {
+            let cgroups = self.sandbox_cgroups(id);
+            if !dir_left && processes.is_empty() && mounts.is_empty() && !socket_left && cgroups.is_empty() {
                 return;
             }
             if Instant::now() > deadline {
                 panic!(
                     "left behind for {id}: task dir: {dir_left}; processes: {}; mounts: {mounts:?}; shim \
-                     socket {}: {socket_left}",
+                     socket {}: {socket_left}; cgroups: {cgroups:?}",
                     self.process_states(),
                     shim_socket.display()
                 );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The host cgroups the shim's jail made for sandbox `id` (one per hierarchy) that exist.
+    pub fn sandbox_cgroups(&self, id: &str) -> Vec<PathBuf> {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let relative =
+            Path::new("ironclad").join(&self.namespace).join(ironclad_shim::paths::task_dir_name(id));
+        crate::cgroups::mount_points(&mountinfo)
+            .into_iter()
+            .map(|mount_point| mount_point.join(&relative))
+            .filter(|dir| dir.is_dir())
+            .collect()
+    }
+
+    /// The processes of sandbox `id`'s VM other than the jailers that started them (QEMU or
+    /// ironclad-vmm, vhost-device-vsock, virtiofsd), each with its /proc status.
+    pub fn sandbox_helpers(&self, id: &str) -> Vec<HelperProcess> {
+        let marker = self.task_dir(id).display().to_string();
+        processes_matching(&[marker], self.child.id())
+            .into_iter()
+            .filter_map(|(pid, cmdline)| {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?.trim().to_string();
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+                let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+                (comm != "ironclad-jailer").then_some(HelperProcess { pid, comm, cmdline, status, cgroup })
+            })
+            .collect()
     }
 
     /// Processes whose command line mentions this containerd's namespace or directory: its shims
@@ -529,6 +557,27 @@ impl Drop for Containerd {
         remove_namespace_cgroups(&self.namespace);
         // Snapshots and the shims' sockets are mounted or bound below the directory.
         ironclad_shim::sandbox::unmount_below(self.dir.path());
+    }
+}
+
+/// One process of a sandbox's VM, as /proc shows it.
+#[derive(Debug, Clone)]
+pub struct HelperProcess {
+    pub pid: i32,
+    pub comm: String,
+    pub cmdline: String,
+    pub status: String,
+    pub cgroup: String,
+}
+
+impl HelperProcess {
+    /// A field of /proc/PID/status (`Uid`, `CapEff`, `NSpid`...), as written there.
+    pub fn field(&self, name: &str) -> &str {
+        self.status
+            .lines()
+            .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(':')))
+            .map(str::trim)
+            .unwrap_or("")
     }
 }
 

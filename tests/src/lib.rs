@@ -124,7 +124,8 @@ pub async fn boot_guest_with(kind: HypervisorKind, config: &VmConfig) -> Result<
     if let Some(expected) = expected_backend().filter(|e| e != backend.name()) {
         return Err(Error::UnexpectedBackend { expected, got: backend.name(), why: host.explain() });
     }
-    let mut vm = backend.start(config, paths.clone()).await?;
+    // The guest as the backend boots it; the jail is the shim's, tested through containerd.
+    let mut vm = backend.start(config, paths.clone(), None).await?;
     let ready = vm.wait_ready(READY_TIMEOUT).await?;
     let agent = AgentClient::connect(vm.agent_socket(), AGENT_PORT, AGENT_CONNECT_TIMEOUT)
         .await?

@@ -265,6 +265,79 @@ fn host_directories_and_files_reach_the_guest_through_the_shared_directory() {
     assert_eq!(std::fs::read_to_string(&greeting).unwrap(), "hello from the host\n");
 }
 
+/// The most virtiofsd may hold: CHOWN, DAC_OVERRIDE, FOWNER, FSETID, SETGID, SETUID, SETPCAP,
+/// SYS_ADMIN, MKNOD and SETFCAP (the shim's FILE_SERVER_CAPS); virtiofsd shrinks it further itself.
+const FILE_SERVER_CAPS: u64 = 0x8820_01db;
+
+#[test]
+fn the_sandboxs_helpers_run_jailed_as_its_own_uid_in_its_cgroup() {
+    let Some(containerd) = start_containerd() else { return };
+    // A host directory: virtiofsd runs beside the monitor (and, for QEMU, vhost-device-vsock).
+    let shared = tempfile::tempdir().unwrap();
+    let mount = format!("type=bind,src={},dst=/shared,options=rbind:ro", shared.path().display());
+    let config = containerd.shim_config.display().to_string();
+    let mut args = ironclad_run_args(&config, &["-d", "--mount", &mount]);
+    args.extend([BUSYBOX_IMAGE, "jail1", "sleep", "1000"]);
+    stdout_of(&containerd, &run_ctr(&containerd, &args, None));
+    wait_for_status(&containerd, "jail1", "RUNNING");
+
+    let helpers = containerd.sandbox_helpers("jail1");
+    let comms: Vec<&str> = helpers.iter().map(|h| h.comm.as_str()).collect();
+    let monitor = helpers
+        .iter()
+        .find(|h| h.comm == "ironclad-vmm" || h.comm.starts_with("qemu-system"))
+        .unwrap_or_else(|| panic!("no monitor among {comms:?}"));
+    assert!(comms.contains(&"virtiofsd"), "{comms:?}");
+    let uid = monitor.field("Uid").split_whitespace().next().unwrap().to_string();
+    assert!(uid.parse::<u32>().unwrap() >= 900_000, "the monitor runs as the sandbox's uid, not {uid}");
+    let task_dir = containerd.task_dir("jail1");
+    for helper in &helpers {
+        let what = format!("{} ({}): {}", helper.comm, helper.pid, helper.status);
+        let file_server = helper.comm == "virtiofsd";
+        let (expected_uid, allowed_caps) =
+            if file_server { ("0", FILE_SERVER_CAPS) } else { (uid.as_str(), 0) };
+        assert_eq!(helper.field("Uid"), [expected_uid; 4].join("\t"), "{what}");
+        assert_eq!(helper.field("Gid"), [expected_uid; 4].join("\t"), "{what}");
+        for set in ["CapInh", "CapPrm", "CapEff", "CapAmb", "CapBnd"] {
+            let held = u64::from_str_radix(helper.field(set), 16).unwrap();
+            assert_eq!(held & !allowed_caps, 0, "{set} of {what}");
+        }
+        assert_eq!(helper.field("NoNewPrivs"), "1", "{what}");
+        // PID 1 of a PID namespace of its own (virtiofsd's sandbox adds one more level).
+        let nspid: Vec<&str> = helper.field("NSpid").split_whitespace().collect();
+        assert!(nspid.len() >= 2, "{what}");
+        // Its root is the jail's (virtiofsd pivots on into the shared directory): the host's files
+        // are not there, its sandbox's directory is.
+        let root = PathBuf::from(format!("/proc/{}/root", helper.pid));
+        assert!(!root.join("etc/passwd").exists() && !root.join("home").exists(), "{what}");
+        if !file_server {
+            assert!(root.join(task_dir.join("vm").strip_prefix("/").unwrap()).is_dir(), "{what}");
+        }
+        let memory_cgroup = format!("/ironclad/{}/jail1", containerd.namespace());
+        assert!(helper.cgroup.lines().any(|l| l.ends_with(&memory_cgroup)), "{what}\n{}", helper.cgroup);
+    }
+    if monitor.comm.starts_with("qemu-system") {
+        assert_eq!(monitor.field("Seccomp"), "2", "QEMU's own filter too");
+    }
+    // The cgroup's memory limit: the VM's 256 MiB and the 512 MiB overhead.
+    let cgroups = containerd.sandbox_cgroups("jail1");
+    let limit = cgroups
+        .iter()
+        .find_map(|dir| {
+            std::fs::read_to_string(dir.join("memory.limit_in_bytes"))
+                .or_else(|_| std::fs::read_to_string(dir.join("memory.max")))
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no memory limit in {cgroups:?}"));
+    assert_eq!(limit.trim(), ((256u64 + 512) << 20).to_string());
+
+    containerd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "jail1"]).unwrap();
+    wait_for_status(&containerd, "jail1", "STOPPED");
+    containerd.ctr_ok(&["tasks", "delete", "jail1"]).unwrap();
+    containerd.ctr_ok(&["containers", "delete", "jail1"]).unwrap();
+    containerd.assert_nothing_left("jail1");
+}
+
 #[test]
 fn stdin_tty_env_cwd_and_user() {
     let Some(containerd) = start_containerd() else { return };

@@ -108,7 +108,11 @@ containerd log:
     fn monitors(&self) -> Vec<i32> {
         self.vm_processes()
             .into_iter()
-            .filter(|(_, c)| c.contains("qemu-system") || c.contains("ironclad-vmm"))
+            // The monitor itself, not the jailer that started it (whose arguments name it).
+            .filter(|(_, c)| {
+                let program = c.split(' ').next().unwrap_or("");
+                program.contains("qemu-system") || program.ends_with("ironclad-vmm")
+            })
             .map(|(pid, _)| pid)
             .collect()
     }

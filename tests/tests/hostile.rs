@@ -314,11 +314,14 @@ fn a_flood_of_vsock_connections_from_the_guest_leaves_the_shim_serving() {
 /// The task's VM process runs under a seccomp filter: QEMU's own `-sandbox` (every thread), or
 /// ironclad-vmm's per-thread filters.
 fn assert_vm_process_filtered(containerd: &Containerd, id: &str) {
-    let vm = containerd.leftover_processes().into_iter().find(|(_, cmdline)| {
-        (cmdline.contains("qemu-system") || cmdline.contains("ironclad-vmm"))
-            && cmdline.contains(&format!("/{id}/"))
-    });
-    let Some((pid, cmdline)) = vm else { panic!("no VM process for {id}") };
+    // The monitor itself, not the jailer that started it (whose command line names it too).
+    let vm = containerd
+        .sandbox_helpers(id)
+        .into_iter()
+        .find(|helper| helper.comm.starts_with("qemu-system") || helper.comm == "ironclad-vmm");
+    let Some(ironclad_tests::containerd::HelperProcess { pid, cmdline, .. }) = vm else {
+        panic!("no VM process for {id}")
+    };
     let filtered = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten().any(|task| {
         let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
         status.lines().any(|line| line.split_whitespace().collect::<Vec<_>>() == ["Seccomp:", "2"])

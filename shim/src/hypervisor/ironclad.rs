@@ -2,12 +2,14 @@
 //! sandbox directory. Its hybrid vsock socket is the sandbox's agent socket.
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use tracing::info;
 
 use super::process::{create_sandbox_dir, require_guest_files, Error, GuestVm, SandboxDirGuard};
-use super::{find_executable, virtiofsd, HostVirtualization, VmConfig};
+use super::Launch;
+use super::{find_ironclad_program, virtiofsd, HostVirtualization, VmConfig};
+use crate::jail::Jail;
 use crate::paths::SandboxPaths;
 use crate::resources::share_fs::SHARE_TAG;
 use ironclad_vmm::config as vmm;
@@ -25,38 +27,38 @@ pub struct IroncladBackend {
 impl IroncladBackend {
     /// Finds ironclad-vmm next to the running binary (an installed set) or on PATH.
     pub fn locate(host: HostVirtualization) -> Result<Self, Error> {
-        let beside_us =
-            std::env::current_exe().ok().and_then(|exe| exe.parent().map(|d| d.join("ironclad-vmm")));
-        let vmm = beside_us
-            .filter(|p| p.is_file())
-            .or_else(|| find_executable(Path::new("ironclad-vmm")))
-            .ok_or(Error::MissingTool {
-                tool: "ironclad-vmm",
-                install: "make install (or cargo build --release)",
-            })?;
+        let vmm = find_ironclad_program("ironclad-vmm").ok_or(Error::MissingTool {
+            tool: "ironclad-vmm",
+            install: "make install (or cargo build --release)",
+        })?;
         info!("ironclad backend: {} ({})", vmm.display(), host.explain());
         Ok(IroncladBackend { vmm, virtiofsd: virtiofsd::locate() })
     }
 
-    pub async fn start(&self, config: &VmConfig, paths: SandboxPaths) -> Result<GuestVm, Error> {
+    pub async fn start(
+        &self,
+        config: &VmConfig,
+        paths: SandboxPaths,
+        jail: Option<&Jail>,
+    ) -> Result<GuestVm, Error> {
         let virtiofsd = virtiofsd::needed(config, self.virtiofsd.as_deref())?;
         require_guest_files(&config.kernel, &config.initrd)?;
-        create_sandbox_dir(paths.dir())?;
+        create_sandbox_dir(paths.dir(), jail)?;
         let mut guard = SandboxDirGuard(Some(paths.dir().to_path_buf()));
         let mut helpers = Vec::new();
         if let Some((program, dir)) = virtiofsd {
-            helpers.push(virtiofsd::start(program, dir, &paths).await?);
+            helpers.push(virtiofsd::start(program, dir, &paths, jail).await?);
         }
         let description = paths.dir().join("vm.json");
         let text = serde_json::to_string(&vm_description(config, &paths))
             .map_err(|source| Error::WriteConfig { path: description.clone(), source: source.into() })?;
         std::fs::write(&description, text)
             .map_err(|source| Error::WriteConfig { path: description.clone(), source })?;
-        let args = [OsString::from("--config"), description.into_os_string()];
+        let args = vec![OsString::from("--config"), description.into_os_string()];
+        let confinement = config.monitor_confinement(paths.dir(), true);
         let mut vm = GuestVm::spawn(
             "ironclad-vmm",
-            &self.vmm,
-            &args,
+            Launch::new(&self.vmm, args, jail, confinement),
             paths.console_log(),
             paths.agent_socket(),
             config.network.as_ref().map(|n| n.netns.as_path()),
@@ -109,6 +111,7 @@ pub fn vm_description(config: &VmConfig, paths: &SandboxPaths) -> vmm::VmConfig 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn the_description_points_vsock_at_the_sandbox_socket() {
@@ -186,7 +189,7 @@ mod tests {
         let backend =
             stand_in_vmm(dir.path(), "echo 'ironclad-vmm: invalid configuration: kernel: bad' >&2\nexit 1");
         let paths = SandboxPaths::new(dir.path(), "sb");
-        let mut vm = backend.start(&config, paths.clone()).await.unwrap();
+        let mut vm = backend.start(&config, paths.clone(), None).await.unwrap();
         let err = vm.wait_ready(std::time::Duration::from_secs(10)).await.unwrap_err();
         let text = err.to_string();
         assert!(text.contains("ironclad-vmm exited"), "{text}");
@@ -203,7 +206,7 @@ mod tests {
         let script = "d=$(dirname \"$2\")\necho '{\"exit\": \"running\", \"block\": []}' > \"$d/metrics.json\"\nexec sleep 600";
         let backend = stand_in_vmm(dir.path(), script);
         let paths = SandboxPaths::new(dir.path(), "sb");
-        let vm = backend.start(&config, paths.clone()).await.unwrap();
+        let vm = backend.start(&config, paths.clone(), None).await.unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while vm.monitor_counters().is_none() {
             assert!(std::time::Instant::now() < deadline, "no counters read");

@@ -12,7 +12,9 @@ pub mod virtiofsd;
 
 use std::path::{Path, PathBuf};
 
-pub use process::{Error, GuestVm, Ready};
+pub use process::{Error, GuestVm, Launch, Ready};
+
+use crate::jail::{Confinement, Jail};
 use tracing::info;
 
 /// What every backend needs to boot a sandbox VM.
@@ -60,6 +62,26 @@ pub struct BlockDevice {
 }
 
 impl VmConfig {
+    /// What the monitor reads and may write on the host, for its jail: the kernel, the initrd and
+    /// the disks, each by its access; the VM's directory (sockets, description, counters) is the
+    /// backend's to add.
+    pub fn monitor_confinement(&self, vm_dir: &Path, kvm: bool) -> Confinement {
+        let (writable, read_only): (Vec<&BlockDevice>, Vec<&BlockDevice>) =
+            self.block_devices.iter().partition(|disk| !disk.read_only);
+        Confinement {
+            read_only: [self.kernel.clone(), self.initrd.clone()]
+                .into_iter()
+                .chain(read_only.into_iter().map(|disk| disk.path.clone()))
+                .collect(),
+            writable: std::iter::once(vm_dir.to_path_buf())
+                .chain(writable.into_iter().map(|disk| disk.path.clone()))
+                .collect(),
+            kvm,
+            tun: self.network.as_ref().is_some_and(|network| !network.devices.is_empty()),
+            file_server: false,
+        }
+    }
+
     /// The guest kernel command line. `reboot=k` resets through the i8042, which both backends turn
     /// into an exit; `panic=-1` makes a kernel panic reset (and so exit) instead of hanging;
     /// `no_timer_check` skips the boot-time check that the timer interrupt arrives within a few
@@ -168,6 +190,13 @@ pub fn find_executable(name: &Path) -> Option<PathBuf> {
     std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| is_executable(p))
 }
 
+/// One of ironclad's own programs: beside the running shim (an installed set, or cargo's target
+/// directory), else on PATH.
+pub fn find_ironclad_program(name: &str) -> Option<PathBuf> {
+    let beside_us = std::env::current_exe().ok().and_then(|exe| exe.parent().map(|dir| dir.join(name)));
+    beside_us.filter(|path| path.is_file()).or_else(|| find_executable(Path::new(name)))
+}
+
 /// Which monitor runs the sandbox VMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HypervisorKind {
@@ -233,10 +262,11 @@ impl Backend {
         &self,
         config: &VmConfig,
         paths: crate::paths::SandboxPaths,
+        jail: Option<&Jail>,
     ) -> Result<GuestVm, Error> {
         match self {
-            Backend::Ironclad(backend) => backend.start(config, paths).await,
-            Backend::Qemu(backend) => backend.start(config, paths).await,
+            Backend::Ironclad(backend) => backend.start(config, paths, jail).await,
+            Backend::Qemu(backend) => backend.start(config, paths, jail).await,
         }
     }
 }

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use super::console::Console;
 use super::ReadyLine;
+use crate::jail::{Confinement, Jail};
 
 /// The most of a helper's stderr kept for error messages (its last bytes).
 const STDERR_LIMIT: usize = 16 * 1024;
@@ -67,6 +68,8 @@ pub enum Error {
     ExitedBeforeReady { monitor: String, status: ExitStatus, stderr: String, console: String },
     #[error("the agent was not ready within {waited:?}; console tail:\n{console}")]
     ReadyTimeout { waited: Duration, console: String },
+    #[error(transparent)]
+    Jail(#[from] crate::jail::Error),
     #[error("cannot wait for {what}")]
     Wait {
         what: &'static str,
@@ -85,9 +88,9 @@ pub fn require_guest_files(kernel: &Path, initrd: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// Creates the sandbox directory, readable by root alone: the console log, the VM description
-/// and the sockets in it are nobody else's business.
-pub fn create_sandbox_dir(dir: &Path) -> Result<(), Error> {
+/// Creates the sandbox directory, readable by root alone (and by the sandbox's jailed helpers,
+/// whose uid owns it): the VM description and the sockets in it are nobody else's business.
+pub fn create_sandbox_dir(dir: &Path, jail: Option<&Jail>) -> Result<(), Error> {
     use std::os::unix::fs::DirBuilderExt;
     let err = |source| Error::SandboxDir { path: dir.to_path_buf(), source };
     if dir.exists() {
@@ -99,7 +102,14 @@ pub fn create_sandbox_dir(dir: &Path) -> Result<(), Error> {
     if let Some(parent) = dir.parent() {
         std::fs::create_dir_all(parent).map_err(err)?;
     }
-    std::fs::DirBuilder::new().mode(0o700).create(dir).map_err(err)
+    std::fs::DirBuilder::new().mode(0o700).create(dir).map_err(err)?;
+    if let Some(jail) = jail {
+        if let Err(failed) = jail.give(dir) {
+            remove_sandbox_dir(dir);
+            return Err(failed.into());
+        }
+    }
+    Ok(())
 }
 
 /// Removes the sandbox directory unless disarmed, so that a failed start leaves nothing behind.
@@ -170,8 +180,7 @@ impl GuestVm {
     /// from then on they live and die with the VM.
     pub async fn spawn(
         monitor_name: &str,
-        program: &Path,
-        args: &[OsString],
+        launch: Launch<'_>,
         console_log: PathBuf,
         agent_socket: PathBuf,
         netns: Option<&Path>,
@@ -180,8 +189,12 @@ impl GuestVm {
         let started = Instant::now();
         let spawned = match netns.map(|path| (path, std::fs::File::open(path))) {
             Some((path, Err(source))) => Err(Error::OpenNetns { path: path.to_path_buf(), source }),
-            Some((_, Ok(netns))) => spawn_monitor(program, args, Some(&netns)),
-            None => spawn_monitor(program, args, None),
+            Some((_, Ok(netns))) => spawn_monitor(&launch, Some(&netns)),
+            None => spawn_monitor(&launch, None),
+        };
+        let spawned = match spawned {
+            Ok(mut child) => launch.admit(monitor_name, &mut child).await.map(|()| child),
+            Err(err) => Err(err),
         };
         let mut monitor = match spawned {
             Ok(child) => child,
@@ -383,10 +396,53 @@ impl Drop for GuestVm {
     }
 }
 
+/// A monitor or helper to start: as it is, or through the sandbox's jail with what it may reach.
+pub struct Launch<'a> {
+    program: &'a Path,
+    args: Vec<OsString>,
+    jail: Option<(&'a Jail, Confinement)>,
+}
+
+impl<'a> Launch<'a> {
+    pub fn new(
+        program: &'a Path,
+        args: Vec<OsString>,
+        jail: Option<&'a Jail>,
+        confinement: Confinement,
+    ) -> Self {
+        Launch { program, args, jail: jail.map(|jail| (jail, confinement)) }
+    }
+
+    /// Without a jail (the tests' stand-ins).
+    pub fn plain(program: &'a Path, args: Vec<OsString>) -> Self {
+        Launch { program, args, jail: None }
+    }
+
+    /// Its command: standard input is /dev/null, or the jailer's go-ahead pipe.
+    fn command(&self) -> Command {
+        match &self.jail {
+            Some((jail, confinement)) => jail.command(self.program, &self.args, confinement),
+            None => {
+                let mut command = Command::new(self.program);
+                command.args(&self.args).stdin(Stdio::null());
+                command
+            }
+        }
+    }
+
+    /// Lets a jailed start go on once it is in the sandbox's cgroup.
+    async fn admit(&self, name: &str, child: &mut Child) -> Result<(), Error> {
+        match &self.jail {
+            Some((jail, _)) => Ok(jail.admit(name, child).await?),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Starts the monitor, in `netns` when given (where the sandbox's taps are).
-fn spawn_monitor(program: &Path, args: &[OsString], netns: Option<&std::fs::File>) -> Result<Child, Error> {
-    let mut command = Command::new(program);
-    command.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+fn spawn_monitor(launch: &Launch<'_>, netns: Option<&std::fs::File>) -> Result<Child, Error> {
+    let mut command = launch.command();
+    command.stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
     if let Some(netns) = netns {
         let fd = std::os::fd::AsRawFd::as_raw_fd(netns);
         // SAFETY: between fork and exec the child only calls setns, which is async-signal-safe and
@@ -401,7 +457,7 @@ fn spawn_monitor(program: &Path, args: &[OsString], netns: Option<&std::fs::File
             });
         }
     }
-    command.spawn().map_err(|source| Error::Spawn { program: program.to_path_buf(), source })
+    command.spawn().map_err(|source| Error::Spawn { program: launch.program.to_path_buf(), source })
 }
 
 /// How long a vhost-user daemon gets to create its socket.
@@ -411,17 +467,17 @@ const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// with its stderr; one that takes too long is killed.
 pub async fn start_daemon(
     daemon: &'static str,
-    program: &Path,
-    mut command: tokio::process::Command,
+    launch: Launch<'_>,
     socket: PathBuf,
 ) -> Result<tokio::process::Child, Error> {
-    let mut child = command
-        .stdin(Stdio::null())
+    let mut child = launch
+        .command()
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|source| Error::Spawn { program: program.to_path_buf(), source })?;
+        .map_err(|source| Error::Spawn { program: launch.program.to_path_buf(), source })?;
+    launch.admit(daemon, &mut child).await?;
     let started = Instant::now();
     while !socket.exists() {
         if let Some(status) = child.try_wait().map_err(|source| Error::Wait { what: daemon, source })? {
@@ -451,8 +507,7 @@ mod tests {
         let script = "i=0; while [ $i -lt 3000 ]; do echo \"stderr line $i\" >&2 || exit 9; i=$((i+1)); done";
         let mut vm = GuestVm::spawn(
             "chatty",
-            Path::new("sh"),
-            &["-c".into(), script.into()],
+            Launch::plain(Path::new("sh"), vec!["-c".into(), script.into()]),
             dir.path().join("console.log"),
             dir.path().join("agent.sock"),
             None,
@@ -475,8 +530,8 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let sandbox = dir.path().join("ns/sb");
-        create_sandbox_dir(&sandbox).unwrap();
+        create_sandbox_dir(&sandbox, None).unwrap();
         assert_eq!(std::fs::metadata(&sandbox).unwrap().permissions().mode() & 0o777, 0o700);
-        assert!(matches!(create_sandbox_dir(&sandbox), Err(Error::SandboxDir { .. })));
+        assert!(matches!(create_sandbox_dir(&sandbox, None), Err(Error::SandboxDir { .. })));
     }
 }

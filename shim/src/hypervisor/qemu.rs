@@ -8,13 +8,15 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tracing::info;
 
 use super::process::{
     create_sandbox_dir, require_guest_files, start_daemon, Error, GuestVm, SandboxDirGuard,
 };
+use super::Launch;
 use super::{find_executable, virtiofsd, HostVirtualization, VmConfig};
+use crate::jail::{Confinement, Jail};
 use crate::paths::SandboxPaths;
 use crate::resources::share_fs::SHARE_TAG;
 
@@ -67,21 +69,26 @@ impl QemuBackend {
 
     /// Starts vhost-device-vsock (and virtiofsd for a shared directory), then QEMU. The sandbox
     /// directory is created here and removed when the VM is stopped or dropped.
-    pub async fn start(&self, config: &VmConfig, paths: SandboxPaths) -> Result<GuestVm, Error> {
+    pub async fn start(
+        &self,
+        config: &VmConfig,
+        paths: SandboxPaths,
+        jail: Option<&Jail>,
+    ) -> Result<GuestVm, Error> {
         require_guest_files(&config.kernel, &config.initrd)?;
         let virtiofsd = virtiofsd::needed(config, self.virtiofsd.as_deref())?;
-        create_sandbox_dir(paths.dir())?;
+        create_sandbox_dir(paths.dir(), jail)?;
         let mut guard = SandboxDirGuard(Some(paths.dir().to_path_buf()));
-        let mut helpers = vec![self.start_vsock_daemon(&paths).await?];
+        let mut helpers = vec![self.start_vsock_daemon(&paths, jail).await?];
         if let Some((program, dir)) = virtiofsd {
-            helpers.push(virtiofsd::start(program, dir, &paths).await?);
+            helpers.push(virtiofsd::start(program, dir, &paths, jail).await?);
         }
         let args: Vec<OsString> =
             qemu_args(config, &paths, self.use_kvm, self.sandbox).into_iter().map(OsString::from).collect();
+        let confinement = config.monitor_confinement(paths.dir(), self.use_kvm);
         let mut vm = GuestVm::spawn(
             "QEMU",
-            &self.qemu,
-            &args,
+            Launch::new(&self.qemu, args, jail, confinement),
             paths.console_log(),
             paths.agent_socket(),
             config.network.as_ref().map(|n| n.netns.as_path()),
@@ -93,17 +100,18 @@ impl QemuBackend {
         Ok(vm)
     }
 
-    async fn start_vsock_daemon(&self, paths: &SandboxPaths) -> Result<Child, Error> {
-        let mut command = Command::new(&self.vhost_device_vsock);
-        command
-            .arg("--guest-cid")
-            .arg(GUEST_CID.to_string())
-            .arg("--socket")
-            .arg(paths.vhost_vsock_socket())
-            .arg("--uds-path")
-            .arg(paths.agent_socket());
-        start_daemon("vhost-device-vsock", &self.vhost_device_vsock, command, paths.vhost_vsock_socket())
-            .await
+    async fn start_vsock_daemon(&self, paths: &SandboxPaths, jail: Option<&Jail>) -> Result<Child, Error> {
+        let args = vec![
+            "--guest-cid".into(),
+            GUEST_CID.to_string().into(),
+            "--socket".into(),
+            paths.vhost_vsock_socket().into(),
+            "--uds-path".into(),
+            paths.agent_socket().into(),
+        ];
+        let confinement = Confinement { writable: vec![paths.dir().to_path_buf()], ..Default::default() };
+        let launch = Launch::new(&self.vhost_device_vsock, args, jail, confinement);
+        start_daemon("vhost-device-vsock", launch, paths.vhost_vsock_socket()).await
     }
 }
 
@@ -278,7 +286,7 @@ mod tests {
         };
         let backend = stand_in_backend("/bin/true");
         let paths = SandboxPaths::new(dir.path(), "sb");
-        let err = backend.start(&cfg, paths.clone()).await.err().unwrap();
+        let err = backend.start(&cfg, paths.clone(), None).await.err().unwrap();
         assert!(matches!(&err, Error::MissingTool { tool: "virtiofsd", .. }), "{err}");
         assert!(!paths.dir().exists());
     }
@@ -311,7 +319,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let backend = stand_in_backend("/bin/true");
         let paths = SandboxPaths::new(dir.path(), "sb");
-        let err = backend.start(&config(), paths.clone()).await.err().unwrap();
+        let err = backend.start(&config(), paths.clone(), None).await.err().unwrap();
         assert!(matches!(&err, Error::MissingFile { what: "kernel", .. }), "{err}");
         assert!(!paths.dir().exists());
     }
@@ -324,7 +332,7 @@ mod tests {
         let cfg = VmConfig { kernel: kernel.clone(), initrd: kernel, ..config() };
         let backend = stand_in_backend("/bin/false");
         let paths = SandboxPaths::new(dir.path(), "sb");
-        let err = backend.start(&cfg, paths.clone()).await.err().unwrap();
+        let err = backend.start(&cfg, paths.clone(), None).await.err().unwrap();
         assert!(matches!(&err, Error::DaemonExited { daemon: "vhost-device-vsock", .. }), "{err}");
         assert!(!paths.dir().exists(), "a failed start must remove the sandbox directory");
     }

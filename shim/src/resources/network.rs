@@ -204,20 +204,23 @@ impl Attachment {
     /// Makes a tap in `netns` for each CNI interface there and joins each pair; with none there
     /// yet, one tap (whose guest NIC gets `fallback_mac`) waits for the interface that comes. What
     /// fails half way is undone.
+    /// The taps belong to `owner` (the sandbox's jailed uid) where given, so that its monitor,
+    /// which holds no capabilities, can open them.
     pub async fn prepare(
         netns: &Path,
         fallback_mac: [u8; 6],
         denied: Vec<Ipv4Network>,
+        owner: Option<u32>,
     ) -> Result<Attachment, Error> {
         let path = netns.to_path_buf();
         let deny = denied.clone();
         let connected = in_netns(path.clone(), move |handle| async move {
             let interfaces = cni_interfaces(&handle, &path).await?;
             if interfaces.is_empty() {
-                create_tap(&tap_name(0))?;
+                create_tap(&tap_name(0), owner)?;
                 return Ok(Vec::new());
             }
-            let connected = connect_all(&handle, &path, &interfaces, &deny).await;
+            let connected = connect_all(&handle, &path, &interfaces, &deny, owner).await;
             if connected.is_err() {
                 undo_connect(&handle, &path, &interfaces).await;
             }
@@ -407,11 +410,12 @@ async fn connect_all(
     netns: &Path,
     interfaces: &[LinkMessage],
     denied: &[Ipv4Network],
+    owner: Option<u32>,
 ) -> Result<Vec<InterfaceConfig>, Error> {
     let mut connected = Vec::with_capacity(interfaces.len());
     for (index, veth) in interfaces.iter().enumerate() {
         let tap = tap_name(index);
-        create_tap(&tap)?;
+        create_tap(&tap, owner)?;
         connected.push(connect_pair(handle, netns, veth, &tap, denied).await?);
     }
     Ok(connected)
@@ -585,7 +589,7 @@ async fn connect(
             .await
             .map_err(netlink(netns, format!("add an ingress qdisc to link {from}")))?;
         if from == tap_index && !denied.is_empty() {
-            create_tap(SINK_TAP)?;
+            create_tap(SINK_TAP, None)?;
             let sink = link_by_name(handle, netns, SINK_TAP).await?;
             for network in denied {
                 deny(handle, netns, tap_index, sink, *network).await?;
@@ -725,17 +729,17 @@ fn netlink(netns: &Path, action: String) -> impl FnOnce(rtnetlink::Error) -> Err
 
 /// Makes a persistent tap (it outlives this fd, for the monitor to open by name) with the
 /// virtio-net header, as both monitors use it.
-fn create_tap(name: &str) -> Result<(), Error> {
-    set_persist(name, true, "create")
+fn create_tap(name: &str, owner: Option<u32>) -> Result<(), Error> {
+    set_persist(name, true, owner, "create")
 }
 
 /// Makes the tap non-persistent; it goes when its last user (this fd) closes. EBUSY: a monitor
 /// still holds it.
 fn remove_tap(name: &str) -> Result<(), Error> {
-    set_persist(name, false, "remove")
+    set_persist(name, false, None, "remove")
 }
 
-fn set_persist(name: &str, persist: bool, action: &'static str) -> Result<(), Error> {
+fn set_persist(name: &str, persist: bool, owner: Option<u32>, action: &'static str) -> Result<(), Error> {
     let failed = |source| Error::Tap { action, tap: name.into(), source };
     let tun =
         std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun").map_err(Error::NoTun)?;
@@ -751,6 +755,12 @@ fn set_persist(name: &str, persist: bool, action: &'static str) -> Result<(), Er
     // SAFETY: TUNSETIFF reads and writes the ifreq we own; the fd is /dev/net/tun.
     if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut request) } != 0 {
         return Err(failed(std::io::Error::last_os_error()));
+    }
+    if let Some(uid) = owner {
+        // SAFETY: TUNSETOWNER takes the owner's uid by value on the tun fd attached above.
+        if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETOWNER, libc::c_ulong::from(uid)) } != 0 {
+            return Err(failed(std::io::Error::last_os_error()));
+        }
     }
     // SAFETY: TUNSETPERSIST takes an integer argument on the tun fd attached above.
     if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETPERSIST, libc::c_ulong::from(persist)) } != 0 {
@@ -828,7 +838,7 @@ mod tests {
     #[tokio::test]
     async fn a_missing_namespace_is_an_error_naming_it_and_clean_up_finds_nothing_to_do() {
         let missing = Path::new("/nonexistent/netns");
-        let err = Attachment::prepare(missing, mac_for("t"), vec![]).await.unwrap_err();
+        let err = Attachment::prepare(missing, mac_for("t"), vec![], None).await.unwrap_err();
         assert!(matches!(&err, Error::EnterNetns { path, .. } if path == missing), "{err}");
         clean_up_blocking(missing).unwrap();
     }
@@ -881,7 +891,7 @@ mod netns_tests {
         );
 
         let attachment =
-            Attachment::prepare(&sandbox, mac_for("t"), vec![("169.254.169.254".parse().unwrap(), 32)])
+            Attachment::prepare(&sandbox, mac_for("t"), vec![("169.254.169.254".parse().unwrap(), 32)], None)
                 .await
                 .unwrap();
         let interfaces = attachment.take_unconfigured().await.unwrap();
@@ -926,8 +936,11 @@ mod netns_tests {
             nsenter(&sandbox, &["ip", "addr", "add", address, "dev", name]);
             nsenter(&sandbox, &["ip", "link", "set", name, "up"]);
         }
-        let attachment = Attachment::prepare(&sandbox, mac_for("t"), vec![]).await.unwrap();
+        let attachment = Attachment::prepare(&sandbox, mac_for("t"), vec![], Some(900_123)).await.unwrap();
         assert_eq!(attachment.tap_names(), ["tap0_ic", "tap1_ic"]);
+        // The jailed monitor, holding no capabilities, opens them as their owner.
+        let details = nsenter(&sandbox, &["ip", "-d", "link", "show", "tap1_ic"]);
+        assert!(details.contains("user 900123"), "{details}");
         let interfaces = attachment.take_unconfigured().await.unwrap();
         let names: Vec<&str> = interfaces.iter().map(|i| i.name.as_str()).collect();
         assert_eq!(names, ["eth0", "net1"], "guest NIC i stands in for the i-th interface by name");

@@ -14,6 +14,7 @@ use ttrpc::r#async::TtrpcContext as AgentContext;
 
 use super::*;
 use crate::hypervisor::GuestVm;
+use crate::hypervisor::Launch;
 
 /// How a stand-in agent misbehaves.
 #[derive(Clone, Copy)]
@@ -112,8 +113,7 @@ async fn rig(guest: Guest, stdout: &str) -> Rig {
     std::fs::create_dir(&task_dir).unwrap();
     let vm = GuestVm::spawn(
         "stand-in VM",
-        Path::new("sleep"),
-        &["600".into()],
+        Launch::plain(Path::new("sleep"), vec!["600".into()]),
         dir.path().join("console.log"),
         socket.clone(),
         None,

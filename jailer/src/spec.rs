@@ -1,0 +1,299 @@
+//! What one jail is: the command line the shim writes, read into a checked [`JailSpec`].
+
+use std::ffi::OsString;
+use std::path::{Component, Path, PathBuf};
+
+use caps::Capability;
+use clap::Parser;
+
+/// Directories of the host's system that a dynamically linked helper needs read-only: its loader
+/// and libraries, and QEMU's firmware (all under /usr on a merged-/usr system like Debian 12).
+pub const SYSTEM_DIRS: &[&str] = &["/usr"];
+/// Top-level names that merged-/usr systems make links into /usr; kept as the same links, or bound
+/// read-only where they are real directories.
+pub const SYSTEM_LINKS: &[&str] = &["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"];
+/// The loader's cache of library paths: without it the loader searches its default directories.
+pub const LOADER_CACHE: &str = "/etc/ld.so.cache";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{flag} {path}: not an absolute path of plain components")]
+    NotAbsolute { flag: &'static str, path: PathBuf },
+    #[error("--keep-cap {0}: not a capability name")]
+    UnknownCapability(String),
+    #[error("--keep-cap needs --uid 0: an unprivileged helper holds no capabilities")]
+    CapabilitiesWithoutRoot,
+    #[error("--rlimit-nofile and --rlimit-nproc must be at least 1")]
+    ZeroLimit,
+}
+
+/// `ironclad-jailer [options] -- PROGRAM [ARGS...]`. Started as root by the shim, with the
+/// helper's network namespace already entered; it reads its standard input to its end and starts
+/// only on `go` (the shim first puts it into the sandbox's cgroup).
+#[derive(Debug, Parser)]
+#[command(name = "ironclad-jailer", version, about)]
+pub struct Args {
+    /// The helper's user id (0 only for a helper that must act as the owners of the files it serves).
+    #[arg(long)]
+    pub uid: u32,
+    #[arg(long)]
+    pub gid: u32,
+    /// An empty directory on the host: the jail's root is a tmpfs mounted there, seen only inside.
+    #[arg(long)]
+    pub root: PathBuf,
+    /// The sandbox's uid lock file (the shim's): held shared for as long as the jailer lives, so
+    /// that the uid is not handed to another sandbox while this helper runs.
+    #[arg(long = "uid-lock")]
+    pub uid_lock: Option<PathBuf>,
+    /// A host path (file or directory) the helper may read, at the same path inside.
+    #[arg(long = "bind-ro")]
+    pub bind_ro: Vec<PathBuf>,
+    /// A host path the helper may write, at the same path inside (never executable there).
+    #[arg(long = "bind-rw")]
+    pub bind_rw: Vec<PathBuf>,
+    /// /dev/kvm inside, owned by the helper.
+    #[arg(long)]
+    pub kvm: bool,
+    /// /dev/net/tun inside, owned by the helper.
+    #[arg(long)]
+    pub tun: bool,
+    /// A capability the helper keeps (uid 0 only), e.g. CAP_CHOWN; every other one is dropped from
+    /// the bounding set.
+    #[arg(long = "keep-cap")]
+    pub keep_cap: Vec<String>,
+    #[arg(long = "rlimit-nofile", default_value_t = 4096)]
+    pub rlimit_nofile: u64,
+    /// Processes and threads of the helper's uid (not applied to uid 0, which the host shares).
+    #[arg(long = "rlimit-nproc", default_value_t = 1024)]
+    pub rlimit_nproc: u64,
+    /// The helper and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<OsString>,
+}
+
+/// A host path seen at the same path inside the jail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    pub path: PathBuf,
+    pub writable: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Kvm,
+    Tun,
+}
+
+impl Device {
+    /// Where the node is on the host and inside the jail.
+    pub fn path(self) -> &'static str {
+        match self {
+            Device::Kvm => "/dev/kvm",
+            Device::Tun => "/dev/net/tun",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub nofile: u64,
+    pub nproc: u64,
+}
+
+/// One jail, checked: every path absolute, capabilities only for root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailSpec {
+    pub uid: u32,
+    pub gid: u32,
+    pub root: PathBuf,
+    pub uid_lock: Option<PathBuf>,
+    /// In mount order; none lies inside an earlier one.
+    pub binds: Vec<Bind>,
+    pub devices: Vec<Device>,
+    pub keep_caps: Vec<Capability>,
+    pub limits: Limits,
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+}
+
+impl JailSpec {
+    /// `system_binds` are the host's read-only system paths (see [`system_binds`]); the program
+    /// itself is bound read-only too.
+    pub fn from_args(args: Args, system_binds: Vec<Bind>) -> Result<Self, Error> {
+        let mut command = args.command.into_iter();
+        let program = PathBuf::from(command.next().unwrap_or_default());
+        absolute("--", &program)?;
+        absolute("--root", &args.root)?;
+        let mut requested = system_binds;
+        requested.push(Bind { path: program.clone(), writable: false });
+        for path in args.bind_ro {
+            absolute("--bind-ro", &path)?;
+            requested.push(Bind { path, writable: false });
+        }
+        for path in args.bind_rw {
+            absolute("--bind-rw", &path)?;
+            requested.push(Bind { path, writable: true });
+        }
+        let keep_caps =
+            args.keep_cap.iter().map(|name| parse_capability(name)).collect::<Result<Vec<_>, _>>()?;
+        if !keep_caps.is_empty() && args.uid != 0 {
+            return Err(Error::CapabilitiesWithoutRoot);
+        }
+        if args.rlimit_nofile == 0 || args.rlimit_nproc == 0 {
+            return Err(Error::ZeroLimit);
+        }
+        let devices = [(args.kvm, Device::Kvm), (args.tun, Device::Tun)]
+            .into_iter()
+            .filter_map(|(wanted, device)| wanted.then_some(device))
+            .collect();
+        Ok(JailSpec {
+            uid: args.uid,
+            gid: args.gid,
+            root: args.root,
+            uid_lock: args.uid_lock,
+            binds: plan_binds(requested),
+            devices,
+            keep_caps,
+            limits: Limits { nofile: args.rlimit_nofile, nproc: args.rlimit_nproc },
+            program,
+            args: command.collect(),
+        })
+    }
+}
+
+/// The binds in order, without any that an earlier one already contains, by its path or by where
+/// its links lead (/bin/sh is /usr/bin/dash, there once /usr is; a bind onto the read-only copy
+/// would fail).
+pub fn plan_binds(requested: Vec<Bind>) -> Vec<Bind> {
+    plan_binds_resolved(requested, |path| std::fs::canonicalize(path).ok())
+}
+
+fn plan_binds_resolved(requested: Vec<Bind>, resolve: impl Fn(&Path) -> Option<PathBuf>) -> Vec<Bind> {
+    let mut planned: Vec<Bind> = Vec::with_capacity(requested.len());
+    for bind in requested {
+        let resolved = resolve(&bind.path);
+        let contained = |earlier: &Bind| {
+            bind.path.starts_with(&earlier.path)
+                || resolved.as_ref().is_some_and(|r| r.starts_with(&earlier.path))
+        };
+        if !planned.iter().any(contained) {
+            planned.push(bind);
+        }
+    }
+    planned
+}
+
+/// The system paths every helper gets read-only: /usr, the real directories among the
+/// top-level system names (links are recreated, see [`SYSTEM_LINKS`]) and the loader's cache.
+pub fn system_binds() -> Vec<Bind> {
+    let real_dirs = SYSTEM_LINKS.iter().filter(|name| {
+        std::fs::symlink_metadata(name).map(|meta| meta.file_type().is_dir()).unwrap_or(false)
+    });
+    SYSTEM_DIRS
+        .iter()
+        .chain(real_dirs)
+        .chain(Some(&LOADER_CACHE).filter(|cache| Path::new(cache).is_file()))
+        .map(|path| Bind { path: PathBuf::from(path), writable: false })
+        .collect()
+}
+
+fn absolute(flag: &'static str, path: &Path) -> Result<(), Error> {
+    let plain = path.is_absolute() && path.components().skip(1).all(|c| matches!(c, Component::Normal(_)));
+    if plain {
+        Ok(())
+    } else {
+        Err(Error::NotAbsolute { flag, path: path.to_path_buf() })
+    }
+}
+
+fn parse_capability(name: &str) -> Result<Capability, Error> {
+    caps::to_canonical(name).parse().map_err(|_| Error::UnknownCapability(name.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut argv = vec!["ironclad-jailer", "--uid", "900001", "--gid", "900001", "--root", "/run/j"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).unwrap()
+    }
+
+    fn usr() -> Vec<Bind> {
+        vec![Bind { path: "/usr".into(), writable: false }]
+    }
+
+    #[test]
+    fn the_program_and_the_requested_paths_are_bound_once_each() {
+        let spec = JailSpec::from_args(
+            args(&["--bind-ro", "/k/bzImage", "--bind-rw", "/run/s/vm", "--", "/usr/bin/qemu", "-m", "256M"]),
+            usr(),
+        )
+        .unwrap();
+        let paths: Vec<(&str, bool)> =
+            spec.binds.iter().map(|b| (b.path.to_str().unwrap(), b.writable)).collect();
+        // The program lies under /usr: no second bind for it.
+        assert_eq!(paths, [("/usr", false), ("/k/bzImage", false), ("/run/s/vm", true)]);
+        assert_eq!(spec.program, Path::new("/usr/bin/qemu"));
+        assert_eq!(spec.args, [OsString::from("-m"), OsString::from("256M")]);
+        assert!(spec.devices.is_empty() && spec.keep_caps.is_empty());
+    }
+
+    #[test]
+    fn a_path_whose_links_lead_into_an_earlier_bind_is_not_bound_again() {
+        let requested = vec![
+            Bind { path: "/usr".into(), writable: false },
+            Bind { path: "/bin/sh".into(), writable: false },
+            Bind { path: "/opt/vmm".into(), writable: false },
+        ];
+        let planned = plan_binds_resolved(requested, |path| {
+            (path == Path::new("/bin/sh")).then(|| PathBuf::from("/usr/bin/dash"))
+        });
+        let paths: Vec<&Path> = planned.iter().map(|b| b.path.as_path()).collect();
+        assert_eq!(paths, [Path::new("/usr"), Path::new("/opt/vmm")]);
+    }
+
+    #[test]
+    fn relative_or_dotted_paths_are_refused() {
+        for bad in [
+            &["--bind-ro", "k/bzImage", "--", "/bin/true"][..],
+            &["--bind-rw", "/run/../etc", "--", "/bin/true"],
+        ] {
+            let err = JailSpec::from_args(args(bad), usr()).unwrap_err();
+            assert!(matches!(err, Error::NotAbsolute { .. }), "{err}");
+        }
+        let err = JailSpec::from_args(args(&["--", "true"]), usr()).unwrap_err();
+        assert!(matches!(err, Error::NotAbsolute { flag: "--", .. }), "{err}");
+    }
+
+    #[test]
+    fn capabilities_are_kept_only_by_root_and_only_known_ones() {
+        let err =
+            JailSpec::from_args(args(&["--keep-cap", "CAP_CHOWN", "--", "/bin/true"]), usr()).unwrap_err();
+        assert!(matches!(err, Error::CapabilitiesWithoutRoot), "{err}");
+        let root = |cap: &str| {
+            let argv =
+                ["j", "--uid", "0", "--gid", "0", "--root", "/r", "--keep-cap", cap, "--", "/bin/true"];
+            JailSpec::from_args(Args::try_parse_from(argv).unwrap(), usr())
+        };
+        assert_eq!(root("cap_chown").unwrap().keep_caps, [Capability::CAP_CHOWN]);
+        assert!(matches!(root("CAP_TIME_TRAVEL").unwrap_err(), Error::UnknownCapability(_)));
+    }
+
+    #[test]
+    fn devices_and_limits_come_from_their_flags() {
+        let spec =
+            JailSpec::from_args(args(&["--kvm", "--tun", "--rlimit-nofile", "64", "--", "/bin/true"]), usr())
+                .unwrap();
+        assert_eq!(spec.devices, [Device::Kvm, Device::Tun]);
+        assert_eq!(spec.limits, Limits { nofile: 64, nproc: 1024 });
+        let err = JailSpec::from_args(args(&["--rlimit-nproc", "0", "--", "/bin/true"]), usr()).unwrap_err();
+        assert!(matches!(err, Error::ZeroLimit));
+    }
+
+    #[test]
+    fn a_command_is_required() {
+        assert!(Args::try_parse_from(["j", "--uid", "1", "--gid", "1", "--root", "/r"]).is_err());
+    }
+}

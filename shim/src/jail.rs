@@ -1,0 +1,478 @@
+//! The jail every helper of a sandbox runs in (QEMU, ironclad-vmm, vhost-device-vsock, virtiofsd),
+//! decided in this one place and made by `ironclad-jailer` (jailer/), after Firecracker's jailer.
+//!
+//! A sandbox gets a uid (and the equal gid) of its own from the configured range, held through a
+//! lock file for as long as the shim or any of its jailers lives; a host cgroup whose memory limit
+//! is the VM's memory plus an overhead; and for each helper a jailer command line naming what that
+//! helper may see: the guest's files read-only, the VM's directory (its sockets) writable, and
+//! /dev/kvm or /dev/net/tun where it needs them.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use libcgroups::common::{AnyCgroupManager, CgroupConfig, CgroupManager, ControllerOpt};
+use nix::fcntl::{Flock, FlockArg};
+use tokio::io::AsyncWriteExt;
+use tokio::process::{Child, Command};
+use tracing::{info, warn};
+
+use crate::config::ShimConfig;
+
+type UidLock = Flock<std::fs::File>;
+
+/// Where the uid locks live: one host-wide set, whatever the run root.
+const UID_LOCK_DIR: &str = "/run/ironclad/jail-uids";
+/// Each jail's root is a tmpfs mounted here inside its own mount namespace; on the host it stays an
+/// empty directory.
+const JAIL_ROOT_MOUNT_POINT: &str = "/run/ironclad/jail-root";
+/// The cgroup's path, recorded in the task directory for clean-up after a crash.
+const CGROUP_FILE: &str = "cgroup";
+/// Where the cgroup hierarchies are mounted (one unified, or one per v1 controller).
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+/// How long removal waits for the cgroup's processes to be gone. containerd gives a dead shim's
+/// `delete` 5 s in all.
+const CGROUP_EMPTY_WAIT: Duration = Duration::from_secs(3);
+/// Below each hierarchy's root.
+const CGROUP_PARENT: &str = "ironclad";
+/// What the go-ahead on the jailer's standard input says (jailer/src/lib.rs, `GO`).
+const GO: &[u8] = b"go\n";
+/// The capabilities virtiofsd keeps, as root: a file server that creates files as the guest's
+/// users and keeps their owners and modes (Kata's list), SYS_ADMIN for its own sandbox (a mount
+/// namespace pivoted into the shared directory) and SETPCAP, with which it shrinks its own
+/// bounding set further to the first list (it fails to start without).
+const FILE_SERVER_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_MKNOD",
+    "CAP_SETFCAP",
+    "CAP_SYS_ADMIN",
+    "CAP_SETPCAP",
+];
+/// Open files: enough for a monitor's devices and a daemon's connections.
+const HELPER_NOFILE: u64 = 4096;
+/// virtiofsd keeps a descriptor per inode the guest looked up.
+const FILE_SERVER_NOFILE: u64 = 65_536;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "ironclad-jailer not found beside the shim or on PATH (make install; or jail = false in {config})"
+    )]
+    NoJailer { config: PathBuf },
+    #[error("jailer = {path} in {config}: no such file")]
+    JailerMissing { path: PathBuf, config: PathBuf },
+    #[error("cannot {action} the uid lock {path}")]
+    UidLock {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("every uid from {first} ({count} of them) is taken by a running sandbox: widen jail_uid_count")]
+    NoFreeUid { first: u32, count: u32 },
+    #[error("cannot make the sandbox's cgroup {path} (or set jail_cgroup = false)")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot put {helper} (pid {pid}) into the sandbox's cgroup")]
+    Admit {
+        helper: String,
+        pid: u32,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot let {helper} start")]
+    Go {
+        helper: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot give {path} to the sandbox's uid")]
+    Chown {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("cannot record the sandbox's cgroup in {path}")]
+    Record {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What one helper may reach inside its jail.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Confinement {
+    pub read_only: Vec<PathBuf>,
+    pub writable: Vec<PathBuf>,
+    pub kvm: bool,
+    pub tun: bool,
+    /// virtiofsd: stays root with [`FILE_SERVER_CAPS`], as it must act as the owners of the
+    /// files it serves.
+    pub file_server: bool,
+}
+
+/// One sandbox's jail: its uid, its cgroup and the jailer that makes the rest.
+#[derive(Debug)]
+pub struct Jail {
+    jailer: PathBuf,
+    uid: u32,
+    lock_path: PathBuf,
+    /// Holds the uid (a shared flock, taken too by every jailer of the sandbox).
+    _lock: UidLock,
+    cgroup: Option<SandboxCgroup>,
+}
+
+struct SandboxCgroup {
+    path: PathBuf,
+    manager: AnyCgroupManager,
+    limit_bytes: i64,
+}
+
+impl SandboxCgroup {
+    /// `ironclad/<namespace>/<task directory's name>`, recorded in the task directory; made when
+    /// the first helper is admitted.
+    fn plan(config: &ShimConfig, namespace: &str, task_dir: &Path, memory_mib: u32) -> Result<Self, Error> {
+        let name = task_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let path = Path::new("/").join(CGROUP_PARENT).join(namespace).join(name);
+        let record = task_dir.join(CGROUP_FILE);
+        std::fs::write(&record, path.as_os_str().as_encoded_bytes())
+            .map_err(|source| Error::Record { path: record, source })?;
+        let limit_mib = i64::from(memory_mib) + i64::from(config.jail_memory_overhead_mib);
+        Ok(SandboxCgroup { manager: cgroup_manager(&path)?, path, limit_bytes: limit_mib << 20 })
+    }
+}
+
+impl std::fmt::Debug for SandboxCgroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SandboxCgroup")
+            .field("path", &self.path)
+            .field("limit_bytes", &self.limit_bytes)
+            .finish()
+    }
+}
+
+impl Jail {
+    /// The jail of a new sandbox, or None where the config turns it off. `task_dir` records the
+    /// cgroup so that clean-up after a crash finds it.
+    pub fn open(
+        config: &ShimConfig,
+        namespace: &str,
+        task_dir: &Path,
+        memory_mib: u32,
+    ) -> Result<Option<Jail>, Error> {
+        if !config.jail {
+            warn!(
+                "jail = false in {}: the sandbox's helpers run as root in the host's namespaces",
+                config.source.display()
+            );
+            return Ok(None);
+        }
+        let jailer = jailer_program(config)?;
+        let (uid, lock_path, lock) = take_uid(config.jail_first_uid, config.jail_uid_count)?;
+        let cgroup = if config.jail_cgroup {
+            Some(SandboxCgroup::plan(config, namespace, task_dir, memory_mib)?)
+        } else {
+            warn!(
+                "jail_cgroup = false in {}: the sandbox's memory is not limited on the host",
+                config.source.display()
+            );
+            None
+        };
+        info!(
+            "sandbox jail: uid {uid}{}",
+            cgroup
+                .as_ref()
+                .map(|c| format!(", cgroup {} ({} MiB)", c.path.display(), c.limit_bytes >> 20))
+                .unwrap_or_default()
+        );
+        Ok(Some(Jail { jailer, uid, lock_path, _lock: lock, cgroup }))
+    }
+
+    /// The sandbox's uid, which is also its gid.
+    pub fn uid(&self) -> u32 {
+        self.uid
+    }
+
+    /// Makes `path` the sandbox's, so its helpers can make their sockets there.
+    pub fn give(&self, path: &Path) -> Result<(), Error> {
+        let id = Some(nix::unistd::Uid::from_raw(self.uid));
+        nix::unistd::chown(path, id, Some(nix::unistd::Gid::from_raw(self.uid)))
+            .map_err(|source| Error::Chown { path: path.to_path_buf(), source })
+    }
+
+    /// The jailer's command line for `program`: it waits on its standard input for [`Jail::admit`].
+    pub fn command(&self, program: &Path, args: &[OsString], confinement: &Confinement) -> Command {
+        let mut command = Command::new(&self.jailer);
+        command.args(self.jailer_args(program, args, confinement)).stdin(Stdio::piped());
+        command
+    }
+
+    fn jailer_args(&self, program: &Path, args: &[OsString], confinement: &Confinement) -> Vec<OsString> {
+        let id = if confinement.file_server { 0 } else { self.uid };
+        let mut line: Vec<OsString> = vec![
+            "--uid".into(),
+            id.to_string().into(),
+            "--gid".into(),
+            id.to_string().into(),
+            "--root".into(),
+            JAIL_ROOT_MOUNT_POINT.into(),
+            "--uid-lock".into(),
+            self.lock_path.clone().into(),
+        ];
+        for path in &confinement.read_only {
+            line.extend(["--bind-ro".into(), path.clone().into()]);
+        }
+        for path in &confinement.writable {
+            line.extend(["--bind-rw".into(), path.clone().into()]);
+        }
+        line.extend(confinement.kvm.then(|| "--kvm".into()));
+        line.extend(confinement.tun.then(|| "--tun".into()));
+        if confinement.file_server {
+            for cap in FILE_SERVER_CAPS {
+                line.extend(["--keep-cap".into(), (*cap).into()]);
+            }
+        }
+        let nofile = if confinement.file_server { file_server_nofile() } else { HELPER_NOFILE };
+        line.extend(["--rlimit-nofile".into(), nofile.to_string().into(), "--".into(), program.into()]);
+        line.extend(args.iter().cloned());
+        line
+    }
+
+    /// Puts a just-started jailer into the sandbox's cgroup, then lets it go on. A jailer that
+    /// cannot be admitted is killed.
+    pub async fn admit(&self, helper: &str, child: &mut Child) -> Result<(), Error> {
+        let stdin = child.stdin.take();
+        let result = match self.admit_to_cgroup(helper, child) {
+            Ok(()) => say_go(stdin).await.map_err(|source| Error::Go { helper: helper.to_string(), source }),
+            Err(err) => Err(err),
+        };
+        if result.is_err() {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+        result
+    }
+
+    fn admit_to_cgroup(&self, helper: &str, child: &Child) -> Result<(), Error> {
+        let Some(cgroup) = &self.cgroup else { return Ok(()) };
+        let pid = child.id().unwrap_or_default();
+        let failed = |source: Box<dyn std::error::Error + Send + Sync>| Error::Admit {
+            helper: helper.to_string(),
+            pid,
+            source,
+        };
+        let raw = i32::try_from(pid).map_err(|err| failed(err.into()))?;
+        cgroup.manager.add_task(nix::unistd::Pid::from_raw(raw)).map_err(|err| failed(err.into()))?;
+        let memory = oci_spec::runtime::LinuxMemoryBuilder::default()
+            .limit(cgroup.limit_bytes)
+            .build()
+            .map_err(|err| failed(err.into()))?;
+        let resources = oci_spec::runtime::LinuxResourcesBuilder::default()
+            .memory(memory)
+            .build()
+            .map_err(|err| failed(err.into()))?;
+        let options = ControllerOpt {
+            resources: &resources,
+            freezer_state: None,
+            oom_score_adj: None,
+            disable_oom_killer: false,
+        };
+        cgroup.manager.apply(&options).map_err(|err| failed(err.into()))
+    }
+}
+
+async fn say_go(stdin: Option<tokio::process::ChildStdin>) -> std::io::Result<()> {
+    let mut stdin = stdin.ok_or_else(|| std::io::Error::other("no pipe to its standard input"))?;
+    stdin.write_all(GO).await?;
+    stdin.shutdown().await
+}
+
+/// virtiofsd's open-file limit: [`FILE_SERVER_NOFILE`], or the shim's own hard limit where that is
+/// lower (the jailer cannot raise it, and virtiofsd is told the same number to set).
+pub fn file_server_nofile() -> u64 {
+    let hard =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map(|(_, hard)| hard);
+    hard.map_or(FILE_SERVER_NOFILE, |hard| hard.min(FILE_SERVER_NOFILE))
+}
+
+/// Kills whatever is left in the sandbox's cgroup (recorded in `task_dir`) and removes it.
+pub fn remove_cgroup(task_dir: &Path) {
+    let Ok(recorded) = std::fs::read(task_dir.join(CGROUP_FILE)) else { return };
+    let path = PathBuf::from(OsString::from(String::from_utf8_lossy(&recorded).into_owned()));
+    let removed = cgroup_manager(&path).and_then(|manager| {
+        empty_cgroup(&manager);
+        manager.remove().map_err(|source| Error::Cgroup { path: path.clone(), source: source.into() })
+    });
+    if let Err(err) = removed {
+        warn!("cannot remove the sandbox's cgroup: {}", crate::hypervisor::error_chain(&err));
+    }
+    remove_empty_parents(&path);
+}
+
+/// Kills what is in the cgroup until it is empty, for at most [`CGROUP_EMPTY_WAIT`]: a helper
+/// killed through its jailer (the parent-death signal) may still be exiting, and a monitor
+/// letting go of its guest memory takes a while on a loaded host; removal retries only briefly.
+fn empty_cgroup(manager: &AnyCgroupManager) {
+    let deadline = Instant::now() + CGROUP_EMPTY_WAIT;
+    loop {
+        let pids = manager.get_all_pids().unwrap_or_default();
+        if pids.is_empty() {
+            return;
+        }
+        if Instant::now() > deadline {
+            warn!("the sandbox's cgroup still holds {pids:?} after {CGROUP_EMPTY_WAIT:?}");
+            return;
+        }
+        for pid in pids {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The namespace's and ironclad's cgroups go with their last sandbox (rmdir fails on a cgroup
+/// that still has children, which is left as it is).
+fn remove_empty_parents(path: &Path) {
+    let Ok(relative) = path.strip_prefix("/") else { return };
+    let mut roots = vec![PathBuf::from(CGROUP_ROOT)];
+    roots.extend(std::fs::read_dir(CGROUP_ROOT).into_iter().flatten().flatten().map(|entry| entry.path()));
+    for root in roots {
+        for parent in relative.ancestors().skip(1).filter(|p| !p.as_os_str().is_empty()) {
+            let _ = std::fs::remove_dir(root.join(parent));
+        }
+    }
+}
+
+fn cgroup_manager(path: &Path) -> Result<AnyCgroupManager, Error> {
+    let config = CgroupConfig {
+        cgroup_path: path.to_path_buf(),
+        systemd_cgroup: false,
+        container_name: String::new(),
+    };
+    libcgroups::common::create_cgroup_manager(config)
+        .map_err(|source| Error::Cgroup { path: path.to_path_buf(), source: source.into() })
+}
+
+/// The config's jailer, else the one beside the shim or on PATH.
+fn jailer_program(config: &ShimConfig) -> Result<PathBuf, Error> {
+    match &config.jailer {
+        Some(path) if path.is_file() => Ok(path.clone()),
+        Some(path) => Err(Error::JailerMissing { path: path.clone(), config: config.source.clone() }),
+        None => crate::hypervisor::find_ironclad_program("ironclad-jailer")
+            .ok_or_else(|| Error::NoJailer { config: config.source.clone() }),
+    }
+}
+
+/// The lowest free uid of the range: its lock file taken exclusively (nobody else holds it), then
+/// held shared, as the sandbox's jailers will hold it too, so that it stays taken until the shim
+/// and every helper it started are gone.
+fn take_uid(first: u32, count: u32) -> Result<(u32, PathBuf, UidLock), Error> {
+    let dir = Path::new(UID_LOCK_DIR);
+    std::fs::create_dir_all(dir).map_err(|source| Error::UidLock {
+        action: "create the directory of",
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    for uid in (first..).take(count as usize) {
+        let path = dir.join(uid.to_string());
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| Error::UidLock { action: "open", path: path.clone(), source })?;
+        let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else { continue };
+        // The switch from exclusive to shared is not atomic: someone may take it in between, and
+        // then this uid is theirs.
+        if lock.relock(FlockArg::LockSharedNonblock).is_ok() {
+            return Ok((uid, path, lock));
+        }
+    }
+    Err(Error::NoFreeUid { first, count })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jail(uid: u32) -> Jail {
+        let lock = Flock::lock(tempfile::tempfile().unwrap(), FlockArg::LockShared).unwrap();
+        Jail { jailer: "/j".into(), uid, lock_path: "/l/900000".into(), _lock: lock, cgroup: None }
+    }
+
+    fn strings(args: Vec<OsString>) -> Vec<String> {
+        args.into_iter().map(|a| a.into_string().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_monitor_runs_as_the_sandbox_with_what_it_was_given() {
+        let confinement = Confinement {
+            read_only: vec!["/k/bzImage".into()],
+            writable: vec!["/run/s/vm".into()],
+            kvm: true,
+            tun: false,
+            file_server: false,
+        };
+        let line =
+            strings(jail(900_007).jailer_args(Path::new("/usr/bin/qemu"), &["-m".into()], &confinement));
+        let expected = "--uid 900007 --gid 900007 --root /run/ironclad/jail-root --uid-lock /l/900000 \
+                        --bind-ro /k/bzImage --bind-rw /run/s/vm --kvm --rlimit-nofile 4096 -- /usr/bin/qemu -m";
+        assert_eq!(line.join(" "), expected);
+    }
+
+    #[test]
+    fn the_file_server_alone_stays_root_with_a_file_servers_capabilities() {
+        let confinement = Confinement { file_server: true, ..Default::default() };
+        let line = strings(jail(900_007).jailer_args(Path::new("/v"), &[], &confinement));
+        assert_eq!(&line[..4], ["--uid", "0", "--gid", "0"]);
+        let kept: Vec<&String> = line.windows(2).filter(|w| w[0] == "--keep-cap").map(|w| &w[1]).collect();
+        assert_eq!(kept.len(), FILE_SERVER_CAPS.len());
+        assert!(!line.iter().any(|a| a == "CAP_SYS_PTRACE" || a == "CAP_NET_ADMIN"));
+    }
+
+    #[test]
+    fn the_jail_is_off_only_where_the_config_says_so_and_a_missing_jailer_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let off = ShimConfig { jail: false, ..ShimConfig::default() };
+        assert!(Jail::open(&off, "ns", dir.path(), 256).unwrap().is_none());
+        let missing =
+            ShimConfig { jailer: Some("/nonexistent/ironclad-jailer".into()), ..ShimConfig::default() };
+        let err = Jail::open(&missing, "ns", dir.path(), 256).unwrap_err();
+        assert!(matches!(err, Error::JailerMissing { .. }), "{err}");
+        assert!(err.to_string().contains("/nonexistent/ironclad-jailer"), "{err}");
+        // Nothing was recorded for a jail that was not made.
+        assert!(!dir.path().join(CGROUP_FILE).exists());
+    }
+
+    #[test]
+    fn a_uid_is_taken_by_one_sandbox_at_a_time_and_freed_with_it() {
+        // A range of its own (per test process), far from the default one.
+        let first = 1_500_000_000 + std::process::id() % 1_000_000 * 4;
+        let (a, _, held) = take_uid(first, 3).unwrap();
+        let (b, _, _held_b) = take_uid(first, 3).unwrap();
+        assert_eq!((a, b), (first, first + 1));
+        drop(held);
+        let (c, path, _held_c) = take_uid(first, 3).unwrap();
+        assert_eq!(c, first);
+        let (_, _, _held_d) = take_uid(first, 3).unwrap();
+        assert!(matches!(take_uid(first, 3), Err(Error::NoFreeUid { count: 3, .. })));
+        // A jailer's shared hold keeps it taken after the shim's is gone.
+        let _jailer_hold =
+            Flock::lock(std::fs::File::open(&path).unwrap(), FlockArg::LockSharedNonblock).unwrap();
+        drop(_held_c);
+        assert!(matches!(take_uid(first, 1), Err(Error::NoFreeUid { .. })));
+        for uid in first..first + 3 {
+            let _ = std::fs::remove_file(Path::new(UID_LOCK_DIR).join(uid.to_string()));
+        }
+    }
+}
