@@ -1,5 +1,5 @@
-//! Charts of the runtime comparison, as PNG and SVG: start latency and pod start bars, and the
-//! density curve.
+//! Charts of the runtime comparison, as PNG and SVG: start latency and pod start bars, the
+//! density curve, and one cold start's phases as a stacked bar.
 
 use std::path::{Path, PathBuf};
 
@@ -233,4 +233,61 @@ pub fn density(results: &Results, dir: &Path) -> Result<Vec<PathBuf>, Error> {
         }
     }
     both_formats(dir, "density", &Draw(points, max_n, max_s))
+}
+
+/// The phases' colours, in order (a qualitative palette; the 12 phases take one each).
+const PHASE_COLOURS: [RGBColor; 12] = [
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0xff, 0x7f, 0x0e),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0x94, 0x67, 0xbd),
+    RGBColor(0x8c, 0x56, 0x4b),
+    RGBColor(0xe3, 0x77, 0xc2),
+    RGBColor(0x7f, 0x7f, 0x7f),
+    RGBColor(0xbc, 0xbd, 0x22),
+    RGBColor(0x17, 0xbe, 0xcf),
+    RGBColor(0x39, 0x3b, 0x79),
+    RGBColor(0xad, 0x49, 0x4a),
+];
+
+/// One ironclad cold start as a stacked bar: each phase's median, end to end.
+pub fn start_timeline(phases: &[crate::timeline::Phase], dir: &Path) -> Result<Vec<PathBuf>, Error> {
+    let total = phases.iter().map(|p| p.median_ms).sum::<f64>().max(1.0);
+    struct Draw<'a>(&'a [crate::timeline::Phase], f64);
+    impl Chart for Draw<'_> {
+        fn on<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Result<(), String> {
+            let (phases, total) = (self.0, self.1);
+            let caption = "Where an ironclad cold start goes, median per phase (ms)";
+            let mut chart = frame(area, caption, 0f64..total * 1.02, 0f64..1.0)?;
+            chart
+                .configure_mesh()
+                .disable_y_mesh()
+                .y_labels(0)
+                .x_desc("milliseconds from `ctr run`")
+                .draw()
+                .map_err(|e| e.to_string())?;
+            let mut from = 0.0;
+            for (phase, colour) in phases.iter().zip(PHASE_COLOURS.iter().cycle()) {
+                let to = from + phase.median_ms;
+                let bar = Rectangle::new([(from, 0.82), (to, 0.97)], colour.filled());
+                let label = format!("{} ({:.0} ms)", phase.name, phase.median_ms);
+                let colour = *colour;
+                chart
+                    .draw_series(std::iter::once(bar))
+                    .map_err(|e| e.to_string())?
+                    .label(label)
+                    .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], colour.filled()));
+                from = to;
+            }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::LowerLeft)
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| e.to_string())
+        }
+    }
+    both_formats(dir, "start-timeline", &Draw(phases, total))
 }

@@ -9,6 +9,7 @@ mod pods;
 mod report;
 mod runtimes;
 mod stats;
+mod timeline;
 mod vmm;
 
 use std::path::{Path, PathBuf};
@@ -215,6 +216,9 @@ fn run_runtimes(
     let mut drawn = charts::start_latency(&results, &outputs.charts)?;
     if !results.density.is_empty() {
         drawn.extend(charts::density(&results, &outputs.charts)?);
+    }
+    if !results.timeline.is_empty() {
+        drawn.extend(charts::start_timeline(&results.timeline, &outputs.charts)?);
     }
     let report_dir = outputs.report.parent().map(Path::to_path_buf).unwrap_or_default();
     let markdown = report::runtimes_markdown(&machine, &results, &drawn, &report_dir);

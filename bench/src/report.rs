@@ -212,6 +212,7 @@ pub fn runtimes_markdown(
         machine.cpu, machine.cores, machine.memory_gib, machine.kernel, machine.kvm, results.hypervisor, results.runs
     );
     figures_table(&mut md, &results.figures);
+    start_timeline_table(&mut md, results);
     if !results.density.is_empty() {
         let _ = writeln!(md, "Density: N idle sandboxes (`sleep`) started at once with `ctr run -d`.\n");
         let _ = writeln!(
@@ -243,6 +244,31 @@ pub fn runtimes_markdown(
     );
     chart_links(&mut md, charts, report_dir);
     md
+}
+
+/// Where an ironclad cold start goes: each phase's median (shim/src/timeline.rs, against the
+/// benchmark's own clock).
+fn start_timeline_table(md: &mut String, results: &crate::runtimes::Results) {
+    if results.timeline.is_empty() {
+        return;
+    }
+    let sum: f64 = results.timeline.iter().map(|p| p.median_ms).sum();
+    let _ = writeln!(
+        md,
+        "Where an ironclad cold start goes, phase by phase: the shim marks each step on the host's clock \
+         (the guest's kernel and /init placed from the agent's ready line, which says the guest's uptime and \
+         when /init began) and logs them when the task is deleted; the benchmark adds when `ctr run` began and \
+         returned. Medians of {} runs (a median each, so they add up to about the median cold start, not \
+         exactly).\n",
+        results.timeline_runs
+    );
+    let _ = writeln!(md, "| phase | median (ms) | share |");
+    let _ = writeln!(md, "|---|---|---|");
+    for phase in &results.timeline {
+        let share = if sum > 0.0 { 100.0 * phase.median_ms / sum } else { 0.0 };
+        let _ = writeln!(md, "| {} | {:.0} | {:.0} % |", phase.name, phase.median_ms, share);
+    }
+    let _ = writeln!(md, "| all phases | {sum:.0} | |\n");
 }
 
 /// The nested comparison: ironclad-vmm against QEMU on the same KVM, ironclad against runc through

@@ -16,10 +16,20 @@ use ironclad_tests::containerd::{
 use serde::Serialize;
 
 use crate::stats::{summarize, Summary};
+use crate::timeline;
 
 /// The runtimes, in the order every figure runs them.
 pub const RUNTIMES: [Runtime; 2] = [Runtime::Ironclad, Runtime::Runc];
 const TASK_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a run's timeline may take to reach containerd's log after `ctr run` returned.
+const TIMELINE_WAIT: Duration = Duration::from_secs(3);
+
+/// One cold start: its times (s), and for ironclad its phases (ms, see [`timeline::PHASES`]).
+struct ColdStart {
+    total: f64,
+    first_output: f64,
+    phases: Option<Vec<f64>>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -103,6 +113,10 @@ pub struct Results {
     pub density: Vec<DensityPoint>,
     /// Density sizes skipped because the machine's memory would not hold them.
     pub density_skipped: Vec<usize>,
+    /// Where an ironclad cold start's time goes, phase by phase (medians).
+    pub timeline: Vec<timeline::Phase>,
+    /// How many cold starts the timeline is of.
+    pub timeline_runs: usize,
 }
 
 /// The CPU-bound job: a fixed amount of hashing.
@@ -150,11 +164,13 @@ impl Bench<'_> {
         args
     }
 
-    /// `ctr run --rm` to exit, and to the first byte of output; fails unless it exits 0.
-    fn cold_start(&mut self, runtime: Runtime) -> Result<(f64, f64), Error> {
+    /// `ctr run --rm` to exit, and to the first byte of output, and for ironclad the run's phases
+    /// (`timeline`); fails unless it exits 0.
+    fn cold_start(&mut self, runtime: Runtime) -> Result<ColdStart, Error> {
         let id = self.id(runtime, "start");
         let args = self.run_args(runtime, &["--rm"], &id, &["echo", "ready"]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let ctr_started_ms = ironclad_shim::timeline::now_ms();
         let started = Instant::now();
         let mut child = self
             .containerd
@@ -174,10 +190,35 @@ impl Bench<'_> {
         let _ = std::io::copy(&mut stdout, &mut std::io::sink());
         let output = child.wait_with_output().map_err(|e| run_err("cold start", runtime, e.to_string()))?;
         let total = started.elapsed().as_secs_f64();
+        let ctr_returned_ms = ironclad_shim::timeline::now_ms();
         if !output.status.success() || first_output.is_nan() {
             return Err(run_err("cold start", runtime, String::from_utf8_lossy(&output.stderr).into_owned()));
         }
-        Ok((total, first_output))
+        let phases = match runtime {
+            Runtime::Ironclad => self
+                .shim_timeline(&id)
+                .and_then(|shim| timeline::Run { ctr_started_ms, ctr_returned_ms, shim }.phases()),
+            Runtime::Runc => None,
+        };
+        Ok(ColdStart { total, first_output, phases })
+    }
+
+    /// The timeline the shim logged for task `id` (shim/src/timeline.rs), which reaches
+    /// containerd's log through the shim's log pipe a moment after the task is gone.
+    fn shim_timeline(&self, id: &str) -> Option<Vec<(ironclad_shim::timeline::Step, u64)>> {
+        let log = self.containerd.dir().join("containerd.log");
+        let deadline = Instant::now() + TIMELINE_WAIT;
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(marks) = timeline::find_in_log(&text, id) {
+                return Some(marks);
+            }
+            if Instant::now() > deadline {
+                self.progress.println(format!("no start timeline for {id} in {}", log.display()));
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Starts a detached task that idles, for exec and job figures.
@@ -377,15 +418,19 @@ pub fn measure(settings: &Settings, stop: Arc<AtomicBool>) -> Result<Results, Er
 fn measure_figures(bench: &mut Bench<'_>, settings: &Settings) -> Result<Results, Error> {
     let mut start = BTreeMap::<Runtime, Vec<f64>>::new();
     let mut first_output = BTreeMap::<Runtime, Vec<f64>>::new();
+    let mut phases = Vec::new();
     for run in 0..settings.runs {
         for runtime in RUNTIMES {
             bench.check_stop()?;
             bench.step(format!("cold start {}/{} ({})", run + 1, settings.runs, runtime.name()));
-            let (total, first) = bench.cold_start(runtime)?;
-            start.entry(runtime).or_default().push(total);
-            first_output.entry(runtime).or_default().push(first);
+            let cold = bench.cold_start(runtime)?;
+            start.entry(runtime).or_default().push(cold.total);
+            first_output.entry(runtime).or_default().push(cold.first_output);
+            phases.extend(cold.phases);
         }
     }
+    let timeline = timeline::summarize_phases(&phases);
+    let timeline_runs = phases.len();
     let cold_figures = |start: &BTreeMap<Runtime, Vec<f64>>, first_output: &BTreeMap<Runtime, Vec<f64>>| {
         [
             figure("cold start", "s", "`ctr run --rm IMAGE ID echo ready`, from exec to exit", start),
@@ -404,6 +449,8 @@ fn measure_figures(bench: &mut Bench<'_>, settings: &Settings) -> Result<Results
             figures: cold_figures(&start, &first_output).into(),
             density: Vec::new(),
             density_skipped: Vec::new(),
+            timeline,
+            timeline_runs,
         });
     }
 
@@ -498,6 +545,8 @@ fn measure_figures(bench: &mut Bench<'_>, settings: &Settings) -> Result<Results
         figures,
         density,
         density_skipped,
+        timeline,
+        timeline_runs,
     })
 }
 

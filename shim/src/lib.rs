@@ -27,3 +27,4 @@ pub mod sandbox;
 pub mod service;
 pub mod spec;
 pub mod task;
+pub mod timeline;

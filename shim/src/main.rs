@@ -8,6 +8,7 @@ use ironclad_shim::service::{IroncladShim, RUNTIME_ID};
 
 #[tokio::main]
 async fn main() {
+    ironclad_shim::timeline::mark_process_start();
     ironclad_shim::logging::log_panics();
     // The log level is needed before containerd's Create names another config file.
     let log_level = ShimConfig::load(Path::new(DEFAULT_CONFIG_PATH))

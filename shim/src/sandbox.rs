@@ -21,6 +21,7 @@ use crate::hypervisor::{self, error_chain, Backend, GuestVm, VmConfig};
 use crate::jail::{self, Jail};
 use crate::paths::SandboxPaths;
 use crate::resources::share_fs::ShareFs;
+use crate::timeline::Timeline;
 
 const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the guest gets to reset by itself after DestroySandbox before its monitor is killed.
@@ -80,6 +81,15 @@ pub struct Sandbox {
     pub share: Option<ShareFs>,
     /// Holds the sandbox's uid while it lives (its cgroup goes with the task directory).
     jail: Option<Jail>,
+    /// Its start, step by step, logged when its task is deleted.
+    pub timeline: Timeline,
+}
+
+/// What a sandbox holds on the host besides its VM, handed to it at boot.
+pub struct Held {
+    pub share: Option<ShareFs>,
+    pub jail: Option<Jail>,
+    pub timeline: Timeline,
 }
 
 impl Sandbox {
@@ -91,9 +101,9 @@ impl Sandbox {
         vm_config: &VmConfig,
         task_dir: &Path,
         console_log: PathBuf,
-        share: Option<ShareFs>,
-        jail: Option<Jail>,
+        held: Held,
     ) -> Result<Sandbox, Error> {
+        let Held { share, jail, timeline } = held;
         let record = task_dir.join(CONSOLE_LOG_FILE);
         std::fs::write(&record, console_log.as_os_str().as_encoded_bytes())
             .map_err(|source| Error::RecordConsoleLog { path: record, source })?;
@@ -105,6 +115,7 @@ impl Sandbox {
             std::fs::write(&record, pids)
                 .map_err(|source| Error::RecordPids { path: record.clone(), source })?;
             let ready = vm.wait_ready(Duration::from_secs(config.boot_timeout_secs)).await?;
+            timeline.mark_guest_boot(ready.since_start, ready.line.uptime_ms, ready.line.init_ms);
             // The guest's part of the boot, from its own clock: the kernel up to /init, then the
             // agent up to its ready line.
             let guest_boot = match ready.line.init_ms {
@@ -127,7 +138,7 @@ impl Sandbox {
         .await;
         match prepared {
             Ok(agent) => Self::run(vm, agent, backend.name(), task_dir.to_path_buf(), share)
-                .map(|sandbox| sandbox.jailed(jail)),
+                .map(|sandbox| sandbox.holding(jail, timeline)),
             Err(err) => {
                 let _ = vm.stop(Duration::ZERO).await;
                 Err(err)
@@ -168,11 +179,13 @@ impl Sandbox {
             task_dir,
             share,
             jail: None,
+            timeline: Timeline::default(),
         })
     }
 
-    fn jailed(mut self, jail: Option<Jail>) -> Self {
+    fn holding(mut self, jail: Option<Jail>, timeline: Timeline) -> Self {
         self.jail = jail;
+        self.timeline = timeline;
         self
     }
 

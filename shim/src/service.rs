@@ -45,9 +45,10 @@ use crate::resources::pinned;
 use crate::resources::rootfs::{self, MountSpec, ROOTFS_SERIAL};
 use crate::resources::share_fs::{self, ShareFs, GUEST_SHARE_DIR, SHARE_TAG};
 use crate::resources::volumes::{self, Volume, GUEST_POD_SHM, POD_SHM_OPTIONS};
-use crate::sandbox::{self, clean_up_task_dir, Sandbox};
+use crate::sandbox::{self, clean_up_task_dir, Held, Sandbox};
 use crate::spec::{self, PodRole};
 use crate::task::{self, Container, TaskTable};
+use crate::timeline::{Step, Timeline};
 
 /// The runtime name containerd knows this shim by.
 pub const RUNTIME_ID: &str = "io.containerd.ironclad.v2";
@@ -514,6 +515,7 @@ impl TaskService {
         spec: oci_spec::runtime::Spec,
         role: PodRole,
     ) -> Result<Arc<Container>, Error> {
+        let timeline = Timeline::begun();
         let config = Self::load_config(&req.options)?;
         let settings = config.sandbox_settings(&spec::annotations(&spec))?;
         let volumes = volumes::classify(&spec, &role)?;
@@ -569,8 +571,17 @@ impl TaskService {
                 network: network.as_ref().map(|n| n.vm_network()),
                 shared_dir: share.as_ref().map(|s| s.dir().to_path_buf()),
             };
-            let sandbox =
-                Arc::new(Sandbox::boot(&backend, &config, &vm_config, &dir, console_log, share, jail).await?);
+            let sandbox = Arc::new(
+                Sandbox::boot(
+                    &backend,
+                    &config,
+                    &vm_config,
+                    &dir,
+                    console_log,
+                    Held { share, jail, timeline },
+                )
+                .await?,
+            );
             let init = Process::new("", stdio_uris(req), String::new());
             let container =
                 Arc::new(Container::new(&req.id, &req.bundle, sandbox, init).with_network(network));
@@ -578,6 +589,7 @@ impl TaskService {
                 container.sandbox.teardown().await;
                 return Err(err);
             }
+            container.sandbox.timeline.mark(Step::ContainerCreated);
             Ok(container)
         }
         .await;
@@ -752,6 +764,9 @@ impl TaskService {
                 }
                 _ = process.wait() => return,
             };
+            if process.is_init() && container.owns_vm {
+                sandbox.timeline.mark(Step::Exited);
+            }
             process.drain_outputs(DRAIN_DEADLINE).await;
             // The OOM event travels apart from the exit (the agent's memory.events watch): a
             // container SIGKILLed by the OOM killer is said to be so before its exit, which is
@@ -805,6 +820,8 @@ impl TaskService {
         }
         if container.owns_vm {
             sandbox.teardown().await;
+            sandbox.timeline.mark(Step::TornDown);
+            info!("{}", sandbox.timeline.line());
         } else if let Some(share) = &sandbox.share {
             share.release(&container.id);
         }
@@ -895,8 +912,12 @@ impl TaskService {
         if process.status() != Status::CREATED {
             return Err(Error::AlreadyStarted(req.exec_id.clone()));
         }
+        let starts_sandbox = process.is_init() && container.owns_vm;
+        if starts_sandbox {
+            container.sandbox.timeline.mark(Step::StartReceived);
+        }
         let agent = &container.sandbox.agent;
-        let guest_pid = if process.is_init() && container.owns_vm {
+        let guest_pid = if starts_sandbox {
             // `ctr run --cni` adds the CNI interface to the monitor's namespace after Create.
             configure_guest_network_if_ready(agent, container.network.as_deref()).await?;
             agent.start_container(&container.id).await?
@@ -922,6 +943,9 @@ impl TaskService {
                 ..Default::default()
             };
             self.events.send(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(event));
+        }
+        if starts_sandbox {
+            container.sandbox.timeline.mark(Step::Started);
         }
         self.watch_exit(container, process);
         Ok(StartResponse { pid, ..Default::default() })

@@ -339,6 +339,44 @@ fn the_sandboxs_helpers_run_jailed_as_its_own_uid_in_its_cgroup() {
 }
 
 #[test]
+fn a_cold_start_logs_its_timeline_step_by_step() {
+    use ironclad_shim::timeline::{parse_line, Step};
+    let Some(containerd) = start_containerd() else { return };
+    let output = run(&containerd, &[], BUSYBOX_IMAGE, "timeline1", &["echo", "hi"], None);
+    assert_eq!(stdout_of(&containerd, &output), "hi\n");
+    // Logged when the task is deleted; it reaches containerd's log through the shim's log pipe.
+    let log = containerd.dir().join("containerd.log");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let marks = loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        let found = text.lines().filter(|l| l.contains("id=\"timeline1\"")).find_map(parse_line);
+        if let Some(marks) = found {
+            break marks;
+        }
+        assert!(Instant::now() < deadline, "no start timeline for timeline1 in {}", log.display());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let steps: Vec<Step> = marks.iter().map(|(step, _)| *step).collect();
+    assert_eq!(steps, Step::ALL, "every step, in order: {marks:?}");
+    // What the shim saw itself happens in this order (the guest's steps are placed from its clock).
+    let at = |step: Step| marks.iter().find(|(s, _)| *s == step).map(|(_, at)| *at).unwrap();
+    let seen = [
+        Step::ShimStarted,
+        Step::CreateReceived,
+        Step::AgentReady,
+        Step::ContainerCreated,
+        Step::StartReceived,
+        Step::Started,
+        Step::Exited,
+        Step::TornDown,
+    ];
+    for pair in seen.windows(2) {
+        assert!(at(pair[0]) <= at(pair[1]), "{:?} after {:?}: {marks:?}", pair[0], pair[1]);
+    }
+    containerd.assert_nothing_left("timeline1");
+}
+
+#[test]
 fn stdin_tty_env_cwd_and_user() {
     let Some(containerd) = start_containerd() else { return };
     let output = run(
