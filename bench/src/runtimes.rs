@@ -210,7 +210,7 @@ impl Bench<'_> {
         let deadline = Instant::now() + TIMELINE_WAIT;
         loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Some(marks) = timeline::find_in_log(&text, id) {
+            if let Some(marks) = ironclad_shim::timeline::find_task_line(&text, id) {
                 return Some(marks);
             }
             if Instant::now() > deadline {

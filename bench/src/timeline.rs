@@ -2,7 +2,7 @@
 //! host's wall clock) between the benchmark's own marks on the same clock (`ctr run` started,
 //! `ctr run` returned), cut into phases; medians over the runs.
 
-use ironclad_shim::timeline::{parse_line, Step};
+use ironclad_shim::timeline::Step;
 use serde::Serialize;
 
 use crate::stats::summarize;
@@ -65,13 +65,6 @@ impl Run {
     }
 }
 
-/// The timeline the shim logged for task `id`, from containerd's log.
-pub fn find_in_log(log: &str, id: &str) -> Option<Vec<(Step, u64)>> {
-    // The shim's lines carry the task as a field of their own (shim/src/logging.rs).
-    let field = format!("id=\"{id}\"");
-    log.lines().filter(|line| line.contains(&field)).find_map(parse_line)
-}
-
 /// One phase's median over the runs.
 #[derive(Debug, Clone, Serialize)]
 pub struct Phase {
@@ -122,11 +115,7 @@ mod tests {
     }
 
     #[test]
-    fn the_timeline_of_the_task_is_found_in_containerds_log() {
-        let log = "time=\"t\" level=info msg=\"start timeline: create=5 started=9\" id=\"a\" runtime=r\n\
-                   time=\"t\" level=info msg=\"start timeline: create=7\" id=\"b\" runtime=r\n";
-        assert_eq!(find_in_log(log, "b"), Some(vec![(Step::CreateReceived, 7)]));
-        assert_eq!(find_in_log(log, "c"), None);
+    fn each_phase_gets_its_median_over_the_runs() {
         let phases = summarize_phases(&[vec![1.0; 12], vec![3.0; 12], vec![2.0; 12]]);
         assert_eq!(phases.len(), 12);
         assert_eq!(phases[0].median_ms, 2.0);

@@ -36,8 +36,6 @@ const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 const CGROUP_EMPTY_WAIT: Duration = Duration::from_secs(3);
 /// Below each hierarchy's root.
 const CGROUP_PARENT: &str = "ironclad";
-/// What the go-ahead on the jailer's standard input says (jailer/src/lib.rs, `GO`).
-const GO: &[u8] = b"go\n";
 /// The capabilities virtiofsd keeps, as root: a file server that creates files as the guest's
 /// users and keeps their owners and modes (Kata's list), SYS_ADMIN for its own sandbox (a mount
 /// namespace pivoted into the shared directory) and SETPCAP, with which it shrinks its own
@@ -293,7 +291,7 @@ impl Jail {
 
 async fn say_go(stdin: Option<tokio::process::ChildStdin>) -> std::io::Result<()> {
     let mut stdin = stdin.ok_or_else(|| std::io::Error::other("no pipe to its standard input"))?;
-    stdin.write_all(GO).await?;
+    stdin.write_all(ironclad_jailer::GO).await?;
     stdin.shutdown().await
 }
 

@@ -315,15 +315,17 @@ pub fn unmount_below(dir: &Path) {
 /// How long clean-up waits for killed VM processes to be gone. containerd gives `delete` 5 s in all.
 const KILLED_EXIT_WAIT: Duration = Duration::from_secs(3);
 
+/// Whether process `pid` exists and is not a zombie (whose parent has yet to reap it).
+pub fn process_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .unwrap_or(false)
+}
+
 /// Waits (bounded) until none of `pids` exists any more (a zombie of ours counts as gone).
 fn wait_until_gone(pids: &[i32], wait: Duration) {
     let started = std::time::Instant::now();
-    let alive = |pid: &i32| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
-            .unwrap_or(false)
-    };
-    while pids.iter().any(alive) && started.elapsed() < wait {
+    while pids.iter().any(|&pid| process_alive(pid)) && started.elapsed() < wait {
         std::thread::sleep(Duration::from_millis(20));
     }
 }

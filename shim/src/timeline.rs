@@ -151,6 +151,13 @@ pub fn parse_line(text: &str) -> Option<Vec<(Step, u64)>> {
     (!marks.is_empty()).then_some(marks)
 }
 
+/// The timeline the shim logged for task `id`, in a log holding many tasks' lines (containerd's):
+/// the shim's lines carry the task as a field of their own (`id="<task>"`, see crate::logging).
+pub fn find_task_line(log: &str, id: &str) -> Option<Vec<(Step, u64)>> {
+    let field = format!("id=\"{id}\"");
+    log.lines().filter(|line| line.contains(&field)).find_map(parse_line)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,6 +185,14 @@ mod tests {
         assert_eq!(at(Step::AgentReady) - at(Step::MonitorStarted), 900);
         assert_eq!(at(Step::AgentReady) - at(Step::KernelEntered), 700);
         assert_eq!(at(Step::InitStarted) - at(Step::KernelEntered), 650);
+    }
+
+    #[test]
+    fn the_timeline_of_a_task_is_found_among_other_tasks_lines() {
+        let log = "time=\"t\" level=info msg=\"start timeline: create=5 started=9\" id=\"a\" runtime=r\n\
+                   time=\"t\" level=info msg=\"start timeline: create=7\" id=\"b\" runtime=r\n";
+        assert_eq!(find_task_line(log, "b"), Some(vec![(Step::CreateReceived, 7)]));
+        assert_eq!(find_task_line(log, "c"), None);
     }
 
     #[test]

@@ -8,8 +8,7 @@ use std::time::Duration;
 use ironclad_tests::{boot_guest, init_logging, GuestArtifacts, EXIT_TIMEOUT};
 
 fn process_alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
+    ironclad_shim::sandbox::process_alive(pid as i32)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

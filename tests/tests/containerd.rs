@@ -340,7 +340,7 @@ fn the_sandboxs_helpers_run_jailed_as_its_own_uid_in_its_cgroup() {
 
 #[test]
 fn a_cold_start_logs_its_timeline_step_by_step() {
-    use ironclad_shim::timeline::{parse_line, Step};
+    use ironclad_shim::timeline::{find_task_line, Step};
     let Some(containerd) = start_containerd() else { return };
     let output = run(&containerd, &[], BUSYBOX_IMAGE, "timeline1", &["echo", "hi"], None);
     assert_eq!(stdout_of(&containerd, &output), "hi\n");
@@ -349,8 +349,7 @@ fn a_cold_start_logs_its_timeline_step_by_step() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let marks = loop {
         let text = std::fs::read_to_string(&log).unwrap();
-        let found = text.lines().filter(|l| l.contains("id=\"timeline1\"")).find_map(parse_line);
-        if let Some(marks) = found {
+        if let Some(marks) = find_task_line(&text, "timeline1") {
             break marks;
         }
         assert!(Instant::now() < deadline, "no start timeline for timeline1 in {}", log.display());
