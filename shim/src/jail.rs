@@ -27,6 +27,8 @@ const UID_LOCK_DIR: &str = "/run/ironclad/jail-uids";
 /// Each jail's root is a tmpfs mounted here inside its own mount namespace; on the host it stays an
 /// empty directory.
 const JAIL_ROOT_MOUNT_POINT: &str = "/run/ironclad/jail-root";
+/// Taken by whoever makes a sandbox's cgroup or removes the empty parents of one: host-wide.
+const HIERARCHY_LOCK: &str = "/run/ironclad/cgroups.lock";
 /// The cgroup's path, recorded in the task directory for clean-up after a crash.
 const CGROUP_FILE: &str = "cgroup";
 /// Where the cgroup hierarchies are mounted (one unified, or one per v1 controller).
@@ -264,28 +266,26 @@ impl Jail {
     fn admit_to_cgroup(&self, helper: &str, child: &Child) -> Result<(), Error> {
         let Some(cgroup) = &self.cgroup else { return Ok(()) };
         let pid = child.id().unwrap_or_default();
-        let failed = |source: Box<dyn std::error::Error + Send + Sync>| Error::Admit {
-            helper: helper.to_string(),
-            pid,
-            source,
-        };
-        let raw = i32::try_from(pid).map_err(|err| failed(err.into()))?;
-        cgroup.manager.add_task(nix::unistd::Pid::from_raw(raw)).map_err(|err| failed(err.into()))?;
-        let memory = oci_spec::runtime::LinuxMemoryBuilder::default()
-            .limit(cgroup.limit_bytes)
-            .build()
-            .map_err(|err| failed(err.into()))?;
-        let resources = oci_spec::runtime::LinuxResourcesBuilder::default()
-            .memory(memory)
-            .build()
-            .map_err(|err| failed(err.into()))?;
+        cgroup.add(pid).map_err(|source| Error::Admit { helper: helper.to_string(), pid, source })
+    }
+}
+
+impl SandboxCgroup {
+    /// Puts `pid` into the cgroup, made on first use, and sets its memory limit.
+    fn add(&self, pid: u32) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let raw = i32::try_from(pid)?;
+        let hierarchy = lock_hierarchy()?;
+        self.manager.add_task(nix::unistd::Pid::from_raw(raw))?;
+        drop(hierarchy);
+        let memory = oci_spec::runtime::LinuxMemoryBuilder::default().limit(self.limit_bytes).build()?;
+        let resources = oci_spec::runtime::LinuxResourcesBuilder::default().memory(memory).build()?;
         let options = ControllerOpt {
             resources: &resources,
             freezer_state: None,
             oom_score_adj: None,
             disable_oom_killer: false,
         };
-        cgroup.manager.apply(&options).map_err(|err| failed(err.into()))
+        Ok(self.manager.apply(&options)?)
     }
 }
 
@@ -342,6 +342,12 @@ fn empty_cgroup(manager: &AnyCgroupManager) {
 /// that still has children, which is left as it is).
 fn remove_empty_parents(path: &Path) {
     let Ok(relative) = path.strip_prefix("/") else { return };
+    let _hierarchy = match lock_hierarchy() {
+        Ok(lock) => lock,
+        Err(err) => {
+            return warn!("cannot lock {HIERARCHY_LOCK} to remove the sandbox's empty parent cgroups: {err}")
+        }
+    };
     let mut roots = vec![PathBuf::from(CGROUP_ROOT)];
     roots.extend(std::fs::read_dir(CGROUP_ROOT).into_iter().flatten().flatten().map(|entry| entry.path()));
     for root in roots {
@@ -349,6 +355,18 @@ fn remove_empty_parents(path: &Path) {
             let _ = std::fs::remove_dir(root.join(parent));
         }
     }
+}
+
+/// Serialises making a sandbox's cgroup with removing another's empty parents: libcgroups checks
+/// for each level before it makes it, so two sandboxes starting at once, or a parent removed in
+/// between, failed the start (EEXIST, ENOENT). Held for the few syscalls either takes.
+fn lock_hierarchy() -> std::io::Result<Flock<std::fs::File>> {
+    let path = Path::new(HIERARCHY_LOCK);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
+    Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| errno.into())
 }
 
 fn cgroup_manager(path: &Path) -> Result<AnyCgroupManager, Error> {
@@ -472,5 +490,37 @@ mod tests {
         for uid in first..first + 3 {
             let _ = std::fs::remove_file(Path::new(UID_LOCK_DIR).join(uid.to_string()));
         }
+    }
+
+    /// Sandboxes of one namespace starting and ending at once: each start makes the namespace's
+    /// cgroup if it is missing, each end removes it if it is empty. Unserialised, a start failed
+    /// with EEXIST or ENOENT (seen in the nested tier: two `ctr run`s at once).
+    #[test]
+    fn sandboxes_starting_and_ending_at_once_all_get_their_cgroup() {
+        let namespace = format!("cgroup-race-{}", std::process::id());
+        let config = ShimConfig::default();
+        std::thread::scope(|scope| {
+            for worker in 0..4 {
+                let (namespace, config) = (&namespace, &config);
+                scope.spawn(move || {
+                    for round in 0..15 {
+                        let task_dir = tempfile::Builder::new()
+                            .prefix(&format!("w{worker}r{round}-"))
+                            .tempdir()
+                            .unwrap();
+                        let cgroup = SandboxCgroup::plan(config, namespace, task_dir.path(), 64).unwrap();
+                        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+                        let added = cgroup.add(child.id());
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        remove_cgroup(task_dir.path());
+                        added.unwrap_or_else(|err| panic!("worker {worker}, round {round}: {err}"));
+                    }
+                });
+            }
+        });
+        let left = Path::new(CGROUP_ROOT).join("memory").join(CGROUP_PARENT).join(&namespace);
+        let unified = Path::new(CGROUP_ROOT).join(CGROUP_PARENT).join(&namespace);
+        assert!(!left.exists() && !unified.exists(), "the namespace's cgroup outlived its sandboxes");
     }
 }
