@@ -18,7 +18,7 @@ use ironclad_protocol::agent::{
 };
 use ironclad_protocol::{agent_ttrpc, API_VERSION};
 use libcontainer::error::LibcontainerError;
-use tokio::sync::mpsc;
+use tokio::sync::watch;
 use tracing::{info, warn};
 use ttrpc::r#async::{Server, TtrpcContext};
 
@@ -65,7 +65,8 @@ impl agent_ttrpc::Health for HealthService {
 }
 
 struct AgentService {
-    destroy: mpsc::Sender<()>,
+    /// Turns true when DestroySandbox is called: the server stops, and long polls end at once.
+    destroyed: watch::Sender<bool>,
     containers: Arc<Containers>,
     /// PID 1 of a guest: only then may sandbox-wide settings change the machine.
     in_guest: bool,
@@ -235,8 +236,8 @@ impl agent_ttrpc::Agent for AgentService {
         _req: DestroySandboxRequest,
     ) -> ttrpc::Result<Empty> {
         info!("sandbox destroy requested");
-        // A full channel means a destroy is already under way, which is what the caller wants.
-        let _ = self.destroy.try_send(());
+        // A second call finds it true already, which is what that caller wants.
+        self.destroyed.send_replace(true);
         Ok(Empty::new())
     }
 
@@ -304,7 +305,8 @@ impl agent_ttrpc::Agent for AgentService {
     }
 
     async fn wait_process(&self, _ctx: &TtrpcContext, req: ProcessRef) -> ttrpc::Result<WaitProcessResponse> {
-        let code = self.containers.wait(&req.container_id, &req.exec_id).await.map_err(status)?;
+        let waited = self.containers.wait(&req.container_id, &req.exec_id);
+        let code = self.unless_destroyed(async { waited.await.map_err(status) }).await?;
         let mut resp = WaitProcessResponse::new();
         resp.exit_status = code;
         Ok(resp)
@@ -315,7 +317,7 @@ impl agent_ttrpc::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: ReadStreamRequest,
     ) -> ttrpc::Result<ReadStreamResponse> {
-        self.read_stream(req, false).await
+        self.unless_destroyed(self.read_stream(req, false)).await
     }
 
     async fn read_stderr(
@@ -323,7 +325,7 @@ impl agent_ttrpc::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: ReadStreamRequest,
     ) -> ttrpc::Result<ReadStreamResponse> {
-        self.read_stream(req, true).await
+        self.unless_destroyed(self.read_stream(req, true)).await
     }
 
     async fn write_stdin(
@@ -458,9 +460,10 @@ impl agent_ttrpc::Agent for AgentService {
     }
 
     async fn get_oom_event(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<OomEvent> {
-        let id = self.containers.next_oom_event().await.ok_or_else(|| {
-            ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::UNAVAILABLE, "the agent is shutting down"))
-        })?;
+        let next = async {
+            self.containers.next_oom_event().await.ok_or_else(|| shutting_down("the agent is shutting down"))
+        };
+        let id = self.unless_destroyed(next).await?;
         let mut event = OomEvent::new();
         event.container_id = id;
         Ok(event)
@@ -478,7 +481,25 @@ impl agent_ttrpc::Agent for AgentService {
     }
 }
 
+fn shutting_down(why: &str) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::UNAVAILABLE, why))
+}
+
 impl AgentService {
+    /// Ends a long poll (a wait, an output read, the next OOM event) when the sandbox is destroyed:
+    /// none ends by itself, and the server's shutdown waits for every call in flight, so one left
+    /// open held the VM's end back by the whole shutdown grace.
+    async fn unless_destroyed<T>(
+        &self,
+        call: impl std::future::Future<Output = ttrpc::Result<T>>,
+    ) -> ttrpc::Result<T> {
+        let mut destroyed = self.destroyed.subscribe();
+        tokio::select! {
+            result = call => result,
+            _ = destroyed.wait_for(|destroyed| *destroyed) => Err(shutting_down("the sandbox is being destroyed")),
+        }
+    }
+
     async fn read_stream(&self, req: ReadStreamRequest, stderr: bool) -> ttrpc::Result<ReadStreamResponse> {
         let (id, exec_id) = process_of(&req.process);
         let max = usize::try_from(req.max_bytes).unwrap_or(container::CHUNK_SIZE);
@@ -501,10 +522,10 @@ pub async fn serve(
     in_guest: bool,
     network_allowed: bool,
 ) -> Result<(), Error> {
-    let (destroy_tx, mut destroy_rx) = mpsc::channel(1);
+    let (destroyed, mut destroy_requested) = watch::channel(false);
     let health: Arc<dyn agent_ttrpc::Health + Send + Sync> = Arc::new(HealthService);
     let agent: Arc<dyn agent_ttrpc::Agent + Send + Sync> =
-        Arc::new(AgentService { destroy: destroy_tx, containers, in_guest, network_allowed });
+        Arc::new(AgentService { destroyed, containers, in_guest, network_allowed });
     let mut server = Server::new()
         .bind(address)
         .map_err(|source| Error::Listen { address: address.to_string(), source })?
@@ -514,14 +535,16 @@ pub async fn serve(
     let init_ms = crate::clock::agent_start_ms();
     println!("{}", ironclad_protocol::ready_line(AGENT_VERSION, uptime_ms(), init_ms));
     info!("serving the agent API on {address}");
-    destroy_rx.recv().await;
+    // An error means the service, and with it the sender, is gone: nothing is left to serve.
+    let _ = destroy_requested.wait_for(|destroyed| *destroyed).await;
     // The shutdown drops handlers that have not queued their answer yet, and the VM resets right
     // after it: DestroySandbox's own answer gets a head start.
     tokio::time::sleep(DESTROY_ANSWER_HEADSTART).await;
-    // Graceful: in-flight replies, the DestroySandbox answer among them, are written before we return.
-    // Bounded: long polls (GetOOMEvent, a read of a silent process's output) never finish by themselves.
+    // Graceful: in-flight replies, the DestroySandbox answer among them, are written before we return
+    // (long polls have ended with the destroy). Bounded: a call stuck in the guest does not hold
+    // the VM up.
     if tokio::time::timeout(SHUTDOWN_GRACE, server.shutdown()).await.is_err() {
-        info!("long-polling calls were still open after {SHUTDOWN_GRACE:?}; going down anyway");
+        info!("calls were still open after {SHUTDOWN_GRACE:?}; going down anyway");
     }
     info!("agent server stopped");
     Ok(())
