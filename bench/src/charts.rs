@@ -253,41 +253,68 @@ const PHASE_COLOURS: [RGBColor; 12] = [
 
 /// One ironclad cold start as a stacked bar: each phase's median, end to end.
 pub fn start_timeline(phases: &[crate::timeline::Phase], dir: &Path) -> Result<Vec<PathBuf>, Error> {
-    let total = phases.iter().map(|p| p.median_ms).sum::<f64>().max(1.0);
-    struct Draw<'a>(&'a [crate::timeline::Phase], f64);
-    impl Chart for Draw<'_> {
-        fn on<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Result<(), String> {
-            let (phases, total) = (self.0, self.1);
-            let caption = "Where an ironclad cold start goes, median per phase (ms)";
-            let mut chart = frame(area, caption, 0f64..total * 1.02, 0f64..1.0)?;
+    let bars: Vec<(String, f64)> = phases.iter().map(|p| (p.name.to_string(), p.median_ms)).collect();
+    let chart = StackedBar {
+        caption: "Where an ironclad cold start goes, median per phase (ms)",
+        axis: "milliseconds from `ctr run`",
+        unit: "ms",
+        decimals: 0,
+        bars: &bars,
+    };
+    both_formats(dir, "start-timeline", &chart)
+}
+
+pub fn idle_memory(parts: &[(crate::memory::Part, f64)], dir: &Path) -> Result<Vec<PathBuf>, Error> {
+    let bars: Vec<(String, f64)> = parts.iter().map(|(part, mib)| (part.label().to_string(), *mib)).collect();
+    let chart = StackedBar {
+        caption: "Where an idle ironclad sandbox's host memory goes (PSS, MiB)",
+        axis: "MiB",
+        unit: "MiB",
+        decimals: 1,
+        bars: &bars,
+    };
+    both_formats(dir, "idle-memory", &chart)
+}
+
+/// One horizontal bar cut into labelled pieces, one after the other.
+struct StackedBar<'a> {
+    caption: &'a str,
+    axis: &'a str,
+    unit: &'a str,
+    decimals: usize,
+    bars: &'a [(String, f64)],
+}
+
+impl Chart for StackedBar<'_> {
+    fn on<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Result<(), String> {
+        let total = self.bars.iter().map(|(_, v)| v).sum::<f64>().max(1.0);
+        let mut chart = frame(area, self.caption, 0f64..total * 1.02, 0f64..1.0)?;
+        chart
+            .configure_mesh()
+            .disable_y_mesh()
+            .y_labels(0)
+            .x_desc(self.axis)
+            .draw()
+            .map_err(|e| e.to_string())?;
+        let mut from = 0.0;
+        for ((name, value), colour) in self.bars.iter().zip(PHASE_COLOURS.iter().cycle()) {
+            let to = from + value;
+            let bar = Rectangle::new([(from, 0.82), (to, 0.97)], colour.filled());
+            let label = format!("{name} ({value:.prec$} {})", self.unit, prec = self.decimals);
+            let colour = *colour;
             chart
-                .configure_mesh()
-                .disable_y_mesh()
-                .y_labels(0)
-                .x_desc("milliseconds from `ctr run`")
-                .draw()
-                .map_err(|e| e.to_string())?;
-            let mut from = 0.0;
-            for (phase, colour) in phases.iter().zip(PHASE_COLOURS.iter().cycle()) {
-                let to = from + phase.median_ms;
-                let bar = Rectangle::new([(from, 0.82), (to, 0.97)], colour.filled());
-                let label = format!("{} ({:.0} ms)", phase.name, phase.median_ms);
-                let colour = *colour;
-                chart
-                    .draw_series(std::iter::once(bar))
-                    .map_err(|e| e.to_string())?
-                    .label(label)
-                    .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], colour.filled()));
-                from = to;
-            }
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::LowerLeft)
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()
-                .map_err(|e| e.to_string())
+                .draw_series(std::iter::once(bar))
+                .map_err(|e| e.to_string())?
+                .label(label)
+                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], colour.filled()));
+            from = to;
         }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| e.to_string())
     }
-    both_formats(dir, "start-timeline", &Draw(phases, total))
 }

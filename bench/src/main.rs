@@ -5,6 +5,7 @@ mod agent;
 mod boot;
 mod charts;
 mod machine;
+mod memory;
 mod pods;
 mod report;
 mod runtimes;
@@ -219,6 +220,9 @@ fn run_runtimes(
     }
     if !results.timeline.is_empty() {
         drawn.extend(charts::start_timeline(&results.timeline, &outputs.charts)?);
+    }
+    if !results.idle_memory.is_empty() {
+        drawn.extend(charts::idle_memory(&results.idle_memory, &outputs.charts)?);
     }
     let report_dir = outputs.report.parent().map(Path::to_path_buf).unwrap_or_default();
     let markdown = report::runtimes_markdown(&machine, &results, &drawn, &report_dir);

@@ -213,6 +213,7 @@ pub fn runtimes_markdown(
     );
     figures_table(&mut md, &results.figures);
     start_timeline_table(&mut md, results);
+    idle_memory_table(&mut md, results);
     if !results.density.is_empty() {
         let _ = writeln!(md, "Density: N idle sandboxes (`sleep`) started at once with `ctr run -d`.\n");
         let _ = writeln!(
@@ -269,6 +270,27 @@ fn start_timeline_table(md: &mut String, results: &crate::runtimes::Results) {
         let _ = writeln!(md, "| {} | {:.0} | {:.0} % |", phase.name, phase.median_ms, share);
     }
     let _ = writeln!(md, "| all phases | {sum:.0} | |\n");
+}
+
+/// Where an idle ironclad sandbox's host memory goes, part by part (bench/src/memory.rs).
+fn idle_memory_table(md: &mut String, results: &crate::runtimes::Results) {
+    if results.idle_memory.is_empty() {
+        return;
+    }
+    let sum: f64 = results.idle_memory.iter().map(|(_, mib)| mib).sum();
+    let _ = writeln!(
+        md,
+        "Where an idle ironclad sandbox's host memory goes: the PSS of every mapping of its processes (shim, \
+         jailers, monitor, helpers), from /proc/PID/smaps, one idle sandbox read once. Guest memory is the \
+         memfd the monitor and the vhost-user helpers share, counted once.\n"
+    );
+    let _ = writeln!(md, "| part | PSS (MiB) | share |");
+    let _ = writeln!(md, "|---|---|---|");
+    for (part, mib) in &results.idle_memory {
+        let share = if sum > 0.0 { 100.0 * mib / sum } else { 0.0 };
+        let _ = writeln!(md, "| {} | {mib:.1} | {share:.0} % |", part.label());
+    }
+    let _ = writeln!(md, "| all parts | {sum:.1} | |\n");
 }
 
 /// The nested comparison: ironclad-vmm against QEMU on the same KVM, ironclad against runc through

@@ -117,6 +117,8 @@ pub struct Results {
     pub timeline: Vec<timeline::Phase>,
     /// How many cold starts the timeline is of.
     pub timeline_runs: usize,
+    /// Where an idle ironclad sandbox's PSS goes (MiB per part, largest first).
+    pub idle_memory: Vec<(crate::memory::Part, f64)>,
 }
 
 /// The CPU-bound job: a fixed amount of hashing.
@@ -451,11 +453,13 @@ fn measure_figures(bench: &mut Bench<'_>, settings: &Settings) -> Result<Results
             density_skipped: Vec::new(),
             timeline,
             timeline_runs,
+            idle_memory: Vec::new(),
         });
     }
 
     let mut idle = BTreeMap::new();
     let mut pss = BTreeMap::<Runtime, Vec<f64>>::new();
+    let mut idle_memory = Vec::new();
     for runtime in RUNTIMES {
         bench.check_stop()?;
         bench.step(format!("idle sandbox ({})", runtime.name()));
@@ -463,6 +467,9 @@ fn measure_figures(bench: &mut Bench<'_>, settings: &Settings) -> Result<Results
         // Let the guest settle before its memory is read.
         std::thread::sleep(Duration::from_secs(1));
         pss.entry(runtime).or_default().push(pss_mib_of_tasks(bench.containerd, std::slice::from_ref(&id)));
+        if runtime == Runtime::Ironclad {
+            idle_memory = crate::memory::breakdown(&task_processes(bench.containerd, &id));
+        }
         idle.insert(runtime, id);
     }
     let jobs: [(&'static str, &str); 5] = [
@@ -547,6 +554,7 @@ fn measure_figures(bench: &mut Bench<'_>, settings: &Settings) -> Result<Results
         density_skipped,
         timeline,
         timeline_runs,
+        idle_memory,
     })
 }
 

@@ -1,0 +1,229 @@
+//! Where an idle sandbox's host memory goes: every mapping of every process of the sandbox, from
+//! /proc/PID/smaps, its PSS put under the part of the sandbox it belongs to. PSS divides a page
+//! shared by several processes among them, so the guest's memory mapped by the monitor and by the
+//! vhost-user helpers is counted once, and the parts add up to the sandbox's PSS.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+/// A part of a sandbox's host memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum Part {
+    /// The guest's RAM as far as it has touched it (a memfd, mapped by the monitor and its
+    /// vhost-user helpers).
+    GuestMemory,
+    /// QEMU TCG's translated code: the monitor's anonymous executable mapping.
+    CodeBuffer,
+    /// The monitor's other anonymous memory: heap, stacks, device state.
+    MonitorHeap,
+    /// The monitor's binary and shared libraries, as far as they are resident.
+    MonitorFiles,
+    /// vhost-device-vsock and virtiofsd, less the guest memory they map.
+    Helpers,
+    /// The ironclad-jailer supervisors, one per helper.
+    Jailers,
+    Shim,
+    /// Anything else of the sandbox (runc's container processes, for one).
+    Other,
+}
+
+impl Part {
+    pub fn label(self) -> &'static str {
+        match self {
+            Part::GuestMemory => "guest memory touched",
+            Part::CodeBuffer => "emulator's translated code",
+            Part::MonitorHeap => "monitor's heap and stacks",
+            Part::MonitorFiles => "monitor's binary and libraries",
+            Part::Helpers => "vsock and file-server helpers",
+            Part::Jailers => "jailer supervisors",
+            Part::Shim => "shim",
+            Part::Other => "other",
+        }
+    }
+}
+
+/// What a process of the sandbox is, from its program's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcessKind {
+    Monitor,
+    Helper,
+    Jailer,
+    Shim,
+    Other,
+}
+
+impl ProcessKind {
+    /// From argv[0] (the command line's first word).
+    pub fn of_program(argv0: &str) -> ProcessKind {
+        let name = argv0.rsplit('/').next().unwrap_or(argv0);
+        match name {
+            n if n.starts_with("qemu-system") || n == "ironclad-vmm" => ProcessKind::Monitor,
+            "vhost-device-vsock" | "virtiofsd" => ProcessKind::Helper,
+            "ironclad-jailer" => ProcessKind::Jailer,
+            n if n.starts_with("containerd-shim") => ProcessKind::Shim,
+            _ => ProcessKind::Other,
+        }
+    }
+}
+
+/// One mapping of /proc/PID/smaps: its header's permissions and path (empty for anonymous memory)
+/// and its PSS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapping {
+    pub perms: String,
+    pub path: String,
+    pub pss_kib: u64,
+}
+
+/// The mappings of one smaps text. A header line is `start-end perms offset dev inode [path]`; the
+/// lines after it are `Field: value [kB]` until the next header.
+pub fn parse_smaps(text: &str) -> Vec<Mapping> {
+    let mut mappings: Vec<Mapping> = Vec::new();
+    for line in text.lines() {
+        if let Some(mapping) = header(line) {
+            mappings.push(mapping);
+        } else if let (Some(last), Some(value)) = (mappings.last_mut(), line.strip_prefix("Pss:")) {
+            last.pss_kib = value.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        }
+    }
+    mappings
+}
+
+fn header(line: &str) -> Option<Mapping> {
+    let mut fields = line.split_whitespace();
+    let range = fields.next()?;
+    let (start, end) = range.split_once('-')?;
+    let hex = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if !hex(start) || !hex(end) {
+        return None;
+    }
+    let perms = fields.next()?.to_string();
+    // offset, device and inode come next; the path is the rest (" (deleted)" included).
+    Some(Mapping { perms, path: after_fields(line, 5).to_string(), pss_kib: 0 })
+}
+
+/// What follows the first `n` whitespace-separated fields of `line`, trimmed.
+fn after_fields(line: &str, n: usize) -> &str {
+    let mut rest = line;
+    for _ in 0..n {
+        rest = rest.trim_start();
+        rest = &rest[rest.find(char::is_whitespace).unwrap_or(rest.len())..];
+    }
+    rest.trim()
+}
+
+/// The part a mapping of a process of `kind` belongs to.
+pub fn part_of(kind: ProcessKind, mapping: &Mapping) -> Part {
+    let anonymous = mapping.path.is_empty() || mapping.path.starts_with('[');
+    if mapping.path.starts_with("/memfd:") {
+        // QEMU names its split-W^X code buffer's memfd "tcg-jit"; everything else shared through
+        // a memfd is the guest's RAM.
+        return if mapping.path.contains("tcg-jit") { Part::CodeBuffer } else { Part::GuestMemory };
+    }
+    match kind {
+        ProcessKind::Monitor if anonymous && mapping.perms.contains('x') => Part::CodeBuffer,
+        ProcessKind::Monitor if anonymous => Part::MonitorHeap,
+        ProcessKind::Monitor => Part::MonitorFiles,
+        ProcessKind::Helper => Part::Helpers,
+        ProcessKind::Jailer => Part::Jailers,
+        ProcessKind::Shim => Part::Shim,
+        ProcessKind::Other => Part::Other,
+    }
+}
+
+/// The PSS of each part over the processes `pids`, in MiB, largest first; parts with nothing are
+/// left out.
+pub fn breakdown(pids: &[i32]) -> Vec<(Part, f64)> {
+    let mut kib = BTreeMap::<Part, u64>::new();
+    for &pid in pids {
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let argv0 =
+            String::from_utf8_lossy(cmdline.split(|&b| b == 0).next().unwrap_or_default()).into_owned();
+        let kind = ProcessKind::of_program(&argv0);
+        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+        for mapping in parse_smaps(&smaps) {
+            *kib.entry(part_of(kind, &mapping)).or_default() += mapping.pss_kib;
+        }
+    }
+    let mut parts: Vec<(Part, f64)> =
+        kib.into_iter().filter(|(_, k)| *k > 0).map(|(part, k)| (part, k as f64 / 1024.0)).collect();
+    parts.sort_by(|a, b| b.1.total_cmp(&a.1));
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMAPS: &str = "\
+55d0c0a00000-55d0c1200000 r-xp 00200000 fd:01 1234                       /usr/bin/qemu-system-x86_64
+Size:               8192 kB
+Rss:                4096 kB
+Pss:                4000 kB
+VmFlags: rd ex mr mw me dw
+7f0000000000-7f0010000000 rw-s 00000000 00:01 77                         /memfd:mem (deleted)
+Size:             262144 kB
+Pss:               30000 kB
+7f1000000000-7f1010000000 rwxp 00000000 00:00 0 
+Size:             262144 kB
+Pss:               12000 kB
+7f2000000000-7f2000100000 rw-p 00000000 00:00 0                          [heap]
+Pss:                 900 kB
+7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0                          [stack]
+Pss:                  36 kB
+";
+
+    #[test]
+    fn smaps_mappings_keep_their_path_permissions_and_pss() {
+        let mappings = parse_smaps(SMAPS);
+        assert_eq!(mappings.len(), 5);
+        assert_eq!(mappings[0].path, "/usr/bin/qemu-system-x86_64");
+        assert_eq!(mappings[0].pss_kib, 4000);
+        assert_eq!(mappings[1].path, "/memfd:mem (deleted)");
+        assert_eq!(mappings[2], Mapping { perms: "rwxp".into(), path: String::new(), pss_kib: 12000 });
+        assert_eq!(mappings[3].path, "[heap]");
+        // Field lines are not headers, even those that start with hex-like words.
+        assert!(parse_smaps("Size: 4 kB\nPss: 4 kB\n").is_empty());
+    }
+
+    #[test]
+    fn a_monitors_mappings_fall_into_guest_memory_code_buffer_heap_and_files() {
+        let parts: Vec<Part> = parse_smaps(SMAPS).iter().map(|m| part_of(ProcessKind::Monitor, m)).collect();
+        assert_eq!(
+            parts,
+            [Part::MonitorFiles, Part::GuestMemory, Part::CodeBuffer, Part::MonitorHeap, Part::MonitorHeap]
+        );
+        // A helper's view of the same guest memory is guest memory too; its own heap is its own.
+        let helper: Vec<Part> = parse_smaps(SMAPS).iter().map(|m| part_of(ProcessKind::Helper, m)).collect();
+        assert_eq!(helper[1], Part::GuestMemory);
+        assert_eq!(helper[3], Part::Helpers);
+    }
+
+    #[test]
+    fn processes_are_told_apart_by_their_program() {
+        assert_eq!(ProcessKind::of_program("/usr/bin/qemu-system-x86_64"), ProcessKind::Monitor);
+        assert_eq!(ProcessKind::of_program("/usr/local/bin/ironclad-vmm"), ProcessKind::Monitor);
+        assert_eq!(ProcessKind::of_program("/root/.cargo/bin/virtiofsd"), ProcessKind::Helper);
+        assert_eq!(ProcessKind::of_program("ironclad-jailer"), ProcessKind::Jailer);
+        assert_eq!(ProcessKind::of_program("/usr/local/bin/containerd-shim-ironclad-v2"), ProcessKind::Shim);
+        assert_eq!(ProcessKind::of_program("sleep"), ProcessKind::Other);
+    }
+
+    #[test]
+    fn this_process_breaks_down_into_parts_that_add_up_to_its_pss() {
+        let me = i32::try_from(std::process::id()).unwrap();
+        let parts = breakdown(&[me]);
+        let total: f64 = parts.iter().map(|(_, mib)| mib).sum();
+        let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap();
+        let pss_kib: f64 = rollup
+            .lines()
+            .find_map(|l| l.strip_prefix("Pss:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        // The two reads are moments apart; a test process's memory moves a little in between.
+        assert!((total * 1024.0 - pss_kib).abs() < pss_kib * 0.1 + 512.0, "{total} MiB vs {pss_kib} KiB");
+        assert!(parts.iter().all(|(part, _)| *part == Part::Other), "{parts:?}");
+    }
+}
