@@ -30,7 +30,7 @@ pub enum Error {
 /// `ironclad-jailer [options] -- PROGRAM [ARGS...]`. Started as root by the shim, with the
 /// helper's network namespace already entered; it reads its standard input to its end and starts
 /// only on `go` (the shim first puts it into the sandbox's cgroup).
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, PartialEq, Eq, Parser)]
 #[command(name = "ironclad-jailer", version, about)]
 pub struct Args {
     /// The helper's user id (0 only for a helper that must act as the owners of the files it serves).
@@ -61,14 +61,54 @@ pub struct Args {
     /// the bounding set.
     #[arg(long = "keep-cap")]
     pub keep_cap: Vec<String>,
-    #[arg(long = "rlimit-nofile", default_value_t = 4096)]
+    #[arg(long = "rlimit-nofile", default_value_t = DEFAULT_NOFILE)]
     pub rlimit_nofile: u64,
     /// Processes and threads of the helper's uid (not applied to uid 0, which the host shares).
-    #[arg(long = "rlimit-nproc", default_value_t = 1024)]
+    #[arg(long = "rlimit-nproc", default_value_t = DEFAULT_NPROC)]
     pub rlimit_nproc: u64,
     /// The helper and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<OsString>,
+}
+
+pub const DEFAULT_NOFILE: u64 = 4096;
+pub const DEFAULT_NPROC: u64 = 1024;
+
+impl Args {
+    /// The command line that parses back into these arguments: how the shim starts a jailer.
+    pub fn to_command_line(&self) -> Vec<OsString> {
+        let mut line: Vec<OsString> = vec![
+            "--uid".into(),
+            self.uid.to_string().into(),
+            "--gid".into(),
+            self.gid.to_string().into(),
+            "--root".into(),
+            self.root.clone().into(),
+        ];
+        if let Some(lock) = &self.uid_lock {
+            line.extend(["--uid-lock".into(), lock.clone().into()]);
+        }
+        for path in &self.bind_ro {
+            line.extend(["--bind-ro".into(), path.clone().into()]);
+        }
+        for path in &self.bind_rw {
+            line.extend(["--bind-rw".into(), path.clone().into()]);
+        }
+        line.extend(self.kvm.then(|| "--kvm".into()));
+        line.extend(self.tun.then(|| "--tun".into()));
+        for cap in &self.keep_cap {
+            line.extend(["--keep-cap".into(), cap.into()]);
+        }
+        line.extend([
+            "--rlimit-nofile".into(),
+            self.rlimit_nofile.to_string().into(),
+            "--rlimit-nproc".into(),
+            self.rlimit_nproc.to_string().into(),
+            "--".into(),
+        ]);
+        line.extend(self.command.iter().cloned());
+        line
+    }
 }
 
 /// A host path seen at the same path inside the jail.
@@ -222,6 +262,34 @@ mod tests {
 
     fn usr() -> Vec<Bind> {
         vec![Bind { path: "/usr".into(), writable: false }]
+    }
+
+    #[test]
+    fn a_command_line_written_for_a_jail_parses_back_into_it() {
+        let written = Args {
+            uid: 0,
+            gid: 0,
+            root: "/run/ironclad/jail-root".into(),
+            uid_lock: Some("/run/ironclad/jail-uids/900001".into()),
+            bind_ro: vec!["/k/bzImage".into(), "/k/initrd.img".into()],
+            bind_rw: vec!["/run/s/vm".into()],
+            kvm: true,
+            tun: true,
+            keep_cap: vec!["CAP_CHOWN".into(), "CAP_SETPCAP".into()],
+            rlimit_nofile: 65_536,
+            rlimit_nproc: 7,
+            command: vec!["/usr/bin/virtiofsd".into(), "--tag".into(), "--kvm".into()],
+        };
+        let line = written.to_command_line();
+        let parsed =
+            Args::try_parse_from(std::iter::once(OsString::from("ironclad-jailer")).chain(line)).unwrap();
+        assert_eq!(parsed, written);
+        let bare = Args { uid_lock: None, kvm: false, tun: false, keep_cap: Vec::new(), ..written };
+        let parsed = Args::try_parse_from(
+            std::iter::once(OsString::from("ironclad-jailer")).chain(bare.to_command_line()),
+        )
+        .unwrap();
+        assert_eq!(parsed, bare);
     }
 
     #[test]

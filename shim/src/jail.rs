@@ -55,7 +55,7 @@ const FILE_SERVER_CAPS: &[&str] = &[
     "CAP_SETPCAP",
 ];
 /// Open files: enough for a monitor's devices and a daemon's connections.
-const HELPER_NOFILE: u64 = 4096;
+const HELPER_NOFILE: u64 = ironclad_jailer::spec::DEFAULT_NOFILE;
 /// virtiofsd keeps a descriptor per inode the guest looked up.
 const FILE_SERVER_NOFILE: u64 = 65_536;
 
@@ -219,33 +219,26 @@ impl Jail {
 
     fn jailer_args(&self, program: &Path, args: &[OsString], confinement: &Confinement) -> Vec<OsString> {
         let id = if confinement.file_server { 0 } else { self.uid };
-        let mut line: Vec<OsString> = vec![
-            "--uid".into(),
-            id.to_string().into(),
-            "--gid".into(),
-            id.to_string().into(),
-            "--root".into(),
-            JAIL_ROOT_MOUNT_POINT.into(),
-            "--uid-lock".into(),
-            self.lock_path.clone().into(),
-        ];
-        for path in &confinement.read_only {
-            line.extend(["--bind-ro".into(), path.clone().into()]);
+        let keep_cap = if confinement.file_server {
+            FILE_SERVER_CAPS.iter().map(|cap| (*cap).to_string()).collect()
+        } else {
+            Vec::new()
+        };
+        ironclad_jailer::Args {
+            uid: id,
+            gid: id,
+            root: JAIL_ROOT_MOUNT_POINT.into(),
+            uid_lock: Some(self.lock_path.clone()),
+            bind_ro: confinement.read_only.clone(),
+            bind_rw: confinement.writable.clone(),
+            kvm: confinement.kvm,
+            tun: confinement.tun,
+            keep_cap,
+            rlimit_nofile: if confinement.file_server { file_server_nofile() } else { HELPER_NOFILE },
+            rlimit_nproc: ironclad_jailer::spec::DEFAULT_NPROC,
+            command: std::iter::once(program.as_os_str().to_owned()).chain(args.iter().cloned()).collect(),
         }
-        for path in &confinement.writable {
-            line.extend(["--bind-rw".into(), path.clone().into()]);
-        }
-        line.extend(confinement.kvm.then(|| "--kvm".into()));
-        line.extend(confinement.tun.then(|| "--tun".into()));
-        if confinement.file_server {
-            for cap in FILE_SERVER_CAPS {
-                line.extend(["--keep-cap".into(), (*cap).into()]);
-            }
-        }
-        let nofile = if confinement.file_server { file_server_nofile() } else { HELPER_NOFILE };
-        line.extend(["--rlimit-nofile".into(), nofile.to_string().into(), "--".into(), program.into()]);
-        line.extend(args.iter().cloned());
-        line
+        .to_command_line()
     }
 
     /// Puts a just-started jailer into the sandbox's cgroup, then lets it go on. A jailer that
@@ -442,7 +435,8 @@ mod tests {
         let line =
             strings(jail(900_007).jailer_args(Path::new("/usr/bin/qemu"), &["-m".into()], &confinement));
         let expected = "--uid 900007 --gid 900007 --root /run/ironclad/jail-root --uid-lock /l/900000 \
-                        --bind-ro /k/bzImage --bind-rw /run/s/vm --kvm --rlimit-nofile 4096 -- /usr/bin/qemu -m";
+                        --bind-ro /k/bzImage --bind-rw /run/s/vm --kvm --rlimit-nofile 4096 --rlimit-nproc 1024 \
+                        -- /usr/bin/qemu -m";
         assert_eq!(line.join(" "), expected);
     }
 
