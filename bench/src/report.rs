@@ -214,6 +214,7 @@ pub fn runtimes_markdown(
     figures_table(&mut md, &results.figures);
     start_timeline_table(&mut md, results);
     idle_memory_table(&mut md, results);
+    goals(&mut md, results);
     if !results.density.is_empty() {
         let _ = writeln!(md, "Density: N idle sandboxes (`sleep`) started at once with `ctr run -d`.\n");
         let _ = writeln!(
@@ -270,6 +271,67 @@ fn start_timeline_table(md: &mut String, results: &crate::runtimes::Results) {
         let _ = writeln!(md, "| {} | {:.0} | {:.0} % |", phase.name, phase.median_ms, share);
     }
     let _ = writeln!(md, "| all phases | {sum:.0} | |\n");
+}
+
+/// Issue 14's goals for this machine, each against what this run measured, and for one missed the
+/// largest phases of the timeline or parts of the memory: where the rest of the time or memory is.
+fn goals(md: &mut String, results: &crate::runtimes::Results) {
+    use crate::runtimes::Runtime;
+    let p50 = |name: &str, runtime: Runtime| {
+        results
+            .figures
+            .iter()
+            .find(|f| f.name == name)
+            .and_then(|f| f.summaries.get(&runtime))
+            .map(|s| s.median)
+    };
+    let verdict = |value: f64, goal: f64| if value <= goal { "met" } else { "missed" };
+    let mut phases: Vec<&crate::timeline::Phase> = results.timeline.iter().collect();
+    phases.sort_by(|a, b| b.median_ms.total_cmp(&a.median_ms));
+    let slowest: Vec<String> =
+        phases.iter().take(3).map(|p| format!("{} ({:.0} ms)", p.name, p.median_ms)).collect();
+    let _ = writeln!(md, "Issue 14's goals on this machine, against this run:\n");
+    if let Some(cold) = p50("cold start", Runtime::Ironclad) {
+        let _ = writeln!(
+            md,
+            "- cold `ctr run --rm` p50 ≤ 0.9 s: {cold:.2} s, {}; the largest phases: {}.",
+            verdict(cold, 0.9),
+            slowest.join(", ")
+        );
+    }
+    if let Some(first) = p50("time to first output", Runtime::Ironclad) {
+        let _ = writeln!(md, "- first output p50 ≤ 0.6 s: {first:.2} s, {}.", verdict(first, 0.6));
+    }
+    if let Some(pss) = p50("host memory per idle sandbox", Runtime::Ironclad) {
+        let largest: Vec<String> = results
+            .idle_memory
+            .iter()
+            .take(3)
+            .map(|(part, mib)| format!("{} ({mib:.0} MiB)", part.label()))
+            .collect();
+        let _ = writeln!(
+            md,
+            "- PSS per idle sandbox ≤ 64 MiB: {pss:.0} MiB, {}; the largest parts: {}.",
+            verdict(pss, 64.0),
+            largest.join(", ")
+        );
+    }
+    match results.density.iter().filter(|p| p.runtime == Runtime::Ironclad).map(|p| p.sandboxes).max() {
+        Some(n) => {
+            let _ = writeln!(
+                md,
+                "- 25 sandboxes start and run: {n} at most in this run, {}.",
+                verdict(25.0, n as f64)
+            );
+        }
+        None => {
+            let _ = writeln!(md, "- 25 sandboxes start and run: not measured in this run.");
+        }
+    }
+    let _ = writeln!(
+        md,
+        "- warm `ctr run --rm` p50 ≤ 2× runc's: not measured; there is no pool of pre-booted VMs yet.\n"
+    );
 }
 
 /// Where an idle ironclad sandbox's host memory goes, part by part (bench/src/memory.rs).
