@@ -84,7 +84,7 @@ install: guest
 	install -D -m 0755 target/release/containerd-shim-ironclad-v2 $(PREFIX)/bin/containerd-shim-ironclad-v2
 	install -D -m 0755 target/release/ironclad-vmm $(PREFIX)/bin/ironclad-vmm
 	install -D -m 0755 target/release/ironclad-jailer $(PREFIX)/bin/ironclad-jailer
-	install -D -m 0644 $(GUEST_DIR)/bzImage $(PREFIX)/share/ironclad/bzImage
+	install -D -m 0644 $(GUEST_DIR)/vmlinux $(PREFIX)/share/ironclad/vmlinux
 	install -D -m 0644 $(GUEST_DIR)/initrd.img $(PREFIX)/share/ironclad/initrd.img
 	@if [ -e $(CONFIG_DIR)/config.toml ]; then \
 		echo "keeping the existing $(CONFIG_DIR)/config.toml"; \
@@ -93,7 +93,7 @@ install: guest
 		sed 's|/usr/local/share/ironclad|$(PREFIX)/share/ironclad|' shim/config.toml > $(CONFIG_DIR)/config.toml; \
 		echo "wrote $(CONFIG_DIR)/config.toml"; \
 	fi
-	scripts/pin-guest.sh $(CONFIG_DIR)/config.toml $(PREFIX)/share/ironclad/bzImage $(PREFIX)/share/ironclad/initrd.img
+	scripts/pin-guest.sh $(CONFIG_DIR)/config.toml $(PREFIX)/share/ironclad/vmlinux $(PREFIX)/share/ironclad/initrd.img
 
 # Release builds; the short version (a few minutes here). Writes docs/benchmarks.md (one section per
 # benchmark), docs/benchmarks-vmm.json, docs/benchmarks-runtimes.json, docs/benchmarks-pods.json and
@@ -103,7 +103,7 @@ bench: prereqs guest
 	$(CARGO) build --release --locked -p ironclad-vmm -p ironclad-shim -p ironclad-jailer -p ironclad-agent -p ironclad-bench
 	target/release/ironclad-bench vmm --vmm target/release/ironclad-vmm
 	target/release/ironclad-bench agent --runs 100
-	target/release/ironclad-bench runtimes --runs 20 --density 1,10
+	target/release/ironclad-bench runtimes --runs 20 --density 1,10,25
 	target/release/ironclad-bench pods --runs 10
 
 # ironclad-vmm against QEMU on the same KVM, and ironclad against runc, inside the nested tier's L1:

@@ -127,7 +127,7 @@ struct ContainerdSetup {
 impl ContainerdSetup {
     fn artifacts(&self) -> ironclad_tests::containerd::Artifacts {
         ironclad_tests::containerd::Artifacts {
-            kernel: self.guest_dir.join("bzImage"),
+            kernel: self.guest_dir.join("vmlinux"),
             initrd: self.guest_dir.join("initrd.img"),
             shim_dir: self.shim_dir.clone().unwrap_or_else(binary_dir),
             hypervisor: self.hypervisor.clone(),
@@ -322,7 +322,7 @@ fn main() -> ExitCode {
             }
         }
         Benchmark::Nested { boot_runs, runs, guest_dir, shim_dir, report, json } => {
-            let (kernel, initrd) = (guest_dir.join("bzImage"), guest_dir.join("initrd.img"));
+            let (kernel, initrd) = (guest_dir.join("vmlinux"), guest_dir.join("initrd.img"));
             let settings = NestedSettings {
                 boot: boot::Settings {
                     kernel: kernel.clone(),

@@ -59,7 +59,7 @@ fn runtimes_benchmark_puts_ironclad_and_runc_side_by_side() {
         .root()
         .program("containerd")
         .program("runc")
-        .file(&guest.join("bzImage"), "make guest")
+        .file(&guest.join("vmlinux"), "make guest")
         .ready()
     {
         return;
@@ -115,7 +115,7 @@ fn pods_benchmark_puts_ironclad_and_runc_pods_side_by_side() {
         .program("runc")
         .program("ip")
         .file(std::path::Path::new("/usr/lib/cni/bridge"), "apt-get install containernetworking-plugins")
-        .file(&guest.join("bzImage"), "make guest")
+        .file(&guest.join("vmlinux"), "make guest")
         .ready()
     {
         return;

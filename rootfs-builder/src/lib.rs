@@ -1,16 +1,16 @@
-//! The guest initrd: a gzip-compressed newc cpio archive holding `ironclad-agent` as `/init` and the
-//! directory skeleton it mounts onto.
+//! The guest initrd: an uncompressed newc cpio archive holding `ironclad-agent` as `/init` and the
+//! directory skeleton it mounts onto. Uncompressed because the guest's gunzip of it ran under
+//! emulation on every cold start (150 ms of the kernel's boot under QEMU TCG, measured with the
+//! 12 MiB agent); the monitor copies the larger image in from the host's page cache.
 //!
-//! Reproducible by construction: entries are sorted by path, inode numbers follow that order, every
-//! entry is owned by root with mtime 0, and the gzip header carries no name and no timestamp. Same
-//! inputs, byte-identical output.
+//! Reproducible by construction: entries are sorted by path, inode numbers follow that order, and
+//! every entry is owned by root with mtime 0. Same inputs, byte-identical output.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use flate2::{Compression, GzBuilder};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -131,16 +131,14 @@ pub fn sha256_hex(data: &[u8]) -> String {
     Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Builds the gzip-compressed newc archive of `nodes`.
+/// Builds the newc archive of `nodes`.
 pub fn build_image(nodes: &BTreeMap<String, Node>) -> Result<Image, Error> {
-    let gzip = GzBuilder::new().mtime(0).write(Vec::new(), Compression::best());
-    let mut writer = gzip;
+    let mut writer = Vec::new();
     for (index, (path, node)) in nodes.iter().enumerate() {
         let ino = u32::try_from(index + 1).map_err(|_| Error::TooLarge { path: path.into(), size: index })?;
         writer = write_member(writer, path, node, ino)?;
     }
-    writer = cpio::newc::trailer(writer).map_err(Error::Write)?;
-    let bytes = writer.finish().map_err(Error::Write)?;
+    let bytes = cpio::newc::trailer(writer).map_err(Error::Write)?;
     let manifest = Manifest {
         sha256: sha256_hex(&bytes),
         size: bytes.len(),

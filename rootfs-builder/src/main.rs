@@ -7,7 +7,7 @@ use clap::Parser;
 use ironclad_rootfs_builder::{build_image, image_nodes, ImageSpec};
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Write the ironclad guest initrd (gzip newc cpio, reproducible)")]
+#[command(version, about = "Write the ironclad guest initrd (uncompressed newc cpio, reproducible)")]
 struct Args {
     /// The statically linked ironclad-agent, installed as /init.
     #[arg(long)]

@@ -16,10 +16,8 @@ fn fake_executable(dir: &Path, name: &str, contents: &[u8]) -> PathBuf {
 
 /// (name, mode, rdev major, data) of every member, read back with a real cpio reader.
 fn unpack(image: &[u8]) -> Vec<(String, u32, u32, Vec<u8>)> {
-    let mut raw = Vec::new();
-    flate2::read::GzDecoder::new(image).read_to_end(&mut raw).unwrap();
     let mut members = Vec::new();
-    let mut cursor: &[u8] = &raw;
+    let mut cursor: &[u8] = image;
     loop {
         let mut reader = cpio::NewcReader::new(cursor).unwrap();
         if reader.entry().is_trailer() {

@@ -115,7 +115,7 @@ impl Default for ShimConfig {
     fn default() -> Self {
         ShimConfig {
             hypervisor: HypervisorKind::Auto,
-            kernel: Path::new(DEFAULT_SHARE_DIR).join("bzImage"),
+            kernel: Path::new(DEFAULT_SHARE_DIR).join("vmlinux"),
             initrd: Path::new(DEFAULT_SHARE_DIR).join("initrd.img"),
             kernel_sha256: None,
             initrd_sha256: None,
@@ -329,7 +329,7 @@ mod tests {
         let config = parse("").unwrap();
         assert_eq!(config.vcpus, 1);
         assert_eq!(config.hypervisor, HypervisorKind::Auto);
-        assert_eq!(config.kernel, Path::new("/usr/local/share/ironclad/bzImage"));
+        assert_eq!(config.kernel, Path::new("/usr/local/share/ironclad/vmlinux"));
     }
 
     #[test]

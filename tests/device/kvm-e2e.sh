@@ -3,7 +3,7 @@
 # virtualization, check the agent's ready line and its health over hybrid vsock, print the timings.
 #
 # Runs in one call on a bare machine. It uses prebuilt artifacts when they are there (the device
-# tool carries them: target/release/ironclad-vmm, target/release/ironclad-boot, target/guest/bzImage,
+# tool carries them: target/release/ironclad-vmm, target/release/ironclad-boot, target/guest/vmlinux,
 # target/guest/initrd.img) and builds what is missing when cargo (and, for the kernel,
 # linux-source-6.12) is available.
 #
@@ -50,12 +50,12 @@ if [ "${#need_build[@]}" -gt 0 ]; then
         exit 2
     fi
 fi
-if [ ! -f target/guest/bzImage ] || [ ! -f target/guest/initrd.img ]; then
+if [ ! -f target/guest/vmlinux ] || [ ! -f target/guest/initrd.img ]; then
     if command -v cargo >/dev/null && [ -f /usr/src/linux-source-6.12.tar.xz ]; then
         echo "== building the guest"
         make guest || { echo "RESULT: FAIL (guest build)"; exit 1; }
     else
-        echo "RESULT: CANNOT RUN (no target/guest/bzImage + initrd.img, and nothing to build them with)"
+        echo "RESULT: CANNOT RUN (no target/guest/vmlinux + initrd.img, and nothing to build them with)"
         exit 2
     fi
 fi

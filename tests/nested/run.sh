@@ -35,7 +35,7 @@ kernel=$(ls "$NESTED_DIR"/current/boot/vmlinuz-* 2>/dev/null | head -1 || true)
 [ -n "$kernel" ] || missing+=("the L1 kernel under $NESTED_DIR/current (scripts/install-prereqs.sh)")
 [ -x "$NESTED_DIR/venv/bin/vng" ] || missing+=("virtme-ng in $NESTED_DIR/venv (scripts/install-prereqs.sh)")
 command -v depmod >/dev/null || [ -x /usr/sbin/depmod ] || missing+=("depmod (apt-get install kmod)")
-[ -f target/guest/bzImage ] && [ -f target/guest/initrd.img ] || missing+=("target/guest (make guest)")
+[ -f target/guest/vmlinux ] && [ -f target/guest/initrd.img ] || missing+=("target/guest (make guest)")
 if [ "$(id -u)" -ne 0 ]; then missing+=("root (the containerd suite and kvm_amd need it)"); fi
 if [ "${#missing[@]}" -gt 0 ]; then
     reason=$(IFS=', '; echo "${missing[*]}")

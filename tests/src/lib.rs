@@ -57,7 +57,7 @@ impl GuestArtifacts {
         let dir = std::env::var_os("IRONCLAD_GUEST_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest"));
-        let artifacts = GuestArtifacts { kernel: dir.join("bzImage"), initrd: dir.join("initrd.img") };
+        let artifacts = GuestArtifacts { kernel: dir.join("vmlinux"), initrd: dir.join("initrd.img") };
         for path in [&artifacts.kernel, &artifacts.initrd] {
             if !path.is_file() {
                 return Err(Error::MissingArtifact { path: path.clone() });

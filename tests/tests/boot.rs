@@ -61,9 +61,9 @@ async fn guest_boots_to_the_agent_answers_and_shuts_down() {
 async fn a_missing_kernel_is_a_clear_error() {
     let artifacts = GuestArtifacts::locate().expect("guest artifacts");
     let mut config = artifacts.vm_config();
-    config.kernel = "/nonexistent/bzImage".into();
+    config.kernel = "/nonexistent/vmlinux".into();
     let err = boot_guest(&config).await.err().expect("must fail");
-    assert!(err.to_string().contains("/nonexistent/bzImage"), "{err}");
+    assert!(err.to_string().contains("/nonexistent/vmlinux"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -687,7 +687,7 @@ fn bad_requests_fail_clearly_and_leave_nothing() {
     );
 
     let broken = containerd.dir().join("broken.toml");
-    std::fs::write(&broken, "kernel = \"/nonexistent/bzImage\"\nhypervisor = \"qemu\"\n").unwrap();
+    std::fs::write(&broken, "kernel = \"/nonexistent/vmlinux\"\nhypervisor = \"qemu\"\n").unwrap();
     let config = broken.display().to_string();
     let args = [
         "run",
@@ -703,7 +703,7 @@ fn bad_requests_fail_clearly_and_leave_nothing() {
     let output = run_ctr(&containerd, &args, None);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
-    assert!(stderr.contains("/nonexistent/bzImage"), "{stderr}");
+    assert!(stderr.contains("/nonexistent/vmlinux"), "{stderr}");
     containerd.assert_nothing_left("nokernel1");
     // That config keeps the default run root: the task's directory and its namespace's are gone.
     assert!(!std::path::Path::new("/run/ironclad").join(containerd.namespace()).exists());
@@ -717,7 +717,7 @@ fn bad_requests_fail_clearly_and_leave_nothing() {
     let mut bytes = std::fs::read(&kernel).unwrap();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 1;
-    let changed = containerd.dir().join("changed-bzImage");
+    let changed = containerd.dir().join("changed-vmlinux");
     std::fs::write(&changed, bytes).unwrap();
     let changed_config = containerd.dir().join("changed.toml");
     let text = pinned_config.replace(kernel_line, &format!("kernel = \"{}\"", changed.display()));

@@ -45,6 +45,16 @@ pub struct QemuBackend {
 /// 700 MiB anonymous memory, past the sandbox's cgroup limit (jail.rs). A full buffer is flushed
 /// and refilled; 256 MiB holds a small guest's working set.
 pub const TCG_CODE_BUFFER_MIB: u32 = 256;
+/// Kernel parameters for a guest under TCG, where every rewrite of kernel code and every timer
+/// wait is emulated (measured on guest-kernel 6.12 here, docs/guest-kernel.md):
+/// - `noapictimer`: TCG offers no TSC-deadline timer, so the guest measured its local APIC timer
+///   against the PIT, a tenth of a second of guest time that emulation stretched to 235 ms (1 and 2
+///   vCPUs). The ticks come from the PIT instead, broadcast to the other vCPUs.
+/// - `noreplace-smp`: a 1-vCPU guest rewrote every LOCK prefix of the kernel into its uniprocessor
+///   form, 90 ms of code patching, each patch invalidating translated code; the prefixes stay.
+///
+/// Under KVM neither costs anything worth saving (TSC deadline, native patching), and both stay.
+pub const TCG_KERNEL_PARAMS: &str = "noapictimer noreplace-smp";
 /// QEMU's seccomp filter: its default list, plus no obsolete system calls, no setuid and friends,
 /// no fork or exec, and no scheduler or CPU-affinity changes. Nothing of these is needed once the
 /// devices are set up: the taps are opened by name, the vhost-user helpers were started by the shim.
@@ -189,7 +199,11 @@ pub fn qemu_args(config: &VmConfig, paths: &SandboxPaths, use_kvm: bool, sandbox
         "-initrd".into(),
         config.initrd.display().to_string(),
         "-append".into(),
-        config.kernel_cmdline(),
+        if use_kvm {
+            config.kernel_cmdline()
+        } else {
+            format!("{} {TCG_KERNEL_PARAMS}", config.kernel_cmdline())
+        },
     ]);
     args
 }
@@ -247,7 +261,15 @@ mod tests {
             value_after(&args, "-chardev"),
             ["socket,id=vsock,path=/run/ironclad/sb/vhost-vsock.sock"]
         );
-        assert_eq!(value_after(&args, "-append"), ["console=ttyS0 reboot=k panic=-1 no_timer_check quiet"]);
+        assert_eq!(
+            value_after(&args, "-append"),
+            ["console=ttyS0 reboot=k panic=-1 no_timer_check quiet noapictimer noreplace-smp"]
+        );
+        let under_kvm = qemu_args(&config(), &paths, true, true);
+        assert_eq!(
+            value_after(&under_kvm, "-append"),
+            ["console=ttyS0 reboot=k panic=-1 no_timer_check quiet"]
+        );
         assert!(args.iter().any(|a| a == "-no-reboot"), "a guest reset must end QEMU");
         assert!(value_after(&args, "-device").contains(&"i8042"), "the reset goes through an i8042");
     }
