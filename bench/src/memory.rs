@@ -4,6 +4,7 @@
 //! vhost-user helpers is counted once, and the parts add up to the sandbox's PSS.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use serde::Serialize;
 
@@ -17,6 +18,9 @@ pub enum Part {
     CodeBuffer,
     /// The monitor's other anonymous memory: heap, stacks, device state.
     MonitorHeap,
+    /// The guest's kernel and initrd files as the monitor keeps them mapped (for a reset): page
+    /// cache, shared by every sandbox booting the same files.
+    GuestImages,
     /// The monitor's binary and shared libraries, as far as they are resident.
     MonitorFiles,
     /// vhost-device-vsock and virtiofsd, less the guest memory they map.
@@ -34,6 +38,7 @@ impl Part {
             Part::GuestMemory => "guest memory touched",
             Part::CodeBuffer => "emulator's translated code",
             Part::MonitorHeap => "monitor's heap and stacks",
+            Part::GuestImages => "guest kernel and initrd files (shared)",
             Part::MonitorFiles => "monitor's binary and libraries",
             Part::Helpers => "vsock and file-server helpers",
             Part::Jailers => "jailer supervisors",
@@ -113,13 +118,17 @@ fn after_fields(line: &str, n: usize) -> &str {
     rest.trim()
 }
 
-/// The part a mapping of a process of `kind` belongs to.
-pub fn part_of(kind: ProcessKind, mapping: &Mapping) -> Part {
+/// The part a mapping of a process of `kind` belongs to; `guest_images` are the kernel's and the
+/// initrd's paths.
+pub fn part_of(kind: ProcessKind, mapping: &Mapping, guest_images: &[String]) -> Part {
     let anonymous = mapping.path.is_empty() || mapping.path.starts_with('[');
     if mapping.path.starts_with("/memfd:") {
         // QEMU names its split-W^X code buffer's memfd "tcg-jit"; everything else shared through
         // a memfd is the guest's RAM.
         return if mapping.path.contains("tcg-jit") { Part::CodeBuffer } else { Part::GuestMemory };
+    }
+    if guest_images.contains(&mapping.path) {
+        return Part::GuestImages;
     }
     match kind {
         ProcessKind::Monitor if anonymous && mapping.perms.contains('x') => Part::CodeBuffer,
@@ -133,8 +142,13 @@ pub fn part_of(kind: ProcessKind, mapping: &Mapping) -> Part {
 }
 
 /// The PSS of each part over the processes `pids`, in MiB, largest first; parts with nothing are
-/// left out.
-pub fn breakdown(pids: &[i32]) -> Vec<(Part, f64)> {
+/// left out. `guest_images`: the kernel and initrd the sandboxes boot.
+pub fn breakdown(pids: &[i32], guest_images: &[&Path]) -> Vec<(Part, f64)> {
+    // As the shim hands them to the monitor: links and `..` resolved.
+    let guest_images: Vec<String> = guest_images
+        .iter()
+        .map(|path| std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()).display().to_string())
+        .collect();
     let mut kib = BTreeMap::<Part, u64>::new();
     for &pid in pids {
         let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
@@ -143,7 +157,7 @@ pub fn breakdown(pids: &[i32]) -> Vec<(Part, f64)> {
         let kind = ProcessKind::of_program(&argv0);
         let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
         for mapping in parse_smaps(&smaps) {
-            *kib.entry(part_of(kind, &mapping)).or_default() += mapping.pss_kib;
+            *kib.entry(part_of(kind, &mapping, &guest_images)).or_default() += mapping.pss_kib;
         }
     }
     let mut parts: Vec<(Part, f64)> =
@@ -172,12 +186,19 @@ Pss:               12000 kB
 Pss:                 900 kB
 7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0                          [stack]
 Pss:                  36 kB
+7f3000000000-7f3001000000 r--p 00000000 fd:01 99                         /usr/local/share/ironclad/vmlinux
+Pss:                6000 kB
 ";
+    const IMAGES: &[&str] = &["/usr/local/share/ironclad/vmlinux", "/usr/local/share/ironclad/initrd.img"];
+
+    fn images() -> Vec<String> {
+        IMAGES.iter().map(|s| s.to_string()).collect()
+    }
 
     #[test]
     fn smaps_mappings_keep_their_path_permissions_and_pss() {
         let mappings = parse_smaps(SMAPS);
-        assert_eq!(mappings.len(), 5);
+        assert_eq!(mappings.len(), 6);
         assert_eq!(mappings[0].path, "/usr/bin/qemu-system-x86_64");
         assert_eq!(mappings[0].pss_kib, 4000);
         assert_eq!(mappings[1].path, "/memfd:mem (deleted)");
@@ -189,13 +210,22 @@ Pss:                  36 kB
 
     #[test]
     fn a_monitors_mappings_fall_into_guest_memory_code_buffer_heap_and_files() {
-        let parts: Vec<Part> = parse_smaps(SMAPS).iter().map(|m| part_of(ProcessKind::Monitor, m)).collect();
+        let parts: Vec<Part> =
+            parse_smaps(SMAPS).iter().map(|m| part_of(ProcessKind::Monitor, m, &images())).collect();
         assert_eq!(
             parts,
-            [Part::MonitorFiles, Part::GuestMemory, Part::CodeBuffer, Part::MonitorHeap, Part::MonitorHeap]
+            [
+                Part::MonitorFiles,
+                Part::GuestMemory,
+                Part::CodeBuffer,
+                Part::MonitorHeap,
+                Part::MonitorHeap,
+                Part::GuestImages
+            ]
         );
         // A helper's view of the same guest memory is guest memory too; its own heap is its own.
-        let helper: Vec<Part> = parse_smaps(SMAPS).iter().map(|m| part_of(ProcessKind::Helper, m)).collect();
+        let helper: Vec<Part> =
+            parse_smaps(SMAPS).iter().map(|m| part_of(ProcessKind::Helper, m, &images())).collect();
         assert_eq!(helper[1], Part::GuestMemory);
         assert_eq!(helper[3], Part::Helpers);
     }
@@ -213,7 +243,7 @@ Pss:                  36 kB
     #[test]
     fn this_process_breaks_down_into_parts_that_add_up_to_its_pss() {
         let me = i32::try_from(std::process::id()).unwrap();
-        let parts = breakdown(&[me]);
+        let parts = breakdown(&[me], &[]);
         let total: f64 = parts.iter().map(|(_, mib)| mib).sum();
         let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap();
         let pss_kib: f64 = rollup

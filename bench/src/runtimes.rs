@@ -468,7 +468,8 @@ fn measure_figures(bench: &mut Bench<'_>, settings: &Settings) -> Result<Results
         std::thread::sleep(Duration::from_secs(1));
         pss.entry(runtime).or_default().push(pss_mib_of_tasks(bench.containerd, std::slice::from_ref(&id)));
         if runtime == Runtime::Ironclad {
-            idle_memory = crate::memory::breakdown(&task_processes(bench.containerd, &id));
+            let images = [settings.kernel.as_path(), settings.initrd.as_path()];
+            idle_memory = crate::memory::breakdown(&task_processes(bench.containerd, &id), &images);
         }
         idle.insert(runtime, id);
     }
