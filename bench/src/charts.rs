@@ -12,7 +12,8 @@ use crate::runtimes::{Figure, Results, Runtime, RUNTIMES};
 const FONT_FILE: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 const SIZE: (u32, u32) = (900, 500);
 /// The figures shown as start latency bars.
-const LATENCY_FIGURES: [&str; 3] = ["cold start", "time to first output", "exec latency"];
+const LATENCY_FIGURES: [&str; 3] =
+    [crate::runtimes::COLD_START, crate::runtimes::FIRST_OUTPUT, crate::runtimes::EXEC_LATENCY];
 /// The pod figures shown as bars.
 const POD_FIGURES: [&str; 2] = ["pod start", "second container start"];
 const THROUGHPUT_FIGURE: [&str; 1] = ["bulk transfer from the pod"];

@@ -88,11 +88,22 @@ pub fn parse_smaps(text: &str) -> Vec<Mapping> {
     for line in text.lines() {
         if let Some(mapping) = header(line) {
             mappings.push(mapping);
-        } else if let (Some(last), Some(value)) = (mappings.last_mut(), line.strip_prefix("Pss:")) {
-            last.pss_kib = value.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        } else if let (Some(last), Some(kib)) = (mappings.last_mut(), pss_field(line)) {
+            last.pss_kib = kib;
         }
     }
     mappings
+}
+
+/// A process's whole PSS in KiB, from /proc/PID/smaps_rollup (0 for a process that is gone).
+pub fn rollup_pss_kib(pid: i32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    text.lines().find_map(pss_field).unwrap_or(0)
+}
+
+/// The KiB of a `Pss:   123 kB` line of smaps or smaps_rollup.
+fn pss_field(line: &str) -> Option<u64> {
+    line.strip_prefix("Pss:")?.split_whitespace().next()?.parse().ok()
 }
 
 fn header(line: &str) -> Option<Mapping> {
@@ -245,13 +256,8 @@ Pss:                6000 kB
         let me = i32::try_from(std::process::id()).unwrap();
         let parts = breakdown(&[me], &[]);
         let total: f64 = parts.iter().map(|(_, mib)| mib).sum();
-        let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap();
-        let pss_kib: f64 = rollup
-            .lines()
-            .find_map(|l| l.strip_prefix("Pss:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap();
+        let pss_kib = rollup_pss_kib(me) as f64;
+        assert!(pss_kib > 0.0);
         // The two reads are moments apart; a test process's memory moves a little in between.
         assert!((total * 1024.0 - pss_kib).abs() < pss_kib * 0.1 + 512.0, "{total} MiB vs {pss_kib} KiB");
         assert!(parts.iter().all(|(part, _)| *part == Part::Other), "{parts:?}");

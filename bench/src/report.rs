@@ -276,7 +276,7 @@ fn start_timeline_table(md: &mut String, results: &crate::runtimes::Results) {
 /// Issue 14's goals for this machine, each against what this run measured, and for one missed the
 /// largest phases of the timeline or parts of the memory: where the rest of the time or memory is.
 fn goals(md: &mut String, results: &crate::runtimes::Results) {
-    use crate::runtimes::Runtime;
+    use crate::runtimes::{Runtime, COLD_START, FIRST_OUTPUT, IDLE_MEMORY};
     let p50 = |name: &str, runtime: Runtime| {
         results
             .figures
@@ -291,7 +291,7 @@ fn goals(md: &mut String, results: &crate::runtimes::Results) {
     let slowest: Vec<String> =
         phases.iter().take(3).map(|p| format!("{} ({:.0} ms)", p.name, p.median_ms)).collect();
     let _ = writeln!(md, "Issue 14's goals on this machine, against this run:\n");
-    if let Some(cold) = p50("cold start", Runtime::Ironclad) {
+    if let Some(cold) = p50(COLD_START, Runtime::Ironclad) {
         let _ = writeln!(
             md,
             "- cold `ctr run --rm` p50 ≤ 0.9 s: {cold:.2} s, {}; the largest phases: {}.",
@@ -299,10 +299,10 @@ fn goals(md: &mut String, results: &crate::runtimes::Results) {
             slowest.join(", ")
         );
     }
-    if let Some(first) = p50("time to first output", Runtime::Ironclad) {
+    if let Some(first) = p50(FIRST_OUTPUT, Runtime::Ironclad) {
         let _ = writeln!(md, "- first output p50 ≤ 0.6 s: {first:.2} s, {}.", verdict(first, 0.6));
     }
-    if let Some(pss) = p50("host memory per idle sandbox", Runtime::Ironclad) {
+    if let Some(pss) = p50(IDLE_MEMORY, Runtime::Ironclad) {
         let largest: Vec<String> = results
             .idle_memory
             .iter()

@@ -121,6 +121,12 @@ pub struct Results {
     pub idle_memory: Vec<(crate::memory::Part, f64)>,
 }
 
+/// Figures looked up by name in the report and the charts.
+pub const COLD_START: &str = "cold start";
+pub const FIRST_OUTPUT: &str = "time to first output";
+pub const EXEC_LATENCY: &str = "exec latency";
+pub const IDLE_MEMORY: &str = "host memory per idle sandbox";
+
 /// The CPU-bound job: a fixed amount of hashing.
 const CPU_JOB: &str = "dd if=/dev/zero bs=1M count=8 2>/dev/null | sha256sum >/dev/null";
 /// The memory-bound job: a 32 MiB buffer filled and copied 8 times.
@@ -181,20 +187,20 @@ impl Bench<'_> {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| run_err("cold start", runtime, e.to_string()))?;
+            .map_err(|e| run_err(COLD_START, runtime, e.to_string()))?;
         let mut first = [0u8; 1];
         let mut stdout =
-            child.stdout.take().ok_or_else(|| run_err("cold start", runtime, "no stdout".into()))?;
+            child.stdout.take().ok_or_else(|| run_err(COLD_START, runtime, "no stdout".into()))?;
         let first_output = match stdout.read(&mut first) {
             Ok(1) => started.elapsed().as_secs_f64(),
             _ => f64::NAN,
         };
         let _ = std::io::copy(&mut stdout, &mut std::io::sink());
-        let output = child.wait_with_output().map_err(|e| run_err("cold start", runtime, e.to_string()))?;
+        let output = child.wait_with_output().map_err(|e| run_err(COLD_START, runtime, e.to_string()))?;
         let total = started.elapsed().as_secs_f64();
         let ctr_returned_ms = ironclad_shim::timeline::now_ms();
         if !output.status.success() || first_output.is_nan() {
-            return Err(run_err("cold start", runtime, String::from_utf8_lossy(&output.stderr).into_owned()));
+            return Err(run_err(COLD_START, runtime, String::from_utf8_lossy(&output.stderr).into_owned()));
         }
         let phases = match runtime {
             Runtime::Ironclad => self
@@ -302,16 +308,6 @@ pub fn describe_backend(hypervisor: &str) -> String {
     }
 }
 
-/// PSS in KiB of a process, from smaps_rollup.
-fn pss_kib(pid: i32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 /// The host processes making up task `id`: its shim, and for ironclad the VM processes, for runc
 /// the container's processes (children of the shim).
 fn task_processes(containerd: &Containerd, id: &str) -> Vec<i32> {
@@ -356,7 +352,8 @@ fn task_processes(containerd: &Containerd, id: &str) -> Vec<i32> {
 }
 
 pub fn pss_mib_of_tasks(containerd: &Containerd, ids: &[String]) -> f64 {
-    let kib: u64 = ids.iter().flat_map(|id| task_processes(containerd, id)).map(pss_kib).sum();
+    let kib: u64 =
+        ids.iter().flat_map(|id| task_processes(containerd, id)).map(crate::memory::rollup_pss_kib).sum();
     kib as f64 / 1024.0
 }
 
@@ -435,13 +432,8 @@ fn measure_figures(bench: &mut Bench<'_>, settings: &Settings) -> Result<Results
     let timeline_runs = phases.len();
     let cold_figures = |start: &BTreeMap<Runtime, Vec<f64>>, first_output: &BTreeMap<Runtime, Vec<f64>>| {
         [
-            figure("cold start", "s", "`ctr run --rm IMAGE ID echo ready`, from exec to exit", start),
-            figure(
-                "time to first output",
-                "s",
-                "the same runs, from exec to the first byte of output",
-                first_output,
-            ),
+            figure(COLD_START, "s", "`ctr run --rm IMAGE ID echo ready`, from exec to exit", start),
+            figure(FIRST_OUTPUT, "s", "the same runs, from exec to the first byte of output", first_output),
         ]
     };
     if settings.cold_start_only {
@@ -520,7 +512,7 @@ fn measure_figures(bench: &mut Bench<'_>, settings: &Settings) -> Result<Results
     let figures = vec![
         cold,
         first,
-        figure("exec latency", "s", "`ctr task exec` of `true` in a running task", &get("exec")),
+        figure(EXEC_LATENCY, "s", "`ctr task exec` of `true` in a running task", &get("exec")),
         figure("CPU-bound job", "s", "sha256 of 8 MiB (busybox), through `ctr task exec`", &get("cpu")),
         figure(
             "memory-bound job",
@@ -541,7 +533,7 @@ fn measure_figures(bench: &mut Bench<'_>, settings: &Settings) -> Result<Results
             &get("random-write"),
         ),
         figure(
-            "host memory per idle sandbox",
+            IDLE_MEMORY,
             "MiB",
             "PSS of the shim and its VM (touched guest memory included) or container",
             &pss,
