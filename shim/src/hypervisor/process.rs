@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -58,7 +59,7 @@ pub enum Error {
     },
     #[error("{daemon} exited ({status}) before creating {socket}: {stderr}")]
     DaemonExited { daemon: &'static str, status: ExitStatus, socket: PathBuf, stderr: String },
-    #[error("{daemon} did not create {socket} within {waited:?}")]
+    #[error("{daemon} did not listen on {socket} within {waited:?}")]
     DaemonTimeout { daemon: &'static str, socket: PathBuf, waited: Duration },
     #[error("{backend} cannot boot this sandbox: {reason}")]
     Unsupported { backend: &'static str, reason: &'static str },
@@ -401,6 +402,8 @@ pub struct Launch<'a> {
     program: &'a Path,
     args: Vec<OsString>,
     jail: Option<(&'a Jail, Confinement)>,
+    /// Descriptors the program inherits (through its jailer), at the same numbers.
+    inherited: Vec<BorrowedFd<'a>>,
 }
 
 impl<'a> Launch<'a> {
@@ -410,24 +413,47 @@ impl<'a> Launch<'a> {
         jail: Option<&'a Jail>,
         confinement: Confinement,
     ) -> Self {
-        Launch { program, args, jail: jail.map(|jail| (jail, confinement)) }
+        Launch { program, args, jail: jail.map(|jail| (jail, confinement)), inherited: vec![] }
+    }
+
+    /// The program keeps these descriptors open across its exec, at the same numbers.
+    pub fn inheriting(mut self, fds: Vec<BorrowedFd<'a>>) -> Self {
+        self.inherited = fds;
+        self
     }
 
     /// Without a jail (the tests' stand-ins).
     pub fn plain(program: &'a Path, args: Vec<OsString>) -> Self {
-        Launch { program, args, jail: None }
+        Launch { program, args, jail: None, inherited: vec![] }
     }
 
     /// Its command: standard input is /dev/null, or the jailer's go-ahead pipe.
     fn command(&self) -> Command {
-        match &self.jail {
+        let mut command = match &self.jail {
             Some((jail, confinement)) => jail.command(self.program, &self.args, confinement),
             None => {
                 let mut command = Command::new(self.program);
                 command.args(&self.args).stdin(Stdio::null());
                 command
             }
+        };
+        if !self.inherited.is_empty() {
+            let fds: Vec<RawFd> = self.inherited.iter().map(AsRawFd::as_raw_fd).collect();
+            // SAFETY: between fork and exec the child only calls fcntl, which is async-signal-safe,
+            // on descriptors `self` borrows, so open until spawn returns; it touches no memory but
+            // the vector moved into the closure. Only the child's copies lose close-on-exec.
+            unsafe {
+                command.pre_exec(move || {
+                    for fd in &fds {
+                        if libc::fcntl(*fd, libc::F_SETFD, 0) == -1 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
         }
+        command
     }
 
     /// Lets a jailed start go on once it is in the sandbox's cgroup.
@@ -463,8 +489,8 @@ fn spawn_monitor(launch: &Launch<'_>, netns: Option<&std::fs::File>) -> Result<C
 /// How long a vhost-user daemon gets to create its socket.
 const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Starts a vhost-user daemon and waits until its socket exists. One that dies first is reported
-/// with its stderr; one that takes too long is killed.
+/// Starts a vhost-user daemon and waits until it listens on its socket. One that dies first is
+/// reported with its stderr; one that takes too long is killed.
 pub async fn start_daemon(
     daemon: &'static str,
     launch: Launch<'_>,
@@ -479,7 +505,7 @@ pub async fn start_daemon(
         .map_err(|source| Error::Spawn { program: launch.program.to_path_buf(), source })?;
     launch.admit(daemon, &mut child).await?;
     let started = Instant::now();
-    while !socket.exists() {
+    while !is_listening(&socket) {
         if let Some(status) = child.try_wait().map_err(|source| Error::Wait { what: daemon, source })? {
             let stderr = drain_stderr(child.stderr.take()).await;
             return Err(Error::DaemonExited { daemon, status, socket, stderr });
@@ -496,9 +522,85 @@ pub async fn start_daemon(
     Ok(child)
 }
 
+/// Whether a Unix socket bound at `socket` listens. Its file appears at bind(), a moment before
+/// listen(): a client connecting in between is refused (QEMU then exits). The daemons stay in the
+/// shim's network namespace, so the shim's own socket table shows theirs.
+fn is_listening(socket: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/net/unix").is_ok_and(|table| listens_in_unix_table(&table, socket))
+}
+
+/// `__SO_ACCEPTCON` in /proc/net/unix's Flags column: the socket listens.
+const UNIX_SOCKET_LISTENS: u32 = 0x0001_0000;
+
+/// Whether /proc/net/unix (`Num RefCount Protocol Flags Type St Inode Path`) shows a listening
+/// socket bound at `socket`.
+fn listens_in_unix_table(table: &str, socket: &Path) -> bool {
+    table.lines().skip(1).any(|line| {
+        let mut fields = line.splitn(8, ' ').filter(|field| !field.is_empty());
+        let flags = fields.nth(3).and_then(|flags| u32::from_str_radix(flags, 16).ok());
+        let path = line.split_whitespace().nth(7);
+        flags.is_some_and(|flags| flags & UNIX_SOCKET_LISTENS != 0) && path == socket.to_str()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_listening_socket_at_that_path_counts() {
+        let table = "Num       RefCount Protocol Flags    Type St Inode Path
+0000000000000000: 00000002 00000000 00010000 0001 01 4242 /run/sb/vhost-vsock.sock
+0000000000000000: 00000002 00000000 00000000 0001 01 4243 /run/other/vhost-vsock.sock
+0000000000000000: 00000003 00000000 00000000 0001 03 4244
+";
+        assert!(listens_in_unix_table(table, Path::new("/run/sb/vhost-vsock.sock")));
+        assert!(
+            !listens_in_unix_table(table, Path::new("/run/other/vhost-vsock.sock")),
+            "bound, not listening"
+        );
+        assert!(!listens_in_unix_table(table, Path::new("/run/sb")));
+        assert!(!listens_in_unix_table("", Path::new("/run/sb/vhost-vsock.sock")));
+    }
+
+    #[test]
+    fn a_daemon_counts_as_started_once_it_listens_not_when_its_socket_file_appears() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("d.sock");
+        let bound = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        assert!(is_listening(&socket), "std's bind listens at once");
+        drop(bound);
+        // A bound socket that does not listen yet: the file is there, a connect is refused.
+        std::fs::remove_file(&socket).unwrap();
+        let fd = bound_unix_socket(&socket);
+        assert!(socket.exists());
+        assert!(!is_listening(&socket));
+        // SAFETY: `fd` is a socket this test owns.
+        assert_eq!(unsafe { libc::listen(fd.as_raw_fd(), 1) }, 0);
+        assert!(is_listening(&socket));
+    }
+
+    /// socket() and bind() without listen(), which std's UnixListener cannot stop between.
+    fn bound_unix_socket(path: &Path) -> std::os::fd::OwnedFd {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        use std::os::unix::ffi::OsStrExt;
+        // SAFETY: plain socket creation; the descriptor is owned by the OwnedFd from here on.
+        let fd =
+            unsafe { std::os::fd::OwnedFd::from_raw_fd(libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0)) };
+        // SAFETY: sockaddr_un is plain data, all zeroes is a valid empty address.
+        let mut address: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        address.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (slot, byte) in address.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
+            *slot = *byte as libc::c_char;
+        }
+        let length = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        // SAFETY: `address` is an initialised sockaddr_un of `length` bytes, NUL-terminated (the
+        // temporary path is far shorter than sun_path).
+        let bound = unsafe { libc::bind(fd.as_raw_fd(), std::ptr::addr_of!(address).cast(), length) };
+        assert_eq!(bound, 0, "{}", std::io::Error::last_os_error());
+        fd
+    }
 
     #[tokio::test]
     async fn a_monitor_chatty_on_stderr_is_read_to_the_end_and_its_last_words_kept() {
