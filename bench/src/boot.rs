@@ -85,6 +85,7 @@ pub async fn measure(settings: &Settings, progress: impl Fn(String)) -> Result<R
     let config = VmConfig {
         kernel: settings.kernel.clone(),
         initrd: settings.initrd.clone(),
+        opened: None,
         vcpus: 1,
         memory_mib: settings.memory_mib,
         extra_kernel_params: String::new(),

@@ -35,7 +35,7 @@ use tracing::{error, info, warn};
 use crate::agent_client::{self, AgentClient};
 use crate::config::{self, ShimConfig, DEFAULT_CONFIG_PATH};
 use crate::events::{self, Events};
-use crate::hypervisor::{error_chain, Backend, BlockDevice, HostVirtualization, VmConfig};
+use crate::hypervisor::{error_chain, Backend, BlockDevice, HostVirtualization, OpenedGuest, VmConfig};
 use crate::io::{self as stdio};
 use crate::jail::{self, Jail};
 use crate::metrics;
@@ -180,12 +180,6 @@ async fn attach_network(
         Attachment::prepare(&netns, network::mac_for(id), config.denied_destinations.clone(), owner).await?;
     info!("network: {} in {} for the guest's NICs", attachment.tap_names().join(", "), netns.display());
     Ok(Some(Arc::new(attachment)))
-}
-
-/// The file's path without `..`, `.` or links, when it exists (else as given, for the backend to
-/// report it missing).
-fn resolved(path: &Path) -> PathBuf {
-    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// Configures the guest NIC once the CNI interface it stands in for is there.
@@ -535,8 +529,10 @@ impl TaskService {
             qemu.sandbox = config.qemu_sandbox;
         }
         // Before anything is made for the sandbox: a changed kernel or initrd leaves nothing to undo.
-        pinned::verify("kernel", &config.kernel, config.kernel_sha256.as_deref())?;
-        pinned::verify("initrd", &config.initrd, config.initrd_sha256.as_deref())?;
+        let opened = OpenedGuest {
+            kernel: pinned::open_verified("kernel", &config.kernel, config.kernel_sha256.as_deref())?,
+            initrd: pinned::open_verified("initrd", &config.initrd, config.initrd_sha256.as_deref())?,
+        };
         // A pod's sandbox shares a directory for the containers that join it later.
         let with_share = role == PodRole::Sandbox || volumes::need_share(&volumes);
 
@@ -557,9 +553,9 @@ impl TaskService {
             let network = attach_network(&requested_network, &dir, &req.id, &config, owner).await?;
             let share = if with_share { Some(ShareFs::prepare(&dir)?) } else { None };
             let vm_config = VmConfig {
-                // As the jail binds them: a path through `..` or a link is not there inside.
-                kernel: resolved(&config.kernel),
-                initrd: resolved(&config.initrd),
+                kernel: config.kernel.clone(),
+                initrd: config.initrd.clone(),
+                opened: Some(opened),
                 vcpus: settings.vcpus,
                 memory_mib: settings.memory_mib,
                 extra_kernel_params: format!("{} {}", config.kernel_params, settings.kernel_params()),

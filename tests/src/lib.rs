@@ -80,6 +80,7 @@ impl GuestArtifacts {
         VmConfig {
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
+            opened: None,
             vcpus: 1,
             memory_mib: 256,
             // For debugging, e.g. IRONCLAD_KERNEL_PARAMS=IRONCLAD_AGENT_LOG=debug.

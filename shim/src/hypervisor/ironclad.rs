@@ -58,7 +58,7 @@ impl IroncladBackend {
         let confinement = config.monitor_confinement(paths.dir(), true);
         let mut vm = GuestVm::spawn(
             "ironclad-vmm",
-            Launch::new(&self.vmm, args, jail, confinement),
+            Launch::new(&self.vmm, args, jail, confinement).inheriting(config.monitor_fds()),
             paths.console_log(),
             paths.agent_socket(),
             config.network.as_ref().map(|n| n.netns.as_path()),
@@ -75,8 +75,8 @@ pub fn vm_description(config: &VmConfig, paths: &SandboxPaths) -> vmm::VmConfig 
     vmm::VmConfig {
         vcpus: config.vcpus,
         memory_mib: config.memory_mib,
-        kernel: config.kernel.clone(),
-        initrd: Some(config.initrd.clone()),
+        kernel: config.monitor_kernel(),
+        initrd: Some(config.monitor_initrd()),
         cmdline: config.kernel_cmdline(),
         block: config
             .block_devices
@@ -111,6 +111,7 @@ pub fn vm_description(config: &VmConfig, paths: &SandboxPaths) -> vmm::VmConfig 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hypervisor::OpenedGuest;
     use std::path::Path;
 
     #[test]
@@ -118,6 +119,7 @@ mod tests {
         let config = VmConfig {
             kernel: "/k/bzImage".into(),
             initrd: "/k/initrd.img".into(),
+            opened: None,
             vcpus: 1,
             memory_mib: 256,
             extra_kernel_params: "quiet".into(),
@@ -164,6 +166,7 @@ mod tests {
         VmConfig {
             kernel: kernel.clone(),
             initrd: kernel,
+            opened: None,
             vcpus: 1,
             memory_mib: 64,
             extra_kernel_params: String::new(),
@@ -196,6 +199,28 @@ mod tests {
         assert!(text.contains("invalid configuration: kernel: bad"), "{text}");
         drop(vm);
         assert!(!paths.dir().exists(), "the sandbox directory goes with the VM");
+    }
+
+    #[tokio::test]
+    async fn the_monitor_boots_the_kernel_the_shim_opened_not_one_swapped_in_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = stand_in_guest(dir.path());
+        std::fs::write(&config.kernel, b"the checked kernel").unwrap();
+        let pin = crate::resources::pinned::file_sha256(&config.kernel).unwrap();
+        let open = |path: &Path| crate::resources::pinned::open_verified("kernel", path, Some(&pin)).unwrap();
+        config.opened = Some(OpenedGuest { kernel: open(&config.kernel), initrd: open(&config.initrd) });
+        let swapped = dir.path().join("swapped");
+        std::fs::write(&swapped, b"someone else's kernel").unwrap();
+        std::fs::rename(&swapped, &config.kernel).unwrap();
+        // A stand-in monitor that reports the kernel it would load, as vm.json names it.
+        let script = "k=$(sed 's/.*\"kernel\":\"\\([^\"]*\\)\".*/\\1/' \"$2\")\n\
+                      echo \"loading $k: $(cat \"$k\")\" >&2\nexit 1";
+        let backend = stand_in_vmm(dir.path(), script);
+        let paths = SandboxPaths::new(dir.path(), "sb");
+        let mut vm = backend.start(&config, paths, None).await.unwrap();
+        let text = vm.wait_ready(std::time::Duration::from_secs(10)).await.unwrap_err().to_string();
+        assert!(text.contains("loading /proc/self/fd/"), "{text}");
+        assert!(text.contains(": the checked kernel"), "{text}");
     }
 
     #[tokio::test]

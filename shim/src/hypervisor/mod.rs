@@ -10,18 +10,24 @@ pub mod process;
 pub mod qemu;
 pub mod virtiofsd;
 
+use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 
 pub use process::{Error, GuestVm, Launch, Ready};
 
 use crate::jail::{Confinement, Jail};
+use crate::resources::pinned::GuestFile;
 use tracing::info;
 
 /// What every backend needs to boot a sandbox VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct VmConfig {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    /// The kernel and initrd as the shim opened (and checked) them: the monitor inherits these
+    /// and reads them rather than the paths above. None in tests and benchmarks that start a
+    /// monitor on paths alone.
+    pub opened: Option<OpenedGuest>,
     pub vcpus: u8,
     pub memory_mib: u32,
     /// Appended to the base command line (console, reset, panic behaviour).
@@ -61,15 +67,41 @@ pub struct BlockDevice {
     pub serial: String,
 }
 
+/// The guest kernel and initrd, open in the shim.
+#[derive(Debug, Clone)]
+pub struct OpenedGuest {
+    pub kernel: GuestFile,
+    pub initrd: GuestFile,
+}
+
 impl VmConfig {
-    /// What the monitor reads and may write on the host, for its jail: the kernel, the initrd and
-    /// the disks, each by its access; the VM's directory (sockets, description, counters) is the
-    /// backend's to add.
+    /// The kernel as the monitor opens it.
+    pub fn monitor_kernel(&self) -> PathBuf {
+        self.opened.as_ref().map_or_else(|| self.kernel.clone(), |opened| opened.kernel.monitor_path())
+    }
+
+    /// The initrd as the monitor opens it.
+    pub fn monitor_initrd(&self) -> PathBuf {
+        self.opened.as_ref().map_or_else(|| self.initrd.clone(), |opened| opened.initrd.monitor_path())
+    }
+
+    /// The descriptors the monitor inherits: the opened kernel and initrd.
+    pub fn monitor_fds(&self) -> Vec<BorrowedFd<'_>> {
+        self.opened.iter().flat_map(|opened| [opened.kernel.fd(), opened.initrd.fd()]).collect()
+    }
+
+    /// What the monitor reads and may write on the host, for its jail: the kernel and the initrd
+    /// unless it inherits them, and the disks, each by its access; the VM's directory (sockets,
+    /// description, counters) is the backend's to add.
     pub fn monitor_confinement(&self, vm_dir: &Path, kvm: bool) -> Confinement {
         let (writable, read_only): (Vec<&BlockDevice>, Vec<&BlockDevice>) =
             self.block_devices.iter().partition(|disk| !disk.read_only);
+        let guest_files = match self.opened {
+            Some(_) => vec![],
+            None => vec![self.kernel.clone(), self.initrd.clone()],
+        };
         Confinement {
-            read_only: [self.kernel.clone(), self.initrd.clone()]
+            read_only: guest_files
                 .into_iter()
                 .chain(read_only.into_iter().map(|disk| disk.path.clone()))
                 .collect(),
@@ -362,6 +394,7 @@ mod tests {
         let mut config = VmConfig {
             kernel: "k".into(),
             initrd: "i".into(),
+            opened: None,
             vcpus: 1,
             memory_mib: 128,
             extra_kernel_params: String::new(),

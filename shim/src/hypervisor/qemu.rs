@@ -103,7 +103,7 @@ impl QemuBackend {
         let confinement = config.monitor_confinement(paths.dir(), self.use_kvm);
         let mut vm = GuestVm::spawn(
             "QEMU",
-            Launch::new(&self.qemu, args, jail, confinement),
+            Launch::new(&self.qemu, args, jail, confinement).inheriting(config.monitor_fds()),
             paths.console_log(),
             paths.agent_socket(),
             config.network.as_ref().map(|n| n.netns.as_path()),
@@ -195,9 +195,9 @@ pub fn qemu_args(config: &VmConfig, paths: &SandboxPaths, use_kvm: bool, sandbox
     }
     args.extend([
         "-kernel".into(),
-        config.kernel.display().to_string(),
+        config.monitor_kernel().display().to_string(),
         "-initrd".into(),
-        config.initrd.display().to_string(),
+        config.monitor_initrd().display().to_string(),
         "-append".into(),
         if use_kvm {
             config.kernel_cmdline()
@@ -216,6 +216,7 @@ mod tests {
         VmConfig {
             kernel: "/k/bzImage".into(),
             initrd: "/k/initrd.img".into(),
+            opened: None,
             vcpus: 2,
             memory_mib: 256,
             extra_kernel_params: "quiet".into(),
@@ -311,6 +312,7 @@ mod tests {
         let cfg = VmConfig {
             kernel: kernel.clone(),
             initrd: kernel,
+            opened: None,
             shared_dir: Some(dir.path().into()),
             ..config()
         };
