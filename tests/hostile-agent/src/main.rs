@@ -10,8 +10,9 @@
 //!   opened;
 //! - `endless-output`: serves the agent API, but its container's output never ends, it ignores
 //!   every signal, and it reports OOM kills of containers that do not exist, as fast as asked;
-//! - `flood`: serves the agent API (its container ends on the first signal) while it opens
-//!   connections to the host's vsock ports as fast as it can, keeping as many open as it may.
+//! - `flood`: serves the agent API (its container ends on the first signal); once its container
+//!   starts, it opens connections to the host's vsock ports as fast as it can, keeping as many
+//!   open as it may, as a container's workload would.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -194,7 +195,8 @@ fn answer_other_streams(mut stream: std::fs::File) {
 async fn serve_ttrpc(mode: Mode) -> Result<(), Error> {
     let (signalled, _) = watch::channel(None);
     let health: Arc<dyn agent_ttrpc::Health + Send + Sync> = Arc::new(Health);
-    let agent: Arc<dyn agent_ttrpc::Agent + Send + Sync> = Arc::new(Liar { mode, signalled });
+    let agent: Arc<dyn agent_ttrpc::Agent + Send + Sync> =
+        Arc::new(Liar { mode, signalled, flooding: Default::default() });
     let mut server = ttrpc::r#async::Server::new()
         .bind(&format!("vsock://-1:{AGENT_VSOCK_PORT}"))
         .map_err(Error::Serve)?
@@ -202,9 +204,6 @@ async fn serve_ttrpc(mode: Mode) -> Result<(), Error> {
         .register_service(agent_ttrpc::create_agent(agent));
     server.start().await.map_err(Error::Serve)?;
     announce_ready();
-    if mode == Mode::Flood {
-        std::thread::spawn(flood_host_ports);
-    }
     std::future::pending::<()>().await;
     Ok(())
 }
@@ -264,6 +263,8 @@ struct Liar {
     mode: Mode,
     /// The first signal sent to the container (flood mode ends it with that signal).
     signalled: watch::Sender<Option<u32>>,
+    /// Flood mode: the container started and the flood with it.
+    flooding: std::sync::atomic::AtomicBool,
 }
 
 impl Liar {
@@ -316,6 +317,9 @@ impl agent_ttrpc::Agent for Liar {
         _ctx: &TtrpcContext,
         _req: StartContainerRequest,
     ) -> ttrpc::Result<StartContainerResponse> {
+        if self.mode == Mode::Flood && !self.flooding.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::thread::spawn(flood_host_ports);
+        }
         Ok(StartContainerResponse { pid: 1, ..Default::default() })
     }
 

@@ -178,6 +178,15 @@ impl VirtioBase {
         Some(index)
     }
 
+    /// Kicks queue `index` from the device's side: the event loop comes back to it after what
+    /// else is ready, as when a handler stops at its budget with work left.
+    pub fn kick_again(&self, index: usize) {
+        if let Some(queue_event) = self.queue_events.get(index) {
+            // A full eventfd counter already means a pending kick.
+            let _ = queue_event.write(1);
+        }
+    }
+
     /// The activation event joins the loop when the device does.
     pub fn register_activation(&self, ops: &mut EventOps) {
         let _ = ops.add(Events::new(&self.activate_event, EventSet::IN));

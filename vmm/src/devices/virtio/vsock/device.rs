@@ -13,7 +13,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::muxer::{self, Header, Muxer, Outgoing};
 use super::packet;
-use super::{MAX_PKT_DATA, OP_RW, QUEUE_SIZE, RX_QUEUE, SWEEP_INTERVAL, TX_QUEUE};
+use super::{MAX_PKT_DATA, OP_RW, QUEUE_SIZE, RX_QUEUE, SWEEP_INTERVAL, TX_BUDGET, TX_QUEUE};
 use crate::devices::virtio::device::{VirtioBase, VirtioDevice};
 use crate::devices::virtio::{TYPE_VSOCK, VIRTIO_F_VERSION_1};
 use crate::logger::GuestErrorLog;
@@ -58,6 +58,8 @@ pub struct Vsock {
     pub(super) sweep_timer: TimerFd,
     /// The tx packet being read: header and data, at most one packet's worth.
     tx_packet: Vec<u8>,
+    /// Guest packets handled per turn of the event loop ([`TX_BUDGET`]).
+    pub(super) tx_budget: usize,
     /// What the guest got wrong, logged within a budget.
     guest_errors: GuestErrorLog,
 }
@@ -71,6 +73,7 @@ impl Vsock {
             metrics: Arc::new(VsockMetrics::default()),
             sweep_timer: sweep_timer()?,
             tx_packet: Vec::with_capacity(packet::HEADER_LEN + MAX_PKT_DATA as usize),
+            tx_budget: TX_BUDGET,
             guest_errors: GuestErrorLog::default(),
         })
     }
@@ -85,7 +88,10 @@ impl Vsock {
             return false;
         };
         let mut used_any = false;
-        while let Some(chain) = queue.pop_descriptor_chain(memory) {
+        for _ in 0..self.tx_budget {
+            let Some(chain) = queue.pop_descriptor_chain(memory) else {
+                return used_any;
+            };
             let head = chain.head_index();
             let descriptors: Vec<_> = chain.collect();
             match packet::read_tx(&descriptors, memory, &mut self.tx_packet) {
@@ -105,6 +111,9 @@ impl Vsock {
             }
             used_any = true;
         }
+        // A guest refilling its tx queue as fast as it is drained would keep the loop here; the
+        // rest waits for the next turn, after the host's connections.
+        self.base.kick_again(TX_QUEUE);
         used_any
     }
 

@@ -19,6 +19,9 @@ pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
 pub const EVENT_QUEUE: usize = 2;
 pub const QUEUE_SIZE: u16 = 256;
+/// Guest packets handled per turn of the event loop: a queue's worth, then the listener, the
+/// host's streams and the rx queue get theirs.
+pub const TX_BUDGET: usize = QUEUE_SIZE as usize;
 
 /// The host's CID, as seen from the guest.
 pub const HOST_CID: u64 = 2;

@@ -82,6 +82,10 @@ pub struct Muxer {
     /// Resets for packets that matched no connection: (host port, guest port), at most
     /// MAX_ORPHAN_RESETS: a guest that posts no rx buffers cannot grow it.
     orphan_resets: VecDeque<ConnKey>,
+    /// Whether an orphan reset goes before the connections' packets next time: the two take
+    /// turns, so a guest flooding ports nobody listens on cannot hold back the host's connections
+    /// (the agent's among them), nor they its resets.
+    orphan_reset_turn: bool,
     /// Connections to drop at the next reconcile (a set: a guest repeating RST adds nothing).
     to_remove: Vec<ConnKey>,
     /// Streams to close once they are out of epoll: closing first would let a new fd with the
@@ -111,6 +115,7 @@ impl Muxer {
             by_fd: HashMap::new(),
             readable: HashMap::new(),
             orphan_resets: VecDeque::new(),
+            orphan_reset_turn: false,
             to_remove: Vec::new(),
             graveyard: Vec::new(),
             next_local_port: FIRST_LOCAL_PORT,
@@ -351,12 +356,29 @@ impl Muxer {
         self.readable.get(key).copied().unwrap_or(false) && conn.wants_to_send_data()
     }
 
-    /// The next packet for the guest, control before data.
+    /// The next packet for the guest: orphan resets and the connections' packets (control before
+    /// data) by turns while both wait.
     pub fn next_outgoing(&mut self) -> Option<Outgoing> {
-        if let Some(key) = self.orphan_resets.pop_front() {
-            self.counts.resets_sent += 1;
-            return Some(Outgoing::Control { key, op: OP_RST, flags: 0, fwd_cnt: 0 });
+        if self.orphan_reset_turn {
+            if let Some(reset) = self.next_orphan_reset() {
+                self.orphan_reset_turn = false;
+                return Some(reset);
+            }
         }
+        if let Some(packet) = self.next_connection_packet() {
+            self.orphan_reset_turn = true;
+            return Some(packet);
+        }
+        self.next_orphan_reset()
+    }
+
+    fn next_orphan_reset(&mut self) -> Option<Outgoing> {
+        let key = self.orphan_resets.pop_front()?;
+        self.counts.resets_sent += 1;
+        Some(Outgoing::Control { key, op: OP_RST, flags: 0, fwd_cnt: 0 })
+    }
+
+    fn next_connection_packet(&mut self) -> Option<Outgoing> {
         let with_control = self.conns.iter().find(|(_, c)| c.owes_control()).map(|(k, _)| *k);
         if let Some(key) = with_control {
             let conn = self.conns.get_mut(&key)?;
@@ -690,6 +712,52 @@ mod tests {
         assert_eq!(muxer.counts.resets_dropped, 1_000_000 - super::super::MAX_ORPHAN_RESETS as u64);
         let answers = std::iter::from_fn(|| muxer.next_outgoing()).count();
         assert_eq!(answers, super::super::MAX_ORPHAN_RESETS);
+    }
+
+    #[test]
+    fn a_guest_flooding_ports_nobody_listens_on_cannot_hold_back_a_host_connection() {
+        let (mut muxer, dir) = muxer();
+        let flood = |muxer: &mut Muxer, round: u32| {
+            for port in 0..super::super::MAX_ORPHAN_RESETS as u32 {
+                muxer.handle_guest_packet(&guest_header(OP_REQUEST, round * 1000 + port, 40_000 + port), &[]);
+            }
+        };
+        flood(&mut muxer, 0);
+        let _client = client_says(&mut muxer, dir.path(), b"CONNECT 1024\n");
+        // However fast the guest refills the resets, the host's request is among the next two.
+        let mut sent = Vec::new();
+        for round in 1..4 {
+            flood(&mut muxer, round);
+            sent.push(muxer.next_outgoing().unwrap());
+            sent.push(muxer.next_outgoing().unwrap());
+        }
+        let requests: Vec<_> = sent
+            .iter()
+            .enumerate()
+            .filter(|(_, packet)| matches!(packet, Outgoing::Control { op: OP_REQUEST, .. }))
+            .map(|(index, _)| index)
+            .collect();
+        assert_eq!(requests.len(), 1, "{sent:?}");
+        assert!(requests[0] < 2, "the request waited behind {} resets", requests[0]);
+        let resets = sent.iter().filter(|p| matches!(p, Outgoing::Control { op: OP_RST, .. })).count();
+        assert_eq!(resets, sent.len() - 1, "the resets stopped while the connection had nothing to send");
+    }
+
+    #[test]
+    fn orphan_resets_and_connection_packets_take_turns() {
+        let (mut muxer, dir) = muxer();
+        let _port_listener = UnixListener::bind(dir.path().join("v.sock_5000")).unwrap();
+        for port in 0..3 {
+            muxer.handle_guest_packet(&guest_header(OP_RW, 100 + port, 7), b"x");
+            muxer.handle_guest_packet(&guest_header(OP_REQUEST, 200 + port, 5000), &[]);
+        }
+        let ops: Vec<u16> = std::iter::from_fn(|| muxer.next_outgoing())
+            .map(|packet| match packet {
+                Outgoing::Control { op, .. } => op,
+                Outgoing::Data { .. } => OP_RW,
+            })
+            .collect();
+        assert_eq!(ops, [OP_RESPONSE, OP_RST, OP_RESPONSE, OP_RST, OP_RESPONSE, OP_RST]);
     }
 
     #[test]

@@ -157,3 +157,23 @@ fn a_request_to_a_port_nobody_serves_is_reset() {
     device.process_rx();
     assert_eq!(guest.received(), vec![(OP_RST, 7777, 1234, vec![])]);
 }
+
+#[test]
+fn a_guest_refilling_its_tx_queue_gets_a_budget_per_turn_and_the_rest_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let memory = create_guest_memory(16, crate::vstate::memory::Sharing::Private).unwrap();
+    let (mut guest, queues) = Guest::new(&memory);
+    let mut device = vsock(dir.path());
+    device.tx_budget = 4;
+    device.activate(ActiveState { memory: memory.clone(), queues }).unwrap();
+    for port in 0..6 {
+        guest.send(OP_REQUEST, 1000 + port, 7000 + port, &[]);
+    }
+    assert!(device.queue_events()[TX_QUEUE].read().is_err(), "no kick yet");
+    assert!(device.process_tx());
+    assert_eq!(guest.tx.used().idx().load(), 4, "one budget's worth");
+    assert_eq!(device.queue_events()[TX_QUEUE].read().unwrap(), 1, "the rest waits for a kick of its own");
+    assert!(device.process_tx());
+    assert_eq!(guest.tx.used().idx().load(), 6);
+    assert!(device.queue_events()[TX_QUEUE].read().is_err(), "nothing left, no kick");
+}
