@@ -2,8 +2,9 @@
 //! vhost-device-vsock, virtiofsd), after Firecracker's jailer. In order: wait until the shim has
 //! put it into the sandbox's cgroup, new mount, PID, IPC and UTS namespaces, a fork so that the
 //! helper is PID 1 of its namespace, a tmpfs root holding only what the helper needs and
-//! `pivot_root` into it, resource limits, every capability dropped (bar those a root helper is
-//! told to keep), the sandbox's uid and gid, no_new_privs, and exec.
+//! `pivot_root` into it, resource limits, for a file server a user namespace of its own (the
+//! sandbox's ids standing for the host's root there), every capability dropped (bar those a root
+//! helper is told to keep), the sandbox's uid and gid, no_new_privs, and exec.
 
 pub mod privileges;
 pub mod root;
@@ -65,8 +66,14 @@ pub fn run(spec: &JailSpec) -> Result<Infallible, Error> {
         | CloneFlags::CLONE_NEWIPC
         | CloneFlags::CLONE_NEWUTS;
     unshare(namespaces).map_err(Error::Unshare)?;
-    let parent = supervisor::fork_helper()?;
+    let id_maps = spec.user_namespace.then(|| supervisor::IdMaps {
+        uid_map: spec::swapped_with_root(spec.uid),
+        gid_map: spec::swapped_with_root(spec.gid),
+    });
+    let mut parent = supervisor::fork_helper(id_maps)?;
     root::enter(spec)?;
+    privileges::set_host_name_and_limits(spec)?;
+    parent.enter_user_namespace()?;
     privileges::drop_all(spec)?;
     parent.die_with_parent()?;
     let source = std::process::Command::new(&spec.program).args(&spec.args).exec();

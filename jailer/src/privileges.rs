@@ -40,10 +40,15 @@ pub enum Error {
     NoNewPrivs(#[source] nix::Error),
 }
 
-/// Applies everything above to the current process, which then only executes the helper.
-pub fn drop_all(spec: &JailSpec) -> Result<(), Error> {
+/// The host name and the resource limits: set while the jailer is still the host's root (the UTS
+/// namespace belongs to the host's user namespace).
+pub fn set_host_name_and_limits(spec: &JailSpec) -> Result<(), Error> {
     nix::unistd::sethostname(HOSTNAME).map_err(Error::Hostname)?;
-    set_limits(spec)?;
+    set_limits(spec)
+}
+
+/// Drops the rest of what the helper must not have; the current process then only executes it.
+pub fn drop_all(spec: &JailSpec) -> Result<(), Error> {
     let kept: CapsHashSet = spec.keep_caps.iter().copied().collect();
     shrink_bounding_set(&kept)?;
     become_sandbox_identity(spec, &kept)?;
@@ -78,17 +83,22 @@ fn shrink_bounding_set(kept: &CapsHashSet) -> Result<(), Error> {
     Ok(())
 }
 
-/// Switches to the sandbox's ids. A non-root switch clears the permitted and effective sets
-/// (no keep-caps); the inheritable and ambient sets are cleared here either way.
+/// Switches to the sandbox's ids: as they are seen where the helper runs, so 0 in a user
+/// namespace of its own (the sandbox's ids on the host). A switch away from root clears the
+/// permitted and effective sets (no keep-caps); the inheritable and ambient sets are cleared here
+/// either way.
 fn become_sandbox_identity(spec: &JailSpec, kept: &CapsHashSet) -> Result<(), Error> {
-    let (uid, gid) = (Uid::from_raw(spec.uid), Gid::from_raw(spec.gid));
+    let (inside_uid, inside_gid) = if spec.user_namespace { (0, 0) } else { (spec.uid, spec.gid) };
+    let (uid, gid) = (Uid::from_raw(inside_uid), Gid::from_raw(inside_gid));
     let identity = |source| Error::Identity { uid: spec.uid, gid: spec.gid, source };
     let caps_err = |action| move |source| Error::Capabilities { action, source };
     caps::clear(None, CapSet::Ambient).map_err(caps_err("clear ambient"))?;
     caps::clear(None, CapSet::Inheritable).map_err(caps_err("clear inheritable"))?;
     setgroups(&[gid]).map_err(identity)?;
     setresgid(gid, gid, gid).map_err(identity)?;
-    if spec.uid == 0 {
+    if inside_uid == 0 {
+        // In its user namespace the jailer is the host root's stand-in until here.
+        setresuid(uid, uid, uid).map_err(identity)?;
         caps::set(None, CapSet::Effective, kept).map_err(caps_err("set effective"))?;
         return caps::set(None, CapSet::Permitted, kept).map_err(caps_err("set permitted"));
     }

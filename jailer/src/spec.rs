@@ -21,8 +21,10 @@ pub enum Error {
     NotAbsolute { flag: &'static str, path: PathBuf },
     #[error("--keep-cap {0}: not a capability name")]
     UnknownCapability(String),
-    #[error("--keep-cap needs --uid 0: an unprivileged helper holds no capabilities")]
+    #[error("--keep-cap needs --uid 0 or --user-namespace: an unprivileged helper holds no capabilities")]
     CapabilitiesWithoutRoot,
+    #[error("--user-namespace needs a --uid and --gid other than 0: they stand for the host's root there")]
+    UserNamespaceAsRoot,
     #[error("--rlimit-nofile and --rlimit-nproc must be at least 1")]
     ZeroLimit,
 }
@@ -57,8 +59,13 @@ pub struct Args {
     /// /dev/net/tun inside, owned by the helper.
     #[arg(long)]
     pub tun: bool,
-    /// A capability the helper keeps (uid 0 only), e.g. CAP_CHOWN; every other one is dropped from
-    /// the bounding set.
+    /// The helper runs as root of a user namespace of its own, in which --uid and --gid stand for
+    /// the host's root and every other id for itself: on the host it is --uid, inside it keeps
+    /// --keep-cap over files of any owner (a file server acting as the guest's users).
+    #[arg(long = "user-namespace")]
+    pub user_namespace: bool,
+    /// A capability the helper keeps (uid 0 or --user-namespace only), e.g. CAP_CHOWN; every other
+    /// one is dropped from the bounding set.
     #[arg(long = "keep-cap")]
     pub keep_cap: Vec<String>,
     #[arg(long = "rlimit-nofile", default_value_t = DEFAULT_NOFILE)]
@@ -96,6 +103,7 @@ impl Args {
         }
         line.extend(self.kvm.then(|| "--kvm".into()));
         line.extend(self.tun.then(|| "--tun".into()));
+        line.extend(self.user_namespace.then(|| "--user-namespace".into()));
         for cap in &self.keep_cap {
             line.extend(["--keep-cap".into(), cap.into()]);
         }
@@ -151,6 +159,8 @@ pub struct JailSpec {
     pub binds: Vec<Bind>,
     pub devices: Vec<Device>,
     pub keep_caps: Vec<Capability>,
+    /// Root of a user namespace of its own ([`Args::user_namespace`]).
+    pub user_namespace: bool,
     pub limits: Limits,
     pub program: PathBuf,
     pub args: Vec<OsString>,
@@ -176,7 +186,10 @@ impl JailSpec {
         }
         let keep_caps =
             args.keep_cap.iter().map(|name| parse_capability(name)).collect::<Result<Vec<_>, _>>()?;
-        if !keep_caps.is_empty() && args.uid != 0 {
+        if args.user_namespace && (args.uid == 0 || args.gid == 0) {
+            return Err(Error::UserNamespaceAsRoot);
+        }
+        if !keep_caps.is_empty() && args.uid != 0 && !args.user_namespace {
             return Err(Error::CapabilitiesWithoutRoot);
         }
         if args.rlimit_nofile == 0 || args.rlimit_nproc == 0 {
@@ -194,6 +207,7 @@ impl JailSpec {
             binds: plan_binds(requested),
             devices,
             keep_caps,
+            user_namespace: args.user_namespace,
             limits: Limits { nofile: args.rlimit_nofile, nproc: args.rlimit_nproc },
             program,
             args: command.collect(),
@@ -237,6 +251,19 @@ pub fn system_binds() -> Vec<Bind> {
         .collect()
 }
 
+/// The uid_map (or gid_map) of a helper's user namespace for sandbox id `id` (not 0): `id` and 0
+/// swapped, every other id itself, up to the largest valid one. The helper, root inside, is `id`
+/// on the host; files of the host's root are owned by `id` inside.
+pub fn swapped_with_root(id: u32) -> String {
+    let below = id - 1;
+    let above = u32::MAX - (id + 1);
+    [(0, id, 1), (1, 1, below), (id, 0, 1), (id + 1, id + 1, above)]
+        .into_iter()
+        .filter(|(_, _, count)| *count > 0)
+        .map(|(inside, outside, count)| format!("{inside} {outside} {count}\n"))
+        .collect()
+}
+
 fn absolute(flag: &'static str, path: &Path) -> Result<(), Error> {
     let plain = path.is_absolute() && path.components().skip(1).all(|c| matches!(c, Component::Normal(_)));
     if plain {
@@ -275,6 +302,7 @@ mod tests {
             bind_rw: vec!["/run/s/vm".into()],
             kvm: true,
             tun: true,
+            user_namespace: true,
             keep_cap: vec!["CAP_CHOWN".into(), "CAP_SETPCAP".into()],
             rlimit_nofile: 65_536,
             rlimit_nproc: 7,
@@ -284,7 +312,14 @@ mod tests {
         let parsed =
             Args::try_parse_from(std::iter::once(OsString::from("ironclad-jailer")).chain(line)).unwrap();
         assert_eq!(parsed, written);
-        let bare = Args { uid_lock: None, kvm: false, tun: false, keep_cap: Vec::new(), ..written };
+        let bare = Args {
+            uid_lock: None,
+            kvm: false,
+            tun: false,
+            user_namespace: false,
+            keep_cap: Vec::new(),
+            ..written
+        };
         let parsed = Args::try_parse_from(
             std::iter::once(OsString::from("ironclad-jailer")).chain(bare.to_command_line()),
         )
@@ -347,6 +382,36 @@ mod tests {
         };
         assert_eq!(root("cap_chown").unwrap().keep_caps, [Capability::CAP_CHOWN]);
         assert!(matches!(root("CAP_TIME_TRAVEL").unwrap_err(), Error::UnknownCapability(_)));
+    }
+
+    #[test]
+    fn a_user_namespace_keeps_capabilities_for_a_sandbox_uid_and_never_stands_for_root() {
+        let argv = ["--user-namespace", "--keep-cap", "CAP_CHOWN", "--", "/bin/true"];
+        let spec = JailSpec::from_args(args(&argv), usr()).unwrap();
+        assert!(spec.user_namespace);
+        assert_eq!((spec.uid, spec.keep_caps.as_slice()), (900_001, &[Capability::CAP_CHOWN][..]));
+        let as_root =
+            ["j", "--uid", "0", "--gid", "0", "--root", "/r", "--user-namespace", "--", "/bin/true"];
+        let err = JailSpec::from_args(Args::try_parse_from(as_root).unwrap(), usr()).unwrap_err();
+        assert!(matches!(err, Error::UserNamespaceAsRoot), "{err}");
+    }
+
+    #[test]
+    fn the_user_namespace_swaps_the_sandbox_id_with_root_and_maps_every_other_id_to_itself() {
+        assert_eq!(
+            swapped_with_root(900_001),
+            "0 900001 1\n1 1 900000\n900001 0 1\n900002 900002 4294067293\n"
+        );
+        // Every id up to 4294967294 (the largest valid one), each inside and outside once.
+        let lines: Vec<(u64, u64, u64)> = swapped_with_root(900_001)
+            .lines()
+            .map(|line| {
+                let n: Vec<u64> = line.split(' ').map(|f| f.parse().unwrap()).collect();
+                (n[0], n[1], n[2])
+            })
+            .collect();
+        assert_eq!(lines.iter().map(|l| l.2).sum::<u64>(), u64::from(u32::MAX));
+        assert_eq!(swapped_with_root(1), "0 1 1\n1 0 1\n2 2 4294967293\n", "no empty range");
     }
 
     #[test]

@@ -23,36 +23,87 @@ pub enum Error {
     DeathSignal(#[source] nix::Error),
     #[error("the jailer died before the helper started")]
     Orphaned,
+    #[error("cannot enter a user namespace of the helper's own")]
+    UserNamespace(#[source] nix::Error),
+    #[error("the jailer did not map the ids of the helper's user namespace (its error is above)")]
+    IdsNotMapped,
+}
+
+/// The uid_map and gid_map the parent writes for the helper's user namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdMaps {
+    pub uid_map: String,
+    pub gid_map: String,
+}
+
+/// The child's end of the user-namespace handshake: it says it has entered the namespace, the
+/// parent (still the host's root, which the child no longer is there) writes the maps and says so.
+struct Handshake {
+    entered: std::fs::File,
+    mapped: std::fs::File,
 }
 
 /// The child's tie to the parent: the read end of a pipe only the parent holds open.
-pub struct ParentLink(std::os::fd::OwnedFd);
+pub struct ParentLink {
+    alive: std::os::fd::OwnedFd,
+    user_namespace: Option<Handshake>,
+}
 
 impl ParentLink {
+    /// Enters a new user namespace whose ids the parent maps; a no-op without one asked for.
+    pub fn enter_user_namespace(&mut self) -> Result<(), Error> {
+        use std::io::{Read, Write};
+        let Some(mut handshake) = self.user_namespace.take() else { return Ok(()) };
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER).map_err(Error::UserNamespace)?;
+        handshake.entered.write_all(ENTERED).map_err(|err| Error::UserNamespace(errno_of(&err)))?;
+        let mut answer = [0u8; 1];
+        match handshake.mapped.read(&mut answer) {
+            Ok(1) if answer == *MAPPED => Ok(()),
+            _ => Err(Error::IdsNotMapped),
+        }
+    }
+
     /// Arms the parent-death signal (again: the kernel clears it whenever the effective or
     /// file-system uid or gid changes, so the jail arms it last, just before exec) and checks the
     /// parent did not die before.
     pub fn die_with_parent(&self) -> Result<(), Error> {
         nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(Error::DeathSignal)?;
-        if parent_gone(&self.0) {
+        if parent_gone(&self.alive) {
             return Err(Error::Orphaned);
         }
         Ok(())
     }
 }
 
-/// Returns in the child, ready to become the helper; the parent never returns.
-pub fn fork_helper() -> Result<ParentLink, Error> {
+/// What the child writes once it is in its user namespace, and the parent once it mapped the ids.
+const ENTERED: &[u8; 1] = b"u";
+const MAPPED: &[u8; 1] = b"m";
+
+/// Returns in the child, ready to become the helper; the parent never returns. With `id_maps`,
+/// the parent writes them for the user namespace the child enters ([`ParentLink::enter_user_namespace`]).
+pub fn fork_helper(id_maps: Option<IdMaps>) -> Result<ParentLink, Error> {
     let watched = watched_signals();
     watched.thread_block().map_err(Error::Block)?;
     // Held open by the parent alone: its end tells the child whether the parent still lives
     // (getppid cannot, the parent being outside the child's PID namespace).
-    let (alive_read, alive_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(Error::Fork)?;
+    let (alive_read, alive_write) = pipe()?;
+    let handshake = match id_maps {
+        // The host's /proc, opened now: once the child pivots into the jail (a mount namespace
+        // the parent shares), /proc there is the jail's, where the child is PID 1.
+        Some(_) => {
+            Some((pipe()?, pipe()?, std::fs::File::open("/proc").map_err(|err| Error::Fork(errno_of(&err)))?))
+        }
+        None => None,
+    };
     // SAFETY: the jailer is single-threaded, so the child may do anything the parent could.
     match unsafe { fork() }.map_err(Error::Fork)? {
         ForkResult::Child => {
             drop(alive_write);
-            let link = ParentLink(alive_read);
+            let user_namespace = handshake.map(|((_, entered), (mapped, _), _)| Handshake {
+                entered: std::fs::File::from(entered),
+                mapped: std::fs::File::from(mapped),
+            });
+            let link = ParentLink { alive: alive_read, user_namespace };
             link.die_with_parent()?;
             watched.thread_unblock().map_err(Error::Block)?;
             Ok(link)
@@ -61,9 +112,54 @@ pub fn fork_helper() -> Result<ParentLink, Error> {
             drop(alive_read);
             // Kept open for as long as the parent lives.
             std::mem::forget(alive_write);
+            if let (Some(maps), Some(((entered, _), (_, mapped), proc))) = (id_maps, handshake) {
+                let ends = (std::fs::File::from(entered), std::fs::File::from(mapped));
+                map_child_ids(child, &maps, &proc, ends);
+            }
             supervise(child, &watched)
         }
     }
+}
+
+fn pipe() -> Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd), Error> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(Error::Fork)
+}
+
+/// Waits for the child to enter its user namespace, then writes its maps (one write each, as
+/// the kernel wants) and tells it. A child that died first is reaped by the supervision; one whose
+/// maps cannot be written is told nothing, and fails.
+fn map_child_ids(
+    child: Pid,
+    maps: &IdMaps,
+    proc: &std::fs::File,
+    (mut entered, mut mapped): (std::fs::File, std::fs::File),
+) {
+    use std::io::{Read, Write};
+    let mut said = [0u8; 1];
+    if !matches!(entered.read(&mut said), Ok(1) if said == *ENTERED) {
+        return;
+    }
+    let write_map = |name: &str, map: &str| -> std::io::Result<()> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let path = format!("{child}/{name}");
+        let flags = nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC;
+        let fd =
+            nix::fcntl::openat(Some(proc.as_raw_fd()), path.as_str(), flags, nix::sys::stat::Mode::empty())?;
+        // SAFETY: `fd` was just opened here and is owned by the file from now on.
+        let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.write_all(map.as_bytes())
+    };
+    let written = write_map("uid_map", &maps.uid_map).and_then(|()| write_map("gid_map", &maps.gid_map));
+    match written {
+        Ok(()) => {
+            let _ = mapped.write_all(MAPPED);
+        }
+        Err(err) => eprintln!("ironclad-jailer: cannot map the ids of the helper's user namespace: {err}"),
+    }
+}
+
+fn errno_of(err: &std::io::Error) -> nix::Error {
+    err.raw_os_error().map_or(nix::Error::EIO, nix::Error::from_raw)
 }
 
 /// The pipe's other end is closed: its only holder, the parent, is gone.

@@ -38,10 +38,12 @@ const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 const CGROUP_EMPTY_WAIT: Duration = Duration::from_secs(3);
 /// Below each hierarchy's root.
 const CGROUP_PARENT: &str = "ironclad";
-/// The capabilities virtiofsd keeps, as root: a file server that creates files as the guest's
-/// users and keeps their owners and modes (Kata's list), SYS_ADMIN for its own sandbox (a mount
-/// namespace pivoted into the shared directory) and SETPCAP, with which it shrinks its own
-/// bounding set further to the first list (it fails to start without).
+/// The capabilities virtiofsd keeps, as root of its user namespace (the sandbox's uid on the
+/// host): a file server that creates files as the guest's users and keeps their owners and modes
+/// (Kata's list), SYS_ADMIN for its own sandbox (a mount namespace pivoted into the shared
+/// directory) and SETPCAP, with which it shrinks its own bounding set further to the first list
+/// (it fails to start without). They count for the files its namespace maps, none for the host:
+/// MKNOD, for one, makes no device node there.
 const FILE_SERVER_CAPS: &[&str] = &[
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
@@ -116,8 +118,8 @@ pub struct Confinement {
     pub writable: Vec<PathBuf>,
     pub kvm: bool,
     pub tun: bool,
-    /// virtiofsd: stays root with [`FILE_SERVER_CAPS`], as it must act as the owners of the
-    /// files it serves.
+    /// virtiofsd: root of a user namespace of its own with [`FILE_SERVER_CAPS`], as it must act as
+    /// the owners of the files it serves; the sandbox's uid on the host.
     pub file_server: bool,
 }
 
@@ -218,21 +220,21 @@ impl Jail {
     }
 
     fn jailer_args(&self, program: &Path, args: &[OsString], confinement: &Confinement) -> Vec<OsString> {
-        let id = if confinement.file_server { 0 } else { self.uid };
         let keep_cap = if confinement.file_server {
             FILE_SERVER_CAPS.iter().map(|cap| (*cap).to_string()).collect()
         } else {
             Vec::new()
         };
         ironclad_jailer::Args {
-            uid: id,
-            gid: id,
+            uid: self.uid,
+            gid: self.uid,
             root: JAIL_ROOT_MOUNT_POINT.into(),
             uid_lock: Some(self.lock_path.clone()),
             bind_ro: confinement.read_only.clone(),
             bind_rw: confinement.writable.clone(),
             kvm: confinement.kvm,
             tun: confinement.tun,
+            user_namespace: confinement.file_server,
             keep_cap,
             rlimit_nofile: if confinement.file_server { file_server_nofile() } else { HELPER_NOFILE },
             rlimit_nproc: ironclad_jailer::spec::DEFAULT_NPROC,
@@ -441,10 +443,13 @@ mod tests {
     }
 
     #[test]
-    fn the_file_server_alone_stays_root_with_a_file_servers_capabilities() {
+    fn the_file_server_alone_is_root_of_a_user_namespace_with_a_file_servers_capabilities() {
         let confinement = Confinement { file_server: true, ..Default::default() };
         let line = strings(jail(900_007).jailer_args(Path::new("/v"), &[], &confinement));
-        assert_eq!(&line[..4], ["--uid", "0", "--gid", "0"]);
+        assert_eq!(&line[..4], ["--uid", "900007", "--gid", "900007"]);
+        assert!(line.iter().any(|a| a == "--user-namespace"));
+        let monitor = strings(jail(900_007).jailer_args(Path::new("/q"), &[], &Confinement::default()));
+        assert!(!monitor.iter().any(|a| a == "--user-namespace" || a == "--keep-cap"));
         let kept: Vec<&String> = line.windows(2).filter(|w| w[0] == "--keep-cap").map(|w| &w[1]).collect();
         assert_eq!(kept.len(), FILE_SERVER_CAPS.len());
         assert!(!line.iter().any(|a| a == "CAP_SYS_PTRACE" || a == "CAP_NET_ADMIN"));

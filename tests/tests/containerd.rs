@@ -3,7 +3,7 @@
 //! containerd end to end: a private containerd runs busybox containers with the ironclad runtime
 //! (the qemu backend here; ironclad-vmm where the CPU has vmx/svm), through `ctr` as a user would.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -231,7 +231,11 @@ fn host_directories_and_files_reach_the_guest_through_the_shared_directory() {
     let flags: Vec<&str> = mounts.iter().flat_map(|m| ["--mount", m.as_str()]).collect();
     // Each side writes its file under another name and renames it into place: the other side,
     // which polls for the name, never reads it half written (nor caches it empty).
-    let script = "cat /etc/greeting; cat /ro/config; \
+    // Owners cross unchanged both ways (virtiofsd runs as the sandbox's uid in a user namespace
+    // of its own, the guest's ids translated back): the host's root is the guest's, and a file
+    // the guest gives to 1234:5678 is theirs on the host.
+    let script = "cat /etc/greeting; cat /ro/config; stat -c %u:%g /ro/config; \
+                  touch /rw/owned && chown 1234:5678 /rw/owned; \
                   echo written > /rw/.from-guest && mv /rw/.from-guest /rw/from-guest && echo rw-ok; \
                   if echo x > /ro/refused 2>/dev/null; then echo ro-writable; else echo ro-refused; fi; \
                   while [ ! -e /rw/from-host-later ]; do sleep 0.1; done; cat /rw/from-host-later";
@@ -253,11 +257,17 @@ fn host_directories_and_files_reach_the_guest_through_the_shared_directory() {
     let stdout = stdout_of(&containerd, &output);
     assert_eq!(
         stdout,
-        "hello from the host\nfrom the host\nrw-ok\nro-refused\nchanged on the host\n",
+        "hello from the host\nfrom the host\n0:0\nrw-ok\nro-refused\nchanged on the host\n",
         "{}",
         containerd.log_tail()
     );
     assert_eq!(writer.join().unwrap(), "written\n", "the guest's write is on the host");
+    let owner = |path: &Path| {
+        let meta = std::fs::metadata(path).unwrap();
+        (std::os::unix::fs::MetadataExt::uid(&meta), std::os::unix::fs::MetadataExt::gid(&meta))
+    };
+    assert_eq!(owner(&dir.path().join("rw/from-guest")), (0, 0), "the guest's root wrote as the host's");
+    assert_eq!(owner(&dir.path().join("rw/owned")), (1234, 5678));
     assert!(!ro.join("refused").exists());
     containerd.assert_nothing_left("share1");
     // The host's directories and files are still there, as they were.
@@ -265,8 +275,9 @@ fn host_directories_and_files_reach_the_guest_through_the_shared_directory() {
     assert_eq!(std::fs::read_to_string(&greeting).unwrap(), "hello from the host\n");
 }
 
-/// The most virtiofsd may hold: CHOWN, DAC_OVERRIDE, FOWNER, FSETID, SETGID, SETUID, SETPCAP,
-/// SYS_ADMIN, MKNOD and SETFCAP (the shim's FILE_SERVER_CAPS); virtiofsd shrinks it further itself.
+/// The most virtiofsd may hold, in its own user namespace: CHOWN, DAC_OVERRIDE, FOWNER, FSETID,
+/// SETGID, SETUID, SETPCAP, SYS_ADMIN, MKNOD and SETFCAP (the shim's FILE_SERVER_CAPS); virtiofsd
+/// shrinks it further itself.
 const FILE_SERVER_CAPS: u64 = 0x8820_01db;
 
 #[test]
@@ -294,10 +305,14 @@ fn the_sandboxs_helpers_run_jailed_as_its_own_uid_in_its_cgroup() {
     for helper in &helpers {
         let what = format!("{} ({}): {}", helper.comm, helper.pid, helper.status);
         let file_server = helper.comm == "virtiofsd";
-        let (expected_uid, allowed_caps) =
-            if file_server { ("0", FILE_SERVER_CAPS) } else { (uid.as_str(), 0) };
-        assert_eq!(helper.field("Uid"), [expected_uid; 4].join("\t"), "{what}");
-        assert_eq!(helper.field("Gid"), [expected_uid; 4].join("\t"), "{what}");
+        // Every helper runs as the sandbox's uid; virtiofsd keeps its capabilities in a user
+        // namespace of its own, where they reach only the files of the ids it maps.
+        let allowed_caps = if file_server { FILE_SERVER_CAPS } else { 0 };
+        assert_eq!(helper.field("Uid"), [uid.as_str(); 4].join("\t"), "{what}");
+        assert_eq!(helper.field("Gid"), [uid.as_str(); 4].join("\t"), "{what}");
+        let user_namespace = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/user")).unwrap();
+        let own_user_namespace = user_namespace(&helper.pid.to_string()) != user_namespace("self");
+        assert_eq!(own_user_namespace, file_server, "{what}");
         for set in ["CapInh", "CapPrm", "CapEff", "CapAmb", "CapBnd"] {
             let held = u64::from_str_radix(helper.field(set), 16).unwrap();
             assert_eq!(held & !allowed_caps, 0, "{set} of {what}");

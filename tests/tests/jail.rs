@@ -47,8 +47,18 @@ impl Probe {
 
     /// Runs `script` in the jail with the VM directory writable; its status and output.
     async fn run(&self, script: &str) -> (std::process::ExitStatus, String, String) {
+        self.run_confined(script, false).await
+    }
+
+    /// The same, as the file server (virtiofsd) when `file_server`.
+    async fn run_confined(
+        &self,
+        script: &str,
+        file_server: bool,
+    ) -> (std::process::ExitStatus, String, String) {
         let jail = self.jail.as_ref().unwrap();
-        let confinement = Confinement { writable: vec![self.vm_dir.clone()], ..Default::default() };
+        let confinement =
+            Confinement { writable: vec![self.vm_dir.clone()], file_server, ..Default::default() };
         let mut command = jail.command(Path::new("/bin/sh"), &["-c".into(), script.into()], &confinement);
         command.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
         let mut child = command.spawn().unwrap();
@@ -140,6 +150,58 @@ async fn a_probe_in_the_jail_sees_only_its_own_files_and_processes_and_holds_not
     let task_dir = probe.task_dir.clone();
     drop(probe);
     assert!(cgroup_dirs(&task_dir).is_empty(), "the cgroup is removed: {:?}", cgroup_dirs(&task_dir));
+}
+
+/// The file server's jail: root of a user namespace of its own, the sandbox's uid on the host, its
+/// capabilities reaching the files of any owner there but no device it could make.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_server_probe_is_the_sandboxs_uid_on_the_host_and_root_only_in_its_namespace() {
+    let probe = Probe::new("fileserver1");
+    let uid = probe.jail.as_ref().unwrap().uid();
+    let roots = probe.vm_dir.join("roots");
+    std::fs::write(&roots, "the host root's\n").unwrap();
+    std::fs::set_permissions(&roots, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let script = format!(
+        "echo inside=$(id -u):$(id -g); echo map: $(cat /proc/self/uid_map); \
+         grep -E '^(CapEff|NoNewPrivs)' /proc/self/status; \
+         echo owner=$(stat -c %u:%g {roots}); cat {roots}; \
+         echo made > {vm}/made; chown 1234:5678 {vm}/made && echo chowned; \
+         mknod {vm}/mem c 1 1 2>/dev/null && echo device-made || echo no-device",
+        roots = roots.display(),
+        vm = probe.vm_dir.display(),
+    );
+    let (status, stdout, stderr) = probe.run_confined(&script, true).await;
+    assert!(status.success(), "{status}: {stdout}{stderr}");
+    let has = |line: &str| stdout.lines().any(|l| l == line);
+    assert!(has("inside=0:0"), "{stdout}");
+    assert!(
+        has(&format!(
+            "map: 0 {uid} 1 1 1 {} {uid} 0 1 {} {} {}",
+            uid - 1,
+            uid + 1,
+            uid + 1,
+            u32::MAX - uid - 1
+        )),
+        "{stdout}"
+    );
+    assert!(!has("CapEff:\t0000000000000000") && has("NoNewPrivs:\t1"), "{stdout}");
+    // The host's root is the sandbox's uid there, and its 0600 file is served.
+    assert!(has(&format!("owner={uid}:{uid}")) && has("the host root's"), "{stdout}");
+    assert!(has("chowned") && has("no-device"), "{stdout}");
+    let made = std::fs::metadata(probe.vm_dir.join("made")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        (made.uid(), made.gid()),
+        (1234, 5678),
+        "ids other than root's and the sandbox's are themselves"
+    );
+    std::fs::remove_file(probe.vm_dir.join("made")).unwrap();
+    // A file it makes as itself is the sandbox uid's on the host.
+    let (status, _, stderr) =
+        probe.run_confined(&format!("echo x > {}/own", probe.vm_dir.display()), true).await;
+    assert!(status.success(), "{stderr}");
+    let own = std::fs::metadata(probe.vm_dir.join("own")).unwrap();
+    assert_eq!((own.uid(), own.gid()), (uid, uid), "virtiofsd is the sandbox's uid on the host");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
