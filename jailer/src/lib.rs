@@ -6,6 +6,7 @@
 //! sandbox's ids standing for the host's root there), every capability dropped (bar those a root
 //! helper is told to keep), the sandbox's uid and gid, no_new_privs, and exec.
 
+pub mod libraries;
 pub mod privileges;
 pub mod root;
 pub mod spec;

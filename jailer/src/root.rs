@@ -9,6 +9,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::{major, makedev, minor, mknod, Mode, SFlag};
 use nix::unistd::{chown, pivot_root, Gid, Uid};
 
+use crate::libraries::Library;
 use crate::spec::{Bind, JailSpec, SYSTEM_LINKS};
 
 /// The tmpfs root holds directories, links and device nodes only.
@@ -57,6 +58,9 @@ pub fn enter(spec: &JailSpec) -> Result<(), Error> {
     link_system_names(root)?;
     for bind in &spec.binds {
         place_bind(root, bind)?;
+    }
+    for library in &spec.libraries {
+        place_library(root, library)?;
     }
     make_devices(root, spec)?;
     let proc_dir = inside(root, Path::new("/proc"));
@@ -128,6 +132,25 @@ fn place_bind(root: &Path, bind: &Bind) -> Result<(), Error> {
     flags |= if bind.writable { MsFlags::MS_NOEXEC } else { MsFlags::MS_RDONLY };
     mount(None::<&str>, &target, None::<&str>, flags, None::<&str>)
         .map_err(mount_err("restrict the bind of", &bind.path))
+}
+
+/// The library's file, bound read-only at its own path, and a link to it where the loader looks
+/// for it through a link of the host's (libc.so.6 -> libc-2.36.so, say).
+fn place_library(root: &Path, library: &Library) -> Result<(), Error> {
+    place_bind(root, &Bind { path: library.file.clone(), writable: false })?;
+    let Some(link) = library.link() else { return Ok(()) };
+    let inside_link = inside(root, &link);
+    if std::fs::symlink_metadata(&inside_link).is_ok() {
+        return Ok(());
+    }
+    if let Some(parent) = inside_link.parent() {
+        create_dir(parent)?;
+    }
+    std::os::unix::fs::symlink(&library.file, &inside_link).map_err(|source| Error::Io {
+        action: "link",
+        path: inside_link,
+        source,
+    })
 }
 
 /// The common nodes, and the helper's own /dev/kvm and /dev/net/tun (readable by it alone).

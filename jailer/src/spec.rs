@@ -6,11 +6,10 @@ use std::path::{Component, Path, PathBuf};
 use caps::Capability;
 use clap::Parser;
 
-/// Directories of the host's system that a dynamically linked helper needs read-only: its loader
-/// and libraries, and QEMU's firmware (all under /usr on a merged-/usr system like Debian 12).
-pub const SYSTEM_DIRS: &[&str] = &["/usr"];
-/// Top-level names that merged-/usr systems make links into /usr; kept as the same links, or bound
-/// read-only where they are real directories.
+use crate::libraries::Library;
+
+/// Top-level names that merged-/usr systems make links into /usr; kept as the same links inside
+/// (the loader's path in every binary names one).
 pub const SYSTEM_LINKS: &[&str] = &["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"];
 /// The loader's cache of library paths: without it the loader searches its default directories.
 pub const LOADER_CACHE: &str = "/etc/ld.so.cache";
@@ -27,6 +26,8 @@ pub enum Error {
     UserNamespaceAsRoot,
     #[error("--rlimit-nofile and --rlimit-nproc must be at least 1")]
     ZeroLimit,
+    #[error("cannot tell what the helper loads")]
+    Libraries(#[from] crate::libraries::Error),
 }
 
 /// `ironclad-jailer [options] -- PROGRAM [ARGS...]`. Started as root by the shim, with the
@@ -155,8 +156,10 @@ pub struct JailSpec {
     pub gid: u32,
     pub root: PathBuf,
     pub uid_lock: Option<PathBuf>,
-    /// In mount order; none lies inside an earlier one.
+    /// In mount order; none lies inside an earlier one. The program's libraries come last.
     pub binds: Vec<Bind>,
+    /// The program's libraries that lie in no other bind, each bound alone (see `libraries`).
+    pub libraries: Vec<Library>,
     pub devices: Vec<Device>,
     pub keep_caps: Vec<Capability>,
     /// Root of a user namespace of its own ([`Args::user_namespace`]).
@@ -168,8 +171,12 @@ pub struct JailSpec {
 
 impl JailSpec {
     /// `system_binds` are the host's read-only system paths (see [`system_binds`]); the program
-    /// itself is bound read-only too.
-    pub fn from_args(args: Args, system_binds: Vec<Bind>) -> Result<Self, Error> {
+    /// itself is bound read-only too, and what `libraries_of` says it loads.
+    pub fn from_args(
+        args: Args,
+        system_binds: Vec<Bind>,
+        libraries_of: impl FnOnce(&Path) -> Result<Vec<Library>, crate::libraries::Error>,
+    ) -> Result<Self, Error> {
         let mut command = args.command.into_iter();
         let program = PathBuf::from(command.next().unwrap_or_default());
         absolute("--", &program)?;
@@ -195,6 +202,14 @@ impl JailSpec {
         if args.rlimit_nofile == 0 || args.rlimit_nproc == 0 {
             return Err(Error::ZeroLimit);
         }
+        let binds = plan_binds(requested);
+        let mut libraries: Vec<Library> = Vec::new();
+        for library in libraries_of(&program)? {
+            let bound = binds.iter().any(|bind| library.file.starts_with(&bind.path));
+            if !bound && !libraries.iter().any(|earlier| earlier.file == library.file) {
+                libraries.push(library);
+            }
+        }
         let devices = [(args.kvm, Device::Kvm), (args.tun, Device::Tun)]
             .into_iter()
             .filter_map(|(wanted, device)| wanted.then_some(device))
@@ -204,7 +219,8 @@ impl JailSpec {
             gid: args.gid,
             root: args.root,
             uid_lock: args.uid_lock,
-            binds: plan_binds(requested),
+            binds,
+            libraries,
             devices,
             keep_caps,
             user_namespace: args.user_namespace,
@@ -237,17 +253,13 @@ fn plan_binds_resolved(requested: Vec<Bind>, resolve: impl Fn(&Path) -> Option<P
     planned
 }
 
-/// The system paths every helper gets read-only: /usr, the real directories among the
-/// top-level system names (links are recreated, see [`SYSTEM_LINKS`]) and the loader's cache.
+/// The system paths every helper gets read-only: the loader's cache (its libraries are bound one
+/// by one, see `libraries`).
 pub fn system_binds() -> Vec<Bind> {
-    let real_dirs = SYSTEM_LINKS.iter().filter(|name| {
-        std::fs::symlink_metadata(name).map(|meta| meta.file_type().is_dir()).unwrap_or(false)
-    });
-    SYSTEM_DIRS
-        .iter()
-        .chain(real_dirs)
-        .chain(Some(&LOADER_CACHE).filter(|cache| Path::new(cache).is_file()))
+    Some(LOADER_CACHE)
+        .filter(|cache| Path::new(cache).is_file())
         .map(|path| Bind { path: PathBuf::from(path), writable: false })
+        .into_iter()
         .collect()
 }
 
@@ -291,6 +303,10 @@ mod tests {
         vec![Bind { path: "/usr".into(), writable: false }]
     }
 
+    fn no_libraries(_: &Path) -> Result<Vec<Library>, crate::libraries::Error> {
+        Ok(Vec::new())
+    }
+
     #[test]
     fn a_command_line_written_for_a_jail_parses_back_into_it() {
         let written = Args {
@@ -329,11 +345,22 @@ mod tests {
 
     #[test]
     fn the_program_and_the_requested_paths_are_bound_once_each() {
+        let libraries = |program: &Path| {
+            assert_eq!(program, Path::new("/usr/bin/qemu"));
+            let library = |path: &str| Library { path: path.into(), file: path.into() };
+            Ok(vec![library("/usr/lib/libz.so.1"), library("/opt/lib/libq.so")])
+        };
         let spec = JailSpec::from_args(
             args(&["--bind-ro", "/k/bzImage", "--bind-rw", "/run/s/vm", "--", "/usr/bin/qemu", "-m", "256M"]),
             usr(),
+            libraries,
         )
         .unwrap();
+        // A library in a bound directory is there already.
+        assert_eq!(
+            spec.libraries,
+            [Library { path: "/opt/lib/libq.so".into(), file: "/opt/lib/libq.so".into() }]
+        );
         let paths: Vec<(&str, bool)> =
             spec.binds.iter().map(|b| (b.path.to_str().unwrap(), b.writable)).collect();
         // The program lies under /usr: no second bind for it.
@@ -363,22 +390,23 @@ mod tests {
             &["--bind-ro", "k/bzImage", "--", "/bin/true"][..],
             &["--bind-rw", "/run/../etc", "--", "/bin/true"],
         ] {
-            let err = JailSpec::from_args(args(bad), usr()).unwrap_err();
+            let err = JailSpec::from_args(args(bad), usr(), no_libraries).unwrap_err();
             assert!(matches!(err, Error::NotAbsolute { .. }), "{err}");
         }
-        let err = JailSpec::from_args(args(&["--", "true"]), usr()).unwrap_err();
+        let err = JailSpec::from_args(args(&["--", "true"]), usr(), no_libraries).unwrap_err();
         assert!(matches!(err, Error::NotAbsolute { flag: "--", .. }), "{err}");
     }
 
     #[test]
     fn capabilities_are_kept_only_by_root_and_only_known_ones() {
         let err =
-            JailSpec::from_args(args(&["--keep-cap", "CAP_CHOWN", "--", "/bin/true"]), usr()).unwrap_err();
+            JailSpec::from_args(args(&["--keep-cap", "CAP_CHOWN", "--", "/bin/true"]), usr(), no_libraries)
+                .unwrap_err();
         assert!(matches!(err, Error::CapabilitiesWithoutRoot), "{err}");
         let root = |cap: &str| {
             let argv =
                 ["j", "--uid", "0", "--gid", "0", "--root", "/r", "--keep-cap", cap, "--", "/bin/true"];
-            JailSpec::from_args(Args::try_parse_from(argv).unwrap(), usr())
+            JailSpec::from_args(Args::try_parse_from(argv).unwrap(), usr(), no_libraries)
         };
         assert_eq!(root("cap_chown").unwrap().keep_caps, [Capability::CAP_CHOWN]);
         assert!(matches!(root("CAP_TIME_TRAVEL").unwrap_err(), Error::UnknownCapability(_)));
@@ -387,12 +415,13 @@ mod tests {
     #[test]
     fn a_user_namespace_keeps_capabilities_for_a_sandbox_uid_and_never_stands_for_root() {
         let argv = ["--user-namespace", "--keep-cap", "CAP_CHOWN", "--", "/bin/true"];
-        let spec = JailSpec::from_args(args(&argv), usr()).unwrap();
+        let spec = JailSpec::from_args(args(&argv), usr(), no_libraries).unwrap();
         assert!(spec.user_namespace);
         assert_eq!((spec.uid, spec.keep_caps.as_slice()), (900_001, &[Capability::CAP_CHOWN][..]));
         let as_root =
             ["j", "--uid", "0", "--gid", "0", "--root", "/r", "--user-namespace", "--", "/bin/true"];
-        let err = JailSpec::from_args(Args::try_parse_from(as_root).unwrap(), usr()).unwrap_err();
+        let err =
+            JailSpec::from_args(Args::try_parse_from(as_root).unwrap(), usr(), no_libraries).unwrap_err();
         assert!(matches!(err, Error::UserNamespaceAsRoot), "{err}");
     }
 
@@ -416,12 +445,16 @@ mod tests {
 
     #[test]
     fn devices_and_limits_come_from_their_flags() {
-        let spec =
-            JailSpec::from_args(args(&["--kvm", "--tun", "--rlimit-nofile", "64", "--", "/bin/true"]), usr())
-                .unwrap();
+        let spec = JailSpec::from_args(
+            args(&["--kvm", "--tun", "--rlimit-nofile", "64", "--", "/bin/true"]),
+            usr(),
+            no_libraries,
+        )
+        .unwrap();
         assert_eq!(spec.devices, [Device::Kvm, Device::Tun]);
         assert_eq!(spec.limits, Limits { nofile: 64, nproc: 1024 });
-        let err = JailSpec::from_args(args(&["--rlimit-nproc", "0", "--", "/bin/true"]), usr()).unwrap_err();
+        let err = JailSpec::from_args(args(&["--rlimit-nproc", "0", "--", "/bin/true"]), usr(), no_libraries)
+            .unwrap_err();
         assert!(matches!(err, Error::ZeroLimit));
     }
 

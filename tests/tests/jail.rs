@@ -21,6 +21,16 @@ fn jailer() -> PathBuf {
     jailer
 }
 
+/// A static shell with its tools built in (busybox): the jail binds a program and the libraries
+/// it loads, and nothing else of the host's /usr.
+const BUSYBOX: &str = "/usr/bin/busybox";
+
+/// The jailer's command for `script`, run by the static shell in the jail.
+fn shell(jail: &Jail, script: &str, confinement: &Confinement) -> tokio::process::Command {
+    assert!(Path::new(BUSYBOX).is_file(), "apt-get install busybox-static");
+    jail.command(Path::new(BUSYBOX), &["sh".into(), "-c".into(), script.into()], confinement)
+}
+
 struct Probe {
     _dir: tempfile::TempDir,
     task_dir: PathBuf,
@@ -59,7 +69,7 @@ impl Probe {
         let jail = self.jail.as_ref().unwrap();
         let confinement =
             Confinement { writable: vec![self.vm_dir.clone()], file_server, ..Default::default() };
-        let mut command = jail.command(Path::new("/bin/sh"), &["-c".into(), script.into()], &confinement);
+        let mut command = shell(jail, script, &confinement);
         command.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
         let mut child = command.spawn().unwrap();
         jail.admit("probe", &mut child).await.unwrap();
@@ -105,6 +115,7 @@ async fn a_probe_in_the_jail_sees_only_its_own_files_and_processes_and_holds_not
          cat {other} 2>/dev/null && echo other-sandbox-readable || echo other-sandbox-hidden; \
          ls /home /root /var /run/containerd 2>/dev/null && echo host-dirs-visible || echo host-dirs-hidden; \
          touch /usr/probe 2>/dev/null && echo usr-writable || echo usr-read-only; \
+         echo usr: $(ls -A /usr) bin: $(ls -A /usr/bin); \
          echo from-the-jail > {vm}/written && echo vm-dir-writable; \
          echo hostname=$(cat /proc/sys/kernel/hostname)",
         other = other_secret.display(),
@@ -130,12 +141,17 @@ async fn a_probe_in_the_jail_sees_only_its_own_files_and_processes_and_holds_not
     expected.dedup();
     assert_eq!(root, expected, "{stdout}");
     assert_eq!(line("etc:"), "etc: ld.so.cache", "the loader's cache alone of /etc");
+    // Of the host's /usr only the program (a static one, so no library either).
+    assert_eq!(line("usr:"), "usr: bin bin: busybox", "{stdout}");
     // Its own PID namespace: the probe's shell and what it runs, nothing of the host's.
     let processes = line("processes:");
-    let others: Vec<&str> =
-        processes.split_whitespace().skip(1).filter(|comm| !["sh", "cat"].contains(comm)).collect();
+    let others: Vec<&str> = processes
+        .split_whitespace()
+        .skip(1)
+        .filter(|comm| !["busybox", "sh", "cat", "exe"].contains(comm))
+        .collect();
     assert!(others.is_empty(), "host processes seen: {others:?}");
-    assert_eq!(line("pid1:"), "pid1: sh");
+    assert_eq!(line("pid1:"), "pid1: busybox");
     for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
         assert!(line(set).ends_with("0000000000000000"), "{stdout}");
     }
@@ -224,8 +240,7 @@ async fn a_jailer_that_is_never_let_go_starts_nothing() {
     let jail = probe.jail.as_ref().unwrap();
     let marker = probe.vm_dir.join("ran");
     let script = format!("touch {}", marker.display());
-    let mut command =
-        jail.command(Path::new("/bin/sh"), &["-c".into(), script.into()], &Confinement::default());
+    let mut command = shell(jail, &script, &Confinement::default());
     command.stderr(std::process::Stdio::piped());
     let mut child = command.spawn().unwrap();
     // The shim gives up before the go-ahead: the pipe closes without it.
@@ -256,14 +271,13 @@ async fn a_helper_dies_with_its_jailer_and_gets_the_signals_passed_on() {
     let probe = Probe::new("probe5");
     let jail = probe.jail.as_ref().unwrap();
     let spawn = |script: &str| {
-        let mut command =
-            jail.command(Path::new("/bin/sh"), &["-c".into(), script.into()], &Confinement::default());
+        let mut command = shell(jail, script, &Confinement::default());
         command.stdout(std::process::Stdio::piped());
         command.spawn().unwrap()
     };
     // SIGKILL to the jailer (what the shim's kill-on-drop sends) takes the helper down, though it
     // runs as another uid than the one the jailer began as.
-    let mut child = spawn("sleep 1000");
+    let mut child = spawn("sleep 1000 & wait");
     jail.admit("probe", &mut child).await.unwrap();
     let jailer = child.id().unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

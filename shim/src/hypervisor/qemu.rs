@@ -38,6 +38,25 @@ pub struct QemuBackend {
     pub use_kvm: bool,
     /// QEMU's seccomp sandbox ([`QEMU_SANDBOX`]); on unless the config turns it off.
     pub sandbox: bool,
+    /// What QEMU reads besides its libraries, for its jail: [`data_dirs`].
+    pub data_dirs: Vec<PathBuf>,
+}
+
+/// Where QEMU finds its firmware and option ROMs (the microvm machine's qboot, PVH's loader) and
+/// its modules (TCG itself is one in Debian's build), relative to its binary as QEMU looks them
+/// up (`qemu-system-x86_64 -L help`); those that exist.
+pub fn data_dirs(qemu: &Path) -> Vec<PathBuf> {
+    let Some(prefix) =
+        std::fs::canonicalize(qemu).ok().and_then(|q| Some(q.parent()?.parent()?.to_path_buf()))
+    else {
+        return Vec::new();
+    };
+    let multiarch = format!("lib/{}-linux-gnu/qemu", std::env::consts::ARCH);
+    ["share/qemu", "share/seabios", "lib/ipxe/qemu", multiarch.as_str(), "lib/qemu"]
+        .into_iter()
+        .map(|dir| prefix.join(dir))
+        .filter(|dir| dir.is_dir())
+        .collect()
 }
 
 /// TCG's translated-code buffer (MiB). QEMU's default for system emulation is 1 GiB, filled as
@@ -79,7 +98,8 @@ impl QemuBackend {
             if use_kvm { "KVM" } else { "TCG software emulation" },
             host.explain()
         );
-        Ok(QemuBackend { qemu, vhost_device_vsock, virtiofsd, use_kvm, sandbox: true })
+        let data_dirs = data_dirs(&qemu);
+        Ok(QemuBackend { qemu, vhost_device_vsock, virtiofsd, use_kvm, sandbox: true, data_dirs })
     }
 
     /// Starts vhost-device-vsock (and virtiofsd for a shared directory), then QEMU. The sandbox
@@ -100,7 +120,8 @@ impl QemuBackend {
         }
         let args: Vec<OsString> =
             qemu_args(config, &paths, self.use_kvm, self.sandbox).into_iter().map(OsString::from).collect();
-        let confinement = config.monitor_confinement(paths.dir(), self.use_kvm);
+        let mut confinement = config.monitor_confinement(paths.dir(), self.use_kvm);
+        confinement.read_only.extend(self.data_dirs.iter().cloned());
         let mut vm = GuestVm::spawn(
             "QEMU",
             Launch::new(&self.qemu, args, jail, confinement).inheriting(config.monitor_fds()),
@@ -234,6 +255,7 @@ mod tests {
             virtiofsd: None,
             use_kvm: false,
             sandbox: true,
+            data_dirs: vec![],
         }
     }
 
@@ -336,6 +358,19 @@ mod tests {
         assert!(value_after(&args, "-drive")
             .contains(&"file=/img/rootfs.ext4,if=none,id=disk0,format=raw,readonly=on"));
         assert!(value_after(&args, "-device").contains(&"virtio-blk-device,drive=disk0,serial=rootfs"));
+    }
+
+    #[test]
+    fn qemus_firmware_and_modules_are_found_beside_its_binary() {
+        let qemu = Path::new("/usr/bin/qemu-system-x86_64");
+        if !qemu.is_file() {
+            return;
+        }
+        let dirs = data_dirs(qemu);
+        // Debian's: qboot and PVH's loader, and the TCG accelerator module.
+        assert!(dirs.iter().any(|d| d.join("pvh.bin").is_file()), "{dirs:?}");
+        assert!(dirs.iter().any(|d| d.join("accel-tcg-x86_64.so").is_file()), "{dirs:?}");
+        assert!(data_dirs(Path::new("/nonexistent/bin/qemu")).is_empty());
     }
 
     #[test]
