@@ -25,6 +25,10 @@ pub enum Error {
     Orphaned,
     #[error("cannot enter a user namespace of the helper's own")]
     UserNamespace(#[source] nix::Error),
+    #[error("cannot open the host's /proc, where the helper's user namespace is mapped")]
+    HostProc(#[source] std::io::Error),
+    #[error("cannot tell the jailer the helper entered its user namespace")]
+    Handshake(#[source] std::io::Error),
     #[error("the jailer did not map the ids of the helper's user namespace (its error is above)")]
     IdsNotMapped,
 }
@@ -55,7 +59,7 @@ impl ParentLink {
         use std::io::{Read, Write};
         let Some(mut handshake) = self.user_namespace.take() else { return Ok(()) };
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER).map_err(Error::UserNamespace)?;
-        handshake.entered.write_all(ENTERED).map_err(|err| Error::UserNamespace(errno_of(&err)))?;
+        handshake.entered.write_all(ENTERED).map_err(Error::Handshake)?;
         let mut answer = [0u8; 1];
         match handshake.mapped.read(&mut answer) {
             Ok(1) if answer == *MAPPED => Ok(()),
@@ -90,9 +94,7 @@ pub fn fork_helper(id_maps: Option<IdMaps>) -> Result<ParentLink, Error> {
     let handshake = match id_maps {
         // The host's /proc, opened now: once the child pivots into the jail (a mount namespace
         // the parent shares), /proc there is the jail's, where the child is PID 1.
-        Some(_) => {
-            Some((pipe()?, pipe()?, std::fs::File::open("/proc").map_err(|err| Error::Fork(errno_of(&err)))?))
-        }
+        Some(_) => Some((pipe()?, pipe()?, std::fs::File::open("/proc").map_err(Error::HostProc)?)),
         None => None,
     };
     // SAFETY: the jailer is single-threaded, so the child may do anything the parent could.
@@ -156,10 +158,6 @@ fn map_child_ids(
         }
         Err(err) => eprintln!("ironclad-jailer: cannot map the ids of the helper's user namespace: {err}"),
     }
-}
-
-fn errno_of(err: &std::io::Error) -> nix::Error {
-    err.raw_os_error().map_or(nix::Error::EIO, nix::Error::from_raw)
 }
 
 /// The pipe's other end is closed: its only holder, the parent, is gone.

@@ -76,11 +76,13 @@ for suite in "${suites[@]}"; do
             skip=""
             for name in ${IRONCLAD_NESTED_SKIP:-}; do skip+="--skip $name "; done
             if [ "$suite" = containerd ] && [ -z "${IRONCLAD_NESTED_TEST_ARGS:-}" ]; then
-                # The longest suite runs in two L1s: the emulator's wedges come many minutes into
-                # an L1's life.
-                second=(stdin_tty memory_limits host_directories echo_exit every_task_start ctr_run_cni)
-                commands+=("containerd=${executables[$suite]} --test-threads=1 $skip $(printf -- '--skip %s ' "${second[@]}")")
+                # The longest suite runs in three L1s: the emulator's wedges come minutes into an
+                # L1's life, and a wedged L1's suite runs again from its start.
+                second=(memory_limits host_directories echo_exit)
+                third=(stdin_tty every_task_start ctr_run_cni)
+                commands+=("containerd=${executables[$suite]} --test-threads=1 $skip $(printf -- '--skip %s ' "${second[@]}" "${third[@]}")")
                 commands+=("containerd-2=${executables[$suite]} --test-threads=1 $skip ${second[*]}")
+                commands+=("containerd-3=${executables[$suite]} --test-threads=1 $skip ${third[*]}")
             elif [ "$suite" = containerd ]; then
                 commands+=("$suite=${executables[$suite]} --test-threads=1 $skip $extra")
             else
@@ -154,7 +156,7 @@ run_suite() {
 LANES=${IRONCLAD_NESTED_LANES:-2}
 # A benchmark shares the machine with nothing.
 if printf '%s\n' "${suites[@]}" | grep -qx bench; then LANES=1; fi
-declare -A minutes=([containerd]=13 [containerd-2]=11 [bench]=10 [hostile]=5 [cri]=4 [containers]=3 [boot]=2 [kvm-e2e]=1)
+declare -A minutes=([containerd]=13 [bench]=10 [containerd-3]=6 [containerd-2]=5 [hostile]=5 [cri]=4 [containers]=3 [boot]=2 [kvm-e2e]=1)
 declare -a lane_load lane_commands
 for ((lane = 0; lane < LANES; lane++)); do lane_load[lane]=0; lane_commands[lane]=""; done
 while read -r _ index; do
