@@ -536,10 +536,10 @@ const UNIX_SOCKET_LISTENS: u32 = 0x0001_0000;
 /// socket bound at `socket`.
 fn listens_in_unix_table(table: &str, socket: &Path) -> bool {
     table.lines().skip(1).any(|line| {
-        let mut fields = line.splitn(8, ' ').filter(|field| !field.is_empty());
-        let flags = fields.nth(3).and_then(|flags| u32::from_str_radix(flags, 16).ok());
-        let path = line.split_whitespace().nth(7);
-        flags.is_some_and(|flags| flags & UNIX_SOCKET_LISTENS != 0) && path == socket.to_str()
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let flags = fields.get(3).and_then(|flags| u32::from_str_radix(flags, 16).ok());
+        flags.is_some_and(|flags| flags & UNIX_SOCKET_LISTENS != 0)
+            && fields.get(7).copied() == socket.to_str()
     })
 }
 
