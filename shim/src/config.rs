@@ -106,6 +106,8 @@ pub struct ShimConfig {
     pub jail_cgroup: bool,
     #[serde(deserialize_with = "jail_memory_overhead_mib")]
     pub jail_memory_overhead_mib: u32,
+    /// Warm starts from ironclad-pool (`[pool]`).
+    pub pool: PoolConfig,
     /// Where this configuration came from, for error messages.
     #[serde(skip)]
     pub source: PathBuf,
@@ -136,6 +138,7 @@ impl Default for ShimConfig {
             jail_uid_count: 65_536,
             jail_cgroup: true,
             jail_memory_overhead_mib: 512,
+            pool: PoolConfig::default(),
             source: PathBuf::from("(defaults)"),
         }
     }
@@ -186,6 +189,43 @@ impl ShimConfig {
             }
         }
         Ok(settings)
+    }
+}
+
+/// ironclad-pool's settings, and where shims find it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Where ironclad-pool listens and shims ask it for a VM; empty: shims never ask.
+    pub socket: PathBuf,
+    /// How many booted, paused VMs the pool keeps.
+    #[serde(deserialize_with = "pool_size")]
+    pub size: u32,
+    /// The refill's CPU budget, in percent of one CPU: after a boot that took t, the next waits
+    /// t * (100 / percent - 1).
+    #[serde(deserialize_with = "refill_cpu_percent")]
+    pub refill_cpu_percent: u32,
+}
+
+const POOL_SIZE_RANGE: std::ops::RangeInclusive<u32> = 0..=256;
+const REFILL_CPU_PERCENT_RANGE: std::ops::RangeInclusive<u32> = 1..=100;
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig { socket: crate::pool::DEFAULT_SOCKET.into(), size: 2, refill_cpu_percent: 50 }
+    }
+}
+
+impl PoolConfig {
+    /// The socket shims ask, unless warm starts are off.
+    pub fn socket(&self) -> Option<&Path> {
+        (!self.socket.as_os_str().is_empty()).then_some(self.socket.as_path())
+    }
+
+    /// How long the refill rests after a boot that took `boot`.
+    pub fn refill_pause(&self, boot: std::time::Duration) -> std::time::Duration {
+        let percent = self.refill_cpu_percent.clamp(1, 100);
+        boot * (100 - percent) / percent
     }
 }
 
@@ -270,6 +310,14 @@ fn jail_uid_count<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::
 
 fn jail_memory_overhead_mib<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
     in_range(deserializer, &JAIL_OVERHEAD_RANGE_MIB)
+}
+
+fn pool_size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    in_range(deserializer, &POOL_SIZE_RANGE)
+}
+
+fn refill_cpu_percent<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    in_range(deserializer, &REFILL_CPU_PERCENT_RANGE)
 }
 
 fn hypervisor_kind<'de, D: Deserializer<'de>>(deserializer: D) -> Result<HypervisorKind, D::Error> {
@@ -411,6 +459,16 @@ mod tests {
     fn the_jail_is_on_by_default_and_its_numbers_are_checked() {
         let config = ShimConfig::default();
         assert!(config.jail && config.jail_cgroup);
+        let config = parse("[pool]\nsize = 3\nrefill_cpu_percent = 25\nsocket = \"\"\n").unwrap();
+        assert_eq!((config.pool.size, config.pool.socket(), config.pool.refill_cpu_percent), (3, None, 25));
+        assert_eq!(
+            config.pool.refill_pause(std::time::Duration::from_secs(1)),
+            std::time::Duration::from_secs(3)
+        );
+        assert!(parse("[pool]\nrefill_cpu_percent = 0\n").is_err());
+        assert!(parse("[pool]\nsize = 100000\n").is_err());
+        assert!(parse("[pool]\nwarm = true\n").is_err());
+        assert_eq!(ShimConfig::default().pool.socket(), Some(Path::new(crate::pool::DEFAULT_SOCKET)));
         let config = parse("jail = false\njail_first_uid = 100000\njail_uid_count = 10\n").unwrap();
         assert_eq!((config.jail, config.jail_first_uid, config.jail_uid_count), (false, 100_000, 10));
         for (text, key) in [

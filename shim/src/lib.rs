@@ -21,6 +21,7 @@ pub mod jail;
 pub mod logging;
 pub mod metrics;
 pub mod paths;
+pub mod pool;
 pub mod process;
 pub mod resources;
 pub mod sandbox;

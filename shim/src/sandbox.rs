@@ -3,7 +3,7 @@
 //! a SIGKILL. Its processes are
 //! recorded in the task directory so that `delete` after a crashed shim can still stop them.
 
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,6 +33,8 @@ const PIDS_FILE: &str = "vm.pids";
 pub const NETNS_FILE: &str = "netns";
 /// Names the console log (kept outside the task directory) so that clean-up finds it.
 const CONSOLE_LOG_FILE: &str = "console-log";
+/// Names the directory of a VM taken from ironclad-pool, which goes with the sandbox.
+const POOLED_VM_FILE: &str = "pooled-vm";
 /// The exit status of every process of a VM that the host stopped because the guest did not
 /// carry out a SIGKILL (128 + SIGKILL, what the guest should have reported).
 pub const KILLED_EXIT_STATUS: u32 = 137;
@@ -63,6 +65,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot record the pooled VM's directory in {path}")]
+    RecordPooledVm {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot take charge of the pooled VM's console")]
+    AdoptConsole(#[source] std::io::Error),
 }
 
 pub struct Sandbox {
@@ -104,16 +114,11 @@ impl Sandbox {
         held: Held,
     ) -> Result<Sandbox, Error> {
         let Held { share, jail, timeline } = held;
-        let record = task_dir.join(CONSOLE_LOG_FILE);
-        std::fs::write(&record, console_log.as_os_str().as_encoded_bytes())
-            .map_err(|source| Error::RecordConsoleLog { path: record, source })?;
+        record_console_log(task_dir, &console_log)?;
         let paths = SandboxPaths::new(task_dir, "vm").with_console_log(console_log);
         let mut vm = backend.start(vm_config, paths, jail.as_ref()).await?;
-        let record = task_dir.join(PIDS_FILE);
-        let pids: String = vm.pids().iter().map(|pid| format!("{pid}\n")).collect();
         let prepared = async {
-            std::fs::write(&record, pids)
-                .map_err(|source| Error::RecordPids { path: record.clone(), source })?;
+            record_pids(task_dir, &vm)?;
             let ready = vm.wait_ready(Duration::from_secs(config.boot_timeout_secs)).await?;
             timeline.mark_guest_boot(ready.since_start, ready.line.uptime_ms, ready.line.init_ms);
             // The guest's part of the boot, from its own clock: the kernel up to /init, then the
@@ -146,6 +151,39 @@ impl Sandbox {
         }
     }
 
+    /// Takes charge of a VM ironclad-pool booted (`pooled_dir` is its directory): recorded in
+    /// `task_dir` first, so that the sandbox's clean-up removes it whatever happens next, then
+    /// its agent connected.
+    pub async fn adopt(
+        adopted: crate::hypervisor::process::AdoptedVm,
+        pooled_dir: &Path,
+        backend: &'static str,
+        task_dir: &Path,
+        console_log: PathBuf,
+        held: Held,
+    ) -> Result<Sandbox, Error> {
+        let record = task_dir.join(POOLED_VM_FILE);
+        std::fs::write(&record, pooled_dir.as_os_str().as_encoded_bytes())
+            .map_err(|source| Error::RecordPooledVm { path: record, source })?;
+        record_console_log(task_dir, &console_log)?;
+        let Held { share, jail, timeline } = held;
+        let vm = GuestVm::adopt(adopted, console_log).map_err(Error::AdoptConsole)?;
+        let connected = async {
+            record_pids(task_dir, &vm)?;
+            let agent = AgentClient::connect(vm.agent_socket(), AGENT_PORT, AGENT_CONNECT_TIMEOUT).await?;
+            Ok::<_, Error>(agent.with_output_chunk(vm.guest_message_limit()))
+        }
+        .await;
+        match connected {
+            Ok(agent) => Self::run(vm, agent, backend, task_dir.to_path_buf(), share)
+                .map(|sandbox| sandbox.holding(jail, timeline)),
+            Err(err) => {
+                let _ = vm.stop(Duration::ZERO).await;
+                Err(err)
+            }
+        }
+    }
+
     /// Takes charge of a started VM whose agent is connected: from now on its monitor's exit is
     /// watched. A VM that cannot be watched is stopped.
     pub fn run(
@@ -156,7 +194,7 @@ impl Sandbox {
         share: Option<ShareFs>,
     ) -> Result<Sandbox, Error> {
         let monitor = vm.pids().first().copied().unwrap_or_default();
-        let exited = match process_exit(monitor) {
+        let exited = match vm.monitor_exit_fd().and_then(watch_exit) {
             Ok(exited) => exited,
             Err(source) => {
                 drop(vm);
@@ -252,6 +290,20 @@ impl Sandbox {
     }
 }
 
+/// Records where the console log is, for clean-up.
+pub fn record_console_log(task_dir: &Path, console_log: &Path) -> Result<(), Error> {
+    let record = task_dir.join(CONSOLE_LOG_FILE);
+    std::fs::write(&record, console_log.as_os_str().as_encoded_bytes())
+        .map_err(|source| Error::RecordConsoleLog { path: record, source })
+}
+
+/// Records the VM's host processes, for clean-up after a crash.
+pub fn record_pids(task_dir: &Path, vm: &GuestVm) -> Result<(), Error> {
+    let record = task_dir.join(PIDS_FILE);
+    let pids: String = vm.pids().iter().map(|pid| format!("{pid}\n")).collect();
+    std::fs::write(&record, pids).map_err(|source| Error::RecordPids { path: record, source })
+}
+
 /// Marks the sandbox gone when the monitor exits, and says why when nobody asked it to.
 async fn watch_monitor(
     exited: AsyncFd<OwnedFd>,
@@ -277,19 +329,8 @@ async fn watch_monitor(
     let _ = gone.send(true);
 }
 
-/// A descriptor that becomes readable when process `pid` exits (a pidfd).
-fn process_exit(pid: u32) -> std::io::Result<AsyncFd<OwnedFd>> {
-    let pid =
-        libc::pid_t::try_from(pid).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    // SAFETY: pidfd_open takes a pid and flags by value and returns a new descriptor or -1; no
-    // memory is shared with the kernel.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let fd = RawFd::try_from(fd).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
-    // SAFETY: the descriptor was just returned by pidfd_open and nothing else owns it.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+/// The monitor's pidfd, registered to wake the watcher when the process exits.
+fn watch_exit(pidfd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: the OwnedFd moves into the AsyncFd and stays open, naming the same pidfd, for as
     // long as the AsyncFd lives.
     unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
@@ -334,6 +375,10 @@ fn wait_until_gone(pids: &[i32], wait: Duration) {
 /// line still names the directory, so a reused pid is left alone), unmounts what is mounted below
 /// it and removes it. Doing it twice is harmless.
 pub fn clean_up_task_dir(task_dir: &Path) {
+    if let Ok(pooled) = std::fs::read(task_dir.join(POOLED_VM_FILE)) {
+        // The VM taken from ironclad-pool: its processes name its own directory, not this one.
+        clean_up_task_dir(&PathBuf::from(std::ffi::OsString::from_vec(pooled)));
+    }
     if let Ok(console_log) = std::fs::read(task_dir.join(CONSOLE_LOG_FILE)) {
         let console_log = PathBuf::from(std::ffi::OsString::from_vec(console_log));
         for log in [crate::hypervisor::console::rotated_path(&console_log), console_log.clone()] {
@@ -389,7 +434,8 @@ mod tests {
     #[tokio::test]
     async fn the_exit_descriptor_fires_when_the_process_ends() {
         let mut child = tokio::process::Command::new("sleep").arg("0.2").spawn().unwrap();
-        let exited = process_exit(child.id().unwrap()).unwrap();
+        let exited =
+            watch_exit(crate::hypervisor::process::pidfd_open(child.id().unwrap()).unwrap()).unwrap();
         tokio::time::timeout(Duration::from_secs(5), exited.readable())
             .await
             .unwrap()

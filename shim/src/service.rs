@@ -39,6 +39,7 @@ use crate::hypervisor::{error_chain, Backend, BlockDevice, HostVirtualization, O
 use crate::io::{self as stdio};
 use crate::jail::{self, Jail};
 use crate::metrics;
+use crate::pool;
 use crate::process::{Exit, Process, StdioUris};
 use crate::resources::network::{self, Attachment, InterfaceConfig, Requested};
 use crate::resources::pinned;
@@ -144,6 +145,37 @@ pub enum Error {
     Metrics(#[source] containerd_shim::protos::protobuf::Error),
     #[error("a preparation step stopped unexpectedly")]
     Join(#[source] tokio::task::JoinError),
+    #[error("cannot take charge of the VM from ironclad-pool")]
+    Pool(#[from] pool::Error),
+    #[error("cannot identify the opened guest kernel or initrd")]
+    Identity(#[source] std::io::Error),
+}
+
+/// Where the container's rootfs reaches the guest from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum GuestRootfs {
+    /// The image disk with serial [`ROOTFS_SERIAL`], booted with a cold VM.
+    Disk,
+    /// The snapshot mounted into the shared directory: this guest path (a pooled VM, which was
+    /// booted before there was a container).
+    Shared(PathBuf),
+}
+
+/// Why a sandbox cannot start on a pooled VM; None when it can.
+fn warm_start_refusal<T>(network: &Requested, rootfs: &[T]) -> Option<String> {
+    match network {
+        Requested::New => {}
+        Requested::HostNetwork => return Some("the spec keeps the host's network namespace".into()),
+        Requested::Path(path) => {
+            return Some(format!(
+                "the sandbox's network namespace is {}, and a pooled VM's NIC is in one of its own",
+                path.display()
+            ))
+        }
+    }
+    (rootfs.len() != 1).then(|| {
+        format!("a pooled VM takes a rootfs of one snapshot mount, and this one has {}", rootfs.len())
+    })
 }
 
 /// The bind mount that keeps a network namespace the shim made, in the task directory.
@@ -310,6 +342,7 @@ fn code_of(err: &Error) -> ttrpc::Code {
             | jail::Error::Record { .. },
         ) => Code::INTERNAL,
         Error::Sandbox(_) => Code::FAILED_PRECONDITION,
+        Error::Pool(_) | Error::Identity(_) => Code::INTERNAL,
         // The agent's own code (INVALID_ARGUMENT, NOT_FOUND...); a transport error means the VM is
         // unreachable.
         Error::Agent(agent_client::Error::Rpc { source: ttrpc::Error::RpcStatus(status), .. }) => {
@@ -535,6 +568,7 @@ impl TaskService {
         };
         // A pod's sandbox shares a directory for the containers that join it later.
         let with_share = role == PodRole::Sandbox || volumes::need_share(&volumes);
+        let extra_kernel_params = format!("{} {}", config.kernel_params, settings.kernel_params());
 
         let dir = task_dir(&config, &self.namespace, &req.id);
         if dir.exists() {
@@ -547,41 +581,61 @@ impl TaskService {
             if let Some(parent) = console_log.parent() {
                 create_private_dir(parent)?;
             }
-            let jail = Jail::open(&config, &self.namespace, &dir, settings.memory_mib)?;
-            let image = prepare_rootfs(snapshot, &config, &dir).await?;
-            let owner = jail.as_ref().map(Jail::uid);
-            let network = attach_network(&requested_network, &dir, &req.id, &config, owner).await?;
-            let share = if with_share { Some(ShareFs::prepare(&dir)?) } else { None };
-            let vm_config = VmConfig {
-                kernel: config.kernel.clone(),
-                initrd: config.initrd.clone(),
-                opened: Some(opened),
-                vcpus: settings.vcpus,
-                memory_mib: settings.memory_mib,
-                extra_kernel_params: format!("{} {}", config.kernel_params, settings.kernel_params()),
-                block_devices: vec![BlockDevice {
-                    path: image,
-                    read_only: true,
-                    serial: ROOTFS_SERIAL.into(),
-                }],
-                network: network.as_ref().map(|n| n.vm_network()),
-                shared_dir: share.as_ref().map(|s| s.dir().to_path_buf()),
+            // Taken only now: from here on, whatever fails removes the task directory, and with
+            // it the VM once the sandbox has recorded it.
+            let warm = match warm_start_refusal(&requested_network, &req.rootfs) {
+                Some(reason) => {
+                    info!("warm start: {reason}; booting cold");
+                    None
+                }
+                None => {
+                    let shape = pool::Shape::of(backend.name(), &settings, &opened, &extra_kernel_params)
+                        .map_err(Error::Identity)?;
+                    pool::take_or_say_why(&config, shape).await
+                }
             };
-            let sandbox = Arc::new(
-                Sandbox::boot(
-                    &backend,
-                    &config,
-                    &vm_config,
-                    &dir,
-                    console_log,
-                    Held { share, jail, timeline },
-                )
-                .await?,
-            );
+            let (sandbox, network, rootfs) = match warm {
+                Some(taken) => {
+                    Self::adopt_warm_vm(taken, backend.name(), req, &config, &dir, console_log, timeline)
+                        .await?
+                }
+                None => {
+                    let jail = Jail::open(&config, &self.namespace, &dir, settings.memory_mib)?;
+                    let image = prepare_rootfs(snapshot, &config, &dir).await?;
+                    let owner = jail.as_ref().map(Jail::uid);
+                    let network = attach_network(&requested_network, &dir, &req.id, &config, owner).await?;
+                    let share = if with_share { Some(ShareFs::prepare(&dir)?) } else { None };
+                    let vm_config = VmConfig {
+                        kernel: config.kernel.clone(),
+                        initrd: config.initrd.clone(),
+                        opened: Some(opened),
+                        vcpus: settings.vcpus,
+                        memory_mib: settings.memory_mib,
+                        extra_kernel_params,
+                        block_devices: vec![BlockDevice {
+                            path: image,
+                            read_only: true,
+                            serial: ROOTFS_SERIAL.into(),
+                        }],
+                        network: network.as_ref().map(|n| n.vm_network()),
+                        shared_dir: share.as_ref().map(|s| s.dir().to_path_buf()),
+                    };
+                    let sandbox = Sandbox::boot(
+                        &backend,
+                        &config,
+                        &vm_config,
+                        &dir,
+                        console_log,
+                        Held { share, jail, timeline },
+                    )
+                    .await?;
+                    (Arc::new(sandbox), network, GuestRootfs::Disk)
+                }
+            };
             let init = Process::new("", stdio_uris(req), String::new());
             let container =
                 Arc::new(Container::new(&req.id, &req.bundle, sandbox, init).with_network(network));
-            if let Err(err) = self.create_in_guest(&container, spec, &volumes).await {
+            if let Err(err) = self.create_in_guest(&container, spec, &volumes, rootfs).await {
                 container.sandbox.teardown().await;
                 return Err(err);
             }
@@ -593,6 +647,49 @@ impl TaskService {
             clean_up_task_dir(&dir);
         }
         created
+    }
+
+    /// Makes a VM taken from ironclad-pool the sandbox's: it is recorded in the task directory
+    /// (so that it goes with the sandbox whatever fails next), its agent connected, its network
+    /// the one the pool made for it, and the container's rootfs mounted into its shared directory.
+    async fn adopt_warm_vm(
+        taken: pool::Taken,
+        backend: &'static str,
+        req: &CreateTaskRequest,
+        config: &ShimConfig,
+        dir: &Path,
+        console_log: PathBuf,
+        timeline: Timeline,
+    ) -> Result<(Arc<Sandbox>, Option<Arc<Attachment>>, GuestRootfs), Error> {
+        let (offer, adopted) = taken.into_adopted(&config.run_root)?;
+        info!(
+            "warm start: took {} from ironclad-pool (agent ready {} ms after its monitor started)",
+            offer.id, offer.ready_after_ms
+        );
+        let share = ShareFs::prepared_in(&offer.dir);
+        let held = Held { share: Some(share.clone()), jail: None, timeline };
+        let sandbox = Sandbox::adopt(adopted, &offer.dir, backend, dir, console_log, held).await?;
+        let sandbox = Arc::new(sandbox);
+        let network = Attachment::waiting(
+            &offer.netns,
+            &offer.tap,
+            offer.guest_mac,
+            config.denied_destinations.clone(),
+        );
+        let rootfs = match req.rootfs.as_slice() {
+            [one] => share
+                .mount_rootfs(&req.id, &one.type_, Path::new(&one.source), &one.options)
+                .map_err(Error::from),
+            [] => Err(rootfs::Error::NoMounts.into()),
+            more => Err(rootfs::Error::TooManyMounts(more.len()).into()),
+        };
+        match rootfs {
+            Ok(guest_path) => Ok((sandbox, Some(Arc::new(network)), GuestRootfs::Shared(guest_path))),
+            Err(err) => {
+                sandbox.teardown().await;
+                Err(err)
+            }
+        }
     }
 
     /// Creates a pod's container in the VM its sandbox container booted: its rootfs and host
@@ -652,6 +749,7 @@ impl TaskService {
         container: &Arc<Container>,
         mut spec: oci_spec::runtime::Spec,
         volumes: &[Volume],
+        rootfs: GuestRootfs,
     ) -> Result<(), Error> {
         let agent = &container.sandbox.agent;
         if let Err(err) = agent.sync_clock().await {
@@ -665,14 +763,23 @@ impl TaskService {
         agent.create_sandbox(&container.id, &hostname).await?;
         let share = container.sandbox.share.as_ref();
         volumes::attach(&mut spec, volumes, share, &container.id)?;
-        let guest_rootfs = format!("{GUEST_ROOTFS_DIR}/{}", container.id);
-        let mut storages = vec![Storage {
-            serial: ROOTFS_SERIAL.into(),
-            fstype: "ext4".into(),
-            mount_point: guest_rootfs.clone(),
-            read_only: true,
-            ..Default::default()
-        }];
+        let (guest_rootfs, mut storages, rootfs_overlay) = match rootfs {
+            GuestRootfs::Disk => {
+                let guest_rootfs = format!("{GUEST_ROOTFS_DIR}/{}", container.id);
+                let disk = Storage {
+                    serial: ROOTFS_SERIAL.into(),
+                    fstype: "ext4".into(),
+                    mount_point: guest_rootfs.clone(),
+                    read_only: true,
+                    ..Default::default()
+                };
+                // The image is read-only and shared by every container of it: the agent puts a
+                // writable layer over it.
+                (guest_rootfs, vec![disk], true)
+            }
+            // containerd's snapshot is the container's own, writable.
+            GuestRootfs::Shared(path) => (path.display().to_string(), vec![], false),
+        };
         if share.is_some() {
             // Mounted first: the container's binds come from it. It stays for as long as this
             // container, which is the pod's last.
@@ -699,7 +806,7 @@ impl TaskService {
         request.oci_spec_json = spec::to_json(&spec)?;
         request.rootfs = guest_rootfs;
         request.storages = storages;
-        request.rootfs_overlay = true;
+        request.rootfs_overlay = rootfs_overlay;
         agent.create_container(&request).await?;
         let init = container.init()?;
         self.connect_stdio(container, &init).await

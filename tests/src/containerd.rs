@@ -48,6 +48,9 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
 }
 
 /// A running private containerd.
+/// The pool's socket in the containerd's directory.
+const POOL_SOCKET: &str = "pool.sock";
+
 pub struct Containerd {
     child: Child,
     dir: tempfile::TempDir,
@@ -427,6 +430,11 @@ impl Containerd {
         }
     }
 
+    /// Where this containerd's shims ask for a pooled VM.
+    pub fn pool_socket(&self) -> PathBuf {
+        self.dir.path().join(POOL_SOCKET)
+    }
+
     /// The host cgroups the shim's jail made for sandbox `id` (one per hierarchy) that exist.
     pub fn sandbox_cgroups(&self, id: &str) -> Vec<PathBuf> {
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -681,7 +689,12 @@ log_root = "{log_root}"
 image_cache = "{images}"
 log_level = "debug"
 allowed_annotations = ["io.ironclad.memory_mib", "io.ironclad.agent_log"]
+
+# This containerd's own ironclad-pool, which the pool tests start (the others never do).
+[pool]
+socket = "{pool_socket}"
 "#,
+        pool_socket = run_root.with_file_name(POOL_SOCKET).display(),
         hypervisor = artifacts.hypervisor,
         kernel = kernel.display(),
         initrd = initrd.display(),

@@ -3,12 +3,13 @@
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
@@ -66,7 +67,7 @@ pub enum Error {
     #[error(
         "{monitor} exited ({status}) before the agent was ready; stderr: {stderr}; console tail:\n{console}"
     )]
-    ExitedBeforeReady { monitor: String, status: ExitStatus, stderr: String, console: String },
+    ExitedBeforeReady { monitor: String, status: Exit, stderr: String, console: String },
     #[error("the agent was not ready within {waited:?}; console tail:\n{console}")]
     ReadyTimeout { waited: Duration, console: String },
     #[error(transparent)]
@@ -159,12 +160,181 @@ pub struct Ready {
     pub since_start: Duration,
 }
 
+/// The read end of a pipe from the monitor (its stdout, the console, or its stderr).
+type Pipe = Box<dyn AsyncRead + Send + Unpin>;
+
+/// How a VM process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// The status of a process the shim started.
+    Status(ExitStatus),
+    /// A process handed over by ironclad-pool ended: its status is the pool's, its parent, to reap.
+    NotOurChild,
+}
+
+impl Exit {
+    pub fn success(&self) -> bool {
+        matches!(self, Exit::Status(status) if status.success())
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Status(status) => write!(f, "{status}"),
+            Exit::NotOurChild => f.write_str("status unknown: ironclad-pool's child"),
+        }
+    }
+}
+
+/// A process of the VM on the host: one the shim started, or one ironclad-pool started and handed
+/// over, known by its pidfd.
+pub enum HostProcess {
+    Child(Child),
+    Adopted(PidFd),
+    /// Given away with the rest of its VM ([`GuestVm::hand_over`]): nothing of it is ours.
+    HandedOver,
+}
+
+/// A process that is not ours to reap, watched and signalled through its pidfd (which, unlike a
+/// pid, never names another process).
+pub struct PidFd {
+    pid: u32,
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl PidFd {
+    /// Takes charge of `fd`, a pidfd of process `pid`.
+    pub fn new(pid: u32, fd: OwnedFd) -> std::io::Result<PidFd> {
+        // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it open for as long as it lives.
+        let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+            .map_err(std::io::Error::from)?;
+        Ok(PidFd { pid, fd })
+    }
+
+    /// Sends `signal`; a process that has exited already is no error.
+    pub fn signal(&self, signal: libc::c_int) -> std::io::Result<()> {
+        // SAFETY: pidfd_send_signal takes the pidfd, a signal number, no siginfo and no flags by
+        // value; no memory is shared with the kernel.
+        let sent = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.fd.get_ref().as_raw_fd(),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        match sent {
+            0 => Ok(()),
+            _ => match std::io::Error::last_os_error() {
+                err if err.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+                err => Err(err),
+            },
+        }
+    }
+
+    /// Returns once the process has exited.
+    pub async fn exited(&self) {
+        let _ = self.fd.readable().await;
+    }
+
+    /// A second pidfd of the same process.
+    pub fn try_clone(&self) -> std::io::Result<OwnedFd> {
+        self.fd.get_ref().try_clone()
+    }
+}
+
+impl HostProcess {
+    pub fn id(&self) -> Option<u32> {
+        match self {
+            HostProcess::Child(child) => child.id(),
+            HostProcess::Adopted(process) => Some(process.pid),
+            HostProcess::HandedOver => None,
+        }
+    }
+
+    /// SIGKILL, without waiting.
+    pub fn start_kill(&mut self) {
+        match self {
+            HostProcess::Child(child) => {
+                let _ = child.start_kill();
+            }
+            HostProcess::Adopted(process) => {
+                let _ = process.signal(libc::SIGKILL);
+            }
+            HostProcess::HandedOver => {}
+        }
+    }
+
+    pub async fn wait(&mut self) -> std::io::Result<Exit> {
+        match self {
+            HostProcess::Child(child) => child.wait().await.map(Exit::Status),
+            HostProcess::Adopted(process) => {
+                process.exited().await;
+                Ok(Exit::NotOurChild)
+            }
+            HostProcess::HandedOver => Ok(Exit::NotOurChild),
+        }
+    }
+
+    /// A pidfd of the process, which becomes readable when it exits.
+    pub fn exit_fd(&self) -> std::io::Result<OwnedFd> {
+        match self {
+            HostProcess::Child(child) => {
+                pidfd_open(child.id().ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))?)
+            }
+            HostProcess::Adopted(process) => process.try_clone(),
+            HostProcess::HandedOver => Err(std::io::Error::from(std::io::ErrorKind::NotFound)),
+        }
+    }
+}
+
+/// A pidfd of process `pid`.
+pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: pidfd_open takes a pid and flags by value and returns a new descriptor or -1; no
+    // memory is shared with the kernel.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(fd).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
+    // SAFETY: the descriptor was just returned by pidfd_open and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// What ironclad-pool hands over of a VM it booted: its processes (the monitor first) by pidfd,
+/// the read ends of the monitor's console and stderr, and what the shim would have learnt at boot.
+pub struct AdoptedVm {
+    pub monitor_name: String,
+    pub processes: Vec<PidFd>,
+    pub console: OwnedFd,
+    pub stderr: OwnedFd,
+    pub agent_socket: PathBuf,
+    pub ready: Ready,
+    pub guest_message_limit: u32,
+}
+
+/// What a VM is made of once it is handed over: its children (the monitor first), which the pool
+/// keeps reaping, and the rest for the shim (see [`AdoptedVm`]).
+pub struct HandedOver {
+    pub children: Vec<Child>,
+    pub console: OwnedFd,
+    pub stderr: OwnedFd,
+    pub agent_socket: PathBuf,
+    pub ready: Ready,
+    pub guest_message_limit: u32,
+    pub sandbox_dir: Option<PathBuf>,
+}
+
 /// A running sandbox VM: its monitor process (QEMU, ironclad-vmm), whose stdout is the guest's
 /// serial console, and the helper processes it needs (vhost-device-vsock for QEMU).
 pub struct GuestVm {
     monitor_name: String,
-    monitor: Child,
-    helpers: Vec<Child>,
+    monitor: HostProcess,
+    helpers: Vec<HostProcess>,
     agent_socket: PathBuf,
     started: Instant,
     console: Console,
@@ -174,6 +344,9 @@ pub struct GuestVm {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     sandbox_dir: Option<PathBuf>,
     guest_message_limit: u32,
+    /// Second read ends of the console and of the monitor's stderr, kept so that the VM can be
+    /// handed over (the first ones are its readers').
+    pipes: Option<(OwnedFd, OwnedFd)>,
 }
 
 impl GuestVm {
@@ -207,6 +380,60 @@ impl GuestVm {
                 return Err(err);
             }
         };
+        let pipes = match (monitor.stdout.as_ref(), monitor.stderr.as_ref()) {
+            (Some(stdout), Some(stderr)) => stdout
+                .as_fd()
+                .try_clone_to_owned()
+                .and_then(|console| Ok((console, stderr.as_fd().try_clone_to_owned()?)))
+                .ok(),
+            _ => None,
+        };
+        let stdout = monitor.stdout.take().map(|pipe| Box::new(pipe) as Pipe);
+        let stderr = monitor.stderr.take().map(|pipe| Box::new(pipe) as Pipe);
+        let mut vm = GuestVm::following(
+            monitor_name,
+            HostProcess::Child(monitor),
+            helpers.into_iter().map(HostProcess::Child).collect(),
+            agent_socket,
+            console_log,
+            (stdout, stderr),
+        );
+        vm.started = started;
+        vm.pipes = pipes;
+        Ok(vm)
+    }
+
+    /// A VM ironclad-pool booted and handed over: its console and stderr are read from here on,
+    /// its ready line is the one the pool saw.
+    pub fn adopt(adopted: AdoptedVm, console_log: PathBuf) -> std::io::Result<GuestVm> {
+        let console = tokio::net::unix::pipe::Receiver::from_owned_fd(adopted.console)?;
+        let stderr = tokio::net::unix::pipe::Receiver::from_owned_fd(adopted.stderr)?;
+        let mut processes = adopted.processes.into_iter().map(HostProcess::Adopted);
+        let monitor = processes.next().ok_or_else(|| std::io::Error::other("no monitor process"))?;
+        let mut vm = GuestVm::following(
+            &adopted.monitor_name,
+            monitor,
+            processes.collect(),
+            adopted.agent_socket,
+            console_log,
+            (Some(Box::new(console)), Some(Box::new(stderr))),
+        );
+        vm.ready_rx = None;
+        vm.ready = Some(adopted.ready);
+        vm.guest_message_limit = adopted.guest_message_limit;
+        Ok(vm)
+    }
+
+    /// The VM with readers on its console (the log, the ready line, the tail) and on its
+    /// monitor's stderr.
+    fn following(
+        monitor_name: &str,
+        monitor: HostProcess,
+        helpers: Vec<HostProcess>,
+        agent_socket: PathBuf,
+        console_log: PathBuf,
+        (stdout, stderr): (Option<Pipe>, Option<Pipe>),
+    ) -> GuestVm {
         // The console log is `<task id>.console.log`: the task names the agent's lines.
         let label = console_log
             .file_name()
@@ -215,37 +442,67 @@ impl GuestVm {
             .unwrap_or_default();
         let console = Console::labelled(&label);
         let (ready_tx, ready_rx) = oneshot::channel();
-        let stdout = monitor.stdout.take();
         let console_for_task = console.clone();
         let console_task = tokio::spawn(async move {
             if let Some(stdout) = stdout {
                 console_for_task.follow(stdout, &console_log, ready_tx).await;
             }
         });
-        let stderr = Arc::new(Mutex::new(String::new()));
+        let stderr_text = Arc::new(Mutex::new(String::new()));
         let stderr_task = {
-            let sink = stderr.clone();
-            let pipe = monitor.stderr.take();
+            let sink = stderr_text.clone();
             tokio::spawn(async move {
-                let text = drain_stderr(pipe).await;
+                let text = drain_stderr(stderr).await;
                 if let Ok(mut s) = sink.lock() {
                     *s = text;
                 }
             })
         };
-        Ok(GuestVm {
+        GuestVm {
             monitor_name: monitor_name.to_string(),
             monitor,
             helpers,
             agent_socket,
-            started,
+            started: Instant::now(),
             console,
             ready_rx: Some(ready_rx),
             ready: None,
-            stderr,
+            stderr: stderr_text,
             tasks: vec![console_task, stderr_task],
             sandbox_dir: None,
             guest_message_limit: 0,
+            pipes: None,
+        }
+    }
+
+    /// Gives the VM away whole (ironclad-pool to a shim): its readers stop, its processes stay.
+    /// None for a VM that cannot be: one adopted itself, or whose pipes could not be kept.
+    pub fn hand_over(mut self) -> Option<HandedOver> {
+        let ours = |process: &HostProcess| matches!(process, HostProcess::Child(_));
+        if !ours(&self.monitor) || !self.helpers.iter().all(ours) {
+            return None;
+        }
+        let ready = self.ready.clone()?;
+        let (console, stderr) = self.pipes.take()?;
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+        let monitor = std::mem::replace(&mut self.monitor, HostProcess::HandedOver);
+        let children = std::iter::once(monitor)
+            .chain(std::mem::take(&mut self.helpers))
+            .filter_map(|process| match process {
+                HostProcess::Child(child) => Some(child),
+                HostProcess::Adopted(_) | HostProcess::HandedOver => None,
+            })
+            .collect();
+        Some(HandedOver {
+            children,
+            console,
+            stderr,
+            agent_socket: self.agent_socket.clone(),
+            ready,
+            guest_message_limit: self.guest_message_limit,
+            sandbox_dir: self.sandbox_dir.take(),
         })
     }
 
@@ -264,6 +521,11 @@ impl GuestVm {
     pub fn adopt_sandbox_dir(&mut self, guard: &mut SandboxDirGuard) {
         self.sandbox_dir = guard.0.take();
     }
+    /// QEMU's or ironclad-vmm's name, for messages.
+    pub fn monitor_name(&self) -> &str {
+        &self.monitor_name
+    }
+
     /// The hybrid vsock socket to reach the agent through.
     pub fn agent_socket(&self) -> &Path {
         &self.agent_socket
@@ -281,7 +543,12 @@ impl GuestVm {
 
     /// SIGKILL to the monitor, without waiting: the VM ends now.
     pub fn kill_monitor(&mut self) {
-        let _ = self.monitor.start_kill();
+        self.monitor.start_kill();
+    }
+
+    /// A pidfd of the monitor, readable once it has exited.
+    pub fn monitor_exit_fd(&self) -> std::io::Result<OwnedFd> {
+        self.monitor.exit_fd()
     }
 
     /// Waits for the agent's ready line; the monitor exiting first or the time running out is an error that
@@ -313,7 +580,7 @@ impl GuestVm {
         let status = match self.wait_exit(CONSOLE_CLOSE_TO_EXIT).await {
             Ok(Some(status)) => status,
             Ok(None) => {
-                let _ = self.monitor.start_kill();
+                self.monitor.start_kill();
                 match self.monitor.wait().await {
                     Ok(status) => status,
                     Err(source) => return Error::Wait { what: "the VM monitor", source },
@@ -334,7 +601,7 @@ impl GuestVm {
     }
 
     /// Waits for the monitor to exit on its own (the guest reset or powered off) for up to `timeout`.
-    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, Error> {
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<Option<Exit>, Error> {
         match tokio::time::timeout(timeout, self.monitor.wait()).await {
             Ok(status) => status.map(Some).map_err(|source| Error::Wait { what: "the VM monitor", source }),
             Err(_) => Ok(None),
@@ -343,7 +610,7 @@ impl GuestVm {
 
     /// Gives the monitor `grace` to exit by itself, kills it after that, then stops the helpers and
     /// removes the sandbox directory. Returns the monitor's exit status.
-    pub async fn stop(mut self, grace: Duration) -> Result<ExitStatus, Error> {
+    pub async fn stop(mut self, grace: Duration) -> Result<Exit, Error> {
         let status = match self.wait_exit(grace).await? {
             Some(status) => status,
             None => {
@@ -352,12 +619,12 @@ impl GuestVm {
                     self.monitor_name,
                     crate::guest_text::clean(&self.console.tail())
                 );
-                let _ = self.monitor.start_kill();
+                self.monitor.start_kill();
                 self.monitor.wait().await.map_err(|source| Error::Wait { what: "the VM monitor", source })?
             }
         };
         for helper in &mut self.helpers {
-            let _ = helper.start_kill();
+            helper.start_kill();
             helper.wait().await.map_err(|source| Error::Wait { what: "a helper process", source })?;
         }
         for task in self.tasks.drain(..) {
@@ -387,9 +654,9 @@ impl GuestVm {
 impl Drop for GuestVm {
     fn drop(&mut self) {
         // kill_on_drop sends SIGKILL to every child; the directory goes with them.
-        let _ = self.monitor.start_kill();
+        self.monitor.start_kill();
         for helper in &mut self.helpers {
-            let _ = helper.start_kill();
+            helper.start_kill();
         }
         if let Some(dir) = self.sandbox_dir.take() {
             remove_sandbox_dir(&dir);

@@ -240,6 +240,17 @@ impl Attachment {
         Ok(Attachment { netns: netns.to_path_buf(), taps, denied, state: tokio::sync::Mutex::new(state) })
     }
 
+    /// The network of a VM taken from ironclad-pool: made by [`Attachment::prepare`] in a namespace
+    /// that had no CNI interface, so one tap, `tap`, waits for the interface that comes.
+    pub fn waiting(netns: &Path, tap: &str, guest_mac: [u8; 6], denied: Vec<Ipv4Network>) -> Attachment {
+        Attachment {
+            netns: netns.to_path_buf(),
+            taps: vec![Tap { name: tap.to_string(), guest_mac }],
+            denied,
+            state: tokio::sync::Mutex::new(State::Waiting),
+        }
+    }
+
     /// The taps' names, in the guest NICs' order.
     pub fn tap_names(&self) -> Vec<&str> {
         self.taps.iter().map(|t| t.name.as_str()).collect()

@@ -64,6 +64,11 @@ impl GuestFile {
         PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
     }
 
+    /// The opened file, by identity (which the pool's VMs are matched on).
+    pub fn identity(&self) -> std::io::Result<crate::pool::FileIdentity> {
+        crate::pool::FileIdentity::of(&self.file)
+    }
+
     /// The descriptor the monitor must inherit.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()

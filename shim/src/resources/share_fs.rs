@@ -82,6 +82,11 @@ impl ShareFs {
         ShareFs { dir: task_dir.join(SHARED), staging: task_dir.join(STAGING) }
     }
 
+    /// The shared directory [`ShareFs::prepare`] made in `task_dir` (a pooled VM's directory).
+    pub fn prepared_in(task_dir: &Path) -> ShareFs {
+        Self::of_task_dir(task_dir)
+    }
+
     /// Makes `<task dir>/shared` a shared mount of its own. Undone by the sandbox's clean-up
     /// (everything mounted below the task directory goes).
     pub fn prepare(task_dir: &Path) -> Result<ShareFs, Error> {

@@ -1,0 +1,244 @@
+//! ironclad-pool: keeps `[pool] size` VMs booted and paused for warm starts, and hands each to
+//! one shim for one sandbox (`ironclad_shim::pool` is the socket's protocol).
+//!
+//! - `vm`: one pooled VM: boot, pause, hand over, discard.
+//! - `server`: the socket: one take per connection, root's only.
+//! - here: the pool itself: the refill (one boot at a time, within a CPU budget), dead VMs dropped
+//!   and replaced, and the stop that leaves nothing behind.
+
+pub mod server;
+pub mod vm;
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ironclad_shim::config::ShimConfig;
+use ironclad_shim::hypervisor::{self, error_chain, Backend, HostVirtualization, OpenedGuest};
+use ironclad_shim::pool::{pool_dir, Shape};
+use ironclad_shim::resources::pinned;
+use ironclad_shim::sandbox::clean_up_task_dir;
+use tokio::sync::{Mutex, Notify};
+use tracing::{error, info, warn};
+
+pub use vm::PooledVm;
+
+/// How often the refill looks for dead VMs when the pool is full.
+const WATCH_INTERVAL: Duration = Duration::from_millis(500);
+/// How long the refill rests after a boot that failed.
+const FAILED_BOOT_PAUSE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Hypervisor(#[from] hypervisor::Error),
+    #[error(transparent)]
+    Pinned(#[from] pinned::Error),
+    #[error("cannot identify the opened guest kernel or initrd")]
+    Identity(#[source] std::io::Error),
+    #[error(transparent)]
+    Config(#[from] ironclad_shim::config::Error),
+    #[error("cannot make the pool's directory {path}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Server(#[from] server::Error),
+}
+
+/// The pool: its VMs and what it boots them from.
+pub struct Pool {
+    config: ShimConfig,
+    backend: Backend,
+    opened: OpenedGuest,
+    /// What its VMs are; a take for another shape is refused.
+    pub shape: Shape,
+    dir: PathBuf,
+    ready: Mutex<VecDeque<PooledVm>>,
+    /// Wakes the refill after a take or at stop.
+    wake: Notify,
+    stopping: std::sync::atomic::AtomicBool,
+    booted: AtomicU64,
+}
+
+impl Pool {
+    /// The pool for `config`: its backend found, its guest files opened and checked, and whatever
+    /// an earlier pool left (VMs never handed over) removed.
+    pub fn new(config: ShimConfig) -> Result<Arc<Pool>, Error> {
+        let mut backend = Backend::select(config.hypervisor, HostVirtualization::detect())?;
+        if let Backend::Qemu(qemu) = &mut backend {
+            qemu.sandbox = config.qemu_sandbox;
+        }
+        let opened = OpenedGuest {
+            kernel: pinned::open_verified("kernel", &config.kernel, config.kernel_sha256.as_deref())?,
+            initrd: pinned::open_verified("initrd", &config.initrd, config.initrd_sha256.as_deref())?,
+        };
+        let settings = config.sandbox_settings(&Default::default())?;
+        let extra = format!("{} {}", config.kernel_params, settings.kernel_params());
+        let shape = Shape::of(backend.name(), &settings, &opened, &extra).map_err(Error::Identity)?;
+        let dir = pool_dir(&config.run_root);
+        remove_leftovers(&dir);
+        create_private_dir(&dir)?;
+        Ok(Arc::new(Pool {
+            config,
+            backend,
+            opened,
+            shape,
+            dir,
+            ready: Mutex::new(VecDeque::new()),
+            wake: Notify::new(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
+            booted: AtomicU64::new(0),
+        }))
+    }
+
+    pub fn config(&self) -> &ShimConfig {
+        &self.config
+    }
+
+    /// How many VMs wait now.
+    pub async fn waiting(&self) -> usize {
+        self.ready.lock().await.len()
+    }
+
+    /// A waiting VM that still runs, taken out of the pool for good; dead ones met on the way are
+    /// discarded.
+    pub async fn take(&self) -> Option<PooledVm> {
+        let mut dead = Vec::new();
+        let taken = {
+            let mut ready = self.ready.lock().await;
+            loop {
+                match ready.pop_front() {
+                    Some(vm) if vm.is_alive() => break Some(vm),
+                    Some(vm) => dead.push(vm),
+                    None => break None,
+                }
+            }
+        };
+        self.wake.notify_one();
+        for vm in dead {
+            warn!("pooled VM {} died while it waited; console tail: {}", vm.id, vm.console_tail());
+            vm.discard().await;
+        }
+        taken
+    }
+
+    /// Keeps the pool full until it stops: one boot at a time, each followed by a rest that keeps
+    /// the refill within `refill_cpu_percent` of a CPU; dead VMs are dropped (and so replaced).
+    pub async fn refill(self: Arc<Self>) {
+        while !self.is_stopping() {
+            self.drop_dead().await;
+            if self.waiting().await >= self.config.pool.size as usize {
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(WATCH_INTERVAL) => {}
+                }
+                continue;
+            }
+            let pause = self.boot_one().await;
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = self.stopped() => {}
+            }
+        }
+    }
+
+    /// Boots one VM into the pool; returns how long the refill rests before the next.
+    async fn boot_one(&self) -> Duration {
+        let id = format!("vm-{}-{}", std::process::id(), self.booted.fetch_add(1, Ordering::SeqCst));
+        let dir = self.dir.join(&id);
+        let boot = PooledVm::boot(&self.config, &self.backend, &self.opened, dir.clone(), id.clone());
+        // A stop during the boot ends it: its VM is killed with the future and its directory removed.
+        let booted = tokio::select! {
+            booted = boot => booted,
+            _ = self.stopped() => {
+                clean_up_task_dir(&dir);
+                return Duration::ZERO;
+            }
+        };
+        match booted {
+            Ok(vm) => {
+                let pause = self.config.pool.refill_pause(vm.booted_in);
+                info!("pooled VM {id} ready after {:?}, paused", vm.booted_in);
+                let mut ready = self.ready.lock().await;
+                if self.is_stopping() {
+                    drop(ready);
+                    vm.discard().await;
+                } else {
+                    ready.push_back(vm);
+                }
+                pause
+            }
+            Err(err) => {
+                error!("cannot boot a pooled VM: {}", error_chain(&err));
+                FAILED_BOOT_PAUSE
+            }
+        }
+    }
+
+    async fn drop_dead(&self) {
+        let dead: Vec<PooledVm> = {
+            let mut ready = self.ready.lock().await;
+            let (alive, dead): (VecDeque<PooledVm>, VecDeque<PooledVm>) =
+                ready.drain(..).partition(PooledVm::is_alive);
+            *ready = alive;
+            dead.into()
+        };
+        for vm in dead {
+            warn!(
+                "pooled VM {} died while it waited: dropped, to be replaced; console tail: {}",
+                vm.id,
+                vm.console_tail()
+            );
+            vm.discard().await;
+        }
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    async fn stopped(&self) {
+        while !self.is_stopping() {
+            tokio::time::sleep(WATCH_INTERVAL / 5).await;
+        }
+    }
+
+    /// Stops every VM still in the pool and removes the pool's directory: after this, nothing of
+    /// the pool is left but the VMs it handed over, which are their shims'.
+    pub async fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+        let vms: Vec<PooledVm> = self.ready.lock().await.drain(..).collect();
+        for vm in vms {
+            info!("stopping pooled VM {}", vm.id);
+            vm.discard().await;
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// Removes what a pool that did not stop cleanly left in `dir`: every VM directory it had not
+/// handed over (a handed-over one is a shim's).
+fn remove_leftovers(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.join(vm::HANDED_OVER_FILE).exists() {
+            continue;
+        }
+        warn!("removing {}, left by an earlier ironclad-pool", path.display());
+        clean_up_task_dir(&path);
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let failed = |source| Error::Dir { path: dir.to_path_buf(), source };
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(failed)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(failed)
+}

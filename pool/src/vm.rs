@@ -1,0 +1,238 @@
+//! One pooled VM: booted the way a shim boots a cold sandbox (the same backend, jail, guest files,
+//! size and command line), but with nothing of a tenant: no rootfs disk, an empty shared directory,
+//! and a network namespace of its own whose one tap waits for a CNI interface. Once its agent is
+//! ready it is paused (SIGSTOP to the monitor) until a shim takes it.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ironclad_shim::config::ShimConfig;
+use ironclad_shim::hypervisor::process::{pidfd_open, HandedOver};
+use ironclad_shim::hypervisor::{self, error_chain, Backend, GuestVm, OpenedGuest, VmConfig};
+use ironclad_shim::jail::{self, Jail};
+use ironclad_shim::paths::SandboxPaths;
+use ironclad_shim::pool::Offer;
+use ironclad_shim::resources::network::{self, Attachment};
+use ironclad_shim::resources::share_fs::{self, ShareFs};
+use ironclad_shim::sandbox::{self, clean_up_task_dir, process_alive};
+use tracing::warn;
+
+/// The cgroup namespace of pooled VMs' jails (`ironclad/ironclad-pool/<vm id>`).
+const CGROUP_NAMESPACE: &str = "ironclad-pool";
+/// Marks a VM directory handed to a shim: a restarted pool leaves it to that shim.
+pub const HANDED_OVER_FILE: &str = "handed-over";
+/// The network namespace's bind mount in the VM's directory.
+const NETNS_FILE: &str = "net";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot make the VM's directory {path}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Config(#[from] ironclad_shim::config::Error),
+    #[error(transparent)]
+    Jail(#[from] jail::Error),
+    #[error(transparent)]
+    Network(#[from] network::Error),
+    #[error(transparent)]
+    Share(#[from] share_fs::Error),
+    #[error(transparent)]
+    Hypervisor(#[from] hypervisor::Error),
+    #[error(transparent)]
+    Record(#[from] sandbox::Error),
+    #[error("cannot {action} the VM's monitor")]
+    Signal {
+        action: &'static str,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("cannot open a pidfd of process {pid}")]
+    PidFd {
+        pid: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the VM cannot be handed over: it was not started here, or its console was not kept")]
+    NotHandable,
+    #[error("cannot mark {path} handed over")]
+    Mark {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A booted, paused VM waiting for a shim.
+pub struct PooledVm {
+    pub id: String,
+    pub dir: PathBuf,
+    vm: GuestVm,
+    netns: PathBuf,
+    tap: String,
+    guest_mac: [u8; 6],
+    uid: Option<u32>,
+    /// Holds the uid until the VM is handed over (its jailed helpers hold it too).
+    _jail: Option<Jail>,
+    pub booted_in: Duration,
+}
+
+/// What a take gives the shim: the offer, and the descriptors that go with it in the reply's
+/// order (console, stderr, a pidfd per process). The pool keeps the children, to reap them.
+pub struct Handover {
+    pub offer: Offer,
+    pub fds: Vec<OwnedFd>,
+    pub children: Vec<tokio::process::Child>,
+}
+
+impl PooledVm {
+    /// Boots VM `id` in `<pool dir>/<id>`; whatever fails removes all it made.
+    pub async fn boot(
+        config: &ShimConfig,
+        backend: &Backend,
+        opened: &OpenedGuest,
+        dir: PathBuf,
+        id: String,
+    ) -> Result<PooledVm, Error> {
+        use std::os::unix::fs::DirBuilderExt;
+        // The pool's directory too, which goes whenever its last VM does.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|source| Error::Dir { path: dir.clone(), source })?;
+        let started = Instant::now();
+        match Self::boot_in(config, backend, opened, &dir, &id).await {
+            Ok((vm, netns, tap, uid, jail)) => Ok(PooledVm {
+                guest_mac: network::mac_for(&id),
+                id,
+                dir,
+                vm,
+                netns,
+                tap,
+                uid,
+                _jail: jail,
+                booted_in: started.elapsed(),
+            }),
+            Err(err) => {
+                clean_up_task_dir(&dir);
+                Err(err)
+            }
+        }
+    }
+
+    async fn boot_in(
+        config: &ShimConfig,
+        backend: &Backend,
+        opened: &OpenedGuest,
+        dir: &Path,
+        id: &str,
+    ) -> Result<(GuestVm, PathBuf, String, Option<u32>, Option<Jail>), Error> {
+        let settings = config.sandbox_settings(&HashMap::new())?;
+        let jail = Jail::open(config, CGROUP_NAMESPACE, dir, settings.memory_mib)?;
+        let owner = jail.as_ref().map(Jail::uid);
+        let netns = dir.join(NETNS_FILE);
+        network::create_netns(&netns)?;
+        let network =
+            Attachment::prepare(&netns, network::mac_for(id), config.denied_destinations.clone(), owner)
+                .await?;
+        let tap = network.tap_names().first().map(|tap| tap.to_string()).unwrap_or_default();
+        let share = ShareFs::prepare(dir)?;
+        let vm_config = VmConfig {
+            kernel: config.kernel.clone(),
+            initrd: config.initrd.clone(),
+            opened: Some(opened.clone()),
+            vcpus: settings.vcpus,
+            memory_mib: settings.memory_mib,
+            extra_kernel_params: format!("{} {}", config.kernel_params, settings.kernel_params()),
+            block_devices: vec![],
+            network: Some(network.vm_network()),
+            shared_dir: Some(share.dir().to_path_buf()),
+        };
+        let console_log = dir.join("console.log");
+        sandbox::record_console_log(dir, &console_log)?;
+        let paths = SandboxPaths::new(dir, "vm").with_console_log(console_log);
+        let mut vm = backend.start(&vm_config, paths, jail.as_ref()).await?;
+        sandbox::record_pids(dir, &vm)?;
+        vm.wait_ready(Duration::from_secs(config.boot_timeout_secs)).await?;
+        signal(&vm, nix::sys::signal::Signal::SIGSTOP, "pause")?;
+        Ok((vm, netns, tap, owner, jail))
+    }
+
+    /// Whether its monitor still runs (a dead child of ours is a zombie until reaped).
+    pub fn is_alive(&self) -> bool {
+        let monitor = self.vm.pids().first().copied().unwrap_or_default();
+        i32::try_from(monitor).is_ok_and(process_alive)
+    }
+
+    /// The console's last lines, for the log of a VM that died.
+    pub fn console_tail(&self) -> String {
+        ironclad_shim::guest_text::clean(&self.vm.console_tail())
+    }
+
+    /// Resumes the VM and gives it away: from here on it is the shim's, never the pool's again.
+    pub fn hand_over(self) -> Result<Handover, (Error, PathBuf)> {
+        let dir = self.dir.clone();
+        self.hand_over_inner().map_err(|err| (err, dir))
+    }
+
+    fn hand_over_inner(self) -> Result<Handover, Error> {
+        let marker = self.dir.join(HANDED_OVER_FILE);
+        std::fs::write(&marker, b"").map_err(|source| Error::Mark { path: marker, source })?;
+        signal(&self.vm, nix::sys::signal::Signal::SIGCONT, "resume")?;
+        let pids = self.vm.pids();
+        let pidfds = pids
+            .iter()
+            .map(|&pid| pidfd_open(pid).map_err(|source| Error::PidFd { pid, source }))
+            .collect::<Result<Vec<_>, _>>()?;
+        let monitor_name = self.vm.monitor_name().to_string();
+        let HandedOver { children, console, stderr, agent_socket, ready, guest_message_limit, .. } =
+            self.vm.hand_over().ok_or(Error::NotHandable)?;
+        let offer = Offer {
+            id: self.id,
+            dir: self.dir,
+            monitor_name,
+            pids,
+            agent_socket,
+            guest_message_limit,
+            agent_version: ready.line.version,
+            uptime_ms: ready.line.uptime_ms,
+            init_ms: ready.line.init_ms,
+            ready_after_ms: u64::try_from(ready.since_start.as_millis()).unwrap_or(u64::MAX),
+            netns: self.netns,
+            tap: self.tap,
+            guest_mac: self.guest_mac,
+            uid: self.uid,
+        };
+        let fds = [console, stderr].into_iter().chain(pidfds).collect();
+        Ok(Handover { offer, fds, children })
+    }
+
+    /// Stops the VM and removes everything it had.
+    pub async fn discard(self) {
+        let dir = self.dir.clone();
+        if let Err(err) = self.vm.stop(Duration::ZERO).await {
+            warn!("stopping pooled VM {}: {}", self.id, error_chain(&err));
+        }
+        clean_up_task_dir(&dir);
+    }
+}
+
+impl Handover {
+    /// The descriptors, borrowed for the reply.
+    pub fn borrowed_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        self.fds.iter().map(AsFd::as_fd).collect()
+    }
+}
+
+fn signal(vm: &GuestVm, signal: nix::sys::signal::Signal, action: &'static str) -> Result<(), Error> {
+    let monitor = vm.pids().first().copied().unwrap_or_default();
+    let pid = i32::try_from(monitor).map_err(|_| Error::Signal { action, source: nix::Error::ESRCH })?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+        .map_err(|source| Error::Signal { action, source })
+}

@@ -1,0 +1,359 @@
+#![allow(clippy::unwrap_used)] // test code: a failed step should stop the test right there
+
+//! Warm starts end to end: ironclad-pool keeps booted, paused VMs and a private containerd's
+//! shims take them through `ctr run`. A VM is handed over once and never again, the shim boots
+//! cold (saying why) without a pool or with an empty one, a pooled VM that died is dropped and
+//! replaced, and stopping the pool leaves none of its VMs, its socket or its processes (a VM it
+//! handed over stays its sandbox's).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use ironclad_tests::containerd::{Artifacts, Containerd, BUSYBOX_IMAGE, IRONCLAD_RUNTIME};
+
+const CTR_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long a pooled VM may take to boot (QEMU TCG here, a few seconds; far more under load).
+const POOL_READY_TIMEOUT: Duration = Duration::from_secs(180);
+
+fn artifacts() -> Artifacts {
+    Artifacts::of_this_build().unwrap_or_else(|err| panic!("{err}"))
+}
+
+fn start_containerd() -> Option<Containerd> {
+    if !ironclad_test_prereq::needs().root().program("containerd").program("ctr").ready() {
+        return None;
+    }
+    let containerd = Containerd::start(&artifacts()).unwrap();
+    containerd.import_busybox().unwrap();
+    Some(containerd)
+}
+
+/// A running ironclad-pool with this containerd's shim config and `size` VMs.
+struct PoolDaemon {
+    child: Child,
+    log: PathBuf,
+    /// `<run root>/.pool`, where its VMs live.
+    dir: PathBuf,
+    socket: PathBuf,
+}
+
+impl PoolDaemon {
+    fn start(containerd: &Containerd, size: u32) -> PoolDaemon {
+        let config = containerd.dir().join(format!("pool-{size}.toml"));
+        let shim_config = std::fs::read_to_string(&containerd.shim_config).unwrap();
+        // The harness's config ends with its [pool] table: the size joins it.
+        std::fs::write(&config, format!("{shim_config}size = {size}\nrefill_cpu_percent = 100\n")).unwrap();
+        static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let start = STARTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let log = containerd.dir().join(format!("pool-{start}.log"));
+        let child = Command::new(artifacts().shim_dir.join("ironclad-pool"))
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let pool = PoolDaemon {
+            child,
+            log,
+            dir: containerd.run_root.join(".pool"),
+            socket: containerd.pool_socket(),
+        };
+        pool.wait_for(|log| log.contains("ironclad-pool:"), "to listen");
+        pool
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the pool's log satisfies `done`.
+    fn wait_for(&self, done: impl Fn(&str) -> bool, what: &str) {
+        let deadline = Instant::now() + POOL_READY_TIMEOUT;
+        while !done(&self.log()) {
+            assert!(Instant::now() < deadline, "the pool did not come {what}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until `count` VMs have been ready in all; returns their ids in order.
+    fn wait_ready(&self, count: usize) -> Vec<String> {
+        self.wait_for(|log| ready_ids(log).len() >= count, &format!("to have {count} VMs ready"));
+        ready_ids(&self.log())
+    }
+
+    /// SIGTERM, then its exit status.
+    fn stop(mut self) -> std::process::ExitStatus {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the pool did not stop:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for PoolDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The ids of the VMs the pool's log says became ready, in order.
+fn ready_ids(log: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|line| line.split("pooled VM ").nth(1))
+        .filter(|rest| rest.contains(" ready after "))
+        .filter_map(|rest| rest.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+/// The processes of pooled VM `id` the pool recorded.
+fn vm_pids(pool: &PoolDaemon, id: &str) -> Vec<i32> {
+    std::fs::read_to_string(pool.dir.join(id).join("vm.pids"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.trim().parse().ok())
+        .collect()
+}
+
+fn run(containerd: &Containerd, flags: &[&str], id: &str, cmd: &[&str]) -> Output {
+    let config = containerd.shim_config.display().to_string();
+    let mut args = vec!["run", "--runtime", IRONCLAD_RUNTIME, "--runtime-config-path", &config];
+    args.extend_from_slice(flags);
+    args.push(BUSYBOX_IMAGE);
+    args.push(id);
+    args.extend_from_slice(cmd);
+    containerd.ctr_within(&args, None, CTR_TIMEOUT)
+}
+
+fn stdout_of(containerd: &Containerd, output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "ctr failed ({}): {}\ncontainerd log:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr),
+        containerd.log_tail()
+    );
+    String::from_utf8_lossy(&output.stdout).replace("\r\n", "\n")
+}
+
+/// The warm-start lines the shims logged (`took <id>` or why they booted cold).
+fn warm_lines(containerd: &Containerd) -> Vec<String> {
+    containerd.log().lines().filter(|l| l.contains("warm start:")).map(str::to_string).collect()
+}
+
+fn taken_ids(containerd: &Containerd) -> Vec<String> {
+    warm_lines(containerd)
+        .iter()
+        .filter_map(|line| line.split("took ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+fn process_alive(pid: i32) -> bool {
+    ironclad_shim::sandbox::process_alive(pid)
+}
+
+/// Nothing of the pool's is left: no VM process, no VM directory, no mount or cgroup of one, no
+/// socket.
+fn assert_pool_left_nothing(pool_dir: &Path, socket: &Path, pids: &[i32], pool_pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let alive: Vec<i32> = pids.iter().copied().filter(|&pid| process_alive(pid)).collect();
+        let dirs: Vec<PathBuf> = std::fs::read_dir(pool_dir)
+            .map(|entries| entries.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let marker = pool_dir.display().to_string();
+        let mounts: Vec<&str> = mountinfo.lines().filter(|l| l.contains(&marker)).collect();
+        let cgroups = pool_cgroups(pool_pid);
+        if alive.is_empty() && dirs.is_empty() && mounts.is_empty() && !socket.exists() && cgroups.is_empty()
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left behind by the pool: processes {alive:?}, dirs {dirs:?}, mounts {mounts:?}, socket {}: {}, \
+             cgroups {cgroups:?}",
+            socket.display(),
+            socket.exists()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The cgroups of pool `pool_pid`'s VMs (`ironclad/ironclad-pool/vm-<pool pid>-<n>`) that exist.
+fn pool_cgroups(pool_pid: u32) -> Vec<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let prefix = format!("vm-{pool_pid}-");
+    ironclad_tests::cgroups::mount_points(&mountinfo)
+        .into_iter()
+        .map(|mount_point| mount_point.join("ironclad/ironclad-pool"))
+        .flat_map(|dir| {
+            std::fs::read_dir(dir)
+                .map(|e| e.flatten().map(|e| e.path()).collect::<Vec<_>>())
+                .unwrap_or_default()
+        })
+        .filter(|path| {
+            path.is_dir() && path.file_name().is_some_and(|name| name.to_string_lossy().starts_with(&prefix))
+        })
+        .collect()
+}
+
+#[test]
+fn a_pooled_vm_is_handed_over_once_and_never_again() {
+    let Some(containerd) = start_containerd() else { return };
+    let pool = PoolDaemon::start(&containerd, 1);
+    let mut taken = Vec::new();
+    for round in 0..3 {
+        let ready = pool.wait_ready(round + 1);
+        let id = format!("warm-{round}");
+        let output = run(&containerd, &["--rm"], &id, &["echo", "warm", &id]);
+        assert_eq!(stdout_of(&containerd, &output).trim(), format!("warm {id}"));
+        taken = taken_ids(&containerd);
+        assert_eq!(taken.len(), round + 1, "every run was warm: {:?}", warm_lines(&containerd));
+        assert_eq!(taken[round], ready[round], "the run took the VM that was waiting");
+        assert!(!pool.dir.join(&ready[round]).exists(), "the taken VM's directory went with its sandbox");
+    }
+    let mut unique = taken.clone();
+    unique.dedup();
+    assert_eq!(unique, taken, "a VM was handed over twice");
+    let pids = pool.wait_ready(4).last().map(|id| vm_pids(&pool, id)).unwrap_or_default();
+    let (socket, pool_dir, pool_pid) = (pool.socket.clone(), pool.dir.clone(), pool.child.id());
+    assert!(pool.stop().success());
+    assert_pool_left_nothing(&pool_dir, &socket, &pids, pool_pid);
+    for round in 0..3 {
+        containerd.assert_nothing_left(&format!("warm-{round}"));
+    }
+}
+
+#[test]
+fn without_a_pool_or_with_an_empty_one_the_shim_boots_cold_and_says_why() {
+    let Some(containerd) = start_containerd() else { return };
+    let output = run(&containerd, &["--rm"], "cold-no-pool", &["echo", "cold"]);
+    assert_eq!(stdout_of(&containerd, &output).trim(), "cold");
+    let lines = warm_lines(&containerd);
+    assert!(
+        lines.iter().any(|l| l.contains("no ironclad-pool listens at") && l.contains("booting cold")),
+        "{lines:?}"
+    );
+
+    let empty = PoolDaemon::start(&containerd, 0);
+    let output = run(&containerd, &["--rm"], "cold-empty-pool", &["echo", "cold"]);
+    assert_eq!(stdout_of(&containerd, &output).trim(), "cold");
+    let lines = warm_lines(&containerd);
+    assert!(lines.iter().any(|l| l.contains("none of its 0 VMs is booted yet")), "{lines:?}");
+    assert!(empty.stop().success());
+
+    // A sandbox of another shape than the pool's is not given one of its VMs.
+    let pool = PoolDaemon::start(&containerd, 1);
+    pool.wait_ready(1);
+    let output = run(
+        &containerd,
+        &["--rm", "--annotation", "io.ironclad.memory_mib=320"],
+        "cold-other-shape",
+        &["echo", "cold"],
+    );
+    assert_eq!(stdout_of(&containerd, &output).trim(), "cold");
+    let lines = warm_lines(&containerd);
+    assert!(lines.iter().any(|l| l.contains("the sandbox needs 1 and 320")), "{lines:?}");
+    assert!(taken_ids(&containerd).is_empty());
+    assert!(pool.stop().success());
+
+    // A stopped pool is no pool.
+    let output = run(&containerd, &["--rm"], "cold-stopped-pool", &["echo", "cold"]);
+    assert_eq!(stdout_of(&containerd, &output).trim(), "cold");
+    let no_pool =
+        warm_lines(&containerd).iter().filter(|l| l.contains("no ironclad-pool listens at")).count();
+    assert_eq!(no_pool, 2, "{:?}", warm_lines(&containerd));
+    for id in ["cold-no-pool", "cold-empty-pool", "cold-other-shape", "cold-stopped-pool"] {
+        containerd.assert_nothing_left(id);
+    }
+}
+
+#[test]
+fn a_pooled_vm_that_died_is_dropped_and_replaced() {
+    let Some(containerd) = start_containerd() else { return };
+    let pool = PoolDaemon::start(&containerd, 1);
+    let first = pool.wait_ready(1)[0].clone();
+    let pids = vm_pids(&pool, &first);
+    assert!(!pids.is_empty(), "no processes recorded for {first}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[0]), nix::sys::signal::Signal::SIGKILL).unwrap();
+    pool.wait_for(
+        |log| log.contains(&format!("pooled VM {first} died while it waited")),
+        "to notice the death",
+    );
+    let second = pool.wait_ready(2)[1].clone();
+    assert_ne!(first, second);
+    assert!(!pool.dir.join(&first).exists(), "the dead VM's directory was kept");
+    assert!(pids.iter().all(|&pid| !process_alive(pid)), "the dead VM's helpers were kept");
+
+    let output = run(&containerd, &["--rm"], "after-death", &["echo", "replaced"]);
+    assert_eq!(stdout_of(&containerd, &output).trim(), "replaced");
+    assert_eq!(taken_ids(&containerd), vec![second]);
+    let (socket, pool_dir, pool_pid) = (pool.socket.clone(), pool.dir.clone(), pool.child.id());
+    assert!(pool.stop().success());
+    assert_pool_left_nothing(&pool_dir, &socket, &pids, pool_pid);
+    containerd.assert_nothing_left("after-death");
+}
+
+#[test]
+fn stopping_the_pool_leaves_no_vm_socket_or_process_and_spares_a_vm_it_handed_over() {
+    let Some(containerd) = start_containerd() else { return };
+    let pool = PoolDaemon::start(&containerd, 2);
+    let ready = pool.wait_ready(2);
+    // One VM becomes a running sandbox's.
+    stdout_of(&containerd, &run(&containerd, &["-d"], "handed", &["sleep", "600"]));
+    assert_eq!(taken_ids(&containerd), vec![ready[0].clone()]);
+    // The refill boots a third; then the pool stops with two waiting.
+    let ready = pool.wait_ready(3);
+    let waiting: Vec<i32> = ready[1..].iter().flat_map(|id| vm_pids(&pool, id)).collect();
+    assert!(!waiting.is_empty());
+    let (socket, pool_dir, pool_pid) = (pool.socket.clone(), pool.dir.clone(), pool.child.id());
+    let handed_dir = pool_dir.join(&ready[0]);
+    let handed: Vec<i32> = std::fs::read_to_string(handed_dir.join("vm.pids"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    assert!(pool.stop().success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while waiting.iter().any(|&pid| process_alive(pid)) {
+        assert!(Instant::now() < deadline, "a waiting VM outlived the pool");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!socket.exists(), "the pool's socket was left");
+    assert!(handed.iter().all(|&pid| process_alive(pid)), "the pool's stop killed a sandbox's VM");
+    let exec = containerd.ctr_within(
+        &["task", "exec", "--exec-id", "after-stop", "handed", "echo", "still here"],
+        None,
+        CTR_TIMEOUT,
+    );
+    assert_eq!(stdout_of(&containerd, &exec).trim(), "still here");
+    containerd.ctr_within(&["task", "kill", "-s", "SIGKILL", "handed"], None, CTR_TIMEOUT);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let output = containerd.ctr_within(&["task", "delete", "handed"], None, CTR_TIMEOUT);
+        if output.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", String::from_utf8_lossy(&output.stderr));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    containerd.ctr_within(&["container", "delete", "handed"], None, CTR_TIMEOUT);
+    let all: Vec<i32> = waiting.iter().chain(&handed).copied().collect();
+    assert_pool_left_nothing(&pool_dir, &socket, &all, pool_pid);
+    containerd.assert_nothing_left("handed");
+}
