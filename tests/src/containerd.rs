@@ -689,10 +689,9 @@ log_root = "{log_root}"
 image_cache = "{images}"
 log_level = "debug"
 allowed_annotations = ["io.ironclad.memory_mib", "io.ironclad.agent_log"]
-
-# This containerd's own ironclad-pool, which the pool tests start (the others never do).
-[pool]
-socket = "{pool_socket}"
+# This containerd's own ironclad-pool, which the pool tests start (the others never do). Inline, so
+# that keys tests append stay top-level.
+pool = {{ socket = "{pool_socket}" }}
 "#,
         pool_socket = run_root.with_file_name(POOL_SOCKET).display(),
         hypervisor = artifacts.hypervisor,

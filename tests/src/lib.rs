@@ -5,6 +5,7 @@ pub mod cgroups;
 pub mod containerd;
 pub mod cri;
 pub mod netns;
+pub mod pool;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -7,14 +7,13 @@
 //! handed over stays its sandbox's).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use ironclad_tests::containerd::{Artifacts, Containerd, BUSYBOX_IMAGE, IRONCLAD_RUNTIME};
+use ironclad_tests::pool::PoolDaemon;
 
 const CTR_TIMEOUT: Duration = Duration::from_secs(180);
-/// How long a pooled VM may take to boot (QEMU TCG here, a few seconds; far more under load).
-const POOL_READY_TIMEOUT: Duration = Duration::from_secs(180);
 
 fn artifacts() -> Artifacts {
     Artifacts::of_this_build().unwrap_or_else(|err| panic!("{err}"))
@@ -29,94 +28,8 @@ fn start_containerd() -> Option<Containerd> {
     Some(containerd)
 }
 
-/// A running ironclad-pool with this containerd's shim config and `size` VMs.
-struct PoolDaemon {
-    child: Child,
-    log: PathBuf,
-    /// `<run root>/.pool`, where its VMs live.
-    dir: PathBuf,
-    socket: PathBuf,
-}
-
-impl PoolDaemon {
-    fn start(containerd: &Containerd, size: u32) -> PoolDaemon {
-        let config = containerd.dir().join(format!("pool-{size}.toml"));
-        let shim_config = std::fs::read_to_string(&containerd.shim_config).unwrap();
-        // The harness's config ends with its [pool] table: the size joins it.
-        std::fs::write(&config, format!("{shim_config}size = {size}\nrefill_cpu_percent = 100\n")).unwrap();
-        static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let start = STARTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let log = containerd.dir().join(format!("pool-{start}.log"));
-        let child = Command::new(artifacts().shim_dir.join("ironclad-pool"))
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let pool = PoolDaemon {
-            child,
-            log,
-            dir: containerd.run_root.join(".pool"),
-            socket: containerd.pool_socket(),
-        };
-        pool.wait_for(|log| log.contains("ironclad-pool:"), "to listen");
-        pool
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until the pool's log satisfies `done`.
-    fn wait_for(&self, done: impl Fn(&str) -> bool, what: &str) {
-        let deadline = Instant::now() + POOL_READY_TIMEOUT;
-        while !done(&self.log()) {
-            assert!(Instant::now() < deadline, "the pool did not come {what}:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Waits until `count` VMs have been ready in all; returns their ids in order.
-    fn wait_ready(&self, count: usize) -> Vec<String> {
-        self.wait_for(|log| ready_ids(log).len() >= count, &format!("to have {count} VMs ready"));
-        ready_ids(&self.log())
-    }
-
-    /// SIGTERM, then its exit status.
-    fn stop(mut self) -> std::process::ExitStatus {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "the pool did not stop:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for PoolDaemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The ids of the VMs the pool's log says became ready, in order.
-fn ready_ids(log: &str) -> Vec<String> {
-    log.lines()
-        .filter_map(|line| line.split("pooled VM ").nth(1))
-        .filter(|rest| rest.contains(" ready after "))
-        .filter_map(|rest| rest.split_whitespace().next().map(str::to_string))
-        .collect()
+fn start_pool(containerd: &Containerd, size: u32) -> PoolDaemon {
+    PoolDaemon::start(&artifacts().shim_dir.join("ironclad-pool"), containerd, size).unwrap()
 }
 
 /// The processes of pooled VM `id` the pool recorded.
@@ -155,11 +68,7 @@ fn warm_lines(containerd: &Containerd) -> Vec<String> {
 }
 
 fn taken_ids(containerd: &Containerd) -> Vec<String> {
-    warm_lines(containerd)
-        .iter()
-        .filter_map(|line| line.split("took ").nth(1))
-        .filter_map(|rest| rest.split_whitespace().next().map(str::to_string))
-        .collect()
+    ironclad_tests::pool::taken_ids(&containerd.log())
 }
 
 fn process_alive(pid: i32) -> bool {
@@ -215,10 +124,10 @@ fn pool_cgroups(pool_pid: u32) -> Vec<PathBuf> {
 #[test]
 fn a_pooled_vm_is_handed_over_once_and_never_again() {
     let Some(containerd) = start_containerd() else { return };
-    let pool = PoolDaemon::start(&containerd, 1);
+    let pool = start_pool(&containerd, 1);
     let mut taken = Vec::new();
     for round in 0..3 {
-        let ready = pool.wait_ready(round + 1);
+        let ready = pool.wait_ready(round + 1).unwrap();
         let id = format!("warm-{round}");
         let output = run(&containerd, &["--rm"], &id, &["echo", "warm", &id]);
         assert_eq!(stdout_of(&containerd, &output).trim(), format!("warm {id}"));
@@ -230,9 +139,9 @@ fn a_pooled_vm_is_handed_over_once_and_never_again() {
     let mut unique = taken.clone();
     unique.dedup();
     assert_eq!(unique, taken, "a VM was handed over twice");
-    let pids = pool.wait_ready(4).last().map(|id| vm_pids(&pool, id)).unwrap_or_default();
+    let pids = pool.wait_ready(4).unwrap().last().map(|id| vm_pids(&pool, id)).unwrap_or_default();
     let (socket, pool_dir, pool_pid) = (pool.socket.clone(), pool.dir.clone(), pool.child.id());
-    assert!(pool.stop().success());
+    assert!(pool.stop().unwrap().success());
     assert_pool_left_nothing(&pool_dir, &socket, &pids, pool_pid);
     for round in 0..3 {
         containerd.assert_nothing_left(&format!("warm-{round}"));
@@ -250,16 +159,16 @@ fn without_a_pool_or_with_an_empty_one_the_shim_boots_cold_and_says_why() {
         "{lines:?}"
     );
 
-    let empty = PoolDaemon::start(&containerd, 0);
+    let empty = start_pool(&containerd, 0);
     let output = run(&containerd, &["--rm"], "cold-empty-pool", &["echo", "cold"]);
     assert_eq!(stdout_of(&containerd, &output).trim(), "cold");
     let lines = warm_lines(&containerd);
     assert!(lines.iter().any(|l| l.contains("none of its 0 VMs is booted yet")), "{lines:?}");
-    assert!(empty.stop().success());
+    assert!(empty.stop().unwrap().success());
 
     // A sandbox of another shape than the pool's is not given one of its VMs.
-    let pool = PoolDaemon::start(&containerd, 1);
-    pool.wait_ready(1);
+    let pool = start_pool(&containerd, 1);
+    pool.wait_ready(1).unwrap();
     let output = run(
         &containerd,
         &["--rm", "--annotation", "io.ironclad.memory_mib=320"],
@@ -270,7 +179,7 @@ fn without_a_pool_or_with_an_empty_one_the_shim_boots_cold_and_says_why() {
     let lines = warm_lines(&containerd);
     assert!(lines.iter().any(|l| l.contains("the sandbox needs 1 and 320")), "{lines:?}");
     assert!(taken_ids(&containerd).is_empty());
-    assert!(pool.stop().success());
+    assert!(pool.stop().unwrap().success());
 
     // A stopped pool is no pool.
     let output = run(&containerd, &["--rm"], "cold-stopped-pool", &["echo", "cold"]);
@@ -286,16 +195,17 @@ fn without_a_pool_or_with_an_empty_one_the_shim_boots_cold_and_says_why() {
 #[test]
 fn a_pooled_vm_that_died_is_dropped_and_replaced() {
     let Some(containerd) = start_containerd() else { return };
-    let pool = PoolDaemon::start(&containerd, 1);
-    let first = pool.wait_ready(1)[0].clone();
+    let pool = start_pool(&containerd, 1);
+    let first = pool.wait_ready(1).unwrap()[0].clone();
     let pids = vm_pids(&pool, &first);
     assert!(!pids.is_empty(), "no processes recorded for {first}");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[0]), nix::sys::signal::Signal::SIGKILL).unwrap();
     pool.wait_for(
         |log| log.contains(&format!("pooled VM {first} died while it waited")),
         "to notice the death",
-    );
-    let second = pool.wait_ready(2)[1].clone();
+    )
+    .unwrap();
+    let second = pool.wait_ready(2).unwrap()[1].clone();
     assert_ne!(first, second);
     assert!(!pool.dir.join(&first).exists(), "the dead VM's directory was kept");
     assert!(pids.iter().all(|&pid| !process_alive(pid)), "the dead VM's helpers were kept");
@@ -304,7 +214,7 @@ fn a_pooled_vm_that_died_is_dropped_and_replaced() {
     assert_eq!(stdout_of(&containerd, &output).trim(), "replaced");
     assert_eq!(taken_ids(&containerd), vec![second]);
     let (socket, pool_dir, pool_pid) = (pool.socket.clone(), pool.dir.clone(), pool.child.id());
-    assert!(pool.stop().success());
+    assert!(pool.stop().unwrap().success());
     assert_pool_left_nothing(&pool_dir, &socket, &pids, pool_pid);
     containerd.assert_nothing_left("after-death");
 }
@@ -312,13 +222,13 @@ fn a_pooled_vm_that_died_is_dropped_and_replaced() {
 #[test]
 fn stopping_the_pool_leaves_no_vm_socket_or_process_and_spares_a_vm_it_handed_over() {
     let Some(containerd) = start_containerd() else { return };
-    let pool = PoolDaemon::start(&containerd, 2);
-    let ready = pool.wait_ready(2);
+    let pool = start_pool(&containerd, 2);
+    let ready = pool.wait_ready(2).unwrap();
     // One VM becomes a running sandbox's.
     stdout_of(&containerd, &run(&containerd, &["-d"], "handed", &["sleep", "600"]));
     assert_eq!(taken_ids(&containerd), vec![ready[0].clone()]);
     // The refill boots a third; then the pool stops with two waiting.
-    let ready = pool.wait_ready(3);
+    let ready = pool.wait_ready(3).unwrap();
     let waiting: Vec<i32> = ready[1..].iter().flat_map(|id| vm_pids(&pool, id)).collect();
     assert!(!waiting.is_empty());
     let (socket, pool_dir, pool_pid) = (pool.socket.clone(), pool.dir.clone(), pool.child.id());
@@ -328,7 +238,7 @@ fn stopping_the_pool_leaves_no_vm_socket_or_process_and_spares_a_vm_it_handed_ov
         .lines()
         .filter_map(|l| l.trim().parse().ok())
         .collect();
-    assert!(pool.stop().success());
+    assert!(pool.stop().unwrap().success());
     let deadline = Instant::now() + Duration::from_secs(20);
     while waiting.iter().any(|&pid| process_alive(pid)) {
         assert!(Instant::now() < deadline, "a waiting VM outlived the pool");
