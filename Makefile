@@ -17,6 +17,8 @@ export IRONCLAD_CACHE ?= $(if $(filter 0,$(shell id -u)),/var/cache/ironclad,$(H
 export IRONCLAD_SKIP_LOG := $(CURDIR)/target/test-skips.log
 PREFIX ?= /usr/local
 CONFIG_DIR ?= /etc/ironclad
+# Where `make install` puts ironclad-pool's unit (`systemctl enable --now ironclad-pool`).
+SYSTEMD_DIR ?= /etc/systemd/system
 
 .PHONY: all prereqs kernel agent initrd guest lint test test-nested demo boot-demo install bench bench-nested fuzz clean
 
@@ -80,8 +82,13 @@ boot-demo: prereqs guest
 # Binaries to $(PREFIX)/bin, the guest to $(PREFIX)/share/ironclad, and the default config, which an
 # existing one is never replaced by.
 install: guest
-	$(CARGO) build --release --locked -p ironclad-shim -p ironclad-vmm -p ironclad-jailer
+	$(CARGO) build --release --locked -p ironclad-shim -p ironclad-vmm -p ironclad-jailer -p ironclad-pool
 	install -D -m 0755 target/release/containerd-shim-ironclad-v2 $(PREFIX)/bin/containerd-shim-ironclad-v2
+	install -D -m 0755 target/release/ironclad-pool $(PREFIX)/bin/ironclad-pool
+	install -d $(SYSTEMD_DIR)
+	sed 's|/usr/local/bin/ironclad-pool|$(PREFIX)/bin/ironclad-pool|; s|/etc/ironclad/config.toml|$(CONFIG_DIR)/config.toml|' \
+		pool/ironclad-pool.service > $(SYSTEMD_DIR)/ironclad-pool.service
+	chmod 0644 $(SYSTEMD_DIR)/ironclad-pool.service
 	install -D -m 0755 target/release/ironclad-vmm $(PREFIX)/bin/ironclad-vmm
 	install -D -m 0755 target/release/ironclad-jailer $(PREFIX)/bin/ironclad-jailer
 	install -D -m 0644 $(GUEST_DIR)/vmlinux $(PREFIX)/share/ironclad/vmlinux
@@ -100,7 +107,7 @@ install: guest
 # docs/charts/, naming the
 # machine and the backend.
 bench: prereqs guest
-	$(CARGO) build --release --locked -p ironclad-vmm -p ironclad-shim -p ironclad-jailer -p ironclad-agent -p ironclad-bench
+	$(CARGO) build --release --locked -p ironclad-vmm -p ironclad-shim -p ironclad-jailer -p ironclad-pool -p ironclad-agent -p ironclad-bench
 	target/release/ironclad-bench vmm --vmm target/release/ironclad-vmm
 	target/release/ironclad-bench agent --runs 100
 	target/release/ironclad-bench runtimes --runs 20 --density 1,10,25

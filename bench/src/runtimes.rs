@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::stats::{summarize, Summary};
 use crate::timeline;
+use ironclad_tests::pool::PoolDaemon;
 
 /// The runtimes, in the order every figure runs them.
 pub const RUNTIMES: [Runtime; 2] = [Runtime::Ironclad, Runtime::Runc];
@@ -126,6 +127,10 @@ pub const COLD_START: &str = "cold start";
 pub const FIRST_OUTPUT: &str = "time to first output";
 pub const EXEC_LATENCY: &str = "exec latency";
 pub const IDLE_MEMORY: &str = "host memory per idle sandbox";
+pub const WARM_START: &str = "warm start";
+pub const WARM_FIRST_OUTPUT: &str = "warm time to first output";
+/// How many VMs the benchmark's pool keeps.
+const POOL_SIZE: u32 = 1;
 
 /// The CPU-bound job: a fixed amount of hashing.
 const CPU_JOB: &str = "dd if=/dev/zero bs=1M count=8 2>/dev/null | sha256sum >/dev/null";
@@ -175,7 +180,12 @@ impl Bench<'_> {
     /// `ctr run --rm` to exit, and to the first byte of output, and for ironclad the run's phases
     /// (`timeline`); fails unless it exits 0.
     fn cold_start(&mut self, runtime: Runtime) -> Result<ColdStart, Error> {
-        let id = self.id(runtime, "start");
+        self.start_run(runtime, "start", COLD_START)
+    }
+
+    /// The same run as [`Bench::cold_start`], its task named `what`, its errors `figure`'s.
+    fn start_run(&mut self, runtime: Runtime, what: &str, figure: &'static str) -> Result<ColdStart, Error> {
+        let id = self.id(runtime, what);
         let args = self.run_args(runtime, &["--rm"], &id, &["echo", "ready"]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let ctr_started_ms = ironclad_shim::timeline::now_ms();
@@ -187,26 +197,25 @@ impl Bench<'_> {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| run_err(COLD_START, runtime, e.to_string()))?;
+            .map_err(|e| run_err(figure, runtime, e.to_string()))?;
         let mut first = [0u8; 1];
-        let mut stdout =
-            child.stdout.take().ok_or_else(|| run_err(COLD_START, runtime, "no stdout".into()))?;
+        let mut stdout = child.stdout.take().ok_or_else(|| run_err(figure, runtime, "no stdout".into()))?;
         let first_output = match stdout.read(&mut first) {
             Ok(1) => started.elapsed().as_secs_f64(),
             _ => f64::NAN,
         };
         let _ = std::io::copy(&mut stdout, &mut std::io::sink());
-        let output = child.wait_with_output().map_err(|e| run_err(COLD_START, runtime, e.to_string()))?;
+        let output = child.wait_with_output().map_err(|e| run_err(figure, runtime, e.to_string()))?;
         let total = started.elapsed().as_secs_f64();
         let ctr_returned_ms = ironclad_shim::timeline::now_ms();
         if !output.status.success() || first_output.is_nan() {
-            return Err(run_err(COLD_START, runtime, String::from_utf8_lossy(&output.stderr).into_owned()));
+            return Err(run_err(figure, runtime, String::from_utf8_lossy(&output.stderr).into_owned()));
         }
         let phases = match runtime {
-            Runtime::Ironclad => self
+            Runtime::Ironclad if figure == COLD_START => self
                 .shim_timeline(&id)
                 .and_then(|shim| timeline::Run { ctr_started_ms, ctr_returned_ms, shim }.phases()),
-            Runtime::Runc => None,
+            Runtime::Ironclad | Runtime::Runc => None,
         };
         Ok(ColdStart { total, first_output, phases })
     }
@@ -374,7 +383,8 @@ fn total_steps(settings: &Settings) -> u64 {
     if settings.cold_start_only {
         return (2 + settings.runs * runtimes) as u64;
     }
-    (2 + settings.runs * runtimes + runtimes + settings.runs * 5 + settings.density.len() * runtimes) as u64
+    (2 + 2 * settings.runs * runtimes + runtimes + settings.runs * 5 + settings.density.len() * runtimes)
+        as u64
 }
 
 pub fn measure(settings: &Settings, stop: Arc<AtomicBool>) -> Result<Results, Error> {
@@ -449,6 +459,8 @@ fn measure_figures(bench: &mut Bench<'_>, settings: &Settings) -> Result<Results
         });
     }
 
+    let (warm_start, warm_first_output) = measure_warm(bench, settings)?;
+
     let mut idle = BTreeMap::new();
     let mut pss = BTreeMap::<Runtime, Vec<f64>>::new();
     let mut idle_memory = Vec::new();
@@ -512,6 +524,18 @@ fn measure_figures(bench: &mut Bench<'_>, settings: &Settings) -> Result<Results
     let figures = vec![
         cold,
         first,
+        figure(
+            WARM_START,
+            "s",
+            "`ctr run --rm IMAGE ID echo ready` with a VM from ironclad-pool (runc: the same cold run)",
+            &warm_start,
+        ),
+        figure(
+            WARM_FIRST_OUTPUT,
+            "s",
+            "the same warm runs, from exec to the first byte of output",
+            &warm_first_output,
+        ),
         figure(EXEC_LATENCY, "s", "`ctr task exec` of `true` in a running task", &get("exec")),
         figure("CPU-bound job", "s", "sha256 of 8 MiB (busybox), through `ctr task exec`", &get("cpu")),
         figure(
@@ -549,6 +573,38 @@ fn measure_figures(bench: &mut Bench<'_>, settings: &Settings) -> Result<Results
         timeline_runs,
         idle_memory,
     })
+}
+
+type Samples = BTreeMap<Runtime, Vec<f64>>;
+
+/// Warm starts: with ironclad-pool keeping one VM, each ironclad run waits until the pool has a
+/// VM ready, then takes it; runc runs interleaved as before. A run the shim did not start warm
+/// fails the benchmark.
+fn measure_warm(bench: &mut Bench<'_>, settings: &Settings) -> Result<(Samples, Samples), Error> {
+    let program = settings.shim_dir.join("ironclad-pool");
+    let pool_err = |err: ironclad_tests::pool::Error| run_err(WARM_START, Runtime::Ironclad, err.to_string());
+    let pool = PoolDaemon::start(&program, bench.containerd, POOL_SIZE).map_err(pool_err)?;
+    let mut start = Samples::new();
+    let mut first_output = Samples::new();
+    for run in 0..settings.runs {
+        for runtime in RUNTIMES {
+            bench.check_stop()?;
+            bench.step(format!("warm start {}/{} ({})", run + 1, settings.runs, runtime.name()));
+            if runtime == Runtime::Ironclad {
+                pool.wait_ready(run + 1).map_err(pool_err)?;
+            }
+            let warm = bench.start_run(runtime, "warm", WARM_START)?;
+            let taken = ironclad_tests::pool::taken_ids(&bench.containerd.log()).len();
+            if runtime == Runtime::Ironclad && taken != run + 1 {
+                let message = format!("run {} booted cold: {taken} VMs taken from the pool", run + 1);
+                return Err(run_err(WARM_START, runtime, message));
+            }
+            start.entry(runtime).or_default().push(warm.total);
+            first_output.entry(runtime).or_default().push(warm.first_output);
+        }
+    }
+    pool.stop().map_err(pool_err)?;
+    Ok((start, first_output))
 }
 
 /// Starts `n` idle sandboxes at once, times until all run, reads their memory, removes them.
