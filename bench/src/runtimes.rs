@@ -118,6 +118,9 @@ pub struct Results {
     pub timeline: Vec<timeline::Phase>,
     /// How many cold starts the timeline is of.
     pub timeline_runs: usize,
+    /// Where an ironclad warm start's time goes (medians), and of how many runs.
+    pub warm_timeline: Vec<timeline::Phase>,
+    pub warm_timeline_runs: usize,
     /// Where an idle ironclad sandbox's PSS goes (MiB per part, largest first).
     pub idle_memory: Vec<(crate::memory::Part, f64)>,
 }
@@ -212,10 +215,15 @@ impl Bench<'_> {
             return Err(run_err(figure, runtime, String::from_utf8_lossy(&output.stderr).into_owned()));
         }
         let phases = match runtime {
-            Runtime::Ironclad if figure == COLD_START => self
-                .shim_timeline(&id)
-                .and_then(|shim| timeline::Run { ctr_started_ms, ctr_returned_ms, shim }.phases()),
-            Runtime::Ironclad | Runtime::Runc => None,
+            Runtime::Ironclad => self.shim_timeline(&id).and_then(|shim| {
+                let run = timeline::Run { ctr_started_ms, ctr_returned_ms, shim };
+                if figure == COLD_START {
+                    run.phases()
+                } else {
+                    run.warm_phases()
+                }
+            }),
+            Runtime::Runc => None,
         };
         Ok(ColdStart { total, first_output, phases })
     }
@@ -455,11 +463,13 @@ fn measure_figures(bench: &mut Bench<'_>, settings: &Settings) -> Result<Results
             density_skipped: Vec::new(),
             timeline,
             timeline_runs,
+            warm_timeline: Vec::new(),
+            warm_timeline_runs: 0,
             idle_memory: Vec::new(),
         });
     }
 
-    let (warm_start, warm_first_output) = measure_warm(bench, settings)?;
+    let (warm_start, warm_first_output, warm_phases) = measure_warm(bench, settings)?;
 
     let mut idle = BTreeMap::new();
     let mut pss = BTreeMap::<Runtime, Vec<f64>>::new();
@@ -571,6 +581,8 @@ fn measure_figures(bench: &mut Bench<'_>, settings: &Settings) -> Result<Results
         density_skipped,
         timeline,
         timeline_runs,
+        warm_timeline: timeline::summarize_warm_phases(&warm_phases),
+        warm_timeline_runs: warm_phases.len(),
         idle_memory,
     })
 }
@@ -580,12 +592,16 @@ type Samples = BTreeMap<Runtime, Vec<f64>>;
 /// Warm starts: with ironclad-pool keeping one VM, each ironclad run waits until the pool has a
 /// VM ready, then takes it; runc runs interleaved as before. A run the shim did not start warm
 /// fails the benchmark.
-fn measure_warm(bench: &mut Bench<'_>, settings: &Settings) -> Result<(Samples, Samples), Error> {
+fn measure_warm(
+    bench: &mut Bench<'_>,
+    settings: &Settings,
+) -> Result<(Samples, Samples, Vec<Vec<f64>>), Error> {
     let program = settings.shim_dir.join("ironclad-pool");
     let pool_err = |err: ironclad_tests::pool::Error| run_err(WARM_START, Runtime::Ironclad, err.to_string());
     let pool = PoolDaemon::start(&program, bench.containerd, POOL_SIZE).map_err(pool_err)?;
     let mut start = Samples::new();
     let mut first_output = Samples::new();
+    let mut phases = Vec::new();
     for run in 0..settings.runs {
         for runtime in RUNTIMES {
             bench.check_stop()?;
@@ -601,10 +617,11 @@ fn measure_warm(bench: &mut Bench<'_>, settings: &Settings) -> Result<(Samples, 
             }
             start.entry(runtime).or_default().push(warm.total);
             first_output.entry(runtime).or_default().push(warm.first_output);
+            phases.extend(warm.phases);
         }
     }
     pool.stop().map_err(pool_err)?;
-    Ok((start, first_output))
+    Ok((start, first_output, phases))
 }
 
 /// Starts `n` idle sandboxes at once, times until all run, reads their memory, removes them.

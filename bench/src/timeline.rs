@@ -35,6 +35,28 @@ pub const PHASES: [(&str, Mark, Mark); 12] = [
     ("teardown until ctr returns", Mark::Shim(Step::TornDown), Mark::CtrReturned),
 ];
 
+/// The phases of a warm start (a VM from ironclad-pool): the shim marks the agent ready once it has
+/// taken the VM and connected to its agent; no monitor, kernel or /init step is in this start.
+pub const WARM_PHASES: [(&str, Mark, Mark); 9] = [
+    ("ctr and containerd until the shim runs", Mark::CtrStarted, Mark::Shim(Step::ShimStarted)),
+    ("shim start until Create", Mark::Shim(Step::ShimStarted), Mark::Shim(Step::CreateReceived)),
+    (
+        "taking a pooled VM and connecting its agent",
+        Mark::Shim(Step::CreateReceived),
+        Mark::Shim(Step::AgentReady),
+    ),
+    (
+        "rootfs into the share and CreateContainer",
+        Mark::Shim(Step::AgentReady),
+        Mark::Shim(Step::ContainerCreated),
+    ),
+    ("containerd until Start", Mark::Shim(Step::ContainerCreated), Mark::Shim(Step::StartReceived)),
+    ("StartContainer", Mark::Shim(Step::StartReceived), Mark::Shim(Step::Started)),
+    ("the process runs until its exit is seen", Mark::Shim(Step::Started), Mark::Shim(Step::Exited)),
+    ("exit until the VM is torn down", Mark::Shim(Step::Exited), Mark::Shim(Step::TornDown)),
+    ("teardown until ctr returns", Mark::Shim(Step::TornDown), Mark::CtrReturned),
+];
+
 /// One run's marks, in milliseconds since the epoch.
 #[derive(Debug, Clone)]
 pub struct Run {
@@ -55,7 +77,16 @@ impl Run {
     /// Each phase's length (ms), in [`PHASES`]' order; None when a mark is missing or out of
     /// order (a run that cannot be cut into phases is left out rather than guessed at).
     pub fn phases(&self) -> Option<Vec<f64>> {
-        PHASES
+        self.phases_of(&PHASES)
+    }
+
+    /// The same for a warm start's [`WARM_PHASES`].
+    pub fn warm_phases(&self) -> Option<Vec<f64>> {
+        self.phases_of(&WARM_PHASES)
+    }
+
+    fn phases_of(&self, phases: &[(&'static str, Mark, Mark)]) -> Option<Vec<f64>> {
+        phases
             .iter()
             .map(|(_, from, to)| {
                 let (from, to) = (self.at(*from)?, self.at(*to)?);
@@ -74,7 +105,16 @@ pub struct Phase {
 
 /// The phases' medians over `runs` (each from [`Run::phases`]); empty without runs.
 pub fn summarize_phases(runs: &[Vec<f64>]) -> Vec<Phase> {
-    PHASES
+    summarize_phases_of(&PHASES, runs)
+}
+
+/// The same for warm starts.
+pub fn summarize_warm_phases(runs: &[Vec<f64>]) -> Vec<Phase> {
+    summarize_phases_of(&WARM_PHASES, runs)
+}
+
+fn summarize_phases_of(phases: &[(&'static str, Mark, Mark)], runs: &[Vec<f64>]) -> Vec<Phase> {
+    phases
         .iter()
         .enumerate()
         .filter_map(|(index, (name, _, _))| {
@@ -112,6 +152,22 @@ mod tests {
         assert!(Run { ctr_started_ms: 1_000, ctr_returned_ms: 1_200, shim: marks }.phases().is_none());
         let run = Run { ctr_started_ms: 1_050, ctr_returned_ms: 1_200, shim: shim_marks(1_000) };
         assert!(run.phases().is_none());
+    }
+
+    #[test]
+    fn a_warm_run_has_no_boot_steps_and_its_phases_still_add_up() {
+        let mut marks = shim_marks(1_000);
+        marks.retain(|(step, _)| {
+            !matches!(step, Step::MonitorStarted | Step::KernelEntered | Step::InitStarted)
+        });
+        let run = Run { ctr_started_ms: 1_000, ctr_returned_ms: 1_200, shim: marks };
+        assert!(run.phases().is_none(), "a warm run is no cold start");
+        let phases = run.warm_phases().unwrap();
+        assert_eq!(phases.len(), WARM_PHASES.len());
+        assert_eq!(phases.iter().sum::<f64>(), 200.0);
+        for pair in WARM_PHASES.windows(2) {
+            assert_eq!(pair[0].2, pair[1].1);
+        }
     }
 
     #[test]

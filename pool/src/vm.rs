@@ -230,9 +230,57 @@ impl Handover {
     }
 }
 
+/// Sends `signal` to the monitor and every process below it: the recorded pid is its jailer's
+/// supervisor, the monitor itself a child of that (SIGSTOP is not passed on, as no signal that
+/// cannot be caught is).
 fn signal(vm: &GuestVm, signal: nix::sys::signal::Signal, action: &'static str) -> Result<(), Error> {
     let monitor = vm.pids().first().copied().unwrap_or_default();
-    let pid = i32::try_from(monitor).map_err(|_| Error::Signal { action, source: nix::Error::ESRCH })?;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
-        .map_err(|source| Error::Signal { action, source })
+    let root = i32::try_from(monitor).map_err(|_| Error::Signal { action, source: nix::Error::ESRCH })?;
+    for pid in process_tree(root) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+            .map_err(|source| Error::Signal { action, source })?;
+    }
+    Ok(())
+}
+
+/// `root` and its descendants, parents first, from /proc/PID/task/TID/children.
+pub fn process_tree(root: i32) -> Vec<i32> {
+    let mut tree = vec![root];
+    let mut next = 0;
+    while next < tree.len() {
+        let pid = tree[next];
+        next += 1;
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
+        for task in tasks.flatten() {
+            let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            tree.extend(children.split_whitespace().filter_map(|child| child.parse::<i32>().ok()));
+        }
+    }
+    tree
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tree_holds_a_process_and_its_descendants() {
+        let mut shell =
+            std::process::Command::new("sh").args(["-c", "sleep 30 & sleep 30 & wait"]).spawn().unwrap();
+        let root = i32::try_from(shell.id()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while process_tree(root).len() < 3 {
+            assert!(Instant::now() < deadline, "{:?}", process_tree(root));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let tree = process_tree(root);
+        assert_eq!(tree[0], root);
+        assert_eq!(tree.len(), 3, "{tree:?}");
+        for pid in &tree[1..] {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGKILL)
+                .unwrap();
+        }
+        shell.wait().unwrap();
+        assert_eq!(process_tree(i32::MAX), vec![i32::MAX], "a process that does not exist is its own tree");
+    }
 }

@@ -171,6 +171,8 @@ impl Sandbox {
         let connected = async {
             record_pids(task_dir, &vm)?;
             let agent = AgentClient::connect(vm.agent_socket(), AGENT_PORT, AGENT_CONNECT_TIMEOUT).await?;
+            // The VM was booted before this start: its agent counts as ready once connected.
+            timeline.mark(crate::timeline::Step::AgentReady);
             Ok::<_, Error>(agent.with_output_chunk(vm.guest_message_limit()))
         }
         .await;

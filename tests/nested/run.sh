@@ -3,10 +3,10 @@
 # with nested paging (-cpu max), so an L1 guest (Debian's kernel, started by virtme-ng over this
 # machine's own root, read-only with a writable overlay) loads kvm_amd and offers a real /dev/kvm;
 # inside it the boot test, the agent's guest tests, the containerd and CRI end-to-end suites, the
-# hostile-guest suite and tests/device/kvm-e2e.sh run with ironclad-vmm, which `auto` picks there
+# hostile-guest suite, the pool suite and tests/device/kvm-e2e.sh run with ironclad-vmm, which `auto` picks there
 # because the L1 CPU shows svm. Each suite's output streams here; any failure fails this script.
 #
-# usage: tests/nested/run.sh [SUITE...]   (default: boot containers containerd cri hostile kvm-e2e; `bench`
+# usage: tests/nested/run.sh [SUITE...]   (default: boot containers containerd cri hostile pool kvm-e2e; `bench`
 #        runs `ironclad-bench nested` there and writes its section into docs/benchmarks.md)
 # Needs what scripts/install-prereqs.sh installs (QEMU, kmod, the L1 kernel and virtme-ng under
 # $IRONCLAD_NESTED_DIR) and a built workspace and guest (make guest). Missing pieces fail the
@@ -25,7 +25,7 @@ QEMU=${IRONCLAD_NESTED_QEMU:-$NESTED_DIR/qemu/usr/bin/qemu-system-x86_64}
 QEMU_DATA=${IRONCLAD_NESTED_QEMU_DATA:-$NESTED_DIR/qemu/usr/share/qemu}
 RESULTS="$PWD/target/nested"
 suites=("$@")
-[ "${#suites[@]}" -gt 0 ] || suites=(boot containers containerd cri hostile kvm-e2e)
+[ "${#suites[@]}" -gt 0 ] || suites=(boot containers containerd cri hostile pool kvm-e2e)
 
 say() { echo "nested: $*" >&2; }
 
@@ -60,7 +60,7 @@ for line in sys.stdin:
     if message.get("reason") == "compiler-artifact" and message.get("executable") and message["profile"]["test"]:
         print(message["target"]["name"], message["executable"])
 ')
-cargo build --locked -p ironclad-vmm -p ironclad-shim -p ironclad-jailer -p ironclad-tests --bins
+cargo build --locked -p ironclad-vmm -p ironclad-shim -p ironclad-jailer -p ironclad-pool -p ironclad-tests --bins
 if printf '%s\n' "${suites[@]}" | grep -qx bench; then
     cargo build --release --locked -p ironclad-vmm -p ironclad-shim -p ironclad-jailer -p ironclad-bench
 fi
@@ -68,7 +68,7 @@ fi
 commands=()
 for suite in "${suites[@]}"; do
     case "$suite" in
-        boot | containers | containerd | cri | hostile)
+        boot | containers | containerd | cri | hostile | pool)
             [ -n "${executables[$suite]:-}" ] || { say "no test executable for $suite"; exit 1; }
             extra=${IRONCLAD_NESTED_TEST_ARGS:-}
             # IRONCLAD_NESTED_TEST_ARGS: more arguments for the test executables (a name filter).
@@ -93,7 +93,7 @@ for suite in "${suites[@]}"; do
         bench)
             commands+=("bench=target/release/ironclad-bench nested --report $RESULTS/benchmarks.md --json $RESULTS/benchmarks-nested.json")
             ;;
-        *) say "unknown suite $suite (boot, containers, containerd, cri, hostile, kvm-e2e, bench)"; exit 1 ;;
+        *) say "unknown suite $suite (boot, containers, containerd, cri, hostile, pool, kvm-e2e, bench)"; exit 1 ;;
     esac
 done
 
@@ -156,7 +156,7 @@ run_suite() {
 LANES=${IRONCLAD_NESTED_LANES:-2}
 # A benchmark shares the machine with nothing.
 if printf '%s\n' "${suites[@]}" | grep -qx bench; then LANES=1; fi
-declare -A minutes=([containerd]=13 [bench]=10 [containerd-3]=6 [containerd-2]=5 [hostile]=5 [cri]=4 [containers]=3 [boot]=2 [kvm-e2e]=1)
+declare -A minutes=([containerd]=13 [bench]=10 [containerd-3]=6 [containerd-2]=5 [hostile]=5 [cri]=4 [pool]=3 [containers]=3 [boot]=2 [kvm-e2e]=1)
 declare -a lane_load lane_commands
 for ((lane = 0; lane < LANES; lane++)); do lane_load[lane]=0; lane_commands[lane]=""; done
 while read -r _ index; do

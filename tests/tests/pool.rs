@@ -41,6 +41,29 @@ fn vm_pids(pool: &PoolDaemon, id: &str) -> Vec<i32> {
         .collect()
 }
 
+/// The state (/proc/PID/stat) of each monitor process (QEMU or ironclad-vmm, not its jailer) of
+/// pooled VM `id`.
+fn monitor_states(pool: &PoolDaemon, id: &str) -> Vec<(i32, String)> {
+    let marker = pool.dir.join(id).display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let cmdline =
+                String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).ok()?).into_owned();
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            let monitor = comm.starts_with("qemu-system") || comm.trim() == "ironclad-vmm";
+            (monitor && cmdline.contains(&marker)).then_some(pid)
+        })
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let state = stat.rsplit(')').next()?.split_whitespace().next()?.to_string();
+            Some((pid, state))
+        })
+        .collect()
+}
+
 fn run(containerd: &Containerd, flags: &[&str], id: &str, cmd: &[&str]) -> Output {
     let config = containerd.shim_config.display().to_string();
     let mut args = vec!["run", "--runtime", IRONCLAD_RUNTIME, "--runtime-config-path", &config];
@@ -125,6 +148,10 @@ fn pool_cgroups(pool_pid: u32) -> Vec<PathBuf> {
 fn a_pooled_vm_is_handed_over_once_and_never_again() {
     let Some(containerd) = start_containerd() else { return };
     let pool = start_pool(&containerd, 1);
+    let first = pool.wait_ready(1).unwrap()[0].clone();
+    let monitors = monitor_states(&pool, &first);
+    assert!(!monitors.is_empty(), "no monitor process of {first}");
+    assert!(monitors.iter().all(|(_, state)| state == "T"), "a waiting VM's monitor runs: {monitors:?}");
     let mut taken = Vec::new();
     for round in 0..3 {
         let ready = pool.wait_ready(round + 1).unwrap();
