@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use ironclad_shim::config::ShimConfig;
 use ironclad_shim::hypervisor::{self, error_chain, Backend, HostVirtualization, OpenedGuest};
-use ironclad_shim::pool::{pool_dir, Shape};
+use ironclad_shim::pool::{pool_dir, Pins, Shape};
 use ironclad_shim::resources::pinned;
 use ironclad_shim::sandbox::clean_up_task_dir;
 use tokio::sync::{Mutex, Notify};
@@ -79,7 +79,8 @@ impl Pool {
         };
         let settings = config.sandbox_settings(&Default::default())?;
         let extra = format!("{} {}", config.kernel_params, settings.kernel_params());
-        let shape = Shape::of(backend.name(), &settings, &opened, &extra).map_err(Error::Identity)?;
+        let pins = Pins { kernel: config.kernel_sha256.clone(), initrd: config.initrd_sha256.clone() };
+        let shape = Shape::of(backend.name(), &settings, &opened, &extra, pins).map_err(Error::Identity)?;
         let dir = pool_dir(&config.run_root);
         remove_leftovers(&dir);
         create_private_dir(&dir)?;

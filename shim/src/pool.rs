@@ -81,6 +81,22 @@ impl FileIdentity {
     }
 }
 
+/// The sha256 digests a config pins the guest files to (`kernel_sha256`, `initrd_sha256`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Pins {
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+}
+
+impl Pins {
+    fn normalized(&self) -> (Option<String>, Option<String>) {
+        (
+            self.kernel.as_ref().map(|pin| pin.to_ascii_lowercase()),
+            self.initrd.as_ref().map(|pin| pin.to_ascii_lowercase()),
+        )
+    }
+}
+
 /// What a sandbox's VM is, apart from its tenant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Shape {
@@ -91,6 +107,9 @@ pub struct Shape {
     pub kernel_cmdline: String,
     pub kernel: FileIdentity,
     pub initrd: FileIdentity,
+    /// What the files were checked against: the pool hashed them when it opened them; a shim
+    /// whose config pins the same digests takes the pool's check for its own.
+    pub pins: Pins,
 }
 
 impl Shape {
@@ -100,6 +119,7 @@ impl Shape {
         settings: &crate::config::SandboxSettings,
         opened: &crate::hypervisor::OpenedGuest,
         extra_kernel_params: &str,
+        pins: Pins,
     ) -> std::io::Result<Shape> {
         let vm = crate::hypervisor::VmConfig {
             kernel: PathBuf::new(),
@@ -119,6 +139,7 @@ impl Shape {
             kernel_cmdline: vm.kernel_cmdline(),
             kernel: opened.kernel.identity()?,
             initrd: opened.initrd.identity()?,
+            pins,
         })
     }
 
@@ -138,6 +159,8 @@ impl Shape {
             ))
         } else if (self.kernel, self.initrd) != (wanted.kernel, wanted.initrd) {
             Some("the pool booted another kernel or initrd file than the one the shim opened".into())
+        } else if self.pins.normalized() != wanted.pins.normalized() {
+            Some("the pool's config pins other kernel or initrd digests than the sandbox's".into())
         } else {
             None
         }
@@ -392,6 +415,7 @@ mod tests {
             kernel_cmdline: "console=ttyS0".into(),
             kernel: identity(1),
             initrd: identity(2),
+            pins: Pins { kernel: Some("AB".into()), initrd: None },
         }
     }
 
@@ -410,6 +434,11 @@ mod tests {
         let mut other = shape();
         other.initrd = identity(3);
         assert!(shape().mismatch(&other).unwrap().contains("initrd"));
+        let mut other = shape();
+        other.pins.kernel = Some("ab".into());
+        assert_eq!(shape().mismatch(&other), None, "a digest is a digest in either case");
+        other.pins.initrd = Some("cd".into());
+        assert!(shape().mismatch(&other).unwrap().contains("pins"));
     }
 
     #[test]

@@ -151,6 +151,29 @@ pub enum Error {
     Identity(#[source] std::io::Error),
 }
 
+/// A VM from ironclad-pool for this sandbox, or None (logged with the reason). The guest files are
+/// opened, not hashed: the pool hashed these very files (by identity: device, inode, size and
+/// change time, which any write moves) against the same pins, which the shape carries.
+async fn take_warm_vm(
+    config: &ShimConfig,
+    backend: &Backend,
+    settings: &config::SandboxSettings,
+    extra_kernel_params: &str,
+) -> Result<Option<pool::Taken>, Error> {
+    if config.pool.socket().is_none() {
+        info!("warm start: off ([pool] socket is empty in {}); booting cold", config.source.display());
+        return Ok(None);
+    }
+    let opened = OpenedGuest {
+        kernel: pinned::open_verified("kernel", &config.kernel, None)?,
+        initrd: pinned::open_verified("initrd", &config.initrd, None)?,
+    };
+    let pins = pool::Pins { kernel: config.kernel_sha256.clone(), initrd: config.initrd_sha256.clone() };
+    let shape = pool::Shape::of(backend.name(), settings, &opened, extra_kernel_params, pins)
+        .map_err(Error::Identity)?;
+    Ok(pool::take_or_say_why(config, shape).await)
+}
+
 /// Where the container's rootfs reaches the guest from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum GuestRootfs {
@@ -561,11 +584,7 @@ impl TaskService {
         if let Backend::Qemu(qemu) = &mut backend {
             qemu.sandbox = config.qemu_sandbox;
         }
-        // Before anything is made for the sandbox: a changed kernel or initrd leaves nothing to undo.
-        let opened = OpenedGuest {
-            kernel: pinned::open_verified("kernel", &config.kernel, config.kernel_sha256.as_deref())?,
-            initrd: pinned::open_verified("initrd", &config.initrd, config.initrd_sha256.as_deref())?,
-        };
+        let refusal = warm_start_refusal(&requested_network, &req.rootfs);
         // A pod's sandbox shares a directory for the containers that join it later.
         let with_share = role == PodRole::Sandbox || volumes::need_share(&volumes);
         let extra_kernel_params = format!("{} {}", config.kernel_params, settings.kernel_params());
@@ -583,16 +602,12 @@ impl TaskService {
             }
             // Taken only now: from here on, whatever fails removes the task directory, and with
             // it the VM once the sandbox has recorded it.
-            let warm = match warm_start_refusal(&requested_network, &req.rootfs) {
+            let warm = match refusal {
                 Some(reason) => {
                     info!("warm start: {reason}; booting cold");
                     None
                 }
-                None => {
-                    let shape = pool::Shape::of(backend.name(), &settings, &opened, &extra_kernel_params)
-                        .map_err(Error::Identity)?;
-                    pool::take_or_say_why(&config, shape).await
-                }
+                None => take_warm_vm(&config, &backend, &settings, &extra_kernel_params).await?,
             };
             let (sandbox, network, rootfs) = match warm {
                 Some(taken) => {
@@ -600,6 +615,19 @@ impl TaskService {
                         .await?
                 }
                 None => {
+                    // Checked before the monitor starts, through the descriptors it inherits.
+                    let opened = OpenedGuest {
+                        kernel: pinned::open_verified(
+                            "kernel",
+                            &config.kernel,
+                            config.kernel_sha256.as_deref(),
+                        )?,
+                        initrd: pinned::open_verified(
+                            "initrd",
+                            &config.initrd,
+                            config.initrd_sha256.as_deref(),
+                        )?,
+                    };
                     let jail = Jail::open(&config, &self.namespace, &dir, settings.memory_mib)?;
                     let image = prepare_rootfs(snapshot, &config, &dir).await?;
                     let owner = jail.as_ref().map(Jail::uid);
