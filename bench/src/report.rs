@@ -283,8 +283,10 @@ fn warm_timeline_table(md: &mut String, results: &crate::runtimes::Results) {
     let _ = writeln!(
         md,
         "Where an ironclad warm start goes (a VM taken from ironclad-pool, which kept one booted and \
-         paused; docs/pool.md): the same marks, the agent counted ready once the shim has taken the VM and \
-         connected. Medians of {} runs.\n",
+         paused, and each run waited until it had one; docs/pool.md): the same marks, the agent counted ready \
+         once the shim has taken the VM and connected. No kernel boots and nothing is hashed; what is left is \
+         the container's creation inside the guest (the rootfs over virtio-fs, libcontainer's namespaces and \
+         mounts, its init), the VM's teardown after the exit, and the process itself. Medians of {} runs.\n",
         results.warm_timeline_runs
     );
     let _ = writeln!(md, "| phase | median (ms) | share |");

@@ -8,7 +8,7 @@
 //! the tenant's comes after the take, through the agent and the shared directory.
 
 use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -290,9 +290,9 @@ pub fn take(socket_path: &Path, shape: &Shape) -> Result<Taken, Error> {
         .map_err(|source| Error::NoPool { socket: socket_path.to_path_buf(), source })?;
     socket::connect(socket.as_raw_fd(), &address)
         .map_err(|source| Error::NoPool { socket: socket_path.to_path_buf(), source })?;
-    set_timeouts(std::os::fd::AsFd::as_fd(&socket), TAKE_TIMEOUT)?;
-    send(std::os::fd::AsFd::as_fd(&socket), &Request::Take(shape.clone()), &[])?;
-    let (reply, fds) = receive::<Reply>(std::os::fd::AsFd::as_fd(&socket))?;
+    set_timeouts(socket.as_fd(), TAKE_TIMEOUT)?;
+    send(socket.as_fd(), &Request::Take(shape.clone()), &[])?;
+    let (reply, fds) = receive::<Reply>(socket.as_fd())?;
     let offer = match reply {
         Reply::Vm(offer) => *offer,
         Reply::Empty(reason) => return Err(Error::Empty(reason)),
@@ -352,7 +352,7 @@ impl Taken {
         if !plain_child || !offer.agent_socket.starts_with(&offer.dir) {
             // Not a VM to run, nor a directory to remove on the pool's word: its processes end.
             for pidfd in &pidfds {
-                signal_kill(pidfd);
+                let _ = crate::hypervisor::process::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
             }
             return Err(Error::ForeignDir(offer.dir.clone()));
         }
@@ -384,24 +384,9 @@ impl Taken {
     }
 }
 
-/// SIGKILL through a pidfd; a process gone already is no matter.
-fn signal_kill(pidfd: &OwnedFd) {
-    // SAFETY: pidfd_send_signal takes the pidfd, a signal number, no siginfo and no flags by value.
-    unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            libc::SIGKILL,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsFd;
 
     fn identity(ino: u64) -> FileIdentity {
         FileIdentity { dev: 1, ino, size: 10, ctime_ns: 5 }

@@ -214,24 +214,7 @@ impl PidFd {
 
     /// Sends `signal`; a process that has exited already is no error.
     pub fn signal(&self, signal: libc::c_int) -> std::io::Result<()> {
-        // SAFETY: pidfd_send_signal takes the pidfd, a signal number, no siginfo and no flags by
-        // value; no memory is shared with the kernel.
-        let sent = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.fd.get_ref().as_raw_fd(),
-                signal,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-        match sent {
-            0 => Ok(()),
-            _ => match std::io::Error::last_os_error() {
-                err if err.raw_os_error() == Some(libc::ESRCH) => Ok(()),
-                err => Err(err),
-            },
-        }
+        pidfd_send_signal(self.fd.get_ref().as_fd(), signal)
     }
 
     /// Returns once the process has exited.
@@ -287,6 +270,28 @@ impl HostProcess {
             HostProcess::Adopted(process) => process.try_clone(),
             HostProcess::HandedOver => Err(std::io::Error::from(std::io::ErrorKind::NotFound)),
         }
+    }
+}
+
+/// Sends `signal` to the process `pidfd` names; one that has exited already is no error.
+pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: pidfd_send_signal takes the pidfd, a signal number, no siginfo and no flags by
+    // value; no memory is shared with the kernel.
+    let sent = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    match sent {
+        0 => Ok(()),
+        _ => match std::io::Error::last_os_error() {
+            err if err.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+            err => Err(err),
+        },
     }
 }
 
