@@ -255,7 +255,6 @@ fn start_timeline_table(md: &mut String, results: &crate::runtimes::Results) {
     if results.timeline.is_empty() {
         return;
     }
-    let sum: f64 = results.timeline.iter().map(|p| p.median_ms).sum();
     let _ = writeln!(
         md,
         "Where an ironclad cold start goes, phase by phase: the shim marks each step on the host's clock \
@@ -265,13 +264,7 @@ fn start_timeline_table(md: &mut String, results: &crate::runtimes::Results) {
          exactly).\n",
         results.timeline_runs
     );
-    let _ = writeln!(md, "| phase | median (ms) | share |");
-    let _ = writeln!(md, "|---|---|---|");
-    for phase in &results.timeline {
-        let share = if sum > 0.0 { 100.0 * phase.median_ms / sum } else { 0.0 };
-        let _ = writeln!(md, "| {} | {:.0} | {:.0} % |", phase.name, phase.median_ms, share);
-    }
-    let _ = writeln!(md, "| all phases | {sum:.0} | |\n");
+    phase_table(md, &results.timeline);
 }
 
 /// Where an ironclad warm start goes: the same, for runs that took a VM from ironclad-pool.
@@ -279,7 +272,6 @@ fn warm_timeline_table(md: &mut String, results: &crate::runtimes::Results) {
     if results.warm_timeline.is_empty() {
         return;
     }
-    let sum: f64 = results.warm_timeline.iter().map(|p| p.median_ms).sum();
     let _ = writeln!(
         md,
         "Where an ironclad warm start goes (a VM taken from ironclad-pool, which kept one booted and \
@@ -289,9 +281,15 @@ fn warm_timeline_table(md: &mut String, results: &crate::runtimes::Results) {
          mounts, its init), the VM's teardown after the exit, and the process itself. Medians of {} runs.\n",
         results.warm_timeline_runs
     );
+    phase_table(md, &results.warm_timeline);
+}
+
+/// Each phase's median and share of their sum, and the sum.
+fn phase_table(md: &mut String, phases: &[crate::timeline::Phase]) {
+    let sum: f64 = phases.iter().map(|p| p.median_ms).sum();
     let _ = writeln!(md, "| phase | median (ms) | share |");
     let _ = writeln!(md, "|---|---|---|");
-    for phase in &results.warm_timeline {
+    for phase in phases {
         let share = if sum > 0.0 { 100.0 * phase.median_ms / sum } else { 0.0 };
         let _ = writeln!(md, "| {} | {:.0} | {:.0} % |", phase.name, phase.median_ms, share);
     }

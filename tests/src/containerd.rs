@@ -430,6 +430,32 @@ impl Containerd {
         }
     }
 
+    /// A private containerd with the busybox image for a test: root, containerd, ctr and the built
+    /// guest are needed, and without them the test fails naming them (or, where
+    /// IRONCLAD_ALLOW_SKIP=1 says so, gets None and skips).
+    pub fn for_test() -> Option<Containerd> {
+        if !ironclad_test_prereq::needs().root().program("containerd").program("ctr").ready() {
+            return None;
+        }
+        let artifacts = Artifacts::of_this_build().unwrap_or_else(|err| panic!("{err}"));
+        let containerd = Containerd::start(&artifacts).unwrap_or_else(|err| panic!("{err}"));
+        containerd.import_busybox().unwrap_or_else(|err| panic!("{err}"));
+        Some(containerd)
+    }
+
+    /// A ctr call's stdout (CRLF as LF); a failed call fails the test with ctr's stderr and the
+    /// end of containerd's log.
+    pub fn stdout_of(&self, output: &Output) -> String {
+        assert!(
+            output.status.success(),
+            "ctr failed ({}): {}\ncontainerd log:\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr),
+            self.log_tail()
+        );
+        String::from_utf8_lossy(&output.stdout).replace("\r\n", "\n")
+    }
+
     /// Where this containerd's shims ask for a pooled VM.
     pub fn pool_socket(&self) -> PathBuf {
         self.dir.path().join(POOL_SOCKET)

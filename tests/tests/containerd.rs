@@ -23,12 +23,7 @@ fn artifacts() -> Artifacts {
 /// Root, containerd and the built guest are needed; without them the test fails naming them (or
 /// skips where IRONCLAD_ALLOW_SKIP=1 says so).
 fn start_containerd() -> Option<Containerd> {
-    if !ironclad_test_prereq::needs().root().program("containerd").program("ctr").ready() {
-        return None;
-    }
-    let containerd = Containerd::start(&artifacts()).unwrap();
-    containerd.import_busybox().unwrap();
-    Some(containerd)
+    Containerd::for_test()
 }
 
 /// `ctr run --rm` with the ironclad runtime and this containerd's shim config.
@@ -54,14 +49,7 @@ fn run_ctr(containerd: &Containerd, args: &[&str], stdin: Option<&str>) -> Outpu
 }
 
 fn stdout_of(containerd: &Containerd, output: &Output) -> String {
-    assert!(
-        output.status.success(),
-        "ctr failed ({}): {}\ncontainerd log:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr),
-        containerd.log_tail()
-    );
-    String::from_utf8_lossy(&output.stdout).replace("\r\n", "\n")
+    containerd.stdout_of(output)
 }
 
 fn ironclad_run_args<'a>(containerd_config: &'a str, flags: &[&'a str]) -> Vec<&'a str> {

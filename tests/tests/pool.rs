@@ -20,12 +20,7 @@ fn artifacts() -> Artifacts {
 }
 
 fn start_containerd() -> Option<Containerd> {
-    if !ironclad_test_prereq::needs().root().program("containerd").program("ctr").ready() {
-        return None;
-    }
-    let containerd = Containerd::start(&artifacts()).unwrap();
-    containerd.import_busybox().unwrap();
-    Some(containerd)
+    Containerd::for_test()
 }
 
 fn start_pool(containerd: &Containerd, size: u32) -> PoolDaemon {
@@ -75,14 +70,7 @@ fn run(containerd: &Containerd, flags: &[&str], id: &str, cmd: &[&str]) -> Outpu
 }
 
 fn stdout_of(containerd: &Containerd, output: &Output) -> String {
-    assert!(
-        output.status.success(),
-        "ctr failed ({}): {}\ncontainerd log:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr),
-        containerd.log_tail()
-    );
-    String::from_utf8_lossy(&output.stdout).replace("\r\n", "\n")
+    containerd.stdout_of(output)
 }
 
 /// The warm-start lines the shims logged (`took <id>` or why they booted cold).
@@ -126,6 +114,13 @@ fn assert_pool_left_nothing(pool_dir: &Path, socket: &Path, pids: &[i32], pool_p
     }
 }
 
+/// Stops the pool, which must exit 0 and leave nothing of its own or of `pids`.
+fn stop_leaving_nothing(pool: PoolDaemon, pids: &[i32]) {
+    let (socket, pool_dir, pool_pid) = (pool.socket.clone(), pool.dir.clone(), pool.child.id());
+    assert!(pool.stop().unwrap().success());
+    assert_pool_left_nothing(&pool_dir, &socket, pids, pool_pid);
+}
+
 /// The cgroups of pool `pool_pid`'s VMs (`ironclad/ironclad-pool/vm-<pool pid>-<n>`) that exist.
 fn pool_cgroups(pool_pid: u32) -> Vec<PathBuf> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -167,9 +162,7 @@ fn a_pooled_vm_is_handed_over_once_and_never_again() {
     unique.dedup();
     assert_eq!(unique, taken, "a VM was handed over twice");
     let pids = pool.wait_ready(4).unwrap().last().map(|id| vm_pids(&pool, id)).unwrap_or_default();
-    let (socket, pool_dir, pool_pid) = (pool.socket.clone(), pool.dir.clone(), pool.child.id());
-    assert!(pool.stop().unwrap().success());
-    assert_pool_left_nothing(&pool_dir, &socket, &pids, pool_pid);
+    stop_leaving_nothing(pool, &pids);
     for round in 0..3 {
         containerd.assert_nothing_left(&format!("warm-{round}"));
     }
@@ -240,9 +233,7 @@ fn a_pooled_vm_that_died_is_dropped_and_replaced() {
     let output = run(&containerd, &["--rm"], "after-death", &["echo", "replaced"]);
     assert_eq!(stdout_of(&containerd, &output).trim(), "replaced");
     assert_eq!(taken_ids(&containerd), vec![second]);
-    let (socket, pool_dir, pool_pid) = (pool.socket.clone(), pool.dir.clone(), pool.child.id());
-    assert!(pool.stop().unwrap().success());
-    assert_pool_left_nothing(&pool_dir, &socket, &pids, pool_pid);
+    stop_leaving_nothing(pool, &pids);
     containerd.assert_nothing_left("after-death");
 }
 
