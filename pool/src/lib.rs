@@ -54,7 +54,8 @@ pub enum Error {
 pub struct Pool {
     config: ShimConfig,
     backend: Backend,
-    opened: OpenedGuest,
+    /// What every VM is booted from: the shape's own settings, parameters and guest files.
+    template: vm::Template,
     /// What its VMs are; a take for another shape is refused.
     pub shape: Shape,
     dir: PathBuf,
@@ -78,16 +79,18 @@ impl Pool {
             initrd: pinned::open_verified("initrd", &config.initrd, config.initrd_sha256.as_deref())?,
         };
         let settings = config.sandbox_settings(&Default::default())?;
-        let extra = format!("{} {}", config.kernel_params, settings.kernel_params());
+        let kernel_params = config.kernel_params_for(&settings);
         let pins = Pins { kernel: config.kernel_sha256.clone(), initrd: config.initrd_sha256.clone() };
-        let shape = Shape::of(backend.name(), &settings, &opened, &extra, pins).map_err(Error::Identity)?;
+        let shape =
+            Shape::of(backend.name(), &settings, &opened, &kernel_params, pins).map_err(Error::Identity)?;
+        let template = vm::Template { settings, kernel_params, opened };
         let dir = pool_dir(&config.run_root);
         remove_leftovers(&dir);
         create_private_dir(&dir)?;
         Ok(Arc::new(Pool {
             config,
             backend,
-            opened,
+            template,
             shape,
             dir,
             ready: Mutex::new(VecDeque::new()),
@@ -106,25 +109,11 @@ impl Pool {
         self.ready.lock().await.len()
     }
 
-    /// A waiting VM that still runs, taken out of the pool for good; dead ones met on the way are
-    /// discarded.
+    /// A waiting VM that still runs, taken out of the pool for good; dead ones are discarded first.
     pub async fn take(&self) -> Option<PooledVm> {
-        let mut dead = Vec::new();
-        let taken = {
-            let mut ready = self.ready.lock().await;
-            loop {
-                match ready.pop_front() {
-                    Some(vm) if vm.is_alive() => break Some(vm),
-                    Some(vm) => dead.push(vm),
-                    None => break None,
-                }
-            }
-        };
+        self.drop_dead().await;
+        let taken = self.ready.lock().await.pop_front();
         self.wake.notify_one();
-        for vm in dead {
-            warn!("pooled VM {} died while it waited; console tail: {}", vm.id, vm.console_tail());
-            vm.discard().await;
-        }
         taken
     }
 
@@ -152,7 +141,7 @@ impl Pool {
     async fn boot_one(&self) -> Duration {
         let id = format!("vm-{}-{}", std::process::id(), self.booted.fetch_add(1, Ordering::SeqCst));
         let dir = self.dir.join(&id);
-        let boot = PooledVm::boot(&self.config, &self.backend, &self.opened, dir.clone(), id.clone());
+        let boot = PooledVm::boot(&self.config, &self.backend, &self.template, dir.clone(), id.clone());
         // A stop during the boot ends it: its VM is killed with the future and its directory removed.
         let booted = tokio::select! {
             booted = boot => booted,
@@ -209,11 +198,13 @@ impl Pool {
         }
     }
 
-    /// Stops every VM still in the pool and removes the pool's directory: after this, nothing of
+    /// Stops the refill (a boot it cuts short is cleaned up, one that just finished discarded),
+    /// then every VM still in the pool, and removes the pool's directory: after this, nothing of
     /// the pool is left but the VMs it handed over, which are their shims'.
-    pub async fn stop(&self) {
+    pub async fn stop(&self, refill: tokio::task::JoinHandle<()>) {
         self.stopping.store(true, Ordering::SeqCst);
         self.wake.notify_one();
+        let _ = refill.await;
         let vms: Vec<PooledVm> = self.ready.lock().await.drain(..).collect();
         for vm in vms {
             info!("stopping pooled VM {}", vm.id);

@@ -65,11 +65,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         _ = interrupt.recv() => info!("SIGINT: stopping"),
     }
     drop(server);
-    pool.stop().await;
-    let _ = refill.await;
-    // A boot the stop cut short is cleaned up by the refill; what it left in the pool's
-    // directory is gone now.
-    pool.stop().await;
+    pool.stop(refill).await;
     info!("ironclad-pool stopped");
     Ok(())
 }

@@ -12,7 +12,7 @@ use nix::sys::socket::{self, SockFlag, UnixAddr};
 use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
 
-use crate::Pool;
+use crate::{vm, Pool};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -132,23 +132,20 @@ async fn answer(pool: Arc<Pool>, connection: OwnedFd) {
         let reason = format!("none of its {} VMs is booted yet", pool.config().pool.size);
         return reply_empty(connection, reason).await;
     };
+    let dir = vm.dir.clone();
     let handover = match vm.hand_over() {
         Ok(handover) => handover,
-        Err((err, dir)) => {
+        Err(err) => {
             warn!("cannot hand over a pooled VM: {}", error_chain(&err));
             clean_up_task_dir(&dir);
             return reply_empty(connection, format!("handing over failed: {}", error_chain(&err))).await;
         }
     };
     let id = handover.offer.id.clone();
-    let dir = handover.offer.dir.clone();
     let sent = tokio::task::spawn_blocking(move || {
-        let sent = pool::send(
-            connection.as_fd(),
-            &Reply::Vm(Box::new(handover.offer.clone())),
-            &handover.borrowed_fds(),
-        );
-        (sent, handover.children)
+        let vm::Handover { offer, fds, children } = handover;
+        let fds: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
+        (pool::send(connection.as_fd(), &Reply::Vm(Box::new(offer)), &fds), children)
     })
     .await;
     match sent {

@@ -3,12 +3,11 @@
 //! and a network namespace of its own whose one tap waits for a CNI interface. Once its agent is
 //! ready it is paused (SIGSTOP to the monitor) until a shim takes it.
 
-use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ironclad_shim::config::ShimConfig;
+use ironclad_shim::config::{SandboxSettings, ShimConfig};
 use ironclad_shim::hypervisor::process::{pidfd_open, HandedOver};
 use ironclad_shim::hypervisor::{self, error_chain, Backend, GuestVm, OpenedGuest, VmConfig};
 use ironclad_shim::jail::{self, Jail};
@@ -34,8 +33,6 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error(transparent)]
-    Config(#[from] ironclad_shim::config::Error),
     #[error(transparent)]
     Jail(#[from] jail::Error),
     #[error(transparent)]
@@ -68,17 +65,22 @@ pub enum Error {
     },
 }
 
+/// What every pooled VM is booted from, and what the pool's shape was made of.
+pub struct Template {
+    pub settings: SandboxSettings,
+    pub kernel_params: String,
+    pub opened: OpenedGuest,
+}
+
 /// A booted, paused VM waiting for a shim.
 pub struct PooledVm {
     pub id: String,
     pub dir: PathBuf,
     vm: GuestVm,
-    netns: PathBuf,
-    tap: String,
-    guest_mac: [u8; 6],
-    uid: Option<u32>,
+    /// Its network namespace, with one tap waiting for a CNI interface.
+    network: Attachment,
     /// Holds the uid until the VM is handed over (its jailed helpers hold it too).
-    _jail: Option<Jail>,
+    jail: Option<Jail>,
     pub booted_in: Duration,
 }
 
@@ -95,7 +97,7 @@ impl PooledVm {
     pub async fn boot(
         config: &ShimConfig,
         backend: &Backend,
-        opened: &OpenedGuest,
+        template: &Template,
         dir: PathBuf,
         id: String,
     ) -> Result<PooledVm, Error> {
@@ -107,18 +109,10 @@ impl PooledVm {
             .create(&dir)
             .map_err(|source| Error::Dir { path: dir.clone(), source })?;
         let started = Instant::now();
-        match Self::boot_in(config, backend, opened, &dir, &id).await {
-            Ok((vm, netns, tap, uid, jail)) => Ok(PooledVm {
-                guest_mac: network::mac_for(&id),
-                id,
-                dir,
-                vm,
-                netns,
-                tap,
-                uid,
-                _jail: jail,
-                booted_in: started.elapsed(),
-            }),
+        match Self::boot_in(config, backend, template, &dir, &id).await {
+            Ok((vm, network, jail)) => {
+                Ok(PooledVm { id, dir, vm, network, jail, booted_in: started.elapsed() })
+            }
             Err(err) => {
                 clean_up_task_dir(&dir);
                 Err(err)
@@ -129,11 +123,11 @@ impl PooledVm {
     async fn boot_in(
         config: &ShimConfig,
         backend: &Backend,
-        opened: &OpenedGuest,
+        template: &Template,
         dir: &Path,
         id: &str,
-    ) -> Result<(GuestVm, PathBuf, String, Option<u32>, Option<Jail>), Error> {
-        let settings = config.sandbox_settings(&HashMap::new())?;
+    ) -> Result<(GuestVm, Attachment, Option<Jail>), Error> {
+        let settings = &template.settings;
         let jail = Jail::open(config, CGROUP_NAMESPACE, dir, settings.memory_mib)?;
         let owner = jail.as_ref().map(Jail::uid);
         let netns = dir.join(NETNS_FILE);
@@ -141,15 +135,14 @@ impl PooledVm {
         let network =
             Attachment::prepare(&netns, network::mac_for(id), config.denied_destinations.clone(), owner)
                 .await?;
-        let tap = network.tap_names().first().map(|tap| tap.to_string()).unwrap_or_default();
         let share = ShareFs::prepare(dir)?;
         let vm_config = VmConfig {
             kernel: config.kernel.clone(),
             initrd: config.initrd.clone(),
-            opened: Some(opened.clone()),
+            opened: Some(template.opened.clone()),
             vcpus: settings.vcpus,
             memory_mib: settings.memory_mib,
-            extra_kernel_params: format!("{} {}", config.kernel_params, settings.kernel_params()),
+            extra_kernel_params: template.kernel_params.clone(),
             block_devices: vec![],
             network: Some(network.vm_network()),
             shared_dir: Some(share.dir().to_path_buf()),
@@ -161,7 +154,7 @@ impl PooledVm {
         sandbox::record_pids(dir, &vm)?;
         vm.wait_ready(Duration::from_secs(config.boot_timeout_secs)).await?;
         signal(&vm, nix::sys::signal::Signal::SIGSTOP, "pause")?;
-        Ok((vm, netns, tap, owner, jail))
+        Ok((vm, network, jail))
     }
 
     /// Whether its monitor still runs (a dead child of ours is a zombie until reaped).
@@ -176,12 +169,8 @@ impl PooledVm {
     }
 
     /// Resumes the VM and gives it away: from here on it is the shim's, never the pool's again.
-    pub fn hand_over(self) -> Result<Handover, (Error, PathBuf)> {
-        let dir = self.dir.clone();
-        self.hand_over_inner().map_err(|err| (err, dir))
-    }
-
-    fn hand_over_inner(self) -> Result<Handover, Error> {
+    /// On failure its processes are killed; its directory is the caller's to remove.
+    pub fn hand_over(self) -> Result<Handover, Error> {
         let marker = self.dir.join(HANDED_OVER_FILE);
         std::fs::write(&marker, b"").map_err(|source| Error::Mark { path: marker, source })?;
         signal(&self.vm, nix::sys::signal::Signal::SIGCONT, "resume")?;
@@ -193,7 +182,9 @@ impl PooledVm {
         let monitor_name = self.vm.monitor_name().to_string();
         let HandedOver { children, console, stderr, agent_socket, ready, guest_message_limit, .. } =
             self.vm.hand_over().ok_or(Error::NotHandable)?;
+        let tap = self.network.tap_names().first().map(|tap| tap.to_string()).unwrap_or_default();
         let offer = Offer {
+            guest_mac: network::mac_for(&self.id),
             id: self.id,
             dir: self.dir,
             monitor_name,
@@ -204,10 +195,9 @@ impl PooledVm {
             uptime_ms: ready.line.uptime_ms,
             init_ms: ready.line.init_ms,
             ready_after_ms: u64::try_from(ready.since_start.as_millis()).unwrap_or(u64::MAX),
-            netns: self.netns,
-            tap: self.tap,
-            guest_mac: self.guest_mac,
-            uid: self.uid,
+            netns: self.network.netns.clone(),
+            tap,
+            uid: self.jail.as_ref().map(Jail::uid),
         };
         let fds = [console, stderr].into_iter().chain(pidfds).collect();
         Ok(Handover { offer, fds, children })
@@ -220,13 +210,6 @@ impl PooledVm {
             warn!("stopping pooled VM {}: {}", self.id, error_chain(&err));
         }
         clean_up_task_dir(&dir);
-    }
-}
-
-impl Handover {
-    /// The descriptors, borrowed for the reply.
-    pub fn borrowed_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
-        self.fds.iter().map(AsFd::as_fd).collect()
     }
 }
 

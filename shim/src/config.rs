@@ -192,6 +192,14 @@ impl ShimConfig {
     }
 }
 
+impl ShimConfig {
+    /// What a sandbox of `settings` appends to the guest kernel's command line: the config's
+    /// parameters, then the sandbox's own.
+    pub fn kernel_params_for(&self, settings: &SandboxSettings) -> String {
+        format!("{} {}", self.kernel_params, settings.kernel_params())
+    }
+}
+
 /// ironclad-pool's settings, and where shims find it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]

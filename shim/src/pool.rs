@@ -308,16 +308,10 @@ pub fn take(socket_path: &Path, shape: &Shape) -> Result<Taken, Error> {
     Ok(Taken { offer, console, stderr, pidfds: fds.collect() })
 }
 
-/// A VM of `shape` from the pool the config names, or None (logged with the reason): warm starts
-/// are off, there is no pool, it has no VM of this shape, or it failed to hand one over.
-pub async fn take_or_say_why(config: &crate::config::ShimConfig, shape: Shape) -> Option<Taken> {
-    let Some(socket) = config.pool.socket().map(Path::to_path_buf) else {
-        tracing::info!(
-            "warm start: off ([pool] socket is empty in {}); booting cold",
-            config.source.display()
-        );
-        return None;
-    };
+/// A VM of `shape` from the pool at `socket`, or None (logged with the reason): there is no pool,
+/// it has no VM of this shape, or it failed to hand one over.
+pub async fn take_or_say_why(socket: &Path, shape: Shape) -> Option<Taken> {
+    let socket = socket.to_path_buf();
     let taken = tokio::task::spawn_blocking(move || take(&socket, &shape)).await;
     match taken {
         Ok(Ok(taken)) => Some(taken),

@@ -3,20 +3,19 @@
 //! a SIGKILL. Its processes are
 //! recorded in the task directory so that `delete` after a crashed shim can still stop them.
 
-use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::unix::AsyncFd;
 use tokio::sync::{watch, Mutex};
 use tracing::{error, info, warn};
 
 use crate::agent_client::{self, AgentClient, AGENT_PORT};
 use crate::config::ShimConfig;
 use crate::guest_text;
+use crate::hypervisor::process::PidFd;
 use crate::hypervisor::{self, error_chain, Backend, GuestVm, VmConfig};
 use crate::jail::{self, Jail};
 use crate::paths::SandboxPaths;
@@ -196,7 +195,7 @@ impl Sandbox {
         share: Option<ShareFs>,
     ) -> Result<Sandbox, Error> {
         let monitor = vm.pids().first().copied().unwrap_or_default();
-        let exited = match vm.monitor_exit_fd().and_then(watch_exit) {
+        let exited = match vm.monitor_exit_fd().and_then(|fd| PidFd::new(monitor, fd)) {
             Ok(exited) => exited,
             Err(source) => {
                 drop(vm);
@@ -308,13 +307,13 @@ pub fn record_pids(task_dir: &Path, vm: &GuestVm) -> Result<(), Error> {
 
 /// Marks the sandbox gone when the monitor exits, and says why when nobody asked it to.
 async fn watch_monitor(
-    exited: AsyncFd<OwnedFd>,
+    exited: PidFd,
     vm: Arc<Mutex<Option<GuestVm>>>,
     stopping: Arc<AtomicBool>,
     killed: Arc<AtomicBool>,
     gone: watch::Sender<bool>,
 ) {
-    let _ = exited.readable().await;
+    exited.exited().await;
     if !stopping.load(Ordering::SeqCst) && !killed.load(Ordering::SeqCst) {
         let mut vm = vm.lock().await;
         if let Some(vm) = vm.as_mut() {
@@ -329,14 +328,6 @@ async fn watch_monitor(
         }
     }
     let _ = gone.send(true);
-}
-
-/// The monitor's pidfd, registered to wake the watcher when the process exits.
-fn watch_exit(pidfd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
-    // SAFETY: the OwnedFd moves into the AsyncFd and stays open, naming the same pidfd, for as
-    // long as the AsyncFd lives.
-    unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
-        .map_err(std::io::Error::from)
 }
 
 /// Detaches every mount at or below `dir`, deepest first (mount points as /proc/self/mountinfo
@@ -436,13 +427,9 @@ mod tests {
     #[tokio::test]
     async fn the_exit_descriptor_fires_when_the_process_ends() {
         let mut child = tokio::process::Command::new("sleep").arg("0.2").spawn().unwrap();
-        let exited =
-            watch_exit(crate::hypervisor::process::pidfd_open(child.id().unwrap()).unwrap()).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), exited.readable())
-            .await
-            .unwrap()
-            .unwrap()
-            .retain_ready();
+        let pid = child.id().unwrap();
+        let exited = PidFd::new(pid, crate::hypervisor::process::pidfd_open(pid).unwrap()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), exited.exited()).await.unwrap();
         child.wait().await.unwrap();
     }
 

@@ -160,10 +160,10 @@ async fn take_warm_vm(
     settings: &config::SandboxSettings,
     extra_kernel_params: &str,
 ) -> Result<Option<pool::Taken>, Error> {
-    if config.pool.socket().is_none() {
+    let Some(socket) = config.pool.socket() else {
         info!("warm start: off ([pool] socket is empty in {}); booting cold", config.source.display());
         return Ok(None);
-    }
+    };
     let opened = OpenedGuest {
         kernel: pinned::open_verified("kernel", &config.kernel, None)?,
         initrd: pinned::open_verified("initrd", &config.initrd, None)?,
@@ -171,7 +171,7 @@ async fn take_warm_vm(
     let pins = pool::Pins { kernel: config.kernel_sha256.clone(), initrd: config.initrd_sha256.clone() };
     let shape = pool::Shape::of(backend.name(), settings, &opened, extra_kernel_params, pins)
         .map_err(Error::Identity)?;
-    Ok(pool::take_or_say_why(config, shape).await)
+    Ok(pool::take_or_say_why(socket, shape).await)
 }
 
 /// Where the container's rootfs reaches the guest from.
@@ -182,6 +182,17 @@ enum GuestRootfs {
     /// The snapshot mounted into the shared directory: this guest path (a pooled VM, which was
     /// booted before there was a container).
     Shared(PathBuf),
+}
+
+/// The task's one rootfs mount, which a rootfs through the shared directory must be.
+fn single_rootfs_mount(
+    req: &CreateTaskRequest,
+) -> Result<&containerd_shim::protos::types::mount::Mount, Error> {
+    match req.rootfs.as_slice() {
+        [one] => Ok(one),
+        [] => Err(rootfs::Error::NoMounts.into()),
+        more => Err(rootfs::Error::TooManyMounts(more.len()).into()),
+    }
 }
 
 /// Why a sandbox cannot start on a pooled VM; None when it can.
@@ -587,7 +598,7 @@ impl TaskService {
         let refusal = warm_start_refusal(&requested_network, &req.rootfs);
         // A pod's sandbox shares a directory for the containers that join it later.
         let with_share = role == PodRole::Sandbox || volumes::need_share(&volumes);
-        let extra_kernel_params = format!("{} {}", config.kernel_params, settings.kernel_params());
+        let extra_kernel_params = config.kernel_params_for(&settings);
 
         let dir = task_dir(&config, &self.namespace, &req.id);
         if dir.exists() {
@@ -694,7 +705,7 @@ impl TaskService {
             "warm start: took {} from ironclad-pool (agent ready {} ms after its monitor started)",
             offer.id, offer.ready_after_ms
         );
-        let share = ShareFs::prepared_in(&offer.dir);
+        let share = ShareFs::of_task_dir(&offer.dir);
         let held = Held { share: Some(share.clone()), jail: None, timeline };
         let sandbox = Sandbox::adopt(adopted, &offer.dir, backend, dir, console_log, held).await?;
         let sandbox = Arc::new(sandbox);
@@ -704,13 +715,9 @@ impl TaskService {
             offer.guest_mac,
             config.denied_destinations.clone(),
         );
-        let rootfs = match req.rootfs.as_slice() {
-            [one] => share
-                .mount_rootfs(&req.id, &one.type_, Path::new(&one.source), &one.options)
-                .map_err(Error::from),
-            [] => Err(rootfs::Error::NoMounts.into()),
-            more => Err(rootfs::Error::TooManyMounts(more.len()).into()),
-        };
+        let rootfs = single_rootfs_mount(req).and_then(|one| {
+            Ok(share.mount_rootfs(&req.id, &one.type_, Path::new(&one.source), &one.options)?)
+        });
         match rootfs {
             Ok(guest_path) => Ok((sandbox, Some(Arc::new(network)), GuestRootfs::Shared(guest_path))),
             Err(err) => {
@@ -738,11 +745,7 @@ impl TaskService {
         };
         let role = PodRole::Container { sandbox_id: pod.id.clone() };
         let volumes = volumes::classify(&spec, &role)?;
-        let rootfs = match req.rootfs.as_slice() {
-            [] => return Err(rootfs::Error::NoMounts.into()),
-            [one] => one,
-            more => return Err(rootfs::Error::TooManyMounts(more.len()).into()),
-        };
+        let rootfs = single_rootfs_mount(req)?;
         let created = async {
             record_task_dir(&req.bundle, &share.container_dir(&req.id)?)?;
             let guest_rootfs =

@@ -331,7 +331,6 @@ pub struct HandedOver {
     pub agent_socket: PathBuf,
     pub ready: Ready,
     pub guest_message_limit: u32,
-    pub sandbox_dir: Option<PathBuf>,
 }
 
 /// A running sandbox VM: its monitor process (QEMU, ironclad-vmm), whose stdout is the guest's
@@ -489,6 +488,8 @@ impl GuestVm {
         }
         let ready = self.ready.clone()?;
         let (console, stderr) = self.pipes.take()?;
+        // The directory goes with the VM, to be removed by its new owner.
+        self.sandbox_dir = None;
         for task in self.tasks.drain(..) {
             task.abort();
         }
@@ -507,7 +508,6 @@ impl GuestVm {
             agent_socket: self.agent_socket.clone(),
             ready,
             guest_message_limit: self.guest_message_limit,
-            sandbox_dir: self.sandbox_dir.take(),
         })
     }
 

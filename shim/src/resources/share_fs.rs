@@ -77,14 +77,10 @@ fn plain_name(name: &str) -> Result<&str, Error> {
 }
 
 impl ShareFs {
-    /// The shared directory a sandbox in `task_dir` has (or will have).
-    fn of_task_dir(task_dir: &Path) -> ShareFs {
+    /// The shared directory a sandbox in `task_dir` has (or will have): a pooled VM's directory
+    /// has one [`ShareFs::prepare`] made already.
+    pub fn of_task_dir(task_dir: &Path) -> ShareFs {
         ShareFs { dir: task_dir.join(SHARED), staging: task_dir.join(STAGING) }
-    }
-
-    /// The shared directory [`ShareFs::prepare`] made in `task_dir` (a pooled VM's directory).
-    pub fn prepared_in(task_dir: &Path) -> ShareFs {
-        Self::of_task_dir(task_dir)
     }
 
     /// Makes `<task dir>/shared` a shared mount of its own. Undone by the sandbox's clean-up
