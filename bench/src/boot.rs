@@ -92,6 +92,7 @@ pub async fn measure(settings: &Settings, progress: impl Fn(String)) -> Result<R
         block_devices: vec![],
         network: None,
         shared_dir: None,
+        free_page_reporting: true,
     };
     let mut samples: BTreeMap<&'static str, Samples> = BTreeMap::new();
     for run in 0..settings.runs {

@@ -146,6 +146,7 @@ impl PooledVm {
             block_devices: vec![],
             network: Some(network.vm_network()),
             shared_dir: Some(share.dir().to_path_buf()),
+            free_page_reporting: settings.free_page_reporting,
         };
         let console_log = dir.join("console.log");
         sandbox::record_console_log(dir, &console_log)?;

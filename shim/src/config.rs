@@ -106,6 +106,9 @@ pub struct ShimConfig {
     pub jail_cgroup: bool,
     #[serde(deserialize_with = "jail_memory_overhead_mib")]
     pub jail_memory_overhead_mib: u32,
+    /// A virtio-balloon through which the guest gives the host back the memory it frees (free
+    /// page reporting); the balloon is never inflated. Off: freed guest memory stays resident.
+    pub free_page_reporting: bool,
     /// Warm starts from ironclad-pool (`[pool]`).
     pub pool: PoolConfig,
     /// Where this configuration came from, for error messages.
@@ -132,6 +135,7 @@ impl Default for ShimConfig {
             log_root: DEFAULT_LOG_ROOT.into(),
             denied_destinations: vec![(METADATA_ADDRESS, 32)],
             qemu_sandbox: true,
+            free_page_reporting: true,
             jail: true,
             jailer: None,
             jail_first_uid: 900_000,
@@ -171,8 +175,12 @@ impl ShimConfig {
     /// What the sandbox's annotations set (each must be allowed by the config), over the
     /// config's defaults.
     pub fn sandbox_settings(&self, annotations: &HashMap<String, String>) -> Result<SandboxSettings, Error> {
-        let mut settings =
-            SandboxSettings { vcpus: self.vcpus, memory_mib: self.memory_mib, agent_log: None };
+        let mut settings = SandboxSettings {
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            agent_log: None,
+            free_page_reporting: self.free_page_reporting,
+        };
         for (key, value) in annotations.iter().filter(|(k, _)| k.starts_with("io.ironclad.")) {
             if !self.allowed_annotations.iter().any(|allowed| allowed == key) {
                 return Err(Error::AnnotationNotAllowed { key: key.clone(), config: self.source.clone() });
@@ -244,6 +252,8 @@ pub struct SandboxSettings {
     pub memory_mib: u32,
     /// The agent's log filter, for the guest kernel's command line (`IRONCLAD_AGENT_LOG=...`).
     pub agent_log: Option<String>,
+    /// The config's `free_page_reporting`; no annotation changes it.
+    pub free_page_reporting: bool,
 }
 
 impl SandboxSettings {

@@ -104,6 +104,7 @@ pub struct Shape {
     pub backend: String,
     pub vcpus: u8,
     pub memory_mib: u32,
+    pub free_page_reporting: bool,
     pub kernel_cmdline: String,
     pub kernel: FileIdentity,
     pub initrd: FileIdentity,
@@ -131,11 +132,13 @@ impl Shape {
             block_devices: vec![],
             network: None,
             shared_dir: None,
+            free_page_reporting: settings.free_page_reporting,
         };
         Ok(Shape {
             backend: backend.into(),
             vcpus: settings.vcpus,
             memory_mib: settings.memory_mib,
+            free_page_reporting: settings.free_page_reporting,
             kernel_cmdline: vm.kernel_cmdline(),
             kernel: opened.kernel.identity()?,
             initrd: opened.initrd.identity()?,
@@ -152,6 +155,12 @@ impl Shape {
                 "the pool's VMs have {} vCPUs and {} MiB, the sandbox needs {} and {}",
                 self.vcpus, self.memory_mib, wanted.vcpus, wanted.memory_mib
             ))
+        } else if self.free_page_reporting != wanted.free_page_reporting {
+            Some(format!(
+                "the pool's VMs have free page reporting {}, the sandbox's config turns it {}",
+                on_off(self.free_page_reporting),
+                on_off(wanted.free_page_reporting)
+            ))
         } else if self.kernel_cmdline != wanted.kernel_cmdline {
             Some(format!(
                 "the pool's kernel command line is {:?}, the sandbox's {:?}",
@@ -164,6 +173,14 @@ impl Shape {
         } else {
             None
         }
+    }
+}
+
+fn on_off(on: bool) -> &'static str {
+    if on {
+        "on"
+    } else {
+        "off"
     }
 }
 
@@ -391,6 +408,7 @@ mod tests {
             backend: "qemu".into(),
             vcpus: 1,
             memory_mib: 256,
+            free_page_reporting: true,
             kernel_cmdline: "console=ttyS0".into(),
             kernel: identity(1),
             initrd: identity(2),
@@ -404,6 +422,9 @@ mod tests {
         let mut other = shape();
         other.memory_mib = 512;
         assert!(shape().mismatch(&other).unwrap().contains("512"));
+        let mut other = shape();
+        other.free_page_reporting = false;
+        assert!(shape().mismatch(&other).unwrap().contains("free page reporting on"));
         let mut other = shape();
         other.backend = "ironclad".into();
         assert!(shape().mismatch(&other).unwrap().contains("ironclad"));

@@ -658,6 +658,7 @@ impl TaskService {
                         }],
                         network: network.as_ref().map(|n| n.vm_network()),
                         shared_dir: share.as_ref().map(|s| s.dir().to_path_buf()),
+                        free_page_reporting: settings.free_page_reporting,
                     };
                     let sandbox = Sandbox::boot(
                         &backend,

@@ -78,7 +78,7 @@ for suite in "${suites[@]}"; do
             if [ "$suite" = containerd ] && [ -z "${IRONCLAD_NESTED_TEST_ARGS:-}" ]; then
                 # The longest suite runs in three L1s: the emulator's wedges come minutes into an
                 # L1's life, and a wedged L1's suite runs again from its start.
-                second=(memory_limits host_directories echo_exit)
+                second=(memory_limits host_directories echo_exit memory_the_guest_frees)
                 third=(stdin_tty every_task_start ctr_run_cni)
                 commands+=("containerd=${executables[$suite]} --test-threads=1 $skip $(printf -- '--skip %s ' "${second[@]}" "${third[@]}")")
                 commands+=("containerd-2=${executables[$suite]} --test-threads=1 $skip ${second[*]}")

@@ -89,6 +89,8 @@ impl GuestArtifacts {
             block_devices: vec![],
             network: None,
             shared_dir: None,
+            // As the shim's default config has it.
+            free_page_reporting: true,
         }
     }
 }

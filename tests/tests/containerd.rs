@@ -341,6 +341,70 @@ fn the_sandboxs_helpers_run_jailed_as_its_own_uid_in_its_cgroup() {
     containerd.assert_nothing_left("jail1");
 }
 
+/// Guest memory the monitor holds resident (its anonymous and shared pages), in MiB.
+fn guest_memory_resident_mib(monitor: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{monitor}/status")).unwrap();
+    let kib = |field: &str| -> u64 {
+        let line =
+            status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("{field}: {status}"));
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    (kib("RssAnon:") + kib("RssShmem:")) / 1024
+}
+
+#[test]
+fn memory_the_guest_frees_goes_back_to_the_host() {
+    let Some(containerd) = start_containerd() else { return };
+    // A host directory makes guest memory the memfd virtiofsd maps too, on either backend: the
+    // memory must leave that file, not only the monitor's view of it.
+    let shared = tempfile::tempdir().unwrap();
+    let mount = format!("type=bind,src={},dst=/shared,options=rbind:ro", shared.path().display());
+    let config = containerd.shim_config.display().to_string();
+    let mut args = ironclad_run_args(&config, &["-d", "--mount", &mount]);
+    args.extend([BUSYBOX_IMAGE, "freed1", "sleep", "1000"]);
+    stdout_of(&containerd, &run_ctr(&containerd, &args, None));
+    wait_for_status(&containerd, "freed1", "RUNNING");
+    let helpers = containerd.sandbox_helpers("freed1");
+    let monitor = helpers
+        .iter()
+        .find(|h| h.comm == "ironclad-vmm" || h.comm.starts_with("qemu-system"))
+        .unwrap_or_else(|| panic!("no monitor among {helpers:?}"))
+        .pid;
+
+    // 48 MiB of tmpfs in the guest (/dev/shm holds 64): the host holds it too.
+    let exec = |exec_id: &str, script: &str| {
+        let args = ["tasks", "exec", "--exec-id", exec_id, "freed1", "sh", "-c", script];
+        stdout_of(&containerd, &run_ctr(&containerd, &args, None))
+    };
+    let before = guest_memory_resident_mib(monitor);
+    assert_eq!(
+        exec("fill", "dd if=/dev/zero of=/dev/shm/fill bs=1M count=48 2>/dev/null && echo filled"),
+        "filled\n"
+    );
+    let filled = guest_memory_resident_mib(monitor);
+    assert!(filled >= before + 40, "filling the guest's tmpfs: {before} -> {filled} MiB resident");
+
+    // Freed in the guest: its page allocator reports the blocks, the monitor discards them.
+    assert_eq!(exec("free", "rm /dev/shm/fill && echo freed"), "freed\n");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut now = guest_memory_resident_mib(monitor);
+    while now + 32 > filled && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        now = guest_memory_resident_mib(monitor);
+    }
+    assert!(
+        now + 32 <= filled,
+        "the guest freed 48 MiB, the host still holds {now} of {filled} MiB (before the fill: {before})\n{}",
+        containerd.log_tail()
+    );
+
+    containerd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "freed1"]).unwrap();
+    wait_for_status(&containerd, "freed1", "STOPPED");
+    containerd.ctr_ok(&["tasks", "delete", "freed1"]).unwrap();
+    containerd.ctr_ok(&["containers", "delete", "freed1"]).unwrap();
+    containerd.assert_nothing_left("freed1");
+}
+
 #[test]
 fn a_cold_start_logs_its_timeline_step_by_step() {
     use ironclad_shim::timeline::{find_task_line, Step};

@@ -21,6 +21,7 @@ use crate::config::{SerialOutput, VmConfig};
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::registry::{self, DeviceCounters, DeviceRegistry};
+use crate::devices::virtio::balloon::{self as virtio_balloon, Balloon, BalloonMetrics};
 use crate::devices::virtio::block::{self as virtio_block, Block, BlockMetrics, Disk};
 use crate::devices::virtio::device::VirtioDevice;
 use crate::devices::virtio::fs::{self as virtio_fs, FsMetrics, VhostUserFs};
@@ -77,6 +78,8 @@ pub enum Error {
         #[source]
         source: virtio_net::device::Error,
     },
+    #[error("cannot set up the balloon for free page reporting")]
+    Balloon(#[from] virtio_balloon::device::Error),
     #[error("cannot set up vsock")]
     Vsock(#[from] virtio_vsock::device::Error),
     #[error("cannot set up the shared directory {tag:?} (virtio-fs)")]
@@ -105,6 +108,7 @@ struct Metrics {
     net: Vec<(String, Arc<NetMetrics>)>,
     vsock: Option<Arc<VsockMetrics>>,
     fs: Vec<(String, Arc<FsMetrics>)>,
+    balloon: Option<Arc<BalloonMetrics>>,
     /// Every virtio device by id: its slot, whether it is active, what its transport refused.
     devices: Vec<DeviceCounters>,
     pio_unclaimed: u64,
@@ -165,6 +169,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, Error> {
     wiring.attach_block_devices(config)?;
     wiring.attach_net_devices(config)?;
     wiring.attach_fs_devices(config)?;
+    wiring.attach_balloon(config)?;
     let socket = wiring.attach_vsock_device(config)?;
     let VirtioWiring { mmio, devices, event_manager, cmdline, metrics, .. } = wiring;
     crate::arch::x86_64::mptable::write(&memory, config.vcpus)?;
@@ -419,6 +424,15 @@ impl VirtioWiring<'_> {
             self.attach(format!("fs:{}", fs.tag), device)?;
         }
         Ok(())
+    }
+
+    fn attach_balloon(&mut self, config: &VmConfig) -> Result<(), Error> {
+        if !config.free_page_reporting {
+            return Ok(());
+        }
+        let device = Balloon::new(new_irqfd()?)?;
+        self.metrics.balloon = Some(device.metrics());
+        self.attach("balloon".into(), device)
     }
 
     fn attach_vsock_device(&mut self, config: &VmConfig) -> Result<SocketFile, Error> {

@@ -66,6 +66,10 @@ pub struct VmConfig {
     /// With one, guest memory is a memfd the daemon maps too.
     #[serde(default)]
     pub fs: Vec<FsConfig>,
+    /// A virtio-balloon whose only use is free page reporting: memory the guest frees goes back
+    /// to the host.
+    #[serde(default)]
+    pub free_page_reporting: bool,
     #[serde(default)]
     pub serial: SerialOutput,
     /// Where to write the device counters (JSON) when the VM stops.

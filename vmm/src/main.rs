@@ -13,7 +13,7 @@ use ironclad_vmm::vstate::vcpu::ExitReason;
 #[command(version, about = "The ironclad KVM microVM monitor")]
 struct Args {
     /// A JSON VM description; the other flags are then not allowed.
-    #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory_mib", "block", "net", "vsock", "fs", "serial", "metrics", "boot_timer", "no_seccomp"])]
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "vcpus", "memory_mib", "block", "net", "vsock", "fs", "free_page_reporting", "serial", "metrics", "boot_timer", "no_seccomp"])]
     config: Option<PathBuf>,
     /// An ELF vmlinux or a bzImage.
     #[arg(long, required_unless_present = "config")]
@@ -38,6 +38,9 @@ struct Args {
     /// `socket=PATH,tag=TAG` (a virtiofsd socket), repeatable.
     #[arg(long)]
     fs: Vec<String>,
+    /// A virtio-balloon through which the guest gives back the memory it frees.
+    #[arg(long)]
+    free_page_reporting: bool,
     /// `stdout`, `none` or `file:PATH`.
     #[arg(long)]
     serial: Option<String>,
@@ -63,6 +66,7 @@ fn config_from_flags(args: Args) -> Result<VmConfig, String> {
     config.initrd = args.initrd;
     config.metrics = args.metrics;
     config.boot_timer = args.boot_timer;
+    config.free_page_reporting = args.free_page_reporting;
     config.seccomp = !args.no_seccomp;
     config.cmdline = args.cmdline.unwrap_or(config.cmdline);
     config.vcpus = args.vcpus.unwrap_or(config.vcpus);

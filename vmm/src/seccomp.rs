@@ -109,6 +109,16 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
                     SeccompCondition::new(2, Qword, SeccompCmpOp::Eq, 0)?,
                 ])?,
             );
+            // The balloon gives memory back: a hole in the memfd shared with vhost-user backends.
+            rules.insert(
+                libc::SYS_fallocate,
+                rule(vec![SeccompCondition::new(
+                    1,
+                    Dword,
+                    SeccompCmpOp::Eq,
+                    (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u64,
+                )?])?,
+            );
             // Rust's set_nonblocking on accepted streams.
             rules.insert(libc::SYS_ioctl, only_ioctl(libc::FIONBIO)?);
         }

@@ -257,6 +257,44 @@ fn virtio_blk_read_write_flush_and_get_id() {
 }
 
 #[test]
+fn virtio_balloon_free_page_reporting_gives_memory_back() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let metrics_path = dir.path().join("metrics.json");
+    let output = run_vmm(&[
+        "--kernel",
+        ironclad_test_guests::VIRTIO_BALLOON,
+        "--free-page-reporting",
+        "--metrics",
+        metrics_path.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    for line in [
+        "num_pages: 0x0000000000000000",
+        "report: used",
+        "reported block: zero",
+        "report outside memory: used",
+        "inflate: used",
+        "inflated page: zero",
+        "deflate: used",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
+    }
+    assert!(stderr.contains("balloon: the guest sent a malformed free page report"), "{stderr}");
+    let counters = &metrics(&metrics_path)["balloon"];
+    assert_eq!(counters["reported_bytes"], 65536);
+    assert_eq!(counters["reports"], 1);
+    assert_eq!(counters["invalid_requests"], 1);
+    assert_eq!(counters["inflated_pages"], 1);
+    assert_eq!(counters["deflate_requests"], 1);
+    assert_eq!(counters["discard_errors"], 0);
+}
+
+#[test]
 fn virtio_blk_read_only_disk_refuses_the_guest_write() {
     if !kvm_available() {
         return;

@@ -99,6 +99,7 @@ pub fn vm_description(config: &VmConfig, paths: &SandboxPaths) -> vmm::VmConfig 
             .iter()
             .map(|_| vmm::FsConfig { socket: paths.virtiofs_socket(), tag: SHARE_TAG.into() })
             .collect(),
+        free_page_reporting: config.free_page_reporting,
         serial: vmm::SerialOutput::Stdout,
         // Its counters, every second and at exit: the shim logs them when the VM ends.
         metrics: Some(paths.dir().join(super::process::MONITOR_METRICS_FILE)),
@@ -126,6 +127,7 @@ mod tests {
             block_devices: vec![],
             network: None,
             shared_dir: None,
+            free_page_reporting: false,
         };
         let paths = SandboxPaths::new(Path::new("/run/ironclad"), "sb");
         let description = vm_description(&config, &paths);
@@ -135,6 +137,9 @@ mod tests {
         assert_eq!(description.memory_mib, 256);
         assert!(!description.boot_timer, "the boot timer is for benchmarks only");
         assert!(description.seccomp);
+        assert!(!description.free_page_reporting, "no balloon unless asked for");
+        let reporting = VmConfig { free_page_reporting: true, ..config.clone() };
+        assert!(vm_description(&reporting, &paths).free_page_reporting);
         assert!(description.net.is_empty(), "no network, no NIC");
         let mut with_nic = config.clone();
         with_nic.network = Some(crate::hypervisor::VmNetwork {
@@ -173,6 +178,7 @@ mod tests {
             block_devices: vec![],
             network: None,
             shared_dir: None,
+            free_page_reporting: false,
         }
     }
 

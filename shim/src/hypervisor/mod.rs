@@ -40,6 +40,8 @@ pub struct VmConfig {
     /// A host directory served to the guest through virtio-fs (virtiofsd, vhost-user) under the
     /// tag `resources::share_fs::SHARE_TAG`.
     pub shared_dir: Option<PathBuf>,
+    /// A virtio-balloon for free page reporting (never inflated).
+    pub free_page_reporting: bool,
 }
 
 /// Where the monitor runs and the NICs it gives the guest.
@@ -401,6 +403,7 @@ mod tests {
             block_devices: vec![],
             network: None,
             shared_dir: None,
+            free_page_reporting: false,
         };
         assert_eq!(config.kernel_cmdline(), "console=ttyS0 reboot=k panic=-1 no_timer_check");
         config.extra_kernel_params = " quiet ".into();

@@ -207,6 +207,9 @@ pub fn qemu_args(config: &VmConfig, paths: &SandboxPaths, use_kvm: bool, sandbox
             format!("vhost-user-fs-device,chardev=virtiofs,tag={SHARE_TAG}"),
         ]);
     }
+    if config.free_page_reporting {
+        args.extend(["-device".into(), "virtio-balloon-device,free-page-reporting=on".into()]);
+    }
     let nics = config.network.iter().flat_map(|network| &network.devices);
     for (index, nic) in nics.enumerate() {
         args.push("-netdev".into());
@@ -244,6 +247,7 @@ mod tests {
             block_devices: vec![],
             network: None,
             shared_dir: None,
+            free_page_reporting: false,
         }
     }
 
@@ -314,6 +318,16 @@ mod tests {
             value_after(&args, "-device").contains(&"virtio-net-device,netdev=net0,mac=02:1c:00:00:00:01")
         );
         assert!(value_after(&qemu_args(&super::tests::config(), &paths, false, true), "-netdev").is_empty());
+    }
+
+    #[test]
+    fn free_page_reporting_is_a_balloon_that_reports() {
+        let paths = SandboxPaths::new(Path::new("/r"), "sb");
+        let balloon = "virtio-balloon-device,free-page-reporting=on";
+        let without = qemu_args(&config(), &paths, false, true);
+        assert!(!value_after(&without, "-device").contains(&balloon));
+        let with = qemu_args(&VmConfig { free_page_reporting: true, ..config() }, &paths, false, true);
+        assert!(value_after(&with, "-device").contains(&balloon));
     }
 
     #[test]

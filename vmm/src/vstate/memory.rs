@@ -1,7 +1,9 @@
 //! Guest RAM laid around the 32-bit MMIO gap: anonymous mappings, or one memfd mapped shared when
 //! a vhost-user backend (virtiofsd) has to map it too.
 
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+use std::os::fd::AsRawFd;
+
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::arch::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
@@ -92,9 +94,81 @@ fn memfd(size: u64) -> std::io::Result<std::sync::Arc<std::fs::File>> {
     Ok(std::sync::Arc::new(file))
 }
 
+/// Why a range of guest memory could not be given back to the host.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscardError {
+    #[error("{len:#x} bytes at {address:#x} are not whole 4 KiB pages")]
+    Unaligned { address: u64, len: u64 },
+    #[error("{len:#x} bytes at {address:#x} do not lie within one region of guest memory")]
+    Outside { address: u64, len: u64 },
+    #[error("the host refused to free {len:#x} bytes of guest memory at {address:#x}")]
+    Host {
+        address: u64,
+        len: u64,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The guest page size the balloon protocol speaks in, and the host's.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Checks that `len` bytes at `address` are whole pages inside one region: what [`discard`] needs.
+pub fn check_discardable(memory: &GuestMemory, address: GuestAddress, len: u64) -> Result<(), DiscardError> {
+    if len == 0 || !address.0.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+        return Err(DiscardError::Unaligned { address: address.0, len });
+    }
+    let outside = || DiscardError::Outside { address: address.0, len };
+    let (region, offset) = memory.to_region_addr(address).ok_or_else(outside)?;
+    let end = offset.0.checked_add(len).ok_or_else(outside)?;
+    if end > region.len() {
+        return Err(outside());
+    }
+    Ok(())
+}
+
+/// Gives `len` bytes of guest memory at `address` back to the host: the guest reads zeros there
+/// afterwards and the host's pages are freed. Anonymous memory is dropped with MADV_DONTNEED; the
+/// memfd a vhost-user backend maps too has a hole punched in it, which frees the pages for every
+/// process that maps them (MADV_DONTNEED would only drop this process's view of the file).
+pub fn discard(memory: &GuestMemory, address: GuestAddress, len: u64) -> Result<(), DiscardError> {
+    check_discardable(memory, address, len)?;
+    let host_err = |source| DiscardError::Host { address: address.0, len, source };
+    let outside = || DiscardError::Outside { address: address.0, len };
+    let (region, offset) = memory.to_region_addr(address).ok_or_else(outside)?;
+    let length = usize::try_from(len).map_err(|_| outside())?;
+    let ret = match region.file_offset() {
+        Some(file) => {
+            let start = file.start().checked_add(offset.0).ok_or_else(outside)?;
+            let start = libc::off_t::try_from(start).map_err(|_| outside())?;
+            let length = libc::off_t::try_from(len).map_err(|_| outside())?;
+            // SAFETY: fallocate on the memfd the region maps, over a range checked to lie inside
+            // the region's part of it; a punched hole reads back as zeros.
+            unsafe {
+                libc::fallocate(
+                    file.file().as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    start,
+                    length,
+                )
+            }
+        }
+        None => {
+            let host = region.get_host_address(offset).map_err(|_| outside())?;
+            // SAFETY: the range is whole pages inside one anonymous mapping the region owns and
+            // keeps alive (checked above); MADV_DONTNEED makes it read back as zeros, which the
+            // guest expects of memory it gave away, and touches nothing outside it.
+            unsafe { libc::madvise(host.cast(), length, libc::MADV_DONTNEED) }
+        }
+    };
+    if ret != 0 {
+        return Err(host_err(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 /// A crashing VMM must not write the guest's RAM (a tenant's data) into a core file.
 fn exclude_from_core_dumps(memory: &GuestMemory) -> Result<(), Error> {
-    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     for region in memory.iter() {
         let len = usize::try_from(region.len()).map_err(|_| Error::TooLarge(region.len()))?;
         // SAFETY: the range is exactly one mapping the region owns and keeps alive; MADV_DONTDUMP
@@ -110,7 +184,6 @@ fn exclude_from_core_dumps(memory: &GuestMemory) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
     #[test]
     fn small_memory_is_one_region_from_zero() {
@@ -132,7 +205,6 @@ mod tests {
 
     #[test]
     fn shared_memory_is_one_memfd_mapped_in_order_around_the_gap() {
-        use std::os::fd::AsRawFd;
         let memory = create_guest_memory(16, Sharing::Shared).unwrap();
         let region = memory.iter().next().unwrap();
         let file_offset = region.file_offset().expect("a shared region is backed by the memfd");
@@ -157,5 +229,65 @@ mod tests {
         let mapping = smaps.split_inclusive('\n').skip_while(|l| !l.starts_with(&header)).collect::<String>();
         let flags = mapping.lines().find(|l| l.starts_with("VmFlags:")).unwrap();
         assert!(flags.split_whitespace().any(|f| f == "dd"), "{flags}");
+    }
+
+    fn resident_bytes(memory: &GuestMemory) -> u64 {
+        let start = memory.iter().next().unwrap().as_ptr() as usize;
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let header = format!("{start:x}-");
+        let mut mapping = smaps.lines().skip_while(|l| !l.starts_with(&header));
+        let rss = mapping.find(|l| l.starts_with("Rss:"));
+        rss.unwrap().split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    }
+
+    fn discards_and_reads_back_zeros(sharing: Sharing) {
+        use vm_memory::Bytes;
+        let memory = create_guest_memory(16, sharing).unwrap();
+        memory.write_slice(&[0xa5; 4 << 20], GuestAddress(0x40_0000)).unwrap();
+        let before = resident_bytes(&memory);
+        discard(&memory, GuestAddress(0x40_0000), 4 << 20).unwrap();
+        let after = resident_bytes(&memory);
+        assert!(before - after >= 4 << 20, "{sharing:?}: resident {before} -> {after}");
+        let mut back = vec![0xffu8; 4 << 20];
+        memory.read_slice(&mut back, GuestAddress(0x40_0000)).unwrap();
+        assert!(back.iter().all(|b| *b == 0), "{sharing:?}: a discarded range reads as zeros");
+        if let Some(file) = memory.iter().next().unwrap().file_offset() {
+            let mut seen = [0xffu8; 16];
+            std::os::unix::fs::FileExt::read_exact_at(file.file(), &mut seen, 0x40_0000).unwrap();
+            assert_eq!(seen, [0; 16], "the memfd has a hole where the range was");
+            assert_eq!(file.file().metadata().unwrap().len(), 16 << 20, "the memfd keeps its size");
+        };
+    }
+
+    #[test]
+    fn discarding_frees_anonymous_memory() {
+        discards_and_reads_back_zeros(Sharing::Private);
+    }
+
+    #[test]
+    fn discarding_punches_a_hole_in_shared_memory() {
+        discards_and_reads_back_zeros(Sharing::Shared);
+    }
+
+    #[test]
+    fn only_whole_pages_inside_guest_memory_are_discarded() {
+        use vm_memory::Bytes;
+        let memory = create_guest_memory(16, Sharing::Private).unwrap();
+        memory.write_slice(&[0x5a; 8192], GuestAddress(0x1000)).unwrap();
+        let refused = [
+            (0x1000, 0),
+            (0x1001, 4096),
+            (0x1000, 100),
+            (16 << 20, 4096),
+            ((16 << 20) - 4096, 8192),
+            (0x1000, u64::MAX - 4095),
+            (u64::MAX - 4095, 4096),
+        ];
+        for (address, len) in refused {
+            assert!(discard(&memory, GuestAddress(address), len).is_err(), "{address:#x}+{len:#x}");
+        }
+        let mut back = [0u8; 8192];
+        memory.read_slice(&mut back, GuestAddress(0x1000)).unwrap();
+        assert!(back.iter().all(|b| *b == 0x5a), "a refused range is left alone");
     }
 }

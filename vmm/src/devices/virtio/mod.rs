@@ -4,6 +4,7 @@
 //! the MMIO bus. Queue kicks arrive as ioeventfds that KVM signals when the guest writes the notify
 //! register, and are handled on the event-loop thread; interrupts leave as irqfds.
 
+pub mod balloon;
 pub mod block;
 pub mod device;
 pub mod fs;
@@ -18,5 +19,6 @@ pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 /// Device types (virtio 1.2, 5).
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_BALLOON: u32 = 5;
 pub const TYPE_VSOCK: u32 = 19;
 pub const TYPE_FS: u32 = 26;
