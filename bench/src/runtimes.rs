@@ -130,8 +130,12 @@ pub const COLD_START: &str = "cold start";
 pub const FIRST_OUTPUT: &str = "time to first output";
 pub const EXEC_LATENCY: &str = "exec latency";
 pub const IDLE_MEMORY: &str = "host memory per idle sandbox";
+pub const MEMORY_AFTER_JOBS: &str = "host memory per sandbox after its jobs";
 pub const WARM_START: &str = "warm start";
 pub const WARM_FIRST_OUTPUT: &str = "warm time to first output";
+/// How long the sandboxes sit after their jobs before their memory is read again: the guest kernel
+/// reports freed memory in passes two seconds apart, all of it within about 20 s here.
+const AFTER_JOBS_SETTLE: Duration = Duration::from_secs(20);
 /// How many VMs the benchmark's pool keeps.
 const POOL_SIZE: u32 = 1;
 
@@ -385,13 +389,14 @@ fn mem_available_mib() -> u64 {
         .unwrap_or(0)
 }
 
-/// How many progress steps a run takes: setup, warm-up, cold starts, idle sandboxes, jobs, density.
+/// How many progress steps a run takes: setup, warm-up, cold starts, idle sandboxes, jobs, memory
+/// after them, density.
 fn total_steps(settings: &Settings) -> u64 {
     let runtimes = RUNTIMES.len();
     if settings.cold_start_only {
         return (2 + settings.runs * runtimes) as u64;
     }
-    (2 + 2 * settings.runs * runtimes + runtimes + settings.runs * 5 + settings.density.len() * runtimes)
+    (2 + 2 * settings.runs * runtimes + runtimes + settings.runs * 5 + 1 + settings.density.len() * runtimes)
         as u64
 }
 
@@ -495,6 +500,7 @@ fn measure_figures(bench: &mut Bench<'_>, settings: &Settings) -> Result<Results
         ("random-write", RANDOM_WRITE_JOB),
     ];
     let mut job_samples: BTreeMap<&str, BTreeMap<Runtime, Vec<f64>>> = BTreeMap::new();
+    let mut after_jobs = BTreeMap::<Runtime, Vec<f64>>::new();
     let measured = (|| {
         for run in 0..settings.runs {
             for (job, script) in jobs {
@@ -506,6 +512,12 @@ fn measure_figures(bench: &mut Bench<'_>, settings: &Settings) -> Result<Results
                     job_samples.entry(job).or_default().entry(runtime).or_default().push(took);
                 }
             }
+        }
+        bench.step("memory after the jobs".to_string());
+        std::thread::sleep(AFTER_JOBS_SETTLE);
+        for (runtime, id) in &idle {
+            let mib = pss_mib_of_tasks(bench.containerd, std::slice::from_ref(id));
+            after_jobs.entry(*runtime).or_default().push(mib);
         }
         Ok::<(), Error>(())
     })();
@@ -571,6 +583,12 @@ fn measure_figures(bench: &mut Bench<'_>, settings: &Settings) -> Result<Results
             "MiB",
             "PSS of the shim and its VM (touched guest memory included) or container",
             &pss,
+        ),
+        figure(
+            MEMORY_AFTER_JOBS,
+            "MiB",
+            "the same sandbox's PSS 20 s after the jobs above ran in it (what the guest freed goes back through free page reporting)",
+            &after_jobs,
         ),
     ];
     Ok(Results {
