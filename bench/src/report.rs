@@ -372,25 +372,37 @@ fn goals(md: &mut String, results: &crate::runtimes::Results) {
     }
 }
 
-/// Where an idle ironclad sandbox's host memory goes, part by part (bench/src/memory.rs).
+/// Where an idle ironclad sandbox's host memory goes, part by part (bench/src/memory.rs), and the
+/// same parts after the sandbox ran the jobs.
 fn idle_memory_table(md: &mut String, results: &crate::runtimes::Results) {
     if results.idle_memory.is_empty() {
         return;
     }
     let sum: f64 = results.idle_memory.iter().map(|(_, mib)| mib).sum();
+    let after_sum: f64 = results.memory_after_jobs.iter().map(|(_, mib)| mib).sum();
+    let after = |part: &crate::memory::Part| {
+        results.memory_after_jobs.iter().find(|(p, _)| p == part).map_or(0.0, |(_, mib)| *mib)
+    };
     let _ = writeln!(
         md,
         "Where an idle ironclad sandbox's host memory goes: the PSS of every mapping of its processes (shim, \
-         jailers, monitor, helpers), from /proc/PID/smaps, one idle sandbox read once. Guest memory is the \
-         memfd the monitor and the vhost-user helpers share, counted once.\n"
+         jailers, monitor, helpers), from /proc/PID/smaps, one idle sandbox read once, and again once it had \
+         run the jobs above and sat for 20 s (the guest gives back what it freed through free page \
+         reporting; docs/vmm.md). Guest memory is the memfd the monitor and the vhost-user helpers share, \
+         counted once.\n"
     );
-    let _ = writeln!(md, "| part | PSS (MiB) | share |");
-    let _ = writeln!(md, "|---|---|---|");
+    let _ = writeln!(md, "| part | idle PSS (MiB) | share | after its jobs (MiB) |");
+    let _ = writeln!(md, "|---|---|---|---|");
     for (part, mib) in &results.idle_memory {
         let share = if sum > 0.0 { 100.0 * mib / sum } else { 0.0 };
-        let _ = writeln!(md, "| {} | {mib:.1} | {share:.0} % |", part.label());
+        let _ = writeln!(md, "| {} | {mib:.1} | {share:.0} % | {:.1} |", part.label(), after(part));
     }
-    let _ = writeln!(md, "| all parts | {sum:.1} | |\n");
+    for (part, mib) in
+        results.memory_after_jobs.iter().filter(|(p, _)| !results.idle_memory.iter().any(|(q, _)| q == p))
+    {
+        let _ = writeln!(md, "| {} | 0.0 | 0 % | {mib:.1} |", part.label());
+    }
+    let _ = writeln!(md, "| all parts | {sum:.1} | | {after_sum:.1} |\n");
 }
 
 /// The nested comparison: ironclad-vmm against QEMU on the same KVM, ironclad against runc through

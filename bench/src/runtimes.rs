@@ -123,6 +123,8 @@ pub struct Results {
     pub warm_timeline_runs: usize,
     /// Where an idle ironclad sandbox's PSS goes (MiB per part, largest first).
     pub idle_memory: Vec<(crate::memory::Part, f64)>,
+    /// The same sandbox's parts once its jobs ran and it sat for AFTER_JOBS_SETTLE.
+    pub memory_after_jobs: Vec<(crate::memory::Part, f64)>,
 }
 
 /// Figures looked up by name in the report and the charts.
@@ -471,6 +473,7 @@ fn measure_figures(bench: &mut Bench<'_>, settings: &Settings) -> Result<Results
             warm_timeline: Vec::new(),
             warm_timeline_runs: 0,
             idle_memory: Vec::new(),
+            memory_after_jobs: Vec::new(),
         });
     }
 
@@ -479,6 +482,7 @@ fn measure_figures(bench: &mut Bench<'_>, settings: &Settings) -> Result<Results
     let mut idle = BTreeMap::new();
     let mut pss = BTreeMap::<Runtime, Vec<f64>>::new();
     let mut idle_memory = Vec::new();
+    let images = [settings.kernel.as_path(), settings.initrd.as_path()];
     for runtime in RUNTIMES {
         bench.check_stop()?;
         bench.step(format!("idle sandbox ({})", runtime.name()));
@@ -487,7 +491,6 @@ fn measure_figures(bench: &mut Bench<'_>, settings: &Settings) -> Result<Results
         std::thread::sleep(Duration::from_secs(1));
         pss.entry(runtime).or_default().push(pss_mib_of_tasks(bench.containerd, std::slice::from_ref(&id)));
         if runtime == Runtime::Ironclad {
-            let images = [settings.kernel.as_path(), settings.initrd.as_path()];
             idle_memory = crate::memory::breakdown(&task_processes(bench.containerd, &id), &images);
         }
         idle.insert(runtime, id);
@@ -501,6 +504,7 @@ fn measure_figures(bench: &mut Bench<'_>, settings: &Settings) -> Result<Results
     ];
     let mut job_samples: BTreeMap<&str, BTreeMap<Runtime, Vec<f64>>> = BTreeMap::new();
     let mut after_jobs = BTreeMap::<Runtime, Vec<f64>>::new();
+    let mut memory_after_jobs = Vec::new();
     let measured = (|| {
         for run in 0..settings.runs {
             for (job, script) in jobs {
@@ -518,6 +522,9 @@ fn measure_figures(bench: &mut Bench<'_>, settings: &Settings) -> Result<Results
         for (runtime, id) in &idle {
             let mib = pss_mib_of_tasks(bench.containerd, std::slice::from_ref(id));
             after_jobs.entry(*runtime).or_default().push(mib);
+            if *runtime == Runtime::Ironclad {
+                memory_after_jobs = crate::memory::breakdown(&task_processes(bench.containerd, id), &images);
+            }
         }
         Ok::<(), Error>(())
     })();
@@ -602,6 +609,7 @@ fn measure_figures(bench: &mut Bench<'_>, settings: &Settings) -> Result<Results
         warm_timeline: timeline::summarize_warm_phases(&warm_phases),
         warm_timeline_runs: warm_phases.len(),
         idle_memory,
+        memory_after_jobs,
     })
 }
 

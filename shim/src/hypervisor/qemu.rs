@@ -62,8 +62,10 @@ pub fn data_dirs(qemu: &Path) -> Vec<PathBuf> {
 /// TCG's translated-code buffer (MiB). QEMU's default for system emulation is 1 GiB, filled as
 /// the guest runs new code and never given back: measured here, a busy 256 MiB guest took QEMU to
 /// 700 MiB anonymous memory, past the sandbox's cgroup limit (jail.rs). A full buffer is flushed
-/// and refilled; 256 MiB holds a small guest's working set.
-pub const TCG_CODE_BUFFER_MIB: u32 = 256;
+/// and refilled. A boot fills 48 MiB; `make bench`'s jobs then filled 256 MiB to 188 and 128 to
+/// the brim, while 64 MiB ran them as fast and kept the sandbox at 185 MiB PSS after them instead
+/// of 326 (docs/benchmarks.md).
+pub const TCG_CODE_BUFFER_MIB: u32 = 64;
 /// Kernel parameters for a guest under TCG, where every rewrite of kernel code and every timer
 /// wait is emulated (measured on guest-kernel 6.12 here, docs/guest-kernel.md):
 /// - `noapictimer`: TCG offers no TSC-deadline timer, so the guest measured its local APIC timer
@@ -279,7 +281,7 @@ mod tests {
         let paths = SandboxPaths::new(Path::new("/run/ironclad"), "sb");
         let args = qemu_args(&config(), &paths, false, true);
         assert_eq!(value_after(&args, "-M"), ["microvm,acpi=off"]);
-        assert_eq!(value_after(&args, "-accel"), ["tcg,tb-size=256"]);
+        assert_eq!(value_after(&args, "-accel"), ["tcg,tb-size=64"]);
         assert_eq!(value_after(&args, "-cpu"), ["max"]);
         assert_eq!(value_after(&args, "-smp"), ["2"]);
         assert_eq!(value_after(&args, "-m"), ["256M"]);
