@@ -216,6 +216,7 @@ pub fn runtimes_markdown(
     warm_timeline_table(&mut md, results);
     idle_memory_table(&mut md, results);
     goals(&mut md, results);
+    why_under_emulation(&mut md, results);
     if !results.density.is_empty() {
         let _ = writeln!(md, "Density: N idle sandboxes (`sleep`) started at once with `ctr run -d`.\n");
         let _ = writeln!(
@@ -369,6 +370,46 @@ fn goals(md: &mut String, results: &crate::runtimes::Results) {
         _ => {
             let _ = writeln!(md, "- warm `ctr run --rm` p50 ≤ 2× runc's: not measured in this run.\n");
         }
+    }
+}
+
+/// The phases of a cold start that are the guest's own work.
+const GUEST_PHASES: [&str; 4] =
+    ["kernel until /init", "/init until the agent is ready", "connect and CreateContainer", "StartContainer"];
+
+/// Where the backend is QEMU under TCG, what of the missed goals is emulation: the cold start's
+/// guest phases, and the idle sandbox's memory that is QEMU's own.
+fn why_under_emulation(md: &mut String, results: &crate::runtimes::Results) {
+    use crate::memory::Part;
+    if !results.hypervisor.contains("TCG") || results.timeline.is_empty() {
+        return;
+    }
+    let total: f64 = results.timeline.iter().map(|p| p.median_ms).sum();
+    let guest: f64 =
+        results.timeline.iter().filter(|p| GUEST_PHASES.contains(&p.name)).map(|p| p.median_ms).sum();
+    let _ = writeln!(
+        md,
+        "Why, on this machine: it has no vmx/svm, so QEMU runs the guest under TCG, instruction by \
+         instruction. Of a cold start's {total:.0} ms, {guest:.0} ms ({:.0} %) are the guest's own work \
+         (its kernel's boot, /init, the agent's CreateContainer and StartContainer); the agent's section \
+         below measures the same create and start natively.",
+        100.0 * guest / total.max(1.0)
+    );
+    let pss: f64 = results.idle_memory.iter().map(|(_, mib)| mib).sum();
+    let qemu: f64 = results
+        .idle_memory
+        .iter()
+        .filter(|(part, _)| matches!(part, Part::CodeBuffer | Part::MonitorFiles | Part::MonitorHeap))
+        .map(|(_, mib)| mib)
+        .sum();
+    if pss > 0.0 {
+        let _ = writeln!(
+            md,
+            "Of an idle sandbox's {pss:.0} MiB, {qemu:.0} MiB are QEMU's own (its translated code, binary, \
+             libraries, heap and stacks) and {:.0} MiB the rest; the nested section measures ironclad-vmm's \
+             resident memory outside guest RAM on KVM.\n",
+            pss - qemu
+        );
     }
 }
 

@@ -287,6 +287,33 @@ mod tests {
     }
 
     #[test]
+    fn the_vmm_thread_punches_holes_and_allocates_nothing() {
+        use std::os::fd::AsRawFd;
+        use std::sync::atomic::{AtomicI32, Ordering};
+        // The call cannot capture: the file it works on is handed over in a static.
+        static FILE: AtomicI32 = AtomicI32::new(-1);
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(1 << 20).unwrap();
+        FILE.store(file.as_raw_fd(), Ordering::SeqCst);
+        fn fallocate(mode: i32) -> i64 {
+            // SAFETY: fallocate on a descriptor the test keeps open, with integer arguments.
+            unsafe { libc::fallocate(FILE.load(Ordering::SeqCst), mode, 0, 4096) as i64 }
+        }
+        let punch = || fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE);
+        let (status, stderr) = run_filtered(ThreadKind::Vmm, punch);
+        assert!(exited_with(status, 0), "{status:?}: {stderr}");
+        for (what, call) in [
+            ("allocate", (|| fallocate(0)) as fn() -> i64),
+            ("zero range", || fallocate(libc::FALLOC_FL_ZERO_RANGE)),
+        ] {
+            let (status, stderr) = run_filtered(ThreadKind::Vmm, call);
+            assert!(exited_with(status, SECCOMP_VIOLATION_EXIT), "{what}: {status:?}");
+            assert!(stderr.contains(&format!("denied syscall {}", libc::SYS_fallocate)), "{stderr}");
+        }
+        assert!(exited_with(run_filtered(ThreadKind::Vcpu, punch).0, SECCOMP_VIOLATION_EXIT), "vCPU threads");
+    }
+
+    #[test]
     fn no_thread_opens_or_removes_files_after_setup() {
         for kind in [ThreadKind::Vmm, ThreadKind::Vcpu] {
             // SAFETY: a NUL-terminated path and flags.
