@@ -8,7 +8,7 @@ use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use ironclad_tests::containerd::{
-    Artifacts, Containerd, Events, BUSYBOX_IMAGE, BUSYBOX_USER_IMAGE, IRONCLAD_RUNTIME,
+    Artifacts, Containerd, Events, HelperProcess, BUSYBOX_IMAGE, BUSYBOX_USER_IMAGE, IRONCLAD_RUNTIME,
 };
 use ironclad_tests::netns::TestNetns;
 
@@ -263,6 +263,36 @@ fn host_directories_and_files_reach_the_guest_through_the_shared_directory() {
     assert_eq!(std::fs::read_to_string(&greeting).unwrap(), "hello from the host\n");
 }
 
+/// Starts a detached `sleep` with a host directory mounted (so the sandbox has a shared directory:
+/// virtiofsd runs, and guest memory is the memfd it maps too) and returns the directory, which
+/// must outlive the task, and the sandbox's monitor process.
+fn run_detached_with_host_directory(containerd: &Containerd, id: &str) -> (tempfile::TempDir, HelperProcess) {
+    let shared = tempfile::tempdir().unwrap();
+    let mount = format!("type=bind,src={},dst=/shared,options=rbind:ro", shared.path().display());
+    let config = containerd.shim_config.display().to_string();
+    let mut args = ironclad_run_args(&config, &["-d", "--mount", &mount]);
+    args.extend([BUSYBOX_IMAGE, id, "sleep", "1000"]);
+    stdout_of(containerd, &run_ctr(containerd, &args, None));
+    wait_for_status(containerd, id, "RUNNING");
+    let helpers = containerd.sandbox_helpers(id);
+    let comms: Vec<&str> = helpers.iter().map(|h| h.comm.as_str()).collect();
+    let monitor = helpers
+        .iter()
+        .find(|h| h.comm == "ironclad-vmm" || h.comm.starts_with("qemu-system"))
+        .unwrap_or_else(|| panic!("no monitor among {comms:?}"))
+        .clone();
+    (shared, monitor)
+}
+
+/// SIGKILL, then the task and its container deleted, and nothing of it left.
+fn kill_and_remove(containerd: &Containerd, id: &str) {
+    containerd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", id]).unwrap();
+    wait_for_status(containerd, id, "STOPPED");
+    containerd.ctr_ok(&["tasks", "delete", id]).unwrap();
+    containerd.ctr_ok(&["containers", "delete", id]).unwrap();
+    containerd.assert_nothing_left(id);
+}
+
 /// The most virtiofsd may hold, in its own user namespace: CHOWN, DAC_OVERRIDE, FOWNER, FSETID,
 /// SETGID, SETUID, SETPCAP, SYS_ADMIN, MKNOD and SETFCAP (the shim's FILE_SERVER_CAPS); virtiofsd
 /// shrinks it further itself.
@@ -272,20 +302,9 @@ const FILE_SERVER_CAPS: u64 = 0x8820_01db;
 fn the_sandboxs_helpers_run_jailed_as_its_own_uid_in_its_cgroup() {
     let Some(containerd) = start_containerd() else { return };
     // A host directory: virtiofsd runs beside the monitor (and, for QEMU, vhost-device-vsock).
-    let shared = tempfile::tempdir().unwrap();
-    let mount = format!("type=bind,src={},dst=/shared,options=rbind:ro", shared.path().display());
-    let config = containerd.shim_config.display().to_string();
-    let mut args = ironclad_run_args(&config, &["-d", "--mount", &mount]);
-    args.extend([BUSYBOX_IMAGE, "jail1", "sleep", "1000"]);
-    stdout_of(&containerd, &run_ctr(&containerd, &args, None));
-    wait_for_status(&containerd, "jail1", "RUNNING");
-
+    let (_shared, monitor) = run_detached_with_host_directory(&containerd, "jail1");
     let helpers = containerd.sandbox_helpers("jail1");
     let comms: Vec<&str> = helpers.iter().map(|h| h.comm.as_str()).collect();
-    let monitor = helpers
-        .iter()
-        .find(|h| h.comm == "ironclad-vmm" || h.comm.starts_with("qemu-system"))
-        .unwrap_or_else(|| panic!("no monitor among {comms:?}"));
     assert!(comms.contains(&"virtiofsd"), "{comms:?}");
     let uid = monitor.field("Uid").split_whitespace().next().unwrap().to_string();
     assert!(uid.parse::<u32>().unwrap() >= 900_000, "the monitor runs as the sandbox's uid, not {uid}");
@@ -333,12 +352,7 @@ fn the_sandboxs_helpers_run_jailed_as_its_own_uid_in_its_cgroup() {
         })
         .unwrap_or_else(|| panic!("no memory limit in {cgroups:?}"));
     assert_eq!(limit.trim(), ((256u64 + 512) << 20).to_string());
-
-    containerd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "jail1"]).unwrap();
-    wait_for_status(&containerd, "jail1", "STOPPED");
-    containerd.ctr_ok(&["tasks", "delete", "jail1"]).unwrap();
-    containerd.ctr_ok(&["containers", "delete", "jail1"]).unwrap();
-    containerd.assert_nothing_left("jail1");
+    kill_and_remove(&containerd, "jail1");
 }
 
 /// Guest memory the monitor holds resident (its anonymous and shared pages), in MiB.
@@ -355,21 +369,10 @@ fn guest_memory_resident_mib(monitor: i32) -> u64 {
 #[test]
 fn memory_the_guest_frees_goes_back_to_the_host() {
     let Some(containerd) = start_containerd() else { return };
-    // A host directory makes guest memory the memfd virtiofsd maps too, on either backend: the
+    // With a host directory guest memory is the memfd virtiofsd maps too, on either backend: the
     // memory must leave that file, not only the monitor's view of it.
-    let shared = tempfile::tempdir().unwrap();
-    let mount = format!("type=bind,src={},dst=/shared,options=rbind:ro", shared.path().display());
-    let config = containerd.shim_config.display().to_string();
-    let mut args = ironclad_run_args(&config, &["-d", "--mount", &mount]);
-    args.extend([BUSYBOX_IMAGE, "freed1", "sleep", "1000"]);
-    stdout_of(&containerd, &run_ctr(&containerd, &args, None));
-    wait_for_status(&containerd, "freed1", "RUNNING");
-    let helpers = containerd.sandbox_helpers("freed1");
-    let monitor = helpers
-        .iter()
-        .find(|h| h.comm == "ironclad-vmm" || h.comm.starts_with("qemu-system"))
-        .unwrap_or_else(|| panic!("no monitor among {helpers:?}"))
-        .pid;
+    let (_shared, monitor) = run_detached_with_host_directory(&containerd, "freed1");
+    let monitor = monitor.pid;
 
     // 48 MiB of tmpfs in the guest (/dev/shm holds 64): the host holds it too.
     let exec = |exec_id: &str, script: &str| {
@@ -397,12 +400,7 @@ fn memory_the_guest_frees_goes_back_to_the_host() {
         "the guest freed 48 MiB, the host still holds {now} of {filled} MiB (before the fill: {before})\n{}",
         containerd.log_tail()
     );
-
-    containerd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "freed1"]).unwrap();
-    wait_for_status(&containerd, "freed1", "STOPPED");
-    containerd.ctr_ok(&["tasks", "delete", "freed1"]).unwrap();
-    containerd.ctr_ok(&["containers", "delete", "freed1"]).unwrap();
-    containerd.assert_nothing_left("freed1");
+    kill_and_remove(&containerd, "freed1");
 }
 
 #[test]
@@ -734,14 +732,7 @@ fn bad_requests_fail_clearly_and_leave_nothing() {
         stderr.contains("no exec process") && stderr.contains("nope") && stderr.contains("not found"),
         "{stderr}"
     );
-    containerd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "execs1"]).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while task_status(&containerd, "execs1") != "STOPPED" && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    containerd.ctr_ok(&["tasks", "delete", "execs1"]).unwrap();
-    containerd.ctr_ok(&["containers", "delete", "execs1"]).unwrap();
-    containerd.assert_nothing_left("execs1");
+    kill_and_remove(&containerd, "execs1");
 
     // The agent's log level per sandbox: with `info` its routine lines come through too.
     let annotation = "io.ironclad.agent_log=info";
@@ -1187,11 +1178,7 @@ fn two_sandboxes_reach_each_other_and_many_runs_leave_nothing() {
     assert!(second.starts_with(CNI_SUBNET_PREFIX) && !second.starts_with(&format!("{first}/")), "{text}");
     assert!(text.contains("from-first"), "the second sandbox reached the first: {text}");
 
-    containerd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", "first"]).unwrap();
-    wait_for_status(containerd, "first", "STOPPED");
-    containerd.ctr_ok(&["tasks", "delete", "first"]).unwrap();
-    containerd.ctr_ok(&["containers", "delete", "first"]).unwrap();
-    containerd.assert_nothing_left("first");
+    kill_and_remove(containerd, "first");
     containerd.assert_nothing_left("second");
 
     let runs = network_runs();
