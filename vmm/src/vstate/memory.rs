@@ -3,7 +3,10 @@
 
 use std::os::fd::AsRawFd;
 
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MemoryRegionAddress,
+};
 
 use crate::arch::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
@@ -115,6 +118,16 @@ pub const PAGE_SIZE: u64 = 4096;
 
 /// Checks that `len` bytes at `address` are whole pages inside one region: what [`discard`] needs.
 pub fn check_discardable(memory: &GuestMemory, address: GuestAddress, len: u64) -> Result<(), DiscardError> {
+    discardable_region(memory, address, len).map(|_| ())
+}
+
+/// The region holding `len` bytes at `address` and where in it they start, if they are whole
+/// pages inside it.
+fn discardable_region(
+    memory: &GuestMemory,
+    address: GuestAddress,
+    len: u64,
+) -> Result<(&GuestRegionMmap, MemoryRegionAddress), DiscardError> {
     if len == 0 || !address.0.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
         return Err(DiscardError::Unaligned { address: address.0, len });
     }
@@ -124,7 +137,7 @@ pub fn check_discardable(memory: &GuestMemory, address: GuestAddress, len: u64) 
     if end > region.len() {
         return Err(outside());
     }
-    Ok(())
+    Ok((region, offset))
 }
 
 /// Gives `len` bytes of guest memory at `address` back to the host: the guest reads zeros there
@@ -132,10 +145,9 @@ pub fn check_discardable(memory: &GuestMemory, address: GuestAddress, len: u64) 
 /// memfd a vhost-user backend maps too has a hole punched in it, which frees the pages for every
 /// process that maps them (MADV_DONTNEED would only drop this process's view of the file).
 pub fn discard(memory: &GuestMemory, address: GuestAddress, len: u64) -> Result<(), DiscardError> {
-    check_discardable(memory, address, len)?;
+    let (region, offset) = discardable_region(memory, address, len)?;
     let host_err = |source| DiscardError::Host { address: address.0, len, source };
     let outside = || DiscardError::Outside { address: address.0, len };
-    let (region, offset) = memory.to_region_addr(address).ok_or_else(outside)?;
     let length = usize::try_from(len).map_err(|_| outside())?;
     let ret = match region.file_offset() {
         Some(file) => {
@@ -223,21 +235,23 @@ mod tests {
     #[test]
     fn guest_memory_is_left_out_of_core_dumps() {
         let memory = create_guest_memory(16, Sharing::Private).unwrap();
-        let start = memory.iter().next().unwrap().as_ptr() as usize;
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let header = format!("{start:x}-");
-        let mapping = smaps.split_inclusive('\n').skip_while(|l| !l.starts_with(&header)).collect::<String>();
-        let flags = mapping.lines().find(|l| l.starts_with("VmFlags:")).unwrap();
+        let flags = first_region_smaps_field(&memory, "VmFlags:");
         assert!(flags.split_whitespace().any(|f| f == "dd"), "{flags}");
     }
 
-    fn resident_bytes(memory: &GuestMemory) -> u64 {
+    /// A field of the first region's mapping in /proc/self/smaps (its first line from there on
+    /// that starts with `name`), as written after the name.
+    fn first_region_smaps_field(memory: &GuestMemory, name: &str) -> String {
         let start = memory.iter().next().unwrap().as_ptr() as usize;
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
         let header = format!("{start:x}-");
         let mut mapping = smaps.lines().skip_while(|l| !l.starts_with(&header));
-        let rss = mapping.find(|l| l.starts_with("Rss:"));
-        rss.unwrap().split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+        mapping.find_map(|l| l.strip_prefix(name)).unwrap().trim().to_string()
+    }
+
+    fn resident_bytes(memory: &GuestMemory) -> u64 {
+        let rss = first_region_smaps_field(memory, "Rss:");
+        rss.split_whitespace().next().unwrap().parse::<u64>().unwrap() * 1024
     }
 
     fn discards_and_reads_back_zeros(sharing: Sharing) {
