@@ -33,9 +33,13 @@ const HIERARCHY_LOCK: &str = "/run/ironclad/cgroups.lock";
 const CGROUP_FILE: &str = "cgroup";
 /// Where the cgroup hierarchies are mounted (one unified, or one per v1 controller).
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
-/// How long removal waits for the cgroup's processes to be gone. containerd gives a dead shim's
-/// `delete` 5 s in all.
+/// How long removal waits for the cgroup's processes to be gone while one of them has not begun to
+/// exit. containerd gives a dead shim's `delete` 5 s in all.
 const CGROUP_EMPTY_WAIT: Duration = Duration::from_secs(3);
+/// How long it waits while every process left is already exiting: a killed monitor gives back its
+/// guest memory and its VM before it leaves the cgroup, which took more than 3 s in a loaded L1
+/// of the nested tier; rmdir would fail until then and nothing would remove the cgroup later.
+const CGROUP_EXITING_WAIT: Duration = Duration::from_secs(30);
 /// Below each hierarchy's root.
 const CGROUP_PARENT: &str = "ironclad";
 /// The capabilities virtiofsd keeps, as root of its user namespace (the sandbox's uid on the
@@ -312,18 +316,24 @@ pub fn remove_cgroup(task_dir: &Path) {
     remove_empty_parents(&path);
 }
 
-/// Kills what is in the cgroup until it is empty, for at most [`CGROUP_EMPTY_WAIT`]: a helper
-/// killed through its jailer (the parent-death signal) may still be exiting, and a monitor
-/// letting go of its guest memory takes a while on a loaded host; removal retries only briefly.
+/// Kills what is in the cgroup until it is empty: a helper killed through its jailer (the
+/// parent-death signal) may still be exiting, and a monitor letting go of its guest memory takes a
+/// while on a loaded host; removal retries only briefly. It waits [`CGROUP_EMPTY_WAIT`] for a
+/// process that has not begun to exit, [`CGROUP_EXITING_WAIT`] for those that have.
 fn empty_cgroup(manager: &AnyCgroupManager) {
-    let deadline = Instant::now() + CGROUP_EMPTY_WAIT;
+    let started = Instant::now();
     loop {
         let pids = manager.get_all_pids().unwrap_or_default();
+        let waited = started.elapsed();
         if pids.is_empty() {
+            if waited > CGROUP_EMPTY_WAIT {
+                info!("the sandbox's cgroup emptied after {waited:?}: its processes were still exiting");
+            }
             return;
         }
-        if Instant::now() > deadline {
-            warn!("the sandbox's cgroup still holds {pids:?} after {CGROUP_EMPTY_WAIT:?}");
+        let all_exiting = pids.iter().all(|&pid| has_begun_to_exit(pid));
+        if waited > CGROUP_EXITING_WAIT || (waited > CGROUP_EMPTY_WAIT && !all_exiting) {
+            warn!("the sandbox's cgroup still holds {pids:?} after {waited:?} (all exiting: {all_exiting})");
             return;
         }
         for pid in pids {
@@ -331,6 +341,17 @@ fn empty_cgroup(manager: &AnyCgroupManager) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Whether `pid` is on its way out (the kernel's PF_EXITING, or a zombie that still shows in the
+/// cgroup): it leaves without more from us. One already gone counts as exiting.
+fn has_begun_to_exit(pid: nix::unistd::Pid) -> bool {
+    let Ok(stat) = procfs::process::Process::new(pid.as_raw()).and_then(|process| process.stat()) else {
+        return true;
+    };
+    let exiting = stat.flags().is_ok_and(|flags| flags.contains(procfs::process::StatFlags::PF_EXITING));
+    exiting
+        || matches!(stat.state(), Ok(procfs::process::ProcState::Zombie | procfs::process::ProcState::Dead))
 }
 
 /// The namespace's and ironclad's cgroups go with their last sandbox (rmdir fails on a cgroup
@@ -467,6 +488,22 @@ mod tests {
         assert!(err.to_string().contains("/nonexistent/ironclad-jailer"), "{err}");
         // Nothing was recorded for a jail that was not made.
         assert!(!dir.path().join(CGROUP_FILE).exists());
+    }
+
+    #[test]
+    fn a_killed_process_is_exiting_and_a_running_one_is_not() {
+        let mut child = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+        assert!(!has_begun_to_exit(pid), "a sleeping process counted as exiting");
+        child.kill().unwrap();
+        // Not reaped yet: a zombie, which a cgroup may still list.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !has_begun_to_exit(pid) {
+            assert!(Instant::now() < deadline, "a killed process never counted as exiting");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        child.wait().unwrap();
+        assert!(has_begun_to_exit(pid), "a process that is gone counts as exiting");
     }
 
     #[test]
