@@ -16,9 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ironclad_shim::config::ShimConfig;
-use ironclad_shim::hypervisor::{self, error_chain, Backend, HostVirtualization, OpenedGuest};
-use ironclad_shim::pool::{pool_dir, Pins, Shape};
-use ironclad_shim::resources::pinned;
+use ironclad_shim::hypervisor::{self, error_chain, Backend, HostVirtualization};
+use ironclad_shim::pool::{pool_dir, Shape, Template};
 use ironclad_shim::sandbox::clean_up_task_dir;
 use tokio::sync::{Mutex, Notify};
 use tracing::{error, info, warn};
@@ -34,12 +33,8 @@ const FAILED_BOOT_PAUSE: Duration = Duration::from_secs(5);
 pub enum Error {
     #[error(transparent)]
     Hypervisor(#[from] hypervisor::Error),
-    #[error(transparent)]
-    Pinned(#[from] pinned::Error),
-    #[error("cannot identify the opened guest kernel or initrd")]
-    Identity(#[source] std::io::Error),
-    #[error(transparent)]
-    Config(#[from] ironclad_shim::config::Error),
+    #[error("cannot make the pool's template")]
+    Template(#[from] ironclad_shim::pool::Error),
     #[error("cannot make the pool's directory {path}")]
     Dir {
         path: PathBuf,
@@ -55,7 +50,7 @@ pub struct Pool {
     config: ShimConfig,
     backend: Backend,
     /// What every VM is booted from: the shape's own settings, parameters and guest files.
-    template: vm::Template,
+    template: Template,
     /// What its VMs are; a take for another shape is refused.
     pub shape: Shape,
     dir: PathBuf,
@@ -74,16 +69,7 @@ impl Pool {
         if let Backend::Qemu(qemu) = &mut backend {
             qemu.sandbox = config.qemu_sandbox;
         }
-        let opened = OpenedGuest {
-            kernel: pinned::open_verified("kernel", &config.kernel, config.kernel_sha256.as_deref())?,
-            initrd: pinned::open_verified("initrd", &config.initrd, config.initrd_sha256.as_deref())?,
-        };
-        let settings = config.sandbox_settings(&Default::default())?;
-        let kernel_params = config.kernel_params_for(&settings);
-        let pins = Pins { kernel: config.kernel_sha256.clone(), initrd: config.initrd_sha256.clone() };
-        let shape =
-            Shape::of(backend.name(), &settings, &opened, &kernel_params, pins).map_err(Error::Identity)?;
-        let template = vm::Template { settings, kernel_params, opened };
+        let (template, shape) = Template::for_config(&config, backend.name())?;
         let dir = pool_dir(&config.run_root);
         remove_leftovers(&dir);
         create_private_dir(&dir)?;

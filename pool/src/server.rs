@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use ironclad_shim::hypervisor::error_chain;
 use ironclad_shim::pool::{self, Reply, Request};
-use ironclad_shim::sandbox::clean_up_task_dir;
+use ironclad_shim::sandbox::{self, clean_up_task_dir};
 use nix::sys::socket::{self, SockFlag, UnixAddr};
 use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
@@ -120,7 +120,7 @@ async fn answer(pool: Arc<Pool>, connection: OwnedFd) {
         Ok::<_, pool::Error>((connection, request))
     })
     .await;
-    let (connection, Request::Take(shape)) = match received {
+    let (connection, Request::Take { shape, task_dir }) = match received {
         Ok(Ok(received)) => received,
         Ok(Err(err)) => return warn!("a take's request: {}", error_chain(&err)),
         Err(err) => return warn!("a take's request: {err}"),
@@ -128,16 +128,27 @@ async fn answer(pool: Arc<Pool>, connection: OwnedFd) {
     if let Some(reason) = pool.shape.mismatch(&shape) {
         return reply_empty(connection, reason).await;
     }
+    if let Some(reason) = pool::taker_dir_refusal(&pool.config().run_root, &task_dir) {
+        return reply_empty(connection, reason).await;
+    }
     let Some(vm) = pool.take().await else {
         let reason = format!("none of its {} VMs is booted yet", pool.config().pool.size);
         return reply_empty(connection, reason).await;
     };
     let dir = vm.dir.clone();
+    // Recorded before the reply: a shim that dies once the VM is its own leaves a record that its
+    // clean-up (containerd's `delete`) follows.
+    if let Err(err) = sandbox::record_pooled_vm(&task_dir, &dir) {
+        warn!("cannot record pooled VM {} for its taker: {}", vm.id, error_chain(&err));
+        vm.discard().await;
+        return reply_empty(connection, format!("recording the VM failed: {}", error_chain(&err))).await;
+    }
     let handover = match vm.hand_over() {
         Ok(handover) => handover,
         Err(err) => {
             warn!("cannot hand over a pooled VM: {}", error_chain(&err));
             clean_up_task_dir(&dir);
+            sandbox::withdraw_pooled_vm_record(&task_dir);
             return reply_empty(connection, format!("handing over failed: {}", error_chain(&err))).await;
         }
     };
@@ -160,10 +171,12 @@ async fn answer(pool: Arc<Pool>, connection: OwnedFd) {
             }
             reap_elsewhere(children);
             clean_up_task_dir(&dir);
+            sandbox::withdraw_pooled_vm_record(&task_dir);
         }
         Err(err) => {
             warn!("handing {id} over stopped: {err}; its directory is removed");
             clean_up_task_dir(&dir);
+            sandbox::withdraw_pooled_vm_record(&task_dir);
         }
     }
 }

@@ -7,12 +7,12 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ironclad_shim::config::{SandboxSettings, ShimConfig};
+use ironclad_shim::config::ShimConfig;
 use ironclad_shim::hypervisor::process::{pidfd_open, HandedOver};
-use ironclad_shim::hypervisor::{self, error_chain, Backend, GuestVm, OpenedGuest, VmConfig};
+use ironclad_shim::hypervisor::{self, error_chain, Backend, GuestVm, VmConfig};
 use ironclad_shim::jail::{self, Jail};
 use ironclad_shim::paths::SandboxPaths;
-use ironclad_shim::pool::Offer;
+use ironclad_shim::pool::{Offer, Template};
 use ironclad_shim::resources::network::{self, Attachment};
 use ironclad_shim::resources::share_fs::{self, ShareFs};
 use ironclad_shim::sandbox::{self, clean_up_task_dir, process_alive};
@@ -63,13 +63,6 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-}
-
-/// What every pooled VM is booted from, and what the pool's shape was made of.
-pub struct Template {
-    pub settings: SandboxSettings,
-    pub kernel_params: String,
-    pub opened: OpenedGuest,
 }
 
 /// A booted, paused VM waiting for a shim.

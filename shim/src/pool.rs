@@ -57,6 +57,37 @@ pub enum Error {
     Adopt(#[source] std::io::Error),
     #[error("the pool's VM directory {0} is not below the run root's pool directory")]
     ForeignDir(PathBuf),
+    #[error(transparent)]
+    Pinned(#[from] crate::resources::pinned::Error),
+    #[error(transparent)]
+    Settings(#[from] crate::config::Error),
+    #[error("cannot identify the opened guest kernel or initrd")]
+    Identity(#[source] std::io::Error),
+}
+
+/// What every pooled VM is booted from: the default sandbox of a config, its guest files opened
+/// and checked against their pins.
+pub struct Template {
+    pub settings: crate::config::SandboxSettings,
+    pub kernel_params: String,
+    pub opened: crate::hypervisor::OpenedGuest,
+}
+
+impl Template {
+    /// The template of `config`'s pool on `backend`, and the shape of its VMs: what a shim of
+    /// the same config asks for when it takes one for a sandbox without annotations.
+    pub fn for_config(config: &crate::config::ShimConfig, backend: &str) -> Result<(Template, Shape), Error> {
+        use crate::resources::pinned::open_verified;
+        let opened = crate::hypervisor::OpenedGuest {
+            kernel: open_verified("kernel", &config.kernel, config.kernel_sha256.as_deref())?,
+            initrd: open_verified("initrd", &config.initrd, config.initrd_sha256.as_deref())?,
+        };
+        let settings = config.sandbox_settings(&Default::default())?;
+        let kernel_params = config.kernel_params_for(&settings);
+        let pins = Pins { kernel: config.kernel_sha256.clone(), initrd: config.initrd_sha256.clone() };
+        let shape = Shape::of(backend, &settings, &opened, &kernel_params, pins).map_err(Error::Identity)?;
+        Ok((Template { settings, kernel_params, opened }, shape))
+    }
 }
 
 /// A file by identity: the same device, inode, size and change time is the same open file's
@@ -187,8 +218,9 @@ fn on_off(on: bool) -> &'static str {
 /// A shim's request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
-    /// One VM of this shape, for one sandbox, never to be handed out again.
-    Take(Shape),
+    /// One VM of this shape, for one sandbox, never to be handed out again. The pool records the
+    /// VM in the sandbox's task directory before it replies.
+    Take { shape: Shape, task_dir: PathBuf },
 }
 
 /// The pool's reply.
@@ -230,6 +262,29 @@ pub struct Offer {
 pub fn pool_dir(run_root: &Path) -> PathBuf {
     // A containerd namespace cannot begin with a dot, so no task directory is ever here.
     run_root.join(".pool")
+}
+
+/// Why the pool will not record a VM in `task_dir`; None when it is a task directory,
+/// `<run root>/<namespace>/<task>`, that exists as a directory of its own (not a link, not the
+/// pool's directory).
+pub fn taker_dir_refusal(run_root: &Path, task_dir: &Path) -> Option<String> {
+    let refusal = |why: &str| Some(format!("{} is not a task directory: {why}", task_dir.display()));
+    let Ok(below) = task_dir.strip_prefix(run_root) else {
+        return refusal(&format!("it is not below the run root {}", run_root.display()));
+    };
+    let names: Vec<_> = below.components().collect();
+    let plain = names.iter().all(|name| matches!(name, std::path::Component::Normal(_)));
+    if names.len() != 2 || !plain {
+        return refusal("a task directory is <run root>/<namespace>/<task>");
+    }
+    if task_dir.starts_with(pool_dir(run_root)) {
+        return refusal("it is the pool's own");
+    }
+    match std::fs::symlink_metadata(task_dir) {
+        Ok(metadata) if metadata.is_dir() => None,
+        Ok(_) => refusal("it is not a directory"),
+        Err(err) => refusal(&err.to_string()),
+    }
 }
 
 /// Sends `message` with `fds` as one datagram.
@@ -301,14 +356,14 @@ pub struct Taken {
 
 /// Asks the pool at `socket` for a VM of `shape`. Blocks (at most [`TAKE_TIMEOUT`] per step): run
 /// it off the async runtime.
-pub fn take(socket_path: &Path, shape: &Shape) -> Result<Taken, Error> {
+pub fn take(socket_path: &Path, shape: &Shape, task_dir: &Path) -> Result<Taken, Error> {
     let socket = seqpacket_socket()?;
     let address = UnixAddr::new(socket_path)
         .map_err(|source| Error::NoPool { socket: socket_path.to_path_buf(), source })?;
     socket::connect(socket.as_raw_fd(), &address)
         .map_err(|source| Error::NoPool { socket: socket_path.to_path_buf(), source })?;
     set_timeouts(socket.as_fd(), TAKE_TIMEOUT)?;
-    send(socket.as_fd(), &Request::Take(shape.clone()), &[])?;
+    send(socket.as_fd(), &Request::Take { shape: shape.clone(), task_dir: task_dir.to_path_buf() }, &[])?;
     let (reply, fds) = receive::<Reply>(socket.as_fd())?;
     let offer = match reply {
         Reply::Vm(offer) => *offer,
@@ -327,9 +382,9 @@ pub fn take(socket_path: &Path, shape: &Shape) -> Result<Taken, Error> {
 
 /// A VM of `shape` from the pool at `socket`, or None (logged with the reason): there is no pool,
 /// it has no VM of this shape, or it failed to hand one over.
-pub async fn take_or_say_why(socket: &Path, shape: Shape) -> Option<Taken> {
-    let socket = socket.to_path_buf();
-    let taken = tokio::task::spawn_blocking(move || take(&socket, &shape)).await;
+pub async fn take_or_say_why(socket: &Path, shape: Shape, task_dir: &Path) -> Option<Taken> {
+    let (socket, task_dir) = (socket.to_path_buf(), task_dir.to_path_buf());
+    let taken = tokio::task::spawn_blocking(move || take(&socket, &shape, &task_dir)).await;
     match taken {
         Ok(Ok(taken)) => Some(taken),
         Ok(Err(err @ (Error::NoPool { .. } | Error::Empty(_)))) => {
@@ -417,6 +472,33 @@ mod tests {
     }
 
     #[test]
+    fn the_pool_records_a_vm_only_in_a_task_directory() {
+        let run_root = tempfile::tempdir().unwrap();
+        let root = run_root.path();
+        let task = root.join("default").join("task-1");
+        std::fs::create_dir_all(&task).unwrap();
+        assert_eq!(taker_dir_refusal(root, &task), None);
+        std::fs::create_dir_all(pool_dir(root).join("vm-1")).unwrap();
+        std::os::unix::fs::symlink(&task, root.join("default").join("link")).unwrap();
+        std::fs::write(root.join("default").join("file"), b"").unwrap();
+        let refused = [
+            (pool_dir(root).join("vm-1"), "the pool's own"),
+            (root.join("default").join("link"), "not a directory"),
+            (root.join("default").join("file"), "not a directory"),
+            (root.join("default").join("missing"), "No such file"),
+            (root.join("default"), "<run root>/<namespace>/<task>"),
+            (task.join("vm"), "<run root>/<namespace>/<task>"),
+            (root.join("default").join("..").join("default"), "<run root>/<namespace>/<task>"),
+            (PathBuf::from("/etc/ironclad"), "not below the run root"),
+        ];
+        for (dir, why) in refused {
+            let refusal =
+                taker_dir_refusal(root, &dir).unwrap_or_else(|| panic!("{} was taken", dir.display()));
+            assert!(refusal.contains(why), "{}: {refusal}", dir.display());
+        }
+    }
+
+    #[test]
     fn a_vm_fits_only_a_sandbox_of_its_own_shape_and_says_why_not() {
         assert_eq!(shape().mismatch(&shape()), None);
         let mut other = shape();
@@ -473,7 +555,7 @@ mod tests {
     #[test]
     fn no_pool_is_its_own_error() {
         let dir = tempfile::tempdir().unwrap();
-        let err = take(&dir.path().join("pool.sock"), &shape()).err().unwrap();
+        let err = take(&dir.path().join("pool.sock"), &shape(), dir.path()).err().unwrap();
         assert!(matches!(err, Error::NoPool { .. }), "{err}");
     }
 

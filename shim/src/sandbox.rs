@@ -161,9 +161,7 @@ impl Sandbox {
         console_log: PathBuf,
         held: Held,
     ) -> Result<Sandbox, Error> {
-        let record = task_dir.join(POOLED_VM_FILE);
-        std::fs::write(&record, pooled_dir.as_os_str().as_encoded_bytes())
-            .map_err(|source| Error::RecordPooledVm { path: record, source })?;
+        record_pooled_vm(task_dir, pooled_dir)?;
         record_console_log(task_dir, &console_log)?;
         let Held { share, jail, timeline } = held;
         let vm = GuestVm::adopt(adopted, console_log).map_err(Error::AdoptConsole)?;
@@ -289,6 +287,21 @@ impl Sandbox {
             Err(err) => warn!("stopping the sandbox VM: {}", error_chain(&err)),
         }
     }
+}
+
+/// Records in `task_dir` that the pooled VM in `pooled_dir` is its sandbox's, for clean-up.
+/// ironclad-pool writes it before it replies (a shim that dies before its own write then leaves
+/// no VM: containerd's `delete` finds it), the shim again when it adopts the VM.
+pub fn record_pooled_vm(task_dir: &Path, pooled_dir: &Path) -> Result<(), Error> {
+    let record = task_dir.join(POOLED_VM_FILE);
+    std::fs::write(&record, pooled_dir.as_os_str().as_encoded_bytes())
+        .map_err(|source| Error::RecordPooledVm { path: record, source })
+}
+
+/// Takes back [`record_pooled_vm`]'s record: the VM was not handed over after all (the pool
+/// removed it itself), and a later VM must not be mistaken for it.
+pub fn withdraw_pooled_vm_record(task_dir: &Path) {
+    let _ = std::fs::remove_file(task_dir.join(POOLED_VM_FILE));
 }
 
 /// Records where the console log is, for clean-up.

@@ -159,6 +159,7 @@ async fn take_warm_vm(
     backend: &Backend,
     settings: &config::SandboxSettings,
     extra_kernel_params: &str,
+    task_dir: &Path,
 ) -> Result<Option<pool::Taken>, Error> {
     let Some(socket) = config.pool.socket() else {
         info!("warm start: off ([pool] socket is empty in {}); booting cold", config.source.display());
@@ -171,7 +172,7 @@ async fn take_warm_vm(
     let pins = pool::Pins { kernel: config.kernel_sha256.clone(), initrd: config.initrd_sha256.clone() };
     let shape = pool::Shape::of(backend.name(), settings, &opened, extra_kernel_params, pins)
         .map_err(Error::Identity)?;
-    Ok(pool::take_or_say_why(socket, shape).await)
+    Ok(pool::take_or_say_why(socket, shape, task_dir).await)
 }
 
 /// Where the container's rootfs reaches the guest from.
@@ -618,7 +619,7 @@ impl TaskService {
                     info!("warm start: {reason}; booting cold");
                     None
                 }
-                None => take_warm_vm(&config, &backend, &settings, &extra_kernel_params).await?,
+                None => take_warm_vm(&config, &backend, &settings, &extra_kernel_params, &dir).await?,
             };
             let (sandbox, network, rootfs) = match warm {
                 Some(taken) => {

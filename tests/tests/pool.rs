@@ -3,8 +3,8 @@
 //! Warm starts end to end: ironclad-pool keeps booted, paused VMs and a private containerd's
 //! shims take them through `ctr run`. A VM is handed over once and never again, the shim boots
 //! cold (saying why) without a pool or with an empty one, a pooled VM that died is dropped and
-//! replaced, and stopping the pool leaves none of its VMs, its socket or its processes (a VM it
-//! handed over stays its sandbox's).
+//! replaced, a shim that dies right after a take leaves no VM, and stopping the pool leaves none
+//! of its VMs, its socket or its processes (a VM it handed over stays its sandbox's).
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -88,7 +88,13 @@ fn process_alive(pid: i32) -> bool {
 
 /// Nothing of the pool's is left: no VM process, no VM directory, no mount or cgroup of one, no
 /// socket.
-fn assert_pool_left_nothing(pool_dir: &Path, socket: &Path, pids: &[i32], pool_pid: u32) {
+fn assert_pool_left_nothing(
+    containerd: &Containerd,
+    pool_dir: &Path,
+    socket: &Path,
+    pids: &[i32],
+    pool_pid: u32,
+) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let alive: Vec<i32> = pids.iter().copied().filter(|&pid| process_alive(pid)).collect();
@@ -106,19 +112,20 @@ fn assert_pool_left_nothing(pool_dir: &Path, socket: &Path, pids: &[i32], pool_p
         assert!(
             Instant::now() < deadline,
             "left behind by the pool: processes {alive:?}, dirs {dirs:?}, mounts {mounts:?}, socket {}: {}, \
-             cgroups {cgroups:?}",
+             cgroups {cgroups:?}; the shims on cgroups: {:?}",
             socket.display(),
-            socket.exists()
+            socket.exists(),
+            containerd.log().lines().filter(|l| l.contains("cgroup")).collect::<Vec<_>>()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
 /// Stops the pool, which must exit 0 and leave nothing of its own or of `pids`.
-fn stop_leaving_nothing(pool: PoolDaemon, pids: &[i32]) {
+fn stop_leaving_nothing(containerd: &Containerd, pool: PoolDaemon, pids: &[i32]) {
     let (socket, pool_dir, pool_pid) = (pool.socket.clone(), pool.dir.clone(), pool.child.id());
     assert!(pool.stop().unwrap().success());
-    assert_pool_left_nothing(&pool_dir, &socket, pids, pool_pid);
+    assert_pool_left_nothing(containerd, &pool_dir, &socket, pids, pool_pid);
 }
 
 /// The cgroups of pool `pool_pid`'s VMs (`ironclad/ironclad-pool/vm-<pool pid>-<n>`) that exist.
@@ -162,7 +169,7 @@ fn a_pooled_vm_is_handed_over_once_and_never_again() {
     unique.dedup();
     assert_eq!(unique, taken, "a VM was handed over twice");
     let pids = pool.wait_ready(4).unwrap().last().map(|id| vm_pids(&pool, id)).unwrap_or_default();
-    stop_leaving_nothing(pool, &pids);
+    stop_leaving_nothing(&containerd, pool, &pids);
     for round in 0..3 {
         containerd.assert_nothing_left(&format!("warm-{round}"));
     }
@@ -233,8 +240,39 @@ fn a_pooled_vm_that_died_is_dropped_and_replaced() {
     let output = run(&containerd, &["--rm"], "after-death", &["echo", "replaced"]);
     assert_eq!(stdout_of(&containerd, &output).trim(), "replaced");
     assert_eq!(taken_ids(&containerd), vec![second]);
-    stop_leaving_nothing(pool, &pids);
+    stop_leaving_nothing(&containerd, pool, &pids);
     containerd.assert_nothing_left("after-death");
+}
+
+/// A shim that dies as soon as the pool has replied (its descriptors closed, nothing of its own
+/// written) leaves no VM: the pool recorded the VM in the shim's task directory first, and the
+/// clean-up containerd's `delete` runs for a dead shim follows that record.
+#[test]
+fn a_shim_that_dies_once_the_vm_is_its_own_leaves_no_vm() {
+    let Some(containerd) = start_containerd() else { return };
+    let pool = start_pool(&containerd, 1);
+    let ready = pool.wait_ready(1).unwrap()[0].clone();
+    let pids = vm_pids(&pool, &ready);
+    assert!(!pids.is_empty(), "no processes recorded for {ready}");
+    let config = ironclad_shim::config::ShimConfig::load(&containerd.shim_config).unwrap();
+    let backend = ironclad_shim::hypervisor::Backend::select(
+        config.hypervisor,
+        ironclad_shim::hypervisor::HostVirtualization::detect(),
+    )
+    .unwrap();
+    let (_, shape) = ironclad_shim::pool::Template::for_config(&config, backend.name()).unwrap();
+    let task_dir = containerd.run_root.join("dying-shims").join("dies-after-take");
+    std::fs::create_dir_all(&task_dir).unwrap();
+
+    let taken = ironclad_shim::pool::take(&pool.socket, &shape, &task_dir).unwrap();
+    assert_eq!(taken.offer.id, ready);
+    drop(taken);
+    assert!(pids.iter().all(|&pid| process_alive(pid)), "the VM ended with its taker's descriptors");
+
+    ironclad_shim::sandbox::clean_up_task_dir(&task_dir);
+    assert!(!task_dir.exists(), "the dead shim's task directory was kept");
+    assert!(!pool.dir.join(&ready).exists(), "the VM's directory outlived its dead taker");
+    stop_leaving_nothing(&containerd, pool, &pids);
 }
 
 #[test]
@@ -282,6 +320,6 @@ fn stopping_the_pool_leaves_no_vm_socket_or_process_and_spares_a_vm_it_handed_ov
     }
     containerd.ctr_within(&["container", "delete", "handed"], None, CTR_TIMEOUT);
     let all: Vec<i32> = waiting.iter().chain(&handed).copied().collect();
-    assert_pool_left_nothing(&pool_dir, &socket, &all, pool_pid);
+    assert_pool_left_nothing(&containerd, &pool_dir, &socket, &all, pool_pid);
     containerd.assert_nothing_left("handed");
 }
