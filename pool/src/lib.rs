@@ -18,7 +18,7 @@ use std::time::Duration;
 use ironclad_shim::config::ShimConfig;
 use ironclad_shim::hypervisor::{self, error_chain, Backend, HostVirtualization};
 use ironclad_shim::pool::{pool_dir, Shape, Template};
-use ironclad_shim::sandbox::clean_up_task_dir;
+use ironclad_shim::sandbox::{clean_up_task_dir, clean_up_task_dir_off_the_runtime};
 use tokio::sync::{Mutex, Notify};
 use tracing::{error, info, warn};
 
@@ -132,7 +132,7 @@ impl Pool {
         let booted = tokio::select! {
             booted = boot => booted,
             _ = self.stopped() => {
-                clean_up_task_dir(&dir);
+                clean_up_task_dir_off_the_runtime(&dir).await;
                 return Duration::ZERO;
             }
         };

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use ironclad_shim::hypervisor::error_chain;
 use ironclad_shim::pool::{self, Reply, Request};
-use ironclad_shim::sandbox::{self, clean_up_task_dir};
+use ironclad_shim::sandbox::{self, clean_up_task_dir_off_the_runtime};
 use nix::sys::socket::{self, SockFlag, UnixAddr};
 use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
@@ -147,7 +147,7 @@ async fn answer(pool: Arc<Pool>, connection: OwnedFd) {
         Ok(handover) => handover,
         Err(err) => {
             warn!("cannot hand over a pooled VM: {}", error_chain(&err));
-            clean_up_task_dir(&dir);
+            clean_up_task_dir_off_the_runtime(&dir).await;
             sandbox::withdraw_pooled_vm_record(&task_dir);
             return reply_empty(connection, format!("handing over failed: {}", error_chain(&err))).await;
         }
@@ -170,12 +170,12 @@ async fn answer(pool: Arc<Pool>, connection: OwnedFd) {
                 let _ = child.start_kill();
             }
             reap_elsewhere(children);
-            clean_up_task_dir(&dir);
+            clean_up_task_dir_off_the_runtime(&dir).await;
             sandbox::withdraw_pooled_vm_record(&task_dir);
         }
         Err(err) => {
             warn!("handing {id} over stopped: {err}; its directory is removed");
-            clean_up_task_dir(&dir);
+            clean_up_task_dir_off_the_runtime(&dir).await;
             sandbox::withdraw_pooled_vm_record(&task_dir);
         }
     }

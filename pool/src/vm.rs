@@ -15,7 +15,7 @@ use ironclad_shim::paths::SandboxPaths;
 use ironclad_shim::pool::{Offer, Template};
 use ironclad_shim::resources::network::{self, Attachment};
 use ironclad_shim::resources::share_fs::{self, ShareFs};
-use ironclad_shim::sandbox::{self, clean_up_task_dir, process_alive};
+use ironclad_shim::sandbox::{self, clean_up_task_dir_off_the_runtime, process_alive};
 use tracing::warn;
 
 /// The cgroup namespace of pooled VMs' jails (`ironclad/ironclad-pool/<vm id>`).
@@ -107,7 +107,7 @@ impl PooledVm {
                 Ok(PooledVm { id, dir, vm, network, jail, booted_in: started.elapsed() })
             }
             Err(err) => {
-                clean_up_task_dir(&dir);
+                clean_up_task_dir_off_the_runtime(&dir).await;
                 Err(err)
             }
         }
@@ -203,7 +203,7 @@ impl PooledVm {
         if let Err(err) = self.vm.stop(Duration::ZERO).await {
             warn!("stopping pooled VM {}: {}", self.id, error_chain(&err));
         }
-        clean_up_task_dir(&dir);
+        clean_up_task_dir_off_the_runtime(&dir).await;
     }
 }
 

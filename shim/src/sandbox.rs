@@ -267,7 +267,7 @@ impl Sandbox {
     /// the host removed. Safe to call twice.
     pub async fn teardown(&self) {
         self.stop().await;
-        clean_up_task_dir(&self.task_dir);
+        clean_up_task_dir_off_the_runtime(&self.task_dir).await;
     }
 
     /// Asks the agent to end the guest, then stops the monitor and its helpers and removes the
@@ -374,6 +374,15 @@ fn wait_until_gone(pids: &[i32], wait: Duration) {
     let started = std::time::Instant::now();
     while pids.iter().any(|&pid| process_alive(pid)) && started.elapsed() < wait {
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// [`clean_up_task_dir`] on one of the runtime's blocking threads: it waits for killed processes
+/// to exit (tens of seconds at worst), which must not hold up a worker that serves other tasks.
+pub async fn clean_up_task_dir_off_the_runtime(task_dir: &Path) {
+    let task_dir = task_dir.to_path_buf();
+    if let Err(err) = tokio::task::spawn_blocking(move || clean_up_task_dir(&task_dir)).await {
+        warn!("the clean-up of a task directory stopped: {err}");
     }
 }
 

@@ -685,7 +685,7 @@ impl TaskService {
         }
         .await;
         if created.is_err() {
-            clean_up_task_dir(&dir);
+            sandbox::clean_up_task_dir_off_the_runtime(&dir).await;
         }
         created
     }
