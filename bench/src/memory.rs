@@ -27,7 +27,11 @@ pub enum Part {
     Helpers,
     /// The ironclad-jailer supervisors, one per helper.
     Jailers,
-    Shim,
+    /// The shim's binary and libraries as far as they are resident: page cache, which every
+    /// sandbox's shim shares (its PSS falls as 1/N with N sandboxes).
+    ShimFiles,
+    /// The shim's own memory: heap, stacks, the relocated part of its binary.
+    ShimHeap,
     /// Anything else of the sandbox (runc's container processes, for one).
     Other,
 }
@@ -42,7 +46,8 @@ impl Part {
             Part::MonitorFiles => "monitor's binary and libraries",
             Part::Helpers => "vsock and file-server helpers",
             Part::Jailers => "jailer supervisors",
-            Part::Shim => "shim",
+            Part::ShimFiles => "shim's binary and libraries (shared)",
+            Part::ShimHeap => "shim's heap and stacks",
             Part::Other => "other",
         }
     }
@@ -72,13 +77,15 @@ impl ProcessKind {
     }
 }
 
-/// One mapping of /proc/PID/smaps: its header's permissions and path (empty for anonymous memory)
-/// and its PSS.
+/// One mapping of /proc/PID/smaps: its header's permissions and path (empty for anonymous memory),
+/// its PSS, and how much of it is anonymous (a file mapping's pages written since, such as a
+/// binary's relocated data).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mapping {
     pub perms: String,
     pub path: String,
     pub pss_kib: u64,
+    pub anonymous_kib: u64,
 }
 
 /// The mappings of one smaps text. A header line is `start-end perms offset dev inode [path]`; the
@@ -88,8 +95,12 @@ pub fn parse_smaps(text: &str) -> Vec<Mapping> {
     for line in text.lines() {
         if let Some(mapping) = header(line) {
             mappings.push(mapping);
-        } else if let (Some(last), Some(kib)) = (mappings.last_mut(), pss_field(line)) {
-            last.pss_kib = kib;
+        } else if let Some(last) = mappings.last_mut() {
+            if let Some(kib) = pss_field(line) {
+                last.pss_kib = kib;
+            } else if let Some(kib) = kib_field(line, "Anonymous:") {
+                last.anonymous_kib = kib;
+            }
         }
     }
     mappings
@@ -103,7 +114,12 @@ pub fn rollup_pss_kib(pid: i32) -> u64 {
 
 /// The KiB of a `Pss:   123 kB` line of smaps or smaps_rollup.
 fn pss_field(line: &str) -> Option<u64> {
-    line.strip_prefix("Pss:")?.split_whitespace().next()?.parse().ok()
+    kib_field(line, "Pss:")
+}
+
+/// The KiB of a `<name>   123 kB` line.
+fn kib_field(line: &str, name: &str) -> Option<u64> {
+    line.strip_prefix(name)?.split_whitespace().next()?.parse().ok()
 }
 
 fn header(line: &str) -> Option<Mapping> {
@@ -116,7 +132,7 @@ fn header(line: &str) -> Option<Mapping> {
     }
     let perms = fields.next()?.to_string();
     // offset, device and inode come next; the path is the rest (" (deleted)" included).
-    Some(Mapping { perms, path: after_fields(line, 5).to_string(), pss_kib: 0 })
+    Some(Mapping { perms, path: after_fields(line, 5).to_string(), pss_kib: 0, anonymous_kib: 0 })
 }
 
 /// What follows the first `n` whitespace-separated fields of `line`, trimmed.
@@ -147,9 +163,21 @@ pub fn part_of(kind: ProcessKind, mapping: &Mapping, guest_images: &[String]) ->
         ProcessKind::Monitor => Part::MonitorFiles,
         ProcessKind::Helper => Part::Helpers,
         ProcessKind::Jailer => Part::Jailers,
-        ProcessKind::Shim => Part::Shim,
+        ProcessKind::Shim if anonymous => Part::ShimHeap,
+        ProcessKind::Shim => Part::ShimFiles,
         ProcessKind::Other => Part::Other,
     }
+}
+
+/// A mapping's PSS by part: all of it under [`part_of`]'s part, except that the pages of the
+/// shim's binary it has written (its relocated data, anonymous now and its own) are its heap's.
+fn shares(kind: ProcessKind, mapping: &Mapping, guest_images: &[String]) -> Vec<(Part, u64)> {
+    let part = part_of(kind, mapping, guest_images);
+    if part != Part::ShimFiles {
+        return vec![(part, mapping.pss_kib)];
+    }
+    let own = mapping.anonymous_kib.min(mapping.pss_kib);
+    vec![(Part::ShimHeap, own), (Part::ShimFiles, mapping.pss_kib - own)]
 }
 
 /// The PSS of each part over the processes `pids`, in MiB, largest first; parts with nothing are
@@ -168,7 +196,9 @@ pub fn breakdown(pids: &[i32], guest_images: &[&Path]) -> Vec<(Part, f64)> {
         let kind = ProcessKind::of_program(&argv0);
         let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
         for mapping in parse_smaps(&smaps) {
-            *kib.entry(part_of(kind, &mapping, &guest_images)).or_default() += mapping.pss_kib;
+            for (part, share) in shares(kind, &mapping, &guest_images) {
+                *kib.entry(part).or_default() += share;
+            }
         }
     }
     let mut parts: Vec<(Part, f64)> =
@@ -193,6 +223,7 @@ Pss:               30000 kB
 7f1000000000-7f1010000000 rwxp 00000000 00:00 0 
 Size:             262144 kB
 Pss:               12000 kB
+Anonymous:         12000 kB
 7f2000000000-7f2000100000 rw-p 00000000 00:00 0                          [heap]
 Pss:                 900 kB
 7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0                          [stack]
@@ -213,7 +244,10 @@ Pss:                6000 kB
         assert_eq!(mappings[0].path, "/usr/bin/qemu-system-x86_64");
         assert_eq!(mappings[0].pss_kib, 4000);
         assert_eq!(mappings[1].path, "/memfd:mem (deleted)");
-        assert_eq!(mappings[2], Mapping { perms: "rwxp".into(), path: String::new(), pss_kib: 12000 });
+        assert_eq!(
+            mappings[2],
+            Mapping { perms: "rwxp".into(), path: String::new(), pss_kib: 12000, anonymous_kib: 12000 }
+        );
         assert_eq!(mappings[3].path, "[heap]");
         // Field lines are not headers, even those that start with hex-like words.
         assert!(parse_smaps("Size: 4 kB\nPss: 4 kB\n").is_empty());
@@ -239,6 +273,31 @@ Pss:                6000 kB
             parse_smaps(SMAPS).iter().map(|m| part_of(ProcessKind::Helper, m, &images())).collect();
         assert_eq!(helper[1], Part::GuestMemory);
         assert_eq!(helper[3], Part::Helpers);
+    }
+
+    #[test]
+    fn a_shims_binary_is_shared_but_what_it_relocated_and_its_heap_are_its_own() {
+        let smaps = "\
+5653504ff000-565350490000 r-xp 00000000 fd:01 7 /usr/local/bin/containerd-shim-ironclad-v2
+Pss:                4864 kB
+Anonymous:             0 kB
+565350490000-5653504ff000 r--p 00000000 fd:01 7 /usr/local/bin/containerd-shim-ironclad-v2
+Pss:                 444 kB
+Anonymous:           440 kB
+565367026000-565367047000 rw-p 00000000 00:00 0 [heap]
+Pss:                  80 kB
+Anonymous:            80 kB
+";
+        let mut parts = BTreeMap::<Part, u64>::new();
+        for mapping in parse_smaps(smaps) {
+            for (part, kib) in shares(ProcessKind::Shim, &mapping, &[]) {
+                *parts.entry(part).or_default() += kib;
+            }
+        }
+        assert_eq!(parts, BTreeMap::from([(Part::ShimFiles, 4868), (Part::ShimHeap, 520)]));
+        // Other processes' file mappings stay whole.
+        let monitor = parse_smaps(SMAPS);
+        assert_eq!(shares(ProcessKind::Monitor, &monitor[0], &images()), vec![(Part::MonitorFiles, 4000)]);
     }
 
     #[test]

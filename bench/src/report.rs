@@ -444,6 +444,22 @@ fn idle_memory_table(md: &mut String, results: &crate::runtimes::Results) {
         let _ = writeln!(md, "| {} | 0.0 | 0 % | {mib:.1} |", part.label());
     }
     let _ = writeln!(md, "| all parts | {sum:.1} | | {after_sum:.1} |\n");
+    shim_footprint(md, results);
+}
+
+/// What of the shim is each sandbox's own, and what every shim shares.
+fn shim_footprint(md: &mut String, results: &crate::runtimes::Results) {
+    use crate::memory::Part;
+    let idle =
+        |wanted: Part| results.idle_memory.iter().find(|(part, _)| *part == wanted).map(|(_, mib)| *mib);
+    if let (Some(own), Some(shared)) = (idle(Part::ShimHeap), idle(Part::ShimFiles)) {
+        let _ = writeln!(
+            md,
+            "The shim's own memory is {own:.1} MiB per sandbox (two runtime workers whatever the host's core \
+             count); its binary's {shared:.1} MiB are page cache that every sandbox's shim shares, so the \
+             density figures below count them once for all.\n"
+        );
+    }
 }
 
 /// The nested comparison: ironclad-vmm against QEMU on the same KVM, ironclad against runc through
