@@ -135,6 +135,39 @@ pub const IDLE_MEMORY: &str = "host memory per idle sandbox";
 pub const MEMORY_AFTER_JOBS: &str = "host memory per sandbox after its jobs";
 pub const WARM_START: &str = "warm start";
 pub const WARM_FIRST_OUTPUT: &str = "warm time to first output";
+
+/// A start the bench measures: a cold boot, or a VM taken from ironclad-pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    Cold,
+    Warm,
+}
+
+impl Start {
+    /// The figure whose runs these are.
+    fn figure(self) -> &'static str {
+        match self {
+            Start::Cold => COLD_START,
+            Start::Warm => WARM_START,
+        }
+    }
+
+    /// The word in the run's task id.
+    fn task_word(self) -> &'static str {
+        match self {
+            Start::Cold => "start",
+            Start::Warm => "warm",
+        }
+    }
+
+    /// The phases of `run` that this start has: a warm start boots no kernel.
+    fn phases(self, run: &timeline::Run) -> Option<Vec<f64>> {
+        match self {
+            Start::Cold => run.phases(),
+            Start::Warm => run.warm_phases(),
+        }
+    }
+}
 /// How long the sandboxes sit after their jobs before their memory is read again: the guest kernel
 /// reports freed memory in passes two seconds apart, all of it within about 20 s here.
 const AFTER_JOBS_SETTLE: Duration = Duration::from_secs(20);
@@ -189,12 +222,14 @@ impl Bench<'_> {
     /// `ctr run --rm` to exit, and to the first byte of output, and for ironclad the run's phases
     /// (`timeline`); fails unless it exits 0.
     fn cold_start(&mut self, runtime: Runtime) -> Result<ColdStart, Error> {
-        self.start_run(runtime, "start", COLD_START)
+        self.start_run(runtime, Start::Cold)
     }
 
-    /// The same run as [`Bench::cold_start`], its task named `what`, its errors `figure`'s.
-    fn start_run(&mut self, runtime: Runtime, what: &str, figure: &'static str) -> Result<ColdStart, Error> {
-        let id = self.id(runtime, what);
+    /// The same run as [`Bench::cold_start`], measured as a `start` (its task's name, the phases
+    /// its timeline splits into, the figure its errors count against).
+    fn start_run(&mut self, runtime: Runtime, start: Start) -> Result<ColdStart, Error> {
+        let figure = start.figure();
+        let id = self.id(runtime, start.task_word());
         let args = self.run_args(runtime, &["--rm"], &id, &["echo", "ready"]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let ctr_started_ms = ironclad_shim::timeline::now_ms();
@@ -221,14 +256,9 @@ impl Bench<'_> {
             return Err(run_err(figure, runtime, String::from_utf8_lossy(&output.stderr).into_owned()));
         }
         let phases = match runtime {
-            Runtime::Ironclad => self.shim_timeline(&id).and_then(|shim| {
-                let run = timeline::Run { ctr_started_ms, ctr_returned_ms, shim };
-                if figure == COLD_START {
-                    run.phases()
-                } else {
-                    run.warm_phases()
-                }
-            }),
+            Runtime::Ironclad => self
+                .shim_timeline(&id)
+                .and_then(|shim| start.phases(&timeline::Run { ctr_started_ms, ctr_returned_ms, shim })),
             Runtime::Runc => None,
         };
         Ok(ColdStart { total, first_output, phases })
@@ -635,7 +665,7 @@ fn measure_warm(
             if runtime == Runtime::Ironclad {
                 pool.wait_ready(run + 1).map_err(pool_err)?;
             }
-            let warm = bench.start_run(runtime, "warm", WARM_START)?;
+            let warm = bench.start_run(runtime, Start::Warm)?;
             let taken = ironclad_tests::pool::taken_ids(&bench.containerd.log()).len();
             if runtime == Runtime::Ironclad && taken != run + 1 {
                 let message = format!("run {} booted cold: {taken} VMs taken from the pool", run + 1);
