@@ -27,6 +27,15 @@ fn start_pool(containerd: &Containerd, size: u32) -> PoolDaemon {
     PoolDaemon::start(&artifacts().shim_dir.join("ironclad-pool"), containerd, size).unwrap()
 }
 
+/// A pool of one VM, once that VM waits: the pool, the VM's id and its recorded processes.
+fn pool_of_one_waiting_vm(containerd: &Containerd) -> (PoolDaemon, String, Vec<i32>) {
+    let pool = start_pool(containerd, 1);
+    let id = pool.wait_ready(1).unwrap()[0].clone();
+    let pids = vm_pids(&pool, &id);
+    assert!(!pids.is_empty(), "no processes recorded for {id}");
+    (pool, id, pids)
+}
+
 /// The processes of pooled VM `id` the pool recorded.
 fn vm_pids(pool: &PoolDaemon, id: &str) -> Vec<i32> {
     std::fs::read_to_string(pool.dir.join(id).join("vm.pids"))
@@ -222,10 +231,7 @@ fn without_a_pool_or_with_an_empty_one_the_shim_boots_cold_and_says_why() {
 #[test]
 fn a_pooled_vm_that_died_is_dropped_and_replaced() {
     let Some(containerd) = start_containerd() else { return };
-    let pool = start_pool(&containerd, 1);
-    let first = pool.wait_ready(1).unwrap()[0].clone();
-    let pids = vm_pids(&pool, &first);
-    assert!(!pids.is_empty(), "no processes recorded for {first}");
+    let (pool, first, pids) = pool_of_one_waiting_vm(&containerd);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[0]), nix::sys::signal::Signal::SIGKILL).unwrap();
     pool.wait_for(
         |log| log.contains(&format!("pooled VM {first} died while it waited")),
@@ -250,10 +256,7 @@ fn a_pooled_vm_that_died_is_dropped_and_replaced() {
 #[test]
 fn a_shim_that_dies_once_the_vm_is_its_own_leaves_no_vm() {
     let Some(containerd) = start_containerd() else { return };
-    let pool = start_pool(&containerd, 1);
-    let ready = pool.wait_ready(1).unwrap()[0].clone();
-    let pids = vm_pids(&pool, &ready);
-    assert!(!pids.is_empty(), "no processes recorded for {ready}");
+    let (pool, ready, pids) = pool_of_one_waiting_vm(&containerd);
     let config = ironclad_shim::config::ShimConfig::load(&containerd.shim_config).unwrap();
     let backend = ironclad_shim::hypervisor::Backend::select(
         config.hypervisor,
