@@ -147,8 +147,7 @@ async fn answer(pool: Arc<Pool>, connection: OwnedFd) {
         Ok(handover) => handover,
         Err(err) => {
             warn!("cannot hand over a pooled VM: {}", error_chain(&err));
-            clean_up_task_dir_off_the_runtime(&dir).await;
-            sandbox::withdraw_pooled_vm_record(&task_dir);
+            take_back(&dir, &task_dir).await;
             return reply_empty(connection, format!("handing over failed: {}", error_chain(&err))).await;
         }
     };
@@ -170,15 +169,20 @@ async fn answer(pool: Arc<Pool>, connection: OwnedFd) {
                 let _ = child.start_kill();
             }
             reap_elsewhere(children);
-            clean_up_task_dir_off_the_runtime(&dir).await;
-            sandbox::withdraw_pooled_vm_record(&task_dir);
+            take_back(&dir, &task_dir).await;
         }
         Err(err) => {
             warn!("handing {id} over stopped: {err}; its directory is removed");
-            clean_up_task_dir_off_the_runtime(&dir).await;
-            sandbox::withdraw_pooled_vm_record(&task_dir);
+            take_back(&dir, &task_dir).await;
         }
     }
+}
+
+/// Undoes a take that failed after the VM was recorded in its taker's directory: the VM's
+/// directory is cleaned up (its processes, mounts and cgroup go with it), then the record.
+async fn take_back(vm_dir: &Path, task_dir: &Path) {
+    clean_up_task_dir_off_the_runtime(vm_dir).await;
+    sandbox::withdraw_pooled_vm_record(task_dir);
 }
 
 async fn reply_empty(connection: OwnedFd, reason: String) {

@@ -3,8 +3,11 @@
 # the L1 kernel's kvm_amd on QEMU's emulated SVM, then runs each named test suite against
 # ironclad-vmm and records its exit status in RESULTS_DIR/<suite>.status.
 #
-# usage: inside.sh RESULTS_DIR SUITE=COMMAND...   (COMMAND: a test executable and its arguments,
-#        separated by spaces; it runs from the checkout's root)
+# usage: inside.sh RESULTS_DIR SUITE=COMMAND...   (COMMAND: a command and its arguments, separated
+#        by spaces; it runs from the checkout's root. `libtest EXECUTABLE ARGS...` names a cargo
+#        test executable: the tests its arguments select run one at a time, each one that passes
+#        is recorded in RESULTS_DIR/<suite>.passed, and the suite in a later L1 runs only the tests
+#        not recorded, so a suite whose L1 the emulator wedged resumes where it stopped)
 set -uo pipefail
 results=${1:?usage: inside.sh RESULTS_DIR SUITE=COMMAND...}
 shift
@@ -66,13 +69,65 @@ if [ -n "${IRONCLAD_NESTED_PS:-}" ]; then
         ps -eo pid,etimes,stat,wchan:24,args --sort=pid | grep -v ' \[' | cut -c1-200
     done) &
 fi
+# The tests of a cargo test executable that its arguments select (libtest's `--list`), each name on
+# a line of its own; the executable's status when it cannot list them.
+selected_tests() {
+    local listed
+    listed=$("$@" --list) || return
+    sed -n 's/: test$//p' <<<"$listed"
+}
+
+# Runs the tests of `libtest EXECUTABLE ARGS...` that no earlier L1 recorded as passed, one libtest
+# run each, by exact name, and records each one that passes as soon as it has (the emulator can
+# wedge this L1 at any moment; a test's own status says whether it passed, where its output, which
+# child processes write into too, could not). Its status: 0 when every test passed, else the last
+# failure's.
+run_resumable() {
+    local name=$1 executable=$2
+    shift 2
+    local passed="$results/$name.passed"
+    touch "$passed"
+    local selected
+    selected=$(selected_tests "$executable" "$@") || {
+        local status=$?
+        say "$name: $executable cannot list its tests (exit $status)"
+        return "$status"
+    }
+    if [ -z "$selected" ]; then
+        say "$name: its arguments select no test"
+        return 1
+    fi
+    local -a remaining=()
+    local test
+    while IFS= read -r test; do
+        grep -qxF -- "$test" "$passed" || remaining+=("$test")
+    done <<<"$selected"
+    local done_before
+    done_before=$(wc -l <"$passed")
+    [ "$done_before" -eq 0 ] || say "$name: $done_before tests passed in an earlier L1; ${#remaining[@]} to run"
+    local status=0 failed=()
+    for test in "${remaining[@]}"; do
+        if "$executable" --test-threads=1 --exact "$test" 2>&1; then
+            printf '%s\n' "$test" >>"$passed"
+        else
+            status=$?
+            failed+=("$test")
+        fi
+    done
+    [ "$status" -eq 0 ] || say "$name: ${#failed[@]} tests failed: ${failed[*]}"
+    return "$status"
+}
+
 for suite in "$@"; do
     name=${suite%%=*}
     command=${suite#*=}
     say "== $name: $command"
     started=$(date +%s)
     # shellcheck disable=SC2086 # the command and its arguments, split on spaces on purpose
-    $command 2>&1
+    case "$command" in
+        "libtest "*) run_resumable "$name" ${command#libtest } ;;
+        *) $command 2>&1 ;;
+    esac
     status=$?
     say "== $name: exit $status after $(($(date +%s) - started)) s"
     echo "$status" >"$results/$name.status"

@@ -77,16 +77,16 @@ for suite in "${suites[@]}"; do
             for name in ${IRONCLAD_NESTED_SKIP:-}; do skip+="--skip $name "; done
             if [ "$suite" = containerd ] && [ -z "${IRONCLAD_NESTED_TEST_ARGS:-}" ]; then
                 # The longest suite runs in three L1s: the emulator's wedges come minutes into an
-                # L1's life, and a wedged L1's suite runs again from its start.
+                # L1's life, and each lane of L1s runs one after another.
                 second=(memory_limits host_directories echo_exit memory_the_guest_frees)
                 third=(stdin_tty every_task_start ctr_run_cni)
-                commands+=("containerd=${executables[$suite]} --test-threads=1 $skip $(printf -- '--skip %s ' "${second[@]}" "${third[@]}")")
-                commands+=("containerd-2=${executables[$suite]} --test-threads=1 $skip ${second[*]}")
-                commands+=("containerd-3=${executables[$suite]} --test-threads=1 $skip ${third[*]}")
+                commands+=("containerd=libtest ${executables[$suite]} --test-threads=1 $skip $(printf -- '--skip %s ' "${second[@]}" "${third[@]}")")
+                commands+=("containerd-2=libtest ${executables[$suite]} --test-threads=1 $skip ${second[*]}")
+                commands+=("containerd-3=libtest ${executables[$suite]} --test-threads=1 $skip ${third[*]}")
             elif [ "$suite" = containerd ]; then
-                commands+=("$suite=${executables[$suite]} --test-threads=1 $skip $extra")
+                commands+=("$suite=libtest ${executables[$suite]} --test-threads=1 $skip $extra")
             else
-                commands+=("$suite=${executables[$suite]} --test-threads=1 $extra")
+                commands+=("$suite=libtest ${executables[$suite]} --test-threads=1 $extra")
             fi
             ;;
         kvm-e2e) commands+=("kvm-e2e=env IRONCLAD_PROFILE=debug RUNS=2 bash tests/device/kvm-e2e.sh") ;;
@@ -135,19 +135,29 @@ run_l1() {
 }
 
 # One L1 per suite: the emulator's wedges (tests/nested/watchdog.py) came after many minutes of one
-# L1's life, and a suite that meets one runs again in a fresh L1, up to WEDGE_RETRIES times.
+# L1's life. A suite that meets one runs again in a fresh L1, from the first test its earlier L1s
+# did not pass (inside.sh records each): as long as its L1s make progress, up to MAX_ATTEMPTS
+# L1s, and up to WEDGE_RETRIES more after L1s in which no test passed.
 WEDGE_RETRIES=${IRONCLAD_NESTED_WEDGE_RETRIES:-2}
+MAX_ATTEMPTS=${IRONCLAD_NESTED_MAX_ATTEMPTS:-6}
+passed_count() { if [ -f "$RESULTS/$1.passed" ]; then wc -l <"$RESULTS/$1.passed"; else echo 0; fi; }
 run_suite() {
-    local suite=${1%%=*} attempt
-    for attempt in $(seq 0 "$WEDGE_RETRIES"); do
+    local suite=${1%%=*} attempt before idle=0
+    for ((attempt = 0; attempt < MAX_ATTEMPTS; attempt++)); do
+        before=$(passed_count "$suite")
         run_l1 "$1"
         [ -f "$RESULTS/$suite.wedged" ] && [ ! -f "$RESULTS/$suite.status" ] || return 0
         mv "$RESULTS/$suite.wedged" "$RESULTS/$suite.wedged-$attempt"
-        if [ "$attempt" -lt "$WEDGE_RETRIES" ]; then
-            say "the L1 was wedged by the emulator ($(cat "$RESULTS/$suite.wedged-$attempt")); running $suite again"
-        else
-            say "the L1 was wedged by the emulator $((attempt + 1)) times running $suite: giving up on it"
+        [ "$(passed_count "$suite")" -gt "$before" ] || idle=$((idle + 1))
+        if [ "$idle" -gt "$WEDGE_RETRIES" ]; then
+            say "the L1 was wedged by the emulator $idle times running $suite with no test passing: giving up on it"
+            return 0
         fi
+        if [ "$((attempt + 1))" -eq "$MAX_ATTEMPTS" ]; then
+            say "the L1s running $suite were wedged by the emulator $MAX_ATTEMPTS times: giving up on it"
+            return 0
+        fi
+        say "the L1 was wedged by the emulator ($(cat "$RESULTS/$suite.wedged-$attempt")) with $(passed_count "$suite") of $suite's tests passed; running the rest in a fresh L1"
     done
 }
 
