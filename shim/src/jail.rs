@@ -333,7 +333,10 @@ fn empty_cgroup(manager: &AnyCgroupManager) {
         }
         let all_exiting = pids.iter().all(|&pid| has_begun_to_exit(pid));
         if waited > CGROUP_EXITING_WAIT || (waited > CGROUP_EMPTY_WAIT && !all_exiting) {
-            warn!("the sandbox's cgroup still holds {pids:?} after {waited:?} (all exiting: {all_exiting})");
+            warn!(
+                "the sandbox's cgroup still holds {} after {waited:?} (all exiting: {all_exiting})",
+                states_of(&pids)
+            );
             return;
         }
         for pid in pids {
@@ -343,15 +346,37 @@ fn empty_cgroup(manager: &AnyCgroupManager) {
     }
 }
 
-/// Whether `pid` is on its way out (the kernel's PF_EXITING, or a zombie that still shows in the
-/// cgroup): it leaves without more from us. One already gone counts as exiting.
+/// Whether `pid` leaves the cgroup without more from us: it is on its way out (the kernel's
+/// PF_EXITING, a zombie that still shows in the cgroup, or SIGKILL pending: a process in
+/// uninterruptible sleep takes it when it wakes), or it is a kernel thread, which no signal ends:
+/// up to Linux 6.12 KVM starts a worker thread per VM (`kvm-nx-lpage-recovery`) in the monitor's
+/// cgroups and stops it only once the VM is destroyed, after the killed monitor has given back its
+/// memory. One already gone counts too.
 fn has_begun_to_exit(pid: nix::unistd::Pid) -> bool {
-    let Ok(stat) = procfs::process::Process::new(pid.as_raw()).and_then(|process| process.stat()) else {
-        return true;
+    use procfs::process::{ProcState, StatFlags};
+    let Ok(process) = procfs::process::Process::new(pid.as_raw()) else { return true };
+    let Ok(stat) = process.stat() else { return true };
+    stat.flags().is_ok_and(|flags| flags.intersects(StatFlags::PF_EXITING | StatFlags::PF_KTHREAD))
+        || matches!(stat.state(), Ok(ProcState::Zombie | ProcState::Dead))
+        || process.status().is_ok_and(|status| sigkill_pending(status.sigpnd, status.shdpnd))
+}
+
+/// Whether SIGKILL is among a process's pending signals (`SigPnd` and `ShdPnd` in its status, one
+/// bit per signal, signal N at bit N - 1).
+fn sigkill_pending(thread_pending: u64, process_pending: u64) -> bool {
+    let sigkill = 1u64 << (nix::sys::signal::Signal::SIGKILL as u32 - 1);
+    (thread_pending | process_pending) & sigkill != 0
+}
+
+/// Each of `pids` with its state as /proc shows it (`R`, `S`, `D`, ...; `gone`), for a warning.
+fn states_of(pids: &[nix::unistd::Pid]) -> String {
+    let state = |pid: &nix::unistd::Pid| {
+        procfs::process::Process::new(pid.as_raw())
+            .and_then(|process| process.stat())
+            .map(|stat| stat.state.to_string())
+            .unwrap_or_else(|_| "gone".into())
     };
-    let exiting = stat.flags().is_ok_and(|flags| flags.contains(procfs::process::StatFlags::PF_EXITING));
-    exiting
-        || matches!(stat.state(), Ok(procfs::process::ProcState::Zombie | procfs::process::ProcState::Dead))
+    pids.iter().map(|pid| format!("{pid} ({})", state(pid))).collect::<Vec<_>>().join(", ")
 }
 
 /// The namespace's and ironclad's cgroups go with their last sandbox (rmdir fails on a cgroup
@@ -504,6 +529,33 @@ mod tests {
         }
         child.wait().unwrap();
         assert!(has_begun_to_exit(pid), "a process that is gone counts as exiting");
+        // kthreadd, a kernel thread: no signal ends one; it leaves with what it serves.
+        assert!(has_begun_to_exit(nix::unistd::Pid::from_raw(2)), "a kernel thread counted as one to kill");
+    }
+
+    #[test]
+    fn sigkill_pending_is_read_from_either_mask() {
+        assert!(sigkill_pending(0x100, 0));
+        assert!(sigkill_pending(0, 0x100));
+        // SIGTERM (15) and SIGSTOP (19) pending, not SIGKILL.
+        assert!(!sigkill_pending(1 << 14, 1 << 18));
+        assert!(!sigkill_pending(0, 0));
+    }
+
+    #[test]
+    fn the_warning_names_each_process_state_and_a_gone_one() {
+        let mut child = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while states_of(&[pid]) != format!("{pid} (T)") {
+            assert!(Instant::now() < deadline, "never seen stopped: {}", states_of(&[pid]));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!has_begun_to_exit(pid), "a stopped process counted as exiting");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(states_of(&[pid]), format!("{pid} (gone)"));
     }
 
     #[test]
