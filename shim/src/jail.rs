@@ -33,10 +33,10 @@ const HIERARCHY_LOCK: &str = "/run/ironclad/cgroups.lock";
 const CGROUP_FILE: &str = "cgroup";
 /// Where the cgroup hierarchies are mounted (one unified, or one per v1 controller).
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
-/// How long removal waits for the cgroup's processes to be gone while one of them has not begun to
-/// exit. containerd gives a dead shim's `delete` 5 s in all.
+/// How long removal waits for the cgroup's processes to be gone while one of them would not leave
+/// on its own ([`leaves_on_its_own`]). containerd gives a dead shim's `delete` 5 s in all.
 const CGROUP_EMPTY_WAIT: Duration = Duration::from_secs(3);
-/// How long it waits while every process left is already exiting: a killed monitor gives back its
+/// How long it waits while every process left leaves on its own: a killed monitor gives back its
 /// guest memory and its VM before it leaves the cgroup, which took more than 3 s in a loaded L1
 /// of the nested tier; rmdir would fail until then and nothing would remove the cgroup later.
 const CGROUP_EXITING_WAIT: Duration = Duration::from_secs(30);
@@ -319,7 +319,7 @@ pub fn remove_cgroup(task_dir: &Path) {
 /// Kills what is in the cgroup until it is empty: a helper killed through its jailer (the
 /// parent-death signal) may still be exiting, and a monitor letting go of its guest memory takes a
 /// while on a loaded host; removal retries only briefly. It waits [`CGROUP_EMPTY_WAIT`] for a
-/// process that has not begun to exit, [`CGROUP_EXITING_WAIT`] for those that have.
+/// process that would not leave on its own, [`CGROUP_EXITING_WAIT`] for those that do.
 fn empty_cgroup(manager: &AnyCgroupManager) {
     let started = Instant::now();
     loop {
@@ -331,10 +331,10 @@ fn empty_cgroup(manager: &AnyCgroupManager) {
             }
             return;
         }
-        let all_exiting = pids.iter().all(|&pid| has_begun_to_exit(pid));
-        if waited > CGROUP_EXITING_WAIT || (waited > CGROUP_EMPTY_WAIT && !all_exiting) {
+        let all_leaving = pids.iter().all(|&pid| leaves_on_its_own(pid));
+        if waited > CGROUP_EXITING_WAIT || (waited > CGROUP_EMPTY_WAIT && !all_leaving) {
             warn!(
-                "the sandbox's cgroup still holds {} after {waited:?} (all exiting: {all_exiting})",
+                "the sandbox's cgroup still holds {} after {waited:?} (all leaving on their own: {all_leaving})",
                 states_of(&pids)
             );
             return;
@@ -352,7 +352,7 @@ fn empty_cgroup(manager: &AnyCgroupManager) {
 /// up to Linux 6.12 KVM starts a worker thread per VM (`kvm-nx-lpage-recovery`) in the monitor's
 /// cgroups and stops it only once the VM is destroyed, after the killed monitor has given back its
 /// memory. One already gone counts too.
-fn has_begun_to_exit(pid: nix::unistd::Pid) -> bool {
+fn leaves_on_its_own(pid: nix::unistd::Pid) -> bool {
     use procfs::process::{ProcState, StatFlags};
     let Ok(process) = procfs::process::Process::new(pid.as_raw()) else { return true };
     let Ok(stat) = process.stat() else { return true };
@@ -516,21 +516,21 @@ mod tests {
     }
 
     #[test]
-    fn a_killed_process_is_exiting_and_a_running_one_is_not() {
+    fn a_killed_process_and_a_kernel_thread_leave_on_their_own_and_a_running_one_does_not() {
         let mut child = std::process::Command::new("sleep").arg("60").spawn().unwrap();
         let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
-        assert!(!has_begun_to_exit(pid), "a sleeping process counted as exiting");
+        assert!(!leaves_on_its_own(pid), "a sleeping process counted as exiting");
         child.kill().unwrap();
         // Not reaped yet: a zombie, which a cgroup may still list.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !has_begun_to_exit(pid) {
+        while !leaves_on_its_own(pid) {
             assert!(Instant::now() < deadline, "a killed process never counted as exiting");
             std::thread::sleep(Duration::from_millis(5));
         }
         child.wait().unwrap();
-        assert!(has_begun_to_exit(pid), "a process that is gone counts as exiting");
+        assert!(leaves_on_its_own(pid), "a process that is gone counts as exiting");
         // kthreadd, a kernel thread: no signal ends one; it leaves with what it serves.
-        assert!(has_begun_to_exit(nix::unistd::Pid::from_raw(2)), "a kernel thread counted as one to kill");
+        assert!(leaves_on_its_own(nix::unistd::Pid::from_raw(2)), "a kernel thread counted as one to kill");
     }
 
     #[test]
@@ -552,7 +552,7 @@ mod tests {
             assert!(Instant::now() < deadline, "never seen stopped: {}", states_of(&[pid]));
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert!(!has_begun_to_exit(pid), "a stopped process counted as exiting");
+        assert!(!leaves_on_its_own(pid), "a stopped process counted as exiting");
         child.kill().unwrap();
         child.wait().unwrap();
         assert_eq!(states_of(&[pid]), format!("{pid} (gone)"));

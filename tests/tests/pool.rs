@@ -20,12 +20,8 @@ fn artifacts() -> Artifacts {
 }
 
 fn start_containerd() -> Option<Containerd> {
-    // What the shim's clean-up, run here as a dead shim's `delete` would, warns about shows with a
-    // test that fails.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
-        .with_test_writer()
-        .try_init();
+    // What the shim's clean-up, run here as a dead shim's `delete` would, warns about shows.
+    ironclad_tests::init_logging();
     Containerd::for_test()
 }
 
